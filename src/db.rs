@@ -1,0 +1,61 @@
+//! Postgres connection and schema migrations.
+
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+/// The schema, embedded in the binary so an operator image needs no migration files.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// A failure to reach or prepare the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("DATABASE_URL is not a valid Postgres URL: {0}")]
+    InvalidUrl(#[source] sqlx::Error),
+    #[error("cannot connect to Postgres: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("applying migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Pool settings; the defaults suit one operator replica.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    pub application_name: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+            application_name: "mailpoll".into(),
+        }
+    }
+}
+
+/// Opens a pool. Sessions get an idle-in-transaction timeout so one stuck transaction cannot
+/// pin the vacuum horizon of the hot queue table.
+pub async fn connect(url: &str, config: &PoolConfig) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url.parse().map_err(DbError::InvalidUrl)?;
+    let options = options.application_name(&config.application_name).options([
+        ("idle_in_transaction_session_timeout", "60s"),
+        ("lock_timeout", "30s"),
+    ]);
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_with(options)
+        .await
+        .map_err(DbError::Connect)
+}
+
+/// Applies pending migrations. Concurrent callers serialise on a Postgres advisory lock, so
+/// replicas starting together apply each migration exactly once.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! The `MailboxPoll` custom resource: the public contract users write in YAML.
+//!
+//! Validation that a schema can express lives here as OpenAPI bounds and CEL rules, so
+//! `kubectl apply` rejects a bad spec before the operator ever sees it. Everything a schema
+//! cannot know (a missing Secret, wrong credentials) is reported later as a condition.
+
+// `printcolumn(type_ = ..)` repeats per column by design of kube's derive.
+#![allow(clippy::duplicated_attributes)]
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Annotation whose every new value forces exactly one poll.
+pub const POLL_REQUESTED_AT_ANNOTATION: &str = "mailpoll.dev/poll-requested-at";
+
+/// Bounds on `spec.interval`, mirrored by the CRD's CEL rule.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A mailbox folder polled on a schedule, each message recorded once and delivered once.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailpoll.dev",
+    version = "v1alpha1",
+    kind = "MailboxPoll",
+    plural = "mailboxpolls",
+    singular = "mailboxpoll",
+    shortname = "mbp",
+    category = "mailpoll",
+    namespaced,
+    status = "MailboxPollStatus",
+    derive = "PartialEq",
+    doc = "MailboxPoll declares a Microsoft 365 mailbox folder that mailpoll polls through Microsoft Graph, recording every message once and delivering it once.",
+    printcolumn(name = "Mailbox", type_ = "string", json_path = ".spec.mailbox"),
+    printcolumn(name = "Interval", type_ = "string", json_path = ".spec.interval"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Last Poll", type_ = "date", json_path = ".status.lastPollTime"),
+    printcolumn(
+        name = "Delivered",
+        type_ = "integer",
+        json_path = ".status.messagesDelivered"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxPollSpec {
+    /// User principal name (ops@contoso.com) or object id of the mailbox.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.mailbox must not be empty"))]
+    #[x_kube(validation = Rule::new("self.size() <= 320").message("spec.mailbox must be at most 320 characters"))]
+    #[schemars(length(max = 320))]
+    pub mailbox: String,
+
+    /// Well-known folder name (inbox, archive, ...) or a folder id.
+    #[serde(default = "default_folder")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.folder must not be empty"))]
+    #[schemars(length(max = 512))]
+    pub folder: String,
+
+    /// Time between scheduled polls, such as 30s, 5m or 1h30m; from 10s to 24h.
+    #[serde(default = "default_interval")]
+    #[x_kube(validation = Rule::new("self != '' && self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$')").message("spec.interval must be a duration such as 30s, 5m or 1h30m (units h, m, s)"))]
+    #[x_kube(validation = Rule::new("self == '' || !self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$') || (duration(self) >= duration('10s') && duration(self) <= duration('24h'))").message("spec.interval must be between 10s and 24h"))]
+    #[schemars(length(max = 32))]
+    pub interval: String,
+
+    /// Secret in this namespace with the app registration's tenant id, client id and client secret.
+    pub credentials_secret_ref: CredentialsSecretRef,
+
+    /// Where each message goes once recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+
+    /// Mailbox changes made after a message is delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_delivery: Option<AfterDelivery>,
+
+    /// Stop scheduled polls; a poll forced with the poll-requested-at annotation still runs.
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// Attempts a poll or delivery task gets before it is kept as dead.
+    #[serde(default = "default_max_attempts")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("spec.maxAttempts must be between 1 and 100"))]
+    pub max_attempts: i32,
+}
+
+/// Reference to the Secret holding the Microsoft Entra app credentials.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret, in the MailboxPoll's namespace.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.credentialsSecretRef.name must not be empty"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// Key holding the directory (tenant) id.
+    #[serde(default = "default_tenant_id_key")]
+    #[schemars(length(max = 253))]
+    pub tenant_id_key: String,
+    /// Key holding the application (client) id.
+    #[serde(default = "default_client_id_key")]
+    #[schemars(length(max = 253))]
+    pub client_id_key: String,
+    /// Key holding the client secret.
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(length(max = 253))]
+    pub client_secret_key: String,
+}
+
+/// Delivery targets for recorded messages.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// POST each message as JSON to this endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<Webhook>,
+    /// Include the message body in the ledger and the webhook payload.
+    #[serde(default)]
+    pub include_body: bool,
+}
+
+/// A webhook receiving one signed POST per message.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    /// https:// endpoint; http:// only for loopback or in-cluster service hosts (*.svc, *.svc.cluster.local).
+    #[x_kube(validation = Rule::new("self.matches('^https://[^/?#@]+') || self.matches('^http://(localhost|127\\\\.[0-9]+\\\\.[0-9]+\\\\.[0-9]+|\\\\[::1\\\\]|[A-Za-z0-9.-]+\\\\.svc|[A-Za-z0-9.-]+\\\\.svc\\\\.cluster\\\\.local)(:[0-9]+)?([/?#].*)?$')").message("spec.delivery.webhook.url must be an https:// URL, or http:// only for loopback or in-cluster service hosts (*.svc, *.svc.cluster.local)"))]
+    #[schemars(length(max = 2048))]
+    pub url: String,
+    /// Secret key used to sign each request body with HMAC-SHA256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_ref: Option<SecretKeyRef>,
+    /// Time allowed for one request, such as 10s.
+    #[serde(default = "default_webhook_timeout")]
+    #[x_kube(validation = Rule::new("self != '' && self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$')").message("spec.delivery.webhook.timeout must be a duration such as 10s"))]
+    #[x_kube(validation = Rule::new("self == '' || !self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$') || (duration(self) >= duration('1s') && duration(self) <= duration('5m'))").message("spec.delivery.webhook.timeout must be between 1s and 5m"))]
+    #[schemars(length(max = 32))]
+    pub timeout: String,
+}
+
+/// A key in a Secret of the MailboxPoll's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("secret reference name must not be empty"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[serde(default = "default_signing_secret_key")]
+    #[schemars(length(max = 253))]
+    pub key: String,
+}
+
+/// Changes made to a message in the mailbox after it was delivered.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AfterDelivery {
+    /// Mark the message as read (needs Mail.ReadWrite).
+    #[serde(default)]
+    pub mark_as_read: bool,
+    /// Move the message to this folder (well-known name or id; needs Mail.ReadWrite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.afterDelivery.moveToFolder must not be empty when set"))]
+    #[schemars(length(max = 512))]
+    pub move_to_folder: Option<String>,
+}
+
+/// What the operator observed and did; written by the operator only.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxPollStatus {
+    /// Generation of the spec the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Degraded, ...; keyed by type so each writer owns its own conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_poll_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_poll_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_poll_time: Option<Time>,
+    /// Messages newly recorded by the last poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_poll_messages: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_delivered: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_pending: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_failed: Option<i64>,
+    /// The last `mailpoll.dev/poll-requested-at` value that caused a poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_poll_request: Option<String>,
+}
+
+fn default_folder() -> String {
+    "inbox".into()
+}
+fn default_interval() -> String {
+    "5m".into()
+}
+fn default_max_attempts() -> i32 {
+    8
+}
+fn default_tenant_id_key() -> String {
+    "tenantId".into()
+}
+fn default_client_id_key() -> String {
+    "clientId".into()
+}
+fn default_client_secret_key() -> String {
+    "clientSecret".into()
+}
+fn default_signing_secret_key() -> String {
+    "signingSecret".into()
+}
+fn default_webhook_timeout() -> String {
+    "10s".into()
+}
+
+/// A duration string outside the grammar the CRD accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not a duration such as 30s, 5m or 1h30m")]
+pub struct InvalidDuration {
+    pub input: String,
+}
+
+/// Parses the duration grammar of `spec.interval` (`1h30m`, `90s`, ...): hours, minutes and
+/// seconds, each at most once and in that order, as the CRD's CEL rule allows.
+pub fn parse_duration(input: &str) -> Result<Duration, InvalidDuration> {
+    let invalid = || InvalidDuration {
+        input: input.to_owned(),
+    };
+    if input.is_empty() {
+        return Err(invalid());
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    let mut last_rank = 0;
+    for ch in input.chars() {
+        if ch.is_ascii_digit() {
+            digits.push(ch);
+            continue;
+        }
+        let (rank, unit_secs) = match ch {
+            'h' => (1, 3600),
+            'm' => (2, 60),
+            's' => (3, 1),
+            _ => return Err(invalid()),
+        };
+        if digits.is_empty() || rank <= last_rank {
+            return Err(invalid());
+        }
+        let value: u64 = digits.parse().map_err(|_| invalid())?;
+        total = value
+            .checked_mul(unit_secs)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(invalid)?;
+        digits.clear();
+        last_rank = rank;
+    }
+    if !digits.is_empty() {
+        return Err(invalid());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+impl MailboxPollSpec {
+    /// The polling interval, clamped to the bounds the CRD enforces (an object stored before a
+    /// schema change could carry anything).
+    pub fn interval(&self) -> Result<Duration, InvalidDuration> {
+        parse_duration(&self.interval).map(|d| d.clamp(MIN_INTERVAL, MAX_INTERVAL))
+    }
+}
+
+/// The CustomResourceDefinition as YAML, exactly as committed in `crds/mailboxpoll.yaml`.
+pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
+    let body = serde_saphyr::to_string(&MailboxPoll::crd())?;
+    Ok(format!(
+        "# Generated by `mailpoll crd`; do not edit by hand.\n---\n{body}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_follow_the_crd_grammar() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h2m3s"), Ok(Duration::from_secs(3723)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        for bad in [
+            "",
+            "5",
+            "2d",
+            "often",
+            "m5",
+            "5m1h",
+            "1h1h",
+            "-5s",
+            "5 s",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn interval_is_clamped_to_crd_bounds() {
+        let mut spec: MailboxPollSpec = serde_json::from_value(serde_json::json!({
+            "mailbox": "ops@contoso.com",
+            "credentialsSecretRef": {"name": "graph"}
+        }))
+        .expect("minimal spec deserializes");
+        assert_eq!(spec.interval(), Ok(Duration::from_secs(300)));
+        assert_eq!(spec.folder, "inbox");
+        assert_eq!(spec.max_attempts, 8);
+        spec.interval = "1s".into();
+        assert_eq!(spec.interval(), Ok(MIN_INTERVAL));
+        spec.interval = "48h".into();
+        assert_eq!(spec.interval(), Ok(MAX_INTERVAL));
+    }
+
+    /// The duration grammar of the CEL rules: a strict subset of Go's `time.ParseDuration`, so
+    /// the API server's `duration()` accepts whatever the pattern lets through.
+    const DURATION_PATTERN: &str = "^([0-9]+h)?([0-9]+m)?([0-9]+s)?$";
+
+    #[test]
+    fn cel_duration_pattern_matches_rust_parser() {
+        // The CEL rule text embeds the same pattern; keep them from drifting apart.
+        let crd = serde_json::to_string(&MailboxPoll::crd()).expect("crd serializes");
+        assert!(crd.contains(&DURATION_PATTERN.replace('\\', "\\\\")));
+    }
+}

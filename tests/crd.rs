@@ -1,0 +1,250 @@
+//! The CRD is part of the public contract: the committed file matches the code, and the
+//! schema rejects every invalid spec with a message that names the field.
+
+use kube::CustomResourceExt;
+use mailpoll::resource::{MailboxPoll, crd_yaml};
+use mailpoll_testkit::crd_validation::CrdValidator;
+use serde_json::{Value, json};
+
+const COMMITTED_CRD: &str = include_str!("../crds/mailboxpoll.yaml");
+const README: &str = include_str!("../README.md");
+
+fn validator() -> CrdValidator {
+    CrdValidator::from_crd(&MailboxPoll::crd(), "v1alpha1").expect("the CRD's CEL rules compile")
+}
+
+fn object(spec: Value) -> Value {
+    json!({
+        "apiVersion": "mailpoll.dev/v1alpha1",
+        "kind": "MailboxPoll",
+        "metadata": {"name": "support-inbox", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+fn valid_spec() -> Value {
+    json!({
+        "mailbox": "support@contoso.com",
+        "folder": "inbox",
+        "interval": "1h30m",
+        "credentialsSecretRef": {"name": "graph-credentials"},
+        "delivery": {"webhook": {"url": "https://hooks.example.com/mail", "signingSecretRef": {"name": "hook"}}},
+        "afterDelivery": {"markAsRead": true, "moveToFolder": "archive"},
+        "maxAttempts": 8
+    })
+}
+
+#[test]
+fn committed_crd_matches_the_code() {
+    let generated = crd_yaml().expect("CRD renders");
+    assert!(
+        generated == COMMITTED_CRD,
+        "crds/mailboxpoll.yaml is out of date: regenerate it with `cargo run -q -- crd > crds/mailboxpoll.yaml`"
+    );
+}
+
+#[test]
+fn committed_crd_is_structural_and_complete() {
+    let crd: Value = serde_saphyr::from_str(COMMITTED_CRD).expect("committed CRD is YAML");
+    assert_eq!(crd["spec"]["group"], "mailpoll.dev");
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["mbp"]));
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["subresources"]["status"], json!({}));
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "Mailbox",
+            "Interval",
+            "Ready",
+            "Last Poll",
+            "Delivered",
+            "Age"
+        ]
+    );
+    let conditions =
+        &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+}
+
+#[test]
+fn valid_specs_pass_and_get_defaults() {
+    let v = validator();
+    v.validate(&object(valid_spec()), None, true)
+        .expect("full spec is valid");
+    let minimal = v
+        .validate(
+            &object(
+                json!({"mailbox": "ops@contoso.com", "credentialsSecretRef": {"name": "graph"}}),
+            ),
+            None,
+            true,
+        )
+        .expect("minimal spec is valid");
+    assert_eq!(minimal["spec"]["folder"], "inbox");
+    assert_eq!(minimal["spec"]["interval"], "5m");
+    assert_eq!(minimal["spec"]["maxAttempts"], 8);
+    for url in [
+        "http://localhost:8080/hook",
+        "http://127.0.0.1/hook",
+        "http://[::1]:9000/",
+        "http://receiver.mail.svc/hook",
+        "http://receiver.mail.svc.cluster.local:8080/hook",
+        "https://example.com",
+    ] {
+        let mut spec = valid_spec();
+        spec["delivery"]["webhook"]["url"] = json!(url);
+        v.validate(&object(spec), None, true)
+            .unwrap_or_else(|e| panic!("{url} should be accepted: {e:?}"));
+    }
+    for interval in ["10s", "30s", "5m", "24h", "23h59m59s"] {
+        let mut spec = valid_spec();
+        spec["interval"] = json!(interval);
+        v.validate(&object(spec), None, true)
+            .unwrap_or_else(|e| panic!("interval {interval} should be accepted: {e:?}"));
+    }
+}
+
+#[test]
+fn invalid_specs_are_rejected_with_a_message_naming_the_field() {
+    let v = validator();
+    // (case, JSON pointer into the spec, new value or None to remove the field, expected message)
+    let cases: Vec<(&str, &str, Option<Value>, &str)> = vec![
+        (
+            "empty mailbox",
+            "/mailbox",
+            Some(json!("")),
+            "spec.mailbox must not be empty",
+        ),
+        (
+            "long mailbox",
+            "/mailbox",
+            Some(json!("a".repeat(321))),
+            "spec.mailbox",
+        ),
+        (
+            "interval 5s",
+            "/interval",
+            Some(json!("5s")),
+            "spec.interval must be between 10s and 24h",
+        ),
+        (
+            "interval 25h",
+            "/interval",
+            Some(json!("25h")),
+            "spec.interval must be between 10s and 24h",
+        ),
+        (
+            "interval 2d",
+            "/interval",
+            Some(json!("2d")),
+            "spec.interval must be a duration",
+        ),
+        (
+            "interval often",
+            "/interval",
+            Some(json!("often")),
+            "spec.interval must be a duration",
+        ),
+        (
+            "webhook ftp",
+            "/delivery/webhook/url",
+            Some(json!("ftp://x")),
+            "spec.delivery.webhook.url must be an https:// URL",
+        ),
+        (
+            "webhook plain http to the internet",
+            "/delivery/webhook/url",
+            Some(json!("http://example.com/hook")),
+            "spec.delivery.webhook.url must be an https:// URL",
+        ),
+        (
+            "webhook http to a host that only looks in-cluster",
+            "/delivery/webhook/url",
+            Some(json!("http://evil.svc.example.com/hook")),
+            "spec.delivery.webhook.url must be an https:// URL",
+        ),
+        (
+            "maxAttempts 0",
+            "/maxAttempts",
+            Some(json!(0)),
+            "spec.maxAttempts must be between 1 and 100",
+        ),
+        (
+            "maxAttempts 101",
+            "/maxAttempts",
+            Some(json!(101)),
+            "spec.maxAttempts must be between 1 and 100",
+        ),
+        (
+            "maxAttempts as text",
+            "/maxAttempts",
+            Some(json!("eight")),
+            "spec.maxAttempts in body must be of type integer",
+        ),
+        (
+            "no credentials",
+            "/credentialsSecretRef",
+            None,
+            "spec.credentialsSecretRef: Required value",
+        ),
+    ];
+    for (name, pointer, value, expected) in cases {
+        let mut spec = valid_spec();
+        match value {
+            Some(value) => {
+                *spec
+                    .pointer_mut(pointer)
+                    .expect("field exists in the valid spec") = value
+            }
+            None => {
+                let key = pointer.trim_start_matches('/');
+                spec.as_object_mut()
+                    .and_then(|m| m.remove(key))
+                    .expect("field exists in the valid spec");
+            }
+        }
+        let errors = v
+            .validate(&object(spec), None, true)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: should be rejected"));
+        let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            rendered.iter().any(|m| m.contains(expected)),
+            "{name}: expected a message containing {expected:?}, got {rendered:?}"
+        );
+    }
+}
+
+#[test]
+fn readme_example_is_valid() {
+    let example = README
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .find(|block| block.contains("kind: MailboxPoll"))
+        .expect("README has a yaml block with a MailboxPoll");
+    let documents: Vec<Value> =
+        serde_saphyr::from_multiple(example).expect("README example is YAML");
+    let polls: Vec<&Value> = documents
+        .iter()
+        .filter(|d| d["kind"] == "MailboxPoll")
+        .collect();
+    assert!(!polls.is_empty(), "the README example holds a MailboxPoll");
+    for poll in polls {
+        validator().validate(poll, None, true).unwrap_or_else(|e| {
+            panic!(
+                "README example is rejected: {:?}",
+                e.iter().map(ToString::to_string).collect::<Vec<_>>()
+            )
+        });
+    }
+}

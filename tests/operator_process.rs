@@ -1,0 +1,112 @@
+//! `mailpoll operator` as a real process: it migrates, serves health endpoints and exits
+//! cleanly on SIGTERM.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use mailpoll_testkit::pg::{TestDatabase, free_port};
+
+#[tokio::test]
+async fn operator_serves_health_and_stops_on_sigterm() {
+    mailpoll::install_crypto_provider();
+    let db = TestDatabase::create_empty().await.expect("test database");
+    let port = free_port().expect("free port");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
+        .args(["operator", "--http-addr", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &db.url)
+        .env("MAILPOLL_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start mailpoll operator");
+
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(response) = http.get(format!("{base}/readyz")).send().await
+            && response.status().is_success()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "operator did not become ready within 10 s");
+    let health = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert!(health.status().is_success());
+
+    // The schema was applied by the operator itself.
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&db.pool)
+        .await
+        .expect("operator applied migrations");
+    assert!(applied >= 1);
+
+    let pid = child.id().expect("operator pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let output = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("operator exits within 15 s of SIGTERM")
+        .expect("operator output");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "operator exited with {}: {stderr}",
+        output.status
+    );
+    assert!(
+        stderr.contains("SIGTERM received"),
+        "shutdown is logged: {stderr}"
+    );
+    for line in stderr.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+    }
+}
+
+#[test]
+fn help_describes_every_command() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
+        .arg("--help")
+        .output()
+        .expect("mailpoll --help");
+    let help = String::from_utf8_lossy(&output.stdout);
+    for command in ["operator", "crd", "migrate"] {
+        assert!(help.contains(command), "--help lists {command}: {help}");
+    }
+}
+
+#[test]
+fn missing_database_url_is_a_clear_error() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
+        .arg("migrate")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("mailpoll migrate");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--database-url"), "{stderr}");
+}
+
+#[test]
+fn crd_command_prints_the_committed_crd() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
+        .arg("crd")
+        .output()
+        .expect("mailpoll crd");
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        include_str!("../crds/mailboxpoll.yaml")
+    );
+}

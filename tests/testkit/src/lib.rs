@@ -1,0 +1,6 @@
+//! The test world of mailpoll: a throwaway Postgres, validation of custom resources as an API
+//! server does it, and (in later modules) the emulators of Microsoft Graph and the Kubernetes
+//! API. Never linked into the shipped binary.
+
+pub mod crd_validation;
+pub mod pg;
