@@ -2,7 +2,9 @@
 //! records every message once in Postgres and delivers it once.
 
 pub mod db;
+pub mod delivery;
 pub mod http;
+pub mod ledger;
 pub mod operator;
 pub mod resource;
 pub mod telemetry;

@@ -4,3 +4,4 @@
 
 pub mod crd_validation;
 pub mod pg;
+pub mod webhook_receiver;

@@ -1,0 +1,326 @@
+//! The webhook POST: payload, headers, and what each response means.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::signing::{
+    self, ATTEMPT_HEADER, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+};
+use crate::ledger::LedgerMessage;
+
+/// Event type of the payload, versioned so receivers can evolve with it.
+pub const EVENT_TYPE: &str = "mailpoll.message.received.v1";
+
+/// Longest excerpt of a receiver's response body kept as an error reason.
+const EXCERPT_CHARS: usize = 200;
+
+/// The JSON body POSTed for one message.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Payload<'a> {
+    #[serde(rename = "type")]
+    pub event_type: &'static str,
+    /// Same value as the `Idempotency-Key` header.
+    pub key: &'a str,
+    pub mailbox_poll: Source<'a>,
+    pub message: MessageView<'a>,
+}
+
+/// The MailboxPoll a message came from.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Source<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: Uuid,
+    pub mailbox: &'a str,
+    pub folder: &'a str,
+}
+
+/// A message in Graph's own field names, so receivers that know Graph need no mapping.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageView<'a> {
+    pub id: &'a str,
+    pub internet_message_id: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    pub from: Option<Address<'a>>,
+    pub sender: Option<Address<'a>>,
+    pub to_recipients: &'a Value,
+    pub cc_recipients: &'a Value,
+    pub reply_to: &'a Value,
+    pub received_date_time: Option<DateTime<Utc>>,
+    pub sent_date_time: Option<DateTime<Utc>>,
+    pub is_read: Option<bool>,
+    pub has_attachments: Option<bool>,
+    pub importance: Option<&'a str>,
+    pub conversation_id: Option<&'a str>,
+    pub body_preview: Option<&'a str>,
+    /// Present only when the MailboxPoll asks for bodies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<Body<'a>>,
+    pub body_truncated: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Address<'a> {
+    pub name: Option<&'a str>,
+    pub address: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Body<'a> {
+    pub content_type: &'a str,
+    pub content: &'a str,
+}
+
+impl<'a> MessageView<'a> {
+    pub fn new(message: &'a LedgerMessage) -> Self {
+        let address = |address: &'a Option<String>, name: &'a Option<String>| {
+            address.as_deref().map(|address| Address {
+                name: name.as_deref(),
+                address,
+            })
+        };
+        Self {
+            id: &message.message_id,
+            internet_message_id: message.internet_message_id.as_deref(),
+            subject: message.subject.as_deref(),
+            from: address(&message.from_address, &message.from_name),
+            sender: address(&message.sender_address, &message.sender_name),
+            to_recipients: &message.to_recipients,
+            cc_recipients: &message.cc_recipients,
+            reply_to: &message.reply_to,
+            received_date_time: message.received_at,
+            sent_date_time: message.sent_at,
+            is_read: message.is_read,
+            has_attachments: message.has_attachments,
+            importance: message.importance.as_deref(),
+            conversation_id: message.conversation_id.as_deref(),
+            body_preview: message.body_preview.as_deref(),
+            body: message.body.as_deref().map(|content| Body {
+                content_type: message.body_content_type.as_deref().unwrap_or("text"),
+                content,
+            }),
+            body_truncated: message.body_truncated,
+        }
+    }
+}
+
+/// A signing key read from a Secret. Its `Debug` never shows the bytes.
+#[derive(Clone)]
+pub struct SigningKey(Vec<u8>);
+
+impl SigningKey {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
+}
+
+/// Where and how to POST.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub url: String,
+    pub timeout: Duration,
+    pub signing_key: Option<SigningKey>,
+}
+
+/// What a response (or its absence) means for the delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookError {
+    /// 408, 429, 5xx, a timeout or a connection failure: try again later.
+    Retryable { reason: String },
+    /// Any other non-2xx: the receiver refuses this message; retrying will not help.
+    Rejected { status: u16, excerpt: String },
+}
+
+impl fmt::Display for WebhookError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Retryable { reason } => {
+                write!(f, "webhook delivery failed, will retry: {reason}")
+            }
+            Self::Rejected { status, excerpt } => {
+                write!(
+                    f,
+                    "webhook rejected the message with HTTP {status}: {excerpt}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for WebhookError {}
+
+/// Classification of a response status, the contract documented in README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    Retry,
+    Reject,
+}
+
+pub fn classify(status: StatusCode) -> Verdict {
+    match status.as_u16() {
+        200..=299 => Verdict::Delivered,
+        408 | 425 | 429 | 500..=599 => Verdict::Retry,
+        _ => Verdict::Reject,
+    }
+}
+
+/// POSTs `body` for the message `key`. `attempt` is 1 for the first try.
+pub async fn post(
+    client: &reqwest::Client,
+    endpoint: &Endpoint,
+    key: &str,
+    attempt: i32,
+    body: Vec<u8>,
+) -> Result<StatusCode, WebhookError> {
+    let timestamp = Utc::now().timestamp();
+    let mut request = client
+        .post(&endpoint.url)
+        .timeout(endpoint.timeout)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(IDEMPOTENCY_KEY_HEADER, key)
+        .header(TIMESTAMP_HEADER, timestamp.to_string())
+        .header(ATTEMPT_HEADER, attempt.to_string());
+    if let Some(SigningKey(secret)) = &endpoint.signing_key {
+        request = request.header(SIGNATURE_HEADER, signing::sign(secret, timestamp, &body));
+    }
+    let response = request
+        .body(body)
+        .send()
+        .await
+        .map_err(|error| WebhookError::Retryable {
+            reason: describe_transport_error(&error),
+        })?;
+    let status = response.status();
+    match classify(status) {
+        Verdict::Delivered => Ok(status),
+        Verdict::Retry => Err(WebhookError::Retryable {
+            reason: format!("HTTP {}", status.as_u16()),
+        }),
+        Verdict::Reject => {
+            let text = response.text().await.unwrap_or_default();
+            Err(WebhookError::Rejected {
+                status: status.as_u16(),
+                excerpt: excerpt(&text),
+            })
+        }
+    }
+}
+
+/// A transport error without the URL (it may carry credentials in its userinfo or query).
+fn describe_transport_error(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "connection failed"
+    } else if error.is_request() {
+        "request failed"
+    } else {
+        "transport error"
+    };
+    // Only the source chain: reqwest's own message repeats the URL.
+    let detail = std::error::Error::source(error)
+        .map(|source| format!(": {source}"))
+        .unwrap_or_default();
+    format!("{kind}{detail}")
+}
+
+/// First characters of a response body on one line, for an error reason.
+pub fn excerpt(text: &str) -> String {
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut chars = one_line.chars();
+    let cut: String = chars.by_ref().take(EXCERPT_CHARS).collect();
+    if chars.next().is_some() {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_the_documented_verdicts() {
+        for (code, verdict) in [
+            (200, Verdict::Delivered),
+            (202, Verdict::Delivered),
+            (204, Verdict::Delivered),
+            (408, Verdict::Retry),
+            (429, Verdict::Retry),
+            (500, Verdict::Retry),
+            (503, Verdict::Retry),
+            (400, Verdict::Reject),
+            (401, Verdict::Reject),
+            (404, Verdict::Reject),
+            (410, Verdict::Reject),
+            (422, Verdict::Reject),
+            (301, Verdict::Reject),
+        ] {
+            let status = StatusCode::from_u16(code).expect("valid status");
+            assert_eq!(classify(status), verdict, "HTTP {code}");
+        }
+    }
+
+    #[test]
+    fn excerpts_are_short_and_single_line() {
+        assert_eq!(excerpt("bad\n  request\tbody"), "bad request body");
+        let long = "x".repeat(500);
+        let cut = excerpt(&long);
+        assert_eq!(cut.chars().count(), EXCERPT_CHARS + 1);
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn payload_uses_graph_field_names() {
+        let message = LedgerMessage {
+            message_id: "AAk=".into(),
+            subject: Some("Invoice 4471".into()),
+            from_address: Some("billing@fabrikam.com".into()),
+            from_name: Some("Fabrikam Billing".into()),
+            to_recipients: serde_json::json!([{"name": "Ops", "address": "ops@contoso.com"}]),
+            body: Some("<p>hi</p>".into()),
+            body_content_type: Some("html".into()),
+            ..Default::default()
+        };
+        let payload = Payload {
+            event_type: EVENT_TYPE,
+            key: "k",
+            mailbox_poll: Source {
+                namespace: "support",
+                name: "support-inbox",
+                uid: Uuid::nil(),
+                mailbox: "support@contoso.com",
+                folder: "inbox",
+            },
+            message: MessageView::new(&message),
+        };
+        let json = serde_json::to_value(&payload).expect("payload serializes");
+        assert_eq!(json["type"], EVENT_TYPE);
+        assert_eq!(json["mailboxPoll"]["name"], "support-inbox");
+        assert_eq!(json["message"]["from"]["address"], "billing@fabrikam.com");
+        assert_eq!(
+            json["message"]["toRecipients"][0]["address"],
+            "ops@contoso.com"
+        );
+        assert_eq!(json["message"]["body"]["contentType"], "html");
+        assert_eq!(json["message"]["bodyTruncated"], false);
+    }
+}

@@ -1,0 +1,168 @@
+//! The ledger against real Postgres: idempotent recording, tombstones, delivery marks.
+
+use chrono::{TimeZone, Utc};
+use mailpoll::ledger::{self, DeliveryState, LedgerMessage, Removal};
+use mailpoll_testkit::pg::TestDatabase;
+use serde_json::json;
+use uuid::Uuid;
+
+fn message(id: &str) -> LedgerMessage {
+    LedgerMessage {
+        message_id: id.into(),
+        internet_message_id: Some(format!("<{id}@contoso.com>")),
+        subject: Some(format!("Subject {id}")),
+        from_address: Some("billing@fabrikam.com".into()),
+        from_name: Some("Fabrikam".into()),
+        to_recipients: json!([{"name": "Ops", "address": "ops@contoso.com"}]),
+        received_at: Utc.with_ymd_and_hms(2025, 3, 4, 10, 15, 2).single(),
+        is_read: Some(false),
+        body: Some("hello".into()),
+        body_content_type: Some("text".into()),
+        raw: json!({"id": id, "subject": format!("Subject {id}")}),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn recording_is_idempotent_and_reports_only_new_messages() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    let mut conn = db.pool.acquire().await.expect("connection");
+
+    let page = vec![message("a"), message("b"), message("a")];
+    let first = ledger::record_page(&mut conn, uid, &page, &[], DeliveryState::Pending)
+        .await
+        .expect("record");
+    assert_eq!(first.new_ids, ["a", "b"]);
+    assert_eq!(first.already_known, 0);
+
+    let replay = vec![message("b"), message("c")];
+    let second = ledger::record_page(&mut conn, uid, &replay, &[], DeliveryState::Pending)
+        .await
+        .expect("record replay");
+    assert_eq!(second.new_ids, ["c"]);
+    assert_eq!(second.already_known, 1);
+
+    // Another MailboxPoll may see the same Graph id: it is its own message.
+    let other = ledger::record_page(
+        &mut conn,
+        Uuid::new_v4(),
+        &[message("a")],
+        &[],
+        DeliveryState::None,
+    )
+    .await
+    .expect("record other mailbox");
+    assert_eq!(other.new_ids, ["a"]);
+
+    let (stored, state) = ledger::get(&mut conn, uid, "a")
+        .await
+        .expect("get")
+        .expect("message a exists");
+    assert_eq!(state, "pending");
+    assert_eq!(stored.subject.as_deref(), Some("Subject a"));
+    assert_eq!(stored.to_recipients[0]["address"], "ops@contoso.com");
+    assert_eq!(
+        stored.received_at,
+        Utc.with_ymd_and_hms(2025, 3, 4, 10, 15, 2).single()
+    );
+}
+
+#[tokio::test]
+async fn removals_mark_known_messages_and_leave_tombstones() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    let mut conn = db.pool.acquire().await.expect("connection");
+    ledger::record_page(
+        &mut conn,
+        uid,
+        &[message("kept")],
+        &[],
+        DeliveryState::Pending,
+    )
+    .await
+    .expect("record");
+    let removals = vec![
+        Removal {
+            message_id: "kept".into(),
+            reason: "deleted".into(),
+        },
+        Removal {
+            message_id: "never-seen".into(),
+            reason: "changed".into(),
+        },
+        Removal {
+            message_id: "never-seen".into(),
+            reason: "changed".into(),
+        },
+    ];
+    let recorded = ledger::record_page(&mut conn, uid, &[], &removals, DeliveryState::Pending)
+        .await
+        .expect("record removals");
+    assert_eq!(recorded.removals, 2);
+
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT message_id, delivery_state, removed_reason FROM messages WHERE mailbox_uid = $1 ORDER BY message_id",
+    )
+    .bind(uid)
+    .fetch_all(&mut *conn)
+    .await
+    .expect("rows");
+    assert_eq!(
+        rows,
+        [
+            ("kept".into(), "pending".into(), Some("deleted".into())),
+            (
+                "never-seen".into(),
+                "skipped".into(),
+                Some("changed".into())
+            ),
+        ]
+    );
+    // A tombstone is not a new message: the same id arriving later is not delivered again.
+    let late = ledger::record_page(
+        &mut conn,
+        uid,
+        &[message("never-seen")],
+        &[],
+        DeliveryState::Pending,
+    )
+    .await
+    .expect("record late arrival");
+    assert!(late.new_ids.is_empty());
+}
+
+#[tokio::test]
+async fn delivery_marks_and_counts() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let page: Vec<_> = ["a", "b", "c"].into_iter().map(message).collect();
+    ledger::record_page(&mut conn, uid, &page, &[], DeliveryState::Pending)
+        .await
+        .expect("record");
+    assert!(
+        ledger::mark_delivered(&mut conn, uid, "a")
+            .await
+            .expect("mark")
+    );
+    assert!(
+        !ledger::mark_delivered(&mut conn, uid, "a")
+            .await
+            .expect("mark again"),
+        "second mark is a no-op"
+    );
+    ledger::mark_failed(
+        &mut conn,
+        uid,
+        "b",
+        "webhook rejected the message with HTTP 400",
+    )
+    .await
+    .expect("fail");
+    ledger::mark_failed(&mut conn, uid, "a", "late failure")
+        .await
+        .expect("fail delivered");
+    let counts = ledger::counts(&mut conn, uid).await.expect("counts");
+    assert_eq!((counts.delivered, counts.pending, counts.failed), (1, 1, 1));
+}
