@@ -1,22 +1,35 @@
-//! The operator's own HTTP endpoints: liveness, readiness and (later) metrics.
+//! The operator's own HTTP endpoints: liveness, readiness and Prometheus metrics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Router, extract::State, routing::get};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+
+use crate::telemetry::metrics::SharedMetrics;
+
+/// Longest a readiness probe waits for Postgres.
+const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the endpoints look at.
 #[derive(Clone)]
 pub struct HttpState {
     pub pool: PgPool,
+    pub metrics: SharedMetrics,
+    /// Set once the Kubernetes watch cache has synced (always true when not watching).
+    pub watch_synced: Arc<AtomicBool>,
 }
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(Arc::new(state))
 }
 
@@ -25,13 +38,40 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: Postgres answers. Never depends on leadership.
+/// Readiness: Postgres answers and the watch cache is synced. Never depends on leadership:
+/// every replica runs workers.
 async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, &'static str) {
-    match sqlx::query("SELECT 1").execute(&state.pool).await {
-        Ok(_) => (StatusCode::OK, "ok"),
-        Err(error) => {
+    if !state.watch_synced.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "watch cache not synced");
+    }
+    match tokio::time::timeout(
+        READY_DB_TIMEOUT,
+        sqlx::query("SELECT 1").execute(&state.pool),
+    )
+    .await
+    {
+        Ok(Ok(_)) => (StatusCode::OK, "ok"),
+        Ok(Err(error)) => {
             tracing::warn!(%error, "readiness check: Postgres unreachable");
             (StatusCode::SERVICE_UNAVAILABLE, "postgres unreachable")
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "postgres timed out"),
+    }
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+    match state.metrics.encode() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(error) => {
+            tracing::error!(%error, "cannot encode metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod db;
 pub mod delivery;
 pub mod http;
+pub mod leader;
 pub mod ledger;
 pub mod operator;
 pub mod resource;

@@ -45,13 +45,15 @@ pub async fn run(
     let local = listener.local_addr().map_err(OperatorError::Serve)?;
     tracing::info!(addr = %local, "serving /healthz and /readyz");
 
-    axum::serve(
-        listener,
-        http::router(http::HttpState { pool: pool.clone() }),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(OperatorError::Serve)?;
+    let state = http::HttpState {
+        pool: pool.clone(),
+        metrics: std::sync::Arc::new(crate::telemetry::metrics::Metrics::new()),
+        watch_synced: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(OperatorError::Serve)?;
     pool.close().await;
     tracing::info!("stopped");
     Ok(())

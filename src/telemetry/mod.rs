@@ -42,3 +42,5 @@ pub enum InitError {
     #[error("cannot install the log subscriber: {0}")]
     Install(String),
 }
+
+pub mod metrics;
