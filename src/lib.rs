@@ -7,6 +7,7 @@ pub mod http;
 pub mod leader;
 pub mod ledger;
 pub mod operator;
+pub mod pipeline;
 pub mod resource;
 pub mod telemetry;
 
