@@ -1,6 +1,7 @@
 //! mailpoll: a Kubernetes operator that polls Microsoft 365 mailboxes through Microsoft Graph,
 //! records every message once in Postgres and delivers it once.
 
+pub mod controller;
 pub mod db;
 pub mod delivery;
 pub mod http;
