@@ -4,7 +4,9 @@
 pub mod db;
 pub mod http;
 pub mod operator;
+pub mod queue;
 pub mod resource;
+pub mod tasks_cli;
 pub mod telemetry;
 
 /// Installs the process-wide TLS crypto provider (ring). reqwest and kube are built without a
