@@ -9,7 +9,9 @@ pub mod leader;
 pub mod ledger;
 pub mod operator;
 pub mod pipeline;
+pub mod queue;
 pub mod resource;
+pub mod tasks_cli;
 pub mod telemetry;
 
 /// Installs the process-wide TLS crypto provider (ring). reqwest and kube are built without a

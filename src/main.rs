@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use mailpoll::queue::{self, TaskFilter, TaskState};
 use mailpoll::telemetry::{self, LogFormat};
-use mailpoll::{db, operator, resource};
+use mailpoll::{db, operator, resource, tasks_cli};
 
 /// mailpoll: every email that arrives in a Microsoft 365 mailbox, recorded once and delivered
 /// once, as a Kubernetes operator with Postgres as its only state.
@@ -30,6 +31,49 @@ enum Command {
     Crd,
     /// Apply the database migrations and exit (safe to run from several places at once).
     Migrate(DatabaseArgs),
+    /// Look at the task queue and bring dead tasks back.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TasksCommand {
+    /// List tasks, newest first.
+    List(ListArgs),
+    /// Bring a dead task back to pending with a full set of attempts.
+    Retry(RetryArgs),
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Only tasks in this state: pending, running, succeeded, dead or cancelled.
+    #[arg(long)]
+    state: Option<TaskState>,
+    /// Only tasks of this kind (poll, deliver, ...).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Show at most this many tasks.
+    #[arg(long, default_value_t = 50)]
+    limit: i64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct RetryArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// The id of the dead task, as `mailpoll tasks list --state dead` shows it.
+    id: i64,
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +101,15 @@ impl DatabaseArgs {
             max_connections: self.db_max_connections,
             ..db::PoolConfig::default()
         }
+    }
+}
+
+/// One-shot commands need a connection, not a pool sized for the operator.
+fn cli_pool_config() -> db::PoolConfig {
+    db::PoolConfig {
+        max_connections: 1,
+        application_name: "mailpoll-cli".into(),
+        ..db::PoolConfig::default()
     }
 }
 
@@ -95,6 +148,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let pool = db::connect(&args.database_url, &args.pool_config()).await?;
             db::migrate(&pool).await?;
             tracing::info!("migrations applied");
+            pool.close().await;
+            Ok(())
+        }
+        Command::Tasks(TasksCommand::List(args)) => {
+            let pool = db::connect(&args.database.database_url, &cli_pool_config()).await?;
+            let filter = TaskFilter {
+                state: args.state,
+                kind: args.kind,
+                limit: args.limit,
+            };
+            let tasks = queue::list(&pool, &filter).await?;
+            match args.output {
+                OutputFormat::Table => print!("{}", tasks_cli::render_table(&tasks)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&tasks)?),
+            }
+            pool.close().await;
+            Ok(())
+        }
+        Command::Tasks(TasksCommand::Retry(args)) => {
+            let pool = db::connect(&args.database.database_url, &cli_pool_config()).await?;
+            queue::retry_dead(&pool, args.id).await?;
+            println!("task {} is pending again", args.id);
             pool.close().await;
             Ok(())
         }

@@ -1,0 +1,636 @@
+//! The queue's operations in SQL. Each state transition of a task lives in exactly one function
+//! here; see the table in the module above.
+//!
+//! Operations that take an executor run one statement and work on a pool, a connection or
+//! inside a caller's transaction (`&mut *tx`). Operations that may need several statements take
+//! anything that can [`Acquire`] a connection, including `&mut tx`.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sqlx::{Acquire, PgExecutor, Postgres, Row};
+use uuid::Uuid;
+
+use super::backoff::RetryPolicy;
+use super::stats::{DepthRow, QueueDepth};
+use super::transition::{self, Transition};
+use super::{ClaimedTask, Enqueued, Lease, NewTask, QueueError, TaskRow, TaskState};
+
+/// How often enqueue retries a dedupe key whose live task finished between the conflict and
+/// the lookup. Each round needs that race to happen again, so a few rounds are plenty.
+const DEDUPE_ROUNDS: usize = 5;
+
+const TASK_COLUMNS: &str = "id, kind, state, payload, owner_uid, dedupe_key, run_at, attempts, \
+     max_attempts, locked_by, lease_expires_at, last_error, created_at, updated_at, finished_at";
+
+/// Postgres intervals are whole microseconds; bind durations as a count of them.
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Adds one task, or returns the live task with the same dedupe key. Commits with the caller's
+/// transaction when given one; idle workers are notified when it commits.
+pub async fn enqueue<'c, A>(conn: A, task: &NewTask) -> Result<Enqueued, QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    let mut enqueued = enqueue_many(conn, std::slice::from_ref(task)).await?;
+    enqueued.pop().ok_or(QueueError::Database {
+        operation: "enqueue",
+        source: sqlx::Error::RowNotFound,
+    })
+}
+
+/// Adds tasks in one statement, answering in input order. A task whose dedupe key is held by
+/// a live task (or by an earlier task of the same batch) resolves to that task instead of
+/// failing the batch. At most one notification is sent per transaction.
+pub async fn enqueue_many<'c, A>(conn: A, tasks: &[NewTask]) -> Result<Vec<Enqueued>, QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    for task in tasks {
+        task.validate()?;
+    }
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = conn.acquire().await.map_err(QueueError::db("enqueue"))?;
+    let mut resolved: Vec<Option<Enqueued>> = vec![None; tasks.len()];
+    let mut todo: Vec<usize> = (0..tasks.len()).collect();
+
+    for _ in 0..DEDUPE_ROUNDS {
+        let inserted = insert_tasks(&mut conn, tasks, &todo).await?;
+        let mut by_key: HashMap<&str, i64> = HashMap::new();
+        let mut unkeyed_ids = Vec::new();
+        for (id, key) in &inserted {
+            match key {
+                Some(key) => {
+                    by_key.insert(key.as_str(), *id);
+                }
+                None => unkeyed_ids.push(*id),
+            }
+        }
+        // Identity values follow the insertion order, which follows the input order.
+        unkeyed_ids.sort_unstable();
+        let mut unkeyed_ids = unkeyed_ids.into_iter();
+        let mut claimed_keys: HashSet<&str> = HashSet::new();
+        let mut unresolved_keys: Vec<String> = Vec::new();
+        for &index in &todo {
+            match tasks[index].dedupe_key.as_deref() {
+                None => {
+                    let id = unkeyed_ids.next().ok_or(QueueError::Database {
+                        operation: "enqueue (matching inserted rows)",
+                        source: sqlx::Error::RowNotFound,
+                    })?;
+                    resolved[index] = Some(Enqueued { id, fresh: true });
+                }
+                Some(key) => match by_key.get(key) {
+                    Some(&id) => {
+                        let fresh = claimed_keys.insert(key);
+                        resolved[index] = Some(Enqueued { id, fresh });
+                    }
+                    None => unresolved_keys.push(key.to_owned()),
+                },
+            }
+        }
+        if !unresolved_keys.is_empty() {
+            let live: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT id, dedupe_key FROM tasks
+                 WHERE dedupe_key = ANY($1) AND state IN ('pending', 'running')",
+            )
+            .bind(&unresolved_keys)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(QueueError::db("enqueue (finding live tasks by dedupe key)"))?;
+            let live: HashMap<String, i64> = live.into_iter().map(|(id, k)| (k, id)).collect();
+            for &index in &todo {
+                if resolved[index].is_some() {
+                    continue;
+                }
+                if let Some(key) = tasks[index].dedupe_key.as_deref()
+                    && let Some(&id) = live.get(key)
+                {
+                    resolved[index] = Some(Enqueued { id, fresh: false });
+                }
+            }
+        }
+        todo.retain(|&index| resolved[index].is_none());
+        if todo.is_empty() {
+            return Ok(resolved.into_iter().flatten().collect());
+        }
+    }
+    Err(QueueError::Database {
+        operation: "enqueue (dedupe keys kept changing hands)",
+        source: sqlx::Error::RowNotFound,
+    })
+}
+
+/// Inserts the tasks at `indexes`; returns (id, dedupe key) of the rows actually inserted.
+async fn insert_tasks(
+    conn: &mut sqlx::PgConnection,
+    tasks: &[NewTask],
+    indexes: &[usize],
+) -> Result<Vec<(i64, Option<String>)>, QueueError> {
+    let mut kinds = Vec::with_capacity(indexes.len());
+    let mut payloads = Vec::with_capacity(indexes.len());
+    let mut owners = Vec::with_capacity(indexes.len());
+    let mut keys = Vec::with_capacity(indexes.len());
+    let mut run_ats = Vec::with_capacity(indexes.len());
+    let mut max_attempts = Vec::with_capacity(indexes.len());
+    for &index in indexes {
+        let task = &tasks[index];
+        kinds.push(task.kind.as_str());
+        payloads.push(&task.payload);
+        owners.push(task.owner_uid);
+        keys.push(task.dedupe_key.as_deref());
+        run_ats.push(task.run_at);
+        max_attempts.push(task.max_attempts);
+    }
+    // Postgres drops identical notifications within a transaction, so a transaction that
+    // enqueues many tasks (in one statement or many) sends one. Tasks scheduled for later
+    // wake nobody: the polling fallback finds them when they are due.
+    let rows = sqlx::query(
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::uuid[], $4::text[],
+                                  $5::timestamptz[], $6::int[])
+                 WITH ORDINALITY AS i(kind, payload, owner_uid, dedupe_key, run_at, max_attempts, ord)
+         ), inserted AS (
+             INSERT INTO tasks (kind, payload, owner_uid, dedupe_key, run_at, max_attempts)
+             SELECT kind, payload, owner_uid, dedupe_key, COALESCE(run_at, now()), max_attempts
+             FROM input ORDER BY ord
+             ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND state IN ('pending', 'running')
+             DO NOTHING
+             RETURNING id, dedupe_key, run_at
+         ), wake AS (
+             SELECT pg_notify('mailpoll_tasks', '') FROM inserted WHERE run_at <= now() LIMIT 1
+         )
+         SELECT id, dedupe_key, (SELECT count(*) FROM wake) AS woke FROM inserted",
+    )
+    .bind(&kinds)
+    .bind(&payloads)
+    .bind(&owners)
+    .bind(&keys)
+    .bind(&run_ats)
+    .bind(&max_attempts)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(QueueError::db("enqueue"))?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("id")?, row.try_get("dedupe_key")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(QueueError::db("enqueue (reading inserted rows)"))
+}
+
+/// Claims up to `limit` due pending tasks of the given kinds, oldest due first, in one
+/// statement. Each gets the state `running`, a lease of `lease` held by `worker_id` and a fresh
+/// lock token. Rows locked by a concurrent claim are skipped, never waited for.
+pub async fn claim<'e>(
+    executor: impl PgExecutor<'e>,
+    kinds: &[String],
+    limit: usize,
+    worker_id: &str,
+    lease: Duration,
+) -> Result<Vec<ClaimedTask>, QueueError> {
+    if limit == 0 || kinds.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(
+        "WITH due AS MATERIALIZED (
+             SELECT id FROM tasks
+             WHERE state = 'pending' AND run_at <= now() AND kind = ANY($1)
+             ORDER BY run_at, id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE tasks t
+         SET state = 'running',
+             locked_by = $3,
+             lock_token = gen_random_uuid(),
+             lease_expires_at = now() + $4 * interval '1 microsecond',
+             updated_at = now()
+         FROM due
+         WHERE t.id = due.id
+         RETURNING t.id, t.kind, t.payload, t.owner_uid, t.dedupe_key, t.attempts,
+                   t.max_attempts, t.lock_token, t.lease_expires_at, t.created_at",
+    )
+    .bind(kinds)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .bind(worker_id)
+    .bind(micros(lease))
+    .fetch_all(executor)
+    .await
+    .map_err(QueueError::db("claim"))
+}
+
+/// Extends the leases still held to `lease` from now; returns the ids whose lease is still
+/// held. A missing id means the lease was taken over and its handler should stop.
+pub async fn heartbeat<'e>(
+    executor: impl PgExecutor<'e>,
+    leases: &[Lease],
+    lease: Duration,
+) -> Result<Vec<i64>, QueueError> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids, tokens) = split_leases(leases);
+    sqlx::query_scalar(
+        "UPDATE tasks t
+         SET lease_expires_at = now() + $3 * interval '1 microsecond'
+         FROM unnest($1::bigint[], $2::uuid[]) AS l(id, token)
+         WHERE t.id = l.id AND t.lock_token = l.token AND t.state = 'running'
+         RETURNING t.id",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(micros(lease))
+    .fetch_all(executor)
+    .await
+    .map_err(QueueError::db("heartbeat"))
+}
+
+/// Which transitions of a [`finish`] batch were applied and which were refused because the
+/// lease was no longer held.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FinishOutcome {
+    pub applied: Vec<i64>,
+    pub refused: Vec<i64>,
+}
+
+/// Applies transitions to held tasks in one statement, each fenced by its lease: a transition
+/// whose lease was taken over changes nothing and is reported as refused.
+pub async fn finish<'e>(
+    executor: impl PgExecutor<'e>,
+    items: &[(Lease, Transition)],
+) -> Result<FinishOutcome, QueueError> {
+    if items.is_empty() {
+        return Ok(FinishOutcome::default());
+    }
+    let n = items.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut counted = Vec::with_capacity(n);
+    let mut delays: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
+    for (lease, transition) in items {
+        ids.push(lease.id);
+        tokens.push(lease.token);
+        states.push(transition.state().as_str());
+        counted.push(i32::from(transition.counts_attempt()));
+        delays.push(transition.delay().map(micros));
+        errors.push(transition.error());
+    }
+    let applied: Vec<i64> = sqlx::query_scalar(
+        "UPDATE tasks t
+         SET state = i.state,
+             attempts = t.attempts + i.counted,
+             run_at = CASE WHEN i.delay IS NULL THEN t.run_at
+                           ELSE now() + i.delay * interval '1 microsecond' END,
+             last_error = COALESCE(i.error, t.last_error),
+             lock_token = NULL,
+             lease_expires_at = NULL,
+             finished_at = CASE WHEN i.state IN ('succeeded', 'dead') THEN now() END,
+             updated_at = now()
+         FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], $6::text[])
+              AS i(id, token, state, counted, delay, error)
+         WHERE t.id = i.id AND t.lock_token = i.token AND t.state = 'running'
+         RETURNING t.id",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&states)
+    .bind(&counted)
+    .bind(&delays)
+    .bind(&errors)
+    .fetch_all(executor)
+    .await
+    .map_err(QueueError::db("recording task results"))?;
+    let applied_set: HashSet<i64> = applied.iter().copied().collect();
+    let refused = ids
+        .into_iter()
+        .filter(|id| !applied_set.contains(id))
+        .collect();
+    Ok(FinishOutcome { applied, refused })
+}
+
+/// Applies one transition; [`QueueError::LeaseLost`] when the lease is no longer held.
+async fn finish_one<'e>(
+    executor: impl PgExecutor<'e>,
+    lease: Lease,
+    transition: Transition,
+) -> Result<(), QueueError> {
+    let outcome = finish(executor, &[(lease, transition)]).await?;
+    if outcome.applied.contains(&lease.id) {
+        Ok(())
+    } else {
+        Err(QueueError::LeaseLost { id: lease.id })
+    }
+}
+
+/// Marks a held task succeeded.
+pub async fn complete<'e>(executor: impl PgExecutor<'e>, lease: Lease) -> Result<(), QueueError> {
+    finish_one(executor, lease, Transition::Succeed).await
+}
+
+/// Records a failed attempt of a held task: back to pending with backoff while attempts
+/// remain, else dead. The error is kept either way. Returns the transition applied.
+pub async fn fail<'e>(
+    executor: impl PgExecutor<'e>,
+    task: &ClaimedTask,
+    error: impl Into<String>,
+    policy: &RetryPolicy,
+) -> Result<Transition, QueueError> {
+    let transition = transition::after_failure(
+        error.into(),
+        task.attempts,
+        task.max_attempts,
+        policy,
+        rand::random::<f64>(),
+    );
+    finish_one(executor, task.lease(), transition.clone()).await?;
+    Ok(transition)
+}
+
+/// Puts a held task back to pending until `after` from now without counting an attempt
+/// (Graph asked to retry after a while).
+pub async fn snooze<'e>(
+    executor: impl PgExecutor<'e>,
+    lease: Lease,
+    after: Duration,
+) -> Result<(), QueueError> {
+    finish_one(executor, lease, Transition::Snooze { delay: after }).await
+}
+
+/// Hands held tasks back unfinished (graceful shutdown): pending at their old place in line,
+/// no attempt counted.
+pub async fn release<'e>(
+    executor: impl PgExecutor<'e>,
+    leases: &[Lease],
+) -> Result<FinishOutcome, QueueError> {
+    let items: Vec<(Lease, Transition)> = leases
+        .iter()
+        .map(|lease| (*lease, Transition::Release))
+        .collect();
+    finish(executor, &items).await
+}
+
+/// What one [`rescue`] round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RescueReport {
+    /// Back to pending, an attempt counted.
+    pub requeued: Vec<i64>,
+    /// Out of attempts: dead.
+    pub dead: Vec<i64>,
+}
+
+impl RescueReport {
+    pub fn total(&self) -> usize {
+        self.requeued.len() + self.dead.len()
+    }
+}
+
+/// Takes back up to `limit` running tasks whose lease ran out (their worker died or lost its
+/// database): each counts as an attempt, so a task that kills its worker every time ends dead.
+/// Safe to run from several replicas at once: each expired task is taken by one of them.
+pub async fn rescue<'e>(
+    executor: impl PgExecutor<'e>,
+    limit: i64,
+) -> Result<RescueReport, QueueError> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "WITH expired AS MATERIALIZED (
+             SELECT id FROM tasks
+             WHERE state = 'running' AND lease_expires_at < now()
+             ORDER BY lease_expires_at
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE tasks t
+         SET attempts = t.attempts + 1,
+             state = CASE WHEN t.attempts + 1 >= t.max_attempts THEN 'dead' ELSE 'pending' END,
+             run_at = now(),
+             last_error = 'the lease of worker ' || t.locked_by || ' expired at '
+                          || t.lease_expires_at || ' (worker stopped or lost its database)',
+             lock_token = NULL,
+             lease_expires_at = NULL,
+             finished_at = CASE WHEN t.attempts + 1 >= t.max_attempts THEN now() END,
+             updated_at = now()
+         FROM expired
+         WHERE t.id = expired.id AND t.state = 'running'
+         RETURNING t.id, t.state",
+    )
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+    .map_err(QueueError::db("rescue of expired leases"))?;
+    let mut report = RescueReport::default();
+    for (id, state) in rows {
+        if state == TaskState::Dead.as_str() {
+            report.dead.push(id);
+        } else {
+            report.requeued.push(id);
+        }
+    }
+    Ok(report)
+}
+
+/// What one [`prune`] round deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub deleted: u64,
+}
+
+/// Deletes up to `limit` succeeded or cancelled tasks that finished more than `older_than`
+/// ago, oldest first. Dead tasks are kept for people to look at. Small batches keep each
+/// transaction short; call again while a round deletes `limit` rows.
+pub async fn prune<'e>(
+    executor: impl PgExecutor<'e>,
+    older_than: Duration,
+    limit: i64,
+) -> Result<PruneReport, QueueError> {
+    let result = sqlx::query(
+        "DELETE FROM tasks WHERE id IN (
+             SELECT id FROM tasks
+             WHERE state IN ('succeeded', 'cancelled')
+               AND finished_at < now() - $1 * interval '1 microsecond'
+             ORDER BY finished_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )",
+    )
+    .bind(micros(older_than))
+    .bind(limit)
+    .execute(executor)
+    .await
+    .map_err(QueueError::db("pruning finished tasks"))?;
+    Ok(PruneReport {
+        deleted: result.rows_affected(),
+    })
+}
+
+/// Brings a dead task back: pending now, with a full set of attempts. Its last error stays
+/// until a new one replaces it.
+pub async fn retry_dead<'c, A>(conn: A, id: i64) -> Result<(), QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    let mut conn = conn.acquire().await.map_err(QueueError::db("retry"))?;
+    let updated = sqlx::query_scalar::<_, i64>(
+        "UPDATE tasks
+         SET state = 'pending', attempts = 0, run_at = now(), finished_at = NULL,
+             lock_token = NULL, lease_expires_at = NULL, updated_at = now()
+         WHERE id = $1 AND state = 'dead'
+         RETURNING id",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await;
+    match updated {
+        Ok(Some(_)) => {
+            sqlx::query("SELECT pg_notify('mailpoll_tasks', '')")
+                .execute(&mut *conn)
+                .await
+                .map_err(QueueError::db("retry (waking workers)"))?;
+            Ok(())
+        }
+        Ok(None) => match get(&mut *conn, id).await? {
+            None => Err(QueueError::NotFound { id }),
+            Some(task) => Err(QueueError::NotDead {
+                id,
+                state: task.state,
+            }),
+        },
+        Err(sqlx::Error::Database(error))
+            if error.constraint() == Some("tasks_live_dedupe_key") =>
+        {
+            let live_id: Option<i64> = sqlx::query_scalar(
+                "SELECT live.id FROM tasks dead
+                 JOIN tasks live ON live.dedupe_key = dead.dedupe_key
+                                AND live.state IN ('pending', 'running')
+                 WHERE dead.id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(QueueError::db("retry (finding the live task)"))?;
+            Err(QueueError::DedupeKeyTaken {
+                id,
+                live_id: live_id.unwrap_or_default(),
+            })
+        }
+        Err(error) => Err(QueueError::db("retry")(error)),
+    }
+}
+
+/// Cancels the pending and running tasks of an owner (its MailboxPoll was deleted); a running
+/// task's worker loses its lease. Returns how many were cancelled.
+pub async fn cancel_owner<'e>(
+    executor: impl PgExecutor<'e>,
+    owner_uid: Uuid,
+) -> Result<u64, QueueError> {
+    let result = sqlx::query(
+        "UPDATE tasks
+         SET state = 'cancelled', lock_token = NULL, lease_expires_at = NULL,
+             finished_at = now(), updated_at = now()
+         WHERE owner_uid = $1 AND state IN ('pending', 'running')",
+    )
+    .bind(owner_uid)
+    .execute(executor)
+    .await
+    .map_err(QueueError::db("cancelling an owner's tasks"))?;
+    Ok(result.rows_affected())
+}
+
+/// Which tasks [`list`] shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFilter {
+    pub state: Option<TaskState>,
+    pub kind: Option<String>,
+    pub limit: i64,
+}
+
+impl Default for TaskFilter {
+    fn default() -> Self {
+        Self {
+            state: None,
+            kind: None,
+            limit: 50,
+        }
+    }
+}
+
+/// Tasks matching the filter, newest first.
+pub async fn list<'e>(
+    executor: impl PgExecutor<'e>,
+    filter: &TaskFilter,
+) -> Result<Vec<TaskRow>, QueueError> {
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM tasks
+         WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR kind = $2)
+         ORDER BY id DESC
+         LIMIT $3"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(filter.state.map(TaskState::as_str))
+        .bind(filter.kind.as_deref())
+        .bind(filter.limit)
+        .fetch_all(executor)
+        .await
+        .map_err(QueueError::db("listing tasks"))
+}
+
+/// One task by id.
+pub async fn get<'e>(
+    executor: impl PgExecutor<'e>,
+    id: i64,
+) -> Result<Option<TaskRow>, QueueError> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(executor)
+        .await
+        .map_err(QueueError::db("reading a task"))
+}
+
+/// Queue depth by state and kind (live and dead tasks; finished history is not counted) and
+/// how long the oldest due task of each kind has waited.
+pub async fn depth<'e>(executor: impl PgExecutor<'e>) -> Result<QueueDepth, QueueError> {
+    let rows = sqlx::query(
+        "SELECT state, kind, count(*) AS tasks,
+                EXTRACT(EPOCH FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
+                    AS oldest_due_seconds
+         FROM tasks
+         WHERE state IN ('pending', 'running', 'dead')
+         GROUP BY state, kind
+         ORDER BY state, kind",
+    )
+    .fetch_all(executor)
+    .await
+    .map_err(QueueError::db("reading queue depth"))?;
+    let mut depth = QueueDepth::default();
+    for row in rows {
+        let read = || -> Result<DepthRow, sqlx::Error> {
+            let state: String = row.try_get("state")?;
+            let state = state
+                .parse()
+                .map_err(|e: String| sqlx::Error::Decode(e.into()))?;
+            let oldest: Option<f64> = row.try_get("oldest_due_seconds")?;
+            Ok(DepthRow {
+                state,
+                kind: row.try_get("kind")?,
+                tasks: row.try_get("tasks")?,
+                oldest_due_age: (state == TaskState::Pending)
+                    .then_some(oldest)
+                    .flatten()
+                    .map(|s| Duration::from_secs_f64(s.max(0.0))),
+            })
+        };
+        depth
+            .rows
+            .push(read().map_err(QueueError::db("reading queue depth"))?);
+    }
+    Ok(depth)
+}
+
+fn split_leases(leases: &[Lease]) -> (Vec<i64>, Vec<Uuid>) {
+    leases.iter().map(|lease| (lease.id, lease.token)).unzip()
+}
