@@ -176,31 +176,69 @@ pub async fn record_page(
     Ok(recorded)
 }
 
+/// A ledger row as delivery sees it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StoredMessage {
+    #[sqlx(flatten)]
+    pub message: LedgerMessage,
+    pub delivery_state: String,
+    pub webhook_delivered_at: Option<DateTime<Utc>>,
+    pub removed_at: Option<DateTime<Utc>>,
+}
+
 /// Reads one message for delivery.
 pub async fn get(
     conn: &mut PgConnection,
     mailbox_uid: Uuid,
     message_id: &str,
-) -> Result<Option<(LedgerMessage, String)>, sqlx::Error> {
-    let row: Option<LedgerRow> = sqlx::query_as(
+) -> Result<Option<StoredMessage>, sqlx::Error> {
+    sqlx::query_as(
         r#"SELECT message_id, internet_message_id, subject, from_address, from_name, sender_address,
                   sender_name, to_recipients, cc_recipients, reply_to, received_at, sent_at, is_read,
                   has_attachments, importance, conversation_id, parent_folder_id, body_preview,
-                  body_content_type, body, body_truncated, raw, delivery_state
+                  body_content_type, body, body_truncated, raw, delivery_state, webhook_delivered_at,
+                  removed_at
            FROM messages WHERE mailbox_uid = $1 AND message_id = $2"#,
     )
     .bind(mailbox_uid)
     .bind(message_id)
     .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.map(|r| (r.message, r.delivery_state)))
+    .await
 }
 
-#[derive(sqlx::FromRow)]
-struct LedgerRow {
-    #[sqlx(flatten)]
-    message: LedgerMessage,
-    delivery_state: String,
+/// Records that the webhook accepted a message, so a retry of the later steps does not post
+/// it again.
+pub async fn mark_webhook_delivered(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    message_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE messages SET webhook_delivered_at = COALESCE(webhook_delivered_at, now())
+         WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(mailbox_uid)
+    .bind(message_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Queues a message's after-actions (mark read, move) for the mailbox's batched actions run.
+pub async fn mark_actions_due(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    message_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE messages SET actions_due = true
+         WHERE mailbox_uid = $1 AND message_id = $2 AND actions_done_at IS NULL AND delivery_state <> 'delivered'",
+    )
+    .bind(mailbox_uid)
+    .bind(message_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Marks a message delivered. Returns false when it already was (the caller then knows the
@@ -211,7 +249,8 @@ pub async fn mark_delivered(
     message_id: &str,
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
-        "UPDATE messages SET delivery_state = 'delivered', delivered_at = now(), delivery_error = NULL
+        "UPDATE messages SET delivery_state = 'delivered', delivered_at = now(), delivery_error = NULL,
+                actions_due = false
          WHERE mailbox_uid = $1 AND message_id = $2 AND delivery_state <> 'delivered'",
     )
     .bind(mailbox_uid)

@@ -55,11 +55,13 @@ async fn recording_is_idempotent_and_reports_only_new_messages() {
     .expect("record other mailbox");
     assert_eq!(other.new_ids, ["a"]);
 
-    let (stored, state) = ledger::get(&mut conn, uid, "a")
+    let stored = ledger::get(&mut conn, uid, "a")
         .await
         .expect("get")
         .expect("message a exists");
-    assert_eq!(state, "pending");
+    assert_eq!(stored.delivery_state, "pending");
+    assert_eq!(stored.webhook_delivered_at, None);
+    let stored = stored.message;
     assert_eq!(stored.subject.as_deref(), Some("Subject a"));
     assert_eq!(stored.to_recipients[0]["address"], "ops@contoso.com");
     assert_eq!(

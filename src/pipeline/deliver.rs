@@ -1,0 +1,166 @@
+//! The `deliver` task: one message to the webhook, then its after-actions queued.
+//!
+//! Every step is recorded in the ledger before the next starts, so a retry after a crash
+//! resumes where the last run stopped and never posts a delivered message again.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{ACTIONS, Directory, MailboxConfig};
+use crate::delivery::signing::message_key;
+use crate::delivery::webhook::{self, MessageView, Payload, Source, WebhookError};
+use crate::ledger::{self, StoredMessage};
+use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
+use crate::telemetry::metrics::SharedMetrics;
+
+/// Payload of a `deliver` task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverTask {
+    pub mailbox_uid: Uuid,
+    pub message_id: String,
+}
+
+/// The dedupe key of a mailbox's actions task: one batch runner per mailbox at a time.
+pub fn actions_dedupe_key(uid: Uuid) -> String {
+    format!("{ACTIONS}:{uid}")
+}
+
+pub struct DeliverHandler<D> {
+    pub pool: PgPool,
+    pub directory: Arc<D>,
+    pub http: reqwest::Client,
+    pub metrics: SharedMetrics,
+}
+
+impl<D: Directory> Handler for DeliverHandler<D> {
+    async fn handle(&self, task: &ClaimedTask, _ctx: &TaskContext) -> Result<(), HandlerError> {
+        let job: DeliverTask = serde_json::from_value(task.payload.clone())
+            .map_err(|e| HandlerError::permanent(format!("malformed deliver task payload: {e}")))?;
+        let Some(config) = self
+            .directory
+            .lookup(job.mailbox_uid)
+            .await
+            .map_err(HandlerError::retryable)?
+        else {
+            // The MailboxPoll was deleted: nothing to deliver to any more.
+            return Ok(());
+        };
+        let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
+        let Some(stored) = ledger::get(&mut conn, job.mailbox_uid, &job.message_id)
+            .await
+            .map_err(HandlerError::retryable)?
+        else {
+            return Err(HandlerError::permanent(format!(
+                "message {} is not in the ledger",
+                job.message_id
+            )));
+        };
+        if stored.delivery_state == "delivered" {
+            return Ok(());
+        }
+        drop(conn);
+        if let Some(endpoint) = &config.webhook
+            && stored.webhook_delivered_at.is_none()
+        {
+            self.post(task, &config, endpoint, &stored).await?;
+        }
+        let mut tx = self.pool.begin().await.map_err(HandlerError::retryable)?;
+        if config.has_after_actions() {
+            ledger::mark_actions_due(&mut tx, job.mailbox_uid, &job.message_id)
+                .await
+                .map_err(HandlerError::retryable)?;
+            let actions = NewTask::new(
+                ACTIONS,
+                serde_json::json!({ "mailbox_uid": job.mailbox_uid }),
+            )
+            .owner(job.mailbox_uid)
+            .dedupe_key(actions_dedupe_key(job.mailbox_uid))
+            .max_attempts(config.max_attempts);
+            queue::enqueue(&mut *tx, &actions)
+                .await
+                .map_err(HandlerError::retryable)?;
+        } else if ledger::mark_delivered(&mut tx, job.mailbox_uid, &job.message_id)
+            .await
+            .map_err(HandlerError::retryable)?
+        {
+            self.metrics.messages_delivered.inc();
+        }
+        tx.commit().await.map_err(HandlerError::retryable)?;
+        Ok(())
+    }
+}
+
+impl<D: Directory> DeliverHandler<D> {
+    async fn post(
+        &self,
+        task: &ClaimedTask,
+        config: &MailboxConfig,
+        endpoint: &webhook::Endpoint,
+        stored: &StoredMessage,
+    ) -> Result<(), HandlerError> {
+        let source = &config.source;
+        let key = message_key(source.uid, &stored.message.message_id);
+        let payload = Payload {
+            event_type: webhook::EVENT_TYPE,
+            key: &key,
+            mailbox_poll: Source {
+                namespace: &source.namespace,
+                name: &source.name,
+                uid: source.uid,
+                mailbox: &source.mailbox,
+                folder: &source.folder,
+            },
+            message: MessageView::new(&stored.message),
+        };
+        let body = serde_json::to_vec(&payload).map_err(HandlerError::permanent)?;
+        match webhook::post(&self.http, endpoint, &key, task.attempt(), body).await {
+            Ok(_) => {
+                let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
+                ledger::mark_webhook_delivered(&mut conn, source.uid, &stored.message.message_id)
+                    .await
+                    .map_err(HandlerError::retryable)
+            }
+            Err(error) => {
+                let last_attempt = task.attempt() >= task.max_attempts;
+                let permanent = matches!(error, WebhookError::Rejected { .. });
+                if permanent || last_attempt {
+                    self.record_failure(source.uid, &stored.message.message_id, &error)
+                        .await;
+                }
+                tracing::warn!(
+                    namespace = %source.namespace,
+                    name = %source.name,
+                    message_key = %key,
+                    attempt = task.attempt(),
+                    %error,
+                    "webhook delivery failed"
+                );
+                Err(if permanent {
+                    HandlerError::permanent(error)
+                } else {
+                    HandlerError::retryable(error)
+                })
+            }
+        }
+    }
+
+    /// Marks the ledger failed; best effort, since the task's own state already tells.
+    async fn record_failure(&self, uid: Uuid, message_id: &str, error: &WebhookError) {
+        let result = async {
+            let mut conn = self.pool.acquire().await?;
+            ledger::mark_failed(&mut conn, uid, message_id, &error.to_string()).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.metrics.messages_failed.inc();
+            }
+            Err(db_error) => {
+                tracing::warn!(%db_error, "cannot record a delivery failure in the ledger")
+            }
+        }
+    }
+}
