@@ -79,7 +79,7 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             .owner(job.mailbox_uid)
             .dedupe_key(actions_dedupe_key(job.mailbox_uid))
             .max_attempts(config.max_attempts);
-            queue::enqueue(&mut *tx, &actions)
+            queue::enqueue_many_on(&mut tx, std::slice::from_ref(&actions))
                 .await
                 .map_err(HandlerError::retryable)?;
         } else if ledger::mark_delivered(&mut tx, job.mailbox_uid, &job.message_id)

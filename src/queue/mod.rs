@@ -39,8 +39,8 @@ pub use backoff::RetryPolicy;
 pub use stats::{QueueCounters, QueueCountersSnapshot, QueueDepth};
 pub use store::{
     FinishOutcome, PruneReport, RescueReport, TaskFilter, cancel_owner, claim, complete, depth,
-    enqueue, enqueue_many, fail, finish, get, heartbeat, list, prune, release, rescue, retry_dead,
-    snooze,
+    enqueue, enqueue_many, enqueue_many_on, fail, finish, get, heartbeat, list, prune, release,
+    rescue, retry_dead, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{

@@ -48,18 +48,30 @@ pub async fn enqueue_many<'c, A>(conn: A, tasks: &[NewTask]) -> Result<Vec<Enque
 where
     A: Acquire<'c, Database = Postgres>,
 {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = conn.acquire().await.map_err(QueueError::db("enqueue"))?;
+    enqueue_many_on(&mut conn, tasks).await
+}
+
+/// [`enqueue_many`] on a connection or transaction the caller holds. Its concrete signature
+/// keeps the futures of handlers that enqueue inside their own transaction `Send`.
+pub async fn enqueue_many_on(
+    conn: &mut sqlx::PgConnection,
+    tasks: &[NewTask],
+) -> Result<Vec<Enqueued>, QueueError> {
     for task in tasks {
         task.validate()?;
     }
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
-    let mut conn = conn.acquire().await.map_err(QueueError::db("enqueue"))?;
     let mut resolved: Vec<Option<Enqueued>> = vec![None; tasks.len()];
     let mut todo: Vec<usize> = (0..tasks.len()).collect();
 
     for _ in 0..DEDUPE_ROUNDS {
-        let inserted = insert_tasks(&mut conn, tasks, &todo).await?;
+        let inserted = insert_tasks(conn, tasks, &todo).await?;
         let mut by_key: HashMap<&str, i64> = HashMap::new();
         let mut unkeyed_ids = Vec::new();
         for (id, key) in &inserted {
