@@ -3,5 +3,6 @@
 //! API. Never linked into the shipped binary.
 
 pub mod crd_validation;
+pub mod directory;
 pub mod pg;
 pub mod webhook_receiver;

@@ -1,0 +1,288 @@
+//! Deliver tasks end to end: ledger → worker pool → webhook receiver, with rejections,
+//! outages and `tasks retry`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailpoll::delivery::signing::message_key;
+use mailpoll::delivery::webhook::{Endpoint, SigningKey};
+use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
+use mailpoll::pipeline::deliver::{DeliverHandler, DeliverTask};
+use mailpoll::pipeline::{DELIVER, MailboxConfig, cursor::Source};
+use mailpoll::queue::{self, NewTask, RetryPolicy, WorkerId, WorkerPool, WorkerPoolConfig};
+use mailpoll::telemetry::metrics::Metrics;
+use mailpoll_testkit::directory::StaticDirectory;
+use mailpoll_testkit::pg::TestDatabase;
+use mailpoll_testkit::webhook_receiver::WebhookReceiver;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const SECRET: &[u8] = b"hook-signing-secret";
+
+fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxConfig {
+    MailboxConfig {
+        source: Source {
+            uid,
+            namespace: "support".into(),
+            name: "support-inbox".into(),
+            mailbox: "support@contoso.com".into(),
+            folder: "inbox".into(),
+        },
+        webhook: Some(Endpoint {
+            url: receiver.url(),
+            timeout: Duration::from_secs(5),
+            signing_key: Some(SigningKey::new(SECRET.to_vec())),
+        }),
+        include_body: true,
+        mark_as_read: false,
+        move_to_folder: None,
+        max_attempts,
+    }
+}
+
+fn pool_config(name: &str) -> WorkerPoolConfig {
+    WorkerPoolConfig {
+        worker_id: WorkerId::named(name),
+        concurrency: 8,
+        lease: Duration::from_secs(10),
+        heartbeat_interval: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(100),
+        retry: RetryPolicy {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(100),
+        },
+        ..WorkerPoolConfig::default()
+    }
+}
+
+/// Records `n` messages and their deliver tasks, as a poll would.
+async fn record(pool: &PgPool, uid: Uuid, n: usize, max_attempts: i32) -> Vec<String> {
+    let messages: Vec<LedgerMessage> = (0..n)
+        .map(|i| LedgerMessage {
+            message_id: format!("AAkALg-{i:05}"),
+            subject: Some(format!("Order {i}")),
+            from_address: Some("orders@fabrikam.com".into()),
+            body: Some(format!("<p>order {i}</p>")),
+            body_content_type: Some("html".into()),
+            raw: json!({ "id": format!("AAkALg-{i:05}") }),
+            ..Default::default()
+        })
+        .collect();
+    let mut tx = pool.begin().await.expect("begin");
+    let recorded = ledger::record_page(&mut tx, uid, &messages, &[], DeliveryState::Pending)
+        .await
+        .expect("record");
+    let tasks: Vec<NewTask> = recorded
+        .new_ids
+        .iter()
+        .map(|id| {
+            NewTask::new(
+                DELIVER,
+                serde_json::to_value(DeliverTask {
+                    mailbox_uid: uid,
+                    message_id: id.clone(),
+                })
+                .expect("payload"),
+            )
+            .owner(uid)
+            .max_attempts(max_attempts)
+        })
+        .collect();
+    queue::enqueue_many_on(&mut tx, &tasks)
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    recorded.new_ids
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn ledger_count(pool: &PgPool, uid: Uuid, state: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = $2",
+    )
+    .bind(uid)
+    .bind(state)
+    .fetch_one(pool)
+    .await
+    .expect("count")
+}
+
+fn handler(db: &TestDatabase, directory: &StaticDirectory) -> DeliverHandler<StaticDirectory> {
+    mailpoll::install_crypto_provider();
+    DeliverHandler {
+        pool: db.pool.clone(),
+        directory: Arc::new(directory.clone()),
+        http: reqwest::Client::new(),
+        metrics: Arc::new(Metrics::new()),
+    }
+}
+
+#[tokio::test]
+async fn every_message_is_delivered_once_through_outages() {
+    let db = TestDatabase::create().await.expect("test database");
+    let receiver = WebhookReceiver::start(Some(SECRET))
+        .await
+        .expect("receiver");
+    receiver.set_failure_rate(0.2);
+    let directory = StaticDirectory::default();
+    let uid = Uuid::new_v4();
+    directory.insert(config(uid, &receiver, 50));
+    let ids = record(&db.pool, uid, 300, 50).await;
+
+    let pools: Vec<_> = (0..2)
+        .map(|i| {
+            WorkerPool::new(db.pool.clone(), pool_config(&format!("deliver-{i}")))
+                .register(DELIVER, handler(&db, &directory))
+                .start()
+                .expect("pool starts")
+        })
+        .collect();
+    wait_until(
+        "every message delivered",
+        Duration::from_secs(60),
+        || async { ledger_count(&db.pool, uid, "delivered").await == 300 },
+    )
+    .await;
+    for pool in pools {
+        pool.shutdown().await;
+    }
+
+    let successes = receiver.successes();
+    assert_eq!(successes.len(), 300, "one key per message");
+    for id in &ids {
+        let key = message_key(uid, id);
+        assert_eq!(
+            successes.get(&key),
+            Some(&1),
+            "message {id} delivered exactly once"
+        );
+    }
+    assert!(receiver.failed_attempts() > 0, "the outage was exercised");
+    assert_eq!(receiver.bad_signatures(), 0);
+    let payload = &receiver.payloads()[&message_key(uid, &ids[0])];
+    assert_eq!(payload["mailboxPoll"]["name"], "support-inbox");
+    assert_eq!(payload["message"]["subject"], "Order 0");
+    assert_eq!(payload["message"]["body"]["content"], "<p>order 0</p>");
+}
+
+#[tokio::test]
+async fn rejected_messages_end_dead_and_tasks_retry_delivers_them_once() {
+    let db = TestDatabase::create().await.expect("test database");
+    let receiver = WebhookReceiver::start(Some(SECRET))
+        .await
+        .expect("receiver");
+    let directory = StaticDirectory::default();
+    let uid = Uuid::new_v4();
+    directory.insert(config(uid, &receiver, 3));
+    let ids = record(&db.pool, uid, 20, 3).await;
+    let refused: Vec<&String> = ids.iter().step_by(5).collect();
+    for id in &refused {
+        receiver.reject(&message_key(uid, id));
+    }
+
+    let pool = WorkerPool::new(db.pool.clone(), pool_config("deliver"))
+        .register(DELIVER, handler(&db, &directory))
+        .start()
+        .expect("pool starts");
+    wait_until("deliveries settle", Duration::from_secs(30), || async {
+        ledger_count(&db.pool, uid, "delivered").await == 16
+            && ledger_count(&db.pool, uid, "failed").await == 4
+    })
+    .await;
+
+    let dead: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, last_error FROM tasks WHERE kind = 'deliver' AND state = 'dead' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("dead tasks");
+    assert_eq!(dead.len(), 4, "rejections are permanent: no retries");
+    for (_, error) in &dead {
+        assert!(
+            error.contains("HTTP 400"),
+            "the reason names the status: {error}"
+        );
+        assert!(
+            error.contains("message refused by the receiver"),
+            "and quotes the body: {error}"
+        );
+    }
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT delivery_error FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'failed'",
+    )
+    .bind(uid)
+    .fetch_all(&db.pool)
+    .await
+    .expect("ledger reasons");
+    assert!(reasons.iter().all(|r| r.contains("HTTP 400")));
+
+    // The receiver is fixed; a person retries the dead tasks with the CLI.
+    receiver.clear_faults();
+    for (id, _) in &dead {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
+            .args(["tasks", "retry", &id.to_string()])
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .await
+            .expect("mailpoll tasks retry");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    wait_until(
+        "retried messages delivered",
+        Duration::from_secs(30),
+        || async { ledger_count(&db.pool, uid, "delivered").await == 20 },
+    )
+    .await;
+    pool.shutdown().await;
+    let successes = receiver.successes();
+    for id in &ids {
+        assert_eq!(
+            successes.get(&message_key(uid, id)),
+            Some(&1),
+            "{id} delivered exactly once"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_mailbox_poll_stops_delivery_quietly() {
+    let db = TestDatabase::create().await.expect("test database");
+    let receiver = WebhookReceiver::start(None).await.expect("receiver");
+    let directory = StaticDirectory::default();
+    let uid = Uuid::new_v4();
+    record(&db.pool, uid, 3, 3).await;
+    let pool = WorkerPool::new(db.pool.clone(), pool_config("deliver"))
+        .register(DELIVER, handler(&db, &directory))
+        .start()
+        .expect("pool starts");
+    wait_until("tasks finish", Duration::from_secs(20), || async {
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state IN ('pending', 'running')")
+                .fetch_one(&db.pool)
+                .await
+                .expect("count");
+        open == 0
+    })
+    .await;
+    pool.shutdown().await;
+    assert_eq!(receiver.requests(), 0);
+}
