@@ -2,6 +2,7 @@
 //! records every message once in Postgres and delivers it once.
 
 pub mod db;
+pub mod graph;
 pub mod http;
 pub mod operator;
 pub mod resource;
