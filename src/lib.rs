@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod db;
 pub mod delivery;
+pub mod graph;
 pub mod http;
 pub mod leader;
 pub mod ledger;

@@ -4,5 +4,6 @@
 
 pub mod crd_validation;
 pub mod directory;
+pub mod graph;
 pub mod pg;
 pub mod webhook_receiver;

@@ -1,0 +1,435 @@
+//! The operator's Microsoft Graph client: tokens, delta rounds page by page, the received-time
+//! fallback, post-actions, all behind the process-wide throttling governor.
+//!
+//! ```text
+//! GraphClient (one per process: HTTP pool, token cache, governor)
+//!   └─ MailboxClient (credentials + mailbox)
+//!        ├─ delta_round / received_since_round → Round::next_page → Page
+//!        └─ mark_read, move_message, get_mime, post_actions (batched)
+//! ```
+//!
+//! Secrets and tokens are never logged; message bodies only at trace level.
+
+mod actions;
+mod auth;
+mod delta;
+mod error;
+mod governor;
+mod message;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes_ext::read_limited;
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{Method, Url};
+use serde_json::Value;
+
+pub use actions::PostAction;
+pub use auth::{ClientSecret, Credentials};
+pub use delta::{DeltaOptions, DeltaStart, ListOptions, Page, PageLink, Round};
+pub use error::GraphError;
+pub use governor::{Governor, GovernorConfig, RequestBudget, ThrottleNotice, full_jitter};
+pub use message::{
+    Body, EmailAddress, LEDGER_FIELDS, Message, RemovedReason, SkippedItem, select_fields,
+};
+
+use auth::TokenCache;
+use error::FailedResponse;
+
+/// Public-cloud authority.
+pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+/// Public-cloud Graph.
+pub const DEFAULT_GRAPH: &str = "https://graph.microsoft.com";
+
+/// Hosts, timeouts and limits of the client.
+#[derive(Clone, Debug)]
+pub struct GraphConfig {
+    /// Entra authority, e.g. `https://login.microsoftonline.us` in a national cloud.
+    pub authority_url: Url,
+    /// Graph root without version, e.g. `https://graph.microsoft.us`. The token scope is
+    /// `{graph_url}/.default`, and links Graph returns must stay on this origin.
+    pub graph_url: Url,
+    pub connect_timeout: Duration,
+    /// Whole-request timeout (Graph itself gives up after about 100 s).
+    pub request_timeout: Duration,
+    /// Refresh a token this long before it expires.
+    pub token_refresh_margin: Duration,
+    /// After the token endpoint refused a credential set, answer from memory this long.
+    pub auth_refused_cooldown: Duration,
+    /// Largest response body read; larger is a malformed response.
+    pub max_response_bytes: usize,
+    /// Message bodies longer than this many characters are cut (and flagged).
+    pub max_body_chars: usize,
+}
+
+impl GraphConfig {
+    /// Public cloud defaults.
+    pub fn public_cloud() -> Result<Self, GraphError> {
+        Self::with_urls(DEFAULT_AUTHORITY, DEFAULT_GRAPH)
+    }
+
+    /// Defaults with the given authority and Graph base URLs (national clouds, emulators).
+    pub fn with_urls(authority_url: &str, graph_url: &str) -> Result<Self, GraphError> {
+        let parse = |text: &str, what: &str| {
+            Url::parse(text)
+                .map_err(|error| GraphError::Config(format!("{what} {text:?}: {error}")))
+        };
+        Ok(Self {
+            authority_url: parse(authority_url, "authority URL")?,
+            graph_url: parse(graph_url, "Graph URL")?,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
+            token_refresh_margin: Duration::from_secs(300),
+            auth_refused_cooldown: Duration::from_secs(60),
+            max_response_bytes: 64 * 1024 * 1024,
+            max_body_chars: 1024 * 1024,
+        })
+    }
+}
+
+struct Inner {
+    http: reqwest::Client,
+    config: GraphConfig,
+    governor: Arc<Governor>,
+    tokens: TokenCache,
+}
+
+/// The process's Graph client; cheap to clone.
+#[derive(Clone)]
+pub struct GraphClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for GraphClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphClient")
+            .field("graph_url", &self.inner.config.graph_url.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GraphClient {
+    /// Builds the client. Call [`crate::install_crypto_provider`] first.
+    pub fn new(config: GraphConfig, governor: Arc<Governor>) -> Result<Self, GraphError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .user_agent(concat!("mailpoll/", env!("CARGO_PKG_VERSION")))
+            // A redirect would carry the bearer token to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|error| GraphError::Config(format!("HTTP client: {error}")))?;
+        let scope = format!(
+            "{}/.default",
+            config.graph_url.as_str().trim_end_matches('/')
+        );
+        let tokens = TokenCache::new(
+            http.clone(),
+            config.authority_url.clone(),
+            scope,
+            config.token_refresh_margin,
+            config.auth_refused_cooldown,
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                config,
+                governor,
+                tokens,
+            }),
+        })
+    }
+
+    pub fn governor(&self) -> &Arc<Governor> {
+        &self.inner.governor
+    }
+
+    pub fn config(&self) -> &GraphConfig {
+        &self.inner.config
+    }
+
+    /// A client for one mailbox (UPN or object id) with one credential set.
+    pub fn mailbox(&self, credentials: Credentials, mailbox: impl Into<String>) -> MailboxClient {
+        MailboxClient {
+            client: self.clone(),
+            credentials: Arc::new(credentials),
+            mailbox: mailbox.into(),
+        }
+    }
+}
+
+/// Graph calls for one mailbox with one credential set; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct MailboxClient {
+    client: GraphClient,
+    credentials: Arc<Credentials>,
+    mailbox: String,
+}
+
+/// One HTTP request to make, with its governor weight.
+pub(crate) struct Call {
+    pub method: Method,
+    pub url: Url,
+    pub prefer: Vec<String>,
+    pub body: Option<Value>,
+    /// Graph requests this call stands for (inner requests of a `$batch`).
+    pub weight: u32,
+}
+
+/// A successful answer.
+pub(crate) struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub request_id: Option<String>,
+}
+
+/// `Retry-After` in seconds or as an HTTP date.
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let moment = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    (moment.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .ok()
+        .or(Some(Duration::ZERO))
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.chars().take(256).collect())
+}
+
+mod bytes_ext {
+    use super::GraphError;
+
+    /// Reads a response body, refusing more than `limit` bytes.
+    pub(super) async fn read_limited(
+        mut response: reqwest::Response,
+        limit: usize,
+        request_id: &Option<String>,
+    ) -> Result<Vec<u8>, GraphError> {
+        let too_big = || GraphError::MalformedResponse {
+            message: format!("response body over {limit} bytes"),
+            request_id: request_id.clone(),
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit as u64)
+        {
+            return Err(too_big());
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_big());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body),
+                Err(error) => {
+                    return Err(GraphError::Transient {
+                        status: None,
+                        message: format!("reading the response: {}", error.without_url()),
+                        request_id: request_id.clone(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl MailboxClient {
+    pub fn mailbox(&self) -> &str {
+        &self.mailbox
+    }
+
+    pub fn graph(&self) -> &GraphClient {
+        &self.client
+    }
+
+    /// `{graph}/v1.0/users/{mailbox}/{segments...}`, each segment escaped.
+    pub(crate) fn url(&self, segments: &[&str]) -> Result<Url, GraphError> {
+        let mut url = self.client.inner.config.graph_url.clone();
+        url.path_segments_mut()
+            .map_err(|_| GraphError::Config("Graph URL cannot have a path".into()))?
+            .pop_if_empty()
+            .extend(["v1.0", "users", self.mailbox.as_str()])
+            .extend(segments);
+        Ok(url)
+    }
+
+    /// Whether a link Graph returned points at the configured Graph origin (the bearer token
+    /// must not travel anywhere else).
+    pub(crate) fn trusted_link(&self, link: &str) -> Result<Url, GraphError> {
+        let url = Url::parse(link).map_err(|_| GraphError::MalformedResponse {
+            message: "a page link is not a URL".into(),
+            request_id: None,
+        })?;
+        if url.origin() != self.client.inner.config.graph_url.origin() {
+            return Err(GraphError::MalformedResponse {
+                message: format!(
+                    "a page link points at {} instead of the Graph host",
+                    url.origin().ascii_serialization()
+                ),
+                request_id: None,
+            });
+        }
+        Ok(url)
+    }
+
+    /// Sends a call through the governor: token, 401 refresh once, retries with backoff on
+    /// 429/503/504 and network errors, `Retry-After` shared with every request to the mailbox.
+    pub(crate) async fn execute(&self, call: &Call) -> Result<Reply, GraphError> {
+        let inner = &self.client.inner;
+        let governor = &inner.governor;
+        let mut attempt: u32 = 0;
+        let mut refreshed = false;
+        loop {
+            let permit = governor.acquire(&self.mailbox, call.weight).await?;
+            let token = inner.tokens.token(&self.credentials).await?;
+            let mut request = inner
+                .http
+                .request(call.method.clone(), call.url.clone())
+                .header(reqwest::header::AUTHORIZATION, token.bearer());
+            let mut prefer = vec!["IdType=\"ImmutableId\"".to_string()];
+            prefer.extend(call.prefer.iter().cloned());
+            if let Ok(value) = HeaderValue::from_str(&prefer.join(", ")) {
+                request = request.header("Prefer", value);
+            }
+            if let Some(body) = &call.body {
+                request = request.json(body);
+            }
+            let outcome = match request.send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let headers = response.headers().clone();
+                    let request_id = header(&headers, "request-id");
+                    let body =
+                        read_limited(response, inner.config.max_response_bytes, &request_id).await;
+                    Ok((status, headers, request_id, body))
+                }
+                Err(error) => Err(error),
+            };
+            drop(permit);
+
+            let (status, headers, request_id, body) = match outcome {
+                Ok(parts) => parts,
+                Err(error) => {
+                    let error = error.without_url();
+                    tracing::debug!(mailbox = %self.mailbox, path = call.url.path(), attempt, %error, "Graph request failed");
+                    if attempt >= governor.config().max_retries {
+                        return Err(GraphError::Transient {
+                            status: None,
+                            message: format!("Graph unreachable: {error}"),
+                            request_id: None,
+                        });
+                    }
+                    tokio::time::sleep(governor.backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            };
+            tracing::debug!(mailbox = %self.mailbox, method = %call.method, path = call.url.path(), status, request_id = request_id.as_deref().unwrap_or(""), attempt, "Graph request");
+            let body = match body {
+                Ok(body) => body,
+                Err(error) if error.is_transient() && attempt < governor.config().max_retries => {
+                    tokio::time::sleep(governor.backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if (200..300).contains(&status) {
+                tracing::trace!(mailbox = %self.mailbox, body = %String::from_utf8_lossy(&body), "Graph response body");
+                return Ok(Reply {
+                    status,
+                    body,
+                    request_id,
+                });
+            }
+            let retry_after = header(&headers, "retry-after").and_then(|v| parse_retry_after(&v));
+            let failed = FailedResponse::parse(
+                status,
+                &body,
+                request_id,
+                retry_after,
+                header(&headers, "location"),
+            );
+            if status == 401 && !refreshed {
+                // Expired early, revoked, or rotated: one fresh token, then give up.
+                inner.tokens.invalidate(&self.credentials, &token).await;
+                refreshed = true;
+                continue;
+            }
+            if failed.is_retryable() {
+                match failed.retry_after {
+                    Some(wait) => governor.report_retry_after(&self.mailbox, wait),
+                    // A 429 without Retry-After still means the whole mailbox should slow down.
+                    None if status == 429 => {
+                        governor.report_retry_after(&self.mailbox, governor.backoff(attempt + 1))
+                    }
+                    None => {}
+                }
+                if attempt >= governor.config().max_retries {
+                    return Err(failed.into_error());
+                }
+                if failed.retry_after.is_none() && status != 429 {
+                    tokio::time::sleep(governor.backoff(attempt)).await;
+                }
+                attempt += 1;
+                continue;
+            }
+            return Err(failed.into_error());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after("12"), Some(Duration::from_secs(12)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn urls_escape_the_mailbox_and_keep_national_cloud_paths() {
+        crate::install_crypto_provider();
+        let config = GraphConfig::with_urls("https://login.example", "https://graph.example/")
+            .expect("config");
+        let client =
+            GraphClient::new(config, Governor::new(GovernorConfig::default())).expect("client");
+        let credentials = Credentials {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            client_secret: ClientSecret::new("s"),
+        };
+        let mailbox = client.mailbox(credentials, "ops@contoso.com");
+        let url = mailbox
+            .url(&["mailFolders", "in/box", "messages"])
+            .expect("url");
+        assert_eq!(
+            url.as_str(),
+            "https://graph.example/v1.0/users/ops@contoso.com/mailFolders/in%2Fbox/messages"
+        );
+        assert!(
+            mailbox
+                .trusted_link("https://graph.example/v1.0/x?$skiptoken=1")
+                .is_ok()
+        );
+        assert!(mailbox.trusted_link("https://evil.example/v1.0/x").is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! The switches tests flip at run time, and the counters they read back.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::state::EvictionResponse;
+
+/// Behaviours of the emulator, all switchable while requests run. The defaults are Graph on a
+/// good day: 4 concurrent requests per mailbox, no budget, no injected faults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Faults {
+    /// Requests in flight per mailbox before 429 `ApplicationThrottled` (0: no cap).
+    pub concurrency_cap: usize,
+    /// Requests per mailbox per window before 429 `TooManyRequests`.
+    pub budget: Option<Budget>,
+    /// Share of requests answered 429 `TooManyRequests` at random.
+    pub throttle_ratio: f64,
+    /// `Retry-After` (seconds) of 429s from the concurrency cap and from `throttle_ratio`.
+    pub retry_after_secs: u64,
+    /// Share of requests answered 503 or 504 at random.
+    pub server_error_ratio: f64,
+    /// `Retry-After` on the random 503s, if any.
+    pub server_error_retry_after_secs: Option<u64>,
+    /// Delay before a list or delta page is answered (the slot stays taken meanwhile).
+    pub slow_page_ms: u64,
+    /// The next this many list or delta pages are answered with a malformed body.
+    pub malformed_pages: u32,
+    pub malformed_kind: MalformedKind,
+    /// Share of delta items repeated later in the round; also replays a round's last page at
+    /// the start of the next round.
+    pub replay_ratio: f64,
+    /// New messages reach delta only after the next round of their folder has ended.
+    pub late_arrivals: bool,
+    /// How an evicted or unknown delta/skip token is answered.
+    pub eviction: EvictionResponse,
+    /// Added to `$skip` in list nextLinks (Graph's skips can run ahead of the page size).
+    pub skip_jump: usize,
+    /// A list or delta page above this many items without `$select` times out (504).
+    pub unselected_page_limit: Option<usize>,
+    /// Lifetime of issued access tokens.
+    pub token_lifetime_secs: u64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            concurrency_cap: 4,
+            budget: None,
+            throttle_ratio: 0.0,
+            retry_after_secs: 1,
+            server_error_ratio: 0.0,
+            server_error_retry_after_secs: None,
+            slow_page_ms: 0,
+            malformed_pages: 0,
+            malformed_kind: MalformedKind::TruncatedJson,
+            replay_ratio: 0.0,
+            late_arrivals: false,
+            eviction: EvictionResponse::Gone,
+            skip_jump: 0,
+            unselected_page_limit: None,
+            token_lifetime_secs: 3599,
+        }
+    }
+}
+
+/// A per-mailbox request budget: `requests` per `window_secs`, counted also while throttled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Budget {
+    pub requests: u32,
+    pub window_secs: u64,
+}
+
+/// How a malformed page is broken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MalformedKind {
+    /// The JSON stops in the middle.
+    #[default]
+    TruncatedJson,
+    /// Valid JSON, but `value` is not an array.
+    WrongShape,
+    /// An HTML error page with status 200.
+    NotJson,
+}
+
+/// What the emulator saw, for assertions.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counters {
+    /// Calls to the token endpoint, successful or not.
+    pub token_requests: u64,
+    pub tokens_issued: u64,
+    /// `$batch` envelopes (their inner requests count per mailbox).
+    pub batches: u64,
+    /// Per mailbox (lower-case UPN or the id the request used).
+    pub mailboxes: BTreeMap<String, MailboxCounters>,
+    /// Every 429 and every response carrying `Retry-After`, in order.
+    pub throttles: Vec<ThrottleRecord>,
+    /// Arrival time of every mailbox request, in order.
+    pub arrivals: Vec<Arrival>,
+}
+
+/// Requests to one mailbox.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxCounters {
+    pub requests: u64,
+    /// By endpoint: `list`, `delta`, `get`, `value`, `patch`, `move`.
+    pub by_endpoint: BTreeMap<String, u64>,
+    /// By HTTP status of the answer.
+    pub by_status: BTreeMap<u16, u64>,
+    /// Most requests in flight at once, counting those refused for it.
+    pub peak_concurrency: usize,
+}
+
+/// A response that told the client to wait.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ThrottleRecord {
+    pub mailbox: String,
+    /// Since the emulator started.
+    pub at: Duration,
+    pub status: u16,
+    pub retry_after_secs: u64,
+}
+
+/// A request's arrival.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Arrival {
+    pub mailbox: String,
+    pub at: Duration,
+}
+
+/// A request that arrived while its mailbox's Retry-After was still running.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EarlyRequest {
+    pub mailbox: String,
+    pub throttled_at: Duration,
+    pub retry_after: Duration,
+    pub arrived_at: Duration,
+}
+
+impl Counters {
+    /// Total requests to a mailbox (key as given in the URL, lower-cased).
+    pub fn requests(&self, mailbox: &str) -> u64 {
+        self.mailbox(mailbox)
+            .map_or(0, |counters| counters.requests)
+    }
+
+    pub fn mailbox(&self, mailbox: &str) -> Option<&MailboxCounters> {
+        self.mailboxes.get(&mailbox.to_ascii_lowercase())
+    }
+
+    pub fn endpoint(&self, mailbox: &str, endpoint: &str) -> u64 {
+        self.mailbox(mailbox)
+            .and_then(|counters| counters.by_endpoint.get(endpoint).copied())
+            .unwrap_or(0)
+    }
+
+    pub fn peak_concurrency(&self, mailbox: &str) -> usize {
+        self.mailbox(mailbox)
+            .map_or(0, |counters| counters.peak_concurrency)
+    }
+
+    /// Requests that arrived after a Retry-After was issued to their mailbox and before it ran
+    /// out. Requests already on their way when the 429 left cannot have seen it: those
+    /// arriving within `in_flight_grace` of the 429 are not counted.
+    pub fn early_requests(&self, in_flight_grace: Duration) -> Vec<EarlyRequest> {
+        let mut early = Vec::new();
+        for throttle in &self.throttles {
+            let retry_after = Duration::from_secs(throttle.retry_after_secs);
+            let from = throttle.at + in_flight_grace;
+            let until = throttle.at + retry_after;
+            early.extend(
+                self.arrivals
+                    .iter()
+                    .filter(|arrival| {
+                        arrival.mailbox == throttle.mailbox
+                            && arrival.at >= from
+                            && arrival.at < until
+                    })
+                    .map(|arrival| EarlyRequest {
+                        mailbox: arrival.mailbox.clone(),
+                        throttled_at: throttle.at,
+                        retry_after,
+                        arrived_at: arrival.at,
+                    }),
+            );
+        }
+        early
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_requests_are_those_inside_the_retry_after_past_the_grace() {
+        let at = |ms| Duration::from_millis(ms);
+        let counters = Counters {
+            throttles: vec![ThrottleRecord {
+                mailbox: "a".into(),
+                at: at(1000),
+                status: 429,
+                retry_after_secs: 1,
+            }],
+            arrivals: [
+                (900, "a"),
+                (1010, "a"),
+                (1500, "a"),
+                (1500, "b"),
+                (2000, "a"),
+            ]
+            .into_iter()
+            .map(|(ms, mailbox)| Arrival {
+                mailbox: mailbox.into(),
+                at: at(ms),
+            })
+            .collect(),
+            ..Counters::default()
+        };
+        let early = counters.early_requests(at(50));
+        assert_eq!(early.len(), 1, "{early:?}");
+        assert_eq!(early[0].arrived_at, at(1500));
+    }
+}

@@ -1,0 +1,950 @@
+//! The HTTP face of the emulator: the token endpoint, the mail endpoints and `$batch`. Every
+//! mail request, inner batch requests included, goes through one admission path (counters,
+//! concurrency cap, auth, mailbox state, budget, injected faults) before the world answers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use percent_encoding::percent_decode_str;
+use rand::RngExt;
+use serde_json::{Value, json};
+
+use super::Shared;
+use super::faults::{Arrival, MalformedKind, ThrottleRecord};
+use super::query::{parse_delta_filter, parse_filter, parse_orderby, parse_select, parse_top};
+use super::state::{ApiError, DeltaBehaviour, DeltaQuery, ListQuery};
+
+/// Largest `$batch`, as Graph allows.
+const MAX_BATCH: usize = 20;
+/// Inner requests of one batch run at most this many at a time, as Outlook does.
+const BATCH_PARALLELISM: usize = 4;
+/// Delta page size when the client sends no `odata.maxpagesize`.
+const DEFAULT_DELTA_PAGE: usize = 10;
+/// List page size without `$top`.
+const DEFAULT_LIST_PAGE: usize = 10;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .fallback(graph)
+        .with_state(shared)
+}
+
+// ---------------------------------------------------------------------------- token endpoint
+
+async fn token(
+    State(shared): State<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Response {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let lifetime = Duration::from_secs(shared.faults().token_lifetime_secs.max(1));
+    let outcome = shared
+        .world()
+        .issue_token(&form, &tenant, lifetime, Instant::now());
+    let mut traffic = shared.traffic();
+    traffic.counters.token_requests += 1;
+    let trace_id = uuid::Uuid::from_u128(traffic.rng.random::<u128>()).to_string();
+    match outcome {
+        Ok((access_token, _)) => {
+            traffic.counters.tokens_issued += 1;
+            let seconds = lifetime.as_secs();
+            axum::Json(json!({
+                "token_type": "Bearer",
+                "expires_in": seconds,
+                "ext_expires_in": seconds,
+                "access_token": access_token,
+            }))
+            .into_response()
+        }
+        Err(error) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({
+                "error": error.error,
+                "error_description": format!("{}\r\nTrace ID: {trace_id}\r\nCorrelation ID: {trace_id}\r\nTimestamp: {}", error.description, graph_date()),
+                "error_codes": [error.code],
+                "timestamp": graph_date(),
+                "trace_id": trace_id,
+                "correlation_id": trace_id,
+                "error_uri": format!("https://login.microsoftonline.com/error?code={}", error.code),
+            })),
+        )
+            .into_response(),
+    }
+}
+
+fn graph_date() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S").to_string()
+}
+
+// ---------------------------------------------------------------------------- requests
+
+/// A mail request, from HTTP or from inside a `$batch`.
+#[derive(Clone, Debug)]
+pub struct GraphRequest {
+    pub method: Method,
+    /// Path without the `/v1.0` prefix, e.g. `/users/a@b/mailFolders/inbox/messages`.
+    pub path: String,
+    pub query: String,
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+}
+
+/// The emulator's answer, before it becomes HTTP or a `$batch` entry.
+#[derive(Clone, Debug)]
+pub struct GraphResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: GraphBody,
+}
+
+#[derive(Clone, Debug)]
+pub enum GraphBody {
+    Json(Value),
+    Text(String, &'static str),
+    /// Deliberately broken bytes served as JSON.
+    Raw(String),
+}
+
+impl GraphResponse {
+    fn json(status: u16, value: Value) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: GraphBody::Json(value),
+        }
+    }
+
+    fn error(error: &ApiError, request_id: &str) -> Self {
+        let mut response = Self::json(
+            error.status,
+            json!({"error": {
+                "code": error.code,
+                "message": error.message,
+                "innerError": {"date": graph_date(), "request-id": request_id, "client-request-id": request_id},
+            }}),
+        );
+        if let Some(location) = &error.location {
+            response.headers.push(("Location".into(), location.clone()));
+        }
+        if let Some(seconds) = error.retry_after {
+            response
+                .headers
+                .push(("Retry-After".into(), seconds.to_string()));
+        }
+        response
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        self.headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("retry-after"))
+            .and_then(|(_, value)| value.parse().ok())
+    }
+}
+
+/// Which endpoint a path names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Route {
+    List { user: String, folder: String },
+    Delta { user: String, folder: String },
+    Message { user: String, id: String },
+    Value { user: String, id: String },
+    Move { user: String, id: String },
+}
+
+impl Route {
+    fn user(&self) -> &str {
+        match self {
+            Route::List { user, .. }
+            | Route::Delta { user, .. }
+            | Route::Message { user, .. }
+            | Route::Value { user, .. }
+            | Route::Move { user, .. } => user,
+        }
+    }
+
+    fn endpoint(&self, method: &Method) -> &'static str {
+        match self {
+            Route::List { .. } => "list",
+            Route::Delta { .. } => "delta",
+            Route::Message { .. } if method == Method::PATCH => "patch",
+            Route::Message { .. } => "get",
+            Route::Value { .. } => "value",
+            Route::Move { .. } => "move",
+        }
+    }
+}
+
+/// `users('x')` and `users/x` both name a user; segments are percent-decoded.
+fn parse_route(path: &str) -> Option<Route> {
+    let path = path.strip_prefix("/v1.0").unwrap_or(path);
+    let mut segments: Vec<String> = Vec::new();
+    for raw in path.split('/').filter(|segment| !segment.is_empty()) {
+        let decoded = percent_decode_str(raw).decode_utf8().ok()?.into_owned();
+        // `users('a@b')` and `mailFolders('inbox')` carry the key in parentheses.
+        if let Some((name, key)) = decoded.split_once("('")
+            && let Some(key) = key.strip_suffix("')")
+        {
+            segments.push(name.to_string());
+            segments.push(key.to_string());
+        } else {
+            segments.push(decoded);
+        }
+    }
+    let parts: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let (user, rest) = match parts.as_slice() {
+        ["users", user, rest @ ..] => (user.to_string(), rest),
+        _ => return None,
+    };
+    let (id, tail) = match rest {
+        ["mailFolders", folder, "messages"] => {
+            return Some(Route::List {
+                user,
+                folder: folder.to_string(),
+            });
+        }
+        ["mailFolders", folder, "messages", "delta"] => {
+            return Some(Route::Delta {
+                user,
+                folder: folder.to_string(),
+            });
+        }
+        ["mailFolders", _, "messages", id, tail @ ..] | ["messages", id, tail @ ..] => (*id, tail),
+        _ => return None,
+    };
+    let id = id.to_string();
+    match tail {
+        [] => Some(Route::Message { user, id }),
+        ["$value"] => Some(Route::Value { user, id }),
+        ["move"] => Some(Route::Move { user, id }),
+        _ => None,
+    }
+}
+
+/// `Prefer` values, from one or several headers, lower-cased names.
+struct Preferences {
+    immutable_ids: bool,
+    max_page_size: Option<usize>,
+}
+
+fn preferences(headers: &HashMap<String, String>) -> Preferences {
+    let mut prefs = Preferences {
+        immutable_ids: false,
+        max_page_size: None,
+    };
+    if let Some(prefer) = headers.get("prefer") {
+        for part in prefer.split(',').map(str::trim) {
+            let (name, value) = part.split_once('=').unwrap_or((part, ""));
+            let value = value.trim().trim_matches('"');
+            if name.trim().eq_ignore_ascii_case("IdType") {
+                prefs.immutable_ids = value.eq_ignore_ascii_case("ImmutableId");
+            } else if name.trim().eq_ignore_ascii_case("odata.maxpagesize") {
+                prefs.max_page_size = value.parse().ok().filter(|&size: &usize| size > 0);
+            }
+        }
+    }
+    prefs
+}
+
+async fn graph(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, 64 * 1024 * 1024).await {
+        Ok(body) => body,
+        Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+    };
+    let headers = header_map(&parts.headers);
+    let path = parts.uri.path();
+    if path == "/v1.0/$batch" || path == "/v1.0/%24batch" {
+        return into_http(batch(shared, headers, body).await);
+    }
+    if path.starts_with("/_admin/") && shared.admin_api {
+        return super::admin::handle(&shared, &parts.method, path, &body);
+    }
+    let request = GraphRequest {
+        method: parts.method,
+        path: path.strip_prefix("/v1.0").unwrap_or(path).to_string(),
+        query: parts.uri.query().unwrap_or_default().to_string(),
+        headers,
+        body,
+    };
+    into_http(dispatch(shared, request).await)
+}
+
+fn header_map(headers: &HeaderMap) -> HashMap<String, String> {
+    let mut map: HashMap<String, String> = HashMap::new();
+    for (name, value) in headers {
+        let Ok(value) = value.to_str() else { continue };
+        map.entry(name.as_str().to_ascii_lowercase())
+            .and_modify(|existing| {
+                existing.push_str(", ");
+                existing.push_str(value);
+            })
+            .or_insert_with(|| value.to_string());
+    }
+    map
+}
+
+fn into_http(response: GraphResponse) -> Response {
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let (content_type, body) = match response.body {
+        GraphBody::Json(value) => (
+            ("application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8"),
+            Body::from(value.to_string()),
+        ),
+        GraphBody::Text(text, content_type) => (content_type, Body::from(text)),
+        GraphBody::Raw(text) => ("application/json; charset=utf-8", Body::from(text)),
+    };
+    let mut http = Response::new(body);
+    *http.status_mut() = status;
+    http.headers_mut()
+        .insert("content-type", HeaderValue::from_static(content_type));
+    for (name, value) in response.headers {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            http.headers_mut().append(name, value);
+        }
+    }
+    http
+}
+
+/// Releases the in-flight slot of a mailbox when the request is answered.
+struct InFlight {
+    shared: Arc<Shared>,
+    mailbox: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut traffic = self.shared.traffic();
+        if let Some(count) = traffic.in_flight.get_mut(&self.mailbox) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+/// One mail request through admission and the world.
+pub fn dispatch(shared: Arc<Shared>, request: GraphRequest) -> BoxFuture<'static, GraphResponse> {
+    Box::pin(async move {
+        let request_id = {
+            let mut traffic = shared.traffic();
+            uuid::Uuid::from_u128(traffic.rng.random::<u128>()).to_string()
+        };
+        let mut response = match parse_route(&request.path) {
+            None => GraphResponse::error(
+                &ApiError::new(
+                    400,
+                    "BadRequest",
+                    format!("Resource not found for the segment '{}'.", request.path),
+                ),
+                &request_id,
+            ),
+            Some(route) => admit_and_answer(&shared, &request, &route, &request_id).await,
+        };
+        response
+            .headers
+            .push(("request-id".into(), request_id.clone()));
+        if let Some(client_id) = request.headers.get("client-request-id") {
+            response
+                .headers
+                .push(("client-request-id".into(), client_id.clone()));
+        }
+        response
+    })
+}
+
+async fn admit_and_answer(
+    shared: &Arc<Shared>,
+    request: &GraphRequest,
+    route: &Route,
+    request_id: &str,
+) -> GraphResponse {
+    let faults = shared.faults();
+    let mailbox_key = route.user().to_ascii_lowercase();
+    let endpoint = route.endpoint(&request.method);
+
+    // Arrival: counted before anything can refuse it, as Graph counts usage.
+    let (in_flight, at) = {
+        let mut traffic = shared.traffic();
+        let at = traffic.started.elapsed();
+        let count = traffic.in_flight.entry(mailbox_key.clone()).or_insert(0);
+        *count += 1;
+        let in_flight = *count;
+        traffic.counters.arrivals.push(Arrival {
+            mailbox: mailbox_key.clone(),
+            at,
+        });
+        let counters = traffic
+            .counters
+            .mailboxes
+            .entry(mailbox_key.clone())
+            .or_default();
+        counters.requests += 1;
+        *counters.by_endpoint.entry(endpoint.into()).or_insert(0) += 1;
+        counters.peak_concurrency = counters.peak_concurrency.max(in_flight);
+        (in_flight, at)
+    };
+    let _slot = InFlight {
+        shared: shared.clone(),
+        mailbox: mailbox_key.clone(),
+    };
+
+    let response = match admit(shared, request, route, &faults, in_flight).await {
+        Ok(()) => answer(shared, request, route, &faults)
+            .await
+            .unwrap_or_else(|error| GraphResponse::error(&error, request_id)),
+        Err(error) => GraphResponse::error(&error, request_id),
+    };
+
+    let mut traffic = shared.traffic();
+    if let Some(retry_after) = response.retry_after() {
+        traffic.counters.throttles.push(ThrottleRecord {
+            mailbox: mailbox_key.clone(),
+            at,
+            status: response.status,
+            retry_after_secs: retry_after,
+        });
+    }
+    let counters = traffic.counters.mailboxes.entry(mailbox_key).or_default();
+    *counters.by_status.entry(response.status).or_insert(0) += 1;
+    response
+}
+
+fn throttled(code: &str, message: &str, retry_after: u64) -> ApiError {
+    ApiError {
+        retry_after: Some(retry_after),
+        ..ApiError::new(429, code, message)
+    }
+}
+
+/// Everything that can refuse a request before the world looks at it, in Graph's order.
+async fn admit(
+    shared: &Arc<Shared>,
+    request: &GraphRequest,
+    route: &Route,
+    faults: &super::Faults,
+    in_flight: usize,
+) -> Result<(), ApiError> {
+    if faults.concurrency_cap > 0 && in_flight > faults.concurrency_cap {
+        return Err(throttled(
+            "ApplicationThrottled",
+            "Application is over its MailboxConcurrency limit.",
+            faults.retry_after_secs,
+        ));
+    }
+    let grant = request
+        .headers
+        .get("authorization")
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|token| shared.world().check_token(token, Instant::now()));
+    let Some(grant) = grant else {
+        return Err(ApiError::new(
+            401,
+            "InvalidAuthenticationToken",
+            "Access token has expired or is not yet valid.",
+        ));
+    };
+    {
+        let mut world = shared.world();
+        let Some(mailbox) = world.find_mailbox(route.user()) else {
+            return Err(ApiError::new(
+                404,
+                "ResourceNotFound",
+                "Resource could not be discovered.",
+            ));
+        };
+        if let Some(error) = world.mailbox_error(mailbox) {
+            return Err(error);
+        }
+    }
+    {
+        let mut traffic = shared.traffic();
+        let mailbox_key = route.user().to_ascii_lowercase();
+        if let Some(budget) = faults.budget {
+            let now = Instant::now();
+            let window = Duration::from_secs(budget.window_secs.max(1));
+            let entry = traffic.budgets.entry(mailbox_key).or_insert((now, 0));
+            if now.duration_since(entry.0) >= window {
+                *entry = (now, 0);
+            }
+            entry.1 += 1;
+            if entry.1 > budget.requests {
+                let left = window.saturating_sub(now.duration_since(entry.0));
+                let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                return Err(throttled(
+                    "TooManyRequests",
+                    "Please retry again later.",
+                    seconds.max(1),
+                ));
+            }
+        }
+        if faults.throttle_ratio > 0.0 && traffic.rng.random::<f64>() < faults.throttle_ratio {
+            return Err(throttled(
+                "TooManyRequests",
+                "Please retry again later.",
+                faults.retry_after_secs,
+            ));
+        }
+        if faults.server_error_ratio > 0.0
+            && traffic.rng.random::<f64>() < faults.server_error_ratio
+        {
+            return Err(if traffic.rng.random::<bool>() {
+                ApiError {
+                    retry_after: faults.server_error_retry_after_secs,
+                    ..ApiError::new(
+                        503,
+                        "serviceNotAvailable",
+                        "The service is temporarily unavailable.",
+                    )
+                }
+            } else {
+                ApiError::new(504, "UnknownError", "")
+            });
+        }
+    }
+    let writes = matches!(route, Route::Move { .. })
+        || (matches!(route, Route::Message { .. }) && request.method == Method::PATCH);
+    let allowed = if writes {
+        grant.can_write()
+    } else {
+        grant.can_read()
+    };
+    if !allowed {
+        return Err(ApiError::new(
+            403,
+            "ErrorAccessDenied",
+            "Access is denied. Check credentials and try again.",
+        ));
+    }
+    Ok(())
+}
+
+fn query_map(query: &str) -> HashMap<String, String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.into_owned()))
+        .collect()
+}
+
+fn invalid_body() -> ApiError {
+    ApiError::new(400, "BadRequest", "Invalid request body.")
+}
+
+async fn answer(
+    shared: &Arc<Shared>,
+    request: &GraphRequest,
+    route: &Route,
+    faults: &super::Faults,
+) -> Result<GraphResponse, ApiError> {
+    let prefs = preferences(&request.headers);
+    let params = query_map(&request.query);
+    let mut response = {
+        let mut world = shared.world();
+        let mailbox = world.find_mailbox(route.user()).ok_or_else(|| {
+            ApiError::new(404, "ResourceNotFound", "Resource could not be discovered.")
+        })?;
+        let folder_of = |world: &super::state::World, key: &str| {
+            world.find_folder(mailbox, key).ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "ErrorItemNotFound",
+                    "The specified folder could not be found in the store.",
+                )
+            })
+        };
+        let message_of = |world: &super::state::World, id: &str| {
+            world
+                .find_message(mailbox, id)
+                .ok_or_else(ApiError::item_not_found)
+        };
+        let wrong_method = || {
+            ApiError::new(
+                405,
+                "Request_BadRequest",
+                "The HTTP method is not allowed for this resource.",
+            )
+        };
+        match route {
+            Route::List { user, folder } => {
+                if request.method != Method::GET {
+                    return Err(wrong_method());
+                }
+                let folder_index = folder_of(&world, folder)?;
+                let list = ListQuery {
+                    select: params.get("$select").map(|s| parse_select(s)).transpose()?,
+                    filter: params
+                        .get("$filter")
+                        .map(|f| parse_filter(f))
+                        .transpose()?
+                        .unwrap_or_default(),
+                    order: params
+                        .get("$orderby")
+                        .map(|o| parse_orderby(o))
+                        .transpose()?
+                        .unwrap_or_default(),
+                    top: params
+                        .get("$top")
+                        .map(|t| parse_top(t))
+                        .transpose()?
+                        .unwrap_or(DEFAULT_LIST_PAGE),
+                    skip: match params.get("$skip") {
+                        Some(skip) => skip.parse().map_err(|_| {
+                            ApiError::new(400, "ErrorInvalidUrlQuery", "Invalid $skip.")
+                        })?,
+                        None => 0,
+                    },
+                };
+                too_large_unselected(faults, list.select.is_none(), list.top)?;
+                let page = world.list(
+                    mailbox,
+                    folder_index,
+                    &list,
+                    prefs.immutable_ids,
+                    faults.skip_jump,
+                )?;
+                let mut body = json!({
+                    "@odata.context": format!("{}/v1.0/$metadata#users('{}')/mailFolders('{}')/messages", shared.base_url, user, folder),
+                    "value": page.items,
+                });
+                if let Some(skip) = page.next_skip {
+                    let mut next = url::form_urlencoded::Serializer::new(String::new());
+                    for name in ["$select", "$filter", "$orderby"] {
+                        if let Some(value) = params.get(name) {
+                            next.append_pair(name, value);
+                        }
+                    }
+                    next.append_pair("$top", &list.top.to_string());
+                    next.append_pair("$skip", &skip.to_string());
+                    body["@odata.nextLink"] = json!(format!(
+                        "{}/v1.0/users/{}/mailFolders/{}/messages?{}",
+                        shared.base_url,
+                        user,
+                        folder,
+                        next.finish()
+                    ));
+                }
+                GraphResponse::json(200, body)
+            }
+            Route::Delta { user, folder } => {
+                if request.method != Method::GET {
+                    return Err(wrong_method());
+                }
+                let folder_index = folder_of(&world, folder)?;
+                let query = DeltaQuery {
+                    select: params.get("$select").map(|s| parse_select(s)).transpose()?,
+                    filter: params
+                        .get("$filter")
+                        .map(|f| parse_delta_filter(f))
+                        .transpose()?,
+                    skip_token: params.get("$skiptoken").cloned(),
+                    delta_token: params.get("$deltatoken").cloned(),
+                    page_size: prefs
+                        .max_page_size
+                        .or_else(|| params.get("$top").and_then(|t| t.parse().ok()))
+                        .unwrap_or(DEFAULT_DELTA_PAGE)
+                        .min(1000),
+                    change_type: params.get("changetype").cloned(),
+                };
+                let first = query.skip_token.is_none() && query.delta_token.is_none();
+                if first {
+                    too_large_unselected(faults, query.select.is_none(), query.page_size)?;
+                }
+                let link_base = format!(
+                    "{}/v1.0/users/{}/mailFolders/{}/messages/delta",
+                    shared.base_url, user, folder
+                );
+                let page = world.delta(
+                    mailbox,
+                    folder_index,
+                    &query,
+                    DeltaBehaviour {
+                        replay_ratio: faults.replay_ratio,
+                        eviction: faults.eviction,
+                    },
+                    prefs.immutable_ids,
+                    link_base.clone(),
+                )?;
+                let mut body = json!({
+                    "@odata.context": format!("{}/v1.0/$metadata#Collection(message)", shared.base_url),
+                    "value": page.items,
+                });
+                match page.next {
+                    Ok(skip) => {
+                        body["@odata.nextLink"] = json!(format!("{link_base}?%24skiptoken={skip}"))
+                    }
+                    Err(delta) => {
+                        body["@odata.deltaLink"] =
+                            json!(format!("{link_base}?%24deltatoken={delta}"))
+                    }
+                }
+                let mut response = GraphResponse::json(200, body);
+                if prefs.max_page_size.is_some() {
+                    response.headers.push((
+                        "Preference-Applied".into(),
+                        format!("odata.maxpagesize={}", query.page_size),
+                    ));
+                }
+                response
+            }
+            Route::Message { id, .. } => {
+                let message = message_of(&world, id)?;
+                if request.method == Method::PATCH {
+                    let patch: Value =
+                        serde_json::from_slice(&request.body).map_err(|_| invalid_body())?;
+                    if let Some(is_read) = patch.get("isRead") {
+                        let is_read = is_read.as_bool().ok_or_else(invalid_body)?;
+                        world.set_read(mailbox, message, is_read);
+                    }
+                } else if request.method != Method::GET {
+                    return Err(wrong_method());
+                }
+                let select = params.get("$select").map(|s| parse_select(s)).transpose()?;
+                GraphResponse::json(
+                    200,
+                    world.render(mailbox, message, select.as_deref(), prefs.immutable_ids),
+                )
+            }
+            Route::Value { id, .. } => {
+                if request.method != Method::GET {
+                    return Err(wrong_method());
+                }
+                let message = message_of(&world, id)?;
+                GraphResponse {
+                    status: 200,
+                    headers: Vec::new(),
+                    body: GraphBody::Text(world.mime(mailbox, message), "text/plain"),
+                }
+            }
+            Route::Move { id, .. } => {
+                if request.method != Method::POST {
+                    return Err(wrong_method());
+                }
+                let message = message_of(&world, id)?;
+                let body: Value =
+                    serde_json::from_slice(&request.body).map_err(|_| invalid_body())?;
+                let destination = body
+                    .get("destinationId")
+                    .and_then(Value::as_str)
+                    .ok_or_else(invalid_body)?;
+                let folder_index = folder_of(&world, destination)?;
+                world.move_message(mailbox, message, folder_index);
+                GraphResponse::json(
+                    201,
+                    world.render(mailbox, message, None, prefs.immutable_ids),
+                )
+            }
+        }
+    };
+
+    if matches!(route, Route::List { .. } | Route::Delta { .. }) {
+        if faults.slow_page_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.slow_page_ms)).await;
+        }
+        if let Some(kind) = shared.take_malformed() {
+            response.body = malformed(&response.body, kind);
+        }
+    }
+    Ok(response)
+}
+
+fn too_large_unselected(
+    faults: &super::Faults,
+    unselected: bool,
+    page: usize,
+) -> Result<(), ApiError> {
+    match faults.unselected_page_limit {
+        Some(limit) if unselected && page > limit => Err(ApiError::new(504, "UnknownError", "")),
+        _ => Ok(()),
+    }
+}
+
+fn malformed(body: &GraphBody, kind: MalformedKind) -> GraphBody {
+    match kind {
+        MalformedKind::TruncatedJson => {
+            let text = match body {
+                GraphBody::Json(value) => value.to_string(),
+                _ => String::from("{\"value\":[{\"id\":\"x\""),
+            };
+            let cut = text.len() / 2;
+            let cut = (0..=cut)
+                .rev()
+                .find(|&at| text.is_char_boundary(at))
+                .unwrap_or(0);
+            GraphBody::Raw(text[..cut].to_string())
+        }
+        MalformedKind::WrongShape => {
+            let mut value = match body {
+                GraphBody::Json(value) => value.clone(),
+                _ => json!({}),
+            };
+            value["value"] = json!({"unexpected": "object"});
+            GraphBody::Json(value)
+        }
+        MalformedKind::NotJson => {
+            GraphBody::Raw("<html><body><h1>Service Unavailable</h1></body></html>".to_string())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- $batch
+
+async fn batch(
+    shared: Arc<Shared>,
+    headers: HashMap<String, String>,
+    body: Bytes,
+) -> GraphResponse {
+    let request_id = {
+        let mut traffic = shared.traffic();
+        traffic.counters.batches += 1;
+        uuid::Uuid::from_u128(traffic.rng.random::<u128>()).to_string()
+    };
+    let mut response = batch_inner(&shared, &headers, &body)
+        .await
+        .unwrap_or_else(|error| GraphResponse::error(&error, &request_id));
+    response.headers.push(("request-id".into(), request_id));
+    response
+}
+
+async fn batch_inner(
+    shared: &Arc<Shared>,
+    headers: &HashMap<String, String>,
+    body: &Bytes,
+) -> Result<GraphResponse, ApiError> {
+    let invalid = |message: &str| ApiError::new(400, "BadRequest", message);
+    let envelope: Value =
+        serde_json::from_slice(body).map_err(|_| invalid("Invalid batch payload format."))?;
+    let requests = envelope
+        .get("requests")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid("Invalid batch payload format."))?;
+    if requests.is_empty() || requests.len() > MAX_BATCH {
+        return Err(invalid(
+            "Number of batch request steps exceeds the maximum of 20.",
+        ));
+    }
+    let mut inner = Vec::with_capacity(requests.len());
+    for entry in requests {
+        let id = entry
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("Each batch request needs an id."))?;
+        let method = entry
+            .get("method")
+            .and_then(Value::as_str)
+            .and_then(|method| Method::from_bytes(method.to_ascii_uppercase().as_bytes()).ok())
+            .ok_or_else(|| invalid("Each batch request needs a method."))?;
+        let url = entry
+            .get("url")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("Each batch request needs a url."))?;
+        let (path, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut inner_headers = headers.clone();
+        inner_headers.remove("content-length");
+        if let Some(own) = entry.get("headers").and_then(Value::as_object) {
+            for (name, value) in own {
+                if let Some(value) = value.as_str() {
+                    inner_headers.insert(name.to_ascii_lowercase(), value.to_string());
+                }
+            }
+        }
+        let body = entry
+            .get("body")
+            .map(|body| Bytes::from(body.to_string()))
+            .unwrap_or_default();
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        inner.push((
+            id.to_string(),
+            GraphRequest {
+                method,
+                path,
+                query: query.to_string(),
+                headers: inner_headers,
+                body,
+            },
+        ));
+    }
+    let responses: Vec<Value> = futures::stream::iter(inner)
+        .map(|(id, request)| {
+            let shared = shared.clone();
+            async move {
+                let response = dispatch(shared, request).await;
+                let headers: serde_json::Map<String, Value> = response
+                    .headers
+                    .iter()
+                    .map(|(name, value)| (name.clone(), json!(value)))
+                    .collect();
+                let body = match response.body {
+                    GraphBody::Json(value) => value,
+                    GraphBody::Text(text, _) | GraphBody::Raw(text) => json!(text),
+                };
+                json!({"id": id, "status": response.status, "headers": headers, "body": body})
+            }
+        })
+        .buffered(BATCH_PARALLELISM)
+        .collect()
+        .await;
+    Ok(GraphResponse::json(200, json!({"responses": responses})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_both_user_forms_and_the_message_endpoints() {
+        assert_eq!(
+            parse_route("/v1.0/users/ops%40contoso.com/mailFolders/inbox/messages/delta"),
+            Some(Route::Delta {
+                user: "ops@contoso.com".into(),
+                folder: "inbox".into()
+            })
+        );
+        assert_eq!(
+            parse_route("/users('ops@contoso.com')/mailFolders('inbox')/messages"),
+            Some(Route::List {
+                user: "ops@contoso.com".into(),
+                folder: "inbox".into()
+            })
+        );
+        assert_eq!(
+            parse_route("/users/a@b/messages/AAk%3D/$value"),
+            Some(Route::Value {
+                user: "a@b".into(),
+                id: "AAk=".into()
+            })
+        );
+        assert_eq!(
+            parse_route("/users/a@b/messages/X/move"),
+            Some(Route::Move {
+                user: "a@b".into(),
+                id: "X".into()
+            })
+        );
+        assert_eq!(parse_route("/me/messages"), None);
+    }
+
+    #[test]
+    fn prefer_headers_combine() {
+        let headers = HashMap::from([(
+            "prefer".to_string(),
+            "IdType=\"ImmutableId\", odata.maxpagesize=50".to_string(),
+        )]);
+        let prefs = preferences(&headers);
+        assert!(prefs.immutable_ids);
+        assert_eq!(prefs.max_page_size, Some(50));
+    }
+}

@@ -1,0 +1,1074 @@
+//! The emulated tenant: app registrations, issued tokens, mailboxes with folders and messages,
+//! and the delta state of each folder. Pure data and rules without I/O: the HTTP layer locks
+//! it, asks, and renders. Every random choice comes from one seeded generator, so a given seed
+//! and the same sequence of calls produce the same ids, tokens and replays.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::query::{Clause, Literal, OrderKey, check_filter_order};
+
+/// Well-known folder names and their display names; every mailbox has them all.
+pub const WELL_KNOWN_FOLDERS: &[(&str, &str)] = &[
+    ("inbox", "Inbox"),
+    ("archive", "Archive"),
+    ("deleteditems", "Deleted Items"),
+    ("junkemail", "Junk Email"),
+    ("sentitems", "Sent Items"),
+    ("drafts", "Drafts"),
+];
+
+/// Delta rounds with a `$filter` return at most this many messages, as Graph does.
+pub const FILTERED_DELTA_CAP: usize = 5000;
+
+/// A Graph error in the making: status, code, message, and for 410 the `Location`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub location: Option<String>,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+            location: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn item_not_found() -> Self {
+        Self::new(
+            404,
+            "ErrorItemNotFound",
+            "The specified object was not found in the store.",
+        )
+    }
+}
+
+/// An app registration of a tenant: what the token endpoint checks and the roles it grants.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppRegistration {
+    pub tenant: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// Application roles put into tokens, e.g. `Mail.Read`, `Mail.ReadWrite`.
+    pub roles: Vec<String>,
+}
+
+/// What an access token grants.
+#[derive(Clone, Debug)]
+pub struct TokenGrant {
+    pub client_id: String,
+    pub roles: Vec<String>,
+    pub expires_at: Instant,
+}
+
+impl TokenGrant {
+    pub fn can_read(&self) -> bool {
+        self.roles
+            .iter()
+            .any(|role| role == "Mail.Read" || role == "Mail.ReadWrite")
+    }
+    pub fn can_write(&self) -> bool {
+        self.roles.iter().any(|role| role == "Mail.ReadWrite")
+    }
+}
+
+/// The token endpoint's verdict on a bad request: an OAuth error body, always 400.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenError {
+    pub error: &'static str,
+    pub code: u32,
+    pub description: String,
+}
+
+/// How a mailbox answers, whatever the request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MailboxState {
+    #[default]
+    Enabled,
+    /// 404 `MailboxNotEnabledForRESTAPI`, alternating with `ResourceNotFound` as Graph does.
+    NotEnabledForRest,
+    /// 403 `ErrorAccessDenied`: outside the app's application access policy.
+    AccessDenied,
+}
+
+/// How an evicted or unknown delta/skip token is answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EvictionResponse {
+    /// 410 Gone with a `Location` header pointing at a fresh initial delta query.
+    #[default]
+    Gone,
+    /// 400 with code `syncStateNotFound`.
+    SyncStateNotFound,
+    /// 400 with code `resyncRequired`.
+    ResyncRequired,
+}
+
+/// A message to add. Unset fields get deterministic defaults.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NewMessage {
+    pub subject: Option<String>,
+    pub from: Option<String>,
+    pub to: Vec<String>,
+    pub cc: Vec<String>,
+    pub received: Option<DateTime<Utc>>,
+    pub body: Option<String>,
+    pub body_is_html: bool,
+    pub internet_message_id: Option<String>,
+    pub is_read: bool,
+    pub has_attachments: bool,
+    pub importance: Option<String>,
+}
+
+/// The two ids of a message: the immutable one and the default one (changes on move).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageIds {
+    pub immutable_id: String,
+    pub rest_id: String,
+}
+
+#[derive(Clone, Debug)]
+struct Folder {
+    id: String,
+    well_known: Option<&'static str>,
+}
+
+#[derive(Clone, Debug)]
+struct Msg {
+    ids: MessageIds,
+    folder: usize,
+    deleted: bool,
+    internet_message_id: String,
+    subject: String,
+    from: String,
+    to: Vec<String>,
+    cc: Vec<String>,
+    received: DateTime<Utc>,
+    sent: DateTime<Utc>,
+    is_read: bool,
+    has_attachments: bool,
+    importance: String,
+    conversation_id: String,
+    body: String,
+    body_is_html: bool,
+    /// Mailbox version when the message entered its current folder.
+    created: u64,
+    /// Mailbox version of the last change.
+    changed: u64,
+    /// Delta rounds of its folder that must end before delta shows it (late arrival).
+    hidden_rounds: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Tombstone {
+    folder: usize,
+    ids: MessageIds,
+    version: u64,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug)]
+enum RoundItem {
+    Message(usize),
+    Removed {
+        ids: MessageIds,
+        reason: &'static str,
+    },
+}
+
+/// One delta round being paged: its items are fixed when the round starts.
+#[derive(Debug)]
+struct Round {
+    folder: usize,
+    items: Vec<RoundItem>,
+    end_version: u64,
+    filter: Option<Clause>,
+    select: Option<Vec<String>>,
+}
+
+/// What a delta token remembers: where the next round starts.
+#[derive(Clone, Debug)]
+struct DeltaCursor {
+    folder: usize,
+    version: u64,
+    filter: Option<Clause>,
+    select: Option<Vec<String>>,
+    last_page: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub struct Mailbox {
+    pub upn: String,
+    pub object_id: String,
+    pub state: MailboxState,
+    not_found_flip: bool,
+    folders: Vec<Folder>,
+    messages: Vec<Msg>,
+    by_immutable: HashMap<String, usize>,
+    by_rest: HashMap<String, usize>,
+    version: u64,
+    tombstones: Vec<Tombstone>,
+    rounds: Vec<Option<Round>>,
+    skip_tokens: HashMap<String, (usize, usize)>,
+    delta_tokens: HashMap<String, DeltaCursor>,
+}
+
+/// Options of a delta request, parsed by the HTTP layer.
+#[derive(Clone, Debug, Default)]
+pub struct DeltaQuery {
+    pub select: Option<Vec<String>>,
+    pub filter: Option<Clause>,
+    pub skip_token: Option<String>,
+    pub delta_token: Option<String>,
+    pub page_size: usize,
+    pub change_type: Option<String>,
+}
+
+/// Behaviours of delta that tests switch on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeltaBehaviour {
+    pub replay_ratio: f64,
+    pub eviction: EvictionResponse,
+}
+
+/// A delta page: rendered items and the link that follows.
+#[derive(Debug)]
+pub struct DeltaPage {
+    pub items: Vec<Value>,
+    /// `Ok(token)` is a skip token (more pages), `Err(token)` a delta token (round done).
+    pub next: Result<String, String>,
+}
+
+/// Options of a list request.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    pub select: Option<Vec<String>>,
+    pub filter: Vec<Clause>,
+    pub order: Vec<OrderKey>,
+    pub top: usize,
+    pub skip: usize,
+}
+
+/// A list page: rendered items and the `$skip` of the next page, if any.
+#[derive(Debug)]
+pub struct ListPage {
+    pub items: Vec<Value>,
+    pub next_skip: Option<usize>,
+}
+
+/// The whole emulated tenant.
+pub struct World {
+    rng: StdRng,
+    clock: DateTime<Utc>,
+    apps: Vec<AppRegistration>,
+    tokens: HashMap<String, TokenGrant>,
+    mailboxes: Vec<Mailbox>,
+}
+
+const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+impl World {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            // Messages are received on a virtual clock, so dates are the same on every run.
+            clock: Utc
+                .with_ymd_and_hms(2025, 3, 4, 8, 0, 0)
+                .single()
+                .unwrap_or_default(),
+            apps: Vec::new(),
+            tokens: HashMap::new(),
+            mailboxes: Vec::new(),
+        }
+    }
+
+    fn random_text(&mut self, len: usize) -> String {
+        (0..len)
+            .map(|_| ID_ALPHABET[self.rng.random_range(0..ID_ALPHABET.len())] as char)
+            .collect()
+    }
+
+    /// A random value in [0, 1) from the world's generator.
+    pub fn random_unit(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// A request id in GUID form, from the world's generator.
+    pub fn request_id(&mut self) -> String {
+        uuid::Uuid::from_u128(self.rng.random::<u128>()).to_string()
+    }
+
+    // ------------------------------------------------------------------ apps and tokens
+
+    pub fn add_app(&mut self, app: AppRegistration) {
+        self.apps
+            .retain(|known| !(known.tenant == app.tenant && known.client_id == app.client_id));
+        self.apps.push(app);
+    }
+
+    /// The client-credentials grant, with Entra's checks and error codes.
+    pub fn issue_token(
+        &mut self,
+        form: &HashMap<String, String>,
+        tenant: &str,
+        lifetime: Duration,
+        now: Instant,
+    ) -> Result<(String, TokenGrant), TokenError> {
+        let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+        if field("grant_type") != "client_credentials" {
+            return Err(TokenError {
+                error: "unsupported_grant_type",
+                code: 70003,
+                description: "AADSTS70003: The app requested an unsupported grant type.".into(),
+            });
+        }
+        if !field("scope").ends_with("/.default") {
+            return Err(TokenError {
+                error: "invalid_scope",
+                code: 1002012,
+                description:
+                    "AADSTS1002012: The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier."
+                        .into(),
+            });
+        }
+        if !self.apps.iter().any(|app| app.tenant == tenant) {
+            return Err(TokenError {
+                error: "invalid_request",
+                code: 90002,
+                description: format!("AADSTS90002: Tenant '{tenant}' not found."),
+            });
+        }
+        let client_id = field("client_id");
+        let Some(app) = self
+            .apps
+            .iter()
+            .find(|app| app.tenant == tenant && app.client_id == client_id)
+            .cloned()
+        else {
+            return Err(TokenError {
+                error: "unauthorized_client",
+                code: 700016,
+                description: format!(
+                    "AADSTS700016: Application with identifier '{client_id}' was not found in the directory '{tenant}'."
+                ),
+            });
+        };
+        if field("client_secret") != app.client_secret {
+            return Err(TokenError {
+                error: "invalid_client",
+                code: 7000215,
+                description: "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.".into(),
+            });
+        }
+        let token = format!("eyJ0eXAiOiJKV1Qi.{}", self.random_text(48));
+        let grant = TokenGrant {
+            client_id: app.client_id.clone(),
+            roles: app.roles.clone(),
+            expires_at: now + lifetime,
+        };
+        self.tokens.insert(token.clone(), grant.clone());
+        Ok((token, grant))
+    }
+
+    /// The grant behind a bearer token, when it is known and not expired.
+    pub fn check_token(&self, token: &str, now: Instant) -> Option<TokenGrant> {
+        self.tokens
+            .get(token)
+            .filter(|grant| grant.expires_at > now)
+            .cloned()
+    }
+
+    /// Forgets every issued token: the next request with one gets 401.
+    pub fn revoke_tokens(&mut self) {
+        self.tokens.clear();
+    }
+
+    // ------------------------------------------------------------------ mailboxes
+
+    /// Adds a mailbox with the well-known folders; returns its object id.
+    pub fn add_mailbox(&mut self, upn: &str) -> String {
+        if let Some(existing) = self.find_mailbox(upn) {
+            return self.mailboxes[existing].object_id.clone();
+        }
+        let object_id = uuid::Uuid::from_u128(self.rng.random::<u128>()).to_string();
+        let folders = WELL_KNOWN_FOLDERS
+            .iter()
+            .map(|(name, _)| Folder {
+                id: format!("AAMkAGFolder{}", self.random_text(24)),
+                well_known: Some(name),
+            })
+            .collect();
+        self.mailboxes.push(Mailbox {
+            upn: upn.to_string(),
+            object_id: object_id.clone(),
+            state: MailboxState::Enabled,
+            not_found_flip: false,
+            folders,
+            messages: Vec::new(),
+            by_immutable: HashMap::new(),
+            by_rest: HashMap::new(),
+            version: 0,
+            tombstones: Vec::new(),
+            rounds: Vec::new(),
+            skip_tokens: HashMap::new(),
+            delta_tokens: HashMap::new(),
+        });
+        object_id
+    }
+
+    /// A mailbox by UPN (case-insensitive) or object id.
+    pub fn find_mailbox(&self, key: &str) -> Option<usize> {
+        self.mailboxes.iter().position(|mailbox| {
+            mailbox.upn.eq_ignore_ascii_case(key) || mailbox.object_id.eq_ignore_ascii_case(key)
+        })
+    }
+
+    /// The canonical (UPN, lower-case) key counters use for a mailbox.
+    pub fn mailbox_key(&self, index: usize) -> String {
+        self.mailboxes[index].upn.to_ascii_lowercase()
+    }
+
+    pub fn set_mailbox_state(&mut self, mailbox: usize, state: MailboxState) {
+        self.mailboxes[mailbox].state = state;
+    }
+
+    /// The error a mailbox in a bad state answers with, if any.
+    pub fn mailbox_error(&mut self, mailbox: usize) -> Option<ApiError> {
+        let mailbox = &mut self.mailboxes[mailbox];
+        match mailbox.state {
+            MailboxState::Enabled => None,
+            MailboxState::AccessDenied => Some(ApiError::new(
+                403,
+                "ErrorAccessDenied",
+                "Access to OData is disabled.",
+            )),
+            MailboxState::NotEnabledForRest => {
+                mailbox.not_found_flip = !mailbox.not_found_flip;
+                Some(if mailbox.not_found_flip {
+                    ApiError::new(
+                        404,
+                        "MailboxNotEnabledForRESTAPI",
+                        "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+                    )
+                } else {
+                    ApiError::new(404, "ResourceNotFound", "Resource could not be discovered.")
+                })
+            }
+        }
+    }
+
+    /// A folder by well-known name (case-insensitive) or id.
+    pub fn find_folder(&self, mailbox: usize, key: &str) -> Option<usize> {
+        self.mailboxes[mailbox].folders.iter().position(|folder| {
+            folder.id == key
+                || folder
+                    .well_known
+                    .is_some_and(|name| name.eq_ignore_ascii_case(key))
+        })
+    }
+
+    pub fn folder_id(&self, mailbox: usize, folder: usize) -> String {
+        self.mailboxes[mailbox].folders[folder].id.clone()
+    }
+
+    // ------------------------------------------------------------------ messages
+
+    /// Adds a message. With `late`, delta shows it only after the folder's next round ends.
+    pub fn add_message(
+        &mut self,
+        mailbox: usize,
+        folder: usize,
+        new: NewMessage,
+        late: bool,
+    ) -> MessageIds {
+        let number = self.mailboxes[mailbox].messages.len();
+        // Every third message shares its second with the previous one, as real mail does.
+        if number % 3 != 2 {
+            self.clock += chrono::Duration::seconds(1);
+        }
+        let received = new.received.unwrap_or(self.clock);
+        let ids = MessageIds {
+            immutable_id: format!("AAkALgAAAAAAHYQDEapmEc2byACqAC-{}", self.random_text(40)),
+            rest_id: format!("AAMkAGI2TG93AAA-{}", self.random_text(40)),
+        };
+        let conversation = format!("AAQkAGI2Conv{}", self.random_text(16));
+        let domain = self.mailboxes[mailbox]
+            .upn
+            .split('@')
+            .nth(1)
+            .unwrap_or("contoso.com")
+            .to_string();
+        let mailbox_ref = &mut self.mailboxes[mailbox];
+        mailbox_ref.version += 1;
+        let version = mailbox_ref.version;
+        let msg = Msg {
+            ids: ids.clone(),
+            folder,
+            deleted: false,
+            internet_message_id: new
+                .internet_message_id
+                .unwrap_or_else(|| format!("<msg-{number}-{}@{domain}>", version)),
+            subject: new.subject.unwrap_or_else(|| format!("Message {number}")),
+            from: new
+                .from
+                .unwrap_or_else(|| format!("sender{}@fabrikam.com", number % 7)),
+            to: if new.to.is_empty() {
+                vec![mailbox_ref.upn.clone()]
+            } else {
+                new.to
+            },
+            cc: new.cc,
+            received,
+            sent: received - chrono::Duration::seconds(2),
+            is_read: new.is_read,
+            has_attachments: new.has_attachments,
+            importance: new.importance.unwrap_or_else(|| "normal".into()),
+            conversation_id: conversation,
+            body: new
+                .body
+                .unwrap_or_else(|| format!("Hello,\r\nthis is message {number}.\r\n")),
+            body_is_html: new.body_is_html,
+            created: version,
+            changed: version,
+            hidden_rounds: u32::from(late),
+        };
+        mailbox_ref
+            .by_immutable
+            .insert(ids.immutable_id.clone(), number);
+        mailbox_ref.by_rest.insert(ids.rest_id.clone(), number);
+        mailbox_ref.messages.push(msg);
+        ids
+    }
+
+    /// A live message by immutable or default id (ids are case-sensitive).
+    pub fn find_message(&self, mailbox: usize, id: &str) -> Option<usize> {
+        let mailbox = &self.mailboxes[mailbox];
+        mailbox
+            .by_immutable
+            .get(id)
+            .or_else(|| mailbox.by_rest.get(id))
+            .copied()
+            .filter(|&index| !mailbox.messages[index].deleted)
+    }
+
+    pub fn message_ids(&self, mailbox: usize, message: usize) -> MessageIds {
+        self.mailboxes[mailbox].messages[message].ids.clone()
+    }
+
+    pub fn set_read(&mut self, mailbox: usize, message: usize, is_read: bool) {
+        let mailbox = &mut self.mailboxes[mailbox];
+        mailbox.version += 1;
+        let msg = &mut mailbox.messages[message];
+        msg.is_read = is_read;
+        msg.changed = mailbox.version;
+    }
+
+    /// Moves a message: its default id changes, its immutable id stays, and delta of the old
+    /// folder reports it removed.
+    pub fn move_message(&mut self, mailbox: usize, message: usize, folder: usize) -> MessageIds {
+        let new_rest = format!("AAMkAGI2TG93AAA-{}", self.random_text(40));
+        let mailbox = &mut self.mailboxes[mailbox];
+        let old_folder = mailbox.messages[message].folder;
+        if old_folder == folder {
+            return mailbox.messages[message].ids.clone();
+        }
+        mailbox.version += 1;
+        let version = mailbox.version;
+        let old_ids = mailbox.messages[message].ids.clone();
+        mailbox.tombstones.push(Tombstone {
+            folder: old_folder,
+            ids: old_ids.clone(),
+            version,
+            reason: "changed",
+        });
+        mailbox.by_rest.remove(&old_ids.rest_id);
+        mailbox.by_rest.insert(new_rest.clone(), message);
+        let msg = &mut mailbox.messages[message];
+        msg.ids.rest_id = new_rest;
+        msg.folder = folder;
+        msg.created = version;
+        msg.changed = version;
+        msg.ids.clone()
+    }
+
+    pub fn delete_message(&mut self, mailbox: usize, message: usize) {
+        let mailbox = &mut self.mailboxes[mailbox];
+        mailbox.version += 1;
+        let version = mailbox.version;
+        let msg = &mut mailbox.messages[message];
+        msg.deleted = true;
+        mailbox.tombstones.push(Tombstone {
+            folder: msg.folder,
+            ids: msg.ids.clone(),
+            version,
+            reason: "deleted",
+        });
+    }
+
+    /// Number of live messages in a folder.
+    pub fn folder_len(&self, mailbox: usize, folder: usize) -> usize {
+        self.mailboxes[mailbox]
+            .messages
+            .iter()
+            .filter(|msg| !msg.deleted && msg.folder == folder)
+            .count()
+    }
+
+    /// The message as RFC 5322 text, for `$value`.
+    pub fn mime(&self, mailbox: usize, message: usize) -> String {
+        let msg = &self.mailboxes[mailbox].messages[message];
+        let content_type = if msg.body_is_html {
+            "text/html"
+        } else {
+            "text/plain"
+        };
+        let mut text = String::new();
+        text.push_str(&format!("Message-ID: {}\r\n", msg.internet_message_id));
+        text.push_str(&format!("Date: {}\r\n", msg.sent.to_rfc2822()));
+        text.push_str(&format!("From: {}\r\n", msg.from));
+        text.push_str(&format!("To: {}\r\n", msg.to.join(", ")));
+        if !msg.cc.is_empty() {
+            text.push_str(&format!("Cc: {}\r\n", msg.cc.join(", ")));
+        }
+        text.push_str(&format!("Subject: {}\r\n", msg.subject));
+        text.push_str("MIME-Version: 1.0\r\n");
+        text.push_str(&format!(
+            "Content-Type: {content_type}; charset=\"utf-8\"\r\n\r\n"
+        ));
+        text.push_str(&msg.body);
+        text
+    }
+
+    /// A message as Graph renders it, restricted to `select` (plus `id`).
+    pub fn render(
+        &self,
+        mailbox: usize,
+        message: usize,
+        select: Option<&[String]>,
+        immutable_ids: bool,
+    ) -> Value {
+        let mailbox_ref = &self.mailboxes[mailbox];
+        let msg = &mailbox_ref.messages[message];
+        let date = |moment: &DateTime<Utc>| moment.to_rfc3339_opts(SecondsFormat::Secs, true);
+        let address = |text: &str| {
+            let name = text.split('@').next().unwrap_or(text);
+            json!({"emailAddress": {"name": name, "address": text}})
+        };
+        let id = if immutable_ids {
+            &msg.ids.immutable_id
+        } else {
+            &msg.ids.rest_id
+        };
+        let preview: String = msg.body.chars().take(255).collect();
+        let all = [
+            ("id", json!(id)),
+            ("createdDateTime", json!(date(&msg.received))),
+            ("lastModifiedDateTime", json!(date(&msg.received))),
+            ("receivedDateTime", json!(date(&msg.received))),
+            ("sentDateTime", json!(date(&msg.sent))),
+            ("hasAttachments", json!(msg.has_attachments)),
+            ("internetMessageId", json!(msg.internet_message_id)),
+            ("subject", json!(msg.subject)),
+            ("bodyPreview", json!(preview)),
+            ("importance", json!(msg.importance)),
+            ("parentFolderId", json!(mailbox_ref.folders[msg.folder].id)),
+            ("conversationId", json!(msg.conversation_id)),
+            ("isRead", json!(msg.is_read)),
+            ("categories", json!([])),
+            (
+                "webLink",
+                json!(format!(
+                    "https://outlook.office365.com/owa/?ItemID={}&exvsurl=1&viewmodel=ReadMessageItem",
+                    msg.ids.rest_id
+                )),
+            ),
+            (
+                "body",
+                json!({"contentType": if msg.body_is_html {"html"} else {"text"}, "content": msg.body}),
+            ),
+            ("sender", address(&msg.from)),
+            ("from", address(&msg.from)),
+            (
+                "toRecipients",
+                Value::Array(msg.to.iter().map(|to| address(to)).collect()),
+            ),
+            (
+                "ccRecipients",
+                Value::Array(msg.cc.iter().map(|cc| address(cc)).collect()),
+            ),
+            ("replyTo", json!([])),
+        ];
+        let mut object = Map::new();
+        object.insert(
+            "@odata.etag".into(),
+            json!(format!("W/\"CQAAABYAAAB{}\"", msg.changed)),
+        );
+        for (name, value) in all {
+            let wanted = match select {
+                None => true,
+                Some(select) => name == "id" || select.iter().any(|field| field == name),
+            };
+            if wanted {
+                object.insert(name.to_string(), value);
+            }
+        }
+        Value::Object(object)
+    }
+
+    // ------------------------------------------------------------------ list
+
+    fn property_cmp(a: &Msg, b: &Msg, property: &str) -> std::cmp::Ordering {
+        match property {
+            "receivedDateTime" | "createdDateTime" | "lastModifiedDateTime" => {
+                a.received.cmp(&b.received)
+            }
+            "sentDateTime" => a.sent.cmp(&b.sent),
+            "subject" => a.subject.cmp(&b.subject),
+            "isRead" => a.is_read.cmp(&b.is_read),
+            "hasAttachments" => a.has_attachments.cmp(&b.has_attachments),
+            "importance" => a.importance.cmp(&b.importance),
+            _ => std::cmp::Ordering::Equal,
+        }
+    }
+
+    fn matches(msg: &Msg, clause: &Clause) -> bool {
+        let ordering = match (&clause.value, clause.property.as_str()) {
+            (
+                Literal::DateTime(moment),
+                "receivedDateTime" | "createdDateTime" | "lastModifiedDateTime",
+            ) => msg.received.cmp(moment),
+            (Literal::DateTime(moment), "sentDateTime") => msg.sent.cmp(moment),
+            (Literal::Bool(value), "isRead") => msg.is_read.cmp(value),
+            (Literal::Bool(value), "hasAttachments") => msg.has_attachments.cmp(value),
+            (Literal::Text(value), "subject") => msg.subject.as_str().cmp(value.as_str()),
+            (Literal::Text(value), "importance") => msg.importance.as_str().cmp(value.as_str()),
+            (Literal::Text(value), "internetMessageId") => {
+                msg.internet_message_id.as_str().cmp(value.as_str())
+            }
+            (Literal::Text(value), "conversationId") => {
+                msg.conversation_id.as_str().cmp(value.as_str())
+            }
+            _ => return false,
+        };
+        clause.op.holds(ordering)
+    }
+
+    /// A page of a folder's messages, Graph's list rules applied. `skip_jump` is added to the
+    /// next page's `$skip`, as Graph's own skips sometimes run ahead of the page size.
+    pub fn list(
+        &self,
+        mailbox: usize,
+        folder: usize,
+        query: &ListQuery,
+        immutable_ids: bool,
+        skip_jump: usize,
+    ) -> Result<ListPage, ApiError> {
+        check_filter_order(&query.filter, &query.order)?;
+        let mailbox_ref = &self.mailboxes[mailbox];
+        let mut matching: Vec<usize> = mailbox_ref
+            .messages
+            .iter()
+            .enumerate()
+            .filter(|(_, msg)| !msg.deleted && msg.folder == folder)
+            .filter(|(_, msg)| query.filter.iter().all(|clause| Self::matches(msg, clause)))
+            .map(|(index, _)| index)
+            .collect();
+        let default_order = [OrderKey {
+            property: "receivedDateTime".into(),
+            descending: true,
+        }];
+        let order = if query.order.is_empty() {
+            &default_order[..]
+        } else {
+            &query.order[..]
+        };
+        matching.sort_by(|&a, &b| {
+            let (ma, mb) = (&mailbox_ref.messages[a], &mailbox_ref.messages[b]);
+            for key in order {
+                let ordering = Self::property_cmp(ma, mb, &key.property);
+                let ordering = if key.descending {
+                    ordering.reverse()
+                } else {
+                    ordering
+                };
+                if ordering.is_ne() {
+                    return ordering;
+                }
+            }
+            a.cmp(&b)
+        });
+        let items = matching
+            .iter()
+            .skip(query.skip)
+            .take(query.top)
+            .map(|&index| self.render(mailbox, index, query.select.as_deref(), immutable_ids))
+            .collect();
+        let end = query.skip + query.top;
+        let next_skip = (end < matching.len()).then_some(end + skip_jump);
+        Ok(ListPage { items, next_skip })
+    }
+
+    // ------------------------------------------------------------------ delta
+
+    fn eviction_error(behaviour: EvictionResponse, location: String) -> ApiError {
+        match behaviour {
+            EvictionResponse::Gone => ApiError {
+                location: Some(location),
+                ..ApiError::new(
+                    410,
+                    "resyncRequired",
+                    "The sync state generation is no longer valid. Start a new sync with a fresh initial request.",
+                )
+            },
+            EvictionResponse::SyncStateNotFound => ApiError::new(
+                400,
+                "syncStateNotFound",
+                "The sync state cannot be found. It may have expired.",
+            ),
+            EvictionResponse::ResyncRequired => ApiError::new(
+                400,
+                "resyncRequired",
+                "A resync is required for this sync state.",
+            ),
+        }
+    }
+
+    /// One delta page. `initial_link` is where an evicted token's 410 points to.
+    pub fn delta(
+        &mut self,
+        mailbox: usize,
+        folder: usize,
+        query: &DeltaQuery,
+        behaviour: DeltaBehaviour,
+        immutable_ids: bool,
+        initial_link: String,
+    ) -> Result<DeltaPage, ApiError> {
+        let (round_index, position) = if let Some(token) = &query.skip_token {
+            match self.mailboxes[mailbox].skip_tokens.get(token) {
+                Some(&(round, position)) if self.mailboxes[mailbox].rounds[round].is_some() => {
+                    (round, position)
+                }
+                _ => return Err(Self::eviction_error(behaviour.eviction, initial_link)),
+            }
+        } else {
+            let cursor = match &query.delta_token {
+                Some(token) => match self.mailboxes[mailbox].delta_tokens.get(token) {
+                    Some(cursor) => cursor.clone(),
+                    None => return Err(Self::eviction_error(behaviour.eviction, initial_link)),
+                },
+                None => DeltaCursor {
+                    folder,
+                    version: 0,
+                    filter: query.filter.clone(),
+                    select: query.select.clone(),
+                    last_page: Vec::new(),
+                },
+            };
+            let round = self.start_round(mailbox, &cursor, query, behaviour.replay_ratio);
+            let rounds = &mut self.mailboxes[mailbox].rounds;
+            rounds.push(Some(round));
+            (rounds.len() - 1, 0)
+        };
+
+        let mut page_numbers = Vec::new();
+        let (items, end, round_len, page_select) = {
+            let round = self.mailboxes[mailbox].rounds[round_index]
+                .as_ref()
+                .ok_or_else(|| Self::eviction_error(behaviour.eviction, initial_link.clone()))?;
+            let end = (position + query.page_size.max(1)).min(round.items.len());
+            let slice: Vec<RoundItem> = round.items[position..end].to_vec();
+            (slice, end, round.items.len(), round.select.clone())
+        };
+        let mut rendered = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                RoundItem::Message(index) => {
+                    page_numbers.push(index);
+                    let mut value =
+                        self.render(mailbox, index, page_select.as_deref(), immutable_ids);
+                    if let Value::Object(object) = &mut value {
+                        object.insert("@odata.type".into(), json!("#microsoft.graph.message"));
+                    }
+                    rendered.push(value);
+                }
+                RoundItem::Removed { ids, reason } => {
+                    let id = if immutable_ids {
+                        ids.immutable_id
+                    } else {
+                        ids.rest_id
+                    };
+                    rendered.push(json!({
+                        "@odata.type": "#microsoft.graph.message",
+                        "id": id,
+                        "@removed": {"reason": reason},
+                    }));
+                }
+            }
+        }
+        let token = self.random_text(43);
+        let mailbox_ref = &mut self.mailboxes[mailbox];
+        if end < round_len {
+            mailbox_ref
+                .skip_tokens
+                .insert(token.clone(), (round_index, end));
+            return Ok(DeltaPage {
+                items: rendered,
+                next: Ok(token),
+            });
+        }
+        let round = mailbox_ref.rounds[round_index]
+            .as_ref()
+            .ok_or_else(|| Self::eviction_error(behaviour.eviction, initial_link))?;
+        let cursor = DeltaCursor {
+            folder: round.folder,
+            version: round.end_version,
+            filter: round.filter.clone(),
+            select: round.select.clone(),
+            last_page: page_numbers,
+        };
+        let round_folder = round.folder;
+        mailbox_ref.delta_tokens.insert(token.clone(), cursor);
+        // Late arrivals become visible once a round of their folder has ended without them.
+        let mut version = mailbox_ref.version;
+        for msg in mailbox_ref
+            .messages
+            .iter_mut()
+            .filter(|msg| msg.folder == round_folder && msg.hidden_rounds > 0)
+        {
+            msg.hidden_rounds -= 1;
+            if msg.hidden_rounds == 0 {
+                version += 1;
+                msg.changed = version;
+            }
+        }
+        mailbox_ref.version = version;
+        Ok(DeltaPage {
+            items: rendered,
+            next: Err(token),
+        })
+    }
+
+    fn start_round(
+        &mut self,
+        mailbox: usize,
+        cursor: &DeltaCursor,
+        query: &DeltaQuery,
+        replay_ratio: f64,
+    ) -> Round {
+        let mailbox_ref = &self.mailboxes[mailbox];
+        let since = cursor.version;
+        let change_type = query.change_type.as_deref().map(str::to_ascii_lowercase);
+        let wants = |kind: &str| change_type.as_deref().is_none_or(|wanted| wanted == kind);
+        let mut changed: Vec<usize> = mailbox_ref
+            .messages
+            .iter()
+            .enumerate()
+            .filter(|(_, msg)| {
+                !msg.deleted
+                    && msg.folder == cursor.folder
+                    && msg.hidden_rounds == 0
+                    && msg.changed > since
+                    && cursor
+                        .filter
+                        .as_ref()
+                        .is_none_or(|clause| Self::matches(msg, clause))
+                    && if msg.created > since {
+                        wants("created")
+                    } else {
+                        wants("updated")
+                    }
+            })
+            .map(|(index, _)| index)
+            .collect();
+        if cursor.filter.is_some() && changed.len() > FILTERED_DELTA_CAP {
+            // A filtered round is capped: keep the most recent messages.
+            changed.sort_by_key(|&index| std::cmp::Reverse(mailbox_ref.messages[index].received));
+            changed.truncate(FILTERED_DELTA_CAP);
+        }
+        changed.sort_by_key(|&index| (mailbox_ref.messages[index].changed, index));
+        let mut items: Vec<RoundItem> = Vec::new();
+        if replay_ratio > 0.0 {
+            // Across rounds: the previous round's last page comes again.
+            items.extend(
+                cursor
+                    .last_page
+                    .iter()
+                    .filter(|&&index| {
+                        let msg = &mailbox_ref.messages[index];
+                        !msg.deleted && msg.folder == cursor.folder
+                    })
+                    .map(|&index| RoundItem::Message(index)),
+            );
+        }
+        items.extend(changed.into_iter().map(RoundItem::Message));
+        if since > 0 && wants("deleted") {
+            items.extend(
+                mailbox_ref
+                    .tombstones
+                    .iter()
+                    .filter(|stone| stone.folder == cursor.folder && stone.version > since)
+                    .map(|stone| RoundItem::Removed {
+                        ids: stone.ids.clone(),
+                        reason: stone.reason,
+                    }),
+            );
+        }
+        let end_version = mailbox_ref.version;
+        if replay_ratio > 0.0 {
+            // Within a round: some messages come twice, later in the round.
+            let mut with_replays = Vec::with_capacity(items.len());
+            let mut pending: Vec<(usize, RoundItem)> = Vec::new();
+            for (position, item) in items.into_iter().enumerate() {
+                if matches!(item, RoundItem::Message(_)) && self.rng.random::<f64>() < replay_ratio
+                {
+                    let later = position + self.rng.random_range(0..8usize);
+                    pending.push((later, item.clone()));
+                }
+                with_replays.push(item);
+                let (due, rest): (Vec<_>, Vec<_>) =
+                    pending.into_iter().partition(|(at, _)| *at <= position);
+                with_replays.extend(due.into_iter().map(|(_, item)| item));
+                pending = rest;
+            }
+            with_replays.extend(pending.into_iter().map(|(_, item)| item));
+            items = with_replays;
+        }
+        Round {
+            folder: cursor.folder,
+            items,
+            end_version,
+            filter: cursor.filter.clone(),
+            select: if query.delta_token.is_some() {
+                cursor.select.clone()
+            } else {
+                query.select.clone()
+            },
+        }
+    }
+
+    /// Forgets every delta and skip token of a mailbox (Graph evicting its sync state cache).
+    pub fn evict_delta_tokens(&mut self, mailbox: usize) {
+        let mailbox = &mut self.mailboxes[mailbox];
+        mailbox.delta_tokens.clear();
+        mailbox.skip_tokens.clear();
+        mailbox.rounds.clear();
+    }
+}
