@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
+use mailpoll::graph::{ClientSecret, Credentials};
 use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
 use mailpoll::pipeline::deliver::{DeliverHandler, DeliverTask};
 use mailpoll::pipeline::{DELIVER, MailboxConfig, cursor::Source};
@@ -28,6 +29,11 @@ fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxCo
             name: "support-inbox".into(),
             mailbox: "support@contoso.com".into(),
             folder: "inbox".into(),
+        },
+        credentials: Credentials {
+            tenant_id: "contoso".into(),
+            client_id: "mailpoll".into(),
+            client_secret: ClientSecret::new("not-used-by-deliveries"),
         },
         webhook: Some(Endpoint {
             url: receiver.url(),

@@ -94,7 +94,10 @@ pub async fn acquire(
         r#"UPDATE mailbox_cursors
            SET run_token = $2, run_lease_until = now() + $3 * interval '1 millisecond'
            WHERE mailbox_uid = $1 AND (run_lease_until IS NULL OR run_lease_until < now())
-           RETURNING delta_link, round_next_link, watermark, throttled_until"#,
+           RETURNING delta_link, round_next_link, watermark,
+                     -- Graph throttles per mailbox: any MailboxPoll of the same mailbox counts.
+                     (SELECT max(c.throttled_until) FROM mailbox_cursors c
+                      WHERE lower(c.mailbox) = lower(mailbox_cursors.mailbox)) AS throttled_until"#,
     )
     .bind(source.uid)
     .bind(token)
@@ -228,16 +231,18 @@ pub async fn release(pool: &PgPool, lease: RunLease) -> Result<(), sqlx::Error> 
     Ok(())
 }
 
-/// Records a Retry-After so every replica waits it out before talking to this mailbox.
+/// Records a Retry-After so every replica waits it out before talking to this mailbox (all
+/// MailboxPolls of the mailbox: Graph counts per mailbox, not per folder).
 pub async fn set_throttled_until(
     pool: &PgPool,
-    uid: Uuid,
+    mailbox: &str,
     until: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE mailbox_cursors SET throttled_until = GREATEST(throttled_until, $2) WHERE mailbox_uid = $1",
+        "UPDATE mailbox_cursors SET throttled_until = GREATEST(throttled_until, $2)
+         WHERE lower(mailbox) = lower($1)",
     )
-    .bind(uid)
+    .bind(mailbox)
     .bind(until)
     .execute(pool)
     .await?;

@@ -6,14 +6,17 @@
 //! - `deliver`: the webhook POST of one message, then its after-actions are queued.
 //! - `actions`: the queued after-actions of one mailbox (mark read, move), batched.
 
+pub mod actions;
 pub mod cursor;
 pub mod deliver;
+pub mod poll;
 
 use std::future::Future;
 
 use uuid::Uuid;
 
 use crate::delivery::webhook::Endpoint;
+use crate::graph::Credentials;
 
 /// Task kinds of the pipeline.
 pub const POLL: &str = "poll";
@@ -25,6 +28,8 @@ pub const ACTIONS: &str = "actions";
 #[derive(Debug, Clone)]
 pub struct MailboxConfig {
     pub source: cursor::Source,
+    /// The app registration's credentials, from the referenced Secret.
+    pub credentials: Credentials,
     pub webhook: Option<Endpoint>,
     pub include_body: bool,
     pub mark_as_read: bool,

@@ -1,0 +1,231 @@
+//! The `actions` task: after-delivery actions (mark read, move) of one mailbox, batched.
+//!
+//! Post-actions cost one Graph request per message, so they are sent through `$batch` and run
+//! under the mailbox run lease (one Graph-talking run per mailbox, cluster-wide). They run as
+//! their own task so that a throttled mailbox never holds up the recording of new mail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::cursor::{self, Acquired};
+use super::{Directory, MailboxConfig};
+use crate::graph::{GraphClient, GraphError, MailboxClient, PostAction};
+use crate::queue::{ClaimedTask, Handler, HandlerError, TaskContext};
+use crate::telemetry::metrics::SharedMetrics;
+
+/// Payload of an `actions` task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionsTask {
+    pub mailbox_uid: Uuid,
+}
+
+/// Messages handled per `$batch` round trip (Graph takes 20 requests per batch; a message
+/// may need two).
+const MESSAGES_PER_BATCH: i64 = 10;
+
+pub struct ActionsHandler<D> {
+    pub pool: PgPool,
+    pub directory: Arc<D>,
+    pub graph: GraphClient,
+    pub metrics: SharedMetrics,
+    /// The mailbox run lease.
+    pub run_lease: Duration,
+    /// Longest one run keeps the mailbox before giving other work a turn.
+    pub run_budget: Duration,
+}
+
+impl<D: Directory> Handler for ActionsHandler<D> {
+    async fn handle(&self, task: &ClaimedTask, ctx: &TaskContext) -> Result<(), HandlerError> {
+        let job: ActionsTask = serde_json::from_value(task.payload.clone())
+            .map_err(|e| HandlerError::permanent(format!("malformed actions task payload: {e}")))?;
+        let Some(config) = self
+            .directory
+            .lookup(job.mailbox_uid)
+            .await
+            .map_err(HandlerError::retryable)?
+        else {
+            return Ok(());
+        };
+        let lease = match cursor::acquire(&self.pool, &config.source, self.run_lease)
+            .await
+            .map_err(HandlerError::retryable)?
+        {
+            Acquired::Held(lease, cursor) => {
+                if let Some(until) = cursor.throttled_until.filter(|t| *t > Utc::now()) {
+                    let _ = cursor::release(&self.pool, lease).await;
+                    self.graph
+                        .governor()
+                        .pause_until(&config.source.mailbox, until);
+                    let wait = (until - Utc::now()).to_std().unwrap_or_default();
+                    return Err(HandlerError::snooze(wait.max(Duration::from_millis(200))));
+                }
+                lease
+            }
+            Acquired::Busy { .. } => return Err(HandlerError::snooze(Duration::from_secs(2))),
+        };
+        let result = self.run(task, ctx, &config).await;
+        if let Err(error) = cursor::release(&self.pool, lease).await {
+            tracing::warn!(%error, "cannot release the mailbox run lease; it expires on its own");
+        }
+        result
+    }
+}
+
+impl<D: Directory> ActionsHandler<D> {
+    async fn run(
+        &self,
+        task: &ClaimedTask,
+        ctx: &TaskContext,
+        config: &MailboxConfig,
+    ) -> Result<(), HandlerError> {
+        let uid = config.source.uid;
+        let mailbox = self
+            .graph
+            .mailbox(config.credentials.clone(), config.source.mailbox.clone());
+        let started = Instant::now();
+        loop {
+            let due: Vec<String> = sqlx::query_scalar(
+                "SELECT message_id FROM messages WHERE mailbox_uid = $1 AND actions_due ORDER BY seq LIMIT $2",
+            )
+            .bind(uid)
+            .bind(MESSAGES_PER_BATCH)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(HandlerError::retryable)?;
+            if due.is_empty() {
+                return Ok(());
+            }
+            if !config.has_after_actions() {
+                // The spec dropped its after-actions since: nothing is left to do.
+                self.mark_done(uid, &due).await?;
+                continue;
+            }
+            self.batch(task, config, &mailbox, &due).await?;
+            if ctx.is_shutting_down() || ctx.is_lease_lost() || started.elapsed() >= self.run_budget
+            {
+                // More is due: run again at once, without counting an attempt, after others
+                // had their turn at the mailbox.
+                return Err(HandlerError::snooze(Duration::ZERO));
+            }
+        }
+    }
+
+    async fn batch(
+        &self,
+        task: &ClaimedTask,
+        config: &MailboxConfig,
+        mailbox: &MailboxClient,
+        due: &[String],
+    ) -> Result<(), HandlerError> {
+        let mut actions = Vec::with_capacity(due.len() * 2);
+        let mut owners = Vec::with_capacity(due.len() * 2);
+        for (index, id) in due.iter().enumerate() {
+            if config.mark_as_read {
+                actions.push(PostAction::MarkRead {
+                    message_id: id.clone(),
+                });
+                owners.push(index);
+            }
+            if let Some(destination) = &config.move_to_folder {
+                actions.push(PostAction::Move {
+                    message_id: id.clone(),
+                    destination: destination.clone(),
+                });
+                owners.push(index);
+            }
+        }
+        let results = match mailbox.post_actions(&actions).await {
+            Ok(results) => results,
+            Err(error) => return Err(self.failure(task, config, due, error).await),
+        };
+        let mut failed: Vec<Option<GraphError>> = vec![None; due.len()];
+        for (owner, result) in owners.into_iter().zip(results) {
+            match result {
+                // Already read, already moved, or gone after a move: the effect is there.
+                Ok(()) | Err(GraphError::ItemNotFound { .. }) => {}
+                Err(error) => failed[owner] = Some(error),
+            }
+        }
+        let done: Vec<String> = due
+            .iter()
+            .zip(&failed)
+            .filter(|(_, f)| f.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.mark_done(config.source.uid, &done).await?;
+        if let Some(error) = failed.into_iter().flatten().next() {
+            let remaining: Vec<String> = due
+                .iter()
+                .filter(|id| !done.contains(id))
+                .cloned()
+                .collect();
+            return Err(self.failure(task, config, &remaining, error).await);
+        }
+        Ok(())
+    }
+
+    /// Marks messages delivered: every configured step is done.
+    async fn mark_done(&self, uid: Uuid, ids: &[String]) -> Result<(), HandlerError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let done = sqlx::query(
+            "UPDATE messages SET actions_due = false, actions_done_at = now(), delivery_state = 'delivered',
+                    delivered_at = now(), delivery_error = NULL
+             WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due",
+        )
+        .bind(uid)
+        .bind(ids)
+        .execute(&self.pool)
+        .await
+        .map_err(HandlerError::retryable)?;
+        self.metrics.messages_delivered.inc_by(done.rows_affected());
+        Ok(())
+    }
+
+    /// The task's fate after a Graph error; on the last attempt the messages are marked failed.
+    async fn failure(
+        &self,
+        task: &ClaimedTask,
+        config: &MailboxConfig,
+        ids: &[String],
+        error: GraphError,
+    ) -> HandlerError {
+        if let GraphError::Throttled { retry_after, .. } = &error {
+            let wait = retry_after.unwrap_or(Duration::from_secs(30));
+            let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            if let Err(db) =
+                cursor::set_throttled_until(&self.pool, &config.source.mailbox, until).await
+            {
+                tracing::warn!(%db, "cannot share a Retry-After with other replicas");
+            }
+            return HandlerError::snooze(wait);
+        }
+        tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, %error, "after-delivery actions failed");
+        if task.attempt() >= task.max_attempts {
+            let result = sqlx::query(
+                // actions_due stays set: a retried or later actions task still does them.
+                "UPDATE messages SET delivery_state = 'failed', delivery_error = $3
+                 WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due",
+            )
+            .bind(config.source.uid)
+            .bind(ids)
+            .bind(format!("after-delivery actions failed: {error}"))
+            .execute(&self.pool)
+            .await;
+            match result {
+                Ok(done) => {
+                    self.metrics.messages_failed.inc_by(done.rows_affected());
+                }
+                Err(db) => tracing::warn!(%db, "cannot record failed after-actions in the ledger"),
+            }
+        }
+        HandlerError::retryable(format!("{}: {error}", error.reason()))
+    }
+}

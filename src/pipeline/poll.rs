@@ -1,0 +1,573 @@
+//! The `poll` task: one delta round over a mailbox folder, page by page.
+//!
+//! Per page, ONE transaction records the messages in the ledger, enqueues a deliver task for
+//! each message recorded for the first time, and advances the cursor (the round's nextLink,
+//! or the deltaLink at the end). A crash between pages replays at most one page, and the
+//! ledger absorbs the replay; a crash inside a page's transaction changes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::cursor::{self, Acquired, Cursor, CursorError, RunLease};
+use super::deliver::DeliverTask;
+use super::{DELIVER, Directory, MailboxConfig};
+use crate::graph::{
+    DeltaOptions, DeltaStart, EmailAddress, GraphClient, GraphError, Message, PageLink,
+};
+use crate::ledger::{self, DeliveryState, LedgerMessage, Removal};
+use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
+use crate::telemetry::metrics::{Outcome, OutcomeLabels, ReasonLabels, SharedMetrics};
+
+/// Postgres channel on which a finished poll names its MailboxPoll (`namespace/name`), so the
+/// leader refreshes that resource's status at once.
+pub const MAILBOX_CHANGED_CHANNEL: &str = "mailpoll_mailbox_changed";
+
+/// Payload of a `poll` task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollTask {
+    pub mailbox_uid: Uuid,
+}
+
+/// The dedupe key of a mailbox's poll task: at most one pending or running poll each.
+pub fn poll_dedupe_key(uid: Uuid) -> String {
+    format!("{}:{uid}", super::POLL)
+}
+
+/// Tunables of polling.
+#[derive(Debug, Clone)]
+pub struct PollSettings {
+    /// Items per delta page (`Prefer: odata.maxpagesize`).
+    pub page_size: u32,
+    /// The mailbox run lease; extended with every committed page.
+    pub run_lease: Duration,
+    /// A resync re-reads mail received this long before the high-water mark.
+    pub resync_window: Duration,
+    /// Most rounds one task runs for forced polls that arrived while it was running.
+    pub max_rounds: u32,
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        Self {
+            page_size: 100,
+            run_lease: Duration::from_secs(120),
+            resync_window: Duration::from_secs(24 * 3600),
+            max_rounds: 3,
+        }
+    }
+}
+
+pub struct PollHandler<D> {
+    pub pool: PgPool,
+    pub directory: Arc<D>,
+    pub graph: GraphClient,
+    pub metrics: SharedMetrics,
+    pub settings: PollSettings,
+}
+
+/// Why a round stopped early.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
+    #[error("database error while recording a page: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("cannot enqueue deliver tasks: {0}")]
+    Queue(#[from] queue::QueueError),
+    #[error("the worker is shutting down")]
+    ShuttingDown,
+    #[error("the poll task's lease was taken over")]
+    TaskLeaseLost,
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, Copy)]
+struct RoundStats {
+    pages: i32,
+    seen: i32,
+    new: i32,
+    resynced: bool,
+}
+
+impl<D: Directory> Handler for PollHandler<D> {
+    async fn handle(&self, task: &ClaimedTask, ctx: &TaskContext) -> Result<(), HandlerError> {
+        let job: PollTask = serde_json::from_value(task.payload.clone())
+            .map_err(|e| HandlerError::permanent(format!("malformed poll task payload: {e}")))?;
+        let config = match self.directory.lookup(job.mailbox_uid).await {
+            Ok(Some(config)) => config,
+            // Deleted: nothing to poll.
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                // A configuration problem (missing Secret, say): the poll ran and failed; the
+                // condition tells the user, and the next scheduled poll tries again.
+                self.record_failed_poll(
+                    job.mailbox_uid,
+                    task.id,
+                    error.reason(),
+                    &error.to_string(),
+                )
+                .await
+                .map_err(HandlerError::retryable)?;
+                return Ok(());
+            }
+        };
+        let (lease, cursor) =
+            match cursor::acquire(&self.pool, &config.source, self.settings.run_lease)
+                .await
+                .map_err(HandlerError::retryable)?
+            {
+                Acquired::Held(lease, cursor) => (lease, cursor),
+                Acquired::Busy { until } => {
+                    return Err(HandlerError::snooze(
+                        wait_until(until).min(Duration::from_secs(5)),
+                    ));
+                }
+            };
+        let result = self.run(task, ctx, &config, lease, cursor).await;
+        if let Err(error) = cursor::release(&self.pool, lease).await {
+            tracing::warn!(%error, "cannot release the mailbox run lease; it expires on its own");
+        }
+        self.announce(&config).await;
+        result
+    }
+}
+
+/// How long until `until`, at least a short pause so a snooze never spins.
+fn wait_until(until: DateTime<Utc>) -> Duration {
+    (until - Utc::now())
+        .to_std()
+        .unwrap_or_default()
+        .max(Duration::from_millis(200))
+}
+
+impl<D: Directory> PollHandler<D> {
+    async fn run(
+        &self,
+        task: &ClaimedTask,
+        ctx: &TaskContext,
+        config: &MailboxConfig,
+        lease: RunLease,
+        mut cursor: Cursor,
+    ) -> Result<(), HandlerError> {
+        let uid = config.source.uid;
+        if let Some(until) = cursor.throttled_until.filter(|t| *t > Utc::now()) {
+            self.graph
+                .governor()
+                .pause_until(&config.source.mailbox, until);
+            return Err(HandlerError::snooze(wait_until(until)));
+        }
+        let mailbox = self
+            .graph
+            .mailbox(config.credentials.clone(), config.source.mailbox.clone());
+        for round in 1..=self.settings.max_rounds {
+            let started = db_now(&self.pool).await.map_err(HandlerError::retryable)?;
+            let poll_id = start_poll(&self.pool, uid, task.id)
+                .await
+                .map_err(HandlerError::retryable)?;
+            let outcome = self
+                .round(ctx, config, &mailbox, lease, &cursor, poll_id)
+                .await;
+            match outcome {
+                Ok(stats) => {
+                    finish_poll(&self.pool, poll_id, Ok(stats))
+                        .await
+                        .map_err(HandlerError::retryable)?;
+                    self.metrics
+                        .polls
+                        .get_or_create(&OutcomeLabels {
+                            outcome: Outcome::Success,
+                        })
+                        .inc();
+                    let waiting = serve_requests(&self.pool, uid, task.id, started)
+                        .await
+                        .map_err(HandlerError::retryable)?;
+                    if !waiting || round == self.settings.max_rounds {
+                        return Ok(());
+                    }
+                    // A forced poll arrived during this round: it gets a round of its own.
+                    cursor = reload(&self.pool, uid)
+                        .await
+                        .map_err(HandlerError::retryable)?;
+                }
+                Err(error) => {
+                    let reason = reason_of(&error);
+                    finish_poll(&self.pool, poll_id, Err((reason, error.to_string())))
+                        .await
+                        .map_err(HandlerError::retryable)?;
+                    self.metrics
+                        .polls
+                        .get_or_create(&OutcomeLabels {
+                            outcome: Outcome::Failure,
+                        })
+                        .inc();
+                    self.metrics
+                        .poll_failures
+                        .get_or_create(&ReasonLabels {
+                            reason: reason.to_owned(),
+                        })
+                        .inc();
+                    return self.after_failure(task, config, error, started).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What a failed round means for the task.
+    async fn after_failure(
+        &self,
+        task: &ClaimedTask,
+        config: &MailboxConfig,
+        error: RoundError,
+        started: DateTime<Utc>,
+    ) -> Result<(), HandlerError> {
+        let source = &config.source;
+        tracing::warn!(namespace = %source.namespace, name = %source.name, %error, "poll failed");
+        match error {
+            RoundError::Graph(GraphError::Throttled { retry_after, .. }) => {
+                let wait = retry_after.unwrap_or(Duration::from_secs(30));
+                let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                cursor::set_throttled_until(&self.pool, &source.mailbox, until)
+                    .await
+                    .map_err(HandlerError::retryable)?;
+                // Graph's Retry-After is a snooze, not a failed attempt.
+                Err(HandlerError::snooze(wait))
+            }
+            RoundError::Graph(ref graph) if graph.is_transient() => {
+                Err(HandlerError::retryable(error))
+            }
+            RoundError::Graph(_) => {
+                // Credentials, access, a missing mailbox or a bad query: retrying soon cannot
+                // help. The poll is recorded as failed with its reason (the condition), and
+                // the next scheduled poll tries again.
+                serve_requests(&self.pool, source.uid, task.id, started)
+                    .await
+                    .map_err(HandlerError::retryable)?;
+                Ok(())
+            }
+            RoundError::ShuttingDown => Err(HandlerError::snooze(Duration::ZERO)),
+            RoundError::Cursor(CursorError::LeaseLost) | RoundError::TaskLeaseLost => {
+                Err(HandlerError::snooze(Duration::from_secs(1)))
+            }
+            RoundError::Cursor(_) | RoundError::Db(_) | RoundError::Queue(_) => {
+                Err(HandlerError::retryable(error))
+            }
+        }
+    }
+
+    async fn round(
+        &self,
+        ctx: &TaskContext,
+        config: &MailboxConfig,
+        mailbox: &crate::graph::MailboxClient,
+        lease: RunLease,
+        cursor: &Cursor,
+        poll_id: i64,
+    ) -> Result<RoundStats, RoundError> {
+        let start = match (&cursor.round_next_link, &cursor.delta_link) {
+            (Some(next), _) => DeltaStart::Link(next.clone()),
+            (None, Some(delta)) => DeltaStart::Link(delta.clone()),
+            (None, None) => DeltaStart::Initial {
+                received_since: None,
+            },
+        };
+        let mut options = DeltaOptions::new(config.source.folder.clone(), start);
+        options.page_size = self.settings.page_size;
+        options.include_body = config.include_body;
+        options.resync_since = cursor.watermark.map(|mark| {
+            mark - chrono::Duration::from_std(self.settings.resync_window).unwrap_or_default()
+        });
+        let mut round = mailbox.delta_round(options)?;
+        let mut stats = RoundStats::default();
+        let state_for_new = if config.has_per_message_work() {
+            DeliveryState::Pending
+        } else {
+            DeliveryState::None
+        };
+        loop {
+            if ctx.is_shutting_down() {
+                return Err(RoundError::ShuttingDown);
+            }
+            if ctx.is_lease_lost() {
+                return Err(RoundError::TaskLeaseLost);
+            }
+            let Some(page) = round.next_page().await? else {
+                break;
+            };
+            let mut tx = self.pool.begin().await?;
+            if page.resynced && !stats.resynced {
+                stats.resynced = true;
+                cursor::start_resync(&mut tx, lease).await?;
+                tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
+            }
+            let (messages, removals) = split_page(&page.messages);
+            let watermark = messages.iter().filter_map(|m| m.received_at).max();
+            let recorded = ledger::record_page(
+                &mut tx,
+                config.source.uid,
+                &messages,
+                &removals,
+                state_for_new,
+            )
+            .await?;
+            if config.has_per_message_work() {
+                let tasks: Vec<NewTask> = recorded
+                    .new_ids
+                    .iter()
+                    .map(|id| deliver_task(config, id))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                queue::enqueue_many_on(&mut tx, &tasks).await?;
+            }
+            match &page.link {
+                PageLink::Next(next) => {
+                    cursor::save_progress(
+                        &mut tx,
+                        lease,
+                        Some(next),
+                        watermark,
+                        self.settings.run_lease,
+                    )
+                    .await?
+                }
+                PageLink::Delta(delta) => {
+                    cursor::finish_round(&mut tx, lease, Some(delta), watermark).await?
+                }
+                PageLink::End => cursor::finish_round(&mut tx, lease, None, watermark).await?,
+            }
+            stats.pages += 1;
+            stats.seen += i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
+            stats.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
+            record_progress(&mut tx, poll_id, stats).await?;
+            tx.commit().await?;
+            self.metrics
+                .messages_recorded
+                .inc_by(recorded.new_ids.len() as u64);
+        }
+        Ok(stats)
+    }
+
+    async fn record_failed_poll(
+        &self,
+        uid: Uuid,
+        task_id: i64,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), sqlx::Error> {
+        let started = db_now(&self.pool).await?;
+        let id = start_poll(&self.pool, uid, task_id).await?;
+        finish_poll(&self.pool, id, Err((reason, message.to_owned()))).await?;
+        serve_requests(&self.pool, uid, task_id, started).await?;
+        self.metrics
+            .polls
+            .get_or_create(&OutcomeLabels {
+                outcome: Outcome::Failure,
+            })
+            .inc();
+        self.metrics
+            .poll_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+        Ok(())
+    }
+
+    /// Tells the leader this MailboxPoll's status changed. Best effort: the leader also
+    /// refreshes statuses periodically.
+    async fn announce(&self, config: &MailboxConfig) {
+        let key = format!("{}/{}", config.source.namespace, config.source.name);
+        if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(MAILBOX_CHANGED_CHANNEL)
+            .bind(&key)
+            .execute(&self.pool)
+            .await
+        {
+            tracing::debug!(%error, "cannot announce a finished poll");
+        }
+    }
+}
+
+fn reason_of(error: &RoundError) -> &'static str {
+    match error {
+        RoundError::Graph(graph) => graph.reason(),
+        RoundError::ShuttingDown => "ShuttingDown",
+        RoundError::Cursor(_)
+        | RoundError::Db(_)
+        | RoundError::Queue(_)
+        | RoundError::TaskLeaseLost => "Transient",
+    }
+}
+
+fn deliver_task(config: &MailboxConfig, message_id: &str) -> Result<NewTask, serde_json::Error> {
+    let payload = serde_json::to_value(DeliverTask {
+        mailbox_uid: config.source.uid,
+        message_id: message_id.to_owned(),
+    })?;
+    Ok(NewTask::new(DELIVER, payload)
+        .owner(config.source.uid)
+        .max_attempts(config.max_attempts))
+}
+
+/// The ledger's view of a page: messages, and the removals Graph reported.
+pub fn split_page(page: &[Message]) -> (Vec<LedgerMessage>, Vec<Removal>) {
+    let mut messages = Vec::with_capacity(page.len());
+    let mut removals = Vec::new();
+    for item in page {
+        match &item.removed {
+            Some(reason) => removals.push(Removal {
+                message_id: item.id.clone(),
+                reason: reason.as_str().to_owned(),
+            }),
+            None => messages.push(to_ledger(item)),
+        }
+    }
+    (messages, removals)
+}
+
+fn recipients(list: &[EmailAddress]) -> serde_json::Value {
+    serde_json::Value::Array(
+        list.iter()
+            .map(|a| json!({ "name": a.name, "address": a.address }))
+            .collect(),
+    )
+}
+
+/// A Graph message as a ledger row.
+pub fn to_ledger(message: &Message) -> LedgerMessage {
+    let address = |a: &Option<EmailAddress>| a.as_ref().and_then(|a| a.address.clone());
+    let name = |a: &Option<EmailAddress>| a.as_ref().and_then(|a| a.name.clone());
+    LedgerMessage {
+        message_id: message.id.clone(),
+        internet_message_id: message.internet_message_id.clone(),
+        subject: message.subject.clone(),
+        from_address: address(&message.from),
+        from_name: name(&message.from),
+        sender_address: address(&message.sender),
+        sender_name: name(&message.sender),
+        to_recipients: recipients(&message.to_recipients),
+        cc_recipients: recipients(&message.cc_recipients),
+        reply_to: recipients(&message.reply_to),
+        received_at: message.received_date_time,
+        sent_at: message.sent_date_time,
+        is_read: message.is_read,
+        has_attachments: message.has_attachments,
+        importance: message.importance.clone(),
+        conversation_id: message.conversation_id.clone(),
+        parent_folder_id: message.parent_folder_id.clone(),
+        body_preview: message.body_preview.clone(),
+        body_content_type: message.body.as_ref().map(|b| b.content_type.clone()),
+        body: message.body.as_ref().map(|b| b.content.clone()),
+        body_truncated: message.body.as_ref().is_some_and(|b| b.truncated),
+        raw: message.raw.clone(),
+    }
+}
+
+async fn db_now(pool: &PgPool) -> Result<DateTime<Utc>, sqlx::Error> {
+    sqlx::query_scalar("SELECT now()").fetch_one(pool).await
+}
+
+async fn reload(pool: &PgPool, uid: Uuid) -> Result<Cursor, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT delta_link, round_next_link, watermark, throttled_until FROM mailbox_cursors WHERE mailbox_uid = $1",
+    )
+    .bind(uid)
+    .fetch_one(pool)
+    .await
+}
+
+async fn start_poll(pool: &PgPool, uid: Uuid, task_id: i64) -> Result<i64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let id =
+        sqlx::query_scalar("INSERT INTO polls (mailbox_uid, task_id) VALUES ($1, $2) RETURNING id")
+            .bind(uid)
+            .bind(task_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    sqlx::query("UPDATE mailbox_cursors SET last_poll_started_at = now() WHERE mailbox_uid = $1")
+        .bind(uid)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+async fn record_progress(
+    conn: &mut PgConnection,
+    poll_id: i64,
+    stats: RoundStats,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE polls SET pages = $2, graph_requests = $2, messages_seen = $3, messages_new = $4, resynced = $5
+         WHERE id = $1",
+    )
+    .bind(poll_id)
+    .bind(stats.pages)
+    .bind(stats.seen)
+    .bind(stats.new)
+    .bind(stats.resynced)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn finish_poll(
+    pool: &PgPool,
+    poll_id: i64,
+    outcome: Result<RoundStats, (&str, String)>,
+) -> Result<(), sqlx::Error> {
+    let (state, reason, message) = match &outcome {
+        Ok(_) => ("succeeded", None, None),
+        Err((reason, message)) => ("failed", Some(*reason), Some(message.as_str())),
+    };
+    let mut tx = pool.begin().await?;
+    let uid: Uuid = sqlx::query_scalar(
+        "UPDATE polls SET finished_at = now(), outcome = $2, error_reason = $3, error_message = $4
+         WHERE id = $1 RETURNING mailbox_uid",
+    )
+    .bind(poll_id)
+    .bind(state)
+    .bind(reason)
+    .bind(message)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE mailbox_cursors SET last_poll_finished_at = now() WHERE mailbox_uid = $1")
+        .bind(uid)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Marks forced-poll requests made before `round_started` as served by this task. Returns
+/// whether requests made since are still waiting (they need a round of their own).
+async fn serve_requests(
+    pool: &PgPool,
+    uid: Uuid,
+    task_id: i64,
+    round_started: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query(
+        "UPDATE poll_requests SET served_at = now(), task_id = $2
+         WHERE mailbox_uid = $1 AND served_at IS NULL AND requested_at <= $3",
+    )
+    .bind(uid)
+    .bind(task_id)
+    .bind(round_started)
+    .execute(pool)
+    .await?;
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM poll_requests WHERE mailbox_uid = $1 AND served_at IS NULL)",
+    )
+    .bind(uid)
+    .fetch_one(pool)
+    .await
+}
