@@ -1,0 +1,500 @@
+//! The whole pipeline against the Graph emulator and real Postgres: polls record every
+//! message once and deliver it once, through replays, resyncs, crashes and outages; after
+//! actions touch exactly the delivered messages.
+//!
+//! Sizes are small by default; `MAILPOLL_BIG=1` runs the issue's full sizes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailpoll::delivery::signing::message_key;
+use mailpoll::delivery::webhook::{Endpoint, SigningKey};
+use mailpoll::graph::{
+    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig,
+};
+use mailpoll::pipeline::actions::ActionsHandler;
+use mailpoll::pipeline::deliver::DeliverHandler;
+use mailpoll::pipeline::poll::{PollHandler, PollSettings, PollTask, poll_dedupe_key};
+use mailpoll::pipeline::{ACTIONS, DELIVER, MailboxConfig, POLL, cursor::Source};
+use mailpoll::queue::{
+    self, NewTask, RetryPolicy, RunningPool, WorkerId, WorkerPool, WorkerPoolConfig,
+};
+use mailpoll::telemetry::metrics::Metrics;
+use mailpoll_testkit::directory::StaticDirectory;
+use mailpoll_testkit::graph::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, Faults, GraphEmulator,
+};
+use mailpoll_testkit::pg::TestDatabase;
+use mailpoll_testkit::webhook_receiver::WebhookReceiver;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const MAILBOX: &str = "orders@contoso.com";
+const SECRET: &[u8] = b"hook-signing-secret";
+
+fn big() -> bool {
+    std::env::var("MAILPOLL_BIG").is_ok_and(|v| v == "1")
+}
+
+struct World {
+    db: TestDatabase,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    directory: StaticDirectory,
+    uid: Uuid,
+}
+
+impl World {
+    async fn start(faults: Faults) -> Self {
+        mailpoll::install_crypto_provider();
+        let db = TestDatabase::create().await.expect("test database");
+        let emulator = GraphEmulator::start(EmulatorConfig {
+            mailboxes: vec![MAILBOX.into()],
+            faults,
+            ..EmulatorConfig::default()
+        })
+        .await
+        .expect("Graph emulator");
+        let receiver = WebhookReceiver::start(Some(SECRET))
+            .await
+            .expect("receiver");
+        let directory = StaticDirectory::default();
+        let uid = Uuid::new_v4();
+        let world = Self {
+            db,
+            emulator,
+            receiver,
+            directory,
+            uid,
+        };
+        world.directory.insert(world.config(false, None));
+        world
+    }
+
+    fn config(&self, mark_as_read: bool, move_to_folder: Option<&str>) -> MailboxConfig {
+        MailboxConfig {
+            source: Source {
+                uid: self.uid,
+                namespace: "sales".into(),
+                name: "orders".into(),
+                mailbox: MAILBOX.into(),
+                folder: "inbox".into(),
+            },
+            credentials: Credentials {
+                tenant_id: DEFAULT_TENANT.into(),
+                client_id: DEFAULT_CLIENT_ID.into(),
+                client_secret: ClientSecret::new(DEFAULT_CLIENT_SECRET),
+            },
+            webhook: Some(Endpoint {
+                url: self.receiver.url(),
+                timeout: Duration::from_secs(5),
+                signing_key: Some(SigningKey::new(SECRET.to_vec())),
+            }),
+            include_body: true,
+            mark_as_read,
+            move_to_folder: move_to_folder.map(str::to_owned),
+            max_attempts: 50,
+        }
+    }
+
+    fn graph(&self) -> GraphClient {
+        let base = self.emulator.base_url();
+        GraphClient::new(
+            GraphConfig::with_urls(&base, &base).expect("Graph config"),
+            Governor::new(GovernorConfig {
+                backoff_base: Duration::from_millis(20),
+                backoff_cap: Duration::from_millis(200),
+                max_retries: 30,
+                ..GovernorConfig::default()
+            }),
+        )
+        .expect("Graph client")
+    }
+
+    fn workers(&self, name: &str, page_size: u32) -> RunningPool {
+        let metrics = Arc::new(Metrics::new());
+        let directory = Arc::new(self.directory.clone());
+        let graph = self.graph();
+        WorkerPool::new(
+            self.db.pool.clone(),
+            WorkerPoolConfig {
+                worker_id: WorkerId::named(name),
+                concurrency: 8,
+                lease: Duration::from_secs(10),
+                heartbeat_interval: Duration::from_secs(2),
+                poll_interval: Duration::from_millis(100),
+                retry: RetryPolicy {
+                    base: Duration::from_millis(20),
+                    cap: Duration::from_millis(200),
+                },
+                ..WorkerPoolConfig::default()
+            },
+        )
+        .register(
+            POLL,
+            PollHandler {
+                pool: self.db.pool.clone(),
+                directory: directory.clone(),
+                graph: graph.clone(),
+                metrics: metrics.clone(),
+                settings: PollSettings {
+                    page_size,
+                    run_lease: Duration::from_secs(10),
+                    ..PollSettings::default()
+                },
+            },
+        )
+        .register(
+            DELIVER,
+            DeliverHandler {
+                pool: self.db.pool.clone(),
+                directory: directory.clone(),
+                http: reqwest::Client::new(),
+                metrics: metrics.clone(),
+            },
+        )
+        .register(
+            ACTIONS,
+            ActionsHandler {
+                pool: self.db.pool.clone(),
+                directory,
+                graph,
+                metrics,
+                run_lease: Duration::from_secs(10),
+                run_budget: Duration::from_secs(5),
+            },
+        )
+        .start()
+        .expect("worker pool")
+    }
+
+    /// Enqueues a poll and waits until it has finished (succeeded or kept dead).
+    async fn poll(&self) {
+        self.poll_with_attempts(queue::DEFAULT_MAX_ATTEMPTS).await;
+    }
+
+    async fn poll_with_attempts(&self, max_attempts: i32) {
+        let task = NewTask::new(
+            POLL,
+            serde_json::to_value(PollTask {
+                mailbox_uid: self.uid,
+            })
+            .expect("payload"),
+        )
+        .owner(self.uid)
+        .dedupe_key(poll_dedupe_key(self.uid))
+        .max_attempts(max_attempts);
+        let enqueued = queue::enqueue(&self.db.pool, &task)
+            .await
+            .expect("enqueue poll");
+        wait_until("the poll to finish", Duration::from_secs(120), || async {
+            let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+                .bind(enqueued.id)
+                .fetch_one(&self.db.pool)
+                .await
+                .expect("poll task");
+            state == "succeeded" || state == "dead"
+        })
+        .await;
+    }
+
+    async fn count(&self, sql: &'static str) -> i64 {
+        count(&self.db.pool, self.uid, sql).await
+    }
+
+    async fn settle(&self, expected: i64) {
+        wait_until("every message delivered", Duration::from_secs(120), || async {
+            self.count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'")
+                .await
+                == expected
+        })
+        .await;
+    }
+}
+
+async fn count(pool: &PgPool, uid: Uuid, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(uid)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_message_is_recorded_and_delivered_once_through_replays_and_a_resync() {
+    let total: usize = if big() { 10_000 } else { 1_500 };
+    let world = World::start(Faults {
+        replay_ratio: 0.1,
+        ..Faults::default()
+    })
+    .await;
+    world.receiver.set_failure_rate(0.05);
+    let mut ids: Vec<String> = world
+        .emulator
+        .add_messages(MAILBOX, "inbox", total / 2)
+        .expect("seed mail")
+        .into_iter()
+        .map(|m| m.immutable_id)
+        .collect();
+    let pool = world.workers("poller", 100);
+
+    world.poll().await;
+    // Mail keeps arriving while polls run.
+    let arrivals = {
+        let remaining = total - total / 2;
+        let batch = remaining / 10;
+        let mut added = Vec::new();
+        for round in 0..10 {
+            let n = if round == 9 {
+                remaining - batch * 9
+            } else {
+                batch
+            };
+            added.extend(
+                world
+                    .emulator
+                    .add_messages(MAILBOX, "inbox", n)
+                    .expect("more mail"),
+            );
+            if round == 4 {
+                // The delta token is evicted mid-way: the next poll resyncs.
+                world
+                    .emulator
+                    .evict_delta_tokens(MAILBOX)
+                    .expect("evict tokens");
+            }
+            world.poll().await;
+        }
+        added
+    };
+    ids.extend(arrivals.into_iter().map(|m| m.immutable_id));
+    world.poll().await;
+    world.settle(total as i64).await;
+    pool.shutdown().await;
+
+    let recorded: Vec<String> =
+        sqlx::query_scalar("SELECT message_id FROM messages WHERE mailbox_uid = $1")
+            .bind(world.uid)
+            .fetch_all(&world.db.pool)
+            .await
+            .expect("ledger");
+    assert_eq!(recorded.len(), total, "each message recorded once");
+    let recorded: HashSet<String> = recorded.into_iter().collect();
+    let expected: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(
+        recorded, expected,
+        "the ledger holds exactly the mailbox's messages"
+    );
+
+    let successes = world.receiver.successes();
+    assert_eq!(successes.len(), total);
+    for id in &ids {
+        assert_eq!(
+            successes.get(&message_key(world.uid, id)),
+            Some(&1),
+            "{id} delivered once"
+        );
+    }
+    assert!(
+        world.receiver.failed_attempts() > 0,
+        "failed attempts happened and are counted apart"
+    );
+    let resyncs: i64 =
+        sqlx::query_scalar("SELECT resyncs FROM mailbox_cursors WHERE mailbox_uid = $1")
+            .bind(world.uid)
+            .fetch_one(&world.db.pool)
+            .await
+            .expect("cursor");
+    assert!(resyncs >= 1, "the eviction forced a resync");
+    let open = world
+        .count("SELECT count(*) FROM tasks WHERE owner_uid = $1 AND state IN ('pending', 'running', 'dead')")
+        .await;
+    assert_eq!(open, 0, "nothing left pending, running or dead");
+}
+
+/// Crashes are injected with triggers: a poll's k-th page transaction fails once (the state
+/// is that of a crash right after page k-1 committed), and some deliveries fail after the
+/// webhook answered but before the ledger recorded it.
+#[tokio::test]
+async fn crashes_at_every_page_and_after_webhook_calls_change_nothing_but_repeat_calls() {
+    let total: usize = if big() { 2_000 } else { 200 };
+    let page_size = 20u32;
+    let world = World::start(Faults::default()).await;
+    let ids: Vec<String> = world
+        .emulator
+        .add_messages(MAILBOX, "inbox", total)
+        .expect("seed mail")
+        .into_iter()
+        .map(|m| m.immutable_id)
+        .collect();
+    let pages = total.div_ceil(page_size as usize);
+    sqlx::raw_sql(
+        r#"
+        -- A planned page k has a sequence crash_page_k; sequences ignore rollbacks, so the
+        -- k-th page of a poll crashes exactly once.
+        CREATE FUNCTION crash_on_page() RETURNS trigger AS $$
+        BEGIN
+            IF to_regclass(format('crash_page_%s', NEW.pages)) IS NOT NULL
+               AND nextval(format('crash_page_%s', NEW.pages)::regclass) = 1 THEN
+                RAISE EXCEPTION 'injected crash before committing page %', NEW.pages;
+            END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql;
+        CREATE TRIGGER crash_on_page BEFORE UPDATE OF pages ON polls
+            FOR EACH ROW WHEN (NEW.pages IS DISTINCT FROM OLD.pages) EXECUTE FUNCTION crash_on_page();
+
+        CREATE SEQUENCE delivery_crashes;
+        CREATE FUNCTION crash_after_webhook() RETURNS trigger AS $$
+        BEGIN
+            IF nextval('delivery_crashes') % 5 = 0 THEN
+                RAISE EXCEPTION 'injected crash after the webhook answered';
+            END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql;
+        CREATE TRIGGER crash_after_webhook BEFORE UPDATE OF webhook_delivered_at ON messages
+            FOR EACH ROW WHEN (OLD.webhook_delivered_at IS NULL AND NEW.webhook_delivered_at IS NOT NULL)
+            EXECUTE FUNCTION crash_after_webhook();
+        "#,
+    )
+    .execute(&world.db.pool)
+    .await
+    .expect("crash triggers");
+    let plan: Vec<usize> = (1..=pages).step_by(if big() { 1 } else { 3 }).collect();
+    for page in &plan {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE SEQUENCE crash_page_{page}"
+        )))
+        .execute(&world.db.pool)
+        .await
+        .expect("crash plan");
+    }
+
+    let pool = world.workers("crashy", page_size);
+    // Each injected page crash fails the poll; its retry resumes from the last committed page.
+    world.poll_with_attempts(100).await;
+    world.settle(total as i64).await;
+    pool.shutdown().await;
+
+    let recorded = world
+        .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1")
+        .await;
+    assert_eq!(
+        recorded, total as i64,
+        "the same ledger as a crash-free run"
+    );
+    let page_crashes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_sequences WHERE sequencename LIKE 'crash_page_%' AND last_value >= 1",
+    )
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("page crashes");
+    // A resumed poll numbers its pages from 1 again, so not every planned page is reached.
+    assert!(
+        page_crashes >= 2,
+        "page crashes were injected ({page_crashes})"
+    );
+    let failed_polls = world
+        .count("SELECT count(*) FROM polls WHERE mailbox_uid = $1 AND outcome = 'failed'")
+        .await;
+    assert_eq!(
+        failed_polls, page_crashes,
+        "each crash failed one poll attempt"
+    );
+    let delivery_calls: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(last_value, 0) FROM pg_sequences WHERE sequencename = 'delivery_crashes'",
+    )
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("delivery crash sequence");
+    let delivery_crashes = delivery_calls / 5;
+    assert!(delivery_crashes >= 1, "delivery crashes were injected");
+
+    let successes = world.receiver.successes();
+    let mut repeats = 0;
+    for id in &ids {
+        let n = successes
+            .get(&message_key(world.uid, id))
+            .copied()
+            .unwrap_or(0);
+        assert!(n >= 1, "{id} was delivered");
+        repeats += n - 1;
+    }
+    assert_eq!(successes.len(), total);
+    assert_eq!(
+        i64::from(repeats),
+        delivery_crashes,
+        "the only repeats are webhook calls whose success was not recorded"
+    );
+}
+
+#[tokio::test]
+async fn after_actions_touch_exactly_the_delivered_messages() {
+    let world = World::start(Faults::default()).await;
+    world.directory.insert(world.config(true, Some("archive")));
+    let ids: Vec<String> = world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 60)
+        .expect("seed mail")
+        .into_iter()
+        .map(|m| m.immutable_id)
+        .collect();
+    let refused: HashSet<&String> = ids.iter().step_by(6).collect();
+    for id in &refused {
+        world.receiver.reject(&message_key(world.uid, id));
+    }
+    let pool = world.workers("actions", 25);
+    world.poll().await;
+    world.settle((ids.len() - refused.len()) as i64).await;
+    pool.shutdown().await;
+
+    let archive = world
+        .emulator
+        .folder_id(MAILBOX, "archive")
+        .expect("archive folder");
+    let inbox = world
+        .emulator
+        .folder_id(MAILBOX, "inbox")
+        .expect("inbox folder");
+    for id in &ids {
+        let message = world
+            .emulator
+            .message(MAILBOX, id)
+            .expect("emulator lookup")
+            .unwrap_or_else(|| panic!("{id} still exists"));
+        if refused.contains(id) {
+            assert_eq!(message["isRead"], false, "{id} was refused: left unread");
+            assert_eq!(
+                message["parentFolderId"],
+                inbox.as_str(),
+                "{id} was refused: left in the inbox"
+            );
+        } else {
+            assert_eq!(message["isRead"], true, "{id} delivered: marked read");
+            assert_eq!(
+                message["parentFolderId"],
+                archive.as_str(),
+                "{id} delivered: moved to archive"
+            );
+        }
+    }
+    let failed = world
+        .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'failed'")
+        .await;
+    assert_eq!(failed as usize, refused.len());
+}
