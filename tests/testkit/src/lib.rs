@@ -3,4 +3,5 @@
 //! API. Never linked into the shipped binary.
 
 pub mod crd_validation;
+pub mod kube;
 pub mod pg;
