@@ -269,16 +269,14 @@ fn normalize_secret(object: &mut Value) -> Result<(), ApiError> {
             )));
         }
     }
-    if let Some(string_data) = map.remove("stringData") {
-        if let Value::Object(string_data) = string_data {
-            for (key, value) in string_data {
-                let text = value.as_str().ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "Secret in version \"v1\" cannot be handled as a Secret: stringData.{key} must be a string"
-                    ))
-                })?;
-                data.insert(key, Value::String(engine.encode(text)));
-            }
+    if let Some(Value::Object(string_data)) = map.remove("stringData") {
+        for (key, value) in string_data {
+            let text = value.as_str().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Secret in version \"v1\" cannot be handled as a Secret: stringData.{key} must be a string"
+                ))
+            })?;
+            data.insert(key, Value::String(engine.encode(text)));
         }
     }
     if !data.is_empty() {

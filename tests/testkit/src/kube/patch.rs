@@ -354,16 +354,16 @@ fn mark_members(node: &mut Map<String, Value>, path: &mut Vec<String>, fields: &
     let keys: Vec<String> = node.keys().cloned().collect();
     for key in keys {
         path.push(key.clone());
-        if let Some(Value::Object(child)) = node.get_mut(&key) {
-            if !child.is_empty() {
-                let is_member = fields.iter().any(|p| {
-                    p.len() == path.len()
-                        && p.iter().zip(path.iter()).all(|(s, k)| element_key(s) == *k)
-                });
-                mark_members(child, path, fields);
-                if is_member {
-                    child.insert(".".into(), json!({}));
-                }
+        if let Some(Value::Object(child)) = node.get_mut(&key)
+            && !child.is_empty()
+        {
+            let is_member = fields.iter().any(|p| {
+                p.len() == path.len()
+                    && p.iter().zip(path.iter()).all(|(s, k)| element_key(s) == *k)
+            });
+            mark_members(child, path, fields);
+            if is_member {
+                child.insert(".".into(), json!({}));
             }
         }
         path.pop();
@@ -734,8 +734,7 @@ mod tests {
             &writer("b", Scope::Main),
             false,
         )
-        .err()
-        .expect("conflict");
+        .expect_err("conflict");
         assert_eq!(error.code, 409);
         assert!(
             error.message.contains("conflict with \"a\""),
@@ -830,12 +829,9 @@ mod tests {
             &target,
             &json!([{"op": "test", "path": "/spec/mailbox", "value": "b"}]),
         )
-        .err()
-        .expect("test fails");
+        .expect_err("test fails");
         assert_eq!(error.code, 422);
-        let error = json_patch(&target, &json!({"op": "add"}))
-            .err()
-            .expect("malformed");
+        let error = json_patch(&target, &json!({"op": "add"})).expect_err("malformed");
         assert_eq!(error.code, 400);
         let patched = json_patch(
             &target,

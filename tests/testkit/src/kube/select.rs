@@ -227,8 +227,7 @@ mod tests {
         .expect("selector parses");
         assert!(selector.matches(&object));
         let error = FieldSelector::parse("spec.mailbox=x", "MailboxPoll", "mailpoll.dev/v1alpha1")
-            .err()
-            .expect("unsupported field");
+            .expect_err("unsupported field");
         assert_eq!(error.code, 400);
         assert!(FieldSelector::parse("involvedObject.name=x", "Event", "v1").is_ok());
     }

@@ -226,7 +226,7 @@ fn apply_selector(current: &[Value], selector: &str) -> Vec<Value> {
             let found = eval(item, field).into_iter().next();
             let matches = match &found {
                 Some(Value::String(s)) => s == expected,
-                Some(other) => other.to_string() == expected,
+                Some(other) => serde_json::to_string(other).is_ok_and(|text| text == expected),
                 None => false,
             };
             matches == equal
