@@ -542,6 +542,14 @@ async fn watch_resumes_from_a_resource_version_with_bookmarks_and_timeout() {
     )
     .await
     .expect("patch");
+    let unchanged = api
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"interval": "6m"}})),
+        )
+        .await
+        .expect("no-op patch");
     api.delete("w2", &DeleteParams::default())
         .await
         .expect("delete");
@@ -563,7 +571,12 @@ async fn watch_resumes_from_a_resource_version_with_bookmarks_and_timeout() {
             _ => None,
         })
         .collect();
-    assert_eq!(changes, ["ADDED w2", "MODIFIED w1", "DELETED w2"]);
+    assert_eq!(
+        changes,
+        ["ADDED w2", "MODIFIED w1", "DELETED w2"],
+        "a no-op write emits no event"
+    );
+    assert_eq!(unchanged.metadata.generation, Some(2));
     if world.emulator().is_some() {
         assert!(
             events.iter().any(|e| matches!(e, WatchEvent::Bookmark(_))),
@@ -1317,4 +1330,119 @@ async fn a_kubectl_session() {
     assert!(ok && out.contains("No resources found"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
     world.finish().await;
+}
+
+#[tokio::test]
+async fn a_selective_watch_sees_objects_enter_and_leave_its_selection() {
+    let world = World::new().await;
+    let api = world.mbp();
+    let start = api
+        .create(&PostParams::default(), &mailboxpoll("sel", "5m"))
+        .await
+        .expect("create");
+    let label =
+        |value: Option<&str>| Patch::Merge(json!({"metadata": {"labels": {"team": value}}}));
+    api.patch("sel", &PatchParams::default(), &label(Some("mail")))
+        .await
+        .expect("label on");
+    api.patch("sel", &PatchParams::default(), &label(None))
+        .await
+        .expect("label off");
+    let stream = api
+        .watch(
+            &WatchParams::default().labels("team=mail").timeout(2),
+            start.resource_version().as_deref().expect("rv"),
+        )
+        .await
+        .expect("watch starts");
+    let events: Vec<WatchEvent<MailboxPoll>> = tokio::time::timeout(PATIENCE, stream.try_collect())
+        .await
+        .expect("the watch ends at timeoutSeconds")
+        .expect("no stream error");
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            WatchEvent::Added(_) => Some("ADDED"),
+            WatchEvent::Modified(_) => Some("MODIFIED"),
+            WatchEvent::Deleted(_) => Some("DELETED"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["ADDED", "DELETED"]);
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_deletes_its_contents() {
+    let world = World::new().await;
+    let namespaces: Api<Namespace> = Api::all(world.client.clone());
+    let doomed = format!("{}-gone", world.namespace);
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": doomed}})).expect("namespace"),
+        )
+        .await
+        .expect("namespace created");
+    let secrets: Api<Secret> = Api::namespaced(world.client.clone(), &doomed);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"k": "v"}}))
+                .expect("secret"),
+        )
+        .await
+        .expect("secret created");
+    namespaces
+        .delete(&doomed, &DeleteParams::default())
+        .await
+        .expect("namespace delete");
+    let gone = wait_for(|| async {
+        namespaces
+            .get_opt(&doomed)
+            .await
+            .ok()
+            .and_then(|n| n.is_none().then_some(()))
+    })
+    .await;
+    assert!(gone.is_some(), "the namespace goes once empty");
+    let error = secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "t"}})).expect("secret"),
+        )
+        .await
+        .expect_err("no writes into a missing namespace");
+    assert_eq!(api_status(error).code, 404);
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn deleting_the_crd_stops_serving_its_resources() {
+    if real_cluster() {
+        return; // the CRD is shared by every test on a real cluster
+    }
+    let world = World::new().await;
+    let api = world.mbp();
+    api.create(&PostParams::default(), &mailboxpoll("doomed", "5m"))
+        .await
+        .expect("create");
+    let crds: Api<CustomResourceDefinition> = Api::all(world.client.clone());
+    crds.delete(CRD_NAME, &DeleteParams::default())
+        .await
+        .expect("CRD deleted");
+    let error = api
+        .list(&ListParams::default())
+        .await
+        .expect_err("no longer served");
+    assert_eq!(api_status(error).code, 404);
+    world.install_crd().await;
+    let listed = api
+        .list(&ListParams::default())
+        .await
+        .expect("served again");
+    assert!(
+        listed.items.is_empty(),
+        "custom resources went with their definition"
+    );
 }

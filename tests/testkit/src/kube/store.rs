@@ -48,6 +48,9 @@ pub struct Change {
     pub kind: EventType,
     /// The object after the change (its last state for a deletion), in stored form.
     pub object: Value,
+    /// The object before a modification, so a selective watch can tell an object entering or
+    /// leaving its selection.
+    pub previous: Option<Value>,
 }
 
 /// `fieldValidation`: what happens to fields the schema does not declare.
@@ -138,12 +141,15 @@ fn content(object: &Value) -> Value {
     copy
 }
 
-/// What generation tracks: everything but metadata and status.
-fn spec_part(object: &Value) -> Value {
+/// What generation tracks: everything but metadata, and status when a status subresource
+/// owns it.
+fn spec_part(rt: &ResourceType, object: &Value) -> Value {
     let mut copy = object.clone();
     if let Some(map) = copy.as_object_mut() {
         map.remove("metadata");
-        map.remove("status");
+        if rt.status_subresource {
+            map.remove("status");
+        }
         map.remove("apiVersion");
         map.remove("kind");
     }
@@ -225,10 +231,13 @@ impl Store {
         if resource_version < self.compacted {
             return None;
         }
+        let first = self
+            .history
+            .partition_point(|c| c.resource_version <= resource_version);
         Some(
             self.history
-                .iter()
-                .filter(|c| c.resource_version > resource_version && &c.storage == storage)
+                .range(first..)
+                .filter(|c| &c.storage == storage)
                 .cloned()
                 .collect(),
         )
@@ -485,6 +494,15 @@ impl Store {
                 if old.is_none() && status_subresource {
                     return Err(ApiError::not_found(&rt.group, &rt.plural, name));
                 }
+                let wanted = text(body, "/metadata/resourceVersion");
+                if !wanted.is_empty() {
+                    let current = old
+                        .as_ref()
+                        .map_or("", |o| text(o, "/metadata/resourceVersion"));
+                    if wanted != current {
+                        return Err(ApiError::stale(&rt.group, &rt.plural, name));
+                    }
+                }
                 let time = now();
                 let writer = Writer {
                     manager: &ctx.manager,
@@ -663,7 +681,7 @@ impl Store {
         };
         if rt.generation
             && let Some(old) = &old
-            && spec_part(old) != spec_part(&new)
+            && spec_part(rt, old) != spec_part(rt, &new)
         {
             let generation = old
                 .pointer("/metadata/generation")
@@ -763,7 +781,8 @@ impl Store {
     ) -> Value {
         let rv = self.next_version();
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.objects
+        let previous = self
+            .objects
             .entry(rt.storage.clone())
             .or_default()
             .insert((namespace.to_owned(), name.to_owned()), object.clone());
@@ -773,6 +792,7 @@ impl Store {
             namespace: namespace.to_owned(),
             kind,
             object: object.clone(),
+            previous,
         });
         object
     }
@@ -790,6 +810,7 @@ impl Store {
             namespace: namespace.to_owned(),
             kind: EventType::Deleted,
             object: last.clone(),
+            previous: None,
         });
         if rt.group == "apiextensions.k8s.io" && rt.kind == "CustomResourceDefinition" {
             self.unregister(&last);
@@ -965,6 +986,7 @@ impl Store {
                     namespace: ns.clone(),
                     kind: EventType::Deleted,
                     object: last,
+                    previous: None,
                 });
             }
         }

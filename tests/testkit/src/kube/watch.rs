@@ -169,11 +169,11 @@ pub fn start(shared: Arc<Shared>, request: WatchRequest) -> Result<Body, ApiErro
                 }
                 Some(pending) => {
                     for change in pending {
-                        if !matches(&request, &change) {
+                        let Some(kind) = selected(&request, &change) else {
                             continue;
-                        }
+                        };
                         let object = builtin::to_view(&rt, change.object);
-                        if !send(render(&rt, &request, change.kind, object)).await {
+                        if !send(render(&rt, &request, kind, object)).await {
                             return;
                         }
                     }
@@ -203,14 +203,25 @@ pub fn start(shared: Arc<Shared>, request: WatchRequest) -> Result<Body, ApiErro
     Ok(Body::from_stream(stream))
 }
 
-fn matches(request: &WatchRequest, change: &Change) -> bool {
+/// The event a change is for this watch: a modification that moves an object into the
+/// selection is ADDED, out of it DELETED, as the API server's watch cache reports it.
+fn selected(request: &WatchRequest, change: &Change) -> Option<EventType> {
     if let Some(ns) = &request.namespace
         && &change.namespace != ns
     {
-        return false;
+        return None;
     }
-    let object = builtin::to_view(&request.rt, change.object.clone());
-    request.labels.matches_object(&object) && request.fields.matches(&object)
+    let wanted = |object: &Value| {
+        let object = builtin::to_view(&request.rt, object.clone());
+        request.labels.matches_object(&object) && request.fields.matches(&object)
+    };
+    let now = wanted(&change.object);
+    match (change.kind, change.previous.as_ref().map(wanted)) {
+        (EventType::Modified, Some(true)) if !now => Some(EventType::Deleted),
+        (EventType::Modified, Some(false)) if now => Some(EventType::Added),
+        (EventType::Modified, Some(false)) => None,
+        (kind, _) => now.then_some(kind),
+    }
 }
 
 fn render(rt: &ResourceType, request: &WatchRequest, kind: EventType, object: Value) -> Value {
