@@ -1056,6 +1056,49 @@ async fn raw_http_answers_like_an_api_server() {
     )
     .await;
     assert_eq!((code, status["reason"].as_str()), (422, Some("Invalid")));
+    for (patch, what) in [
+        (
+            r#"[{"op":"replace","path":"","value":5}]"#,
+            "the whole object replaced by a number",
+        ),
+        (
+            r#"[{"op":"replace","path":"/metadata","value":[]}]"#,
+            "metadata replaced by a list",
+        ),
+        (
+            r#"[{"op":"add","path":"/metadata/labels","value":{"a":1}}]"#,
+            "a label that is not a string",
+        ),
+    ] {
+        let (code, status) = send(
+            http.patch(&item)
+                .header("Content-Type", "application/json-patch+json")
+                .body(patch),
+        )
+        .await;
+        assert_eq!(
+            (code, status["reason"].as_str()),
+            (400, Some("BadRequest")),
+            "{what}: {status}"
+        );
+    }
+    let (code, status) = send(
+        http.patch(&item)
+            .header("Content-Type", "text/plain")
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    let (code, status) = send(
+        http.put(&item)
+            .header("Content-Type", "application/json")
+            .body("[1,2]"),
+    )
+    .await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
     let (code, status) = send(http.get(format!("{collection}/missing"))).await;
     assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
     assert_eq!(

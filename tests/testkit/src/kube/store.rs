@@ -551,6 +551,7 @@ impl Store {
         managed_done: bool,
     ) -> Result<Written, ApiError> {
         let mut warnings = Vec::new();
+        check_shape(rt, &new)?;
         let mut new = builtin::from_view(rt, new);
         let time = now();
         // The part of the object this write may not change comes from the stored object.
@@ -1056,6 +1057,52 @@ fn check_identity(rt: &ResourceType, object: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The decoding errors of the API server for objects whose metadata has the wrong JSON types.
+fn check_shape(rt: &ResourceType, object: &Value) -> Result<(), ApiError> {
+    let bad = |what: &str| {
+        ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: {what}",
+            rt.kind, rt.version, rt.kind
+        ))
+    };
+    let Some(map) = object.as_object() else {
+        return Err(bad("the object must be a JSON object"));
+    };
+    let Some(meta) = map.get("metadata") else {
+        return Ok(());
+    };
+    let Some(meta) = meta.as_object() else {
+        return Err(bad("metadata must be an object"));
+    };
+    for field in ["labels", "annotations"] {
+        match meta.get(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(entries)) if entries.values().all(Value::is_string) => {}
+            Some(_) => return Err(bad(&format!("metadata.{field} must be a map of strings"))),
+        }
+    }
+    for field in [
+        "name",
+        "namespace",
+        "generateName",
+        "resourceVersion",
+        "uid",
+    ] {
+        if meta
+            .get(field)
+            .is_some_and(|v| !v.is_string() && !v.is_null())
+        {
+            return Err(bad(&format!("metadata.{field} must be a string")));
+        }
+    }
+    match meta.get("finalizers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {}
+        Some(_) => return Err(bad("metadata.finalizers must be a list of strings")),
+    }
+    Ok(())
+}
+
 fn missing_name(rt: &ResourceType, name: &str) -> ApiError {
     ApiError::invalid(
         &rt.group,
@@ -1123,4 +1170,162 @@ fn decode_continue(token: &str) -> Result<(u64, (String, String)), ApiError> {
             text(&value, "/name").to_owned(),
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(store: &Store) -> Arc<ResourceType> {
+        store
+            .lookup("", "v1", "secrets")
+            .expect("secrets are built in")
+    }
+
+    fn ctx() -> WriteContext {
+        WriteContext {
+            manager: "test".into(),
+            field_validation: FieldValidation::Strict,
+            dry_run: false,
+        }
+    }
+
+    fn secret(name: &str, value: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": {"k": value}})
+    }
+
+    #[test]
+    fn history_is_bounded_and_compaction_is_reported() {
+        let mut store = Store::new(3);
+        let rt = secrets(&store);
+        let start = store.resource_version();
+        for i in 0..5 {
+            store
+                .create(&rt, "default", secret(&format!("s{i}"), "v"), &ctx())
+                .expect("create");
+        }
+        assert!(
+            store.changes_since(&rt.storage, start).is_none(),
+            "the oldest changes are gone"
+        );
+        let recent = store
+            .changes_since(&rt.storage, store.resource_version() - 3)
+            .expect("recent changes are kept");
+        assert_eq!(recent.len(), 3);
+        assert!(
+            recent
+                .windows(2)
+                .all(|w| w[0].resource_version < w[1].resource_version)
+        );
+    }
+
+    #[test]
+    fn a_write_that_changes_nothing_is_not_stored() {
+        let mut store = Store::new(100);
+        let rt = secrets(&store);
+        let first = store
+            .create(&rt, "default", secret("a", "v"), &ctx())
+            .expect("create");
+        let rv = store.resource_version();
+        let again = store
+            .patch(
+                &rt,
+                "default",
+                "a",
+                PatchKind::Merge,
+                &json!({"stringData": {"k": "v"}}),
+                false,
+                &ctx(),
+            )
+            .expect("same value");
+        assert_eq!(store.resource_version(), rv);
+        assert_eq!(
+            again.object["metadata"]["resourceVersion"],
+            first.object["metadata"]["resourceVersion"]
+        );
+        let changed = store
+            .patch(
+                &rt,
+                "default",
+                "a",
+                PatchKind::Merge,
+                &json!({"stringData": {"k": "w"}}),
+                false,
+                &ctx(),
+            )
+            .expect("new value");
+        assert_eq!(store.resource_version(), rv + 1);
+        assert_eq!(changed.object["data"]["k"], "dw==");
+    }
+
+    #[test]
+    fn pages_continue_where_they_stopped() {
+        let mut store = Store::new(100);
+        let rt = secrets(&store);
+        for name in ["c", "a", "b"] {
+            store
+                .create(&rt, "default", secret(name, "v"), &ctx())
+                .expect("create");
+        }
+        let all = LabelSelector::default();
+        let any = FieldSelector::default();
+        let first = store
+            .list(&rt, Some("default"), &all, &any, Some(2), None)
+            .expect("first page");
+        assert_eq!(first.remaining, Some(1));
+        let token = first.continue_token.expect("more to come");
+        let second = store
+            .list(&rt, Some("default"), &all, &any, Some(2), Some(&token))
+            .expect("second page");
+        let names: Vec<&str> = first
+            .items
+            .iter()
+            .chain(&second.items)
+            .filter_map(|o| o.pointer("/metadata/name").and_then(Value::as_str))
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(second.resource_version, first.resource_version);
+        assert!(second.continue_token.is_none());
+        assert_eq!(
+            store
+                .list(&rt, None, &all, &any, None, Some("garbage!"))
+                .err()
+                .map(|e| e.code),
+            Some(400)
+        );
+    }
+
+    #[test]
+    fn creates_need_an_existing_namespace_and_a_valid_name() {
+        let mut store = Store::new(100);
+        let rt = secrets(&store);
+        let missing = store
+            .create(&rt, "nowhere", secret("a", "v"), &ctx())
+            .expect_err("no namespace");
+        assert_eq!(
+            (missing.code, missing.message.as_str()),
+            (404, "namespaces \"nowhere\" not found")
+        );
+        let invalid = store
+            .create(&rt, "default", secret("Not_Valid", "v"), &ctx())
+            .expect_err("bad name");
+        assert_eq!(invalid.code, 422);
+        assert!(
+            invalid
+                .message
+                .starts_with("Secret \"Not_Valid\" is invalid: metadata.name: Invalid value"),
+            "{}",
+            invalid.message
+        );
+        let generated = store
+            .create(
+                &rt,
+                "default",
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"generateName": "gen-"}}),
+                &ctx(),
+            )
+            .expect("generateName");
+        let name = generated.object["metadata"]["name"].as_str().expect("name");
+        assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+    }
 }
