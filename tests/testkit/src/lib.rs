@@ -5,5 +5,6 @@
 pub mod crd_validation;
 pub mod directory;
 pub mod graph;
+pub mod kube;
 pub mod pg;
 pub mod webhook_receiver;

@@ -1,0 +1,1491 @@
+//! Conformance of the Kubernetes API emulator, through kube's typed API, its watcher and a small
+//! Controller, over raw HTTP, and through kubectl.
+//!
+//! Run against a real cluster instead with `MAILPOLL_TEST_REAL_CLUSTER=1` and `KUBECONFIG`
+//! pointing at it: every test works in its own namespace (deleted at the end); the checks that
+//! depend on emulator internals (request record, a tiny watch history) run on the emulator only.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, CustomResourceExt, ResourceExt};
+use mailpoll::resource::MailboxPoll;
+use mailpoll_testkit::kube::{KubeEmulator, Options};
+use serde_json::{Value, json};
+
+const CRD_NAME: &str = "mailboxpolls.mailpoll.dev";
+/// Upper bound of every wait in this file; reached only when something is broken.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// One test's view of a cluster: the emulator (unless a real cluster was asked for), a client,
+/// and a namespace of its own with the MailboxPoll CRD installed.
+struct World {
+    emulator: Option<KubeEmulator>,
+    client: Client,
+    namespace: String,
+}
+
+fn real_cluster() -> bool {
+    std::env::var("MAILPOLL_TEST_REAL_CLUSTER").is_ok_and(|v| v == "1")
+}
+
+impl World {
+    async fn new() -> Self {
+        Self::with_options(Options::default()).await
+    }
+
+    async fn with_options(options: Options) -> Self {
+        mailpoll::install_crypto_provider();
+        let (emulator, client) = if real_cluster() {
+            let client = Client::try_default()
+                .await
+                .expect("KUBECONFIG names a reachable cluster");
+            (None, client)
+        } else {
+            let emulator = KubeEmulator::start_with(options)
+                .await
+                .expect("emulator starts");
+            let client = emulator.client().expect("client for the emulator");
+            (Some(emulator), client)
+        };
+        let namespace = format!(
+            "mbp-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": namespace}}))
+                    .expect("namespace object"),
+            )
+            .await
+            .expect("test namespace is created");
+        let world = Self {
+            emulator,
+            client,
+            namespace,
+        };
+        world.install_crd().await;
+        world
+    }
+
+    async fn install_crd(&self) {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        crds.patch(
+            CRD_NAME,
+            &PatchParams::apply("mailpoll-tests").force(),
+            &Patch::Apply(MailboxPoll::crd()),
+        )
+        .await
+        .expect("CRD is applied");
+        wait_for(|| async {
+            let crd = crds.get(CRD_NAME).await.ok()?;
+            let established = crd
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        })
+        .await
+        .expect("CRD becomes Established");
+    }
+
+    fn mbp(&self) -> Api<MailboxPoll> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// A second, independent client to the same cluster.
+    async fn another_client(&self) -> Client {
+        match &self.emulator {
+            Some(emulator) => emulator.client().expect("second client"),
+            None => Client::try_default().await.expect("second client"),
+        }
+    }
+
+    fn emulator(&self) -> Option<&KubeEmulator> {
+        self.emulator.as_ref()
+    }
+
+    async fn finish(self) {
+        if self.emulator.is_none() {
+            let namespaces: Api<Namespace> = Api::all(self.client.clone());
+            let _ = namespaces
+                .delete(&self.namespace, &DeleteParams::default())
+                .await;
+        }
+    }
+}
+
+/// Polls `check` until it yields a value, for at most [`PATIENCE`].
+async fn wait_for<T, F, Fut>(mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+fn mailboxpoll(name: &str, interval: &str) -> MailboxPoll {
+    serde_json::from_value(json!({
+        "apiVersion": "mailpoll.dev/v1alpha1",
+        "kind": "MailboxPoll",
+        "metadata": {"name": name},
+        "spec": {
+            "mailbox": format!("{name}@contoso.com"),
+            "interval": interval,
+            "credentialsSecretRef": {"name": "graph-credentials"},
+        }
+    }))
+    .expect("MailboxPoll object")
+}
+
+fn api_status(error: kube::Error) -> kube::core::Status {
+    match error {
+        kube::Error::Api(status) => *status,
+        other => panic!("expected an API error Status, got {other:?}"),
+    }
+}
+
+fn condition(kind: &str, status: &str) -> Value {
+    json!({"type": kind, "status": status, "reason": "Test", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"})
+}
+
+#[tokio::test]
+async fn server_sets_metadata_and_generation_tracks_spec_only() {
+    let world = World::new().await;
+    let api = world.mbp();
+    let created = api
+        .create(&PostParams::default(), &mailboxpoll("meta", "5m"))
+        .await
+        .expect("create");
+    let uid = created.uid().expect("uid is set");
+    assert!(created.creation_timestamp().is_some());
+    assert_eq!(created.metadata.generation, Some(1));
+    assert_eq!(created.spec.folder, "inbox", "schema defaults are applied");
+    let rv1: u64 = created
+        .resource_version()
+        .expect("rv")
+        .parse()
+        .expect("numeric rv");
+
+    let annotated = api
+        .patch(
+            "meta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"a": "b"}}})),
+        )
+        .await
+        .expect("annotate");
+    assert_eq!(
+        annotated.metadata.generation,
+        Some(1),
+        "metadata changes keep the generation"
+    );
+    let rv2: u64 = annotated
+        .resource_version()
+        .expect("rv")
+        .parse()
+        .expect("numeric rv");
+    assert!(rv2 > rv1);
+
+    let status = api
+        .patch_status(
+            "meta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"messagesDelivered": 3}})),
+        )
+        .await
+        .expect("status patch");
+    assert_eq!(
+        status.metadata.generation,
+        Some(1),
+        "status changes keep the generation"
+    );
+
+    let respec = api
+        .patch(
+            "meta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"interval": "10m"}})),
+        )
+        .await
+        .expect("spec patch");
+    assert_eq!(respec.metadata.generation, Some(2));
+    assert_eq!(respec.uid().as_deref(), Some(uid.as_str()));
+
+    let again = api
+        .patch(
+            "meta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"interval": "10m"}})),
+        )
+        .await
+        .expect("no-op patch");
+    assert_eq!(
+        again.resource_version(),
+        respec.resource_version(),
+        "a no-op write bumps nothing"
+    );
+
+    let mut stale = created.clone();
+    stale.spec.interval = "1h".into();
+    let error = api
+        .replace("meta", &PostParams::default(), &stale)
+        .await
+        .expect_err("stale PUT");
+    let status = api_status(error);
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn status_subresource_and_main_resource_ignore_each_other() {
+    let world = World::new().await;
+    let api = world.mbp();
+    api.create(&PostParams::default(), &mailboxpoll("split", "5m"))
+        .await
+        .expect("create");
+    let through_status = api
+        .patch_status(
+            "split",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"interval": "1h"}, "status": {"messagesDelivered": 7}})),
+        )
+        .await
+        .expect("status patch");
+    assert_eq!(
+        through_status.spec.interval, "5m",
+        "status writes ignore spec"
+    );
+    assert_eq!(
+        through_status
+            .status
+            .as_ref()
+            .and_then(|s| s.messages_delivered),
+        Some(7)
+    );
+    let through_main = api
+        .patch(
+            "split",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"interval": "1h"}, "status": {"messagesDelivered": 99}})),
+        )
+        .await
+        .expect("main patch");
+    assert_eq!(through_main.spec.interval, "1h");
+    assert_eq!(
+        through_main
+            .status
+            .as_ref()
+            .and_then(|s| s.messages_delivered),
+        Some(7),
+        "main-resource writes ignore status"
+    );
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn invalid_resources_are_rejected_with_the_crd_message() {
+    let world = World::new().await;
+    let api = world.mbp();
+    let error = api
+        .create(&PostParams::default(), &mailboxpoll("bad", "1s"))
+        .await
+        .expect_err("interval below 10s");
+    let status = api_status(error);
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        status.message,
+        "MailboxPoll.mailpoll.dev \"bad\" is invalid: spec.interval: Invalid value: \"1s\": spec.interval must be between 10s and 24h"
+    );
+    let causes = status.details.expect("details").causes;
+    assert_eq!(causes[0].field, "spec.interval");
+
+    let mut missing = serde_json::to_value(mailboxpoll("bad", "5m")).expect("json");
+    missing["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("mailbox");
+    let dynamic: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        world.client.clone(),
+        &world.namespace,
+        &kube::api::ApiResource::erase::<MailboxPoll>(&()),
+    );
+    let error = dynamic
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(missing).expect("dynamic"),
+        )
+        .await
+        .expect_err("mailbox is required");
+    let status = api_status(error);
+    assert_eq!(status.code, 422);
+    assert!(
+        status.message.contains("spec.mailbox: Required value"),
+        "{}",
+        status.message
+    );
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn finalizers_hold_deletion_until_removed() {
+    let world = World::new().await;
+    let api = world.mbp();
+    let mut object = mailboxpoll("held", "5m");
+    object.metadata.finalizers = Some(vec!["mailpoll.dev/cleanup".into()]);
+    api.create(&PostParams::default(), &object)
+        .await
+        .expect("create");
+    let pending = api
+        .delete("held", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let left = pending
+        .left()
+        .expect("the object stays while a finalizer remains");
+    assert!(left.metadata.deletion_timestamp.is_some());
+    let still = api.get("held").await.expect("still readable");
+    assert!(still.metadata.deletion_timestamp.is_some());
+    api.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("finalizer removed");
+    let gone = wait_for(|| async {
+        api.get_opt("held")
+            .await
+            .ok()
+            .and_then(|o| o.is_none().then_some(()))
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the object is deleted once its finalizers are gone"
+    );
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn server_side_apply_tracks_managers_and_merges_conditions_by_type() {
+    let world = World::new().await;
+    let api = world.mbp();
+    let applied = json!({
+        "apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll",
+        "metadata": {"name": "ssa"},
+        "spec": {"mailbox": "ssa@contoso.com", "interval": "5m", "credentialsSecretRef": {"name": "g"}},
+    });
+    let created = api
+        .patch("ssa", &PatchParams::apply("owner"), &Patch::Apply(&applied))
+        .await
+        .expect("apply creates");
+    assert!(
+        created
+            .metadata
+            .managed_fields
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|e| e.manager.as_deref() == Some("owner")
+                && e.operation.as_deref() == Some("Apply"))),
+        "managedFields record the applier"
+    );
+    let rival = json!({"apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll", "metadata": {"name": "ssa"}, "spec": {"interval": "1m"}});
+    let error = api
+        .patch("ssa", &PatchParams::apply("rival"), &Patch::Apply(&rival))
+        .await
+        .expect_err("conflict");
+    let status = api_status(error);
+    assert_eq!(status.code, 409);
+    assert!(
+        status.message.contains("owner") && status.message.contains(".spec.interval"),
+        "{}",
+        status.message
+    );
+    let forced = api
+        .patch(
+            "ssa",
+            &PatchParams::apply("rival").force(),
+            &Patch::Apply(&rival),
+        )
+        .await
+        .expect("force");
+    assert_eq!(forced.spec.interval, "1m");
+
+    let status_of = |kind: &str| json!({"apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll", "metadata": {"name": "ssa"}, "status": {"conditions": [condition(kind, "True")]}});
+    api.patch_status(
+        "ssa",
+        &PatchParams::apply("scheduler"),
+        &Patch::Apply(status_of("Ready")),
+    )
+    .await
+    .expect("scheduler applies Ready");
+    let both = api
+        .patch_status(
+            "ssa",
+            &PatchParams::apply("worker"),
+            &Patch::Apply(status_of("Degraded")),
+        )
+        .await
+        .expect("worker applies Degraded");
+    let types: Vec<String> = both
+        .status
+        .expect("status")
+        .conditions
+        .iter()
+        .map(|c| c.type_.clone())
+        .collect();
+    assert_eq!(
+        types,
+        ["Ready", "Degraded"],
+        "conditions merge as a map keyed by type"
+    );
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn lists_select_and_page() {
+    let world = World::new().await;
+    let api = world.mbp();
+    for i in 0..5 {
+        let mut object = mailboxpoll(&format!("item-{i}"), "5m");
+        object.metadata.labels = Some(
+            [(
+                "parity".to_owned(),
+                if i % 2 == 0 { "even" } else { "odd" }.to_owned(),
+            )]
+            .into(),
+        );
+        api.create(&PostParams::default(), &object)
+            .await
+            .expect("create");
+    }
+    let even = api
+        .list(&ListParams::default().labels("parity=even"))
+        .await
+        .expect("label list");
+    assert_eq!(even.items.len(), 3);
+    let named = api
+        .list(&ListParams::default().fields("metadata.name=item-1"))
+        .await
+        .expect("field list");
+    assert_eq!(
+        named.items.iter().map(|o| o.name_any()).collect::<Vec<_>>(),
+        ["item-1"]
+    );
+    let not_in = api
+        .list(&ListParams::default().labels("parity notin (even)"))
+        .await
+        .expect("set selector");
+    assert_eq!(not_in.items.len(), 2);
+    let mut names = Vec::new();
+    let mut params = ListParams::default().limit(2);
+    loop {
+        let page = api.list(&params).await.expect("page");
+        assert!(page.items.len() <= 2);
+        names.extend(page.items.iter().map(|o| o.name_any()));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = ListParams::default().limit(2).continue_token(&token),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["item-0", "item-1", "item-2", "item-3", "item-4"]);
+    let error = api
+        .list(&ListParams::default().fields("spec.mailbox=x"))
+        .await
+        .expect_err("unsupported field");
+    assert_eq!(api_status(error).code, 400);
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn watch_resumes_from_a_resource_version_with_bookmarks_and_timeout() {
+    let world = World::with_options(Options {
+        bookmark_interval: Duration::from_millis(200),
+        ..Options::default()
+    })
+    .await;
+    let api = world.mbp();
+    let first = api
+        .create(&PostParams::default(), &mailboxpoll("w1", "5m"))
+        .await
+        .expect("create");
+    let resume_from = first.resource_version().expect("rv");
+    api.create(&PostParams::default(), &mailboxpoll("w2", "5m"))
+        .await
+        .expect("create");
+    api.patch(
+        "w1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"interval": "6m"}})),
+    )
+    .await
+    .expect("patch");
+    let unchanged = api
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"interval": "6m"}})),
+        )
+        .await
+        .expect("no-op patch");
+    api.delete("w2", &DeleteParams::default())
+        .await
+        .expect("delete");
+
+    let stream = api
+        .watch(&WatchParams::default().timeout(5), &resume_from)
+        .await
+        .expect("watch starts");
+    let events: Vec<WatchEvent<MailboxPoll>> = tokio::time::timeout(PATIENCE, stream.try_collect())
+        .await
+        .expect("the watch ends at timeoutSeconds")
+        .expect("no stream error");
+    let changes: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            WatchEvent::Added(o) => Some(format!("ADDED {}", o.name_any())),
+            WatchEvent::Modified(o) => Some(format!("MODIFIED {}", o.name_any())),
+            WatchEvent::Deleted(o) => Some(format!("DELETED {}", o.name_any())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        ["ADDED w2", "MODIFIED w1", "DELETED w2"],
+        "a no-op write emits no event"
+    );
+    assert_eq!(unchanged.metadata.generation, Some(2));
+    if world.emulator().is_some() {
+        assert!(
+            events.iter().any(|e| matches!(e, WatchEvent::Bookmark(_))),
+            "bookmarks arrive on a watch that allows them"
+        );
+    }
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn watch_from_a_compacted_version_is_expired() {
+    if real_cluster() {
+        return; // a real cluster's compaction cannot be forced from a test
+    }
+    let world = World::with_options(Options {
+        history_limit: 3,
+        ..Options::default()
+    })
+    .await;
+    let api = world.mbp();
+    let first = api
+        .create(&PostParams::default(), &mailboxpoll("old", "5m"))
+        .await
+        .expect("create");
+    for i in 0..5 {
+        api.patch(
+            "old",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"n": i.to_string()}}})),
+        )
+        .await
+        .expect("patch");
+    }
+    let mut stream = api
+        .watch(
+            &WatchParams::default(),
+            first.resource_version().as_deref().expect("rv"),
+        )
+        .await
+        .expect("watch starts")
+        .boxed();
+    let event = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("an event arrives");
+    match event {
+        Some(Ok(WatchEvent::Error(status))) => {
+            assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+        }
+        other => panic!("expected a 410 Expired event, got {other:?}"),
+    }
+}
+
+async fn watcher_sees_changes(world: &World, config: watcher::Config) {
+    let api = world.mbp();
+    api.create(&PostParams::default(), &mailboxpoll("before", "5m"))
+        .await
+        .expect("create");
+    let mut stream = watcher(api.clone(), config).boxed();
+    let mut seen_init_done = false;
+    let mut names = Vec::new();
+    let writer = api.clone();
+    let mut wrote = false;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while names.len() < 2 {
+        let event = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("watcher events arrive in time")
+            .expect("watcher stream continues")
+            .expect("watcher event is not an error");
+        match event {
+            watcher::Event::InitApply(o) => names.push(format!("init {}", o.name_any())),
+            watcher::Event::InitDone => {
+                seen_init_done = true;
+                if !wrote {
+                    writer
+                        .create(&PostParams::default(), &mailboxpoll("after", "5m"))
+                        .await
+                        .expect("create");
+                    wrote = true;
+                }
+            }
+            watcher::Event::Apply(o) => names.push(format!("apply {}", o.name_any())),
+            watcher::Event::Init | watcher::Event::Delete(_) => {}
+        }
+    }
+    assert!(seen_init_done);
+    assert_eq!(names, ["init before", "apply after"]);
+}
+
+#[tokio::test]
+async fn watcher_list_then_watch() {
+    let world = World::new().await;
+    watcher_sees_changes(&world, watcher::Config::default()).await;
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn watcher_streaming_list() {
+    let world = World::new().await;
+    watcher_sees_changes(&world, watcher::Config::default().streaming_lists()).await;
+    if let Some(emulator) = world.emulator() {
+        let streaming = emulator
+            .requests()
+            .iter()
+            .any(|r| r.verb == "watch" && r.resource == "mailboxpolls");
+        assert!(streaming, "the watcher listed through a watch");
+        assert!(
+            !emulator
+                .requests()
+                .iter()
+                .any(|r| r.verb == "list" && r.resource == "mailboxpolls"),
+            "a streaming list needs no list call"
+        );
+    }
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn a_controller_reconciles_every_generation() {
+    let world = World::new().await;
+    let api = world.mbp();
+    for name in ["c1", "c2"] {
+        api.create(&PostParams::default(), &mailboxpoll(name, "5m"))
+            .await
+            .expect("create");
+    }
+    async fn reconcile(
+        object: Arc<MailboxPoll>,
+        api: Arc<Api<MailboxPoll>>,
+    ) -> Result<Action, kube::Error> {
+        let generation = object.metadata.generation;
+        if object.status.as_ref().and_then(|s| s.observed_generation) != generation {
+            api.patch_status(
+                &object.name_any(),
+                &PatchParams::apply("test-controller"),
+                &Patch::Apply(json!({
+                    "apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll",
+                    "status": {"observedGeneration": generation},
+                })),
+            )
+            .await?;
+        }
+        Ok(Action::await_change())
+    }
+    fn error_policy(_: Arc<MailboxPoll>, _: &kube::Error, _: Arc<Api<MailboxPoll>>) -> Action {
+        Action::requeue(Duration::from_millis(100))
+    }
+    let controller = tokio::spawn(
+        Controller::new(api.clone(), watcher::Config::default())
+            .run(reconcile, error_policy, Arc::new(api.clone()))
+            .for_each(|_| async {}),
+    );
+    let observed = |name: &'static str, generation: i64| {
+        let api = api.clone();
+        async move {
+            wait_for(|| async {
+                let object = api.get(name).await.ok()?;
+                (object.status?.observed_generation == Some(generation)).then_some(())
+            })
+            .await
+        }
+    };
+    assert!(observed("c1", 1).await.is_some(), "c1 reconciled");
+    assert!(observed("c2", 1).await.is_some(), "c2 reconciled");
+    api.patch(
+        "c2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"interval": "7m"}})),
+    )
+    .await
+    .expect("spec change");
+    assert!(
+        observed("c2", 2).await.is_some(),
+        "c2 reconciled its new generation"
+    );
+    controller.abort();
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn two_clients_compete_for_a_lease_by_compare_and_swap() {
+    let world = World::new().await;
+    let leases: Api<Lease> = Api::namespaced(world.client.clone(), &world.namespace);
+    let rival: Api<Lease> = Api::namespaced(world.another_client().await, &world.namespace);
+    leases
+        .create(
+            &PostParams::default(),
+            &Lease {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("leader".into()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some("nobody".into()),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            },
+        )
+        .await
+        .expect("lease created");
+    for round in 0..10 {
+        let a = leases.get("leader").await.expect("a reads");
+        let b = rival.get("leader").await.expect("b reads");
+        let take = |mut lease: Lease, who: &str| {
+            let spec = lease.spec.get_or_insert_with(Default::default);
+            spec.holder_identity = Some(who.into());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            lease
+        };
+        let (a, b) = (take(a, "a"), take(b, "b"));
+        let params = PostParams::default();
+        let (ra, rb) = tokio::join!(
+            leases.replace("leader", &params, &a),
+            rival.replace("leader", &params, &b),
+        );
+        let winners = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(
+            winners, 1,
+            "round {round}: exactly one candidate wins ({ra:?} / {rb:?})"
+        );
+        let loser = if ra.is_ok() { rb } else { ra };
+        let status = api_status(loser.expect_err("the loser fails"));
+        assert_eq!(status.code, 409, "round {round}: the loser gets a conflict");
+        let current = leases.get("leader").await.expect("read back");
+        assert_eq!(
+            current.spec.and_then(|s| s.lease_transitions),
+            Some(round + 1)
+        );
+    }
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn secrets_and_events() {
+    let world = World::new().await;
+    let secrets: Api<Secret> = Api::namespaced(world.client.clone(), &world.namespace);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "graph-credentials"},
+        "stringData": {"tenantId": "t", "clientSecret": "s3cret"},
+    }))
+    .expect("secret object");
+    let stored = secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret created");
+    assert!(
+        stored.string_data.is_none(),
+        "stringData is folded into data"
+    );
+    let data = stored.data.expect("data");
+    assert_eq!(data["clientSecret"].0, b"s3cret");
+    assert_eq!(stored.type_.as_deref(), Some("Opaque"));
+
+    let events: Api<Event> = Api::namespaced(world.client.clone(), &world.namespace);
+    let event: Event = serde_json::from_value(json!({
+        "metadata": {"generateName": "support-inbox."},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reportingController": "mailpoll.dev/operator",
+        "reportingInstance": "mailpoll-0",
+        "action": "Poll",
+        "reason": "PollFailed",
+        "type": "Warning",
+        "note": "mailbox not found",
+        "regarding": {"apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll", "name": "support-inbox", "namespace": world.namespace},
+    }))
+    .expect("event object");
+    let created = events
+        .create(&PostParams::default(), &event)
+        .await
+        .expect("event created");
+    let name = created.name_any();
+    assert!(
+        name.starts_with("support-inbox.") && name.len() > "support-inbox.".len(),
+        "generateName: {name}"
+    );
+    let core: Api<CoreEvent> = Api::namespaced(world.client.clone(), &world.namespace);
+    let listed = core
+        .list(&ListParams::default().fields("involvedObject.name=support-inbox"))
+        .await
+        .expect("core events list");
+    assert_eq!(
+        listed.items.len(),
+        1,
+        "events.k8s.io/v1 Events show up as core/v1 Events"
+    );
+    assert_eq!(
+        listed.items[0].message.as_deref(),
+        Some("mailbox not found")
+    );
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn the_request_record_names_verbs_resources_and_managers() {
+    let world = World::new().await;
+    let Some(emulator) = world.emulator() else {
+        return; // only the emulator keeps a record
+    };
+    emulator.clear_requests();
+    let api = world.mbp();
+    api.create(&PostParams::default(), &mailboxpoll("rec", "5m"))
+        .await
+        .expect("create");
+    api.get("rec").await.expect("get");
+    api.list(&ListParams::default()).await.expect("list");
+    api.patch_status("rec", &PatchParams::apply("recorder"), &Patch::Apply(json!({
+        "apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll", "status": {"messagesDelivered": 1}
+    })))
+    .await
+    .expect("status apply");
+    api.delete("rec", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let keys: Vec<String> = emulator.requests().iter().map(|r| r.rbac_key()).collect();
+    assert_eq!(
+        keys,
+        [
+            "create mailpoll.dev/mailboxpolls",
+            "get mailpoll.dev/mailboxpolls",
+            "list mailpoll.dev/mailboxpolls",
+            "patch mailpoll.dev/mailboxpolls/status",
+            "delete mailpoll.dev/mailboxpolls",
+        ]
+    );
+    let records = emulator.requests();
+    assert_eq!(records[3].field_manager.as_deref(), Some("recorder"));
+    assert!(
+        records
+            .iter()
+            .all(|r| r.namespace.as_deref() == Some(world.namespace.as_str()))
+    );
+}
+
+/// Raw HTTP: discovery, OpenAPI, Status bodies for bad input, Table output.
+#[tokio::test]
+async fn raw_http_answers_like_an_api_server() {
+    if real_cluster() {
+        return; // raw requests would need the cluster's credentials
+    }
+    let world = World::new().await;
+    let base = world.emulator().expect("emulator").url();
+    let ns = &world.namespace;
+    let http = reqwest::Client::new();
+    let get = |path: String, accept: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let response = http
+                .get(url)
+                .header("Accept", accept)
+                .send()
+                .await
+                .expect("request");
+            let code = response.status().as_u16();
+            (code, response.json::<Value>().await.expect("JSON body"))
+        }
+    };
+    let (code, version) = get("/version".into(), "application/json").await;
+    assert_eq!((code, version["major"].as_str()), (200, Some("1")));
+    let (_, groups) = get(
+        "/apis".into(),
+        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json",
+    )
+    .await;
+    assert_eq!(
+        groups["kind"], "APIGroupList",
+        "aggregated discovery falls back to the plain list"
+    );
+    assert!(
+        groups["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .any(|g| g["name"] == "mailpoll.dev")
+    );
+    let (_, resources) = get("/apis/mailpoll.dev/v1alpha1".into(), "application/json").await;
+    let entry = resources["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .find(|r| r["name"] == "mailboxpolls")
+        .cloned()
+        .expect("mailboxpolls served");
+    assert_eq!(entry["shortNames"], json!(["mbp"]));
+    assert_eq!(entry["categories"], json!(["mailpoll"]));
+    assert!(
+        resources["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .any(|r| r["name"] == "mailboxpolls/status")
+    );
+    let (_, openapi) = get("/openapi/v3".into(), "application/json").await;
+    let url = openapi["paths"]["apis/mailpoll.dev/v1alpha1"]["serverRelativeURL"]
+        .as_str()
+        .expect("group version listed")
+        .to_owned();
+    let (code, doc) = get(url, "application/json").await;
+    assert_eq!(code, 200);
+    let patch = &doc["paths"]["/apis/mailpoll.dev/v1alpha1/namespaces/{namespace}/mailboxpolls/{name}"]
+        ["patch"];
+    assert!(
+        patch["parameters"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .any(|p| p["name"] == "fieldValidation")
+    );
+
+    let collection = format!("{base}/apis/mailpoll.dev/v1alpha1/namespaces/{ns}/mailboxpolls");
+    let send = |request: reqwest::RequestBuilder| async move {
+        let response = request.send().await.expect("request");
+        let code = response.status().as_u16();
+        (code, response.json::<Value>().await.expect("JSON body"))
+    };
+    let (code, status) = send(
+        http.post(&collection)
+            .header("Content-Type", "application/json")
+            .body("{not json"),
+    )
+    .await;
+    assert_eq!(
+        (code, status["kind"].as_str(), status["reason"].as_str()),
+        (400, Some("Status"), Some("BadRequest"))
+    );
+    let (code, status) = send(
+        http.post(&collection)
+            .header("Content-Type", "application/yaml")
+            .body("a: [unclosed"),
+    )
+    .await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+    let (code, status) = send(
+        http.post(&collection)
+            .header("Content-Type", "application/vnd.kubernetes.protobuf")
+            .body("k8s\0"),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    let yaml = "apiVersion: mailpoll.dev/v1alpha1\nkind: MailboxPoll\nmetadata:\n  name: raw\nspec:\n  mailbox: raw@contoso.com\n  credentialsSecretRef:\n    name: g\n";
+    let (code, created) = send(
+        http.post(&collection)
+            .header("Content-Type", "application/yaml")
+            .body(yaml),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let (code, status) = send(
+        http.post(&collection)
+            .header("Content-Type", "application/yaml")
+            .body(yaml),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (409, Some("AlreadyExists"))
+    );
+    let item = format!("{collection}/raw");
+    let (code, status) = send(
+        http.patch(&item)
+            .header("Content-Type", "application/strategic-merge-patch+json")
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    let (code, status) = send(
+        http.patch(&item)
+            .header("Content-Type", "application/json-patch+json")
+            .body(r#"[{"op":"test","path":"/spec/mailbox","value":"other"}]"#),
+    )
+    .await;
+    assert_eq!((code, status["reason"].as_str()), (422, Some("Invalid")));
+    for (patch, what) in [
+        (
+            r#"[{"op":"replace","path":"","value":5}]"#,
+            "the whole object replaced by a number",
+        ),
+        (
+            r#"[{"op":"replace","path":"/metadata","value":[]}]"#,
+            "metadata replaced by a list",
+        ),
+        (
+            r#"[{"op":"add","path":"/metadata/labels","value":{"a":1}}]"#,
+            "a label that is not a string",
+        ),
+    ] {
+        let (code, status) = send(
+            http.patch(&item)
+                .header("Content-Type", "application/json-patch+json")
+                .body(patch),
+        )
+        .await;
+        assert_eq!(
+            (code, status["reason"].as_str()),
+            (400, Some("BadRequest")),
+            "{what}: {status}"
+        );
+    }
+    let (code, status) = send(
+        http.patch(&item)
+            .header("Content-Type", "text/plain")
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    let (code, status) = send(
+        http.put(&item)
+            .header("Content-Type", "application/json")
+            .body("[1,2]"),
+    )
+    .await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+    let (code, status) = send(http.get(format!("{collection}/missing"))).await;
+    assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
+    assert_eq!(
+        status["message"],
+        "mailboxpolls.mailpoll.dev \"missing\" not found"
+    );
+    let (code, status) = send(http.get(format!(
+        "{base}/apis/mailpoll.dev/v1alpha1/namespaces/{ns}/nothings"
+    )))
+    .await;
+    assert_eq!((code, status["kind"].as_str()), (404, Some("Status")));
+    let (code, table) = get(
+        format!("/apis/mailpoll.dev/v1alpha1/namespaces/{ns}/mailboxpolls"),
+        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+    )
+    .await;
+    assert_eq!((code, table["kind"].as_str()), (200, Some("Table")));
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "Name",
+            "Mailbox",
+            "Interval",
+            "Ready",
+            "Last Poll",
+            "Delivered",
+            "Age"
+        ]
+    );
+    assert_eq!(table["rows"][0]["cells"][1], "raw@contoso.com");
+}
+
+fn kubectl(kubeconfig: &std::path::Path, cache: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let output = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("--request-timeout=20s")
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubectl_session() {
+    if Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        eprintln!("kubectl is not installed: the kubectl session is not run");
+        return;
+    }
+    let world = World::new().await;
+    let kubeconfig: PathBuf = match world.emulator() {
+        Some(emulator) => emulator.kubeconfig_path().to_owned(),
+        None => std::env::var("KUBECONFIG")
+            .expect("KUBECONFIG for the real cluster")
+            .into(),
+    };
+    let dir =
+        std::env::temp_dir().join(format!("kubectl-session-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    let cache = dir.join("cache");
+    let crd_file = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/mailboxpoll.yaml");
+    let ns = world.namespace.clone();
+    let run = |args: &[&str]| {
+        let mut full = vec!["-n", ns.as_str()];
+        full.extend_from_slice(args);
+        kubectl(&kubeconfig, &cache, &full)
+    };
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("manifest written");
+        path.to_string_lossy().into_owned()
+    };
+
+    let (ok, out) = run(&["apply", "-f", crd_file]);
+    assert!(ok, "apply CRD: {out}");
+    let (ok, out) = run(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=20s",
+        &format!("crd/{CRD_NAME}"),
+    ]);
+    assert!(ok && out.contains("condition met"), "wait: {out}");
+
+    let manifest = write(
+        "mbp.yaml",
+        "apiVersion: mailpoll.dev/v1alpha1\nkind: MailboxPoll\nmetadata:\n  name: support-inbox\nspec:\n  mailbox: support@contoso.com\n  interval: 1m\n  credentialsSecretRef:\n    name: graph-credentials\n",
+    );
+    let (ok, out) = run(&["apply", "-f", &manifest]);
+    assert!(ok && out.contains("created"), "apply MailboxPoll: {out}");
+    let (ok, out) = run(&["apply", "-f", &manifest]);
+    assert!(ok && out.contains("unchanged"), "re-apply: {out}");
+
+    let (ok, out) = run(&["get", "mbp"]);
+    assert!(ok, "get: {out}");
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "MAILBOX",
+            "INTERVAL",
+            "READY",
+            "LAST",
+            "POLL",
+            "DELIVERED",
+            "AGE"
+        ],
+        "{out}"
+    );
+    assert!(
+        out.contains("support@contoso.com") && out.contains("1m"),
+        "{out}"
+    );
+
+    // `get -w` in the background sees the annotation below.
+    let watch = {
+        let mut command = Command::new("timeout");
+        command
+            .arg("8")
+            .arg("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args([
+                "-n",
+                ns.as_str(),
+                "get",
+                "mbp",
+                "-w",
+                "--output-watch-events",
+            ]);
+        command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl get -w starts")
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, out) = run(&[
+        "annotate",
+        "mbp",
+        "support-inbox",
+        "mailpoll.dev/poll-requested-at=1700000000",
+        "--overwrite",
+    ]);
+    assert!(ok && out.contains("annotated"), "annotate: {out}");
+    let watched = watch.wait_with_output().expect("kubectl get -w ends");
+    let watched = String::from_utf8_lossy(&watched.stdout);
+    assert!(
+        watched.contains("MODIFIED") && watched.contains("support-inbox"),
+        "get -w saw the change: {watched}"
+    );
+
+    let (ok, out) = run(&[
+        "patch",
+        "mbp",
+        "support-inbox",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"messagesDelivered":5,"conditions":[{"type":"Ready","status":"True","reason":"Polled","message":"ok","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
+    ]);
+    assert!(ok && out.contains("patched"), "patch status: {out}");
+    let (ok, out) = run(&[
+        "patch",
+        "mbp",
+        "support-inbox",
+        "--subresource=status",
+        "-p",
+        r#"{"status":{"messagesDelivered":6}}"#,
+    ]);
+    assert!(
+        !ok && out.contains("application/strategic-merge-patch+json is not supported"),
+        "strategic merge on a custom resource: {out}"
+    );
+    let (_, out) = run(&["get", "mbp", "support-inbox"]);
+    let row: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..4],
+        ["support-inbox", "support@contoso.com", "1m", "True"],
+        "{out}"
+    );
+    assert_eq!(row[4], "5", "Delivered column: {out}");
+
+    let ssa = write(
+        "ssa.yaml",
+        "apiVersion: mailpoll.dev/v1alpha1\nkind: MailboxPoll\nmetadata:\n  name: support-inbox\nspec:\n  mailbox: support@contoso.com\n  interval: 2m\n  credentialsSecretRef:\n    name: graph-credentials\n",
+    );
+    let (ok, out) = run(&["apply", "--server-side", "-f", &ssa]);
+    assert!(
+        !ok && out.contains("conflict"),
+        "server-side apply over client-side apply conflicts: {out}"
+    );
+    let (ok, out) = run(&["apply", "--server-side", "--force-conflicts", "-f", &ssa]);
+    assert!(
+        ok && out.contains("serverside-applied"),
+        "forced server-side apply: {out}"
+    );
+    let (_, out) = run(&[
+        "get",
+        "mbp",
+        "support-inbox",
+        "-o",
+        "jsonpath={.spec.interval}",
+    ]);
+    assert_eq!(out.trim(), "2m");
+
+    let bad = write(
+        "bad.yaml",
+        "apiVersion: mailpoll.dev/v1alpha1\nkind: MailboxPoll\nmetadata:\n  name: bad\nspec:\n  mailbox: support@contoso.com\n  interval: 1s\n  credentialsSecretRef:\n    name: graph-credentials\n",
+    );
+    let (ok, out) = run(&["apply", "-f", &bad]);
+    assert!(!ok, "an invalid MailboxPoll is rejected");
+    assert!(out.contains("The MailboxPoll \"bad\" is invalid: spec.interval: Invalid value: \"1s\": spec.interval must be between 10s and 24h"), "{out}");
+    let unknown = write(
+        "unknown.yaml",
+        "apiVersion: mailpoll.dev/v1alpha1\nkind: MailboxPoll\nmetadata:\n  name: bad\nspec:\n  mailbox: support@contoso.com\n  bogus: 1\n  credentialsSecretRef:\n    name: graph-credentials\n",
+    );
+    let (ok, out) = run(&["apply", "-f", &unknown]);
+    assert!(
+        !ok && out.contains("unknown field \"spec.bogus\""),
+        "strict field validation: {out}"
+    );
+
+    let secret = write(
+        "secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: graph-credentials\nstringData:\n  tenantId: t\n  clientId: c\n  clientSecret: s\n",
+    );
+    let (ok, out) = run(&["apply", "-f", &secret]);
+    assert!(ok && out.contains("created"), "apply Secret: {out}");
+    let (_, out) = run(&[
+        "get",
+        "secret",
+        "graph-credentials",
+        "-o",
+        "jsonpath={.data.clientSecret}",
+    ]);
+    assert_eq!(out.trim(), "cw==");
+
+    let (ok, out) = run(&["delete", "mbp", "support-inbox", "--timeout=20s"]);
+    assert!(ok && out.contains("deleted"), "delete: {out}");
+    let (ok, out) = run(&["get", "mbp"]);
+    assert!(ok && out.contains("No resources found"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn a_selective_watch_sees_objects_enter_and_leave_its_selection() {
+    let world = World::new().await;
+    let api = world.mbp();
+    let start = api
+        .create(&PostParams::default(), &mailboxpoll("sel", "5m"))
+        .await
+        .expect("create");
+    let label =
+        |value: Option<&str>| Patch::Merge(json!({"metadata": {"labels": {"team": value}}}));
+    api.patch("sel", &PatchParams::default(), &label(Some("mail")))
+        .await
+        .expect("label on");
+    api.patch("sel", &PatchParams::default(), &label(None))
+        .await
+        .expect("label off");
+    let stream = api
+        .watch(
+            &WatchParams::default().labels("team=mail").timeout(2),
+            start.resource_version().as_deref().expect("rv"),
+        )
+        .await
+        .expect("watch starts");
+    let events: Vec<WatchEvent<MailboxPoll>> = tokio::time::timeout(PATIENCE, stream.try_collect())
+        .await
+        .expect("the watch ends at timeoutSeconds")
+        .expect("no stream error");
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            WatchEvent::Added(_) => Some("ADDED"),
+            WatchEvent::Modified(_) => Some("MODIFIED"),
+            WatchEvent::Deleted(_) => Some("DELETED"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["ADDED", "DELETED"]);
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_deletes_its_contents() {
+    let world = World::new().await;
+    let namespaces: Api<Namespace> = Api::all(world.client.clone());
+    let doomed = format!("{}-gone", world.namespace);
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": doomed}})).expect("namespace"),
+        )
+        .await
+        .expect("namespace created");
+    let secrets: Api<Secret> = Api::namespaced(world.client.clone(), &doomed);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"k": "v"}}))
+                .expect("secret"),
+        )
+        .await
+        .expect("secret created");
+    namespaces
+        .delete(&doomed, &DeleteParams::default())
+        .await
+        .expect("namespace delete");
+    let gone = wait_for(|| async {
+        namespaces
+            .get_opt(&doomed)
+            .await
+            .ok()
+            .and_then(|n| n.is_none().then_some(()))
+    })
+    .await;
+    assert!(gone.is_some(), "the namespace goes once empty");
+    let error = secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "t"}})).expect("secret"),
+        )
+        .await
+        .expect_err("no writes into a missing namespace");
+    assert_eq!(api_status(error).code, 404);
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn deleting_the_crd_stops_serving_its_resources() {
+    if real_cluster() {
+        return; // the CRD is shared by every test on a real cluster
+    }
+    let world = World::new().await;
+    let api = world.mbp();
+    api.create(&PostParams::default(), &mailboxpoll("doomed", "5m"))
+        .await
+        .expect("create");
+    let crds: Api<CustomResourceDefinition> = Api::all(world.client.clone());
+    crds.delete(CRD_NAME, &DeleteParams::default())
+        .await
+        .expect("CRD deleted");
+    let error = api
+        .list(&ListParams::default())
+        .await
+        .expect_err("no longer served");
+    assert_eq!(api_status(error).code, 404);
+    world.install_crd().await;
+    let listed = api
+        .list(&ListParams::default())
+        .await
+        .expect("served again");
+    assert!(
+        listed.items.is_empty(),
+        "custom resources went with their definition"
+    );
+}
