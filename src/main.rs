@@ -2,8 +2,10 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use mailpoll::controller::directory::Scope;
 use mailpoll::queue::{self, TaskFilter, TaskState};
 use mailpoll::telemetry::{self, LogFormat};
 use mailpoll::{db, operator, resource, tasks_cli};
@@ -93,6 +95,95 @@ struct OperatorArgs {
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, env = "MAILPOLL_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
+    /// Tasks (polls, deliveries, after-actions) this replica runs at once.
+    #[arg(long, env = "MAILPOLL_WORKER_CONCURRENCY", default_value_t = 16)]
+    worker_concurrency: usize,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "MAILPOLL_LEASE_NAME", default_value = "mailpoll-leader")]
+    lease_name: String,
+    /// Namespace of the Lease; defaults to POD_NAMESPACE, else `default`.
+    #[arg(long, env = "MAILPOLL_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Seconds a Lease nobody renews stays with its holder.
+    #[arg(long, env = "MAILPOLL_LEASE_DURATION_SECONDS", default_value_t = 15.0)]
+    lease_duration_seconds: f64,
+    /// Seconds the leader keeps acting without a successful renewal.
+    #[arg(
+        long,
+        env = "MAILPOLL_LEASE_RENEW_DEADLINE_SECONDS",
+        default_value_t = 10.0
+    )]
+    lease_renew_deadline_seconds: f64,
+    /// Seconds between tries to take or renew the Lease.
+    #[arg(
+        long,
+        env = "MAILPOLL_LEASE_RETRY_PERIOD_SECONDS",
+        default_value_t = 2.0
+    )]
+    lease_retry_period_seconds: f64,
+    /// Namespaces to watch, comma-separated; empty means all namespaces.
+    #[arg(long, env = "MAILPOLL_WATCH_NAMESPACES", default_value = "")]
+    watch_namespaces: String,
+    /// Seconds running tasks get to finish at shutdown before they are released.
+    #[arg(long, env = "MAILPOLL_SHUTDOWN_GRACE_SECONDS", default_value_t = 20.0)]
+    shutdown_grace_seconds: f64,
+    /// Entra authority (national clouds: https://login.microsoftonline.us, ...).
+    #[arg(long, env = "MAILPOLL_GRAPH_AUTHORITY_URL", default_value = mailpoll::graph::DEFAULT_AUTHORITY)]
+    graph_authority_url: String,
+    /// Microsoft Graph root (national clouds: https://graph.microsoft.us, ...).
+    #[arg(long, env = "MAILPOLL_GRAPH_URL", default_value = mailpoll::graph::DEFAULT_GRAPH)]
+    graph_url: String,
+}
+
+/// A duration flag in seconds; rejects what a Duration cannot hold.
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        anyhow::anyhow!("--{name} must be a non-negative number of seconds, not {value}")
+    })
+}
+
+impl OperatorArgs {
+    fn config(self) -> anyhow::Result<operator::OperatorConfig> {
+        let mut config = operator::OperatorConfig::new(
+            self.database.database_url.clone(),
+            self.http_addr,
+            operator::KubeSource::Infer,
+        );
+        config.pool = self.database.pool_config();
+        config.scope = Scope::parse(&self.watch_namespaces);
+        config.workers.concurrency = self.worker_concurrency.max(1);
+        config.workers.shutdown_grace =
+            seconds("shutdown-grace-seconds", self.shutdown_grace_seconds)?;
+        config.lease_name = self.lease_name;
+        config.lease_namespace = self
+            .lease_namespace
+            .filter(|ns| !ns.is_empty())
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|ns| !ns.is_empty())
+            })
+            .unwrap_or_else(|| "default".into());
+        config.lease_duration = seconds("lease-duration-seconds", self.lease_duration_seconds)?;
+        config.lease_renew_deadline = seconds(
+            "lease-renew-deadline-seconds",
+            self.lease_renew_deadline_seconds,
+        )?;
+        config.lease_retry_period = seconds(
+            "lease-retry-period-seconds",
+            self.lease_retry_period_seconds,
+        )?;
+        if config.lease_renew_deadline >= config.lease_duration
+            || config.lease_retry_period >= config.lease_renew_deadline
+        {
+            anyhow::bail!(
+                "lease settings must satisfy retry period < renew deadline < lease duration"
+            );
+        }
+        config.graph_authority_url = self.graph_authority_url;
+        config.graph_url = self.graph_url;
+        Ok(config)
+    }
 }
 
 impl DatabaseArgs {
@@ -174,11 +265,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Operator(args) => {
-            let config = operator::OperatorConfig {
-                pool: args.database.pool_config(),
-                database_url: args.database.database_url,
-                http_addr: args.http_addr,
-            };
+            let config = args.config()?;
             operator::run(config, operator::shutdown_signal()).await?;
             Ok(())
         }

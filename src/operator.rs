@@ -1,9 +1,48 @@
-//! `mailpoll operator`: the long-running process. For now it prepares the database and serves
-//! the health endpoints until SIGTERM.
+//! `mailpoll operator`: the long-running process.
+//!
+//! Every replica runs the worker pool (poll, deliver and actions tasks), a watch cache of
+//! MailboxPolls (the workers' directory; readiness waits for it) and the health endpoints. The
+//! replica holding the Lease also runs the controller: scheduling, forced polls, status, Events
+//! and the sweep of deleted MailboxPolls.
+//!
+//! Shutdown (SIGTERM): the controller stops, the Lease is released, the workers drain within
+//! the grace period, the HTTP server stops, the database pool closes.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
+use crate::controller::{self, LeaderWork};
+use crate::graph::{Governor, GovernorConfig, GraphClient, GraphConfig, GraphError};
+use crate::leader::{self, LeaderConfig};
+use crate::pipeline::actions::ActionsHandler;
+use crate::pipeline::deliver::DeliverHandler;
+use crate::pipeline::poll::{PollHandler, PollSettings};
+use crate::pipeline::{ACTIONS, DELIVER, POLL, cursor};
+use crate::queue::{self, QueueError, WorkerPool, WorkerPoolConfig};
+use crate::telemetry::metrics::{KindLabels, Metrics, QueueLabels, SharedMetrics};
 use crate::{db, http};
+
+/// Where the Kubernetes client comes from.
+#[derive(Clone)]
+pub enum KubeSource {
+    /// In-cluster configuration, else `KUBECONFIG` / `~/.kube/config`.
+    Infer,
+    Config(Box<kube::Config>),
+}
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Infer => f.write_str("Infer"),
+            Self::Config(config) => write!(f, "Config({})", config.cluster_url),
+        }
+    }
+}
 
 /// Settings of one operator process.
 #[derive(Debug, Clone)]
@@ -11,6 +50,52 @@ pub struct OperatorConfig {
     pub database_url: String,
     pub http_addr: SocketAddr,
     pub pool: db::PoolConfig,
+    pub kube: KubeSource,
+    /// Namespaces whose MailboxPolls this operator handles.
+    pub scope: Scope,
+    /// Worker pool settings; `worker_id` is this process's identity in the queue and the Lease.
+    pub workers: WorkerPoolConfig,
+    pub lease_name: String,
+    pub lease_namespace: String,
+    pub lease_duration: Duration,
+    pub lease_renew_deadline: Duration,
+    pub lease_retry_period: Duration,
+    pub graph_authority_url: String,
+    pub graph_url: String,
+    pub governor: GovernorConfig,
+    pub poll: PollSettings,
+    pub directory: DirectorySettings,
+    pub leader_work: LeaderWork,
+    /// How often queue depth gauges are refreshed.
+    pub metrics_interval: Duration,
+}
+
+impl OperatorConfig {
+    /// Production defaults around the given database, address and Kubernetes client.
+    pub fn new(database_url: impl Into<String>, http_addr: SocketAddr, kube: KubeSource) -> Self {
+        let workers = WorkerPoolConfig::default();
+        let identity = workers.worker_id.to_string();
+        Self {
+            database_url: database_url.into(),
+            http_addr,
+            pool: db::PoolConfig::default(),
+            kube,
+            scope: Scope::All,
+            workers,
+            lease_name: "mailpoll-leader".into(),
+            lease_namespace: "default".into(),
+            lease_duration: Duration::from_secs(15),
+            lease_renew_deadline: Duration::from_secs(10),
+            lease_retry_period: Duration::from_secs(2),
+            graph_authority_url: crate::graph::DEFAULT_AUTHORITY.into(),
+            graph_url: crate::graph::DEFAULT_GRAPH.into(),
+            governor: GovernorConfig::default(),
+            poll: PollSettings::default(),
+            directory: DirectorySettings::default(),
+            leader_work: LeaderWork::new(Scope::All, identity),
+            metrics_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -25,9 +110,15 @@ pub enum OperatorError {
     },
     #[error("HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("no Kubernetes client configuration (in-cluster or KUBECONFIG): {0}")]
+    Kube(#[source] kube::Error),
+    #[error("Graph client: {0}")]
+    Graph(#[from] GraphError),
+    #[error("worker pool: {0}")]
+    Workers(#[from] QueueError),
 }
 
-/// Runs until `shutdown` resolves, then stops serving and returns.
+/// Runs until `shutdown` resolves, then shuts down gracefully and returns.
 pub async fn run(
     config: OperatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -36,6 +127,36 @@ pub async fn run(
     db::migrate(&pool).await?;
     tracing::info!("database schema is up to date");
 
+    let client = match &config.kube {
+        KubeSource::Infer => kube::Client::try_default().await,
+        KubeSource::Config(kube_config) => kube::Client::try_from((**kube_config).clone()),
+    }
+    .map_err(OperatorError::Kube)?;
+
+    let metrics: SharedMetrics = Arc::new(Metrics::new());
+    let graph = graph_client(&config, &pool, &metrics)?;
+
+    let stop = CancellationToken::new();
+    let polls = MailboxPolls::start(&client, &config.scope, stop.child_token());
+    let watch_synced = Arc::new(AtomicBool::new(false));
+    {
+        let polls = polls.clone();
+        let watch_synced = watch_synced.clone();
+        tokio::spawn(async move {
+            polls.wait_synced().await;
+            watch_synced.store(true, Ordering::Release);
+            tracing::info!(
+                mailbox_polls = polls.len(),
+                "MailboxPoll watch cache synced"
+            );
+        });
+    }
+    let directory = Arc::new(KubeDirectory::new(
+        client.clone(),
+        polls,
+        config.directory.clone(),
+    ));
+
     let listener = http::bind(config.http_addr)
         .await
         .map_err(|source| OperatorError::Bind {
@@ -43,20 +164,214 @@ pub async fn run(
             source,
         })?;
     let local = listener.local_addr().map_err(OperatorError::Serve)?;
-    tracing::info!(addr = %local, "serving /healthz and /readyz");
-
+    let http_stop = CancellationToken::new();
     let state = http::HttpState {
         pool: pool.clone(),
-        metrics: std::sync::Arc::new(crate::telemetry::metrics::Metrics::new()),
-        watch_synced: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        metrics: metrics.clone(),
+        watch_synced,
     };
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(OperatorError::Serve)?;
+    let mut server = tokio::spawn({
+        let http_stop = http_stop.clone();
+        async move {
+            axum::serve(listener, http::router(state))
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await
+        }
+    });
+    tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+
+    let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
+
+    let leader_stop = CancellationToken::new();
+    let (leading, elector) = leader::spawn(
+        client.clone(),
+        LeaderConfig {
+            lease_name: config.lease_name.clone(),
+            namespace: config.lease_namespace.clone(),
+            identity: config.workers.worker_id.to_string(),
+            lease_duration: config.lease_duration,
+            renew_deadline: config.lease_renew_deadline,
+            retry_period: config.lease_retry_period,
+        },
+        leader_stop.clone(),
+    );
+    let mut leader_work = config.leader_work.clone();
+    leader_work.scope = config.scope.clone();
+    leader_work.identity = config.workers.worker_id.to_string();
+    let controller_stop = CancellationToken::new();
+    let leading_task = tokio::spawn(controller::lead(
+        pool.clone(),
+        client.clone(),
+        directory.clone(),
+        metrics.clone(),
+        leader_work,
+        leading,
+        controller_stop.clone(),
+    ));
+    let gauges = tokio::spawn(refresh_queue_gauges(
+        pool.clone(),
+        metrics.clone(),
+        config.metrics_interval,
+        stop.child_token(),
+    ));
+
+    let server_failed = tokio::select! {
+        () = shutdown => None,
+        result = &mut server => Some(result),
+    };
+
+    // Scheduling stops first so nothing new is planned while the workers drain.
+    controller_stop.cancel();
+    let _ = leading_task.await;
+    leader_stop.cancel();
+    let _ = elector.await;
+    tracing::info!("leadership released");
+    let report = workers.shutdown().await;
+    tracing::info!(
+        stopped = report.stopped,
+        released = report.released,
+        abandoned = report.abandoned,
+        "workers drained"
+    );
+    stop.cancel();
+    let _ = gauges.await;
+    http_stop.cancel();
+    let served = match server_failed {
+        Some(result) => result,
+        None => server.await,
+    };
     pool.close().await;
     tracing::info!("stopped");
-    Ok(())
+    match served {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(OperatorError::Serve(error)),
+        Err(join) => Err(OperatorError::Serve(std::io::Error::other(
+            join.to_string(),
+        ))),
+    }
+}
+
+/// The Graph client, with its response statuses counted and its throttling shared through
+/// Postgres with every replica.
+fn graph_client(
+    config: &OperatorConfig,
+    pool: &sqlx::PgPool,
+    metrics: &SharedMetrics,
+) -> Result<GraphClient, OperatorError> {
+    let graph = GraphClient::new(
+        GraphConfig::with_urls(&config.graph_authority_url, &config.graph_url)?,
+        Governor::new(config.governor.clone()),
+    )?;
+    {
+        let metrics = metrics.clone();
+        graph.on_response(move |status| metrics.graph_response(status));
+    }
+    let (notices, mut pending) = tokio::sync::mpsc::channel(1024);
+    graph.governor().on_throttle(move |notice| {
+        // Dropped when full: the poll that hit the throttle records it in Postgres as well.
+        let _ = notices.try_send(notice.clone());
+    });
+    let pool = pool.clone();
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        while let Some(notice) = pending.recv().await {
+            metrics.throttled_for(notice.retry_after);
+            if let Err(error) =
+                cursor::set_throttled_until(&pool, &notice.mailbox, notice.until).await
+            {
+                tracing::warn!(%error, mailbox = %notice.mailbox, "cannot share a Graph Retry-After with other replicas");
+            }
+        }
+    });
+    Ok(graph)
+}
+
+fn start_workers(
+    config: &OperatorConfig,
+    pool: &sqlx::PgPool,
+    directory: &Arc<KubeDirectory>,
+    graph: &GraphClient,
+    metrics: &SharedMetrics,
+) -> Result<queue::RunningPool, OperatorError> {
+    let webhook_http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("mailpoll/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| {
+            OperatorError::Graph(GraphError::Config(format!("webhook HTTP client: {e}")))
+        })?;
+    Ok(WorkerPool::new(pool.clone(), config.workers.clone())
+        .register(
+            POLL,
+            PollHandler {
+                pool: pool.clone(),
+                directory: directory.clone(),
+                graph: graph.clone(),
+                metrics: metrics.clone(),
+                settings: config.poll.clone(),
+            },
+        )
+        .register(
+            DELIVER,
+            DeliverHandler {
+                pool: pool.clone(),
+                directory: directory.clone(),
+                http: webhook_http,
+                metrics: metrics.clone(),
+            },
+        )
+        .register(
+            ACTIONS,
+            ActionsHandler {
+                pool: pool.clone(),
+                directory: directory.clone(),
+                graph: graph.clone(),
+                metrics: metrics.clone(),
+                run_lease: config.poll.run_lease,
+                run_budget: Duration::from_secs(30),
+            },
+        )
+        .start()?)
+}
+
+/// Keeps the queue gauges current. Every replica reports the same numbers (they describe
+/// the shared queue); dashboards take the max.
+async fn refresh_queue_gauges(
+    pool: sqlx::PgPool,
+    metrics: SharedMetrics,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        match queue::depth(&pool).await {
+            Ok(depth) => {
+                metrics.queue_tasks.clear();
+                metrics.queue_oldest_pending_seconds.clear();
+                for row in &depth.rows {
+                    metrics
+                        .queue_tasks
+                        .get_or_create(&QueueLabels {
+                            kind: row.kind.clone(),
+                            state: row.state.to_string(),
+                        })
+                        .set(row.tasks);
+                    if let Some(age) = row.oldest_due_age {
+                        metrics
+                            .queue_oldest_pending_seconds
+                            .get_or_create(&KindLabels {
+                                kind: row.kind.clone(),
+                            })
+                            .set(age.as_secs_f64());
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot read the queue depth"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// Resolves on SIGTERM (Kubernetes' stop signal) or Ctrl-C.

@@ -1,4 +1,315 @@
 //! The MailboxPoll controller (runs on the leader): validates what the schema cannot,
 //! schedules polls, handles forced polls and writes status.
+//!
+//! [`lead`] follows the leader election: while this process leads it runs one kube-runtime
+//! Controller per watched scope, turns the workers' "poll finished" notifications into
+//! reconciles, and sweeps the state of deleted MailboxPolls; the moment leadership is lost all
+//! of that stops.
 
 pub mod conditions;
+pub mod directory;
+pub mod reconcile;
+pub mod schedule;
+pub mod status;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::ResourceExt;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::pipeline::cursor;
+use crate::pipeline::poll::MAILBOX_CHANGED_CHANNEL;
+use crate::queue;
+use crate::resource::{MailboxPoll, POLL_REQUESTED_AT_ANNOTATION};
+use crate::telemetry::metrics::SharedMetrics;
+use directory::{KubeDirectory, Scope};
+use reconcile::{Context, ReconcileSettings};
+
+/// Name of the controller in Events.
+pub const CONTROLLER_NAME: &str = "mailpoll.dev/controller";
+
+/// Settings of the leader's work.
+#[derive(Debug, Clone)]
+pub struct LeaderWork {
+    pub scope: Scope,
+    /// Identity in Events (pod name plus process id).
+    pub identity: String,
+    pub reconcile: ReconcileSettings,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// How often the state of deleted MailboxPolls is swept.
+    pub sweep_interval: Duration,
+    /// Cursors and tasks younger than this are never swept: their MailboxPoll may be too new
+    /// for the watch cache.
+    pub sweep_min_age: Duration,
+}
+
+impl LeaderWork {
+    pub fn new(scope: Scope, identity: impl Into<String>) -> Self {
+        Self {
+            scope,
+            identity: identity.into(),
+            reconcile: ReconcileSettings::default(),
+            concurrency: 32,
+            sweep_interval: Duration::from_secs(60),
+            sweep_min_age: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Runs the leader's work whenever `leading` says so, until `stop`.
+pub async fn lead(
+    pool: PgPool,
+    client: kube::Client,
+    directory: Arc<KubeDirectory>,
+    metrics: SharedMetrics,
+    work: LeaderWork,
+    mut leading: watch::Receiver<bool>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = leading.wait_for(|l| *l) => if changed.is_err() { return },
+        }
+        tracing::info!(identity = %work.identity, "became leader: scheduling starts");
+        metrics.leader.set(1);
+        let term = stop.child_token();
+        let tasks = start_term(&pool, &client, &directory, &metrics, &work, term.clone());
+        tokio::select! {
+            () = stop.cancelled() => {}
+            _ = leading.wait_for(|l| !*l) => {
+                tracing::warn!(identity = %work.identity, "leadership lost: scheduling stops");
+            }
+        }
+        // Stop at once: another replica may already be leading.
+        term.cancel();
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        metrics.leader.set(0);
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}
+
+fn start_term(
+    pool: &PgPool,
+    client: &kube::Client,
+    directory: &Arc<KubeDirectory>,
+    metrics: &SharedMetrics,
+    work: &LeaderWork,
+    term: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: CONTROLLER_NAME.into(),
+            instance: Some(work.identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        pool.clone(),
+        client.clone(),
+        directory.clone(),
+        recorder,
+        metrics.clone(),
+        work.reconcile.clone(),
+    ));
+    let mut tasks = Vec::new();
+    let mut routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>> = HashMap::new();
+    for (namespace, api) in work.scope.apis::<MailboxPoll>(client) {
+        let (tx, rx) = mpsc::channel(1024);
+        routes.insert(namespace.clone(), tx);
+        let (reader, writer) = reflector::store();
+        // Reconciles follow spec changes and new forced-poll values, never status writes.
+        let changes = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .applied_objects()
+            .predicate_filter(spec_or_request, Default::default());
+        let triggers = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|object| (object, rx))
+        });
+        let controller = Controller::for_stream(changes, reader)
+            .with_config(ControllerConfig::default().concurrency(work.concurrency))
+            .reconcile_on(triggers)
+            .graceful_shutdown_on(term.clone().cancelled_owned())
+            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "controller");
+                }
+            });
+        tasks.push(tokio::spawn(controller));
+    }
+    tasks.push(tokio::spawn(forward_announcements(
+        pool.clone(),
+        routes,
+        term.clone(),
+    )));
+    tasks.push(tokio::spawn(sweep_loop(
+        pool.clone(),
+        directory.clone(),
+        ctx,
+        work.clone(),
+        term,
+    )));
+    tasks
+}
+
+/// Hash of what should trigger a reconcile: the spec (its generation) and the forced-poll
+/// annotation.
+fn spec_or_request(poll: &MailboxPoll) -> Option<u64> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    predicates::generation(poll).hash(&mut hasher);
+    poll.annotations()
+        .get(POLL_REQUESTED_AT_ANNOTATION)
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// Turns the workers' "poll finished" notifications (`namespace/name`) into reconciles.
+async fn forward_announcements(
+    pool: PgPool,
+    routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for finished polls; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                }
+            }
+        };
+        if let Err(error) = listener.listen(MAILBOX_CHANGED_CHANNEL).await {
+            tracing::warn!(%error, "cannot listen for finished polls; retrying");
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(2)) => continue,
+            }
+        }
+        loop {
+            let notification = tokio::select! {
+                () = stop.cancelled() => return,
+                n = listener.recv() => n,
+            };
+            match notification {
+                Ok(notification) => {
+                    let Some((namespace, name)) = notification.payload().split_once('/') else {
+                        continue;
+                    };
+                    let object = ObjectRef::new(name).within(namespace);
+                    let route = routes
+                        .get(&Some(namespace.to_owned()))
+                        .or_else(|| routes.get(&None));
+                    if let Some(route) = route {
+                        // A full channel means reconciles are already queued; the requeue
+                        // timers catch up with anything dropped here.
+                        let _ = route.try_send(object);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "listening for finished polls failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn sweep_loop(
+    pool: PgPool,
+    directory: Arc<KubeDirectory>,
+    ctx: Arc<Context>,
+    work: LeaderWork,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = directory.polls().wait_synced() => {}
+    }
+    loop {
+        match sweep(&pool, &directory, &work).await {
+            Ok(swept) => {
+                for uid in &swept {
+                    ctx.forget(*uid);
+                }
+                if !swept.is_empty() {
+                    tracing::info!(
+                        count = swept.len(),
+                        "swept the state of deleted MailboxPolls"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "sweeping deleted MailboxPolls failed"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(work.sweep_interval) => {}
+        }
+    }
+}
+
+/// Cancels the live tasks and deletes the cursors of MailboxPolls that no longer exist. The
+/// ledger is kept. Returns the uids swept.
+pub async fn sweep(
+    pool: &PgPool,
+    directory: &KubeDirectory,
+    work: &LeaderWork,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let min_age = work.sweep_min_age.as_secs_f64();
+    let namespaces: Option<Vec<String>> = match &work.scope {
+        Scope::All => None,
+        Scope::Namespaces(list) => Some(list.clone()),
+    };
+    // Owners outside the watched namespaces are another operator's business; owners without
+    // a cursor are only known to be ours when every namespace is watched.
+    let candidates: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT mailbox_uid FROM mailbox_cursors
+         WHERE created_at < now() - $1 * interval '1 second'
+           AND ($2::text[] IS NULL OR namespace = ANY($2))
+         UNION
+         SELECT DISTINCT owner_uid FROM tasks
+         WHERE $2::text[] IS NULL AND owner_uid IS NOT NULL
+           AND state IN ('pending', 'running')
+           AND created_at < now() - $1 * interval '1 second'",
+    )
+    .bind(min_age)
+    .bind(namespaces)
+    .fetch_all(pool)
+    .await?;
+    let existing: std::collections::HashSet<Uuid> = directory.polls().uids().into_iter().collect();
+    let mut swept = Vec::new();
+    for uid in candidates {
+        if existing.contains(&uid) {
+            continue;
+        }
+        queue::cancel_owner(pool, uid).await.map_err(|e| match e {
+            queue::QueueError::Database { source, .. } => source,
+            other => sqlx::Error::Protocol(other.to_string()),
+        })?;
+        cursor::delete(pool, uid).await?;
+        swept.push(uid);
+    }
+    Ok(swept)
+}

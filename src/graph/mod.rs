@@ -93,7 +93,11 @@ struct Inner {
     config: GraphConfig,
     governor: Arc<Governor>,
     tokens: TokenCache,
+    response_hook: std::sync::Mutex<Option<ResponseHook>>,
 }
+
+/// Told of every Graph response status (`None` when no response arrived), for metrics.
+type ResponseHook = Arc<dyn Fn(Option<u16>) + Send + Sync>;
 
 /// The process's Graph client; cheap to clone.
 #[derive(Clone)]
@@ -137,6 +141,7 @@ impl GraphClient {
                 config,
                 governor,
                 tokens,
+                response_hook: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -147,6 +152,28 @@ impl GraphClient {
 
     pub fn config(&self) -> &GraphConfig {
         &self.inner.config
+    }
+
+    /// Sets the function told of every response status (`None`: no response arrived). It runs
+    /// on the request's task: keep it quick.
+    pub fn on_response(&self, hook: impl Fn(Option<u16>) + Send + Sync + 'static) {
+        *self
+            .inner
+            .response_hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(hook));
+    }
+
+    fn report_response(&self, status: Option<u16>) {
+        let hook = self
+            .inner
+            .response_hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(hook) = hook {
+            hook(status);
+        }
     }
 
     /// A client for one mailbox (UPN or object id) with one credential set.
@@ -318,6 +345,8 @@ impl MailboxClient {
                 Err(error) => Err(error),
             };
             drop(permit);
+            self.client
+                .report_response(outcome.as_ref().ok().map(|(status, ..)| *status));
 
             let (status, headers, request_id, body) = match outcome {
                 Ok(parts) => parts,

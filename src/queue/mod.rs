@@ -11,7 +11,9 @@
 //! | [`finish`] ([`complete`], [`fail`], [`snooze`], [`release`]) | `running` (own lease) | `succeeded`, `pending` or `dead` |
 //! | [`rescue`] | `running`, lease expired | `pending` (an attempt counted) or `dead` |
 //! | [`retry_dead`] | `dead` | `pending`, attempts reset |
+//! | [`pull_forward`] | `pending`, due later | `pending`, due sooner |
 //! | [`cancel_owner`] | `pending` / `running` | `cancelled` |
+//! | [`cancel_pending`] | `pending` (by dedupe key) | `cancelled` |
 //! | [`prune`] | `succeeded` / `cancelled`, old | deleted |
 //!
 //! Operations on a held task are fenced by its [`Lease`] (task id and the lock token of the
@@ -38,9 +40,9 @@ use uuid::Uuid;
 pub use backoff::RetryPolicy;
 pub use stats::{QueueCounters, QueueCountersSnapshot, QueueDepth};
 pub use store::{
-    FinishOutcome, PruneReport, RescueReport, TaskFilter, cancel_owner, claim, complete, depth,
-    enqueue, enqueue_many, enqueue_many_on, fail, finish, get, heartbeat, list, prune, release,
-    rescue, retry_dead, snooze,
+    FinishOutcome, PruneReport, RescueReport, TaskFilter, cancel_owner, cancel_pending, claim,
+    complete, depth, enqueue, enqueue_many, enqueue_many_on, fail, finish, get, heartbeat, list,
+    prune, pull_forward, release, rescue, retry_dead, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{

@@ -552,6 +552,50 @@ pub async fn cancel_owner<'e>(
     Ok(result.rows_affected())
 }
 
+/// Moves the pending task with `dedupe_key` forward to `run_at` when it is due later (a forced
+/// poll, or a shorter interval). A running task is left alone. Returns whether a task moved;
+/// idle workers are woken when it became due.
+pub async fn pull_forward<'e>(
+    executor: impl PgExecutor<'e>,
+    dedupe_key: &str,
+    run_at: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, QueueError> {
+    let moved: Option<i64> = sqlx::query_scalar(
+        "WITH moved AS (
+             UPDATE tasks SET run_at = $2, updated_at = now()
+             WHERE dedupe_key = $1 AND state = 'pending' AND run_at > $2
+             RETURNING id, run_at
+         ), wake AS (
+             SELECT pg_notify('mailpoll_tasks', '') FROM moved WHERE run_at <= now() LIMIT 1
+         )
+         SELECT id FROM moved WHERE (SELECT count(*) FROM wake) >= 0",
+    )
+    .bind(dedupe_key)
+    .bind(run_at)
+    .fetch_optional(executor)
+    .await
+    .map_err(QueueError::db("pulling a task forward"))?;
+    Ok(moved.is_some())
+}
+
+/// Cancels the pending task with `dedupe_key` (a suspended schedule); a running task is left
+/// to finish. Returns whether a task was cancelled.
+pub async fn cancel_pending<'e>(
+    executor: impl PgExecutor<'e>,
+    dedupe_key: &str,
+) -> Result<bool, QueueError> {
+    let result = sqlx::query(
+        "UPDATE tasks
+         SET state = 'cancelled', finished_at = now(), updated_at = now()
+         WHERE dedupe_key = $1 AND state = 'pending'",
+    )
+    .bind(dedupe_key)
+    .execute(executor)
+    .await
+    .map_err(QueueError::db("cancelling a pending task"))?;
+    Ok(result.rows_affected() > 0)
+}
+
 /// Which tasks [`list`] shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskFilter {

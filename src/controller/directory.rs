@@ -1,0 +1,352 @@
+//! The Kubernetes-backed [`Directory`]: MailboxPolls from a watch cache (every replica keeps
+//! one), their Secrets read on demand through a short-lived cache.
+//!
+//! Secret values only ever live in [`Credentials`] and [`SigningKey`], whose `Debug` output
+//! is redacted; errors name Secrets and keys, never values.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::delivery::webhook::{Endpoint, SigningKey};
+use crate::graph::{ClientSecret, Credentials};
+use crate::pipeline::cursor::Source;
+use crate::pipeline::{ConfigError, Directory, MailboxConfig};
+use crate::resource::{MailboxPoll, parse_duration};
+
+/// Which namespaces the operator watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Namespaces(Vec<String>),
+}
+
+impl Scope {
+    /// From a comma-separated list; empty means all namespaces.
+    pub fn parse(list: &str) -> Self {
+        let mut namespaces: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        if namespaces.is_empty() {
+            Self::All
+        } else {
+            Self::Namespaces(namespaces)
+        }
+    }
+
+    /// One API per watch: all namespaces, or each listed one.
+    pub fn apis<K>(&self, client: &kube::Client) -> Vec<(Option<String>, Api<K>)>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match self {
+            Self::All => vec![(None, Api::all(client.clone()))],
+            Self::Namespaces(list) => list
+                .iter()
+                .map(|ns| (Some(ns.clone()), Api::namespaced(client.clone(), ns)))
+                .collect(),
+        }
+    }
+
+    pub fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Namespaces(list) => list.iter().any(|n| n == namespace),
+        }
+    }
+}
+
+/// Watch caches of MailboxPolls, one per watched scope.
+#[derive(Clone)]
+pub struct MailboxPolls {
+    stores: Vec<Store<MailboxPoll>>,
+}
+
+impl MailboxPolls {
+    /// Starts the watches; they run until `stop`.
+    pub fn start(client: &kube::Client, scope: &Scope, stop: CancellationToken) -> Self {
+        let mut stores = Vec::new();
+        for (namespace, api) in scope.apis::<MailboxPoll>(client) {
+            let (reader, writer) = reflector::store();
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .applied_objects();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream.take_until(stop.cancelled_owned()));
+                while let Some(item) = stream.next().await {
+                    if let Err(error) = item {
+                        tracing::warn!(namespace = namespace.as_deref().unwrap_or("*"), %error, "MailboxPoll watch error; retrying");
+                    }
+                }
+            });
+            stores.push(reader);
+        }
+        Self { stores }
+    }
+
+    /// Whether every watch has listed its objects once.
+    pub async fn wait_synced(&self) {
+        for store in &self.stores {
+            // An error means the watch task ended (shutdown); nothing left to wait for.
+            let _ = store.wait_until_ready().await;
+        }
+    }
+
+    pub fn find(&self, uid: Uuid) -> Option<Arc<MailboxPoll>> {
+        let uid = uid.to_string();
+        self.stores
+            .iter()
+            .find_map(|store| store.find(|o| o.metadata.uid.as_deref() == Some(uid.as_str())))
+    }
+
+    /// Uids of every MailboxPoll in the caches.
+    pub fn uids(&self) -> Vec<Uuid> {
+        self.stores
+            .iter()
+            .flat_map(|store| store.state())
+            .filter_map(|o| {
+                o.metadata
+                    .uid
+                    .as_deref()
+                    .and_then(|u| Uuid::parse_str(u).ok())
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.stores.iter().map(Store::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Settings of the directory.
+#[derive(Debug, Clone)]
+pub struct DirectorySettings {
+    /// How long a Secret read (or its absence) is reused.
+    pub secret_ttl: Duration,
+    /// How long a lookup waits for a MailboxPoll the cache does not know yet (it may have
+    /// been created a moment ago) before answering that it does not exist.
+    pub miss_grace: Duration,
+}
+
+impl Default for DirectorySettings {
+    fn default() -> Self {
+        Self {
+            secret_ttl: Duration::from_secs(5),
+            miss_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+type SecretData = Option<BTreeMap<String, ByteString>>;
+
+/// Secret data by (namespace, name), with the time it was read.
+type SecretCache = HashMap<(String, String), (Instant, Arc<SecretData>)>;
+
+/// See the module documentation.
+pub struct KubeDirectory {
+    client: kube::Client,
+    polls: MailboxPolls,
+    settings: DirectorySettings,
+    secrets: Mutex<SecretCache>,
+}
+
+impl KubeDirectory {
+    pub fn new(client: kube::Client, polls: MailboxPolls, settings: DirectorySettings) -> Self {
+        Self {
+            client,
+            polls,
+            settings,
+            secrets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn polls(&self) -> &MailboxPolls {
+        &self.polls
+    }
+
+    /// A Secret's data (`None`: the Secret does not exist), cached for the TTL.
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Arc<SecretData>, ConfigError> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some((at, data)) = self
+            .secrets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            && at.elapsed() < self.settings.secret_ttl
+        {
+            return Ok(data.clone());
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let secret = api.get_opt(name).await.map_err(|error| {
+            ConfigError::Unavailable(format!("reading Secret {namespace}/{name}: {error}"))
+        })?;
+        let data = Arc::new(secret.map(|s| s.data.unwrap_or_default()));
+        self.secrets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, (Instant::now(), data.clone()));
+        Ok(data)
+    }
+
+    async fn secret_value(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Vec<u8>, ConfigError> {
+        let data = self.secret(namespace, name).await?;
+        let Some(data) = data.as_ref() else {
+            return Err(ConfigError::SecretNotFound {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            });
+        };
+        data.get(key)
+            .map(|value| value.0.clone())
+            .ok_or_else(|| ConfigError::SecretKeyMissing {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                key: key.to_owned(),
+            })
+    }
+
+    async fn secret_text(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<String, ConfigError> {
+        let bytes = self.secret_value(namespace, name, key).await?;
+        // Values pasted with `echo` end in a newline; ids and client secrets never do.
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::SecretKeyMissing {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            key: format!("{key} (its value is not UTF-8 text)"),
+        })?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(ConfigError::SecretKeyMissing {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                key: format!("{key} (its value is empty)"),
+            });
+        }
+        Ok(text.to_owned())
+    }
+
+    /// The full configuration of a MailboxPoll, Secrets included.
+    pub async fn resolve(&self, poll: &MailboxPoll) -> Result<MailboxConfig, ConfigError> {
+        let namespace = poll.namespace().unwrap_or_default();
+        let uid = poll
+            .metadata
+            .uid
+            .as_deref()
+            .and_then(|u| Uuid::parse_str(u).ok())
+            .ok_or_else(|| ConfigError::Unavailable("the MailboxPoll has no uid".into()))?;
+        let spec = &poll.spec;
+        let creds = &spec.credentials_secret_ref;
+        let credentials = Credentials {
+            tenant_id: self
+                .secret_text(&namespace, &creds.name, &creds.tenant_id_key)
+                .await?,
+            client_id: self
+                .secret_text(&namespace, &creds.name, &creds.client_id_key)
+                .await?,
+            client_secret: ClientSecret::new(
+                self.secret_text(&namespace, &creds.name, &creds.client_secret_key)
+                    .await?,
+            ),
+        };
+        let delivery = spec.delivery.clone().unwrap_or_default();
+        let webhook = match &delivery.webhook {
+            None => None,
+            Some(hook) => {
+                let signing_key = match &hook.signing_secret_ref {
+                    None => None,
+                    Some(reference) => Some(SigningKey::new(
+                        self.secret_value(&namespace, &reference.name, &reference.key)
+                            .await?,
+                    )),
+                };
+                Some(Endpoint {
+                    url: hook.url.clone(),
+                    timeout: parse_duration(&hook.timeout).unwrap_or(Duration::from_secs(10)),
+                    signing_key,
+                })
+            }
+        };
+        let after = spec.after_delivery.clone().unwrap_or_default();
+        Ok(MailboxConfig {
+            source: Source {
+                uid,
+                namespace: namespace.clone(),
+                name: poll.name_any(),
+                mailbox: spec.mailbox.clone(),
+                folder: spec.folder.clone(),
+            },
+            credentials,
+            webhook,
+            include_body: delivery.include_body,
+            mark_as_read: after.mark_as_read,
+            move_to_folder: after.move_to_folder,
+            max_attempts: spec.max_attempts,
+        })
+    }
+}
+
+impl Directory for KubeDirectory {
+    async fn lookup(&self, uid: Uuid) -> Result<Option<MailboxConfig>, ConfigError> {
+        self.polls.wait_synced().await;
+        let deadline = Instant::now() + self.settings.miss_grace;
+        let poll = loop {
+            if let Some(poll) = self.polls.find(uid) {
+                break poll;
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        self.resolve(&poll).await.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_lists_are_trimmed_and_deduplicated() {
+        assert_eq!(Scope::parse(""), Scope::All);
+        assert_eq!(Scope::parse(" , "), Scope::All);
+        assert_eq!(
+            Scope::parse("b, a,b"),
+            Scope::Namespaces(vec!["a".into(), "b".into()])
+        );
+        assert!(Scope::parse("a").contains("a"));
+        assert!(!Scope::parse("a").contains("b"));
+        assert!(Scope::All.contains("anything"));
+    }
+}

@@ -1,0 +1,278 @@
+//! One reconciliation of a MailboxPoll (leader only): check what the schema cannot, record a
+//! forced-poll request, make the live poll task match the schedule, write the status when it
+//! changed, publish Events on transitions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Resource, ResourceExt};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::directory::KubeDirectory;
+use super::schedule::{self, LiveTask, Schedule};
+use super::status::{self, Seen};
+use crate::pipeline::ConfigError;
+use crate::queue::QueueError;
+use crate::resource::{MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION};
+use crate::telemetry::metrics::SharedMetrics;
+
+/// Field manager of the status writes.
+pub const FIELD_MANAGER: &str = "mailpoll-controller";
+
+/// Timing of reconciles.
+#[derive(Debug, Clone)]
+pub struct ReconcileSettings {
+    /// Longest time between two reconciles of an unchanged MailboxPoll.
+    pub max_requeue: Duration,
+    /// Requeue while messages wait for delivery, so the counts move.
+    pub pending_requeue: Duration,
+    /// Requeue while the configuration is broken (a Secret may appear at any time).
+    pub config_requeue: Duration,
+    /// Requeue after an error.
+    pub error_requeue: Duration,
+    /// Requeue while a poll task is finishing (its round done, its completion being recorded).
+    pub settle_requeue: Duration,
+    /// Requeue while a poll task runs (its end is announced; this is the fallback).
+    pub running_requeue: Duration,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        Self {
+            max_requeue: Duration::from_secs(300),
+            pending_requeue: Duration::from_secs(10),
+            config_requeue: Duration::from_secs(5),
+            error_requeue: Duration::from_secs(5),
+            settle_requeue: Duration::from_millis(300),
+            running_requeue: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the leader remembers per MailboxPoll: the basis of its Events and its last write.
+#[derive(Debug, Clone)]
+struct Memory {
+    seen: Seen,
+    written: Option<MailboxPollStatus>,
+}
+
+/// Shared by every reconcile of one leadership term.
+pub struct Context {
+    pub pool: PgPool,
+    pub client: kube::Client,
+    pub directory: Arc<KubeDirectory>,
+    pub recorder: Recorder,
+    pub metrics: SharedMetrics,
+    pub settings: ReconcileSettings,
+    memory: Mutex<HashMap<Uuid, Memory>>,
+}
+
+impl Context {
+    pub fn new(
+        pool: PgPool,
+        client: kube::Client,
+        directory: Arc<KubeDirectory>,
+        recorder: Recorder,
+        metrics: SharedMetrics,
+        settings: ReconcileSettings,
+    ) -> Self {
+        Self {
+            pool,
+            client,
+            directory,
+            recorder,
+            metrics,
+            settings,
+            memory: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Memory>> {
+        self.memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets MailboxPolls that no longer exist.
+    pub fn forget(&self, uid: Uuid) {
+        self.memory().remove(&uid);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Config(ConfigError),
+    #[error("cannot encode the status: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl ReconcileError {
+    /// Label of the reconcile error metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Db(_) | Self::Queue(_) => "Database",
+            Self::Kube(_) => "KubernetesApi",
+            Self::Config(error) => error.reason(),
+            Self::Encode(_) => "Encode",
+        }
+    }
+}
+
+pub async fn reconcile(
+    poll: Arc<MailboxPoll>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&poll, &ctx).await;
+    ctx.metrics.reconciled(
+        started.elapsed(),
+        result.as_ref().err().map(ReconcileError::reason),
+    );
+    result
+}
+
+pub fn error_policy(poll: Arc<MailboxPoll>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    tracing::warn!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), %error, "reconcile failed");
+    Action::requeue(ctx.settings.error_requeue)
+}
+
+async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, ReconcileError> {
+    let Some(uid) = poll
+        .metadata
+        .uid
+        .as_deref()
+        .and_then(|u| Uuid::parse_str(u).ok())
+    else {
+        return Ok(Action::await_change());
+    };
+    let settings = &ctx.settings;
+
+    // 1. What the schema cannot check.
+    let config_error = match ctx.directory.resolve(poll).await {
+        Ok(_) => None,
+        Err(error @ ConfigError::Unavailable(_)) => return Err(ReconcileError::Config(error)),
+        Err(error) => Some(error),
+    };
+
+    // 2. A forced poll: each annotation value is accepted once, ever.
+    if let Some(value) = poll
+        .annotations()
+        .get(POLL_REQUESTED_AT_ANNOTATION)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        && schedule::request_poll(&ctx.pool, uid, value).await?
+    {
+        tracing::info!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), value, "poll requested");
+    }
+
+    // 3. The schedule. A broken configuration stops scheduled polls (each would fail the same
+    //    way); forced polls still run and report what is wrong.
+    let interval = poll.spec.interval().unwrap_or(Duration::from_secs(300));
+    let state = schedule::load(&ctx.pool, uid).await?;
+    let plan = Schedule {
+        active: !poll.spec.suspend && config_error.is_none(),
+        interval,
+    };
+    let step = schedule::plan(&state, plan, Utc::now());
+    schedule::apply(&ctx.pool, uid, poll.spec.max_attempts, step).await?;
+    if state.live == Some(LiveTask::Running) {
+        // Its status is written once it has finished (the worker announces that), so one poll
+        // costs one status write.
+        let facts = status::load(&ctx.pool, uid).await?;
+        let after = if facts.settling {
+            settings.settle_requeue
+        } else {
+            settings.running_requeue
+        };
+        return Ok(Action::requeue(after));
+    }
+
+    // 4. Status.
+    let facts = status::load(&ctx.pool, uid).await?;
+    let desired = status::desired_status(
+        poll.status.as_ref(),
+        poll.metadata.generation,
+        config_error.as_ref(),
+        &facts,
+        Utc::now(),
+    );
+    let remembered = ctx.memory().get(&uid).cloned();
+    let unchanged = poll
+        .status
+        .as_ref()
+        .is_some_and(|current| status::same(current, &desired))
+        || remembered
+            .as_ref()
+            .and_then(|m| m.written.as_ref())
+            .is_some_and(|written| status::same(written, &desired));
+    if !unchanged {
+        let api: Api<MailboxPoll> =
+            Api::namespaced(ctx.client.clone(), &poll.namespace().unwrap_or_default());
+        api.patch_status(
+            &poll.name_any(),
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(status::patch_body(&desired)?),
+        )
+        .await?;
+    }
+
+    // 5. Events, on transitions only.
+    let seen = remembered
+        .as_ref()
+        .map(|m| m.seen.clone())
+        .unwrap_or_else(|| Seen::from_status(poll.status.as_ref(), &facts));
+    let ready = &status::desired_conditions(config_error.as_ref(), &facts)[0];
+    let (notices, seen) = status::transitions(&seen, ready, &facts, config_error.as_ref());
+    for notice in notices {
+        let event = Event {
+            type_: if notice.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: notice.reason.into(),
+            note: Some(notice.note),
+            action: "Poll".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &poll.object_ref(&())).await {
+            tracing::warn!(name = %poll.name_any(), reason = notice.reason, %error, "cannot publish an Event");
+        }
+    }
+    let written = if unchanged {
+        remembered.and_then(|m| m.written)
+    } else {
+        Some(desired)
+    };
+    ctx.memory().insert(uid, Memory { seen, written });
+
+    // 6. When to look again.
+    let mut after = settings.max_requeue;
+    if let Some(next) = facts.next_poll {
+        let until = (next - Utc::now()).to_std().unwrap_or_default();
+        after = after.min(until + Duration::from_secs(1));
+    }
+    if facts.counts.pending > 0 {
+        after = after.min(settings.pending_requeue);
+    }
+    if config_error.is_some() {
+        after = after.min(settings.config_requeue);
+    }
+    Ok(Action::requeue(after.max(Duration::from_secs(1))))
+}

@@ -1,0 +1,527 @@
+//! A MailboxPoll's status, computed from what Postgres knows, and the Events its changes call
+//! for. Pure functions; [`load`] reads the facts.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::conditions::{self, DEGRADED, Desired, READY};
+use crate::ledger;
+use crate::pipeline::ConfigError;
+use crate::pipeline::poll::poll_dedupe_key;
+use crate::resource::MailboxPollStatus;
+
+/// Reason of `Ready=False` before the first poll finished.
+pub const AWAITING_FIRST_POLL: &str = "AwaitingFirstPoll";
+/// Reason of `Ready=True`.
+pub const POLLING: &str = "Polling";
+/// Reason of `Degraded=False`.
+pub const HEALTHY: &str = "Healthy";
+
+/// Longest condition message kept; Graph messages can be long.
+const MAX_MESSAGE_CHARS: usize = 1024;
+
+/// Poll failure reasons that only degrade a MailboxPoll: they pass without anyone acting.
+const PASSING_REASONS: [&str; 4] = ["Throttled", "Transient", "ShuttingDown", "ResyncRequired"];
+
+/// Poll failure reasons that come from the configuration the reconciler checks itself; a
+/// failed poll with one of them says nothing once the check passes.
+const CONFIG_REASONS: [&str; 3] = [
+    "SecretNotFound",
+    "SecretKeyMissing",
+    "KubernetesUnavailable",
+];
+
+/// One finished poll.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FinishedPoll {
+    pub id: i64,
+    pub finished_at: DateTime<Utc>,
+    pub succeeded: bool,
+    pub messages_new: i32,
+    pub resynced: bool,
+    pub error_reason: Option<String>,
+    pub error_message: Option<String>,
+}
+
+/// Everything Postgres knows that the status shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The latest finished poll.
+    pub last: Option<FinishedPoll>,
+    /// The latest finished poll whose outcome says whether the MailboxPoll works: succeeded,
+    /// or failed for a reason that needs someone to act (not throttling, not a config error).
+    pub decisive: Option<FinishedPoll>,
+    pub last_success: Option<DateTime<Utc>>,
+    /// Run time of the pending poll task.
+    pub next_poll: Option<DateTime<Utc>>,
+    /// Whether the poll task is running and its latest round has finished: it is about to
+    /// complete, and its successor is planned right after.
+    pub settling: bool,
+    pub counts: ledger::Counts,
+    pub last_handled_request: Option<String>,
+    /// Highest poll id that was a resync.
+    pub last_resync_poll: Option<i64>,
+    /// Highest poll id.
+    pub last_poll_id: Option<i64>,
+}
+
+/// Reads the facts of one MailboxPoll.
+pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Facts, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let last: Option<FinishedPoll> = sqlx::query_as(
+        "SELECT id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, resynced,
+                error_reason, error_message
+         FROM polls WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
+         ORDER BY started_at DESC, id DESC LIMIT 1",
+    )
+    .bind(uid)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let decisive = match &last {
+        Some(poll) if is_decisive(poll) => Some(poll.clone()),
+        _ => sqlx::query_as(
+            "SELECT id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, resynced,
+                    error_reason, error_message
+             FROM polls
+             WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
+               AND (outcome = 'succeeded' OR NOT (error_reason = ANY($2)))
+             ORDER BY started_at DESC, id DESC LIMIT 1",
+        )
+        .bind(uid)
+        .bind(
+            PASSING_REASONS
+                .iter()
+                .chain(CONFIG_REASONS.iter())
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_optional(&mut *conn)
+        .await?,
+    };
+    #[derive(sqlx::FromRow)]
+    struct Summary {
+        last_success: Option<DateTime<Utc>>,
+        last_resync_poll: Option<i64>,
+        last_poll_id: Option<i64>,
+        latest_open: Option<bool>,
+    }
+    let summary: Summary = sqlx::query_as(
+        "SELECT max(finished_at) FILTER (WHERE outcome = 'succeeded') AS last_success,
+                max(id) FILTER (WHERE resynced) AS last_resync_poll, max(id) AS last_poll_id,
+                (SELECT finished_at IS NULL FROM polls WHERE mailbox_uid = $1
+                 ORDER BY started_at DESC, id DESC LIMIT 1) AS latest_open
+         FROM polls WHERE mailbox_uid = $1",
+    )
+    .bind(uid)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (live_state, live_run_at): (Option<String>, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT live.state, live.run_at FROM (SELECT 1) AS one
+         LEFT JOIN tasks AS live ON live.dedupe_key = $1 AND live.state IN ('pending', 'running')",
+    )
+    .bind(poll_dedupe_key(uid))
+    .fetch_one(&mut *conn)
+    .await?;
+    let last_handled_request: Option<String> = sqlx::query_scalar(
+        "SELECT value FROM poll_requests WHERE mailbox_uid = $1 AND served_at IS NOT NULL
+         ORDER BY served_at DESC, requested_at DESC LIMIT 1",
+    )
+    .bind(uid)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let counts = ledger::counts(&mut conn, uid).await?;
+    let running = live_state.as_deref() == Some("running");
+    Ok(Facts {
+        last,
+        decisive,
+        last_success: summary.last_success,
+        next_poll: (live_state.as_deref() == Some("pending"))
+            .then_some(live_run_at)
+            .flatten(),
+        settling: running && summary.latest_open == Some(false),
+        counts,
+        last_handled_request,
+        last_resync_poll: summary.last_resync_poll,
+        last_poll_id: summary.last_poll_id,
+    })
+}
+
+fn is_decisive(poll: &FinishedPoll) -> bool {
+    poll.succeeded
+        || poll.error_reason.as_deref().is_none_or(|reason| {
+            !PASSING_REASONS.contains(&reason) && !CONFIG_REASONS.contains(&reason)
+        })
+}
+
+/// Kubernetes times carry whole seconds; comparing finer times would see a change in every
+/// status read back from the API server.
+pub fn to_time(at: DateTime<Utc>) -> Option<Time> {
+    Timestamp::from_second(at.timestamp()).ok().map(Time)
+}
+
+fn short(message: &str) -> String {
+    message.chars().take(MAX_MESSAGE_CHARS).collect()
+}
+
+/// The Ready and Degraded conditions.
+pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> [Desired; 2] {
+    let ready = match (config_error, &facts.decisive) {
+        (Some(error), _) => Desired::new(READY, false, error.reason(), short(&error.to_string())),
+        (None, None) => Desired::new(
+            READY,
+            false,
+            AWAITING_FIRST_POLL,
+            "waiting for the first poll to finish",
+        ),
+        (None, Some(poll)) if poll.succeeded => {
+            Desired::new(READY, true, POLLING, "the last poll succeeded")
+        }
+        (None, Some(poll)) => Desired::new(
+            READY,
+            false,
+            poll.error_reason.as_deref().unwrap_or("PollFailed"),
+            short(
+                poll.error_message
+                    .as_deref()
+                    .unwrap_or("the last poll failed"),
+            ),
+        ),
+    };
+    let degraded = match &facts.last {
+        Some(poll) if !poll.succeeded && config_error.is_none() => {
+            let reason = poll.error_reason.as_deref().unwrap_or("PollFailed");
+            if PASSING_REASONS.contains(&reason) {
+                Desired::new(
+                    DEGRADED,
+                    true,
+                    reason,
+                    short(
+                        poll.error_message
+                            .as_deref()
+                            .unwrap_or("the last poll failed"),
+                    ),
+                )
+            } else {
+                Desired::new(DEGRADED, false, HEALTHY, "no passing trouble")
+            }
+        }
+        _ => Desired::new(DEGRADED, false, HEALTHY, "no passing trouble"),
+    };
+    [ready, degraded]
+}
+
+/// The whole status the reconciler wants, keeping transition times of unchanged conditions.
+pub fn desired_status(
+    existing: Option<&MailboxPollStatus>,
+    generation: Option<i64>,
+    config_error: Option<&ConfigError>,
+    facts: &Facts,
+    now: DateTime<Utc>,
+) -> MailboxPollStatus {
+    let existing_conditions = existing.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let now = Timestamp::from_second(now.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH);
+    MailboxPollStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(
+            existing_conditions,
+            &desired_conditions(config_error, facts),
+            generation,
+            now,
+        ),
+        last_poll_time: facts.last.as_ref().and_then(|p| to_time(p.finished_at)),
+        last_successful_poll_time: facts.last_success.and_then(to_time),
+        next_poll_time: facts.next_poll.and_then(to_time),
+        last_poll_messages: facts.last.as_ref().map(|p| i64::from(p.messages_new)),
+        messages_delivered: Some(facts.counts.delivered + facts.counts.recorded_only),
+        messages_pending: Some(facts.counts.pending),
+        messages_failed: Some(facts.counts.failed),
+        last_handled_poll_request: facts.last_handled_request.clone(),
+    }
+}
+
+/// Whether two statuses say the same thing (condition timestamps aside): no patch is sent
+/// when they do.
+pub fn same(a: &MailboxPollStatus, b: &MailboxPollStatus) -> bool {
+    conditions::equivalent(&a.conditions, &b.conditions)
+        && MailboxPollStatus {
+            conditions: Vec::new(),
+            ..a.clone()
+        } == MailboxPollStatus {
+            conditions: Vec::new(),
+            ..b.clone()
+        }
+}
+
+/// The merge patch body that makes the status `status`: fields it leaves empty are removed.
+pub fn patch_body(status: &MailboxPollStatus) -> Result<serde_json::Value, serde_json::Error> {
+    let mut value = serde_json::to_value(status)?;
+    if let serde_json::Value::Object(map) = &mut value {
+        for key in [
+            "observedGeneration",
+            "conditions",
+            "lastPollTime",
+            "lastSuccessfulPollTime",
+            "nextPollTime",
+            "lastPollMessages",
+            "messagesDelivered",
+            "messagesPending",
+            "messagesFailed",
+            "lastHandledPollRequest",
+        ] {
+            map.entry(key).or_insert(serde_json::Value::Null);
+        }
+    }
+    Ok(serde_json::json!({ "status": value }))
+}
+
+/// What the Events of one MailboxPoll were last based on; kept by the leader so an Event is
+/// published on a transition only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Ready status and reason.
+    pub ready: Option<(bool, String)>,
+    pub last_poll_id: Option<i64>,
+    pub messages_failed: i64,
+}
+
+impl Seen {
+    /// What the stored status already reports (a new leader must not repeat Events its
+    /// predecessor published), and polls up to now.
+    pub fn from_status(status: Option<&MailboxPollStatus>, facts: &Facts) -> Self {
+        let ready = status
+            .and_then(|s| conditions::find(&s.conditions, READY))
+            .map(|c| (c.status == "True", c.reason.clone()));
+        Self {
+            ready,
+            last_poll_id: facts.last_poll_id,
+            messages_failed: status.and_then(|s| s.messages_failed).unwrap_or(0),
+        }
+    }
+}
+
+/// An Event to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// The Events a change from `seen` to the new status calls for, and the new `Seen`.
+pub fn transitions(
+    seen: &Seen,
+    ready: &Desired,
+    facts: &Facts,
+    config_error: Option<&ConfigError>,
+) -> (Vec<Notice>, Seen) {
+    let mut notices = Vec::new();
+    let now_ready = (ready.status, ready.reason.clone());
+    let was_failing = seen
+        .ready
+        .as_ref()
+        .is_some_and(|(status, reason)| !status && reason != AWAITING_FIRST_POLL);
+    if seen.ready.as_ref() != Some(&now_ready) {
+        if ready.status {
+            if was_failing {
+                notices.push(Notice {
+                    warning: false,
+                    reason: "Recovered",
+                    note: "polling works again".into(),
+                });
+            }
+        } else if ready.reason != AWAITING_FIRST_POLL {
+            notices.push(Notice {
+                warning: true,
+                reason: match config_error {
+                    Some(error) => error.reason(),
+                    None => "PollFailed",
+                },
+                note: format!("{}: {}", ready.reason, ready.message),
+            });
+        }
+    }
+    if let Some(resync) = facts.last_resync_poll
+        && seen.last_poll_id.is_none_or(|seen| resync > seen)
+    {
+        notices.push(Notice {
+            warning: false,
+            reason: "ResyncStarted",
+            note: "the delta cursor expired: re-reading recent mail (the ledger drops repeats)"
+                .into(),
+        });
+    }
+    if facts.counts.failed > seen.messages_failed {
+        notices.push(Notice {
+            warning: true,
+            reason: "DeliveryFailed",
+            note: format!(
+                "{} message(s) could not be delivered after all attempts; `mailpoll tasks list --state dead` shows them",
+                facts.counts.failed - seen.messages_failed
+            ),
+        });
+    }
+    let next = Seen {
+        ready: Some(now_ready),
+        last_poll_id: facts.last_poll_id.or(seen.last_poll_id),
+        messages_failed: facts.counts.failed,
+    };
+    (notices, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll(id: i64, succeeded: bool, reason: Option<&str>) -> FinishedPoll {
+        FinishedPoll {
+            id,
+            finished_at: DateTime::from_timestamp(1_800_000_000 + id, 500).expect("time"),
+            succeeded,
+            messages_new: 3,
+            resynced: false,
+            error_reason: reason.map(str::to_owned),
+            error_message: reason.map(|r| format!("{r} happened")),
+        }
+    }
+
+    fn facts(last: FinishedPoll, decisive: Option<FinishedPoll>) -> Facts {
+        Facts {
+            last_poll_id: Some(last.id),
+            last: Some(last),
+            decisive,
+            ..Facts::default()
+        }
+    }
+
+    fn missing_secret() -> ConfigError {
+        ConfigError::SecretNotFound {
+            namespace: "ns".into(),
+            name: "graph".into(),
+        }
+    }
+
+    #[test]
+    fn config_errors_win_over_poll_outcomes() {
+        let ok = poll(1, true, None);
+        let f = facts(ok.clone(), Some(ok));
+        let [ready, degraded] = desired_conditions(Some(&missing_secret()), &f);
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (false, "SecretNotFound")
+        );
+        assert!(!degraded.status);
+    }
+
+    #[test]
+    fn throttling_degrades_without_unreadying() {
+        let ok = poll(1, true, None);
+        let f = facts(poll(2, false, Some("Throttled")), Some(ok));
+        let [ready, degraded] = desired_conditions(None, &f);
+        assert_eq!((ready.status, ready.reason.as_str()), (true, POLLING));
+        assert_eq!(
+            (degraded.status, degraded.reason.as_str()),
+            (true, "Throttled")
+        );
+    }
+
+    #[test]
+    fn graph_errors_that_need_a_person_unready() {
+        let bad = poll(2, false, Some("AuthenticationFailed"));
+        let f = facts(bad.clone(), Some(bad));
+        let [ready, degraded] = desired_conditions(None, &f);
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (false, "AuthenticationFailed")
+        );
+        assert_eq!(ready.message, "AuthenticationFailed happened");
+        assert!(!degraded.status);
+    }
+
+    #[test]
+    fn nothing_decisive_yet_awaits_the_first_poll() {
+        let [ready, _] = desired_conditions(None, &Facts::default());
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (false, AWAITING_FIRST_POLL)
+        );
+    }
+
+    #[test]
+    fn status_times_are_whole_seconds_and_equal_statuses_are_the_same() {
+        let ok = poll(1, true, None);
+        let f = facts(ok.clone(), Some(ok));
+        let now = DateTime::from_timestamp(1_800_000_100, 0).expect("time");
+        let a = desired_status(None, Some(1), None, &f, now);
+        assert_eq!(
+            a.last_poll_time,
+            Some(Time(Timestamp::from_second(1_800_000_001).expect("ts")))
+        );
+        let later = now + chrono::Duration::seconds(30);
+        let b = desired_status(Some(&a), Some(1), None, &f, later);
+        assert!(same(&a, &b), "a repeated reconcile changes nothing");
+        let c = desired_status(Some(&a), Some(2), None, &f, later);
+        assert!(!same(&a, &c), "a new generation is a change");
+    }
+
+    #[test]
+    fn patch_removes_fields_that_went_away() {
+        let body = patch_body(&MailboxPollStatus::default()).expect("patch");
+        assert_eq!(body["status"]["nextPollTime"], serde_json::Value::Null);
+        assert!(
+            body["status"]
+                .as_object()
+                .expect("object")
+                .contains_key("nextPollTime")
+        );
+    }
+
+    #[test]
+    fn events_fire_on_transitions_only() {
+        let error = missing_secret();
+        let f = Facts::default();
+        let [ready, _] = desired_conditions(Some(&error), &f);
+        let fresh = Seen::from_status(None, &f);
+        let (notices, seen) = transitions(&fresh, &ready, &f, Some(&error));
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].reason, "SecretNotFound");
+        assert!(notices[0].warning);
+        let (again, seen) = transitions(&seen, &ready, &f, Some(&error));
+        assert!(again.is_empty(), "the same state publishes nothing");
+
+        let ok = poll(1, true, None);
+        let f = facts(ok.clone(), Some(ok));
+        let [ready, _] = desired_conditions(None, &f);
+        let (notices, seen) = transitions(&seen, &ready, &f, None);
+        assert_eq!(
+            notices.iter().map(|n| n.reason).collect::<Vec<_>>(),
+            ["Recovered"]
+        );
+        let (notices, _) = transitions(&seen, &ready, &f, None);
+        assert!(notices.is_empty());
+    }
+
+    #[test]
+    fn first_success_is_not_a_recovery_and_resyncs_and_failures_are_reported() {
+        let mut ok = poll(4, true, None);
+        ok.resynced = true;
+        let mut f = facts(ok.clone(), Some(ok));
+        f.last_resync_poll = Some(4);
+        f.counts.failed = 2;
+        let [ready, _] = desired_conditions(None, &f);
+        let seen = Seen {
+            ready: Some((false, AWAITING_FIRST_POLL.into())),
+            last_poll_id: Some(3),
+            messages_failed: 1,
+        };
+        let (notices, seen) = transitions(&seen, &ready, &f, None);
+        assert_eq!(
+            notices.iter().map(|n| n.reason).collect::<Vec<_>>(),
+            ["ResyncStarted", "DeliveryFailed"]
+        );
+        let (notices, _) = transitions(&seen, &ready, &f, None);
+        assert!(notices.is_empty());
+    }
+}
