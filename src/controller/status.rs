@@ -363,8 +363,15 @@ pub fn transitions(
             ),
         });
     }
+    // Waiting for the first poll after a failure is not a recovery yet: keep the failure,
+    // so the success that follows reports one.
+    let awaiting = !ready.status && ready.reason == AWAITING_FIRST_POLL;
     let next = Seen {
-        ready: Some(now_ready),
+        ready: if awaiting && was_failing {
+            seen.ready.clone()
+        } else {
+            Some(now_ready)
+        },
         last_poll_id: facts.last_poll_id.or(seen.last_poll_id),
         messages_failed: facts.counts.failed,
     };
@@ -491,6 +498,11 @@ mod tests {
         let (again, seen) = transitions(&seen, &ready, &f, Some(&error));
         assert!(again.is_empty(), "the same state publishes nothing");
 
+        // The Secret appears: the first poll is awaited, then succeeds.
+        let empty = Facts::default();
+        let [awaiting, _] = desired_conditions(None, &empty);
+        let (notices, seen) = transitions(&seen, &awaiting, &empty, None);
+        assert!(notices.is_empty());
         let ok = poll(1, true, None);
         let f = facts(ok.clone(), Some(ok));
         let [ready, _] = desired_conditions(None, &f);

@@ -1,0 +1,550 @@
+//! The operator in-process against the Kubernetes API emulator, the Graph emulator and real
+//! Postgres: first poll and status, forced polls, suspend, Secret problems, API write budget.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use mailpoll::controller::directory::DirectorySettings;
+use mailpoll::graph::GovernorConfig;
+use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
+use mailpoll::queue::WorkerId;
+use mailpoll::resource::{MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION};
+use mailpoll_testkit::cluster::{self, wait_for};
+use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
+use mailpoll_testkit::kube::KubeEmulator;
+use mailpoll_testkit::pg::{TestDatabase, free_port};
+use serde_json::json;
+use uuid::Uuid;
+
+const MAILBOX: &str = "support@contoso.com";
+const SECRET: &str = "graph-credentials";
+/// Upper bound of waits for things that normally take well under a second.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct World {
+    db: TestDatabase,
+    kube: KubeEmulator,
+    graph: GraphEmulator,
+    client: Client,
+    namespace: String,
+    http_port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    operator: Option<tokio::task::JoinHandle<Result<(), OperatorError>>>,
+}
+
+impl World {
+    async fn start() -> Self {
+        mailpoll::install_crypto_provider();
+        let db = TestDatabase::create().await.expect("test database");
+        let kube = KubeEmulator::start()
+            .await
+            .expect("Kubernetes API emulator");
+        let client = kube.client().expect("client for the emulator");
+        cluster::install_crd(&client).await.expect("CRD installed");
+        let namespace = format!("op-{}", &Uuid::new_v4().simple().to_string()[..8]);
+        cluster::create_namespace(&client, &namespace)
+            .await
+            .expect("namespace");
+        let graph = GraphEmulator::start(EmulatorConfig {
+            mailboxes: vec![MAILBOX.into()],
+            ..EmulatorConfig::default()
+        })
+        .await
+        .expect("Graph emulator");
+        let http_port = free_port().expect("free port");
+        let mut config = OperatorConfig::new(
+            db.url.clone(),
+            format!("127.0.0.1:{http_port}").parse().expect("address"),
+            KubeSource::Config(Box::new(kube.config().expect("emulator config"))),
+        );
+        config.pool.max_connections = 8;
+        config.workers.worker_id = WorkerId::named("operator-test");
+        config.workers.poll_interval = Duration::from_millis(200);
+        config.workers.concurrency = 4;
+        config.workers.shutdown_grace = Duration::from_secs(2);
+        config.lease_namespace = namespace.clone();
+        config.lease_duration = Duration::from_secs(3);
+        config.lease_renew_deadline = Duration::from_secs(2);
+        config.lease_retry_period = Duration::from_millis(500);
+        config.graph_authority_url = graph.base_url();
+        config.graph_url = graph.base_url();
+        config.governor = GovernorConfig {
+            backoff_base: Duration::from_millis(20),
+            backoff_cap: Duration::from_millis(200),
+            ..GovernorConfig::default()
+        };
+        config.directory = DirectorySettings {
+            secret_ttl: Duration::from_millis(500),
+            miss_grace: Duration::from_secs(3),
+        };
+        config.leader_work.reconcile.config_requeue = Duration::from_secs(1);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let operator = tokio::spawn(operator::run(config, async move {
+            let _ = stopped.await;
+        }));
+        let world = Self {
+            db,
+            kube,
+            graph,
+            client,
+            namespace,
+            http_port,
+            stop: Some(stop),
+            operator: Some(operator),
+        };
+        world.wait_ready().await;
+        world
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.http_port);
+        let http = reqwest::Client::new();
+        wait_for("the operator to be ready", PATIENCE, || async {
+            let response = http.get(&url).send().await.ok()?;
+            response.status().is_success().then_some(())
+        })
+        .await
+        .expect("operator becomes ready");
+    }
+
+    fn api(&self) -> Api<MailboxPoll> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn credentials(&self, client_secret: &str) {
+        cluster::create_credentials(&self.client, &self.namespace, SECRET, client_secret)
+            .await
+            .expect("credentials Secret");
+    }
+
+    async fn create(&self, name: &str, interval: &str, secret: &str) -> Uuid {
+        let created = self
+            .api()
+            .create(
+                &PostParams::default(),
+                &cluster::mailbox_poll(name, MAILBOX, interval, secret),
+            )
+            .await
+            .expect("MailboxPoll created");
+        Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
+    }
+
+    async fn patch(&self, name: &str, patch: serde_json::Value) {
+        self.api()
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .expect("MailboxPoll patched");
+    }
+
+    async fn request_poll(&self, name: &str, value: &str) {
+        self.patch(
+            name,
+            json!({"metadata": {"annotations": {POLL_REQUESTED_AT_ANNOTATION: value}}}),
+        )
+        .await;
+    }
+
+    /// Waits until the status satisfies `check`.
+    async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&MailboxPollStatus) -> bool,
+    ) -> MailboxPollStatus {
+        let api = self.api();
+        let found = wait_for(what, PATIENCE, || async {
+            let status = api.get(name).await.ok()?.status?;
+            check(&status).then_some(status)
+        })
+        .await;
+        match found {
+            Ok(status) => status,
+            Err(error) => {
+                let last = api.get(name).await.ok().and_then(|p| p.status);
+                panic!("{error}; the status is {last:#?}")
+            }
+        }
+    }
+
+    async fn polls(&self, uid: Uuid) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM polls WHERE mailbox_uid = $1")
+            .bind(uid)
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("count polls")
+    }
+
+    async fn live_poll_task(&self, uid: Uuid) -> Option<String> {
+        sqlx::query_scalar(
+            "SELECT state FROM tasks WHERE kind = 'poll' AND owner_uid = $1
+             AND state IN ('pending', 'running')",
+        )
+        .bind(uid)
+        .fetch_optional(&self.db.pool)
+        .await
+        .expect("live poll task")
+    }
+
+    async fn events(&self, name: &str) -> Vec<Event> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
+        events
+            .list(&ListParams::default())
+            .await
+            .expect("list Events")
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(operator) = self.operator.take() {
+            tokio::time::timeout(PATIENCE, operator)
+                .await
+                .expect("operator stops within the patience")
+                .expect("operator task")
+                .expect("operator stops cleanly");
+        }
+    }
+}
+
+fn condition<'a>(status: &'a MailboxPollStatus, type_: &str) -> Option<(&'a str, &'a str)> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+fn is_ready(status: &MailboxPollStatus) -> bool {
+    condition(status, "Ready") == Some(("True", "Polling"))
+}
+
+#[tokio::test]
+async fn first_poll_records_messages_and_reports_ready_with_counts() {
+    let world = World::start().await;
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 7)
+        .expect("messages added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("support", "1h", SECRET).await;
+
+    let status = world
+        .wait_status("support", "Ready=True with 7 messages", |s| {
+            is_ready(s) && s.messages_delivered == Some(7)
+        })
+        .await;
+    assert_eq!(status.last_poll_messages, Some(7));
+    assert_eq!(status.messages_pending, Some(0));
+    assert_eq!(status.messages_failed, Some(0));
+    assert!(status.last_poll_time.is_some());
+    assert!(status.last_successful_poll_time.is_some());
+    assert_eq!(condition(&status, "Degraded"), Some(("False", "Healthy")));
+    let generation = world
+        .api()
+        .get("support")
+        .await
+        .expect("get")
+        .metadata
+        .generation;
+    assert_eq!(status.observed_generation, generation);
+    let next = world
+        .wait_status("support", "nextPollTime set", |s| {
+            s.next_poll_time.is_some()
+        })
+        .await
+        .next_poll_time
+        .expect("next poll");
+    let last = status.last_poll_time.expect("last poll");
+    let ahead = next.0.as_second() - last.0.as_second();
+    assert!(
+        (3590..=3610).contains(&ahead),
+        "the next poll is one interval (1h) after the last, not {ahead} s"
+    );
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE mailbox_uid = $1")
+        .bind(uid)
+        .fetch_one(&world.db.pool)
+        .await
+        .expect("ledger count");
+    assert_eq!(recorded, 7, "every message is recorded once");
+    assert_eq!(world.polls(uid).await, 1, "one scheduled poll, no more");
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", world.http_port))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    for family in [
+        "mailpoll_leader 1",
+        "mailpoll_reconciles_total{outcome=\"Success\"}",
+        "mailpoll_polls_total{outcome=\"Success\"} 1",
+        "mailpoll_messages_recorded_total 7",
+        "mailpoll_graph_requests_total{status=\"200\"}",
+    ] {
+        assert!(
+            metrics.contains(family),
+            "/metrics lacks {family}:\n{metrics}"
+        );
+    }
+    world.stop().await;
+}
+
+#[tokio::test]
+async fn each_new_annotation_value_causes_exactly_one_fast_poll() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    // A long interval: every poll after the first is a forced one.
+    let uid = world.create("forced", "24h", SECRET).await;
+    world
+        .wait_status("forced", "the first poll", is_ready)
+        .await;
+    assert_eq!(world.polls(uid).await, 1);
+
+    let tries = 20;
+    let mut latencies = Vec::with_capacity(tries);
+    for i in 0..tries {
+        let before = world.polls(uid).await;
+        let value = format!("request-{i}");
+        let start = Instant::now();
+        world.request_poll("forced", &value).await;
+        wait_for("a forced poll to start", PATIENCE, || async {
+            (world.polls(uid).await > before).then_some(())
+        })
+        .await
+        .expect("forced poll starts");
+        latencies.push(start.elapsed());
+        wait_for("the forced poll to serve its request", PATIENCE, || async {
+            let served: Option<bool> = sqlx::query_scalar(
+                "SELECT served_at IS NOT NULL FROM poll_requests
+                 WHERE mailbox_uid = $1 AND value = $2",
+            )
+            .bind(uid)
+            .bind(&value)
+            .fetch_optional(&world.db.pool)
+            .await
+            .expect("poll request");
+            served.filter(|s| *s).map(|_| ())
+        })
+        .await
+        .expect("request served");
+    }
+    latencies.sort();
+    let p99 = latencies[(latencies.len() * 99).div_ceil(100) - 1];
+    let p50 = latencies[latencies.len() / 2];
+    println!("forced poll: annotation to poll start p50 {p50:?}, p99 {p99:?} over {tries} tries");
+    assert!(
+        p99 <= Duration::from_secs(1),
+        "a forced poll must start within 1 s of the annotation (p99 over {tries} tries), took {p99:?}; all: {latencies:?}"
+    );
+    let status = world
+        .wait_status("forced", "the last request echoed", |s| {
+            s.last_handled_poll_request.as_deref() == Some("request-19")
+        })
+        .await;
+    assert!(is_ready(&status));
+    assert_eq!(
+        world.polls(uid).await,
+        1 + tries as i64,
+        "exactly one poll per value"
+    );
+
+    // The same value again, and an old value, cause nothing.
+    world.request_poll("forced", "request-19").await;
+    world.request_poll("forced", "request-3").await;
+    world
+        .patch(
+            "forced",
+            json!({"metadata": {"labels": {"touched": "yes"}}}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        world.polls(uid).await,
+        1 + tries as i64,
+        "a value seen before causes no poll"
+    );
+    world.stop().await;
+}
+
+#[tokio::test]
+async fn suspend_stops_scheduled_polls_but_not_forced_ones() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("paused", "10s", SECRET).await;
+    world
+        .wait_status("paused", "the first poll", is_ready)
+        .await;
+
+    world
+        .patch("paused", json!({"spec": {"suspend": true}}))
+        .await;
+    world
+        .wait_status("paused", "nextPollTime cleared while suspended", |s| {
+            s.next_poll_time.is_none()
+        })
+        .await;
+    assert_eq!(
+        world.live_poll_task(uid).await,
+        None,
+        "no poll is scheduled while suspended"
+    );
+    let before = world.polls(uid).await;
+
+    world.request_poll("paused", "while-suspended").await;
+    world
+        .wait_status("paused", "the forced poll while suspended", |s| {
+            s.last_handled_poll_request.as_deref() == Some("while-suspended")
+        })
+        .await;
+    assert_eq!(
+        world.polls(uid).await,
+        before + 1,
+        "the forced poll ran once"
+    );
+    assert_eq!(
+        world.live_poll_task(uid).await,
+        None,
+        "still nothing scheduled after the forced poll"
+    );
+
+    world
+        .patch("paused", json!({"spec": {"suspend": false}}))
+        .await;
+    world
+        .wait_status("paused", "nextPollTime back after resume", |s| {
+            s.next_poll_time.is_some()
+        })
+        .await;
+    wait_for("a scheduled poll after resume", PATIENCE, || async {
+        (world.polls(uid).await > before + 1).then_some(())
+    })
+    .await
+    .expect("scheduled polls continue after resume");
+    world.stop().await;
+}
+
+#[tokio::test]
+async fn missing_secret_is_reported_once_and_recovers_without_restart() {
+    let world = World::start().await;
+    world.create("nosecret", "1h", SECRET).await;
+    let status = world
+        .wait_status("nosecret", "Ready=False SecretNotFound", |s| {
+            condition(s, "Ready") == Some(("False", "SecretNotFound"))
+        })
+        .await;
+    let message = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready")
+        .message;
+    assert!(
+        message.contains(SECRET),
+        "the message names the Secret: {message}"
+    );
+    // Several reconciles pass while the Secret is missing (they requeue every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = world.events("nosecret").await;
+    let reasons: Vec<_> = events.iter().map(|e| e.reason.clone()).collect();
+    assert_eq!(
+        reasons,
+        [Some("SecretNotFound".to_string())],
+        "exactly one Event while the Secret is missing"
+    );
+
+    world.credentials(cluster::valid_client_secret()).await;
+    world
+        .wait_status("nosecret", "Ready=True once the Secret exists", is_ready)
+        .await;
+    let reasons: Vec<String> = wait_for("the Recovered Event", PATIENCE, || async {
+        let reasons: Vec<String> = world
+            .events("nosecret")
+            .await
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+        reasons.iter().any(|r| r == "Recovered").then_some(reasons)
+    })
+    .await
+    .expect("a Recovered Event once the Secret exists");
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "SecretNotFound").count(),
+        1,
+        "{reasons:?}"
+    );
+    world.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_client_secret_is_authentication_failed() {
+    let world = World::start().await;
+    world.credentials("not-the-secret").await;
+    world.create("badauth", "1h", SECRET).await;
+    let status = world
+        .wait_status("badauth", "Ready=False AuthenticationFailed", |s| {
+            condition(s, "Ready") == Some(("False", "AuthenticationFailed"))
+        })
+        .await;
+    let text = serde_json::to_string(&status).expect("status JSON");
+    assert!(
+        !text.contains("not-the-secret"),
+        "no secret in the status: {text}"
+    );
+    wait_for("the PollFailed Event", PATIENCE, || async {
+        let events = world.events("badauth").await;
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("PollFailed"))
+            .then_some(())
+    })
+    .await
+    .expect("PollFailed Event");
+    for event in world.events("badauth").await {
+        let note = event.note.unwrap_or_default();
+        assert!(
+            !note.contains("not-the-secret"),
+            "no secret in Events: {note}"
+        );
+    }
+    world.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_mailbox_poll_costs_a_bounded_number_of_api_writes() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("idle", "10s", SECRET).await;
+    world.wait_status("idle", "the first poll", is_ready).await;
+    let polls_before = world.polls(uid).await;
+    world.kube.clear_requests();
+    let watched = Duration::from_secs(25);
+    tokio::time::sleep(watched).await;
+    let polls = world.polls(uid).await - polls_before;
+    let writes: Vec<String> = world
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete"))
+        .filter(|r| r.group != "coordination.k8s.io")
+        .map(|r| r.rbac_key())
+        .collect();
+    println!(
+        "idle MailboxPoll at 10s: {polls} polls and {} API writes in {watched:?}: {writes:?}",
+        writes.len()
+    );
+    assert!(polls >= 1, "scheduled polls kept running ({polls})");
+    let intervals = watched.as_secs().div_ceil(10) as usize;
+    assert!(
+        writes.len() <= 2 * intervals,
+        "at most 2 API writes per interval ({intervals} intervals), saw {}: {writes:?}",
+        writes.len()
+    );
+    world.stop().await;
+}
