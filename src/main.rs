@@ -98,6 +98,14 @@ struct OperatorArgs {
     /// Tasks (polls, deliveries, after-actions) this replica runs at once.
     #[arg(long, env = "MAILPOLL_WORKER_CONCURRENCY", default_value_t = 16)]
     worker_concurrency: usize,
+    /// Seconds an idle worker pool waits before looking for due tasks again (scheduled
+    /// polls are found at the next look; enqueued work wakes it at once).
+    #[arg(
+        long,
+        env = "MAILPOLL_WORKER_POLL_INTERVAL_SECONDS",
+        default_value_t = 0.5
+    )]
+    worker_poll_interval_seconds: f64,
     /// Name of the leader-election Lease.
     #[arg(long, env = "MAILPOLL_LEASE_NAME", default_value = "mailpoll-leader")]
     lease_name: String,
@@ -152,6 +160,11 @@ impl OperatorArgs {
         config.pool = self.database.pool_config();
         config.scope = Scope::parse(&self.watch_namespaces);
         config.workers.concurrency = self.worker_concurrency.max(1);
+        config.workers.poll_interval = seconds(
+            "worker-poll-interval-seconds",
+            self.worker_poll_interval_seconds,
+        )?
+        .max(Duration::from_millis(10));
         config.workers.shutdown_grace =
             seconds("shutdown-grace-seconds", self.shutdown_grace_seconds)?;
         config.lease_name = self.lease_name;

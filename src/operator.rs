@@ -73,7 +73,12 @@ pub struct OperatorConfig {
 impl OperatorConfig {
     /// Production defaults around the given database, address and Kubernetes client.
     pub fn new(database_url: impl Into<String>, http_addr: SocketAddr, kube: KubeSource) -> Self {
-        let workers = WorkerPoolConfig::default();
+        let workers = WorkerPoolConfig {
+            // Scheduled polls become due without a notification; an idle pool finds them at
+            // its next look, so this bounds the schedule lag.
+            poll_interval: Duration::from_millis(500),
+            ..WorkerPoolConfig::default()
+        };
         let identity = workers.worker_id.to_string();
         Self {
             database_url: database_url.into(),

@@ -1,19 +1,29 @@
 //! `mailpoll operator` as a real process: it migrates, serves health endpoints and exits
-//! cleanly on SIGTERM.
+//! cleanly on SIGTERM; two of them elect one leader, and when the leader is killed the other
+//! takes over within the lease duration without losing or doubling a scheduled poll.
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use mailpoll_testkit::cluster;
+use mailpoll_testkit::kube::KubeEmulator;
 use mailpoll_testkit::pg::{TestDatabase, free_port};
 
 #[tokio::test]
 async fn operator_serves_health_and_stops_on_sigterm() {
     mailpoll::install_crypto_provider();
     let db = TestDatabase::create_empty().await.expect("test database");
+    let kube = KubeEmulator::start()
+        .await
+        .expect("Kubernetes API emulator");
+    cluster::install_crd(&kube.client().expect("client"))
+        .await
+        .expect("CRD installed");
     let port = free_port().expect("free port");
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
         .args(["operator", "--http-addr", &format!("127.0.0.1:{port}")])
         .env("DATABASE_URL", &db.url)
+        .env("KUBECONFIG", kube.kubeconfig_path())
         .env("MAILPOLL_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -40,6 +40,9 @@ pub struct ReconcileSettings {
     pub settle_requeue: Duration,
     /// Requeue while a poll task runs (its end is announced; this is the fallback).
     pub running_requeue: Duration,
+    /// A due poll task not claimed for this long no longer defers status writes (the status
+    /// then shows the overdue nextPollTime).
+    pub overdue: Duration,
 }
 
 impl Default for ReconcileSettings {
@@ -51,6 +54,7 @@ impl Default for ReconcileSettings {
             error_requeue: Duration::from_secs(5),
             settle_requeue: Duration::from_millis(300),
             running_requeue: Duration::from_secs(10),
+            overdue: Duration::from_secs(10),
         }
     }
 }
@@ -200,14 +204,21 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
         return Ok(Action::requeue(after));
     }
 
-    // 4. Status.
+    // 4. Status. A poll about to start writes it when it has finished: one write per poll.
     let facts = status::load(&ctx.pool, uid).await?;
+    let now = Utc::now();
+    if let Some(next) = facts.next_poll
+        && next <= now + chrono::Duration::seconds(1)
+        && next >= now - chrono::Duration::from_std(settings.overdue).unwrap_or_default()
+    {
+        return Ok(Action::requeue(settings.running_requeue));
+    }
     let desired = status::desired_status(
         poll.status.as_ref(),
         poll.metadata.generation,
         config_error.as_ref(),
         &facts,
-        Utc::now(),
+        now,
     );
     let remembered = ctx.memory().get(&uid).cloned();
     let unchanged = poll
@@ -265,7 +276,7 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     // 6. When to look again.
     let mut after = settings.max_requeue;
     if let Some(next) = facts.next_poll {
-        let until = (next - Utc::now()).to_std().unwrap_or_default();
+        let until = (next - now).to_std().unwrap_or_default();
         after = after.min(until + Duration::from_secs(1));
     }
     if facts.counts.pending > 0 {
