@@ -67,6 +67,10 @@ async fn main() -> anyhow::Result<()> {
         graph.add_messages(mailbox, "inbox", 3)?;
     }
 
+    // Polls mostly wait on Graph and Postgres: one replica needs about (polls per second) x
+    // (seconds per poll) of them in flight.
+    let concurrency =
+        std::env::var("MAILPOLL_WORKER_CONCURRENCY").unwrap_or_else(|_| "64".to_owned());
     let port = free_port()?;
     let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
         .args(["operator", "--http-addr", &format!("127.0.0.1:{port}")])
@@ -75,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
         .env("MAILPOLL_LEASE_NAMESPACE", namespace)
         .env("MAILPOLL_GRAPH_AUTHORITY_URL", graph.base_url())
         .env("MAILPOLL_GRAPH_URL", graph.base_url())
-        .env("MAILPOLL_LOG", "warn")
+        .env("MAILPOLL_LOG", "error")
+        .env("MAILPOLL_WORKER_CONCURRENCY", &concurrency)
+        .env("MAILPOLL_DB_MAX_CONNECTIONS", "40")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -159,7 +165,9 @@ async fn main() -> anyhow::Result<()> {
         .fetch_one(&db.pool)
         .await?;
 
-    println!("MailboxPolls: {count} at {INTERVAL_SECONDS}s, measured {duration:?}");
+    println!(
+        "MailboxPolls: {count} at {INTERVAL_SECONDS}s, measured {duration:?}, one replica, worker concurrency {concurrency}"
+    );
     println!(
         "scheduled polls measured: {} (failed polls: {failed}, messages recorded: {messages})",
         lags.len()

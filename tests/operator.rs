@@ -78,6 +78,7 @@ impl World {
         config.directory = DirectorySettings {
             secret_ttl: Duration::from_millis(500),
             miss_grace: Duration::from_secs(3),
+            sync_timeout: Duration::from_secs(30),
         };
         config.leader_work.reconcile.config_requeue = Duration::from_secs(1);
         let (stop, stopped) = tokio::sync::oneshot::channel();

@@ -148,6 +148,9 @@ pub struct DirectorySettings {
     /// How long a lookup waits for a MailboxPoll the cache does not know yet (it may have
     /// been created a moment ago) before answering that it does not exist.
     pub miss_grace: Duration,
+    /// How long a lookup waits for the watch cache's first list before failing (the task is
+    /// retried).
+    pub sync_timeout: Duration,
 }
 
 impl Default for DirectorySettings {
@@ -155,6 +158,7 @@ impl Default for DirectorySettings {
         Self {
             secret_ttl: Duration::from_secs(5),
             miss_grace: Duration::from_secs(3),
+            sync_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -318,7 +322,12 @@ impl KubeDirectory {
 
 impl Directory for KubeDirectory {
     async fn lookup(&self, uid: Uuid) -> Result<Option<MailboxConfig>, ConfigError> {
-        self.polls.wait_synced().await;
+        // Before the first list a miss would look like a deletion.
+        tokio::time::timeout(self.settings.sync_timeout, self.polls.wait_synced())
+            .await
+            .map_err(|_| {
+                ConfigError::Unavailable("the MailboxPoll watch has not listed yet".into())
+            })?;
         let deadline = Instant::now() + self.settings.miss_grace;
         let poll = loop {
             if let Some(poll) = self.polls.find(uid) {
