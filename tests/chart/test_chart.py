@@ -94,9 +94,27 @@ def test_every_object_carries_the_standard_labels(rendered) -> None:
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
 
 
+# Every kind the chart may render, at the API version current clusters serve (none deprecated).
+API_VERSIONS = {
+    "CustomResourceDefinition": "apiextensions.k8s.io/v1",
+    "ServiceAccount": "v1",
+    "Secret": "v1",
+    "Service": "v1",
+    "ClusterRole": "rbac.authorization.k8s.io/v1",
+    "ClusterRoleBinding": "rbac.authorization.k8s.io/v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "Deployment": "apps/v1",
+    "StatefulSet": "apps/v1",
+    "PodDisruptionBudget": "policy/v1",
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+}
+
+
 def test_every_object_is_named_and_namespaced_where_it_should_be(rendered) -> None:
     cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
     for obj in rendered.objects:
+        assert API_VERSIONS.get(obj["kind"]) == obj["apiVersion"], f"unexpected {obj['apiVersion']} {obj['kind']}"
         assert obj.get("apiVersion") and obj.get("kind"), obj
         assert obj["metadata"].get("name"), f"{obj['kind']} without a name"
         if obj["kind"] in cluster_scoped:
@@ -514,3 +532,15 @@ def test_notes_give_the_next_steps() -> None:
     ):
         assert step in notes, f"NOTES.txt lacks {step!r}"
     assert "-n team-a" in render({"watchNamespaces": ["team-a"]}).notes
+
+
+def test_the_packaged_chart_renders_the_same(tmp_path) -> None:
+    # What `helm package` ships must carry the CRD copy and render like the directory does.
+    archive = helm.package(CHART_DIR, destination=tmp_path)
+    values = {"postgresql": {"enabled": False}, "watchNamespaces": ["team-a"]}
+    with helm.Chart.load(archive) as packaged:
+        assert packaged.version == "0.1.0"
+        from_archive = packaged.render(values, name=RELEASE, namespace=NAMESPACE)
+    from_directory = render(values).raw
+    assert from_archive == from_directory
+    assert any("CustomResourceDefinition" in text for text in from_archive.values())
