@@ -84,7 +84,17 @@ async fn main() -> anyhow::Result<()> {
         emulator.add_messages(upn, "inbox", cli.messages)?;
     }
     println!("{}", emulator.base_url());
-    tokio::signal::ctrl_c().await?;
+    shutdown_signal().await?;
     emulator.shutdown().await;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted?,
+        _ = terminate.recv() => {}
+    }
     Ok(())
 }
