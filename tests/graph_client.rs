@@ -273,6 +273,25 @@ async fn an_expired_delta_token_resyncs_everything_within_the_bound() {
 }
 
 #[tokio::test]
+async fn a_stored_link_to_another_host_is_treated_as_an_expired_cursor() {
+    let emulator = emulator(Faults::default()).await;
+    emulator
+        .add_messages(MAILBOX, "inbox", 3)
+        .expect("messages");
+    let mailbox = mailbox(&emulator);
+    let mut round = mailbox
+        .delta_round(DeltaOptions::new(
+            "inbox",
+            DeltaStart::Link("https://graph.example.org/v1.0/users/x/mailFolders/inbox/messages/delta?$deltatoken=abc".into()),
+        ))
+        .expect("round");
+    let (messages, last, _) = drain(&mut round).await.expect("round");
+    assert!(round.resynced());
+    assert_eq!(messages.len(), 3);
+    delta_link(last);
+}
+
+#[tokio::test]
 async fn a_skip_token_evicted_mid_round_restarts_the_round_once() {
     let emulator = emulator(Faults::default()).await;
     emulator
