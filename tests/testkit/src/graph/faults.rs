@@ -180,7 +180,9 @@ impl Counters {
                 self.arrivals
                     .iter()
                     .filter(|arrival| {
+                        // The throttled request itself arrived at `throttle.at`.
                         arrival.mailbox == throttle.mailbox
+                            && arrival.at > throttle.at
                             && arrival.at >= from
                             && arrival.at < until
                     })
@@ -228,5 +230,7 @@ mod tests {
         let early = counters.early_requests(at(50));
         assert_eq!(early.len(), 1, "{early:?}");
         assert_eq!(early[0].arrived_at, at(1500));
+        let strict = counters.early_requests(Duration::ZERO);
+        assert_eq!(strict.len(), 2, "{strict:?}");
     }
 }
