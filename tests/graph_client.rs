@@ -103,9 +103,17 @@ async fn every_page_is_read_with_one_request_per_page() {
         .map(|ids| ids.immutable_id)
         .collect();
     let mailbox = mailbox(&emulator);
+    let started = std::time::Instant::now();
     let mut round = mailbox.delta_round(initial("inbox", 1000)).expect("round");
     let (messages, last, pages) = drain(&mut round).await.expect("round completes");
+    let elapsed = started.elapsed();
     delta_link(last);
+    eprintln!(
+        "delta round: {count} messages in {pages} pages, {:.2} s, {:.0} messages/s (debug build, emulator in-process)",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(mailbox.requests_sent(), u64::from(pages));
 
     assert_eq!(messages.len(), count);
     assert_eq!(unique_ids(&messages), added, "immutable ids, every one");

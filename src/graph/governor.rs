@@ -368,6 +368,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_global_cap_holds_across_mailboxes() {
+        let governor = Governor::new(GovernorConfig {
+            global_concurrency: Some(2),
+            ..config()
+        });
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..12)
+            .map(|n| {
+                let (governor, running, peak) = (governor.clone(), running.clone(), peak.clone());
+                tokio::spawn(async move {
+                    let _permit = governor
+                        .acquire(&format!("m{}@x", n % 4), 1)
+                        .await
+                        .expect("permit");
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn long_pauses_are_returned_not_slept() {
         let governor = Governor::new(config());
         governor.pause_until("a@x", Utc::now() + chrono::Duration::seconds(600));

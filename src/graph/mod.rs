@@ -18,6 +18,7 @@ mod governor;
 mod message;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes_ext::read_limited;
@@ -155,6 +156,7 @@ impl GraphClient {
             client: self.clone(),
             credentials: Arc::new(credentials),
             mailbox: mailbox.into(),
+            requests: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -165,6 +167,8 @@ pub struct MailboxClient {
     client: GraphClient,
     credentials: Arc<Credentials>,
     mailbox: String,
+    /// Graph requests sent through this client and its clones (retries included).
+    requests: Arc<AtomicU64>,
 }
 
 /// One HTTP request to make, with its governor weight.
@@ -254,6 +258,12 @@ impl MailboxClient {
         &self.client
     }
 
+    /// Graph requests (HTTP calls to Graph, retries included; token calls excluded) sent
+    /// through this client and its clones, e.g. for a poll's statistics.
+    pub fn requests_sent(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     /// `{graph}/v1.0/users/{mailbox}/{segments...}`, each segment escaped.
     pub(crate) fn url(&self, segments: &[&str]) -> Result<Url, GraphError> {
         let mut url = self.client.inner.config.graph_url.clone();
@@ -306,6 +316,7 @@ impl MailboxClient {
             if let Some(body) = &call.body {
                 request = request.json(body);
             }
+            self.requests.fetch_add(1, Ordering::Relaxed);
             let outcome = match request.send().await {
                 Ok(response) => {
                     let status = response.status().as_u16();
