@@ -604,6 +604,14 @@ async fn mailbox_states_give_their_typed_errors() {
     emulator
         .set_mailbox_state(MAILBOX, MailboxState::Enabled)
         .expect("state");
+    let error = mailbox
+        .delta_round(initial("no-such-folder", 10))
+        .expect("round")
+        .next_page()
+        .await
+        .expect_err("unknown folder");
+    assert_eq!(error.reason(), "MailboxNotFound");
+    assert!(error.to_string().contains("no-such-folder"), "{error}");
     emulator.add_app(AppRegistration {
         client_id: "reader".into(),
         roles: vec!["Mail.Read".into()],

@@ -247,6 +247,17 @@ impl Round {
                     self.next = Some(self.initial_delta_url(self.resync_since)?);
                     continue;
                 }
+                // On a folder, "item not found" means the folder itself is missing.
+                Err(GraphError::ItemNotFound {
+                    message,
+                    request_id,
+                }) => {
+                    return Err(GraphError::MailboxNotFound {
+                        code: "ErrorItemNotFound".into(),
+                        message: format!("folder {:?}: {message}", self.folder),
+                        request_id,
+                    });
+                }
                 Err(error) => return Err(error),
             };
             let page = self.parse_page(&reply.body, reply.request_id)?;

@@ -302,8 +302,9 @@ impl MailboxClient {
         let mut attempt: u32 = 0;
         let mut refreshed = false;
         loop {
-            let permit = governor.acquire(&self.mailbox, call.weight).await?;
+            // Token first: a slow token endpoint must not hold one of the mailbox's slots.
             let token = inner.tokens.token(&self.credentials).await?;
+            let permit = governor.acquire(&self.mailbox, call.weight).await?;
             let mut request = inner
                 .http
                 .request(call.method.clone(), call.url.clone())
