@@ -564,6 +564,31 @@ async fn a_malformed_page_is_an_error_and_yields_no_delta_link() {
 }
 
 #[tokio::test]
+async fn a_response_over_the_size_limit_is_refused() {
+    let emulator = emulator(Faults::default()).await;
+    emulator
+        .add_messages(MAILBOX, "inbox", 200)
+        .expect("messages");
+    let base = emulator.base_url();
+    let config = GraphConfig {
+        max_response_bytes: 16 * 1024,
+        ..GraphConfig::with_urls(&base, &base).expect("config")
+    };
+    let graph = GraphClient::new(config, Governor::new(quick_governor())).expect("client");
+    let mut round = graph
+        .mailbox(credentials(DEFAULT_CLIENT_SECRET), MAILBOX)
+        .delta_round(initial("inbox", 200))
+        .expect("round");
+    let error = round.next_page().await.expect_err("page too big");
+    assert!(
+        matches!(error, GraphError::MalformedResponse { .. }),
+        "{error}"
+    );
+    assert!(!round.is_done());
+    assert!(GraphConfig::with_urls("ftp://login.example", "https://graph.example").is_err());
+}
+
+#[tokio::test]
 async fn mailbox_states_give_their_typed_errors() {
     let emulator = emulator(Faults::default()).await;
     let ids = emulator

@@ -73,8 +73,14 @@ impl GraphConfig {
     /// Defaults with the given authority and Graph base URLs (national clouds, emulators).
     pub fn with_urls(authority_url: &str, graph_url: &str) -> Result<Self, GraphError> {
         let parse = |text: &str, what: &str| {
-            Url::parse(text)
-                .map_err(|error| GraphError::Config(format!("{what} {text:?}: {error}")))
+            let url = Url::parse(text)
+                .map_err(|error| GraphError::Config(format!("{what} {text:?}: {error}")))?;
+            if !matches!(url.scheme(), "https" | "http") || url.cannot_be_a_base() {
+                return Err(GraphError::Config(format!(
+                    "{what} {text:?} is not an http(s) URL"
+                )));
+            }
+            Ok(url)
         };
         Ok(Self {
             authority_url: parse(authority_url, "authority URL")?,
@@ -351,7 +357,8 @@ impl MailboxClient {
             tracing::debug!(mailbox = %self.mailbox, method = %call.method, path = call.url.path(), status, request_id = request_id.as_deref().unwrap_or(""), attempt, "Graph request");
             let body = match body {
                 Ok(body) => body,
-                Err(error) if error.is_transient() && attempt < governor.config().max_retries => {
+                // A connection cut while reading is worth another try; an oversized body is not.
+                Err(GraphError::Transient { .. }) if attempt < governor.config().max_retries => {
                     tokio::time::sleep(governor.backoff(attempt)).await;
                     attempt += 1;
                     continue;
