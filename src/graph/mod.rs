@@ -26,7 +26,7 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, Url};
 use serde_json::Value;
 
-pub use actions::PostAction;
+pub use actions::{MAX_BATCH, PostAction};
 pub use auth::{ClientSecret, Credentials};
 pub use delta::{DeltaOptions, DeltaStart, ListOptions, Page, PageLink, Round};
 pub use error::GraphError;
