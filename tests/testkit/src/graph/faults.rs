@@ -20,6 +20,9 @@ pub struct Faults {
     pub throttle_ratio: f64,
     /// `Retry-After` (seconds) of 429s from the concurrency cap and from `throttle_ratio`.
     pub retry_after_secs: u64,
+    /// Requests to a mailbox arriving before its last Retry-After ran out are refused again
+    /// (and still counted), as Graph does.
+    pub hold_retry_after: bool,
     /// Share of requests answered 503 or 504 at random.
     pub server_error_ratio: f64,
     /// `Retry-After` on the random 503s, if any.
@@ -51,6 +54,7 @@ impl Default for Faults {
             budget: None,
             throttle_ratio: 0.0,
             retry_after_secs: 1,
+            hold_retry_after: true,
             server_error_ratio: 0.0,
             server_error_retry_after_secs: None,
             slow_page_ms: 0,
