@@ -56,8 +56,10 @@ fn parse_app(text: &str) -> anyhow::Result<AppRegistration> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr: stdout carries only the URL, for scripts to read.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let apps = if cli.apps.is_empty() {
