@@ -437,6 +437,32 @@ async fn transient_server_errors_are_retried_then_reported() {
 }
 
 #[tokio::test]
+async fn an_unreachable_graph_is_a_transient_error() {
+    let emulator = emulator(Faults::default()).await;
+    let closed = format!(
+        "http://127.0.0.1:{}",
+        mailpoll_testkit::pg::free_port().expect("free port")
+    );
+    let config = GraphConfig::with_urls(&emulator.base_url(), &closed).expect("config");
+    let governor = Governor::new(GovernorConfig {
+        max_retries: 1,
+        ..quick_governor()
+    });
+    let graph = GraphClient::new(config, governor).expect("client");
+    let mailbox = graph.mailbox(credentials(DEFAULT_CLIENT_SECRET), MAILBOX);
+    let error = mailbox
+        .get_mime("x")
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(error.reason(), "Transient");
+    assert!(
+        error.to_string().to_lowercase().contains("refused"),
+        "{error}"
+    );
+    assert_eq!(mailbox.requests_sent(), 2, "one try and one retry");
+}
+
+#[tokio::test]
 async fn a_token_refused_mid_round_is_refreshed_once_and_the_round_continues() {
     let emulator = emulator(Faults::default()).await;
     emulator

@@ -207,6 +207,19 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
         .or(Some(Duration::ZERO))
 }
 
+/// A transport error with its causes (connection refused, timeout, TLS), without the URL.
+pub(crate) fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get(name)
@@ -246,7 +259,7 @@ mod bytes_ext {
                 Err(error) => {
                     return Err(GraphError::Transient {
                         status: None,
-                        message: format!("reading the response: {}", error.without_url()),
+                        message: format!("reading the response: {}", super::describe(error)),
                         request_id: request_id.clone(),
                     });
                 }
@@ -340,7 +353,7 @@ impl MailboxClient {
             let (status, headers, request_id, body) = match outcome {
                 Ok(parts) => parts,
                 Err(error) => {
-                    let error = error.without_url();
+                    let error = describe(error);
                     tracing::debug!(mailbox = %self.mailbox, path = call.url.path(), attempt, %error, "Graph request failed");
                     if attempt >= governor.config().max_retries {
                         return Err(GraphError::Transient {
