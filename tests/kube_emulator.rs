@@ -1099,6 +1099,16 @@ async fn raw_http_answers_like_an_api_server() {
     )
     .await;
     assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+    let (code, status) = send(
+        http.post(format!("{base}/apis/mailpoll.dev/v1alpha1/mailboxpolls"))
+            .header("Content-Type", "application/yaml")
+            .body(yaml),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (405, Some("MethodNotAllowed"))
+    );
     let (code, status) = send(http.get(format!("{collection}/missing"))).await;
     assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
     assert_eq!(
@@ -1487,5 +1497,27 @@ async fn deleting_the_crd_stops_serving_its_resources() {
     assert!(
         listed.items.is_empty(),
         "custom resources went with their definition"
+    );
+}
+
+#[tokio::test]
+async fn install_crd_serves_the_resource_at_once() {
+    mailpoll::install_crypto_provider();
+    let emulator = KubeEmulator::start().await.expect("emulator starts");
+    emulator
+        .install_crd(&MailboxPoll::crd())
+        .expect("CRD installed");
+    let api: Api<MailboxPoll> = Api::default_namespaced(emulator.client().expect("client"));
+    let created = api
+        .create(&PostParams::default(), &mailboxpoll("direct", "5m"))
+        .await
+        .expect("served right after install_crd");
+    assert_eq!(created.metadata.namespace.as_deref(), Some("default"));
+    let crds: Api<CustomResourceDefinition> = Api::all(emulator.client().expect("client"));
+    let crd = crds.get(CRD_NAME).await.expect("the CRD is readable");
+    assert!(
+        crd.status
+            .and_then(|s| s.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Established"))
     );
 }

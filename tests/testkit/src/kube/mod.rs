@@ -153,6 +153,33 @@ impl KubeEmulator {
         self.shared.clear_records();
     }
 
+    /// Registers a CustomResourceDefinition directly (as `kubectl apply -f crd.yaml` would),
+    /// so its resources are served at once; e.g. `install_crd(&MailboxPoll::crd())`.
+    pub fn install_crd(
+        &self,
+        crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    ) -> anyhow::Result<()> {
+        let mut object = serde_json::to_value(crd).context("serializing the CRD")?;
+        object["apiVersion"] = serde_json::json!("apiextensions.k8s.io/v1");
+        object["kind"] = serde_json::json!("CustomResourceDefinition");
+        {
+            let mut store = self.shared.lock_store();
+            let rt = store
+                .lookup("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+                .context("CRDs are built in")?;
+            let ctx = store::WriteContext {
+                manager: "kube-emulator".into(),
+                field_validation: store::FieldValidation::Strict,
+                dry_run: false,
+            };
+            store
+                .create(&rt, "", object, &ctx)
+                .map_err(|e| anyhow::anyhow!("installing the CRD: {e}"))?;
+        }
+        self.shared.notify_changed();
+        Ok(())
+    }
+
     /// The latest resourceVersion handed out.
     pub fn resource_version(&self) -> u64 {
         self.shared.lock_store().resource_version()

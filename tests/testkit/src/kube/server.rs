@@ -95,6 +95,11 @@ impl Shared {
             .push(record);
     }
 
+    /// Wakes the watches after a write made outside a request.
+    pub fn notify_changed(&self) {
+        self.changed();
+    }
+
     fn changed(&self) {
         let rv = self.lock_store().resource_version();
         self.notify.send_replace(rv);
@@ -237,6 +242,12 @@ fn route(
     record.namespace = target.namespace.clone();
     record.name = target.name.clone();
     check_accept(headers)?;
+    if target.rt.namespaced && target.namespace.is_none() && method != Method::GET {
+        // The all-namespaces path of a namespaced resource only lists and watches.
+        return Err(ApiError::method_not_allowed(format!(
+            "the server does not allow this method on the requested resource ({method} across all namespaces)"
+        )));
+    }
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     record.verb = match (method, target.name.is_some()) {
         (&Method::GET, true) => "get",
