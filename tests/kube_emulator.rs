@@ -1521,3 +1521,84 @@ async fn install_crd_serves_the_resource_at_once() {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Established"))
     );
 }
+
+/// The protocol of kube-lease-manager: an orphaned Lease is taken with a server-side apply by a
+/// field manager per candidate (a rival's apply conflicts on `holderIdentity`), renewed and
+/// released with strategic merge patches.
+#[tokio::test]
+async fn leases_are_taken_by_server_side_apply_and_released_by_patch() {
+    let world = World::new().await;
+    let leases: Api<Lease> = Api::namespaced(world.client.clone(), &world.namespace);
+    let rival: Api<Lease> = Api::namespaced(world.another_client().await, &world.namespace);
+    leases
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "scheduler"}, "spec": {}}))
+                .expect("lease"),
+        )
+        .await
+        .expect("lease created");
+    let lock = |who: &str| {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "spec": {
+                "holderIdentity": who,
+                "acquireTime": "2026-01-01T00:00:00.000000Z",
+                "renewTime": format!("2026-01-01T00:00:00.{:06}Z", who.len()),
+                "leaseDurationSeconds": 15,
+            }
+        })
+    };
+    for round in 0..5 {
+        let (a, b) = (format!("a-{round}"), format!("bb-{round}"));
+        let (manager_a, manager_b) = (format!("lease-{a}"), format!("lease-{b}"));
+        let (pa, pb) = (
+            PatchParams::apply(&manager_a),
+            PatchParams::apply(&manager_b),
+        );
+        let (lock_a, lock_b) = (Patch::Apply(lock(&a)), Patch::Apply(lock(&b)));
+        let (ra, rb) = tokio::join!(
+            leases.patch("scheduler", &pa, &lock_a),
+            rival.patch("scheduler", &pb, &lock_b),
+        );
+        assert_eq!(
+            [&ra, &rb].iter().filter(|r| r.is_ok()).count(),
+            1,
+            "round {round}: exactly one candidate takes the lease ({ra:?} / {rb:?})"
+        );
+        let winner = if ra.is_ok() { &a } else { &b };
+        let loser = if ra.is_ok() { rb } else { ra };
+        assert_eq!(api_status(loser.expect_err("the loser fails")).code, 409);
+        let held = leases.get("scheduler").await.expect("read back");
+        assert_eq!(
+            held.spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref()),
+            Some(winner.as_str())
+        );
+        let renewed = leases
+            .patch(
+                "scheduler",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"renewTime": "2026-01-01T00:00:05.000000Z"}})),
+            )
+            .await
+            .expect("the holder renews");
+        assert_eq!(
+            renewed
+                .spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref()),
+            Some(winner.as_str())
+        );
+        leases
+            .patch(
+                "scheduler",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"holderIdentity": null, "acquireTime": null, "renewTime": null, "leaseDurationSeconds": null}})),
+            )
+            .await
+            .expect("the holder releases");
+    }
+    world.finish().await;
+}
