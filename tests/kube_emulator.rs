@@ -1602,3 +1602,56 @@ async fn leases_are_taken_by_server_side_apply_and_released_by_patch() {
     }
     world.finish().await;
 }
+
+/// kube's event Recorder writes events.k8s.io/v1 Events (a repeat becomes a series patch);
+/// `kubectl describe` reads them back as core/v1 Events of the object.
+#[tokio::test]
+async fn the_event_recorder_publishes_and_repeats() {
+    use kube::Resource;
+    use kube::runtime::events::{Event as Note, EventType, Recorder, Reporter};
+    let world = World::new().await;
+    let api = world.mbp();
+    let object = api
+        .create(&PostParams::default(), &mailboxpoll("noisy", "5m"))
+        .await
+        .expect("create");
+    let recorder = Recorder::new(
+        world.client.clone(),
+        Reporter {
+            controller: "mailpoll".into(),
+            instance: Some("mailpoll-0".into()),
+        },
+    );
+    let note = Note {
+        type_: EventType::Warning,
+        reason: "SecretNotFound".into(),
+        note: Some("Secret graph-credentials not found".into()),
+        action: "Poll".into(),
+        secondary: None,
+    };
+    let reference = object.object_ref(&());
+    recorder
+        .publish(&note, &reference)
+        .await
+        .expect("first event");
+    recorder
+        .publish(&note, &reference)
+        .await
+        .expect("repeat becomes a series");
+    let core: Api<CoreEvent> = Api::namespaced(world.client.clone(), &world.namespace);
+    let uid = object.uid().expect("uid");
+    let listed = core
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.name=noisy,involvedObject.namespace={},involvedObject.kind=MailboxPoll,involvedObject.uid={uid}",
+            world.namespace
+        )))
+        .await
+        .expect("events of the object");
+    assert_eq!(listed.items.len(), 1, "the repeat updated the first event");
+    let event = &listed.items[0];
+    assert_eq!(event.reason.as_deref(), Some("SecretNotFound"));
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.reporting_component.as_deref(), Some("mailpoll"));
+    assert_eq!(event.series.as_ref().map(|s| s.count), Some(Some(2)));
+    world.finish().await;
+}
