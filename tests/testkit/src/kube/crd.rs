@@ -7,7 +7,6 @@ use serde_json::{Value, json};
 
 use super::resource::{CellSource, Column, ResourceType, StorageKey, View};
 use super::status::ApiError;
-use super::table;
 use crate::crd_validation::{CrdValidator, FieldError, FieldErrorKind};
 
 fn text<'a>(value: &'a Value, pointer: &str) -> &'a str {
@@ -282,11 +281,6 @@ fn prune_at(schema: &Value, value: &mut Value, path: &str, unknown: &mut Vec<Str
         }
         _ => {}
     }
-}
-
-/// The Age-style cell of a CRD's `date` column.
-pub fn date_cell(value: Option<&Value>) -> Value {
-    table::age_cell(value)
 }
 
 #[cfg(test)]

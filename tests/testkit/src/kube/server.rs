@@ -212,10 +212,7 @@ fn route(
         ["openapi", "v3"] => {
             let (types, revision) = {
                 let store = shared.lock_store();
-                (
-                    store.types().to_vec(),
-                    store.types().len() as u64 * 1_000_003 + store.crds().len() as u64,
-                )
+                (store.types().to_vec(), store.types_revision())
             };
             return ok(discovery::openapi_root(&types, revision));
         }
