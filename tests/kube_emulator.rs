@@ -1377,6 +1377,75 @@ async fn a_kubectl_session() {
     ]);
     assert_eq!(out.trim(), "cw==");
 
+    // What an operator's chart installs besides the CRD applies and re-applies.
+    const INSTALL: &str = r#"apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: mailpoll
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: mailpoll
+rules:
+- apiGroups: [mailpoll.dev]
+  resources: [mailboxpolls, mailboxpolls/status]
+  verbs: [get, list, watch, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: mailpoll
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: mailpoll
+subjects:
+- kind: ServiceAccount
+  name: mailpoll
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: mailpoll
+spec:
+  replicas: REPLICAS
+  selector:
+    matchLabels:
+      app: mailpoll
+  template:
+    metadata:
+      labels:
+        app: mailpoll
+    spec:
+      serviceAccountName: mailpoll
+      containers:
+      - name: operator
+        image: mailpoll:dev
+"#;
+    let install = |replicas: u32| INSTALL.replace("REPLICAS", &replicas.to_string());
+    let chart = write("install.yaml", &install(2));
+    let (ok, out) = run(&["apply", "-f", &chart]);
+    assert!(
+        ok && out.contains("deployment.apps/mailpoll created"),
+        "apply install: {out}"
+    );
+    let chart = write("install.yaml", &install(3));
+    let (ok, out) = run(&["apply", "-f", &chart]);
+    assert!(
+        ok && out.contains("deployment.apps/mailpoll configured")
+            && out.contains("role.rbac.authorization.k8s.io/mailpoll unchanged"),
+        "re-apply install: {out}"
+    );
+    let (_, out) = run(&[
+        "get",
+        "deploy",
+        "mailpoll",
+        "-o",
+        "jsonpath={.spec.replicas} {.metadata.generation}",
+    ]);
+    assert_eq!(out.trim(), "3 2");
+
     let (ok, out) = run(&["delete", "mbp", "support-inbox", "--timeout=20s"]);
     assert!(ok && out.contains("deleted"), "delete: {out}");
     let (ok, out) = run(&["get", "mbp"]);
