@@ -1246,6 +1246,11 @@ async fn a_kubectl_session() {
         out.contains("support@contoso.com") && out.contains("1m"),
         "{out}"
     );
+    let (ok, out) = run(&["get", "mailpoll", "-o", "name"]);
+    assert!(
+        ok && out.contains("mailboxpoll.mailpoll.dev/support-inbox"),
+        "the category lists it: {out}"
+    );
 
     // `get -w` in the background sees the annotation below.
     let watch = {
