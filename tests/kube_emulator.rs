@@ -555,7 +555,7 @@ async fn watch_resumes_from_a_resource_version_with_bookmarks_and_timeout() {
         .expect("delete");
 
     let stream = api
-        .watch(&WatchParams::default().timeout(5), &resume_from)
+        .watch(&WatchParams::default().timeout(2), &resume_from)
         .await
         .expect("watch starts");
     let events: Vec<WatchEvent<MailboxPoll>> = tokio::time::timeout(PATIENCE, stream.try_collect())
@@ -1252,30 +1252,48 @@ async fn a_kubectl_session() {
         "the category lists it: {out}"
     );
 
-    // `get -w` in the background sees the annotation below.
-    let watch = {
-        let mut command = Command::new("timeout");
-        command
-            .arg("8")
-            .arg("kubectl")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--cache-dir")
-            .arg(&cache)
-            .args([
-                "-n",
-                ns.as_str(),
-                "get",
-                "mbp",
-                "-w",
-                "--output-watch-events",
-            ]);
-        command
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("kubectl get -w starts")
+    // `get -w` in the background sees the annotation below; it is stopped once it has (or
+    // after PATIENCE), so the session waits no longer than needed.
+    let mut watch = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args([
+            "-n",
+            ns.as_str(),
+            "get",
+            "mbp",
+            "-w",
+            "--output-watch-events",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl get -w starts");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = watch.stdout.take().expect("stdout is piped");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut watched = Vec::new();
+    let mut next_line = |watched: &mut Vec<String>| {
+        let line = lines.recv_timeout(PATIENCE).ok();
+        watched.extend(line.clone());
+        line
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    while let Some(line) = next_line(&mut watched) {
+        if line.contains("support-inbox") {
+            break; // the watch listed the object: changes from now on are seen
+        }
+    }
     let (ok, out) = run(&[
         "annotate",
         "mbp",
@@ -1284,12 +1302,16 @@ async fn a_kubectl_session() {
         "--overwrite",
     ]);
     assert!(ok && out.contains("annotated"), "annotate: {out}");
-    let watched = watch.wait_with_output().expect("kubectl get -w ends");
-    let watched = String::from_utf8_lossy(&watched.stdout);
-    assert!(
-        watched.contains("MODIFIED") && watched.contains("support-inbox"),
-        "get -w saw the change: {watched}"
-    );
+    let mut saw_change = false;
+    while let Some(line) = next_line(&mut watched) {
+        if line.contains("MODIFIED") && line.contains("support-inbox") {
+            saw_change = true;
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(saw_change, "get -w saw the change: {watched:?}");
 
     let (ok, out) = run(&[
         "patch",
