@@ -1284,7 +1284,7 @@ async fn a_kubectl_session() {
         }
     });
     let mut watched = Vec::new();
-    let mut next_line = |watched: &mut Vec<String>| {
+    let next_line = |watched: &mut Vec<String>| {
         let line = lines.recv_timeout(PATIENCE).ok();
         watched.extend(line.clone());
         line
