@@ -432,6 +432,15 @@ async fn server_side_apply_tracks_managers_and_merges_conditions_by_type() {
         .await
         .expect("force");
     assert_eq!(forced.spec.interval, "1m");
+    let again = api
+        .patch("ssa", &PatchParams::apply("rival"), &Patch::Apply(&rival))
+        .await
+        .expect("the same apply again");
+    assert_eq!(
+        again.resource_version(),
+        forced.resource_version(),
+        "re-applying the same configuration changes nothing"
+    );
 
     let status_of = |kind: &str| json!({"apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll", "metadata": {"name": "ssa"}, "status": {"conditions": [condition(kind, "True")]}});
     api.patch_status(
