@@ -1760,3 +1760,77 @@ async fn the_event_recorder_publishes_and_repeats() {
     assert_eq!(event.series.as_ref().map(|s| s.count), Some(Some(2)));
     world.finish().await;
 }
+
+/// Failures on demand: injected errors reach the client as Status bodies, and a compaction makes
+/// older resourceVersions expire.
+#[tokio::test]
+async fn injected_failures_and_compaction() {
+    if real_cluster() {
+        return; // a real cluster fails on its own terms
+    }
+    let world = World::new().await;
+    let emulator = world.emulator().expect("emulator");
+    let leases: Api<Lease> = Api::namespaced(world.client.clone(), &world.namespace);
+    let lease: Lease =
+        serde_json::from_value(json!({"metadata": {"name": "l"}, "spec": {}})).expect("lease");
+    let created = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("create");
+    emulator.inject_failure(Some("update"), Some("leases"), 2, 500);
+    for attempt in 0..2 {
+        let error = leases
+            .replace("l", &PostParams::default(), &created)
+            .await
+            .expect_err("injected");
+        let status = api_status(error);
+        assert_eq!(
+            (status.code, status.reason.as_str()),
+            (500, "InternalError"),
+            "attempt {attempt}"
+        );
+    }
+    leases.get("l").await.expect("other verbs are unaffected");
+    let renewed = leases
+        .replace("l", &PostParams::default(), &created)
+        .await
+        .expect("the fault is spent");
+    // kube's client retries 429, 503 and 504 by itself: one 503 goes unnoticed by the caller.
+    emulator.clear_requests();
+    emulator.inject_failure(Some("update"), Some("leases"), 1, 503);
+    leases
+        .replace("l", &PostParams::default(), &renewed)
+        .await
+        .expect("retried past the 503");
+    let codes: Vec<u16> = emulator.requests().iter().map(|r| r.code).collect();
+    assert_eq!(codes, [503, 200]);
+
+    let api = world.mbp();
+    let old = api
+        .create(&PostParams::default(), &mailboxpoll("c", "5m"))
+        .await
+        .expect("create");
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"interval": "6m"}})),
+    )
+    .await
+    .expect("patch");
+    emulator.compact_history();
+    let mut stream = api
+        .watch(
+            &WatchParams::default(),
+            old.resource_version().as_deref().expect("rv"),
+        )
+        .await
+        .expect("watch starts")
+        .boxed();
+    match tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("an event arrives")
+    {
+        Some(Ok(WatchEvent::Error(status))) => assert_eq!(status.code, 410),
+        other => panic!("expected 410 Expired after compaction, got {other:?}"),
+    }
+}

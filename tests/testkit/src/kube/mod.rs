@@ -32,8 +32,9 @@ use std::sync::Arc;
 use anyhow::Context;
 
 pub use record::RequestRecord;
-pub use server::Options;
 use server::Shared;
+pub use server::{Fault, Options};
+pub use status::ApiError;
 
 /// A running emulator; stops when dropped.
 pub struct KubeEmulator {
@@ -178,6 +179,29 @@ impl KubeEmulator {
         }
         self.shared.notify_changed();
         Ok(())
+    }
+
+    /// Makes the next `times` requests with this RBAC verb (`update`, `patch`, `watch`, ...; None
+    /// for any) on this resource (`leases`; None for any) fail with `code` and a Status body.
+    pub fn inject_failure(
+        &self,
+        verb: Option<&str>,
+        resource: Option<&str>,
+        times: usize,
+        code: u16,
+    ) {
+        self.shared.add_fault(Fault {
+            verb: verb.map(str::to_owned),
+            resource: resource.map(str::to_owned),
+            times,
+            error: ApiError::with_code(code, format!("injected failure ({code})")),
+        });
+    }
+
+    /// Forgets the change history: a watch or continue token from an older resourceVersion
+    /// gets 410 Expired, as after an etcd compaction.
+    pub fn compact_history(&self) {
+        self.shared.lock_store().compact();
     }
 
     /// The latest resourceVersion handed out.

@@ -210,6 +210,13 @@ impl Store {
         self.compacted
     }
 
+    /// Drops the whole history, as an etcd compaction does: watches and continue tokens from
+    /// any earlier version answer 410 Expired from now on.
+    pub fn compact(&mut self) {
+        self.history.clear();
+        self.compacted = self.resource_version;
+    }
+
     pub fn types(&self) -> &[Arc<ResourceType>] {
         &self.types
     }
