@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::resource::{CellSource, Column, ResourceType, StorageKey, View};
 use super::status::ApiError;
+use super::table;
 use crate::crd_validation::{CrdValidator, FieldError, FieldErrorKind};
 
 fn text<'a>(value: &'a Value, pointer: &str) -> &'a str {
@@ -150,9 +151,7 @@ pub fn served_types(crd: &Value) -> Result<Vec<ResourceType>, ApiError> {
                 description: "Time since creation".into(),
                 priority: 0,
                 source: CellSource::Computed(|o| {
-                    o.pointer("/metadata/creationTimestamp")
-                        .cloned()
-                        .unwrap_or(Value::Null)
+                    table::age_cell(o.pointer("/metadata/creationTimestamp"))
                 }),
             });
         }
