@@ -75,6 +75,75 @@ async fn wait_for(
     }
 }
 
+/// One measured poll of the whole folder.
+struct Case {
+    label: &'static str,
+    webhook: Option<Endpoint>,
+    concurrency: usize,
+    /// Counts the messages done; the case ends when it reaches the folder size.
+    done_when: &'static str,
+}
+
+impl Case {
+    async fn run(
+        &self,
+        pool: &sqlx::PgPool,
+        graph: &GraphClient,
+        total: usize,
+    ) -> BenchResult<(Duration, i64)> {
+        let directory = Arc::new(StaticDirectory::default());
+        let uid = Uuid::new_v4();
+        directory.insert(config(uid, self.webhook.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let workers = WorkerPool::new(
+            pool.clone(),
+            WorkerPoolConfig {
+                worker_id: WorkerId::named("bench"),
+                concurrency: self.concurrency,
+                ..WorkerPoolConfig::default()
+            },
+        )
+        .register(
+            POLL,
+            PollHandler {
+                pool: pool.clone(),
+                directory: directory.clone(),
+                graph: graph.clone(),
+                metrics: metrics.clone(),
+                settings: PollSettings {
+                    page_size: 1000,
+                    ..PollSettings::default()
+                },
+            },
+        )
+        .register(
+            DELIVER,
+            DeliverHandler {
+                pool: pool.clone(),
+                directory,
+                http: reqwest::Client::new(),
+                metrics,
+            },
+        )
+        .start()?;
+        let started = Instant::now();
+        let poll = NewTask::new(POLL, serde_json::to_value(PollTask { mailbox_uid: uid })?)
+            .owner(uid)
+            .dedupe_key(poll_dedupe_key(uid));
+        queue::enqueue(pool, &poll).await?;
+        wait_for(pool, self.done_when, uid, total as i64).await?;
+        let elapsed = started.elapsed();
+        workers.shutdown().await;
+        let pages: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(pages), 0)::bigint FROM polls WHERE mailbox_uid = $1",
+        )
+        .bind(uid)
+        .fetch_one(pool)
+        .await?;
+        Ok((elapsed, pages))
+    }
+}
+
 #[tokio::main]
 async fn main() -> BenchResult<()> {
     mailpoll::install_crypto_provider();
@@ -116,132 +185,37 @@ async fn main() -> BenchResult<()> {
         Governor::new(GovernorConfig::default()),
     )?;
     let receiver = WebhookReceiver::start(None).await?;
-    let metrics = Arc::new(Metrics::new());
 
     println!("| measurement | messages | seconds | per second | Graph requests |");
     println!("|---|---|---|---|---|");
 
-    // Ingest: one poll records the whole folder, nothing to deliver.
-    {
+    let ingest = Case {
+        label: "ingest into the ledger (pages of 1000, bodies)",
+        webhook: None,
+        concurrency: 4,
+        done_when: "SELECT count(*) FROM messages WHERE mailbox_uid = $1",
+    };
+    let deliver = Case {
+        label: "ingest + webhook delivery (concurrency 64)",
+        webhook: Some(Endpoint {
+            url: receiver.url(),
+            timeout: Duration::from_secs(10),
+            signing_key: None,
+        }),
+        concurrency: 64,
+        done_when: "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
+    };
+    for case in [ingest, deliver] {
         let db = TestDatabase::create_on(&admin_url).await?;
         mailpoll::db::migrate(&db.pool).await?;
-        let directory = StaticDirectory::default();
-        let uid = Uuid::new_v4();
-        directory.insert(config(uid, None));
-        let pool = WorkerPool::new(
-            db.pool.clone(),
-            WorkerPoolConfig {
-                worker_id: WorkerId::named("bench-ingest"),
-                concurrency: 4,
-                ..WorkerPoolConfig::default()
-            },
-        )
-        .register(
-            POLL,
-            PollHandler {
-                pool: db.pool.clone(),
-                directory: Arc::new(directory.clone()),
-                graph: graph.clone(),
-                metrics: metrics.clone(),
-                settings: PollSettings {
-                    page_size: 1000,
-                    ..PollSettings::default()
-                },
-            },
-        )
-        .start()?;
         emulator.reset_counters();
-        let started = Instant::now();
-        let poll = NewTask::new(POLL, serde_json::to_value(PollTask { mailbox_uid: uid })?)
-            .owner(uid)
-            .dedupe_key(poll_dedupe_key(uid));
-        queue::enqueue(&db.pool, &poll).await?;
-        wait_for(
-            &db.pool,
-            "SELECT count(*) FROM messages WHERE mailbox_uid = $1",
-            uid,
-            total as i64,
-        )
-        .await?;
-        let elapsed = started.elapsed();
-        pool.shutdown().await;
-        let requests = emulator.counters().requests(MAILBOX);
-        let pages: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(pages), 0)::bigint FROM polls WHERE mailbox_uid = $1",
-        )
-        .bind(uid)
-        .fetch_one(&db.pool)
-        .await?;
+        let (elapsed, pages) = case.run(&db.pool, &graph, total).await?;
         println!(
-            "| ingest into the ledger (pages of 1000, bodies) | {total} | {:.2} | {:.0} | {requests} for {pages} pages |",
+            "| {} | {total} | {:.2} | {:.0} | {} for {pages} pages |",
+            case.label,
             elapsed.as_secs_f64(),
-            total as f64 / elapsed.as_secs_f64()
-        );
-    }
-
-    // Deliveries: the same folder with a webhook on loopback.
-    {
-        let db = TestDatabase::create_on(&admin_url).await?;
-        mailpoll::db::migrate(&db.pool).await?;
-        let directory = StaticDirectory::default();
-        let uid = Uuid::new_v4();
-        directory.insert(config(
-            uid,
-            Some(Endpoint {
-                url: receiver.url(),
-                timeout: Duration::from_secs(10),
-                signing_key: None,
-            }),
-        ));
-        let pool = WorkerPool::new(
-            db.pool.clone(),
-            WorkerPoolConfig {
-                worker_id: WorkerId::named("bench-deliver"),
-                concurrency: 64,
-                ..WorkerPoolConfig::default()
-            },
-        )
-        .register(
-            POLL,
-            PollHandler {
-                pool: db.pool.clone(),
-                directory: Arc::new(directory.clone()),
-                graph: graph.clone(),
-                metrics: metrics.clone(),
-                settings: PollSettings {
-                    page_size: 1000,
-                    ..PollSettings::default()
-                },
-            },
-        )
-        .register(
-            DELIVER,
-            DeliverHandler {
-                pool: db.pool.clone(),
-                directory: Arc::new(directory.clone()),
-                http: reqwest::Client::new(),
-                metrics: metrics.clone(),
-            },
-        )
-        .start()?;
-        let started = Instant::now();
-        let poll = NewTask::new(POLL, serde_json::to_value(PollTask { mailbox_uid: uid })?)
-            .owner(uid)
-            .dedupe_key(poll_dedupe_key(uid));
-        queue::enqueue(&db.pool, &poll).await?;
-        wait_for(
-            &db.pool,
-            "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
-            uid,
-            total as i64,
-        )
-        .await?;
-        let elapsed = started.elapsed();
-        pool.shutdown().await;
-        println!(
-            "| ingest + webhook delivery (concurrency 64) | {total} | {:.2} | {:.0} | |",
-            elapsed.as_secs_f64(),
-            total as f64 / elapsed.as_secs_f64()
+            total as f64 / elapsed.as_secs_f64(),
+            emulator.counters().requests(MAILBOX),
         );
     }
     Ok(())
