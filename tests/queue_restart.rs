@@ -144,8 +144,13 @@ async fn workers_reconnect_after_a_postgres_restart_and_lose_nothing() {
         pool.shutdown().await;
     }
 
-    let handled = handled.lock().expect("handled lock");
-    let missing: Vec<&i64> = ids.iter().filter(|id| !handled.contains_key(id)).collect();
+    let missing: Vec<i64> = {
+        let handled = handled.lock().expect("handled lock");
+        ids.iter()
+            .copied()
+            .filter(|id| !handled.contains_key(id))
+            .collect()
+    };
     assert!(missing.is_empty(), "tasks never handled: {missing:?}");
     let states = states(&db.pool).await.expect("database reachable");
     assert_eq!(states.len(), 1, "only succeeded tasks are left: {states:?}");

@@ -144,13 +144,15 @@ async fn every_task_is_handled_exactly_once_by_many_workers_in_several_pools() {
         assert_eq!(report.released, 0);
     }
     assert_eq!(completed, total as u64);
-    let counts = counts.lock().expect("counts lock");
-    assert_eq!(counts.len(), total, "every task handled");
-    let repeated: Vec<(&i64, &u32)> = counts.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(
-        repeated.is_empty(),
-        "tasks handled more than once: {repeated:?}"
-    );
+    {
+        let counts = counts.lock().expect("counts lock");
+        assert_eq!(counts.len(), total, "every task handled");
+        let repeated: Vec<(&i64, &u32)> = counts.iter().filter(|(_, n)| **n != 1).collect();
+        assert!(
+            repeated.is_empty(),
+            "tasks handled more than once: {repeated:?}"
+        );
+    }
     let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM tasks")
         .fetch_one(&db.pool)
         .await

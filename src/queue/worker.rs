@@ -254,8 +254,9 @@ impl WorkerPool {
         }
         let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
         kinds.sort();
-        let (results_tx, results_rx) =
-            mpsc::channel(config.concurrency.max(config.completion_batch));
+        // Results wait here for the keeper. A full channel makes handlers keep their slots, so
+        // at most twice `concurrency` tasks are held at once and batches stay small and steady.
+        let (results_tx, results_rx) = mpsc::channel(config.concurrency);
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.concurrency)),
             db: self.db,
@@ -647,15 +648,16 @@ async fn keeper(shared: Arc<Shared>, mut results: mpsc::Receiver<Finished>) -> K
     let mut batch: Vec<Finished> = Vec::new();
     loop {
         tokio::select! {
+            // Heartbeats first: under a steady stream of results they must still go out.
             biased;
-            received = results.recv() => match received {
-                Some(finished) => batch.push(finished),
-                None => break,
-            },
             _ = heartbeat.tick() => {
                 send_heartbeat(&shared).await;
                 continue;
             }
+            received = results.recv() => match received {
+                Some(finished) => batch.push(finished),
+                None => break,
+            },
         }
         // Whatever else has finished meanwhile goes into the same statement.
         while batch.len() < config.completion_batch {
