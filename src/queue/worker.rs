@@ -496,9 +496,16 @@ impl ErrorBackoff {
     }
 }
 
+/// While the queue has a backlog, a claim waits up to this long for half the slots to be free,
+/// so one statement claims many tasks rather than one per finished handler.
+const CLAIM_GATHER: Duration = Duration::from_millis(1);
+
 async fn claimer(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
     let mut backoff = ErrorBackoff::new();
     let config = &shared.config;
+    let gather_target = config.claim_batch.min(config.concurrency.div_ceil(2));
+    // Whether the last claim got all it asked for: more tasks are probably due.
+    let mut backlog = false;
     loop {
         let first = tokio::select! {
             _ = shared.stop.cancelled() => break,
@@ -508,11 +515,18 @@ async fn claimer(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
             },
         };
         let mut permits = vec![first];
-        while permits.len() < config.claim_batch {
-            match shared.slots.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
+        take_free_slots(&shared, &mut permits);
+        if backlog && permits.len() < gather_target {
+            let gather = async {
+                while permits.len() < gather_target {
+                    match shared.slots.clone().acquire_owned().await {
+                        Ok(permit) => permits.push(permit),
+                        Err(_) => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLAIM_GATHER, gather).await;
+            take_free_slots(&shared, &mut permits);
         }
         let wanted = permits.len();
         let claimed = store::claim(
@@ -527,6 +541,7 @@ async fn claimer(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
             Ok(tasks) => {
                 backoff.reset();
                 let got = tasks.len();
+                backlog = got == wanted;
                 shared.counters.add_claimed(got);
                 for (task, permit) in tasks.into_iter().zip(permits.drain(..)) {
                     dispatch(&shared, task, permit, results.clone());
@@ -542,6 +557,7 @@ async fn claimer(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
             }
             Err(error) => {
                 drop(permits);
+                backlog = false;
                 let pause = backoff.next();
                 tracing::warn!(%error, retry_in = ?pause, "claiming tasks failed");
                 tokio::select! {
@@ -549,6 +565,16 @@ async fn claimer(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
                     _ = tokio::time::sleep(pause) => {}
                 }
             }
+        }
+    }
+}
+
+/// Adds the slots free right now, up to a claim's batch size.
+fn take_free_slots(shared: &Arc<Shared>, permits: &mut Vec<OwnedSemaphorePermit>) {
+    while permits.len() < shared.config.claim_batch {
+        match shared.slots.clone().try_acquire_owned() {
+            Ok(permit) => permits.push(permit),
+            Err(_) => break,
         }
     }
 }
