@@ -908,3 +908,49 @@ async fn prune_old(shared: &Shared) {
         tracing::debug!(deleted, "pruned finished tasks past retention");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_ids_are_unique_per_process_even_with_one_pod_name() {
+        let a = WorkerId::named("mailpoll-0");
+        let b = WorkerId::named("mailpoll-0");
+        assert_ne!(a, b, "a restarted pod must not reuse its predecessor's id");
+        assert!(a.as_str().starts_with("mailpoll-0/"));
+        assert_eq!(a.as_str().len(), "mailpoll-0/".len() + 32);
+    }
+
+    #[test]
+    fn error_backoff_doubles_up_to_its_cap_and_resets() {
+        let mut backoff = ErrorBackoff::new();
+        let pauses: Vec<u64> = (0..9).map(|_| backoff.next().as_millis() as u64).collect();
+        assert_eq!(
+            pauses,
+            vec![100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]
+        );
+        backoff.reset();
+        assert_eq!(backoff.next(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn panic_messages_are_recovered() {
+        let text: Box<dyn std::any::Any + Send> = Box::new("index out of bounds");
+        assert_eq!(panic_message(text.as_ref()), "index out of bounds");
+        let formatted: Box<dyn std::any::Any + Send> = Box::new(String::from("bad task 7"));
+        assert_eq!(panic_message(formatted.as_ref()), "bad task 7");
+        let other: Box<dyn std::any::Any + Send> = Box::new(42u8);
+        assert_eq!(panic_message(other.as_ref()), "(no message)");
+    }
+
+    #[test]
+    fn default_settings_keep_heartbeats_well_inside_the_lease() {
+        let config = WorkerPoolConfig::default();
+        assert!(config.heartbeat_interval * 2 < config.lease);
+        assert!(
+            config.shutdown_grace < Duration::from_secs(30),
+            "inside Kubernetes' default grace period"
+        );
+    }
+}
