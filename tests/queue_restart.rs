@@ -97,6 +97,25 @@ async fn workers_reconnect_after_a_postgres_restart_and_lose_nothing() {
         pools.push(pool);
     }
 
+    // A pool that only a notification can wake (its polling interval is an hour): after the
+    // restart it must be listening again.
+    let (pinged_tx, mut pinged_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
+    let mut listener_config = config("listener");
+    listener_config.poll_interval = Duration::from_secs(3600);
+    let listener_pool = WorkerPool::new(db.pool.clone(), listener_config)
+        .register(
+            "ping",
+            handler_fn(move |task: ClaimedTask, _ctx: TaskContext| {
+                let pinged = pinged_tx.clone();
+                async move {
+                    let _ = pinged.send(task.id);
+                    Ok(())
+                }
+            }),
+        )
+        .start()
+        .expect("start listener pool");
+
     let mut ids = enqueue_batch(&db.pool, 0, 2000).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -143,6 +162,16 @@ async fn workers_reconnect_after_a_postgres_restart_and_lose_nothing() {
     for pool in pools {
         pool.shutdown().await;
     }
+    let ping = queue::enqueue(&db.pool, &NewTask::new("ping", json!({})))
+        .await
+        .expect("enqueue ping")
+        .id;
+    let pinged = tokio::time::timeout(Duration::from_secs(30), pinged_rx.recv())
+        .await
+        .expect("the listening pool wakes within 30 s after the restart")
+        .expect("ping handled");
+    assert_eq!(pinged, ping);
+    listener_pool.shutdown().await;
 
     let missing: Vec<i64> = {
         let handled = handled.lock().expect("handled lock");
