@@ -424,6 +424,7 @@ async fn handler_outcomes_become_transitions() {
 async fn graceful_shutdown_releases_unfinished_tasks_without_counting_an_attempt() {
     let db = TestDatabase::create().await.expect("test database");
     let mut config = test_config("stopping", 3);
+    config.prefetch = 2;
     config.shutdown_grace = Duration::from_millis(500);
     let pool = WorkerPool::new(db.pool.clone(), config)
         .register(
@@ -442,7 +443,8 @@ async fn graceful_shutdown_releases_unfinished_tasks_without_counting_an_attempt
         )
         .start()
         .expect("start pool");
-    // One statement: equal run_at, so the three first ids are claimed first.
+    // One statement: equal run_at, so the three first ids start first; the other two are
+    // prefetched and wait for a free handler.
     let ids: Vec<i64> = queue::enqueue_many(
         &db.pool,
         &[
@@ -462,7 +464,7 @@ async fn graceful_shutdown_releases_unfinished_tasks_without_counting_an_attempt
         "three running handlers",
         Duration::from_secs(10),
         || async {
-            pool.in_flight() == 3 && count_in_state(&db.pool, TaskState::Running).await == 3
+            pool.in_flight() == 3 && count_in_state(&db.pool, TaskState::Running).await == 5
         },
     )
     .await;
@@ -476,7 +478,7 @@ async fn graceful_shutdown_releases_unfinished_tasks_without_counting_an_attempt
 
     let report = pool.shutdown().await;
     assert_eq!(report.stopped, 2, "the stuck handlers were stopped");
-    assert_eq!(report.released, 2);
+    assert_eq!(report.released, 4, "stuck and prefetched tasks released");
     assert_eq!(report.abandoned, 0);
 
     assert_eq!(task(&db.pool, ids[2]).await.state, TaskState::Succeeded);

@@ -4,8 +4,9 @@
 //!
 //! Inside one pool:
 //! - the *claimer* claims as many tasks as there are free slots (one statement) and spawns a
-//!   handler per task; when the queue runs dry it sleeps until a notification, the polling
-//!   interval, or shutdown;
+//!   handler per task; a few more than `concurrency` may be held (`prefetch`), so the next
+//!   handlers start without waiting for a claim; when the queue runs dry it sleeps until a
+//!   notification, the polling interval, or shutdown;
 //! - the *keeper* is the only writer of held tasks: it records results in batches, sends
 //!   heartbeats and releases what is left at shutdown. One writer per pool means two of its
 //!   statements never lock the same rows in different orders;
@@ -72,6 +73,10 @@ pub struct WorkerPoolConfig {
     pub worker_id: WorkerId,
     /// Handlers running at once.
     pub concurrency: usize,
+    /// Tasks claimed ahead of free handlers, so a finishing handler's successor needs no claim
+    /// round trip. They hold a lease while they wait (heartbeats keep it); at shutdown they are
+    /// released unstarted.
+    pub prefetch: usize,
     /// Most tasks claimed by one statement.
     pub claim_batch: usize,
     /// How long a claim or heartbeat holds a task; another worker rescues it after that.
@@ -108,6 +113,7 @@ impl Default for WorkerPoolConfig {
         Self {
             worker_id: WorkerId::from_environment(),
             concurrency: 16,
+            prefetch: 16,
             claim_batch: 100,
             lease: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(20),
@@ -258,7 +264,8 @@ impl WorkerPool {
         // at most twice `concurrency` tasks are held at once and batches stay small and steady.
         let (results_tx, results_rx) = mpsc::channel(config.concurrency);
         let shared = Arc::new(Shared {
-            slots: Arc::new(Semaphore::new(config.concurrency)),
+            slots: Arc::new(Semaphore::new(config.concurrency + config.prefetch)),
+            running: Arc::new(Semaphore::new(config.concurrency)),
             db: self.db,
             kinds,
             handlers: self.handlers,
@@ -299,7 +306,8 @@ impl WorkerPool {
 pub struct ShutdownReport {
     /// Handlers still running when the grace period ended, stopped.
     pub stopped: usize,
-    /// Tasks handed back to pending without counting an attempt.
+    /// Tasks handed back to pending without counting an attempt: stopped handlers' tasks and
+    /// prefetched tasks that never started.
     pub released: usize,
     /// Tasks that could not be released (database unreachable); rescued when their lease ends.
     pub abandoned: usize,
@@ -331,7 +339,7 @@ impl RunningPool {
 
     /// Handlers running now.
     pub fn in_flight(&self) -> usize {
-        self.shared.config.concurrency - self.shared.slots.available_permits()
+        self.shared.config.concurrency - self.shared.running.available_permits()
     }
 
     /// Stops claiming, lets running handlers finish within the grace period, stops the rest,
@@ -343,13 +351,15 @@ impl RunningPool {
         if let Some(claimer) = self.claimer.take() {
             let _ = claimer.await;
         }
-        let all = u32::try_from(shared.config.concurrency).unwrap_or(u32::MAX);
+        let all =
+            u32::try_from(shared.config.concurrency + shared.config.prefetch).unwrap_or(u32::MAX);
         let mut report = ShutdownReport::default();
         let finished =
             tokio::time::timeout(shared.config.shutdown_grace, shared.slots.acquire_many(all))
                 .await;
         if finished.is_err() {
-            let running = shared.abort_handlers();
+            let running = shared.config.concurrency - shared.running.available_permits();
+            shared.abort_handlers();
             report.stopped = running;
             tracing::warn!(
                 running,
@@ -365,13 +375,14 @@ impl RunningPool {
         // what is left, releases unfinished tasks and ends.
         if let Some(keeper) = self.keeper.take() {
             match keeper.await {
-                Ok(keeper_report) => {
-                    report.released = keeper_report.released;
-                    report.abandoned = keeper_report.abandoned;
-                }
+                Ok(keeper_report) => report.abandoned = keeper_report.abandoned,
                 Err(error) => tracing::error!(%error, "the task result keeper failed"),
             }
         }
+        // Only shutdown releases tasks: prefetched ones that never started, and those whose
+        // handlers were stopped.
+        report.released =
+            usize::try_from(shared.counters.snapshot().released).unwrap_or(usize::MAX);
         for handle in [self.listener.take(), self.maintenance.take()]
             .into_iter()
             .flatten()
@@ -416,8 +427,11 @@ struct Shared {
     kinds: Vec<String>,
     handlers: HashMap<String, Arc<dyn DynHandler>>,
     counters: Arc<QueueCounters>,
-    /// One permit per handler that may run; a handler holds its permit until it ends.
+    /// One permit per task this pool may hold (running or prefetched); returned when the task's
+    /// handler has ended and its result is handed to the keeper.
     slots: Arc<Semaphore>,
+    /// One permit per handler that may run at once.
+    running: Arc<Semaphore>,
     /// Tasks this pool holds a lease on whose results are not recorded yet.
     held: Mutex<HashMap<i64, Held>>,
     wake: Arc<Notify>,
@@ -436,19 +450,13 @@ impl Shared {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Aborts running handlers; returns how many.
-    fn abort_handlers(&self) -> usize {
-        let held = self.held();
-        let mut aborted = 0;
-        for entry in held.values() {
-            if let Some(abort) = &entry.abort
-                && !abort.is_finished()
-            {
+    /// Aborts handlers that have not ended, started or not.
+    fn abort_handlers(&self) {
+        for entry in self.held().values() {
+            if let Some(abort) = &entry.abort {
                 abort.abort();
-                aborted += 1;
             }
         }
-        aborted
     }
 
     fn held_leases(&self) -> Vec<Lease> {
@@ -497,13 +505,16 @@ impl ErrorBackoff {
 }
 
 /// While the queue has a backlog, a claim waits up to this long for half the slots to be free,
-/// so one statement claims many tasks rather than one per finished handler.
+/// so one statement claims many tasks rather than one per finished handler. Prefetched tasks
+/// keep the handlers busy meanwhile.
 const CLAIM_GATHER: Duration = Duration::from_millis(1);
 
 async fn claimer(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
     let mut backoff = ErrorBackoff::new();
     let config = &shared.config;
-    let gather_target = config.claim_batch.min(config.concurrency.div_ceil(2));
+    let gather_target = config
+        .claim_batch
+        .min((config.concurrency + config.prefetch).div_ceil(2));
     // Whether the last claim got all it asked for: more tasks are probably due.
     let mut backlog = false;
     loop {
@@ -603,7 +614,25 @@ fn dispatch(
     };
     let handler = shared.handlers.get(&task.kind).cloned();
     let policy = shared.config.retry;
+    let running = shared.running.clone();
+    let stop = shared.stop.clone();
     let handle = tokio::spawn(async move {
+        // Prefetched tasks wait here for a free handler, oldest first.
+        let Ok(_running) = running.acquire_owned().await else {
+            return;
+        };
+        if stop.is_cancelled() {
+            // Shutting down: a task that has not started goes back unstarted.
+            let _ = results
+                .send(Finished {
+                    lease,
+                    kind: task.kind,
+                    transition: Transition::Release,
+                })
+                .await;
+            drop(permit);
+            return;
+        }
         let result = match handler {
             Some(handler) => {
                 match AssertUnwindSafe(handler.call(task.clone(), ctx))
@@ -658,7 +687,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 #[derive(Debug, Default)]
 struct KeeperReport {
-    released: usize,
     abandoned: usize,
 }
 
@@ -706,7 +734,6 @@ async fn keeper(shared: Arc<Shared>, mut results: mpsc::Receiver<Finished>) -> K
     loop {
         match store::release(&shared.db, &leases).await {
             Ok(outcome) => {
-                report.released = outcome.applied.len();
                 for _ in &outcome.applied {
                     shared.counters.record(&Transition::Release);
                 }
