@@ -113,7 +113,7 @@ impl Default for WorkerPoolConfig {
         Self {
             worker_id: WorkerId::from_environment(),
             concurrency: 16,
-            prefetch: 16,
+            prefetch: 32,
             claim_batch: 100,
             lease: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(20),
@@ -261,8 +261,8 @@ impl WorkerPool {
         let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
         kinds.sort();
         // Results wait here for the keeper. A full channel makes handlers keep their slots, so
-        // at most twice `concurrency` tasks are held at once and batches stay small and steady.
-        let (results_tx, results_rx) = mpsc::channel(config.concurrency);
+        // the tasks held at once stay bounded (twice concurrency plus prefetch).
+        let (results_tx, results_rx) = mpsc::channel(config.concurrency + config.prefetch);
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.concurrency + config.prefetch)),
             running: Arc::new(Semaphore::new(config.concurrency)),
@@ -690,6 +690,10 @@ struct KeeperReport {
     abandoned: usize,
 }
 
+/// How long the keeper collects results before recording them. Only completion is delayed:
+/// slots are freed as soon as a handler ends.
+const COMPLETION_GATHER: Duration = Duration::from_millis(2);
+
 /// The single writer of this pool's held tasks: records results in batches as they come,
 /// heartbeats while handlers run, and at the end releases what was never finished.
 async fn keeper(shared: Arc<Shared>, mut results: mpsc::Receiver<Finished>) -> KeeperReport {
@@ -713,11 +717,19 @@ async fn keeper(shared: Arc<Shared>, mut results: mpsc::Receiver<Finished>) -> K
                 None => break,
             },
         }
-        // Whatever else has finished meanwhile goes into the same statement.
+        // Whatever else finishes shortly goes into the same statement: under load one
+        // statement records dozens of results instead of one or two.
+        let gather_until = Instant::now() + COMPLETION_GATHER;
         while batch.len() < config.completion_batch {
             match results.try_recv() {
                 Ok(finished) => batch.push(finished),
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(gather_until, results.recv()).await {
+                        Ok(Some(finished)) => batch.push(finished),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
             }
         }
         record(&shared, &mut batch).await;
