@@ -5,7 +5,9 @@
 //!
 //! Uses the Postgres of `DATABASE_URL` when set (a fresh database per measurement), else starts
 //! a private throwaway server. `MAILPOLL_BENCH_TASKS` sets the tasks per end-to-end run
-//! (default 50,000).
+//! (default 50,000). For investigations: `MAILPOLL_BENCH_ONLY=16` runs only the end-to-end
+//! measurement at that concurrency, `MAILPOLL_BENCH_TRACE=1` prints the pool's counters while it
+//! drains, and `MAILPOLL_LOG=sqlx=debug` logs every statement with its duration.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
