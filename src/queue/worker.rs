@@ -549,7 +549,9 @@ async fn claimer(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
         )
         .await;
         match claimed {
-            Ok(tasks) => {
+            Ok(mut tasks) => {
+                // Start the oldest first (RETURNING has no order).
+                tasks.sort_unstable_by_key(|task| task.id);
                 backoff.reset();
                 let got = tasks.len();
                 backlog = got == wanted;
@@ -617,7 +619,8 @@ fn dispatch(
     let running = shared.running.clone();
     let stop = shared.stop.clone();
     let handle = tokio::spawn(async move {
-        // Prefetched tasks wait here for a free handler, oldest first.
+        // Prefetched tasks wait here for a free handler (the semaphore is fair, so roughly in
+        // the order they were dispatched).
         let Ok(_running) = running.acquire_owned().await else {
             return;
         };
