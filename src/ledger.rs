@@ -62,23 +62,6 @@ pub struct LedgerMessage {
     pub raw: Value,
 }
 
-impl LedgerMessage {
-    /// Cuts the body to at most `max_bytes` (on a character boundary) and flags it, so one
-    /// huge message cannot blow up a page transaction or a webhook request.
-    pub fn limit_body(&mut self, max_bytes: usize) {
-        if let Some(body) = &mut self.body
-            && body.len() > max_bytes
-        {
-            let mut cut = max_bytes;
-            while !body.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            body.truncate(cut);
-            self.body_truncated = true;
-        }
-    }
-}
-
 /// A message Graph reported as deleted or moved out of the folder (`@removed`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Removal {
@@ -307,28 +290,4 @@ pub async fn counts(conn: &mut PgConnection, mailbox_uid: Uuid) -> Result<Counts
         }
     }
     Ok(counts)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn body_is_cut_on_a_char_boundary_and_flagged() {
-        let mut m = LedgerMessage {
-            body: Some("héllo wörld".into()),
-            ..Default::default()
-        };
-        m.limit_body(2);
-        assert_eq!(m.body.as_deref(), Some("h"));
-        assert!(m.body_truncated);
-
-        let mut small = LedgerMessage {
-            body: Some("ok".into()),
-            ..Default::default()
-        };
-        small.limit_body(10);
-        assert_eq!(small.body.as_deref(), Some("ok"));
-        assert!(!small.body_truncated);
-    }
 }
