@@ -260,8 +260,8 @@ impl WorkerPool {
         }
         let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
         kinds.sort();
-        // Results wait here for the keeper. A full channel makes handlers keep their slots, so
-        // the tasks held at once stay bounded (twice concurrency plus prefetch).
+        // Results wait here for the keeper while it records the previous batch. A full channel
+        // makes handlers keep their slots, so the tasks held at once stay bounded.
         let (results_tx, results_rx) = mpsc::channel(config.concurrency + config.prefetch);
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.concurrency + config.prefetch)),
@@ -693,10 +693,6 @@ struct KeeperReport {
     abandoned: usize,
 }
 
-/// How long the keeper collects results before recording them. Only completion is delayed:
-/// slots are freed as soon as a handler ends.
-const COMPLETION_GATHER: Duration = Duration::from_millis(2);
-
 /// The single writer of this pool's held tasks: records results in batches as they come,
 /// heartbeats while handlers run, and at the end releases what was never finished.
 async fn keeper(shared: Arc<Shared>, mut results: mpsc::Receiver<Finished>) -> KeeperReport {
@@ -720,19 +716,12 @@ async fn keeper(shared: Arc<Shared>, mut results: mpsc::Receiver<Finished>) -> K
                 None => break,
             },
         }
-        // Whatever else finishes shortly goes into the same statement: under load one
-        // statement records dozens of results instead of one or two.
-        let gather_until = Instant::now() + COMPLETION_GATHER;
+        // Whatever finished while the previous statement ran goes into this one: the busier
+        // the pool, the larger the batches, with no added wait when it is quiet.
         while batch.len() < config.completion_batch {
             match results.try_recv() {
                 Ok(finished) => batch.push(finished),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(gather_until, results.recv()).await {
-                        Ok(Some(finished)) => batch.push(finished),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                Err(_) => break,
             }
         }
         record(&shared, &mut batch).await;
