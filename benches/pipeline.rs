@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use mailpoll::delivery::webhook::Endpoint;
 use mailpoll::graph::{
-    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig,
+    ClientSecret, Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient,
+    GraphConfig,
 };
 use mailpoll::pipeline::deliver::DeliverHandler;
 use mailpoll::pipeline::poll::{PollHandler, PollSettings, PollTask, poll_dedupe_key};
@@ -189,6 +190,31 @@ async fn main() -> BenchResult<()> {
     println!("| measurement | messages | seconds | per second | Graph requests |");
     println!("|---|---|---|---|---|");
 
+    // The Graph side alone: the same round read and parsed, nothing recorded.
+    {
+        let mailbox = graph.mailbox(config(Uuid::nil(), None).credentials, MAILBOX);
+        let mut options = DeltaOptions::new(
+            "inbox",
+            DeltaStart::Initial {
+                received_since: None,
+            },
+        );
+        options.page_size = 1000;
+        options.include_body = true;
+        let started = Instant::now();
+        let mut round = mailbox.delta_round(options)?;
+        let mut read = 0usize;
+        while let Some(page) = round.next_page().await? {
+            read += page.messages.len();
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "| read the folder from the emulator only (no ledger) | {read} | {:.2} | {:.0} | {} pages |",
+            elapsed.as_secs_f64(),
+            read as f64 / elapsed.as_secs_f64(),
+            round.pages(),
+        );
+    }
     let ingest = Case {
         label: "ingest into the ledger (pages of 1000, bodies)",
         webhook: None,

@@ -224,20 +224,24 @@ pub async fn mark_actions_due(
     Ok(())
 }
 
-/// Marks a message delivered. Returns false when it already was (the caller then knows the
-/// effect happened before and must not be repeated).
+/// Marks a message delivered (`webhook_posted`: and records its webhook step in the same
+/// statement). Returns false when it already was delivered (the effect happened before and
+/// must not be repeated).
 pub async fn mark_delivered(
     conn: &mut PgConnection,
     mailbox_uid: Uuid,
     message_id: &str,
+    webhook_posted: bool,
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
         "UPDATE messages SET delivery_state = 'delivered', delivered_at = now(), delivery_error = NULL,
-                actions_due = false
+                actions_due = false,
+                webhook_delivered_at = COALESCE(webhook_delivered_at, CASE WHEN $3 THEN now() END)
          WHERE mailbox_uid = $1 AND message_id = $2 AND delivery_state <> 'delivered'",
     )
     .bind(mailbox_uid)
     .bind(message_id)
+    .bind(webhook_posted)
     .execute(&mut *conn)
     .await?;
     Ok(result.rows_affected() == 1)
