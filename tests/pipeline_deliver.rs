@@ -192,8 +192,16 @@ async fn rejected_messages_end_dead_and_tasks_retry_delivers_them_once() {
         .start()
         .expect("pool starts");
     wait_until("deliveries settle", Duration::from_secs(30), || async {
+        // The ledger is marked by the handler, the task's state by the pool right after.
+        let dead: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks WHERE kind = 'deliver' AND state = 'dead'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("dead tasks");
         ledger_count(&db.pool, uid, "delivered").await == 16
             && ledger_count(&db.pool, uid, "failed").await == 4
+            && dead == 4
     })
     .await;
 
