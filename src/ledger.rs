@@ -62,23 +62,6 @@ pub struct LedgerMessage {
     pub raw: Value,
 }
 
-impl LedgerMessage {
-    /// Cuts the body to at most `max_bytes` (on a character boundary) and flags it, so one
-    /// huge message cannot blow up a page transaction or a webhook request.
-    pub fn limit_body(&mut self, max_bytes: usize) {
-        if let Some(body) = &mut self.body
-            && body.len() > max_bytes
-        {
-            let mut cut = max_bytes;
-            while !body.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            body.truncate(cut);
-            self.body_truncated = true;
-        }
-    }
-}
-
 /// A message Graph reported as deleted or moved out of the folder (`@removed`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Removal {
@@ -241,20 +224,24 @@ pub async fn mark_actions_due(
     Ok(())
 }
 
-/// Marks a message delivered. Returns false when it already was (the caller then knows the
-/// effect happened before and must not be repeated).
+/// Marks a message delivered (`webhook_posted`: and records its webhook step in the same
+/// statement). Returns false when it already was delivered (the effect happened before and
+/// must not be repeated).
 pub async fn mark_delivered(
     conn: &mut PgConnection,
     mailbox_uid: Uuid,
     message_id: &str,
+    webhook_posted: bool,
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
         "UPDATE messages SET delivery_state = 'delivered', delivered_at = now(), delivery_error = NULL,
-                actions_due = false
+                actions_due = false,
+                webhook_delivered_at = COALESCE(webhook_delivered_at, CASE WHEN $3 THEN now() END)
          WHERE mailbox_uid = $1 AND message_id = $2 AND delivery_state <> 'delivered'",
     )
     .bind(mailbox_uid)
     .bind(message_id)
+    .bind(webhook_posted)
     .execute(&mut *conn)
     .await?;
     Ok(result.rows_affected() == 1)
@@ -307,28 +294,4 @@ pub async fn counts(conn: &mut PgConnection, mailbox_uid: Uuid) -> Result<Counts
         }
     }
     Ok(counts)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn body_is_cut_on_a_char_boundary_and_flagged() {
-        let mut m = LedgerMessage {
-            body: Some("héllo wörld".into()),
-            ..Default::default()
-        };
-        m.limit_body(2);
-        assert_eq!(m.body.as_deref(), Some("h"));
-        assert!(m.body_truncated);
-
-        let mut small = LedgerMessage {
-            body: Some("ok".into()),
-            ..Default::default()
-        };
-        small.limit_body(10);
-        assert_eq!(small.body.as_deref(), Some("ok"));
-        assert!(!small.body_truncated);
-    }
 }

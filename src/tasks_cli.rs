@@ -118,7 +118,7 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("ID     KIND     STATE "));
-        assert!(lines[1].starts_with("7      deliver  dead      3/3 "));
+        assert!(lines[1].starts_with("7      deliver  dead       3/3 "));
         assert!(lines[1].ends_with("webhook returned 500 body: oops"));
         assert!(lines[1].contains("2026-11-30T10:00:00Z"));
         assert!(lines[2].ends_with(" -"));

@@ -432,6 +432,15 @@ async fn server_side_apply_tracks_managers_and_merges_conditions_by_type() {
         .await
         .expect("force");
     assert_eq!(forced.spec.interval, "1m");
+    let again = api
+        .patch("ssa", &PatchParams::apply("rival"), &Patch::Apply(&rival))
+        .await
+        .expect("the same apply again");
+    assert_eq!(
+        again.resource_version(),
+        forced.resource_version(),
+        "re-applying the same configuration changes nothing"
+    );
 
     let status_of = |kind: &str| json!({"apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll", "metadata": {"name": "ssa"}, "status": {"conditions": [condition(kind, "True")]}});
     api.patch_status(
@@ -555,7 +564,7 @@ async fn watch_resumes_from_a_resource_version_with_bookmarks_and_timeout() {
         .expect("delete");
 
     let stream = api
-        .watch(&WatchParams::default().timeout(5), &resume_from)
+        .watch(&WatchParams::default().timeout(2), &resume_from)
         .await
         .expect("watch starts");
     let events: Vec<WatchEvent<MailboxPoll>> = tokio::time::timeout(PATIENCE, stream.try_collect())
@@ -1099,6 +1108,16 @@ async fn raw_http_answers_like_an_api_server() {
     )
     .await;
     assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+    let (code, status) = send(
+        http.post(format!("{base}/apis/mailpoll.dev/v1alpha1/mailboxpolls"))
+            .header("Content-Type", "application/yaml")
+            .body(yaml),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (405, Some("MethodNotAllowed"))
+    );
     let (code, status) = send(http.get(format!("{collection}/missing"))).await;
     assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
     assert_eq!(
@@ -1236,31 +1255,54 @@ async fn a_kubectl_session() {
         out.contains("support@contoso.com") && out.contains("1m"),
         "{out}"
     );
+    let (ok, out) = run(&["get", "mailpoll", "-o", "name"]);
+    assert!(
+        ok && out.contains("mailboxpoll.mailpoll.dev/support-inbox"),
+        "the category lists it: {out}"
+    );
 
-    // `get -w` in the background sees the annotation below.
-    let watch = {
-        let mut command = Command::new("timeout");
-        command
-            .arg("8")
-            .arg("kubectl")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--cache-dir")
-            .arg(&cache)
-            .args([
-                "-n",
-                ns.as_str(),
-                "get",
-                "mbp",
-                "-w",
-                "--output-watch-events",
-            ]);
-        command
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("kubectl get -w starts")
+    // `get -w` in the background sees the annotation below; it is stopped once it has (or
+    // after PATIENCE), so the session waits no longer than needed.
+    let mut watch = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args([
+            "-n",
+            ns.as_str(),
+            "get",
+            "mbp",
+            "-w",
+            "--output-watch-events",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl get -w starts");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = watch.stdout.take().expect("stdout is piped");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut watched = Vec::new();
+    let next_line = |watched: &mut Vec<String>| {
+        let line = lines.recv_timeout(PATIENCE).ok();
+        watched.extend(line.clone());
+        line
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    while let Some(line) = next_line(&mut watched) {
+        if line.contains("support-inbox") {
+            break; // the watch listed the object: changes from now on are seen
+        }
+    }
     let (ok, out) = run(&[
         "annotate",
         "mbp",
@@ -1269,12 +1311,16 @@ async fn a_kubectl_session() {
         "--overwrite",
     ]);
     assert!(ok && out.contains("annotated"), "annotate: {out}");
-    let watched = watch.wait_with_output().expect("kubectl get -w ends");
-    let watched = String::from_utf8_lossy(&watched.stdout);
-    assert!(
-        watched.contains("MODIFIED") && watched.contains("support-inbox"),
-        "get -w saw the change: {watched}"
-    );
+    let mut saw_change = false;
+    while let Some(line) = next_line(&mut watched) {
+        if line.contains("MODIFIED") && line.contains("support-inbox") {
+            saw_change = true;
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(saw_change, "get -w saw the change: {watched:?}");
 
     let (ok, out) = run(&[
         "patch",
@@ -1366,6 +1412,75 @@ async fn a_kubectl_session() {
         "jsonpath={.data.clientSecret}",
     ]);
     assert_eq!(out.trim(), "cw==");
+
+    // What an operator's chart installs besides the CRD applies and re-applies.
+    const INSTALL: &str = r#"apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: mailpoll
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: mailpoll
+rules:
+- apiGroups: [mailpoll.dev]
+  resources: [mailboxpolls, mailboxpolls/status]
+  verbs: [get, list, watch, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: mailpoll
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: mailpoll
+subjects:
+- kind: ServiceAccount
+  name: mailpoll
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: mailpoll
+spec:
+  replicas: REPLICAS
+  selector:
+    matchLabels:
+      app: mailpoll
+  template:
+    metadata:
+      labels:
+        app: mailpoll
+    spec:
+      serviceAccountName: mailpoll
+      containers:
+      - name: operator
+        image: mailpoll:dev
+"#;
+    let install = |replicas: u32| INSTALL.replace("REPLICAS", &replicas.to_string());
+    let chart = write("install.yaml", &install(2));
+    let (ok, out) = run(&["apply", "-f", &chart]);
+    assert!(
+        ok && out.contains("deployment.apps/mailpoll created"),
+        "apply install: {out}"
+    );
+    let chart = write("install.yaml", &install(3));
+    let (ok, out) = run(&["apply", "-f", &chart]);
+    assert!(
+        ok && out.contains("deployment.apps/mailpoll configured")
+            && out.contains("role.rbac.authorization.k8s.io/mailpoll unchanged"),
+        "re-apply install: {out}"
+    );
+    let (_, out) = run(&[
+        "get",
+        "deploy",
+        "mailpoll",
+        "-o",
+        "jsonpath={.spec.replicas} {.metadata.generation}",
+    ]);
+    assert_eq!(out.trim(), "3 2");
 
     let (ok, out) = run(&["delete", "mbp", "support-inbox", "--timeout=20s"]);
     assert!(ok && out.contains("deleted"), "delete: {out}");
@@ -1488,4 +1603,234 @@ async fn deleting_the_crd_stops_serving_its_resources() {
         listed.items.is_empty(),
         "custom resources went with their definition"
     );
+}
+
+#[tokio::test]
+async fn install_crd_serves_the_resource_at_once() {
+    mailpoll::install_crypto_provider();
+    let emulator = KubeEmulator::start().await.expect("emulator starts");
+    emulator
+        .install_crd(&MailboxPoll::crd())
+        .expect("CRD installed");
+    let api: Api<MailboxPoll> = Api::default_namespaced(emulator.client().expect("client"));
+    let created = api
+        .create(&PostParams::default(), &mailboxpoll("direct", "5m"))
+        .await
+        .expect("served right after install_crd");
+    assert_eq!(created.metadata.namespace.as_deref(), Some("default"));
+    let crds: Api<CustomResourceDefinition> = Api::all(emulator.client().expect("client"));
+    let crd = crds.get(CRD_NAME).await.expect("the CRD is readable");
+    assert!(
+        crd.status
+            .and_then(|s| s.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Established"))
+    );
+}
+
+/// The protocol of kube-lease-manager: an orphaned Lease is taken with a server-side apply by a
+/// field manager per candidate (a rival's apply conflicts on `holderIdentity`), renewed and
+/// released with strategic merge patches.
+#[tokio::test]
+async fn leases_are_taken_by_server_side_apply_and_released_by_patch() {
+    let world = World::new().await;
+    let leases: Api<Lease> = Api::namespaced(world.client.clone(), &world.namespace);
+    let rival: Api<Lease> = Api::namespaced(world.another_client().await, &world.namespace);
+    leases
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "scheduler"}, "spec": {}}))
+                .expect("lease"),
+        )
+        .await
+        .expect("lease created");
+    let lock = |who: &str| {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "spec": {
+                "holderIdentity": who,
+                "acquireTime": "2026-01-01T00:00:00.000000Z",
+                "renewTime": format!("2026-01-01T00:00:00.{:06}Z", who.len()),
+                "leaseDurationSeconds": 15,
+            }
+        })
+    };
+    for round in 0..5 {
+        let (a, b) = (format!("a-{round}"), format!("bb-{round}"));
+        let (manager_a, manager_b) = (format!("lease-{a}"), format!("lease-{b}"));
+        let (pa, pb) = (
+            PatchParams::apply(&manager_a),
+            PatchParams::apply(&manager_b),
+        );
+        let (lock_a, lock_b) = (Patch::Apply(lock(&a)), Patch::Apply(lock(&b)));
+        let (ra, rb) = tokio::join!(
+            leases.patch("scheduler", &pa, &lock_a),
+            rival.patch("scheduler", &pb, &lock_b),
+        );
+        assert_eq!(
+            [&ra, &rb].iter().filter(|r| r.is_ok()).count(),
+            1,
+            "round {round}: exactly one candidate takes the lease ({ra:?} / {rb:?})"
+        );
+        let winner = if ra.is_ok() { &a } else { &b };
+        let loser = if ra.is_ok() { rb } else { ra };
+        assert_eq!(api_status(loser.expect_err("the loser fails")).code, 409);
+        let held = leases.get("scheduler").await.expect("read back");
+        assert_eq!(
+            held.spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref()),
+            Some(winner.as_str())
+        );
+        let renewed = leases
+            .patch(
+                "scheduler",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"renewTime": "2026-01-01T00:00:05.000000Z"}})),
+            )
+            .await
+            .expect("the holder renews");
+        assert_eq!(
+            renewed
+                .spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref()),
+            Some(winner.as_str())
+        );
+        leases
+            .patch(
+                "scheduler",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"holderIdentity": null, "acquireTime": null, "renewTime": null, "leaseDurationSeconds": null}})),
+            )
+            .await
+            .expect("the holder releases");
+    }
+    world.finish().await;
+}
+
+/// kube's event Recorder writes events.k8s.io/v1 Events (a repeat becomes a series patch);
+/// `kubectl describe` reads them back as core/v1 Events of the object.
+#[tokio::test]
+async fn the_event_recorder_publishes_and_repeats() {
+    use kube::Resource;
+    use kube::runtime::events::{Event as Note, EventType, Recorder, Reporter};
+    let world = World::new().await;
+    let api = world.mbp();
+    let object = api
+        .create(&PostParams::default(), &mailboxpoll("noisy", "5m"))
+        .await
+        .expect("create");
+    let recorder = Recorder::new(
+        world.client.clone(),
+        Reporter {
+            controller: "mailpoll".into(),
+            instance: Some("mailpoll-0".into()),
+        },
+    );
+    let note = Note {
+        type_: EventType::Warning,
+        reason: "SecretNotFound".into(),
+        note: Some("Secret graph-credentials not found".into()),
+        action: "Poll".into(),
+        secondary: None,
+    };
+    let reference = object.object_ref(&());
+    recorder
+        .publish(&note, &reference)
+        .await
+        .expect("first event");
+    recorder
+        .publish(&note, &reference)
+        .await
+        .expect("repeat becomes a series");
+    let core: Api<CoreEvent> = Api::namespaced(world.client.clone(), &world.namespace);
+    let uid = object.uid().expect("uid");
+    let listed = core
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.name=noisy,involvedObject.namespace={},involvedObject.kind=MailboxPoll,involvedObject.uid={uid}",
+            world.namespace
+        )))
+        .await
+        .expect("events of the object");
+    assert_eq!(listed.items.len(), 1, "the repeat updated the first event");
+    let event = &listed.items[0];
+    assert_eq!(event.reason.as_deref(), Some("SecretNotFound"));
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.reporting_component.as_deref(), Some("mailpoll"));
+    assert_eq!(event.series.as_ref().map(|s| s.count), Some(Some(2)));
+    world.finish().await;
+}
+
+/// Failures on demand: injected errors reach the client as Status bodies, and a compaction makes
+/// older resourceVersions expire.
+#[tokio::test]
+async fn injected_failures_and_compaction() {
+    if real_cluster() {
+        return; // a real cluster fails on its own terms
+    }
+    let world = World::new().await;
+    let emulator = world.emulator().expect("emulator");
+    let leases: Api<Lease> = Api::namespaced(world.client.clone(), &world.namespace);
+    let lease: Lease =
+        serde_json::from_value(json!({"metadata": {"name": "l"}, "spec": {}})).expect("lease");
+    let created = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("create");
+    emulator.inject_failure(Some("update"), Some("leases"), 2, 500);
+    for attempt in 0..2 {
+        let error = leases
+            .replace("l", &PostParams::default(), &created)
+            .await
+            .expect_err("injected");
+        let status = api_status(error);
+        assert_eq!(
+            (status.code, status.reason.as_str()),
+            (500, "InternalError"),
+            "attempt {attempt}"
+        );
+    }
+    leases.get("l").await.expect("other verbs are unaffected");
+    let renewed = leases
+        .replace("l", &PostParams::default(), &created)
+        .await
+        .expect("the fault is spent");
+    // kube's client retries 429, 503 and 504 by itself: one 503 goes unnoticed by the caller.
+    emulator.clear_requests();
+    emulator.inject_failure(Some("update"), Some("leases"), 1, 503);
+    leases
+        .replace("l", &PostParams::default(), &renewed)
+        .await
+        .expect("retried past the 503");
+    let codes: Vec<u16> = emulator.requests().iter().map(|r| r.code).collect();
+    assert_eq!(codes, [503, 200]);
+
+    let api = world.mbp();
+    let old = api
+        .create(&PostParams::default(), &mailboxpoll("c", "5m"))
+        .await
+        .expect("create");
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"interval": "6m"}})),
+    )
+    .await
+    .expect("patch");
+    emulator.compact_history();
+    let mut stream = api
+        .watch(
+            &WatchParams::default(),
+            old.resource_version().as_deref().expect("rv"),
+        )
+        .await
+        .expect("watch starts")
+        .boxed();
+    match tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("an event arrives")
+    {
+        Some(Ok(WatchEvent::Error(status))) => assert_eq!(status.code, 410),
+        other => panic!("expected 410 Expired after compaction, got {other:?}"),
+    }
 }

@@ -144,12 +144,12 @@ async fn delivery_marks_and_counts() {
         .await
         .expect("record");
     assert!(
-        ledger::mark_delivered(&mut conn, uid, "a")
+        ledger::mark_delivered(&mut conn, uid, "a", true)
             .await
             .expect("mark")
     );
     assert!(
-        !ledger::mark_delivered(&mut conn, uid, "a")
+        !ledger::mark_delivered(&mut conn, uid, "a", true)
             .await
             .expect("mark again"),
         "second mark is a no-op"

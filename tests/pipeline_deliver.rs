@@ -14,6 +14,7 @@ use mailpoll::queue::{self, NewTask, RetryPolicy, WorkerId, WorkerPool, WorkerPo
 use mailpoll::telemetry::metrics::Metrics;
 use mailpoll_testkit::directory::StaticDirectory;
 use mailpoll_testkit::pg::TestDatabase;
+use mailpoll_testkit::wait_until;
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
 use serde_json::json;
 use sqlx::PgPool;
@@ -100,21 +101,6 @@ async fn record(pool: &PgPool, uid: Uuid, n: usize, max_attempts: i32) -> Vec<St
         .expect("enqueue");
     tx.commit().await.expect("commit");
     recorded.new_ids
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn ledger_count(pool: &PgPool, uid: Uuid, state: &str) -> i64 {
@@ -206,8 +192,16 @@ async fn rejected_messages_end_dead_and_tasks_retry_delivers_them_once() {
         .start()
         .expect("pool starts");
     wait_until("deliveries settle", Duration::from_secs(30), || async {
+        // The ledger is marked by the handler, the task's state by the pool right after.
+        let dead: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks WHERE kind = 'deliver' AND state = 'dead'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("dead tasks");
         ledger_count(&db.pool, uid, "delivered").await == 16
             && ledger_count(&db.pool, uid, "failed").await == 4
+            && dead == 4
     })
     .await;
 

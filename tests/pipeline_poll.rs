@@ -26,6 +26,7 @@ use mailpoll_testkit::graph::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, Faults, GraphEmulator,
 };
 use mailpoll_testkit::pg::TestDatabase;
+use mailpoll_testkit::wait_until;
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -219,21 +220,6 @@ async fn count(pool: &PgPool, uid: Uuid, sql: &'static str) -> i64 {
         .fetch_one(pool)
         .await
         .expect("count")
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -497,4 +483,17 @@ async fn after_actions_touch_exactly_the_delivered_messages() {
         .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'failed'")
         .await;
     assert_eq!(failed as usize, refused.len());
+
+    // Without faults a poll makes one Graph request per page.
+    let polls: Vec<(i32, i32)> = sqlx::query_as(
+        "SELECT pages, graph_requests FROM polls WHERE mailbox_uid = $1 AND outcome = 'succeeded'",
+    )
+    .bind(world.uid)
+    .fetch_all(&world.db.pool)
+    .await
+    .expect("polls");
+    assert!(!polls.is_empty());
+    for (pages, requests) in polls {
+        assert_eq!(requests, pages, "one Graph request per page");
+    }
 }

@@ -759,3 +759,35 @@ async fn cancelling_an_owner_cancels_its_live_tasks() {
         ]
     );
 }
+
+#[tokio::test]
+async fn retrying_a_dead_task_whose_key_is_live_again_is_refused() {
+    let db = TestDatabase::create().await.expect("test database");
+    let task = NewTask::new("poll", json!({}))
+        .dedupe_key("poll:mailbox-9")
+        .max_attempts(1);
+    let dead = queue::enqueue(&db.pool, &task).await.expect("enqueue").id;
+    let claimed = claim_one(&db.pool, "poll", "w", Duration::from_secs(30)).await;
+    queue::fail(
+        &db.pool,
+        &claimed,
+        "mailbox not found",
+        &RetryPolicy::default(),
+    )
+    .await
+    .expect("fail");
+    assert_eq!(self::task(&db.pool, dead).await.state, TaskState::Dead);
+    // The key is free once the task is dead: the scheduler enqueues a new poll.
+    let live = queue::enqueue(&db.pool, &task)
+        .await
+        .expect("enqueue again");
+    assert!(live.fresh);
+    let error = queue::retry_dead(&db.pool, dead)
+        .await
+        .expect_err("two live tasks with one key");
+    assert!(
+        matches!(error, QueueError::DedupeKeyTaken { id, live_id } if id == dead && live_id == live.id),
+        "{error}"
+    );
+    assert_eq!(self::task(&db.pool, dead).await.state, TaskState::Dead);
+}

@@ -260,7 +260,7 @@ impl TokenCache {
                 }
                 Err(error) => GraphError::Transient {
                     status: None,
-                    message: format!("token endpoint unreachable: {}", error.without_url()),
+                    message: format!("token endpoint unreachable: {}", super::describe(error)),
                     request_id: None,
                 },
             };

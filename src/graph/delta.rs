@@ -131,8 +131,21 @@ impl MailboxClient {
             pages: 0,
         };
         round.next = Some(match options.start {
-            DeltaStart::Initial { received_since } => round.initial_delta_url(received_since)?,
-            DeltaStart::Link(link) => self.trusted_link(&link)?,
+            DeltaStart::Initial { received_since } => {
+                // A resync of a bounded first round keeps at least its bound.
+                round.resync_since = round.resync_since.or(received_since);
+                round.initial_delta_url(received_since)?
+            }
+            DeltaStart::Link(link) => match self.trusted_link(&link) {
+                Ok(url) => url,
+                Err(error) => {
+                    // A stored cursor from another Graph host (the configuration changed) is
+                    // as good as expired.
+                    tracing::warn!(mailbox = %self.mailbox(), folder = %round.folder, %error, "stored delta link unusable: resyncing");
+                    round.resynced = true;
+                    round.initial_delta_url(round.resync_since)?
+                }
+            },
         });
         Ok(round)
     }
@@ -233,6 +246,17 @@ impl Round {
                     self.resynced = true;
                     self.next = Some(self.initial_delta_url(self.resync_since)?);
                     continue;
+                }
+                // On a folder, "item not found" means the folder itself is missing.
+                Err(GraphError::ItemNotFound {
+                    message,
+                    request_id,
+                }) => {
+                    return Err(GraphError::MailboxNotFound {
+                        code: "ErrorItemNotFound".into(),
+                        message: format!("folder {:?}: {message}", self.folder),
+                        request_id,
+                    });
                 }
                 Err(error) => return Err(error),
             };

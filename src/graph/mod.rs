@@ -18,6 +18,7 @@ mod governor;
 mod message;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes_ext::read_limited;
@@ -25,7 +26,7 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, Url};
 use serde_json::Value;
 
-pub use actions::PostAction;
+pub use actions::{MAX_BATCH, PostAction};
 pub use auth::{ClientSecret, Credentials};
 pub use delta::{DeltaOptions, DeltaStart, ListOptions, Page, PageLink, Round};
 pub use error::GraphError;
@@ -72,8 +73,14 @@ impl GraphConfig {
     /// Defaults with the given authority and Graph base URLs (national clouds, emulators).
     pub fn with_urls(authority_url: &str, graph_url: &str) -> Result<Self, GraphError> {
         let parse = |text: &str, what: &str| {
-            Url::parse(text)
-                .map_err(|error| GraphError::Config(format!("{what} {text:?}: {error}")))
+            let url = Url::parse(text)
+                .map_err(|error| GraphError::Config(format!("{what} {text:?}: {error}")))?;
+            if !matches!(url.scheme(), "https" | "http") || url.cannot_be_a_base() {
+                return Err(GraphError::Config(format!(
+                    "{what} {text:?} is not an http(s) URL"
+                )));
+            }
+            Ok(url)
         };
         Ok(Self {
             authority_url: parse(authority_url, "authority URL")?,
@@ -182,6 +189,7 @@ impl GraphClient {
             client: self.clone(),
             credentials: Arc::new(credentials),
             mailbox: mailbox.into(),
+            requests: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -192,6 +200,8 @@ pub struct MailboxClient {
     client: GraphClient,
     credentials: Arc<Credentials>,
     mailbox: String,
+    /// Graph requests sent through this client and its clones (retries included).
+    requests: Arc<AtomicU64>,
 }
 
 /// One HTTP request to make, with its governor weight.
@@ -222,6 +232,19 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
         .to_std()
         .ok()
         .or(Some(Duration::ZERO))
+}
+
+/// A transport error with its causes (connection refused, timeout, TLS), without the URL.
+pub(crate) fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -263,7 +286,7 @@ mod bytes_ext {
                 Err(error) => {
                     return Err(GraphError::Transient {
                         status: None,
-                        message: format!("reading the response: {}", error.without_url()),
+                        message: format!("reading the response: {}", super::describe(error)),
                         request_id: request_id.clone(),
                     });
                 }
@@ -279,6 +302,12 @@ impl MailboxClient {
 
     pub fn graph(&self) -> &GraphClient {
         &self.client
+    }
+
+    /// Graph requests (HTTP calls to Graph, retries included; token calls excluded) sent
+    /// through this client and its clones, e.g. for a poll's statistics.
+    pub fn requests_sent(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// `{graph}/v1.0/users/{mailbox}/{segments...}`, each segment escaped.
@@ -319,8 +348,9 @@ impl MailboxClient {
         let mut attempt: u32 = 0;
         let mut refreshed = false;
         loop {
-            let permit = governor.acquire(&self.mailbox, call.weight).await?;
+            // Token first: a slow token endpoint must not hold one of the mailbox's slots.
             let token = inner.tokens.token(&self.credentials).await?;
+            let permit = governor.acquire(&self.mailbox, call.weight).await?;
             let mut request = inner
                 .http
                 .request(call.method.clone(), call.url.clone())
@@ -333,6 +363,7 @@ impl MailboxClient {
             if let Some(body) = &call.body {
                 request = request.json(body);
             }
+            self.requests.fetch_add(1, Ordering::Relaxed);
             let outcome = match request.send().await {
                 Ok(response) => {
                     let status = response.status().as_u16();
@@ -351,7 +382,7 @@ impl MailboxClient {
             let (status, headers, request_id, body) = match outcome {
                 Ok(parts) => parts,
                 Err(error) => {
-                    let error = error.without_url();
+                    let error = describe(error);
                     tracing::debug!(mailbox = %self.mailbox, path = call.url.path(), attempt, %error, "Graph request failed");
                     if attempt >= governor.config().max_retries {
                         return Err(GraphError::Transient {
@@ -368,7 +399,8 @@ impl MailboxClient {
             tracing::debug!(mailbox = %self.mailbox, method = %call.method, path = call.url.path(), status, request_id = request_id.as_deref().unwrap_or(""), attempt, "Graph request");
             let body = match body {
                 Ok(body) => body,
-                Err(error) if error.is_transient() && attempt < governor.config().max_retries => {
+                // A connection cut while reading is worth another try; an oversized body is not.
+                Err(GraphError::Transient { .. }) if attempt < governor.config().max_retries => {
                     tokio::time::sleep(governor.backoff(attempt)).await;
                     attempt += 1;
                     continue;

@@ -62,13 +62,21 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             return Ok(());
         }
         drop(conn);
-        if let Some(endpoint) = &config.webhook
-            && stored.webhook_delivered_at.is_none()
-        {
-            self.post(task, &config, endpoint, &stored).await?;
-        }
-        let mut tx = self.pool.begin().await.map_err(HandlerError::retryable)?;
+        let posted = match &config.webhook {
+            Some(endpoint) if stored.webhook_delivered_at.is_none() => {
+                self.post(task, &config, endpoint, &stored).await?;
+                true
+            }
+            _ => false,
+        };
         if config.has_after_actions() {
+            // The webhook step is recorded with the queued after-actions, atomically.
+            let mut tx = self.pool.begin().await.map_err(HandlerError::retryable)?;
+            if posted {
+                ledger::mark_webhook_delivered(&mut tx, job.mailbox_uid, &job.message_id)
+                    .await
+                    .map_err(HandlerError::retryable)?;
+            }
             ledger::mark_actions_due(&mut tx, job.mailbox_uid, &job.message_id)
                 .await
                 .map_err(HandlerError::retryable)?;
@@ -82,13 +90,17 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             queue::enqueue_many_on(&mut tx, std::slice::from_ref(&actions))
                 .await
                 .map_err(HandlerError::retryable)?;
-        } else if ledger::mark_delivered(&mut tx, job.mailbox_uid, &job.message_id)
-            .await
-            .map_err(HandlerError::retryable)?
-        {
-            self.metrics.messages_delivered.inc();
+            tx.commit().await.map_err(HandlerError::retryable)?;
+        } else {
+            // One statement records the webhook step and the delivery: the hot path.
+            let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
+            if ledger::mark_delivered(&mut conn, job.mailbox_uid, &job.message_id, posted)
+                .await
+                .map_err(HandlerError::retryable)?
+            {
+                self.metrics.messages_delivered.inc();
+            }
         }
-        tx.commit().await.map_err(HandlerError::retryable)?;
         Ok(())
     }
 }
@@ -117,12 +129,7 @@ impl<D: Directory> DeliverHandler<D> {
         };
         let body = serde_json::to_vec(&payload).map_err(HandlerError::permanent)?;
         match webhook::post(&self.http, endpoint, &key, task.attempt(), body).await {
-            Ok(_) => {
-                let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
-                ledger::mark_webhook_delivered(&mut conn, source.uid, &stored.message.message_id)
-                    .await
-                    .map_err(HandlerError::retryable)
-            }
+            Ok(_) => Ok(()),
             Err(error) => {
                 let last_attempt = task.attempt() >= task.max_attempts;
                 let permanent = matches!(error, WebhookError::Rejected { .. });

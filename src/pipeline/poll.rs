@@ -22,7 +22,7 @@ use crate::graph::{
 };
 use crate::ledger::{self, DeliveryState, LedgerMessage, Removal};
 use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
-use crate::telemetry::metrics::{Outcome, OutcomeLabels, ReasonLabels, SharedMetrics};
+use crate::telemetry::metrics::SharedMetrics;
 
 /// Postgres channel on which a finished poll names its MailboxPoll (`namespace/name`), so the
 /// leader refreshes that resource's status at once.
@@ -92,6 +92,8 @@ enum RoundError {
 #[derive(Debug, Default, Clone, Copy)]
 struct RoundStats {
     pages: i32,
+    /// Graph calls of the round, retries included (tokens are counted by the token cache).
+    graph_requests: i32,
     seen: i32,
     new: i32,
     resynced: bool,
@@ -105,6 +107,9 @@ impl<D: Directory> Handler for PollHandler<D> {
             Ok(Some(config)) => config,
             // Deleted: nothing to poll.
             Ok(None) => return Ok(()),
+            Err(error @ super::ConfigError::Unavailable(_)) => {
+                return Err(HandlerError::retryable(error));
+            }
             Err(error) => {
                 // A configuration problem (missing Secret, say): the poll ran and failed; the
                 // condition tells the user, and the next scheduled poll tries again.
@@ -180,12 +185,7 @@ impl<D: Directory> PollHandler<D> {
                     finish_poll(&self.pool, poll_id, Ok(stats))
                         .await
                         .map_err(HandlerError::retryable)?;
-                    self.metrics
-                        .polls
-                        .get_or_create(&OutcomeLabels {
-                            outcome: Outcome::Success,
-                        })
-                        .inc();
+                    self.metrics.poll_finished(None);
                     let waiting = serve_requests(&self.pool, uid, task.id, started)
                         .await
                         .map_err(HandlerError::retryable)?;
@@ -202,19 +202,10 @@ impl<D: Directory> PollHandler<D> {
                     finish_poll(&self.pool, poll_id, Err((reason, error.to_string())))
                         .await
                         .map_err(HandlerError::retryable)?;
-                    self.metrics
-                        .polls
-                        .get_or_create(&OutcomeLabels {
-                            outcome: Outcome::Failure,
-                        })
-                        .inc();
-                    self.metrics
-                        .poll_failures
-                        .get_or_create(&ReasonLabels {
-                            reason: reason.to_owned(),
-                        })
-                        .inc();
-                    return self.after_failure(task, config, error, started).await;
+                    self.metrics.poll_finished(Some(reason));
+                    return self
+                        .after_failure(task, config, error, started, lease)
+                        .await;
                 }
             }
         }
@@ -228,6 +219,7 @@ impl<D: Directory> PollHandler<D> {
         config: &MailboxConfig,
         error: RoundError,
         started: DateTime<Utc>,
+        lease: RunLease,
     ) -> Result<(), HandlerError> {
         let source = &config.source;
         tracing::warn!(namespace = %source.namespace, name = %source.name, %error, "poll failed");
@@ -242,6 +234,15 @@ impl<D: Directory> PollHandler<D> {
                 Err(HandlerError::snooze(wait))
             }
             RoundError::Graph(ref graph) if graph.is_transient() => {
+                Err(HandlerError::retryable(error))
+            }
+            RoundError::Graph(GraphError::ResyncRequired { .. }) => {
+                // The round's own bounded resync was refused too: drop the cursor so the next
+                // try starts from a fresh bounded query.
+                let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
+                cursor::start_resync(&mut conn, lease)
+                    .await
+                    .map_err(HandlerError::retryable)?;
                 Err(HandlerError::retryable(error))
             }
             RoundError::Graph(_) => {
@@ -286,6 +287,7 @@ impl<D: Directory> PollHandler<D> {
             mark - chrono::Duration::from_std(self.settings.resync_window).unwrap_or_default()
         });
         let mut round = mailbox.delta_round(options)?;
+        let requests_before = mailbox.requests_sent();
         let mut stats = RoundStats::default();
         let state_for_new = if config.has_per_message_work() {
             DeliveryState::Pending
@@ -344,6 +346,8 @@ impl<D: Directory> PollHandler<D> {
                 PageLink::End => cursor::finish_round(&mut tx, lease, None, watermark).await?,
             }
             stats.pages += 1;
+            stats.graph_requests =
+                i32::try_from(mailbox.requests_sent() - requests_before).unwrap_or(i32::MAX);
             stats.seen += i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
             stats.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
             record_progress(&mut tx, poll_id, stats).await?;
@@ -366,18 +370,7 @@ impl<D: Directory> PollHandler<D> {
         let id = start_poll(&self.pool, uid, task_id).await?;
         finish_poll(&self.pool, id, Err((reason, message.to_owned()))).await?;
         serve_requests(&self.pool, uid, task_id, started).await?;
-        self.metrics
-            .polls
-            .get_or_create(&OutcomeLabels {
-                outcome: Outcome::Failure,
-            })
-            .inc();
-        self.metrics
-            .poll_failures
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
+        self.metrics.poll_finished(Some(reason));
         Ok(())
     }
 
@@ -506,7 +499,7 @@ async fn record_progress(
     stats: RoundStats,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE polls SET pages = $2, graph_requests = $2, messages_seen = $3, messages_new = $4, resynced = $5
+        "UPDATE polls SET pages = $2, graph_requests = $6, messages_seen = $3, messages_new = $4, resynced = $5
          WHERE id = $1",
     )
     .bind(poll_id)
@@ -514,6 +507,7 @@ async fn record_progress(
     .bind(stats.seen)
     .bind(stats.new)
     .bind(stats.resynced)
+    .bind(stats.graph_requests)
     .execute(&mut *conn)
     .await?;
     Ok(())

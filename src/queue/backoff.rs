@@ -29,11 +29,14 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The longest wait after the `failures`-th failure (counted from 1).
     pub fn ceiling(&self, failures: u32) -> Duration {
-        let exponent = failures.saturating_sub(1).min(63);
-        let factor = 1u64 << exponent;
-        let base_micros = u64::try_from(self.base.as_micros()).unwrap_or(u64::MAX);
-        let micros = base_micros.saturating_mul(factor);
-        Duration::from_micros(micros).min(self.cap)
+        let mut ceiling = self.base;
+        for _ in 1..failures {
+            if ceiling >= self.cap || ceiling.is_zero() {
+                break;
+            }
+            ceiling = ceiling.saturating_mul(2);
+        }
+        ceiling.min(self.cap)
     }
 
     /// The wait after the `failures`-th failure, for a jitter sample in `[0, 1)`
@@ -65,6 +68,15 @@ mod tests {
         let p = policy();
         let ceilings: Vec<u64> = (1..=7).map(|n| p.ceiling(n).as_secs()).collect();
         assert_eq!(ceilings, vec![2, 4, 8, 16, 32, 60, 60]);
+    }
+
+    #[test]
+    fn a_zero_base_retries_at_once() {
+        let p = RetryPolicy {
+            base: Duration::ZERO,
+            cap: Duration::MAX,
+        };
+        assert_eq!(p.ceiling(u32::MAX), Duration::ZERO);
     }
 
     #[test]

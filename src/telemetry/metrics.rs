@@ -194,6 +194,23 @@ impl Metrics {
         }
     }
 
+    /// Counts a finished poll; `failure` is the condition reason of a failed one.
+    pub fn poll_finished(&self, failure: Option<&str>) {
+        let outcome = if failure.is_some() {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        self.polls.get_or_create(&OutcomeLabels { outcome }).inc();
+        if let Some(reason) = failure {
+            self.poll_failures
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc();
+        }
+    }
+
     pub fn graph_response(&self, status: Option<u16>) {
         let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
         self.graph_requests

@@ -56,8 +56,10 @@ fn parse_app(text: &str) -> anyhow::Result<AppRegistration> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr: stdout carries only the URL, for scripts to read.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let apps = if cli.apps.is_empty() {
@@ -84,7 +86,17 @@ async fn main() -> anyhow::Result<()> {
         emulator.add_messages(upn, "inbox", cli.messages)?;
     }
     println!("{}", emulator.base_url());
-    tokio::signal::ctrl_c().await?;
+    shutdown_signal().await?;
     emulator.shutdown().await;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted?,
+        _ = terminate.recv() => {}
+    }
     Ok(())
 }

@@ -49,14 +49,12 @@ struct MoveTo {
     destination: String,
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|error| {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": format!("invalid body: {error}")})),
-        )
-            .into_response()
-    })
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|error| format!("invalid body: {error}"))
+}
+
+fn bad_request(error: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": error}))).into_response()
 }
 
 fn failed(error: anyhow::Error) -> Response {
@@ -76,11 +74,12 @@ fn done(result: anyhow::Result<()>) -> Response {
 
 pub(crate) fn handle(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response {
     match route(shared, method, path, body) {
-        Ok(response) | Err(response) => response,
+        Ok(response) => response,
+        Err(error) => bad_request(error),
     }
 }
 
-fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Result<Response, Response> {
+fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Result<Response, String> {
     let segments: Vec<String> = path
         .trim_start_matches("/_admin/")
         .split('/')

@@ -20,6 +20,9 @@ pub struct Faults {
     pub throttle_ratio: f64,
     /// `Retry-After` (seconds) of 429s from the concurrency cap and from `throttle_ratio`.
     pub retry_after_secs: u64,
+    /// Requests to a mailbox arriving before its last Retry-After ran out are refused again
+    /// (and still counted), as Graph does.
+    pub hold_retry_after: bool,
     /// Share of requests answered 503 or 504 at random.
     pub server_error_ratio: f64,
     /// `Retry-After` on the random 503s, if any.
@@ -51,6 +54,7 @@ impl Default for Faults {
             budget: None,
             throttle_ratio: 0.0,
             retry_after_secs: 1,
+            hold_retry_after: true,
             server_error_ratio: 0.0,
             server_error_retry_after_secs: None,
             slow_page_ms: 0,
@@ -180,7 +184,9 @@ impl Counters {
                 self.arrivals
                     .iter()
                     .filter(|arrival| {
+                        // The throttled request itself arrived at `throttle.at`.
                         arrival.mailbox == throttle.mailbox
+                            && arrival.at > throttle.at
                             && arrival.at >= from
                             && arrival.at < until
                     })
@@ -228,5 +234,7 @@ mod tests {
         let early = counters.early_requests(at(50));
         assert_eq!(early.len(), 1, "{early:?}");
         assert_eq!(early[0].arrived_at, at(1500));
+        let strict = counters.early_requests(Duration::ZERO);
+        assert_eq!(strict.len(), 2, "{strict:?}");
     }
 }

@@ -77,6 +77,8 @@ pub(crate) struct Traffic {
     started: Instant,
     in_flight: HashMap<String, usize>,
     budgets: HashMap<String, (Instant, u32)>,
+    /// Per mailbox: the end of the last Retry-After it was given.
+    throttled_until: HashMap<String, Instant>,
     counters: Counters,
     rng: StdRng,
 }
@@ -222,6 +224,7 @@ impl GraphEmulator {
                 started: Instant::now(),
                 in_flight: HashMap::new(),
                 budgets: HashMap::new(),
+                throttled_until: HashMap::new(),
                 counters: Counters::default(),
                 rng: StdRng::seed_from_u64(config.seed.wrapping_add(0x9e37_79b9_7f4a_7c15)),
             }),

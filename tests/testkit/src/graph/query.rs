@@ -162,7 +162,7 @@ fn split_and(text: &str) -> Vec<&str> {
         let at = search + found;
         // An " and " inside a quoted string is text, not a conjunction.
         let quotes = text[start..at].matches('\'').count();
-        if quotes % 2 == 0 {
+        if quotes.is_multiple_of(2) {
             parts.push(text[start..at].trim());
             start = at + 5;
         }

@@ -409,6 +409,14 @@ async fn admit_and_answer(
 
     let mut traffic = shared.traffic();
     if let Some(retry_after) = response.retry_after() {
+        if response.status == 429 {
+            let until = Instant::now() + Duration::from_secs(retry_after);
+            let held = traffic
+                .throttled_until
+                .entry(mailbox_key.clone())
+                .or_insert(until);
+            *held = (*held).max(until);
+        }
         traffic.counters.throttles.push(ThrottleRecord {
             mailbox: mailbox_key.clone(),
             at,
@@ -419,6 +427,11 @@ async fn admit_and_answer(
     let counters = traffic.counters.mailboxes.entry(mailbox_key).or_default();
     *counters.by_status.entry(response.status).or_insert(0) += 1;
     response
+}
+
+/// A wait in whole seconds, rounded up, at least 1 (Retry-After has no fractions).
+fn whole_seconds(left: Duration) -> u64 {
+    (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)
 }
 
 fn throttled(code: &str, message: &str, retry_after: u64) -> ApiError {
@@ -471,23 +484,40 @@ async fn admit(
     {
         let mut traffic = shared.traffic();
         let mailbox_key = route.user().to_ascii_lowercase();
+        let now = Instant::now();
+        let mut over_budget = None;
         if let Some(budget) = faults.budget {
-            let now = Instant::now();
             let window = Duration::from_secs(budget.window_secs.max(1));
-            let entry = traffic.budgets.entry(mailbox_key).or_insert((now, 0));
+            let entry = traffic
+                .budgets
+                .entry(mailbox_key.clone())
+                .or_insert((now, 0));
             if now.duration_since(entry.0) >= window {
                 *entry = (now, 0);
             }
             entry.1 += 1;
             if entry.1 > budget.requests {
-                let left = window.saturating_sub(now.duration_since(entry.0));
-                let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-                return Err(throttled(
-                    "TooManyRequests",
-                    "Please retry again later.",
-                    seconds.max(1),
+                over_budget = Some(whole_seconds(
+                    window.saturating_sub(now.duration_since(entry.0)),
                 ));
             }
+        }
+        if faults.hold_retry_after
+            && let Some(until) = traffic.throttled_until.get(&mailbox_key)
+            && *until > now
+        {
+            return Err(throttled(
+                "TooManyRequests",
+                "Please retry again later.",
+                whole_seconds(*until - now),
+            ));
+        }
+        if let Some(seconds) = over_budget {
+            return Err(throttled(
+                "TooManyRequests",
+                "Please retry again later.",
+                seconds,
+            ));
         }
         if faults.throttle_ratio > 0.0 && traffic.rng.random::<f64>() < faults.throttle_ratio {
             return Err(throttled(

@@ -665,6 +665,29 @@ impl World {
         select: Option<&[String]>,
         immutable_ids: bool,
     ) -> Value {
+        const ORDER: &[&str] = &[
+            "id",
+            "createdDateTime",
+            "lastModifiedDateTime",
+            "receivedDateTime",
+            "sentDateTime",
+            "hasAttachments",
+            "internetMessageId",
+            "subject",
+            "bodyPreview",
+            "importance",
+            "parentFolderId",
+            "conversationId",
+            "isRead",
+            "categories",
+            "webLink",
+            "body",
+            "sender",
+            "from",
+            "toRecipients",
+            "ccRecipients",
+            "replyTo",
+        ];
         let mailbox_ref = &self.mailboxes[mailbox];
         let msg = &mailbox_ref.messages[message];
         let date = |moment: &DateTime<Utc>| moment.to_rfc3339_opts(SecondsFormat::Secs, true);
@@ -672,62 +695,49 @@ impl World {
             let name = text.split('@').next().unwrap_or(text);
             json!({"emailAddress": {"name": name, "address": text}})
         };
-        let id = if immutable_ids {
-            &msg.ids.immutable_id
-        } else {
-            &msg.ids.rest_id
-        };
-        let preview: String = msg.body.chars().take(255).collect();
-        let all = [
-            ("id", json!(id)),
-            ("createdDateTime", json!(date(&msg.received))),
-            ("lastModifiedDateTime", json!(date(&msg.received))),
-            ("receivedDateTime", json!(date(&msg.received))),
-            ("sentDateTime", json!(date(&msg.sent))),
-            ("hasAttachments", json!(msg.has_attachments)),
-            ("internetMessageId", json!(msg.internet_message_id)),
-            ("subject", json!(msg.subject)),
-            ("bodyPreview", json!(preview)),
-            ("importance", json!(msg.importance)),
-            ("parentFolderId", json!(mailbox_ref.folders[msg.folder].id)),
-            ("conversationId", json!(msg.conversation_id)),
-            ("isRead", json!(msg.is_read)),
-            ("categories", json!([])),
-            (
-                "webLink",
-                json!(format!(
+        let field = |name: &str| -> Value {
+            match name {
+                "id" if immutable_ids => json!(msg.ids.immutable_id),
+                "id" => json!(msg.ids.rest_id),
+                "createdDateTime" | "lastModifiedDateTime" | "receivedDateTime" => {
+                    json!(date(&msg.received))
+                }
+                "sentDateTime" => json!(date(&msg.sent)),
+                "hasAttachments" => json!(msg.has_attachments),
+                "internetMessageId" => json!(msg.internet_message_id),
+                "subject" => json!(msg.subject),
+                "bodyPreview" => json!(msg.body.chars().take(255).collect::<String>()),
+                "importance" => json!(msg.importance),
+                "parentFolderId" => json!(mailbox_ref.folders[msg.folder].id),
+                "conversationId" => json!(msg.conversation_id),
+                "isRead" => json!(msg.is_read),
+                "categories" => json!([]),
+                "webLink" => json!(format!(
                     "https://outlook.office365.com/owa/?ItemID={}&exvsurl=1&viewmodel=ReadMessageItem",
                     msg.ids.rest_id
                 )),
-            ),
-            (
-                "body",
-                json!({"contentType": if msg.body_is_html {"html"} else {"text"}, "content": msg.body}),
-            ),
-            ("sender", address(&msg.from)),
-            ("from", address(&msg.from)),
-            (
-                "toRecipients",
-                Value::Array(msg.to.iter().map(|to| address(to)).collect()),
-            ),
-            (
-                "ccRecipients",
-                Value::Array(msg.cc.iter().map(|cc| address(cc)).collect()),
-            ),
-            ("replyTo", json!([])),
-        ];
+                "body" => json!({
+                    "contentType": if msg.body_is_html { "html" } else { "text" },
+                    "content": msg.body,
+                }),
+                "sender" | "from" => address(&msg.from),
+                "toRecipients" => Value::Array(msg.to.iter().map(|to| address(to)).collect()),
+                "ccRecipients" => Value::Array(msg.cc.iter().map(|cc| address(cc)).collect()),
+                _ => json!([]),
+            }
+        };
         let mut object = Map::new();
         object.insert(
             "@odata.etag".into(),
             json!(format!("W/\"CQAAABYAAAB{}\"", msg.changed)),
         );
-        for (name, value) in all {
+        for name in ORDER {
             let wanted = match select {
                 None => true,
-                Some(select) => name == "id" || select.iter().any(|field| field == name),
+                Some(select) => *name == "id" || select.iter().any(|field| field == name),
             };
             if wanted {
-                object.insert(name.to_string(), value);
+                object.insert((*name).to_string(), field(name));
             }
         }
         Value::Object(object)

@@ -709,6 +709,47 @@ async fn random_throttling_and_server_errors_follow_the_switches() {
 }
 
 #[tokio::test]
+async fn a_mailbox_stays_throttled_until_its_retry_after_passes() {
+    let probe = Probe::start(EmulatorConfig {
+        faults: Faults {
+            throttle_ratio: 1.0,
+            ..Faults::default()
+        },
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let path = format!("/users/{MAILBOX}/mailFolders/inbox/messages");
+    assert_eq!(probe.get(&path, "").await.0, StatusCode::TOO_MANY_REQUESTS);
+    probe
+        .emulator
+        .update_faults(|faults| faults.throttle_ratio = 0.0);
+    let (status, headers, _) = probe.get(&path, "").await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "too early: refused again"
+    );
+    assert_eq!(headers["retry-after"], "1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(probe.get(&path, "").await.0, StatusCode::OK);
+    assert_eq!(
+        probe.emulator.counters().requests(MAILBOX),
+        3,
+        "refused requests count too"
+    );
+
+    probe.emulator.update_faults(|faults| {
+        faults.hold_retry_after = false;
+        faults.throttle_ratio = 1.0;
+    });
+    assert_eq!(probe.get(&path, "").await.0, StatusCode::TOO_MANY_REQUESTS);
+    probe
+        .emulator
+        .update_faults(|faults| faults.throttle_ratio = 0.0);
+    assert_eq!(probe.get(&path, "").await.0, StatusCode::OK, "switched off");
+}
+
+#[tokio::test]
 async fn malformed_and_unselected_pages() {
     let probe = Probe::start(EmulatorConfig {
         faults: Faults {

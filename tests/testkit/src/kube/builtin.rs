@@ -214,7 +214,7 @@ pub fn builtin_types() -> Vec<ResourceType> {
     );
     crds.generation = true;
     crds.categories = vec!["api-extensions".into()];
-    vec![
+    let mut types = vec![
         namespaces,
         secrets,
         config_maps,
@@ -222,6 +222,145 @@ pub fn builtin_types() -> Vec<ResourceType> {
         events_v1,
         leases,
         crds,
+    ];
+    types.extend(workload_types());
+    types
+}
+
+fn ready_replicas(o: &Value) -> Value {
+    let ready = o
+        .pointer("/status/readyReplicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let wanted = o
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    json!(format!("{ready}/{wanted}"))
+}
+
+fn service_type(o: &Value) -> Value {
+    o.pointer("/spec/type")
+        .cloned()
+        .unwrap_or(json!("ClusterIP"))
+}
+
+fn cluster_ip(o: &Value) -> Value {
+    o.pointer("/spec/clusterIP")
+        .cloned()
+        .unwrap_or(json!("<none>"))
+}
+
+fn role_ref(o: &Value) -> Value {
+    let kind = o
+        .pointer("/roleRef/kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = o
+        .pointer("/roleRef/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    json!(format!("{kind}/{name}"))
+}
+
+/// What a Helm chart of an operator installs besides its CRD, stored as written (no
+/// controllers run them), so a rendered chart can be applied to the emulator.
+fn workload_types() -> Vec<ResourceType> {
+    let rbac = "rbac.authorization.k8s.io";
+    let mut deployments = builtin(
+        "apps",
+        "v1",
+        "Deployment",
+        "deployments",
+        true,
+        &["deploy"],
+        true,
+        vec![
+            column(
+                "Ready",
+                "string",
+                "Ready replicas of the wanted",
+                ready_replicas,
+            ),
+            age_column(),
+        ],
+    );
+    deployments.generation = true;
+    deployments.categories = vec!["all".into()];
+    let mut services = builtin(
+        "",
+        "v1",
+        "Service",
+        "services",
+        true,
+        &["svc"],
+        true,
+        vec![
+            column("Type", "string", "The type of the service", service_type),
+            column("Cluster-IP", "string", "The cluster IP", cluster_ip),
+            age_column(),
+        ],
+    );
+    services.categories = vec!["all".into()];
+    vec![
+        builtin(
+            "",
+            "v1",
+            "ServiceAccount",
+            "serviceaccounts",
+            true,
+            &["sa"],
+            false,
+            vec![age_column()],
+        ),
+        services,
+        deployments,
+        builtin(
+            rbac,
+            "v1",
+            "Role",
+            "roles",
+            true,
+            &[],
+            false,
+            vec![age_column()],
+        ),
+        builtin(
+            rbac,
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+            false,
+            &[],
+            false,
+            vec![age_column()],
+        ),
+        builtin(
+            rbac,
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+            true,
+            &[],
+            false,
+            vec![
+                column("Role", "string", "The bound role", role_ref),
+                age_column(),
+            ],
+        ),
+        builtin(
+            rbac,
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+            &[],
+            false,
+            vec![
+                column("Role", "string", "The bound role", role_ref),
+                age_column(),
+            ],
+        ),
     ]
 }
 

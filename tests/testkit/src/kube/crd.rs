@@ -151,9 +151,7 @@ pub fn served_types(crd: &Value) -> Result<Vec<ResourceType>, ApiError> {
                 description: "Time since creation".into(),
                 priority: 0,
                 source: CellSource::Computed(|o| {
-                    o.pointer("/metadata/creationTimestamp")
-                        .cloned()
-                        .unwrap_or(Value::Null)
+                    table::age_cell(o.pointer("/metadata/creationTimestamp"))
                 }),
             });
         }
@@ -282,11 +280,6 @@ fn prune_at(schema: &Value, value: &mut Value, path: &str, unknown: &mut Vec<Str
         }
         _ => {}
     }
-}
-
-/// The Age-style cell of a CRD's `date` column.
-pub fn date_cell(value: Option<&Value>) -> Value {
-    table::age_cell(value)
 }
 
 #[cfg(test)]

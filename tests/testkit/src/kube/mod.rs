@@ -32,8 +32,9 @@ use std::sync::Arc;
 use anyhow::Context;
 
 pub use record::RequestRecord;
-pub use server::Options;
 use server::Shared;
+pub use server::{Fault, Options};
+pub use status::ApiError;
 
 /// A running emulator; stops when dropped.
 pub struct KubeEmulator {
@@ -151,6 +152,56 @@ impl KubeEmulator {
 
     pub fn clear_requests(&self) {
         self.shared.clear_records();
+    }
+
+    /// Registers a CustomResourceDefinition directly (as `kubectl apply -f crd.yaml` would),
+    /// so its resources are served at once; e.g. `install_crd(&MailboxPoll::crd())`.
+    pub fn install_crd(
+        &self,
+        crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    ) -> anyhow::Result<()> {
+        let mut object = serde_json::to_value(crd).context("serializing the CRD")?;
+        object["apiVersion"] = serde_json::json!("apiextensions.k8s.io/v1");
+        object["kind"] = serde_json::json!("CustomResourceDefinition");
+        {
+            let mut store = self.shared.lock_store();
+            let rt = store
+                .lookup("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+                .context("CRDs are built in")?;
+            let ctx = store::WriteContext {
+                manager: "kube-emulator".into(),
+                field_validation: store::FieldValidation::Strict,
+                dry_run: false,
+            };
+            store
+                .create(&rt, "", object, &ctx)
+                .map_err(|e| anyhow::anyhow!("installing the CRD: {e}"))?;
+        }
+        self.shared.notify_changed();
+        Ok(())
+    }
+
+    /// Makes the next `times` requests with this RBAC verb (`update`, `patch`, `watch`, ...; None
+    /// for any) on this resource (`leases`; None for any) fail with `code` and a Status body.
+    pub fn inject_failure(
+        &self,
+        verb: Option<&str>,
+        resource: Option<&str>,
+        times: usize,
+        code: u16,
+    ) {
+        self.shared.add_fault(Fault {
+            verb: verb.map(str::to_owned),
+            resource: resource.map(str::to_owned),
+            times,
+            error: ApiError::with_code(code, format!("injected failure ({code})")),
+        });
+    }
+
+    /// Forgets the change history: a watch or continue token from an older resourceVersion
+    /// gets 410 Expired, as after an etcd compaction.
+    pub fn compact_history(&self) {
+        self.shared.lock_store().compact();
     }
 
     /// The latest resourceVersion handed out.

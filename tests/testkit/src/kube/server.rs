@@ -41,6 +41,18 @@ impl Default for Options {
     }
 }
 
+/// A failure to answer instead of serving matching requests, for testing how clients cope.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// RBAC verb to match (`update`, `patch`, `watch`, ...); None matches every verb.
+    pub verb: Option<String>,
+    /// Plural resource to match (`leases`); None matches every resource.
+    pub resource: Option<String>,
+    /// How many matching requests fail before the fault is spent.
+    pub times: usize,
+    pub error: ApiError,
+}
+
 /// State shared by every request of one emulator.
 pub struct Shared {
     store: Mutex<Store>,
@@ -48,6 +60,7 @@ pub struct Shared {
     pub notify: tokio::sync::watch::Sender<u64>,
     pub shutdown: tokio::sync::watch::Sender<bool>,
     records: Mutex<Vec<RequestRecord>>,
+    faults: Mutex<Vec<Fault>>,
     pub options: Options,
     pub address: String,
 }
@@ -62,6 +75,7 @@ impl Shared {
             notify,
             shutdown,
             records: Mutex::new(Vec::new()),
+            faults: Mutex::new(Vec::new()),
             options,
             address,
         }
@@ -88,11 +102,43 @@ impl Shared {
             .clear();
     }
 
+    pub fn add_fault(&self, fault: Fault) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(fault);
+    }
+
+    /// The injected failure for this request, if one matches (and is consumed).
+    fn take_fault(&self, verb: &str, resource: &str) -> Option<ApiError> {
+        let mut faults = self
+            .faults
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let index = faults.iter().position(|f| {
+            f.times > 0
+                && f.verb.as_deref().is_none_or(|v| v == verb)
+                && f.resource.as_deref().is_none_or(|r| r == resource)
+        })?;
+        let fault = &mut faults[index];
+        fault.times -= 1;
+        let error = fault.error.clone();
+        if fault.times == 0 {
+            faults.remove(index);
+        }
+        Some(error)
+    }
+
     fn push_record(&self, record: RequestRecord) {
         self.records
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(record);
+    }
+
+    /// Wakes the watches after a write made outside a request.
+    pub fn notify_changed(&self) {
+        self.changed();
     }
 
     fn changed(&self) {
@@ -207,10 +253,7 @@ fn route(
         ["openapi", "v3"] => {
             let (types, revision) = {
                 let store = shared.lock_store();
-                (
-                    store.types().to_vec(),
-                    store.types().len() as u64 * 1_000_003 + store.crds().len() as u64,
-                )
+                (store.types().to_vec(), store.types_revision())
             };
             return ok(discovery::openapi_root(&types, revision));
         }
@@ -237,6 +280,12 @@ fn route(
     record.namespace = target.namespace.clone();
     record.name = target.name.clone();
     check_accept(headers)?;
+    if target.rt.namespaced && target.namespace.is_none() && method != Method::GET {
+        // The all-namespaces path of a namespaced resource only lists and watches.
+        return Err(ApiError::method_not_allowed(format!(
+            "the server does not allow this method on the requested resource ({method} across all namespaces)"
+        )));
+    }
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     record.verb = match (method, target.name.is_some()) {
         (&Method::GET, true) => "get",
@@ -254,6 +303,9 @@ fn route(
         }
     }
     .into();
+    if let Some(error) = shared.take_fault(&record.verb, &record.resource) {
+        return Err(error);
+    }
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

@@ -105,6 +105,8 @@ pub struct Store {
     /// The highest resourceVersion dropped from the history: a watch can resume from any
     /// version at or above it.
     compacted: u64,
+    /// Bumped whenever the set of served resources changes (OpenAPI documents' hash).
+    types_revision: u64,
 }
 
 fn text<'a>(value: &'a Value, pointer: &str) -> &'a str {
@@ -172,6 +174,7 @@ impl Store {
             history: VecDeque::new(),
             history_limit: history_limit.max(1),
             compacted: 0,
+            types_revision: 1,
         };
         let now = now();
         for name in INITIAL_NAMESPACES {
@@ -207,8 +210,19 @@ impl Store {
         self.compacted
     }
 
+    /// Drops the whole history, as an etcd compaction does: watches and continue tokens from
+    /// any earlier version answer 410 Expired from now on.
+    pub fn compact(&mut self) {
+        self.history.clear();
+        self.compacted = self.resource_version;
+    }
+
     pub fn types(&self) -> &[Arc<ResourceType>] {
         &self.types
+    }
+
+    pub fn types_revision(&self) -> u64 {
+        self.types_revision
     }
 
     pub fn lookup(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
@@ -216,10 +230,6 @@ impl Store {
             .iter()
             .find(|t| t.group == group && t.version == version && t.plural == plural)
             .cloned()
-    }
-
-    fn crd_type(&self) -> Option<Arc<ResourceType>> {
-        self.lookup("apiextensions.k8s.io", "v1", "customresourcedefinitions")
     }
 
     /// Changes after `resource_version` for `storage`, or None when some were compacted away.
@@ -418,10 +428,12 @@ impl Store {
             )));
         }
         let Some(old) = self.stored(rt, namespace, name).cloned() else {
-            if status_subresource {
+            // Only Leases and Events are created by a PUT, as in the API server's strategies.
+            let creates_on_update =
+                !rt.custom && !status_subresource && matches!(rt.kind.as_str(), "Lease" | "Event");
+            if !creates_on_update {
                 return Err(ApiError::not_found(&rt.group, &rt.plural, name));
             }
-            // PUT creates when the object is missing, as for custom resources and most built-ins.
             return self.create(rt, namespace, object, ctx);
         };
         let wanted = text(&object, "/metadata/resourceVersion");
@@ -994,16 +1006,6 @@ impl Store {
         self.objects.remove(&rt.storage);
         self.types
             .retain(|t| !(t.custom && t.group == group && t.plural == plural));
-    }
-
-    /// The CRD objects, for discovery.
-    pub fn crds(&self) -> Vec<Value> {
-        let Some(rt) = self.crd_type() else {
-            return Vec::new();
-        };
-        self.objects_of(&rt)
-            .map(|o| o.values().cloned().collect())
-            .unwrap_or_default()
     }
 }
 

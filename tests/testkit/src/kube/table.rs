@@ -44,11 +44,7 @@ pub fn table(
         "description": "Name must be unique within a namespace.",
     })];
     for column in &rt.columns {
-        let kind = if column.kind == "date" {
-            "date"
-        } else {
-            column.kind.as_str()
-        };
+        let kind = column.kind.as_str();
         columns.push(json!({
             "name": column.name, "type": kind, "format": column.format,
             "description": column.description, "priority": column.priority,
@@ -82,14 +78,6 @@ fn row(rt: &ResourceType, object: &Value, include: IncludeObject) -> Value {
                     None => Value::Null,
                 }
             }
-        };
-        let cell = if column.kind == "date"
-            && matches!(column.source, CellSource::Computed(_))
-            && rt.custom
-        {
-            age_cell(Some(&cell))
-        } else {
-            cell
         };
         cells.push(cell);
     }

@@ -88,6 +88,8 @@ pub fn start(shared: Arc<Shared>, request: WatchRequest) -> Result<Body, ApiErro
                 from: current,
                 end_bookmark: true,
             },
+            // Asked explicitly for no initial events: start at the most recent version.
+            None if request.send_initial_events == Some(false) => Start::Resume(current),
             None | Some(0) => Start::Initial {
                 objects: store.snapshot(
                     &request.rt,

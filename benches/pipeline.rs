@@ -1,0 +1,248 @@
+//! Pipeline benchmark: ingest of a folder from the Graph emulator into the ledger (pages of
+//! 1000, bodies included), and webhook deliveries to a local receiver. Prints a Markdown table.
+//!
+//!   cargo bench --bench pipeline
+//!
+//! `MAILPOLL_BENCH_MESSAGES` sets the folder size (default 100,000); `DATABASE_URL` the
+//! server (else a private throwaway one is started).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mailpoll::delivery::webhook::Endpoint;
+use mailpoll::graph::{
+    ClientSecret, Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient,
+    GraphConfig,
+};
+use mailpoll::pipeline::deliver::DeliverHandler;
+use mailpoll::pipeline::poll::{PollHandler, PollSettings, PollTask, poll_dedupe_key};
+use mailpoll::pipeline::{DELIVER, MailboxConfig, POLL, cursor::Source};
+use mailpoll::queue::{self, NewTask, WorkerId, WorkerPool, WorkerPoolConfig};
+use mailpoll::telemetry::metrics::Metrics;
+use mailpoll_testkit::directory::StaticDirectory;
+use mailpoll_testkit::graph::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, GraphEmulator,
+    NewMessage,
+};
+use mailpoll_testkit::pg::{PgServer, TestDatabase};
+use mailpoll_testkit::webhook_receiver::WebhookReceiver;
+use uuid::Uuid;
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const MAILBOX: &str = "bench@contoso.com";
+
+fn messages() -> usize {
+    std::env::var("MAILPOLL_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+
+fn config(uid: Uuid, webhook: Option<Endpoint>) -> MailboxConfig {
+    MailboxConfig {
+        source: Source {
+            uid,
+            namespace: "bench".into(),
+            name: "bench".into(),
+            mailbox: MAILBOX.into(),
+            folder: "inbox".into(),
+        },
+        credentials: Credentials {
+            tenant_id: DEFAULT_TENANT.into(),
+            client_id: DEFAULT_CLIENT_ID.into(),
+            client_secret: ClientSecret::new(DEFAULT_CLIENT_SECRET),
+        },
+        webhook,
+        include_body: true,
+        mark_as_read: false,
+        move_to_folder: None,
+        max_attempts: 8,
+    }
+}
+
+async fn wait_for(
+    pool: &sqlx::PgPool,
+    sql: &'static str,
+    uid: Uuid,
+    expected: i64,
+) -> BenchResult<()> {
+    loop {
+        let n: i64 = sqlx::query_scalar(sql).bind(uid).fetch_one(pool).await?;
+        if n >= expected {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One measured poll of the whole folder.
+struct Case {
+    label: &'static str,
+    webhook: Option<Endpoint>,
+    concurrency: usize,
+    /// Counts the messages done; the case ends when it reaches the folder size.
+    done_when: &'static str,
+}
+
+impl Case {
+    async fn run(
+        &self,
+        pool: &sqlx::PgPool,
+        graph: &GraphClient,
+        total: usize,
+    ) -> BenchResult<(Duration, i64)> {
+        let directory = Arc::new(StaticDirectory::default());
+        let uid = Uuid::new_v4();
+        directory.insert(config(uid, self.webhook.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let workers = WorkerPool::new(
+            pool.clone(),
+            WorkerPoolConfig {
+                worker_id: WorkerId::named("bench"),
+                concurrency: self.concurrency,
+                ..WorkerPoolConfig::default()
+            },
+        )
+        .register(
+            POLL,
+            PollHandler {
+                pool: pool.clone(),
+                directory: directory.clone(),
+                graph: graph.clone(),
+                metrics: metrics.clone(),
+                settings: PollSettings {
+                    page_size: 1000,
+                    ..PollSettings::default()
+                },
+            },
+        )
+        .register(
+            DELIVER,
+            DeliverHandler {
+                pool: pool.clone(),
+                directory,
+                http: reqwest::Client::new(),
+                metrics,
+            },
+        )
+        .start()?;
+        let started = Instant::now();
+        let poll = NewTask::new(POLL, serde_json::to_value(PollTask { mailbox_uid: uid })?)
+            .owner(uid)
+            .dedupe_key(poll_dedupe_key(uid));
+        queue::enqueue(pool, &poll).await?;
+        wait_for(pool, self.done_when, uid, total as i64).await?;
+        let elapsed = started.elapsed();
+        workers.shutdown().await;
+        let pages: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(pages), 0)::bigint FROM polls WHERE mailbox_uid = $1",
+        )
+        .bind(uid)
+        .fetch_one(pool)
+        .await?;
+        Ok((elapsed, pages))
+    }
+}
+
+#[tokio::main]
+async fn main() -> BenchResult<()> {
+    mailpoll::install_crypto_provider();
+    let total = messages();
+    let _server;
+    let admin_url = match std::env::var("DATABASE_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            let server = PgServer::start()?;
+            let url = server.url();
+            _server = server;
+            url
+        }
+    };
+
+    let emulator = GraphEmulator::start(EmulatorConfig {
+        mailboxes: vec![MAILBOX.into()],
+        ..EmulatorConfig::default()
+    })
+    .await?;
+    let body = "<p>".to_owned() + &"Lorem ipsum dolor sit amet. ".repeat(40) + "</p>";
+    let seed_started = Instant::now();
+    for i in 0..total {
+        let message = NewMessage {
+            subject: Some(format!("Order {i}")),
+            from: Some("orders@fabrikam.com".into()),
+            to: vec![MAILBOX.into()],
+            body: Some(body.clone()),
+            body_is_html: true,
+            ..NewMessage::default()
+        };
+        emulator.add_message(MAILBOX, "inbox", message)?;
+    }
+    eprintln!("seeded {total} messages in {:?}", seed_started.elapsed());
+
+    let base = emulator.base_url();
+    let graph = GraphClient::new(
+        GraphConfig::with_urls(&base, &base)?,
+        Governor::new(GovernorConfig::default()),
+    )?;
+    let receiver = WebhookReceiver::start(None).await?;
+
+    println!("| measurement | messages | seconds | per second | Graph requests |");
+    println!("|---|---|---|---|---|");
+
+    // The Graph side alone: the same round read and parsed, nothing recorded.
+    {
+        let mailbox = graph.mailbox(config(Uuid::nil(), None).credentials, MAILBOX);
+        let mut options = DeltaOptions::new(
+            "inbox",
+            DeltaStart::Initial {
+                received_since: None,
+            },
+        );
+        options.page_size = 1000;
+        options.include_body = true;
+        let started = Instant::now();
+        let mut round = mailbox.delta_round(options)?;
+        let mut read = 0usize;
+        while let Some(page) = round.next_page().await? {
+            read += page.messages.len();
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "| read the folder from the emulator only (no ledger) | {read} | {:.2} | {:.0} | {} pages |",
+            elapsed.as_secs_f64(),
+            read as f64 / elapsed.as_secs_f64(),
+            round.pages(),
+        );
+    }
+    let ingest = Case {
+        label: "ingest into the ledger (pages of 1000, bodies)",
+        webhook: None,
+        concurrency: 4,
+        done_when: "SELECT count(*) FROM messages WHERE mailbox_uid = $1",
+    };
+    let deliver = Case {
+        label: "ingest + webhook delivery (concurrency 64)",
+        webhook: Some(Endpoint {
+            url: receiver.url(),
+            timeout: Duration::from_secs(10),
+            signing_key: None,
+        }),
+        concurrency: 64,
+        done_when: "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
+    };
+    for case in [ingest, deliver] {
+        let db = TestDatabase::create_on(&admin_url).await?;
+        mailpoll::db::migrate(&db.pool).await?;
+        emulator.reset_counters();
+        let (elapsed, pages) = case.run(&db.pool, &graph, total).await?;
+        println!(
+            "| {} | {total} | {:.2} | {:.0} | {} for {pages} pages |",
+            case.label,
+            elapsed.as_secs_f64(),
+            total as f64 / elapsed.as_secs_f64(),
+            emulator.counters().requests(MAILBOX),
+        );
+    }
+    Ok(())
+}
