@@ -81,6 +81,8 @@ impl World {
             sync_timeout: Duration::from_secs(30),
         };
         config.leader_work.reconcile.config_requeue = Duration::from_secs(1);
+        config.leader_work.sweep_interval = Duration::from_secs(1);
+        config.leader_work.sweep_min_age = Duration::from_secs(2);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let operator = tokio::spawn(operator::run(config, async move {
             let _ = stopped.await;
@@ -547,5 +549,46 @@ async fn an_idle_mailbox_poll_costs_a_bounded_number_of_api_writes() {
         "at most 2 API writes per interval ({intervals} intervals), saw {}: {writes:?}",
         writes.len()
     );
+    world.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_mailbox_poll_sweeps_its_tasks_and_cursor_and_keeps_the_ledger() {
+    let world = World::start().await;
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 2)
+        .expect("messages added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("doomed", "1h", SECRET).await;
+    world
+        .wait_status("doomed", "the first poll", |s| {
+            is_ready(s) && s.next_poll_time.is_some()
+        })
+        .await;
+    assert_eq!(world.live_poll_task(uid).await.as_deref(), Some("pending"));
+
+    world
+        .api()
+        .delete("doomed", &Default::default())
+        .await
+        .expect("MailboxPoll deleted");
+    wait_for("the sweep of the deleted MailboxPoll", PATIENCE, || async {
+        let cursors: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM mailbox_cursors WHERE mailbox_uid = $1")
+                .bind(uid)
+                .fetch_one(&world.db.pool)
+                .await
+                .ok()?;
+        (cursors == 0 && world.live_poll_task(uid).await.is_none()).then_some(())
+    })
+    .await
+    .expect("cursor and pending poll swept");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE mailbox_uid = $1")
+        .bind(uid)
+        .fetch_one(&world.db.pool)
+        .await
+        .expect("ledger count");
+    assert_eq!(kept, 2, "the ledger outlives the MailboxPoll");
     world.stop().await;
 }
