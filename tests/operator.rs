@@ -592,3 +592,82 @@ async fn deleting_a_mailbox_poll_sweeps_its_tasks_and_cursor_and_keeps_the_ledge
     assert_eq!(kept, 2, "the ledger outlives the MailboxPoll");
     world.stop().await;
 }
+
+/// Runs the operator through its whole life (missing Secret, recovery, scheduled and forced
+/// polls, status, Events, leadership and its release) and writes every Kubernetes API call
+/// it made, as the authorizer sees them, to `target/rbac/operator-calls.json`. The chart tests
+/// (`tests/chart/test_rbac.py`) check the chart's RBAC against that file.
+#[tokio::test]
+async fn every_kubernetes_call_of_the_operator_is_recorded_for_the_rbac_check() {
+    let world = World::start().await;
+    world.create("rbac", "10s", SECRET).await;
+    world
+        .wait_status("rbac", "Ready=False SecretNotFound", |s| {
+            condition(s, "Ready") == Some(("False", "SecretNotFound"))
+        })
+        .await;
+    world.credentials(cluster::valid_client_secret()).await;
+    world
+        .wait_status("rbac", "Ready=True once the Secret exists", is_ready)
+        .await;
+    world.request_poll("rbac", "rbac-1").await;
+    world
+        .wait_status("rbac", "the forced poll handled", |s| {
+            s.last_handled_poll_request.as_deref() == Some("rbac-1")
+        })
+        .await;
+    let lease_namespace = world.namespace.clone();
+    let records = world.kube.requests();
+    world.stop().await;
+
+    let operator_records: Vec<_> = records
+        .iter()
+        .filter(|r| r.is_resource_request())
+        .filter(|r| {
+            r.user_agent
+                .as_deref()
+                .is_some_and(|ua| ua.starts_with("mailpoll/"))
+        })
+        .collect();
+    assert!(
+        !operator_records.is_empty(),
+        "the operator's calls are recorded"
+    );
+    let mut calls: Vec<serde_json::Value> = Vec::new();
+    for record in operator_records {
+        // Placeholders let the chart test map the test's namespaces onto a release's.
+        let lease = record.resource == "leases";
+        let namespace = match &record.namespace {
+            None => json!("${watch_scope}"),
+            Some(ns) if lease && *ns == lease_namespace => json!("${release_namespace}"),
+            Some(_) => json!("${object_namespace}"),
+        };
+        let name = if lease {
+            record.name.as_ref().map(|_| json!("${lease_name}"))
+        } else {
+            None
+        };
+        let call = json!({
+            "verb": record.verb,
+            "apiGroup": record.group,
+            "resource": record.resource,
+            "subresource": record.subresource.clone().unwrap_or_default(),
+            "namespace": namespace,
+            "name": name,
+        });
+        if !calls.contains(&call) {
+            calls.push(call);
+        }
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rbac");
+    std::fs::create_dir_all(&dir).expect("target/rbac");
+    let body = json!({
+        "description": "Kubernetes API calls the operator made in tests/operator.rs (written by the test)",
+        "calls": calls,
+    });
+    std::fs::write(
+        dir.join("operator-calls.json"),
+        serde_json::to_vec_pretty(&body).expect("JSON"),
+    )
+    .expect("write operator-calls.json");
+}

@@ -95,7 +95,7 @@ core/v1 Events are not used.
 {{- define "mailpoll.rbac.watchRules" -}}
 - apiGroups: ["mailpoll.dev"]
   resources: ["mailboxpolls"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["mailpoll.dev"]
   resources: ["mailboxpolls/status"]
   verbs: ["patch"]
