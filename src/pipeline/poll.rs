@@ -18,7 +18,7 @@ use super::cursor::{self, Acquired, Cursor, CursorError, RunLease};
 use super::deliver::DeliverTask;
 use super::{DELIVER, Directory, MailboxConfig};
 use crate::graph::{
-    DeltaOptions, DeltaStart, EmailAddress, GraphClient, GraphError, Message, PageLink,
+    DeltaOptions, DeltaStart, EmailAddress, GraphClient, GraphError, Message, Page, PageLink,
 };
 use crate::ledger::{self, DeliveryState, LedgerMessage, Removal};
 use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
@@ -289,74 +289,107 @@ impl<D: Directory> PollHandler<D> {
         let mut round = mailbox.delta_round(options)?;
         let requests_before = mailbox.requests_sent();
         let mut stats = RoundStats::default();
-        let state_for_new = if config.has_per_message_work() {
-            DeliveryState::Pending
-        } else {
-            DeliveryState::None
-        };
-        loop {
+        let mut next = round.next_page().await?;
+        while let Some(page) = next {
             if ctx.is_shutting_down() {
                 return Err(RoundError::ShuttingDown);
             }
             if ctx.is_lease_lost() {
                 return Err(RoundError::TaskLeaseLost);
             }
-            let Some(page) = round.next_page().await? else {
-                break;
-            };
-            let mut tx = self.pool.begin().await?;
-            if page.resynced && !stats.resynced {
-                stats.resynced = true;
-                cursor::start_resync(&mut tx, lease).await?;
-                tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
-            }
-            let (messages, removals) = split_page(&page.messages);
-            let watermark = messages.iter().filter_map(|m| m.received_at).max();
-            let recorded = ledger::record_page(
-                &mut tx,
-                config.source.uid,
-                &messages,
-                &removals,
-                state_for_new,
-            )
-            .await?;
-            if config.has_per_message_work() {
-                let tasks: Vec<NewTask> = recorded
-                    .new_ids
-                    .iter()
-                    .map(|id| deliver_task(config, id))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                queue::enqueue_many_on(&mut tx, &tasks).await?;
-            }
-            match &page.link {
-                PageLink::Next(next) => {
-                    cursor::save_progress(
-                        &mut tx,
-                        lease,
-                        Some(next),
-                        watermark,
-                        self.settings.run_lease,
-                    )
-                    .await?
-                }
-                PageLink::Delta(delta) => {
-                    cursor::finish_round(&mut tx, lease, Some(delta), watermark).await?
-                }
-                PageLink::End => cursor::finish_round(&mut tx, lease, None, watermark).await?,
-            }
-            stats.pages += 1;
-            stats.graph_requests =
+            // The next page is fetched while this one commits. The cursor still advances
+            // only with this page's rows, so a crash at any point replays at most one page.
+            let more = matches!(page.link, PageLink::Next(_));
+            let requests_so_far =
                 i32::try_from(mailbox.requests_sent() - requests_before).unwrap_or(i32::MAX);
-            stats.seen += i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
-            stats.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
-            record_progress(&mut tx, poll_id, stats).await?;
-            tx.commit().await?;
-            self.metrics
-                .messages_recorded
-                .inc_by(recorded.new_ids.len() as u64);
+            let (committed, fetched) = tokio::join!(
+                self.commit_page(config, lease, poll_id, &page, &mut stats, requests_so_far),
+                async {
+                    if more {
+                        round.next_page().await
+                    } else {
+                        Ok(None)
+                    }
+                }
+            );
+            let new = committed?;
+            self.metrics.messages_recorded.inc_by(new);
+            next = fetched?;
         }
+        // The last page's commit saw every request of the round.
+        stats.graph_requests =
+            i32::try_from(mailbox.requests_sent() - requests_before).unwrap_or(i32::MAX);
+        record_progress_on(&self.pool, poll_id, stats).await?;
         Ok(stats)
+    }
+
+    /// Records one page in ONE transaction: ledger rows, deliver tasks for new messages, the
+    /// cursor, the poll's counters. Returns how many messages were new.
+    async fn commit_page(
+        &self,
+        config: &MailboxConfig,
+        lease: RunLease,
+        poll_id: i64,
+        page: &Page,
+        stats: &mut RoundStats,
+        graph_requests: i32,
+    ) -> Result<u64, RoundError> {
+        let state_for_new = if config.has_per_message_work() {
+            DeliveryState::Pending
+        } else {
+            DeliveryState::None
+        };
+        let mut tx = self.pool.begin().await?;
+        if page.resynced && !stats.resynced {
+            stats.resynced = true;
+            cursor::start_resync(&mut tx, lease).await?;
+            tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
+        }
+        let (messages, removals) = split_page(&page.messages);
+        let watermark = messages.iter().filter_map(|m| m.received_at).max();
+        let recorded = ledger::record_page(
+            &mut tx,
+            config.source.uid,
+            &messages,
+            &removals,
+            state_for_new,
+        )
+        .await?;
+        if config.has_per_message_work() {
+            let tasks: Vec<NewTask> = recorded
+                .new_ids
+                .iter()
+                .map(|id| deliver_task(config, id))
+                .collect::<Result<_, _>>()
+                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            queue::enqueue_many_on(&mut tx, &tasks).await?;
+        }
+        match &page.link {
+            PageLink::Next(next) => {
+                cursor::save_progress(
+                    &mut tx,
+                    lease,
+                    Some(next),
+                    watermark,
+                    self.settings.run_lease,
+                )
+                .await?
+            }
+            PageLink::Delta(delta) => {
+                cursor::finish_round(&mut tx, lease, Some(delta), watermark).await?
+            }
+            PageLink::End => cursor::finish_round(&mut tx, lease, None, watermark).await?,
+        }
+        let mut counted = *stats;
+        counted.graph_requests = graph_requests;
+        counted.pages += 1;
+        counted.seen += i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
+        counted.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
+        record_progress(&mut tx, poll_id, counted).await?;
+        tx.commit().await?;
+        // Counted only once committed: a failed page leaves the stats as they were.
+        *stats = counted;
+        Ok(recorded.new_ids.len() as u64)
     }
 
     async fn record_failed_poll(
@@ -491,6 +524,15 @@ async fn start_poll(pool: &PgPool, uid: Uuid, task_id: i64) -> Result<i64, sqlx:
         .await?;
     tx.commit().await?;
     Ok(id)
+}
+
+async fn record_progress_on(
+    pool: &PgPool,
+    poll_id: i64,
+    stats: RoundStats,
+) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    record_progress(&mut conn, poll_id, stats).await
 }
 
 async fn record_progress(
