@@ -42,8 +42,7 @@ pub struct ActionsHandler<D> {
 
 impl<D: Directory> Handler for ActionsHandler<D> {
     async fn handle(&self, task: &ClaimedTask, ctx: &TaskContext) -> Result<(), HandlerError> {
-        let job: ActionsTask = serde_json::from_value(task.payload.clone())
-            .map_err(|e| HandlerError::permanent(format!("malformed actions task payload: {e}")))?;
+        let job: ActionsTask = super::payload(task)?;
         let Some(config) = self
             .directory
             .lookup(job.mailbox_uid)

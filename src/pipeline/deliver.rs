@@ -37,8 +37,7 @@ pub struct DeliverHandler<D> {
 
 impl<D: Directory> Handler for DeliverHandler<D> {
     async fn handle(&self, task: &ClaimedTask, _ctx: &TaskContext) -> Result<(), HandlerError> {
-        let job: DeliverTask = serde_json::from_value(task.payload.clone())
-            .map_err(|e| HandlerError::permanent(format!("malformed deliver task payload: {e}")))?;
+        let job: DeliverTask = super::payload(task)?;
         let Some(config) = self
             .directory
             .lookup(job.mailbox_uid)

@@ -13,7 +13,10 @@ pub mod poll;
 
 use std::future::Future;
 
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
+
+use crate::queue::{ClaimedTask, HandlerError};
 
 use crate::delivery::webhook::Endpoint;
 use crate::graph::Credentials;
@@ -81,4 +84,10 @@ pub trait Directory: Send + Sync + 'static {
         &self,
         uid: Uuid,
     ) -> impl Future<Output = Result<Option<MailboxConfig>, ConfigError>> + Send;
+}
+
+/// A task's payload; one that does not parse can never succeed, so its task is dead at once.
+pub(crate) fn payload<T: DeserializeOwned>(task: &ClaimedTask) -> Result<T, HandlerError> {
+    serde_json::from_value(task.payload.clone())
+        .map_err(|e| HandlerError::permanent(format!("malformed {} task payload: {e}", task.kind)))
 }

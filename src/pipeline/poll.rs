@@ -101,8 +101,7 @@ struct RoundStats {
 
 impl<D: Directory> Handler for PollHandler<D> {
     async fn handle(&self, task: &ClaimedTask, ctx: &TaskContext) -> Result<(), HandlerError> {
-        let job: PollTask = serde_json::from_value(task.payload.clone())
-            .map_err(|e| HandlerError::permanent(format!("malformed poll task payload: {e}")))?;
+        let job: PollTask = super::payload(task)?;
         let config = match self.directory.lookup(job.mailbox_uid).await {
             Ok(Some(config)) => config,
             // Deleted: nothing to poll.
