@@ -106,6 +106,10 @@ struct OperatorArgs {
         default_value_t = 0.5
     )]
     worker_poll_interval_seconds: f64,
+    /// Seconds a claimed task stays with a replica that stops heartbeating (a killed pod)
+    /// before another replica takes it over. A mailbox's poll run lease is twice this.
+    #[arg(long, env = "MAILPOLL_TASK_LEASE_SECONDS", default_value_t = 60.0)]
+    task_lease_seconds: f64,
     /// Name of the leader-election Lease.
     #[arg(long, env = "MAILPOLL_LEASE_NAME", default_value = "mailpoll-leader")]
     lease_name: String,
@@ -165,6 +169,15 @@ impl OperatorArgs {
             self.worker_poll_interval_seconds,
         )?
         .max(Duration::from_millis(10));
+        let task_lease = seconds("task-lease-seconds", self.task_lease_seconds)?;
+        if task_lease < Duration::from_secs(2) {
+            anyhow::bail!("--task-lease-seconds must be at least 2, not {task_lease:?}");
+        }
+        config.workers.lease = task_lease;
+        // Three heartbeats per lease: one lost heartbeat never costs a running task.
+        config.workers.heartbeat_interval = task_lease / 3;
+        config.workers.rescue_interval = config.workers.rescue_interval.min(task_lease / 2);
+        config.poll.run_lease = task_lease * 2;
         config.workers.shutdown_grace =
             seconds("shutdown-grace-seconds", self.shutdown_grace_seconds)?;
         config.lease_name = self.lease_name;

@@ -8,6 +8,7 @@ pub mod directory;
 pub mod graph;
 pub mod kube;
 pub mod pg;
+pub mod sandbox;
 pub mod webhook_receiver;
 
 /// Polls `check` every 50 ms until it holds; panics with `what` once `limit` has passed.

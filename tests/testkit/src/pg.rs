@@ -17,7 +17,7 @@ pub struct PgServer {
     run_as: Option<String>,
 }
 
-mod tempdir {
+pub mod tempdir {
     use std::path::{Path, PathBuf};
 
     /// A directory removed on drop.

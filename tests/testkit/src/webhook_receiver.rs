@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -61,6 +62,14 @@ impl WebhookReceiver {
     /// Starts on 127.0.0.1 with a free port. With a secret, unsigned or badly signed
     /// requests are answered 401 and counted.
     pub async fn start(signing_secret: Option<&[u8]>) -> anyhow::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), signing_secret).await
+    }
+
+    /// Starts on `listen` (port 0 picks a free one); deliveries go to `/hook`.
+    pub async fn start_on(
+        listen: SocketAddr,
+        signing_secret: Option<&[u8]>,
+    ) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared {
             signing_secret: signing_secret.map(<[u8]>::to_vec),
             faults: Mutex::new(Faults {
@@ -72,7 +81,9 @@ impl WebhookReceiver {
         let app = axum::Router::new()
             .route("/hook", post(receive))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("webhook receiver cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {

@@ -1,0 +1,745 @@
+//! End to end, with real processes: the `mailpoll` binary as two operator replicas, kubectl,
+//! a throwaway Postgres, and the Graph and Kubernetes API emulators (the sandbox of README's
+//! main command). Mail must flow from Graph to the webhook exactly once whatever happens:
+//! replicas killed with SIGKILL, Postgres restarted, Graph throttling and failing, a delta
+//! token expiring.
+//!
+//! The chaos test is small by default; `MAILPOLL_BIG=1` runs the big mode (20 mailboxes,
+//! 50,000 messages) and prints its figures.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mailpoll::delivery::signing::message_key;
+use mailpoll_testkit::graph::{DEFAULT_CLIENT_SECRET, Faults};
+use mailpoll_testkit::sandbox::{
+    self, EXAMPLES_SIGNING_SECRET, EXAMPLES_WEBHOOK_BASE, Sandbox, SandboxOptions,
+};
+use rand::RngExt;
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Access tokens of the Graph emulator all start like this (a JWT header).
+const TOKEN_PREFIX: &str = "eyJ0eXAiOiJKV1Qi";
+
+fn examples_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+fn big_mode() -> bool {
+    std::env::var("MAILPOLL_BIG").is_ok_and(|v| v == "1")
+}
+
+/// Short leases so a killed replica's work moves on within seconds.
+fn options(mailboxes: Vec<String>) -> SandboxOptions {
+    let mut options = SandboxOptions::new(env!("CARGO_BIN_EXE_mailpoll"));
+    options.mailboxes = mailboxes;
+    options.lease_seconds = 4.0;
+    options.task_lease_seconds = 6.0;
+    options.log_format = "json".into();
+    options.log_level = "debug,hyper=info,h2=info,rustls=info,tower=info".into();
+    options
+}
+
+async fn start(options: SandboxOptions) -> Sandbox {
+    mailpoll::install_crypto_provider();
+    Sandbox::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("sandbox did not start: {e:#}"))
+}
+
+/// Polls `check` every 250 ms until it returns Some; panics with `what` and the last
+/// observation after `limit`.
+async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {limit:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Ledger rows per MailboxPoll uid: (message id, delivery state), real messages only.
+async fn ledger(sandbox: &Sandbox) -> Result<BTreeMap<Uuid, Vec<(String, String)>>, String> {
+    let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT mailbox_uid, message_id, delivery_state FROM messages
+          WHERE received_at IS NOT NULL",
+    )
+    .fetch_all(sandbox.pool())
+    .await
+    .map_err(|e| format!("ledger query: {e}"))?;
+    let mut by_uid: BTreeMap<Uuid, Vec<(String, String)>> = BTreeMap::new();
+    for (uid, id, state) in rows {
+        by_uid.entry(uid).or_default().push((id, state));
+    }
+    Ok(by_uid)
+}
+
+/// MailboxPolls as `kubectl get mbp -A -o json` shows them, by uid.
+async fn mailbox_polls(sandbox: &Sandbox) -> Result<BTreeMap<Uuid, Value>, String> {
+    let output = sandbox
+        .kubectl(&["get", "mbp", "-A", "-o", "json"])
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    if !output.success {
+        return Err(output.stderr);
+    }
+    let list: Value = serde_json::from_str(&output.stdout).map_err(|e| e.to_string())?;
+    let mut by_uid = BTreeMap::new();
+    for item in list["items"].as_array().cloned().unwrap_or_default() {
+        let uid = item["metadata"]["uid"]
+            .as_str()
+            .and_then(|u| u.parse().ok())
+            .ok_or("a MailboxPoll without uid")?;
+        by_uid.insert(uid, item);
+    }
+    Ok(by_uid)
+}
+
+/// Waits until each MailboxPoll's status counts equal the ledger's.
+async fn status_matches_ledger(sandbox: &Sandbox, limit: Duration) {
+    eventually("status counts to equal the ledger", limit, || async {
+        let ledger = ledger(sandbox).await?;
+        for (uid, mbp) in mailbox_polls(sandbox).await? {
+            let rows = ledger.get(&uid).map(Vec::as_slice).unwrap_or_default();
+            let delivered = rows
+                .iter()
+                .filter(|(_, s)| s == "delivered" || s == "none")
+                .count() as i64;
+            let pending = rows.iter().filter(|(_, s)| s == "pending").count() as i64;
+            let status = &mbp["status"];
+            let shown_delivered = status["messagesDelivered"].as_i64().unwrap_or(0);
+            let shown_pending = status["messagesPending"].as_i64().unwrap_or(0);
+            if (shown_delivered, shown_pending) != (delivered, pending) {
+                return Err(format!(
+                    "{}: status delivered/pending {shown_delivered}/{shown_pending}, ledger {delivered}/{pending}",
+                    mbp["metadata"]["name"]
+                ));
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Every ledger message delivered, the receiver saw exactly the ledger's keys, and no key
+/// succeeded more than once beyond `allowed_repeats` (repeats can only come from a crash
+/// between a webhook's success and its recording; they carry the same key).
+async fn assert_delivered_once(sandbox: &Sandbox, allowed_repeats: u64) -> (usize, u64) {
+    let ledger = ledger(sandbox).await.expect("ledger");
+    let mut expected = HashMap::new();
+    for (uid, rows) in &ledger {
+        for (id, state) in rows {
+            assert_eq!(state, "delivered", "message {id} of {uid} is {state}");
+            assert!(
+                expected.insert(message_key(*uid, id), ()).is_none(),
+                "two ledger rows with one key"
+            );
+        }
+    }
+    let successes = sandbox.receiver.successes();
+    for key in expected.keys() {
+        assert!(
+            successes.contains_key(key),
+            "ledger key {key} never reached the webhook"
+        );
+    }
+    for key in successes.keys() {
+        assert!(
+            expected.contains_key(key),
+            "the webhook got key {key} that the ledger does not hold"
+        );
+    }
+    let repeats: u64 = successes.values().map(|n| u64::from(n - 1)).sum();
+    assert!(
+        repeats <= allowed_repeats,
+        "{repeats} repeated webhook successes, at most {allowed_repeats} allowed"
+    );
+    assert_eq!(sandbox.receiver.bad_signatures(), 0, "every request signed");
+    (expected.len(), repeats)
+}
+
+/// No log line holds a secret value or an access token; the logs are not empty.
+fn assert_no_secrets_in_logs(sandbox: &Sandbox, extra: &[&str]) {
+    let logs = sandbox.logs().expect("replica logs");
+    let lines = logs.lines().count();
+    assert!(lines > 50, "the replicas logged only {lines} lines");
+    for secret in [DEFAULT_CLIENT_SECRET, EXAMPLES_SIGNING_SECRET, TOKEN_PREFIX]
+        .iter()
+        .chain(extra)
+    {
+        if let Some(line) = logs.lines().find(|line| line.contains(secret)) {
+            panic!("a log line holds a secret ({secret}): {line}");
+        }
+    }
+}
+
+async fn arrived_equals_recorded(sandbox: &Sandbox, mailboxes: &[String]) -> Result<(), String> {
+    let progress = sandbox.progress().await.map_err(|e| format!("{e:#}"))?;
+    let ledger = ledger(sandbox).await?;
+    let arrived = sandbox.arrived();
+    let total_recorded: usize = ledger.values().map(Vec::len).sum();
+    let total_arrived: u64 = mailboxes.iter().map(|m| arrived[m]).sum();
+    let undelivered = ledger
+        .values()
+        .flatten()
+        .filter(|(_, s)| s != "delivered")
+        .count();
+    if total_recorded as u64 != total_arrived || undelivered > 0 {
+        return Err(format!(
+            "arrived {total_arrived}, recorded {total_recorded}, undelivered {undelivered}; {progress:?}"
+        ));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger() {
+    let mailboxes = sandbox::mailboxes_in(&examples_dir()).expect("examples");
+    let sandbox = start(options(mailboxes.clone())).await;
+    for mailbox in &mailboxes {
+        sandbox.add_mail(mailbox, 20).expect("mail");
+    }
+    sandbox
+        .apply_dir(&examples_dir())
+        .await
+        .expect("kubectl apply -f examples/");
+
+    let active: Vec<String> = mailboxes
+        .iter()
+        .filter(|m| !m.starts_with("newsletter"))
+        .cloned()
+        .collect();
+    eventually(
+        "the first 40 messages delivered",
+        Duration::from_secs(60),
+        || async { arrived_equals_recorded(&sandbox, &active).await },
+    )
+    .await;
+    // More mail, then a forced poll of each active MailboxPoll instead of waiting a minute.
+    for mailbox in &active {
+        sandbox.add_mail(mailbox, 10).expect("mail");
+    }
+    for name in ["support-inbox", "billing-inbox"] {
+        let output = sandbox
+            .kubectl(&[
+                "annotate",
+                "mbp",
+                "-n",
+                "mail",
+                name,
+                "mailpoll.dev/poll-requested-at=more-mail",
+                "--overwrite",
+            ])
+            .await
+            .expect("kubectl annotate");
+        assert!(output.success, "kubectl annotate: {}", output.stderr);
+    }
+    eventually(
+        "all 60 messages delivered",
+        Duration::from_secs(60),
+        || async { arrived_equals_recorded(&sandbox, &active).await },
+    )
+    .await;
+    let (delivered, repeats) = assert_delivered_once(&sandbox, 0).await;
+    assert_eq!(delivered, 60);
+    assert_eq!(repeats, 0);
+    // The suspended MailboxPoll never polled.
+    assert!(
+        sandbox
+            .progress()
+            .await
+            .expect("progress")
+            .iter()
+            .all(|p| p.name != "newsletter-inbox"),
+        "the suspended MailboxPoll polled"
+    );
+    // Mark as read and move: billing's inbox is empty, its archive holds every message.
+    let archived = sandbox.arrived()["billing@contoso.com"] as usize;
+    eventually(
+        "billing's messages moved to the archive",
+        Duration::from_secs(30),
+        || async {
+            let inbox = sandbox
+                .graph
+                .folder_len("billing@contoso.com", "inbox")
+                .map_err(|e| e.to_string())?;
+            let archive = sandbox
+                .graph
+                .folder_len("billing@contoso.com", "archive")
+                .map_err(|e| e.to_string())?;
+            (inbox == 0 && archive == archived)
+                .then_some(())
+                .ok_or(format!("inbox {inbox}, archive {archive}"))
+        },
+    )
+    .await;
+    status_matches_ledger(&sandbox, Duration::from_secs(60)).await;
+
+    let table = sandbox
+        .kubectl(&["get", "mbp", "-n", "mail"])
+        .await
+        .expect("kubectl get");
+    assert!(table.success, "{}", table.stderr);
+    for name in ["support-inbox", "billing-inbox", "newsletter-inbox"] {
+        assert!(
+            table.stdout.contains(name),
+            "kubectl get mbp lists {name}: {}",
+            table.stdout
+        );
+    }
+    let describe = sandbox
+        .kubectl(&["describe", "mbp", "-n", "mail", "support-inbox"])
+        .await
+        .expect("kubectl describe");
+    assert!(describe.success, "{}", describe.stderr);
+    assert_no_secrets_in_logs(&sandbox, &[]);
+    for text in [&table.stdout, &describe.stdout] {
+        assert!(!text.contains(DEFAULT_CLIENT_SECRET) && !text.contains(EXAMPLES_SIGNING_SECRET));
+    }
+    sandbox.shutdown().await.expect("graceful stop");
+}
+
+/// Served forced-poll requests of `uid` with annotation value `value`.
+async fn polls_for(sandbox: &Sandbox, uid: Uuid, value: &str) -> Result<i64, String> {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM poll_requests
+          WHERE mailbox_uid = $1 AND value = $2 AND served_at IS NOT NULL",
+    )
+    .bind(uid)
+    .bind(value)
+    .fetch_one(sandbox.pool())
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// `kubectl annotate --overwrite` of the suspended example's force-poll annotation.
+async fn annotate(sandbox: &Sandbox, value: &str) {
+    let annotation = format!("mailpoll.dev/poll-requested-at={value}");
+    let output = sandbox
+        .kubectl(&[
+            "annotate",
+            "mbp",
+            "-n",
+            "mail",
+            "newsletter-inbox",
+            &annotation,
+            "--overwrite",
+        ])
+        .await
+        .expect("kubectl annotate");
+    assert!(output.success, "kubectl annotate: {}", output.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
+    let mailboxes = sandbox::mailboxes_in(&examples_dir()).expect("examples");
+    let mut sandbox = start(options(mailboxes.clone())).await;
+    sandbox
+        .apply_dir(&examples_dir())
+        .await
+        .expect("apply examples");
+    let uid: Uuid = eventually(
+        "the suspended MailboxPoll",
+        Duration::from_secs(30),
+        || async {
+            let polls = mailbox_polls(&sandbox).await?;
+            polls
+                .into_iter()
+                .find(|(_, mbp)| mbp["metadata"]["name"] == "newsletter-inbox")
+                .map(|(uid, _)| uid)
+                .ok_or_else(|| "not listed".to_string())
+        },
+    )
+    .await;
+    sandbox.add_mail("newsletter@contoso.com", 3).expect("mail");
+    annotate(&sandbox, "first").await;
+    eventually(
+        "one poll for value 'first'",
+        Duration::from_secs(30),
+        || async {
+            let n = polls_for(&sandbox, uid, "first").await?;
+            (n == 1).then_some(()).ok_or(format!("{n} polls"))
+        },
+    )
+    .await;
+    // The same value again (another annotate, and an unrelated label change) polls no more.
+    annotate(&sandbox, "first").await;
+    let labelled = sandbox
+        .kubectl(&[
+            "label",
+            "mbp",
+            "-n",
+            "mail",
+            "newsletter-inbox",
+            "team=marketing",
+        ])
+        .await
+        .expect("kubectl label");
+    assert!(labelled.success, "{}", labelled.stderr);
+
+    // A new value, and the leader killed at once: the request survives the handover.
+    let leader = sandbox
+        .kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            sandbox::OPERATOR_NAMESPACE,
+            "mailpoll-leader",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .await
+        .expect("kubectl get lease");
+    annotate(&sandbox, "second").await;
+    let leader_index = (0..sandbox.replica_count())
+        .find(|&i| leader.stdout.starts_with(sandbox.replica_name(i)))
+        .unwrap_or_else(|| panic!("leader {:?} is not a replica", leader.stdout));
+    sandbox
+        .kill_replica(leader_index)
+        .await
+        .expect("kill -9 the leader");
+    eventually(
+        "one poll for value 'second'",
+        Duration::from_secs(60),
+        || async {
+            let n = polls_for(&sandbox, uid, "second").await?;
+            (n == 1).then_some(()).ok_or(format!("{n} polls"))
+        },
+    )
+    .await;
+    sandbox
+        .start_replica(leader_index)
+        .expect("restart the replica");
+    sandbox
+        .wait_ready(leader_index, Duration::from_secs(60))
+        .await
+        .expect("ready");
+    annotate(&sandbox, "third").await;
+    eventually(
+        "one poll for value 'third'",
+        Duration::from_secs(30),
+        || async {
+            let n = polls_for(&sandbox, uid, "third").await?;
+            (n == 1).then_some(()).ok_or(format!("{n} polls"))
+        },
+    )
+    .await;
+    // Settle, then count everything this suspended MailboxPoll ever polled.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let served: Vec<String> = sqlx::query_scalar(
+        "SELECT value FROM poll_requests WHERE mailbox_uid = $1 ORDER BY served_at",
+    )
+    .bind(uid)
+    .fetch_all(sandbox.pool())
+    .await
+    .expect("poll requests");
+    assert_eq!(
+        served,
+        ["first", "second", "third"],
+        "one request per value"
+    );
+    let polls: i64 = sqlx::query_scalar("SELECT count(*) FROM polls WHERE mailbox_uid = $1")
+        .bind(uid)
+        .fetch_one(sandbox.pool())
+        .await
+        .expect("polls");
+    assert_eq!(
+        polls, 3,
+        "a suspended MailboxPoll polls once per annotation value and never on schedule"
+    );
+    eventually(
+        "status names the last handled request",
+        Duration::from_secs(30),
+        || async {
+            let polls = mailbox_polls(&sandbox).await?;
+            let status = &polls[&uid]["status"];
+            (status["lastHandledPollRequest"] == "third")
+                .then_some(())
+                .ok_or(status.to_string())
+        },
+    )
+    .await;
+    assert_eq!(
+        ledger(&sandbox)
+            .await
+            .expect("ledger")
+            .get(&uid)
+            .map(Vec::len),
+        Some(3),
+        "the forced polls recorded the newsletter's mail"
+    );
+    sandbox.shutdown().await.expect("graceful stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_mailbox_polls_are_rejected_and_a_wrong_secret_is_explained() {
+    let sandbox = start(options(vec!["support@contoso.com".into()])).await;
+    let examples = examples_dir();
+    for file in ["00-namespace.yaml", "10-secrets.yaml"] {
+        let text = std::fs::read_to_string(examples.join(file)).expect("example");
+        sandbox.apply(&text).await.expect("apply");
+    }
+    let invalid = |spec: &str| {
+        format!(
+            "apiVersion: mailpoll.dev/v1alpha1\nkind: MailboxPoll\nmetadata:\n  name: invalid\n  namespace: mail\nspec:\n{spec}"
+        )
+    };
+    let cases = [
+        (
+            "  mailbox: ''\n  credentialsSecretRef: {name: graph-credentials}\n",
+            "spec.mailbox must not be empty",
+        ),
+        (
+            "  mailbox: a@contoso.com\n  interval: 5s\n  credentialsSecretRef: {name: graph-credentials}\n",
+            "spec.interval must be between 10s and 24h",
+        ),
+        (
+            "  mailbox: a@contoso.com\n  interval: soon\n  credentialsSecretRef: {name: graph-credentials}\n",
+            "spec.interval must be a duration",
+        ),
+        (
+            "  mailbox: a@contoso.com\n  credentialsSecretRef: {name: graph-credentials}\n  delivery:\n    webhook:\n      url: http://tickets.example.com/hook\n",
+            "spec.delivery.webhook.url must be an https:// URL",
+        ),
+        (
+            "  mailbox: a@contoso.com\n  maxAttempts: 0\n  credentialsSecretRef: {name: graph-credentials}\n",
+            "spec.maxAttempts must be between 1 and 100",
+        ),
+        ("  mailbox: a@contoso.com\n", "credentialsSecretRef"),
+    ];
+    for (spec, message) in cases {
+        let error = sandbox
+            .apply(&invalid(spec))
+            .await
+            .expect_err("kubectl apply must refuse an invalid MailboxPoll");
+        let text = format!("{error:#}");
+        assert!(
+            text.contains(message),
+            "kubectl's error names the problem ({message}): {text}"
+        );
+    }
+    let listed = sandbox
+        .kubectl(&["get", "mbp", "-n", "mail", "-o", "name"])
+        .await
+        .expect("get");
+    assert_eq!(listed.stdout.trim(), "", "nothing invalid was stored");
+
+    // Valid, but its Secret holds a wrong client secret: a condition and an Event say so.
+    let wrong_secret = "wrong-secret-value-9f3k";
+    sandbox
+        .apply(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: wrong-credentials\n  namespace: mail\nstringData:\n  tenantId: 11111111-2222-3333-4444-555555555555\n  clientId: aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee\n  clientSecret: {wrong_secret}\n---\napiVersion: mailpoll.dev/v1alpha1\nkind: MailboxPoll\nmetadata:\n  name: wrong-secret\n  namespace: mail\nspec:\n  mailbox: support@contoso.com\n  credentialsSecretRef:\n    name: wrong-credentials\n  delivery:\n    webhook:\n      url: {EXAMPLES_WEBHOOK_BASE}/hook\n"
+        ))
+        .await
+        .expect("apply a MailboxPoll with wrong credentials");
+    let describe = eventually(
+        "describe to show the failure",
+        Duration::from_secs(60),
+        || async {
+            let output = sandbox
+                .kubectl(&["describe", "mbp", "-n", "mail", "wrong-secret"])
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let text = output.stdout;
+            (text.contains("AuthenticationFailed") && text.contains("PollFailed"))
+                .then_some(text.clone())
+                .ok_or(text)
+        },
+    )
+    .await;
+    assert!(
+        !describe.contains(wrong_secret),
+        "no secret in describe: {describe}"
+    );
+    let condition = sandbox
+        .kubectl(&[
+            "get",
+            "mbp",
+            "-n",
+            "mail",
+            "wrong-secret",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
+        ])
+        .await
+        .expect("kubectl get");
+    assert_eq!(condition.stdout.trim(), "AuthenticationFailed");
+    let events = sandbox
+        .kubectl(&["get", "events", "-n", "mail"])
+        .await
+        .expect("events");
+    assert!(events.stdout.contains("PollFailed"), "{}", events.stdout);
+    assert!(!events.stdout.contains(wrong_secret));
+    assert_no_secrets_in_logs(&sandbox, &[wrong_secret]);
+    sandbox.shutdown().await.expect("graceful stop");
+}
+
+/// A MailboxPoll manifest for the chaos test; every fourth also marks read and moves.
+fn chaos_manifest(index: usize, mailbox: &str) -> String {
+    let actions = if index.is_multiple_of(4) {
+        "  afterDelivery:\n    markAsRead: true\n    moveToFolder: archive\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: mailpoll.dev/v1alpha1\nkind: MailboxPoll\nmetadata:\n  name: box-{index:02}\n  namespace: mail\nspec:\n  mailbox: {mailbox}\n  interval: 10s\n  credentialsSecretRef:\n    name: graph-credentials\n  delivery:\n    webhook:\n      url: {EXAMPLES_WEBHOOK_BASE}/hook\n      signingSecretRef:\n        name: webhook-signing\n{actions}---\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_loses_and_doubles_nothing() {
+    let big = big_mode();
+    let mailbox_count = 20;
+    let initial_per_mailbox = if big { 2_400 } else { 60 };
+    let arrivals_during_chaos = if big { 2_000 } else { 400 };
+    let chaos_for = Duration::from_secs(if big { 120 } else { 40 });
+    let mailboxes: Vec<String> = (0..mailbox_count)
+        .map(|i| format!("box{i:02}@contoso.com"))
+        .collect();
+    let mut opts = options(mailboxes.clone());
+    opts.log_level = "info".into();
+    opts.graph_faults = Faults {
+        throttle_ratio: 0.05,
+        retry_after_secs: 1,
+        server_error_ratio: 0.02,
+        ..Faults::default()
+    };
+    let mut sandbox = start(opts).await;
+    let began = Instant::now();
+    for mailbox in &mailboxes {
+        sandbox
+            .add_mail(mailbox, initial_per_mailbox)
+            .expect("mail");
+    }
+    let examples = examples_dir();
+    for file in ["00-namespace.yaml", "10-secrets.yaml"] {
+        let text = std::fs::read_to_string(examples.join(file)).expect("example");
+        sandbox.apply(&text).await.expect("apply");
+    }
+    let manifests: String = mailboxes
+        .iter()
+        .enumerate()
+        .map(|(i, m)| chaos_manifest(i, m))
+        .collect();
+    sandbox
+        .apply(&manifests)
+        .await
+        .expect("apply the MailboxPolls");
+
+    // Chaos: mail keeps arriving; a random replica is killed with SIGKILL every few seconds
+    // and restarted; Postgres restarts once; one mailbox's delta tokens expire.
+    let mut kills = 0u64;
+    let mut postgres_restarted = false;
+    let mut tokens_expired = false;
+    let mut added = 0;
+    let per_tick = arrivals_during_chaos / (chaos_for.as_secs() as usize * 2);
+    let mut next_kill = Instant::now() + Duration::from_secs(3);
+    while began.elapsed() < chaos_for {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..per_tick.max(1) {
+            let mailbox = &mailboxes[rand::rng().random_range(0..mailboxes.len())];
+            sandbox.add_mail(mailbox, 1).expect("mail");
+            added += 1;
+        }
+        if Instant::now() >= next_kill {
+            let victim = rand::rng().random_range(0..sandbox.replica_count());
+            sandbox.kill_replica(victim).await.expect("kill -9");
+            kills += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            sandbox.start_replica(victim).expect("restart the replica");
+            next_kill = Instant::now() + Duration::from_secs(rand::rng().random_range(3..7));
+        }
+        if !postgres_restarted && began.elapsed() > chaos_for / 3 {
+            sandbox.restart_postgres().await.expect("pg_ctl restart");
+            postgres_restarted = true;
+        }
+        if !tokens_expired && began.elapsed() > chaos_for / 2 {
+            sandbox
+                .graph
+                .evict_delta_tokens(&mailboxes[3])
+                .expect("expire delta tokens");
+            tokens_expired = true;
+        }
+    }
+    for index in 0..sandbox.replica_count() {
+        sandbox
+            .wait_ready(index, Duration::from_secs(60))
+            .await
+            .expect("replica ready");
+    }
+    let chaos_done = Instant::now();
+    eventually(
+        "every message recorded and delivered",
+        Duration::from_secs(if big { 900 } else { 240 }),
+        || async { arrived_equals_recorded(&sandbox, &mailboxes).await },
+    )
+    .await;
+    let converged = chaos_done.elapsed();
+    let (delivered, repeats) =
+        assert_delivered_once(&sandbox, (kills + 1) * 16 * sandbox.replica_count() as u64).await;
+    let total: u64 = sandbox.arrived().values().sum();
+    assert_eq!(delivered as u64, total);
+    status_matches_ledger(&sandbox, Duration::from_secs(120)).await;
+
+    // Suspend everything: the pending scheduled polls are cancelled, and then no task may be
+    // left running or pending, and none dead.
+    for i in 0..mailbox_count {
+        let output = sandbox
+            .kubectl(&[
+                "patch",
+                "mbp",
+                "-n",
+                "mail",
+                &format!("box-{i:02}"),
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"suspend":true}}"#,
+            ])
+            .await
+            .expect("kubectl patch");
+        assert!(output.success, "{}", output.stderr);
+    }
+    eventually("no task pending or running", Duration::from_secs(120), || async {
+        let states: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT kind, state, count(*) FROM tasks WHERE state IN ('pending', 'running', 'dead') GROUP BY 1, 2",
+        )
+        .fetch_all(sandbox.pool())
+        .await
+        .map_err(|e| e.to_string())?;
+        states.is_empty().then_some(()).ok_or(format!("{states:?}"))
+    })
+    .await;
+    assert_no_secrets_in_logs(&sandbox, &[]);
+    let failed_attempts = sandbox.receiver.failed_attempts();
+    let counters = sandbox.graph.counters();
+    let throttled: u64 = counters
+        .mailboxes
+        .values()
+        .map(|m| m.by_status.get(&429).copied().unwrap_or(0))
+        .sum();
+    let unavailable: u64 = counters
+        .mailboxes
+        .values()
+        .map(|m| m.by_status.get(&503).copied().unwrap_or(0))
+        .sum();
+    println!(
+        "chaos ({}): {mailbox_count} mailboxes, {total} messages ({added} during chaos), {kills} kills, \
+         1 Postgres restart, 1 delta-token expiry, Graph 429s {throttled}, 503s {unavailable}; \
+         converged {:.1} s after the chaos; delivered {delivered}, repeated webhook successes {repeats}, \
+         failed webhook attempts {failed_attempts}; {:.0} s in all",
+        if big { "big mode" } else { "CI mode" },
+        converged.as_secs_f64(),
+        began.elapsed().as_secs_f64()
+    );
+    sandbox.shutdown().await.expect("graceful stop");
+}

@@ -1,0 +1,547 @@
+//! The whole system on one machine, with real processes where it matters: a throwaway
+//! Postgres, the Kubernetes API emulator, the Graph emulator, a webhook receiver, and
+//! `mailpoll operator` replicas started from the real binary. Used by the `mailpoll-sandbox`
+//! binary (README's main command) and by the end-to-end tests, which also kill replicas,
+//! restart Postgres and inject Graph faults through it.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+
+use crate::cluster;
+use crate::graph::{EmulatorConfig, Faults, GraphEmulator};
+use crate::kube::KubeEmulator;
+use crate::pg::tempdir::TempDir;
+use crate::pg::{PgServer, free_port};
+use crate::webhook_receiver::WebhookReceiver;
+
+/// The webhook address the files in `examples/` name; the sandbox listens there by default
+/// and rewrites it to the receiver's real address when it applies them elsewhere.
+pub const EXAMPLES_WEBHOOK_BASE: &str = "http://127.0.0.1:18080";
+
+/// The signing key of the `webhook-signing` Secret in `examples/`: the receiver checks every
+/// request's signature with it.
+pub const EXAMPLES_SIGNING_SECRET: &str = "sandbox-signing-key-change-me";
+
+/// Namespace of the leader-election Lease, as a Helm install would have it.
+pub const OPERATOR_NAMESPACE: &str = "mailpoll-system";
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// The `mailpoll` binary the replicas run.
+    pub mailpoll_bin: PathBuf,
+    pub replicas: usize,
+    /// Where the webhook receiver listens (port 0: a free one).
+    pub webhook_listen: SocketAddr,
+    /// Mailboxes created in the Graph emulator.
+    pub mailboxes: Vec<String>,
+    /// Faults the Graph emulator starts with.
+    pub graph_faults: Faults,
+    /// `MAILPOLL_LOG` of the replicas.
+    pub log_level: String,
+    /// `MAILPOLL_LOG_FORMAT` of the replicas.
+    pub log_format: String,
+    /// Leader Lease duration; renew deadline and retry period follow from it.
+    pub lease_seconds: f64,
+    /// How long a killed replica's tasks stay claimed before another replica takes them.
+    pub task_lease_seconds: f64,
+    pub worker_concurrency: usize,
+}
+
+impl SandboxOptions {
+    pub fn new(mailpoll_bin: impl Into<PathBuf>) -> Self {
+        Self {
+            mailpoll_bin: mailpoll_bin.into(),
+            replicas: 2,
+            webhook_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            mailboxes: Vec::new(),
+            graph_faults: Faults::default(),
+            log_level: "info".into(),
+            log_format: "text".into(),
+            lease_seconds: 15.0,
+            task_lease_seconds: 60.0,
+            worker_concurrency: 16,
+        }
+    }
+}
+
+/// One `mailpoll operator` process; its stderr is appended to `log` across restarts.
+struct Replica {
+    name: String,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Ledger figures of one MailboxPoll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxProgress {
+    pub namespace: String,
+    pub name: String,
+    pub mailbox: String,
+    /// Messages in the ledger (tombstones excluded).
+    pub recorded: i64,
+    pub delivered: i64,
+    pub pending: i64,
+    pub failed: i64,
+}
+
+/// A running sandbox. Dropping it kills the replicas and removes every temporary file;
+/// [`Sandbox::shutdown`] stops the replicas gracefully first.
+pub struct Sandbox {
+    options: SandboxOptions,
+    replicas: Vec<Replica>,
+    pub receiver: WebhookReceiver,
+    pub graph: GraphEmulator,
+    pub kube: KubeEmulator,
+    pub postgres: PgServer,
+    pool: PgPool,
+    /// Messages put into each mailbox's inbox through [`Sandbox::add_mail`].
+    arrived: Mutex<BTreeMap<String, u64>>,
+    dir: TempDir,
+}
+
+impl Sandbox {
+    /// Starts Postgres, both emulators, the receiver and the replicas, installs the CRD and
+    /// waits until every replica is ready.
+    pub async fn start(options: SandboxOptions) -> anyhow::Result<Self> {
+        if !options.mailpoll_bin.is_file() {
+            bail!(
+                "the mailpoll binary {} does not exist (build it with `cargo build --bin mailpoll`)",
+                options.mailpoll_bin.display()
+            );
+        }
+        let dir = TempDir::new("mailpoll-sandbox").context("creating the sandbox directory")?;
+        let postgres = tokio::task::spawn_blocking(PgServer::start)
+            .await
+            .context("starting Postgres")?
+            .context("starting a throwaway Postgres (initdb, pg_ctl)")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_lazy(&postgres.url())
+            .context("Postgres URL")?;
+        let kube = KubeEmulator::start().await?;
+        let client = kube.client()?;
+        cluster::install_crd(&client).await?;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": OPERATOR_NAMESPACE}}))?,
+            )
+            .await
+            .context("creating the operator namespace")?;
+        let graph = GraphEmulator::start(EmulatorConfig {
+            mailboxes: options.mailboxes.clone(),
+            faults: options.graph_faults.clone(),
+            ..EmulatorConfig::default()
+        })
+        .await?;
+        let receiver = WebhookReceiver::start_on(
+            options.webhook_listen,
+            Some(EXAMPLES_SIGNING_SECRET.as_bytes()),
+        )
+        .await?;
+        let arrived = options.mailboxes.iter().map(|m| (m.clone(), 0)).collect();
+        let mut sandbox = Self {
+            replicas: Vec::new(),
+            receiver,
+            graph,
+            kube,
+            postgres,
+            pool,
+            arrived: Mutex::new(arrived),
+            dir,
+            options,
+        };
+        for index in 0..sandbox.options.replicas {
+            let name = format!("mailpoll-{}", char::from(b'a' + (index % 26) as u8));
+            let log = sandbox.dir.path().join(format!("{name}.log"));
+            sandbox.replicas.push(Replica {
+                name,
+                port: free_port()?,
+                log,
+                child: None,
+            });
+            sandbox.start_replica(index)?;
+        }
+        for index in 0..sandbox.replicas.len() {
+            sandbox.wait_ready(index, Duration::from_secs(60)).await?;
+        }
+        Ok(sandbox)
+    }
+
+    /// The directory of logs and other temporary files (removed when the sandbox goes).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        self.kube.kubeconfig_path()
+    }
+
+    /// The sandbox's database (the replicas' `DATABASE_URL`).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn database_url(&self) -> String {
+        self.postgres.url()
+    }
+
+    pub fn replica_count(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub fn replica_name(&self, index: usize) -> &str {
+        &self.replicas[index].name
+    }
+
+    /// Every replica's log file.
+    pub fn log_paths(&self) -> Vec<PathBuf> {
+        self.replicas.iter().map(|r| r.log.clone()).collect()
+    }
+
+    /// Starts (or restarts) replica `index` from the mailpoll binary.
+    pub fn start_replica(&mut self, index: usize) -> anyhow::Result<()> {
+        let options = &self.options;
+        let replica = &mut self.replicas[index];
+        if replica.child.is_some() {
+            bail!("replica {} is already running", replica.name);
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&replica.log)
+            .with_context(|| format!("opening {}", replica.log.display()))?;
+        let lease = options.lease_seconds;
+        let child = Command::new(&options.mailpoll_bin)
+            .args([
+                "operator",
+                "--http-addr",
+                &format!("127.0.0.1:{}", replica.port),
+            ])
+            .env("DATABASE_URL", self.postgres.url())
+            .env("KUBECONFIG", self.kube.kubeconfig_path())
+            .env("POD_NAME", &replica.name)
+            .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
+            .env("MAILPOLL_LEASE_DURATION_SECONDS", lease.to_string())
+            .env(
+                "MAILPOLL_LEASE_RENEW_DEADLINE_SECONDS",
+                (lease * 2.0 / 3.0).to_string(),
+            )
+            .env(
+                "MAILPOLL_LEASE_RETRY_PERIOD_SECONDS",
+                (lease / 6.0).to_string(),
+            )
+            .env(
+                "MAILPOLL_TASK_LEASE_SECONDS",
+                options.task_lease_seconds.to_string(),
+            )
+            .env(
+                "MAILPOLL_WORKER_CONCURRENCY",
+                options.worker_concurrency.to_string(),
+            )
+            .env("MAILPOLL_GRAPH_AUTHORITY_URL", self.graph.base_url())
+            .env("MAILPOLL_GRAPH_URL", self.graph.base_url())
+            .env("MAILPOLL_DB_MAX_CONNECTIONS", "8")
+            .env("MAILPOLL_LOG", &options.log_level)
+            .env("MAILPOLL_LOG_FORMAT", &options.log_format)
+            .env("MAILPOLL_SHUTDOWN_GRACE_SECONDS", "5")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(
+                log.try_clone().context("duplicating the log handle")?,
+            ))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", options.mailpoll_bin.display()))?;
+        replica.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until replica `index` answers `/readyz` with 200.
+    pub async fn wait_ready(&mut self, index: usize, limit: Duration) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{}/readyz", self.replicas[index].port);
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(response) = http.get(&url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            let replica = &mut self.replicas[index];
+            if let Some(child) = replica.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "replica {} exited with {status} before it was ready; see {}",
+                    replica.name,
+                    replica.log.display()
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "replica {} was not ready within {limit:?}; see {}",
+                    replica.name,
+                    replica.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `kill -9`: no shutdown code runs, leases and claimed tasks are left behind.
+    pub async fn kill_replica(&mut self, index: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.replicas[index].child.take() {
+            child.start_kill().context("SIGKILL")?;
+            child.wait().await.context("reaping a killed replica")?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait: the graceful shutdown path.
+    pub async fn stop_replica(&mut self, index: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.replicas[index].child.take() {
+            if let Some(pid) = child.id() {
+                let sent = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .context("sending SIGTERM")?;
+                if !sent.success() {
+                    bail!("kill -TERM {pid} failed");
+                }
+            }
+            match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+                Ok(status) => {
+                    status.context("waiting for a stopped replica")?;
+                }
+                Err(_) => {
+                    child
+                        .start_kill()
+                        .context("SIGKILL after the grace period")?;
+                    child.wait().await.context("reaping a replica")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts Postgres with a fast shutdown: every open connection is cut.
+    pub async fn restart_postgres(&self) -> anyhow::Result<()> {
+        // PgServer's commands block; the emulators and receiver run on this runtime.
+        tokio::task::block_in_place(|| self.postgres.restart())
+    }
+
+    /// Puts `count` new messages into `mailbox`'s inbox and counts them as arrived.
+    pub fn add_mail(&self, mailbox: &str, count: usize) -> anyhow::Result<()> {
+        self.graph.add_messages(mailbox, "inbox", count)?;
+        let mut arrived = self.arrived.lock().unwrap_or_else(|p| p.into_inner());
+        *arrived.entry(mailbox.to_owned()).or_default() += count as u64;
+        Ok(())
+    }
+
+    /// Messages added per mailbox so far.
+    pub fn arrived(&self) -> BTreeMap<String, u64> {
+        self.arrived
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Runs kubectl against the emulator.
+    pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<KubectlOutput> {
+        self.kubectl_with_input(args, None).await
+    }
+
+    /// Runs kubectl with `input` on its stdin (for `apply -f -`).
+    pub async fn kubectl_with_input(
+        &self,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> anyhow::Result<KubectlOutput> {
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig_path())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl (is it installed?)")?;
+        if let Some(input) = input
+            && let Some(mut stdin) = child.stdin.take()
+        {
+            stdin.write_all(input.as_bytes()).await?;
+            drop(stdin);
+        }
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .with_context(|| format!("kubectl {} took over a minute", args.join(" ")))??;
+        Ok(KubectlOutput {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    /// The receiver's base URL, to put in place of [`EXAMPLES_WEBHOOK_BASE`].
+    pub fn webhook_base(&self) -> String {
+        self.receiver
+            .url()
+            .trim_end_matches("/hook")
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// `kubectl apply` of every YAML file in `dir` (in name order), with the examples'
+    /// webhook address pointed at this sandbox's receiver.
+    pub async fn apply_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|ext| ext == "yaml" || ext == "yml")
+            })
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            self.apply(&text)
+                .await
+                .with_context(|| format!("applying {}", file.display()))?;
+        }
+        Ok(())
+    }
+
+    /// `kubectl apply -f -` of `manifest`, webhook address rewritten; fails with kubectl's
+    /// message when it refuses.
+    pub async fn apply(&self, manifest: &str) -> anyhow::Result<String> {
+        let manifest = manifest.replace(EXAMPLES_WEBHOOK_BASE, &self.webhook_base());
+        let output = self
+            .kubectl_with_input(&["apply", "-f", "-"], Some(&manifest))
+            .await?;
+        if !output.success {
+            bail!("kubectl apply failed: {}", output.stderr.trim());
+        }
+        Ok(output.stdout)
+    }
+
+    /// Ledger figures per MailboxPoll that has polled at least once.
+    pub async fn progress(&self) -> anyhow::Result<Vec<MailboxProgress>> {
+        let rows: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT c.namespace, c.name, c.mailbox,
+                    count(m.message_id) FILTER (WHERE m.removed_at IS NULL),
+                    count(m.message_id) FILTER (WHERE m.delivery_state = 'delivered'),
+                    count(m.message_id) FILTER (WHERE m.delivery_state = 'pending'),
+                    count(m.message_id) FILTER (WHERE m.delivery_state = 'failed')
+               FROM mailbox_cursors c
+               LEFT JOIN messages m ON m.mailbox_uid = c.mailbox_uid
+              GROUP BY c.namespace, c.name, c.mailbox
+              ORDER BY c.namespace, c.name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .context("reading ledger figures")?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(namespace, name, mailbox, recorded, delivered, pending, failed)| {
+                    MailboxProgress {
+                        namespace,
+                        name,
+                        mailbox,
+                        recorded,
+                        delivered,
+                        pending,
+                        failed,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    /// Stops the replicas gracefully; everything else stops when the sandbox is dropped.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        for index in 0..self.replicas.len() {
+            self.stop_replica(index).await?;
+        }
+        self.pool.close().await;
+        Ok(())
+    }
+
+    /// Every line the replicas logged so far.
+    pub fn logs(&self) -> anyhow::Result<String> {
+        let mut all = String::new();
+        for path in self.log_paths() {
+            if path.exists() {
+                all.push_str(
+                    &std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                );
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// What a kubectl run printed.
+#[derive(Debug, Clone)]
+pub struct KubectlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The `spec.mailbox` of every MailboxPoll in the YAML files of `dir`: the mailboxes the
+/// Graph emulator must have for those manifests to work.
+pub fn mailboxes_in(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut mailboxes = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml")
+        })
+        .collect();
+    entries.sort();
+    for path in entries {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for document in text.split("\n---") {
+            if document.trim().is_empty() {
+                continue;
+            }
+            let value: serde_json::Value = serde_saphyr::from_str(document)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            if value["kind"] == "MailboxPoll"
+                && let Some(mailbox) = value["spec"]["mailbox"].as_str()
+                && !mailboxes.iter().any(|m| m == mailbox)
+            {
+                mailboxes.push(mailbox.to_owned());
+            }
+        }
+    }
+    Ok(mailboxes)
+}
