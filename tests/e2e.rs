@@ -230,19 +230,7 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
         sandbox.add_mail(mailbox, 10).expect("mail");
     }
     for name in ["support-inbox", "billing-inbox"] {
-        let output = sandbox
-            .kubectl(&[
-                "annotate",
-                "mbp",
-                "-n",
-                "mail",
-                name,
-                "mailpoll.dev/poll-requested-at=more-mail",
-                "--overwrite",
-            ])
-            .await
-            .expect("kubectl annotate");
-        assert!(output.success, "kubectl annotate: {}", output.stderr);
+        annotate(&sandbox, name, "more-mail").await;
     }
     eventually(
         "all 60 messages delivered",
@@ -322,8 +310,17 @@ async fn polls_for(sandbox: &Sandbox, uid: Uuid, value: &str) -> Result<i64, Str
     .map_err(|e| e.to_string())
 }
 
-/// `kubectl annotate --overwrite` of the suspended example's force-poll annotation.
-async fn annotate(sandbox: &Sandbox, value: &str) {
+/// Waits until the request with annotation value `value` was served, exactly once.
+async fn served_once(sandbox: &Sandbox, uid: Uuid, value: &str, limit: Duration) {
+    eventually(&format!("one poll for value {value:?}"), limit, || async {
+        let n = polls_for(sandbox, uid, value).await?;
+        (n == 1).then_some(()).ok_or(format!("{n} polls"))
+    })
+    .await;
+}
+
+/// `kubectl annotate --overwrite` of the force-poll annotation of MailboxPoll `mail/name`.
+async fn annotate(sandbox: &Sandbox, name: &str, value: &str) {
     let annotation = format!("mailpoll.dev/poll-requested-at={value}");
     let output = sandbox
         .kubectl(&[
@@ -331,7 +328,7 @@ async fn annotate(sandbox: &Sandbox, value: &str) {
             "mbp",
             "-n",
             "mail",
-            "newsletter-inbox",
+            name,
             &annotation,
             "--overwrite",
         ])
@@ -362,18 +359,10 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
     )
     .await;
     sandbox.add_mail("newsletter@contoso.com", 3).expect("mail");
-    annotate(&sandbox, "first").await;
-    eventually(
-        "one poll for value 'first'",
-        Duration::from_secs(30),
-        || async {
-            let n = polls_for(&sandbox, uid, "first").await?;
-            (n == 1).then_some(()).ok_or(format!("{n} polls"))
-        },
-    )
-    .await;
+    annotate(&sandbox, "newsletter-inbox", "first").await;
+    served_once(&sandbox, uid, "first", Duration::from_secs(30)).await;
     // The same value again (another annotate, and an unrelated label change) polls no more.
-    annotate(&sandbox, "first").await;
+    annotate(&sandbox, "newsletter-inbox", "first").await;
     let labelled = sandbox
         .kubectl(&[
             "label",
@@ -400,7 +389,7 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         ])
         .await
         .expect("kubectl get lease");
-    annotate(&sandbox, "second").await;
+    annotate(&sandbox, "newsletter-inbox", "second").await;
     let leader_index = (0..sandbox.replica_count())
         .find(|&i| leader.stdout.starts_with(sandbox.replica_name(i)))
         .unwrap_or_else(|| panic!("leader {:?} is not a replica", leader.stdout));
@@ -408,15 +397,7 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         .kill_replica(leader_index)
         .await
         .expect("kill -9 the leader");
-    eventually(
-        "one poll for value 'second'",
-        Duration::from_secs(60),
-        || async {
-            let n = polls_for(&sandbox, uid, "second").await?;
-            (n == 1).then_some(()).ok_or(format!("{n} polls"))
-        },
-    )
-    .await;
+    served_once(&sandbox, uid, "second", Duration::from_secs(60)).await;
     sandbox
         .start_replica(leader_index)
         .expect("restart the replica");
@@ -424,16 +405,8 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         .wait_ready(leader_index, Duration::from_secs(60))
         .await
         .expect("ready");
-    annotate(&sandbox, "third").await;
-    eventually(
-        "one poll for value 'third'",
-        Duration::from_secs(30),
-        || async {
-            let n = polls_for(&sandbox, uid, "third").await?;
-            (n == 1).then_some(()).ok_or(format!("{n} polls"))
-        },
-    )
-    .await;
+    annotate(&sandbox, "newsletter-inbox", "third").await;
+    served_once(&sandbox, uid, "third", Duration::from_secs(30)).await;
     // Settle, then count everything this suspended MailboxPoll ever polled.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let served: Vec<String> = sqlx::query_scalar(

@@ -13,9 +13,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, PostParams};
-use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::io::AsyncWriteExt;
@@ -137,14 +134,7 @@ impl Sandbox {
         let kube = KubeEmulator::start().await?;
         let client = kube.client()?;
         cluster::install_crd(&client).await?;
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": OPERATOR_NAMESPACE}}))?,
-            )
-            .await
-            .context("creating the operator namespace")?;
+        cluster::create_namespace(&client, OPERATOR_NAMESPACE).await?;
         let graph = GraphEmulator::start(EmulatorConfig {
             mailboxes: options.mailboxes.clone(),
             faults: options.graph_faults.clone(),
@@ -415,16 +405,7 @@ impl Sandbox {
     /// `kubectl apply` of every YAML file in `dir` (in name order), with the examples'
     /// webhook address pointed at this sandbox's receiver.
     pub async fn apply_dir(&self, dir: &Path) -> anyhow::Result<()> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|path| {
-                path.extension()
-                    .is_some_and(|ext| ext == "yaml" || ext == "yml")
-            })
-            .collect();
-        files.sort();
-        for file in files {
+        for file in yaml_files(dir)? {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             self.apply(&text)
@@ -517,16 +498,7 @@ pub struct KubectlOutput {
 /// Graph emulator must have for those manifests to work.
 pub fn mailboxes_in(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut mailboxes = Vec::new();
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| {
-            path.extension()
-                .is_some_and(|ext| ext == "yaml" || ext == "yml")
-        })
-        .collect();
-    entries.sort();
-    for path in entries {
+    for path in yaml_files(dir)? {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         for document in text.split("\n---") {
@@ -544,4 +516,18 @@ pub fn mailboxes_in(dir: &Path) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(mailboxes)
+}
+
+/// The YAML files directly in `dir`, in name order (the order `kubectl apply -f dir` uses).
+fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
 }
