@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 use mailpoll_testkit::sandbox::{self, MailboxProgress, Sandbox, SandboxOptions};
 use rand::RngExt;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[derive(Debug, Parser)]
 #[command(name = "mailpoll-sandbox", version)]
@@ -53,6 +54,8 @@ async fn main() -> anyhow::Result<()> {
     mailpoll::install_crypto_provider();
     let cli = Cli::parse();
     let began = Instant::now();
+    // Installed first: Ctrl-C during start-up must still stop Postgres and the replicas.
+    let mut stop = StopSignal::install()?;
 
     let mailpoll_bin = match cli.mailpoll_bin {
         Some(path) => path,
@@ -76,15 +79,25 @@ async fn main() -> anyhow::Result<()> {
     options.webhook_listen = ([127, 0, 0, 1], cli.webhook_port).into();
     options.mailboxes = mailboxes.clone();
     options.log_level = cli.log_level;
-    let sandbox = Sandbox::start(options).await?;
-    for mailbox in &mailboxes {
-        sandbox.add_mail(mailbox, cli.initial_messages)?;
-    }
-    sandbox.apply_dir(&cli.examples).await?;
+    let starting = async {
+        let sandbox = Sandbox::start(options).await?;
+        for mailbox in &mailboxes {
+            sandbox.add_mail(mailbox, cli.initial_messages)?;
+        }
+        sandbox.apply_dir(&cli.examples).await?;
+        anyhow::Ok(sandbox)
+    };
+    let sandbox = tokio::select! {
+        started = starting => started?,
+        _ = stop.recv() => {
+            println!("Interrupted while starting; everything started so far is stopped.");
+            return Ok(());
+        }
+    };
     println!("Ready after {:.1} s.", began.elapsed().as_secs_f64());
     print_usage(&sandbox, &cli.examples);
 
-    let result = watch(&sandbox, &mailboxes, cli.trickle_seconds, began).await;
+    let result = watch(&sandbox, &mailboxes, cli.trickle_seconds, began, &mut stop).await;
     println!(
         "\nStopping the replicas and removing {}...",
         sandbox.dir().display()
@@ -124,24 +137,45 @@ fn print_usage(sandbox: &Sandbox, examples: &std::path::Path) {
     );
 }
 
+/// SIGINT (Ctrl-C) or SIGTERM. The handlers live as long as this value, so a signal that
+/// arrives while the program is busy elsewhere is kept until the next `recv`.
+struct StopSignal {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignal {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
 /// Adds mail on schedule and prints a line per MailboxPoll when its figures change.
 async fn watch(
     sandbox: &Sandbox,
     mailboxes: &[String],
     trickle_seconds: f64,
     began: Instant,
+    stop: &mut StopSignal,
 ) -> anyhow::Result<()> {
     let trickle = (trickle_seconds > 0.0).then(|| Duration::from_secs_f64(trickle_seconds));
     let mut next_mail = trickle.map(|every| tokio::time::Instant::now() + every);
     let mut last_lines: Vec<String> = Vec::new();
     let mut first_delivery_shown = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
+            _ = stop.recv() => return Ok(()),
             _ = tick.tick() => {}
         }
         if let (Some(at), Some(every)) = (next_mail, trickle)
