@@ -83,9 +83,10 @@ struct DatabaseArgs {
     /// Postgres URL, e.g. postgres://mailpoll:secret@db:5432/mailpoll?sslmode=require
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
-    /// Maximum connections in the pool.
-    #[arg(long, env = "MAILPOLL_DB_MAX_CONNECTIONS", default_value_t = 16)]
-    db_max_connections: u32,
+    /// Maximum connections in the pool (operator default: worker concurrency + 4, so every
+    /// running task can hold one while the queue, the controller and heartbeats still get one).
+    #[arg(long, env = "MAILPOLL_DB_MAX_CONNECTIONS")]
+    db_max_connections: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -161,7 +162,10 @@ impl OperatorArgs {
             self.http_addr,
             operator::KubeSource::Infer,
         );
-        config.pool = self.database.pool_config();
+        let worker_connections = u32::try_from(self.worker_concurrency).unwrap_or(u32::MAX);
+        config.pool = self
+            .database
+            .pool_config(worker_connections.saturating_add(4));
         config.scope = Scope::parse(&self.watch_namespaces);
         config.workers.concurrency = self.worker_concurrency.max(1);
         config.workers.poll_interval = seconds(
@@ -213,9 +217,9 @@ impl OperatorArgs {
 }
 
 impl DatabaseArgs {
-    fn pool_config(&self) -> db::PoolConfig {
+    fn pool_config(&self, default_size: u32) -> db::PoolConfig {
         db::PoolConfig {
-            max_connections: self.db_max_connections,
+            max_connections: self.db_max_connections.unwrap_or(default_size).max(1),
             ..db::PoolConfig::default()
         }
     }
@@ -262,7 +266,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(args) => {
-            let pool = db::connect(&args.database_url, &args.pool_config()).await?;
+            let pool = db::connect(&args.database_url, &args.pool_config(2)).await?;
             db::migrate(&pool).await?;
             tracing::info!("migrations applied");
             pool.close().await;

@@ -182,11 +182,7 @@ pub async fn run(
         })?;
     let local = listener.local_addr().map_err(OperatorError::Serve)?;
     let http_stop = CancellationToken::new();
-    let state = http::HttpState {
-        pool: pool.clone(),
-        metrics: metrics.clone(),
-        watch_synced,
-    };
+    let state = http::HttpState::new(pool.clone(), metrics.clone(), watch_synced);
     let mut server = tokio::spawn({
         let http_stop = http_stop.clone();
         async move {

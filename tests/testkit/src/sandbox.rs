@@ -248,7 +248,6 @@ impl Sandbox {
             )
             .env("MAILPOLL_GRAPH_AUTHORITY_URL", self.graph.base_url())
             .env("MAILPOLL_GRAPH_URL", self.graph.base_url())
-            .env("MAILPOLL_DB_MAX_CONNECTIONS", "8")
             .env("MAILPOLL_LOG", &options.log_level)
             .env("MAILPOLL_LOG_FORMAT", &options.log_format)
             .env("MAILPOLL_SHUTDOWN_GRACE_SECONDS", "5")
@@ -483,6 +482,29 @@ impl Sandbox {
             }
         }
         Ok(all)
+    }
+}
+
+impl Drop for Sandbox {
+    /// A failing test keeps the replicas' logs: they are copied out of the directory that is
+    /// about to be removed, and the copy's path is printed.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let kept = std::env::temp_dir().join(format!(
+            "mailpoll-sandbox-logs-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        if std::fs::create_dir_all(&kept).is_err() {
+            return;
+        }
+        for log in self.log_paths() {
+            if let Some(name) = log.file_name() {
+                let _ = std::fs::copy(&log, kept.join(name));
+            }
+        }
+        eprintln!("the replicas' logs are kept in {}", kept.display());
     }
 }
 
