@@ -636,36 +636,36 @@ fn dispatch(
             drop(permit);
             return;
         }
+        // The handler gets the task itself; only these small fields are kept for the result
+        // (a clone would copy the whole payload).
+        let kind = task.kind.clone();
+        let (attempts, max_attempts) = (task.attempts, task.max_attempts);
         let result = match handler {
-            Some(handler) => {
-                match AssertUnwindSafe(handler.call(task.clone(), ctx))
-                    .catch_unwind()
-                    .await
-                {
-                    Ok(result) => result,
-                    Err(panic) => Err(HandlerError::Retryable(format!(
-                        "the {} handler panicked: {}",
-                        task.kind,
-                        panic_message(panic.as_ref())
-                    ))),
-                }
-            }
+            Some(handler) => match AssertUnwindSafe(handler.call(task, ctx))
+                .catch_unwind()
+                .await
+            {
+                Ok(result) => result,
+                Err(panic) => Err(HandlerError::Retryable(format!(
+                    "the {kind} handler panicked: {}",
+                    panic_message(panic.as_ref())
+                ))),
+            },
             // Claims only ask for registered kinds; this guards the invariant.
             None => Err(HandlerError::Retryable(format!(
-                "no handler for tasks of kind {}",
-                task.kind
+                "no handler for tasks of kind {kind}"
             ))),
         };
         let transition = transition::after_run(
             result,
-            task.attempts,
-            task.max_attempts,
+            attempts,
+            max_attempts,
             &policy,
             rand::random::<f64>(),
         );
         let finished = Finished {
             lease,
-            kind: task.kind,
+            kind,
             transition,
         };
         // Waiting here when the keeper falls behind holds the permit, so the claimer slows
