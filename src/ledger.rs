@@ -274,6 +274,28 @@ pub async fn get(
     .await
 }
 
+/// Reads one message for its webhook: only the columns the payload shows. `raw` (the largest
+/// jsonb column, which the payload does not carry) comes back as `{}` and `parent_folder_id`
+/// as NULL, so a delivery neither transfers nor decodes them.
+pub async fn get_for_delivery(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    message_id: &str,
+) -> Result<Option<StoredMessage>, sqlx::Error> {
+    sqlx::query_as(
+        r#"SELECT message_id, internet_message_id, subject, from_address, from_name, sender_address,
+                  sender_name, to_recipients, cc_recipients, reply_to, received_at, sent_at, is_read,
+                  has_attachments, importance, conversation_id, NULL::text AS parent_folder_id,
+                  body_preview, body_content_type, body, body_truncated, '{}'::jsonb AS raw,
+                  delivery_state, webhook_delivered_at, removed_at
+           FROM messages WHERE mailbox_uid = $1 AND message_id = $2"#,
+    )
+    .bind(mailbox_uid)
+    .bind(message_id)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
 /// Records that the webhook accepted a message, so a retry of the later steps does not post
 /// it again.
 pub async fn mark_webhook_delivered(
