@@ -3,7 +3,8 @@
 //!
 //!   cargo bench --bench pipeline
 //!
-//! `MAILPOLL_BENCH_MESSAGES` sets the folder size (default 100,000); `DATABASE_URL` the
+//! `MAILPOLL_BENCH_MESSAGES` sets the folder size (default 100,000), `MAILPOLL_BENCH_CONCURRENCY`
+//! the delivery case's worker concurrency (default 64); `DATABASE_URL` the
 //! server (else a private throwaway one is started).
 
 use std::sync::Arc;
@@ -31,6 +32,15 @@ use uuid::Uuid;
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const MAILBOX: &str = "bench@contoso.com";
+
+/// Worker concurrency of the delivery case (`MAILPOLL_BENCH_CONCURRENCY`, default 64).
+fn delivery_concurrency() -> usize {
+    std::env::var("MAILPOLL_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(64)
+}
 
 fn messages() -> usize {
     std::env::var("MAILPOLL_BENCH_MESSAGES")
@@ -72,7 +82,7 @@ async fn wait_for(counter: &prometheus_client::metrics::counter::Counter, expect
 
 /// One measured poll of the whole folder.
 struct Case {
-    label: &'static str,
+    label: String,
     webhook: Option<Endpoint>,
     concurrency: usize,
     /// Counts the messages done in the ledger, checked once the metrics say all are done.
@@ -227,20 +237,21 @@ async fn main() -> BenchResult<()> {
             round.pages(),
         );
     }
+    let delivery_concurrency = delivery_concurrency();
     let ingest = Case {
-        label: "ingest into the ledger (pages of 1000, bodies)",
+        label: "ingest into the ledger (pages of 1000, bodies)".into(),
         webhook: None,
         concurrency: 4,
         done_when: "SELECT count(*) FROM messages WHERE mailbox_uid = $1",
     };
     let deliver = Case {
-        label: "ingest + webhook delivery (concurrency 64)",
+        label: format!("ingest + webhook delivery (concurrency {delivery_concurrency})"),
         webhook: Some(Endpoint {
             url: receiver.url(),
             timeout: Duration::from_secs(10),
             signing_key: None,
         }),
-        concurrency: 64,
+        concurrency: delivery_concurrency,
         done_when: "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
     };
     for case in [ingest, deliver] {
