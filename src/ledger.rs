@@ -79,6 +79,64 @@ pub struct Recorded {
     pub removals: usize,
 }
 
+/// A page as one array per column, borrowed from the messages (nothing is copied).
+struct PageColumns<'a> {
+    message_id: Vec<&'a str>,
+    internet_message_id: Vec<Option<&'a str>>,
+    subject: Vec<Option<&'a str>>,
+    from_address: Vec<Option<&'a str>>,
+    from_name: Vec<Option<&'a str>>,
+    sender_address: Vec<Option<&'a str>>,
+    sender_name: Vec<Option<&'a str>>,
+    to_recipients: Vec<&'a Value>,
+    cc_recipients: Vec<&'a Value>,
+    reply_to: Vec<&'a Value>,
+    received_at: Vec<Option<DateTime<Utc>>>,
+    sent_at: Vec<Option<DateTime<Utc>>>,
+    is_read: Vec<Option<bool>>,
+    has_attachments: Vec<Option<bool>>,
+    importance: Vec<Option<&'a str>>,
+    conversation_id: Vec<Option<&'a str>>,
+    parent_folder_id: Vec<Option<&'a str>>,
+    body_preview: Vec<Option<&'a str>>,
+    body_content_type: Vec<Option<&'a str>>,
+    body: Vec<Option<&'a str>>,
+    body_truncated: Vec<bool>,
+    raw: Vec<&'a Value>,
+}
+
+impl<'a> PageColumns<'a> {
+    fn of(messages: &'a [LedgerMessage]) -> Self {
+        let column = |f: fn(&'a LedgerMessage) -> Option<&'a str>| -> Vec<Option<&'a str>> {
+            messages.iter().map(f).collect()
+        };
+        Self {
+            message_id: messages.iter().map(|m| m.message_id.as_str()).collect(),
+            internet_message_id: column(|m| m.internet_message_id.as_deref()),
+            subject: column(|m| m.subject.as_deref()),
+            from_address: column(|m| m.from_address.as_deref()),
+            from_name: column(|m| m.from_name.as_deref()),
+            sender_address: column(|m| m.sender_address.as_deref()),
+            sender_name: column(|m| m.sender_name.as_deref()),
+            to_recipients: messages.iter().map(|m| &m.to_recipients).collect(),
+            cc_recipients: messages.iter().map(|m| &m.cc_recipients).collect(),
+            reply_to: messages.iter().map(|m| &m.reply_to).collect(),
+            received_at: messages.iter().map(|m| m.received_at).collect(),
+            sent_at: messages.iter().map(|m| m.sent_at).collect(),
+            is_read: messages.iter().map(|m| m.is_read).collect(),
+            has_attachments: messages.iter().map(|m| m.has_attachments).collect(),
+            importance: column(|m| m.importance.as_deref()),
+            conversation_id: column(|m| m.conversation_id.as_deref()),
+            parent_folder_id: column(|m| m.parent_folder_id.as_deref()),
+            body_preview: column(|m| m.body_preview.as_deref()),
+            body_content_type: column(|m| m.body_content_type.as_deref()),
+            body: column(|m| m.body.as_deref()),
+            body_truncated: messages.iter().map(|m| m.body_truncated).collect(),
+            raw: messages.iter().map(|m| &m.raw).collect(),
+        }
+    }
+}
+
 /// Records a page of messages and removals in the caller's transaction. New messages get
 /// `state_for_new`; messages already in the ledger are left untouched. A removal marks a
 /// known message (delivery still happens: it arrived) or records a tombstone that is never
@@ -92,7 +150,10 @@ pub async fn record_page(
 ) -> Result<Recorded, sqlx::Error> {
     let mut recorded = Recorded::default();
     if !messages.is_empty() {
-        let page = serde_json::to_value(messages).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let columns = PageColumns::of(messages);
+        // One array per column, unnested server-side. Text columns travel as plain binary
+        // text: binding the page as one JSON document made Postgres parse every body as JSON,
+        // which cost more than the insert itself. Only the jsonb columns are parsed.
         let new_ids: Vec<(String, i64)> = sqlx::query_as(
             r#"
             INSERT INTO messages (
@@ -101,27 +162,51 @@ pub async fn record_page(
                 sent_at, is_read, has_attachments, importance, conversation_id, parent_folder_id,
                 body_preview, body_content_type, body, body_truncated, raw, delivery_state
             )
-            SELECT $1, r.message_id, r.internet_message_id, r.subject, r.from_address, r.from_name,
-                   r.sender_address, r.sender_name,
-                   COALESCE(r.to_recipients, '[]'), COALESCE(r.cc_recipients, '[]'),
-                   COALESCE(r.reply_to, '[]'), r.received_at, r.sent_at, r.is_read,
-                   r.has_attachments, r.importance, r.conversation_id, r.parent_folder_id,
-                   r.body_preview, r.body_content_type, r.body, COALESCE(r.body_truncated, false),
-                   COALESCE(r.raw, '{}'), $3
-            FROM jsonb_to_recordset($2) AS r(
-                message_id text, internet_message_id text, subject text, from_address text,
-                from_name text, sender_address text, sender_name text, to_recipients jsonb,
-                cc_recipients jsonb, reply_to jsonb, received_at timestamptz, sent_at timestamptz,
-                is_read boolean, has_attachments boolean, importance text, conversation_id text,
-                parent_folder_id text, body_preview text, body_content_type text, body text,
-                body_truncated boolean, raw jsonb
-            )
+            SELECT $1, r.message_id, r.internet_message_id, r.subject, r.from_address,
+                   r.from_name, r.sender_address, r.sender_name,
+                   COALESCE(NULLIF(r.to_recipients, 'null'), '[]'),
+                   COALESCE(NULLIF(r.cc_recipients, 'null'), '[]'),
+                   COALESCE(NULLIF(r.reply_to, 'null'), '[]'), r.received_at, r.sent_at,
+                   r.is_read, r.has_attachments, r.importance, r.conversation_id,
+                   r.parent_folder_id, r.body_preview, r.body_content_type, r.body,
+                   r.body_truncated, COALESCE(NULLIF(r.raw, 'null'), '{}'), $24
+            FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                        $8::text[], $9::jsonb[], $10::jsonb[], $11::jsonb[], $12::timestamptz[],
+                        $13::timestamptz[], $14::boolean[], $15::boolean[], $16::text[],
+                        $17::text[], $18::text[], $19::text[], $20::text[], $21::text[],
+                        $22::boolean[], $23::jsonb[])
+                 AS r(message_id, internet_message_id, subject, from_address, from_name,
+                      sender_address, sender_name, to_recipients, cc_recipients, reply_to,
+                      received_at, sent_at, is_read, has_attachments, importance,
+                      conversation_id, parent_folder_id, body_preview, body_content_type, body,
+                      body_truncated, raw)
             ON CONFLICT (mailbox_uid, message_id) DO NOTHING
             RETURNING message_id, seq
             "#,
         )
         .bind(mailbox_uid)
-        .bind(page)
+        .bind(&columns.message_id)
+        .bind(&columns.internet_message_id)
+        .bind(&columns.subject)
+        .bind(&columns.from_address)
+        .bind(&columns.from_name)
+        .bind(&columns.sender_address)
+        .bind(&columns.sender_name)
+        .bind(&columns.to_recipients)
+        .bind(&columns.cc_recipients)
+        .bind(&columns.reply_to)
+        .bind(&columns.received_at)
+        .bind(&columns.sent_at)
+        .bind(&columns.is_read)
+        .bind(&columns.has_attachments)
+        .bind(&columns.importance)
+        .bind(&columns.conversation_id)
+        .bind(&columns.parent_folder_id)
+        .bind(&columns.body_preview)
+        .bind(&columns.body_content_type)
+        .bind(&columns.body)
+        .bind(&columns.body_truncated)
+        .bind(&columns.raw)
         .bind(state_for_new.as_str())
         .fetch_all(&mut *conn)
         .await?;
@@ -181,6 +266,28 @@ pub async fn get(
                   has_attachments, importance, conversation_id, parent_folder_id, body_preview,
                   body_content_type, body, body_truncated, raw, delivery_state, webhook_delivered_at,
                   removed_at
+           FROM messages WHERE mailbox_uid = $1 AND message_id = $2"#,
+    )
+    .bind(mailbox_uid)
+    .bind(message_id)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// Reads one message for its webhook: only the columns the payload shows. `raw` (the largest
+/// jsonb column, which the payload does not carry) comes back as `{}` and `parent_folder_id`
+/// as NULL, so a delivery neither transfers nor decodes them.
+pub async fn get_for_delivery(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    message_id: &str,
+) -> Result<Option<StoredMessage>, sqlx::Error> {
+    sqlx::query_as(
+        r#"SELECT message_id, internet_message_id, subject, from_address, from_name, sender_address,
+                  sender_name, to_recipients, cc_recipients, reply_to, received_at, sent_at, is_read,
+                  has_attachments, importance, conversation_id, NULL::text AS parent_folder_id,
+                  body_preview, body_content_type, body, body_truncated, '{}'::jsonb AS raw,
+                  delivery_state, webhook_delivered_at, removed_at
            FROM messages WHERE mailbox_uid = $1 AND message_id = $2"#,
     )
     .bind(mailbox_uid)

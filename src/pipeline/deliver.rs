@@ -48,7 +48,7 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             return Ok(());
         };
         let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
-        let Some(stored) = ledger::get(&mut conn, job.mailbox_uid, &job.message_id)
+        let Some(stored) = ledger::get_for_delivery(&mut conn, job.mailbox_uid, &job.message_id)
             .await
             .map_err(HandlerError::retryable)?
         else {

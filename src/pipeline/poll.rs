@@ -302,7 +302,7 @@ impl<D: Directory> PollHandler<D> {
             let requests_so_far =
                 i32::try_from(mailbox.requests_sent() - requests_before).unwrap_or(i32::MAX);
             let (committed, fetched) = tokio::join!(
-                self.commit_page(config, lease, poll_id, &page, &mut stats, requests_so_far),
+                self.commit_page(config, lease, poll_id, page, &mut stats, requests_so_far),
                 async {
                     if more {
                         round.next_page().await
@@ -329,7 +329,7 @@ impl<D: Directory> PollHandler<D> {
         config: &MailboxConfig,
         lease: RunLease,
         poll_id: i64,
-        page: &Page,
+        page: Page,
         stats: &mut RoundStats,
         graph_requests: i32,
     ) -> Result<u64, RoundError> {
@@ -344,7 +344,8 @@ impl<D: Directory> PollHandler<D> {
             cursor::start_resync(&mut tx, lease).await?;
             tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
         }
-        let (messages, removals) = split_page(&page.messages);
+        let items = i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
+        let (messages, removals) = split_page(page.messages);
         let watermark = messages.iter().filter_map(|m| m.received_at).max();
         let recorded = ledger::record_page(
             &mut tx,
@@ -382,7 +383,7 @@ impl<D: Directory> PollHandler<D> {
         let mut counted = *stats;
         counted.graph_requests = graph_requests;
         counted.pages += 1;
-        counted.seen += i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
+        counted.seen += items;
         counted.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
         record_progress(&mut tx, poll_id, counted).await?;
         tx.commit().await?;
@@ -442,14 +443,15 @@ fn deliver_task(config: &MailboxConfig, message_id: &str) -> Result<NewTask, ser
         .max_attempts(config.max_attempts))
 }
 
-/// The ledger's view of a page: messages, and the removals Graph reported.
-pub fn split_page(page: &[Message]) -> (Vec<LedgerMessage>, Vec<Removal>) {
+/// The ledger's view of a page: messages, and the removals Graph reported. Takes the page's
+/// items by value: bodies and raw objects move into the rows instead of being copied.
+pub fn split_page(page: Vec<Message>) -> (Vec<LedgerMessage>, Vec<Removal>) {
     let mut messages = Vec::with_capacity(page.len());
     let mut removals = Vec::new();
     for item in page {
         match &item.removed {
             Some(reason) => removals.push(Removal {
-                message_id: item.id.clone(),
+                message_id: item.id,
                 reason: reason.as_str().to_owned(),
             }),
             None => messages.push(to_ledger(item)),
@@ -467,17 +469,21 @@ fn recipients(list: &[EmailAddress]) -> serde_json::Value {
 }
 
 /// A Graph message as a ledger row.
-pub fn to_ledger(message: &Message) -> LedgerMessage {
-    let address = |a: &Option<EmailAddress>| a.as_ref().and_then(|a| a.address.clone());
-    let name = |a: &Option<EmailAddress>| a.as_ref().and_then(|a| a.name.clone());
+pub fn to_ledger(message: Message) -> LedgerMessage {
+    let (from_address, from_name) = address_parts(message.from);
+    let (sender_address, sender_name) = address_parts(message.sender);
+    let (body_content_type, body, body_truncated) = match message.body {
+        Some(body) => (Some(body.content_type), Some(body.content), body.truncated),
+        None => (None, None, false),
+    };
     LedgerMessage {
-        message_id: message.id.clone(),
-        internet_message_id: message.internet_message_id.clone(),
-        subject: message.subject.clone(),
-        from_address: address(&message.from),
-        from_name: name(&message.from),
-        sender_address: address(&message.sender),
-        sender_name: name(&message.sender),
+        message_id: message.id,
+        internet_message_id: message.internet_message_id,
+        subject: message.subject,
+        from_address,
+        from_name,
+        sender_address,
+        sender_name,
         to_recipients: recipients(&message.to_recipients),
         cc_recipients: recipients(&message.cc_recipients),
         reply_to: recipients(&message.reply_to),
@@ -485,14 +491,21 @@ pub fn to_ledger(message: &Message) -> LedgerMessage {
         sent_at: message.sent_date_time,
         is_read: message.is_read,
         has_attachments: message.has_attachments,
-        importance: message.importance.clone(),
-        conversation_id: message.conversation_id.clone(),
-        parent_folder_id: message.parent_folder_id.clone(),
-        body_preview: message.body_preview.clone(),
-        body_content_type: message.body.as_ref().map(|b| b.content_type.clone()),
-        body: message.body.as_ref().map(|b| b.content.clone()),
-        body_truncated: message.body.as_ref().is_some_and(|b| b.truncated),
-        raw: message.raw.clone(),
+        importance: message.importance,
+        conversation_id: message.conversation_id,
+        parent_folder_id: message.parent_folder_id,
+        body_preview: message.body_preview,
+        body_content_type,
+        body,
+        body_truncated,
+        raw: message.raw,
+    }
+}
+
+fn address_parts(address: Option<EmailAddress>) -> (Option<String>, Option<String>) {
+    match address {
+        Some(EmailAddress { name, address }) => (address, name),
+        None => (None, None),
     }
 }
 

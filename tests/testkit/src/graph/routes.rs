@@ -110,6 +110,8 @@ pub struct GraphResponse {
 #[derive(Clone, Debug)]
 pub enum GraphBody {
     Json(Value),
+    /// A JSON document already serialized (delta pages, assembled from cached items).
+    JsonText(String),
     Text(String, &'static str),
     /// Deliberately broken bytes served as JSON.
     Raw(String),
@@ -294,13 +296,13 @@ fn header_map(headers: &HeaderMap) -> HashMap<String, String> {
     map
 }
 
+const JSON_CONTENT_TYPE: &str = "application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8";
+
 fn into_http(response: GraphResponse) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let (content_type, body) = match response.body {
-        GraphBody::Json(value) => (
-            ("application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8"),
-            Body::from(value.to_string()),
-        ),
+        GraphBody::Json(value) => (JSON_CONTENT_TYPE, Body::from(value.to_string())),
+        GraphBody::JsonText(text) => (JSON_CONTENT_TYPE, Body::from(text)),
         GraphBody::Text(text, content_type) => (content_type, Body::from(text)),
         GraphBody::Raw(text) => ("application/json; charset=utf-8", Body::from(text)),
     };
@@ -704,20 +706,22 @@ async fn answer(
                     prefs.immutable_ids,
                     link_base.clone(),
                 )?;
-                let mut body = json!({
-                    "@odata.context": format!("{}/v1.0/$metadata#Collection(message)", shared.base_url),
-                    "value": page.items,
-                });
-                match page.next {
-                    Ok(skip) => {
-                        body["@odata.nextLink"] = json!(format!("{link_base}?%24skiptoken={skip}"))
-                    }
-                    Err(delta) => {
-                        body["@odata.deltaLink"] =
-                            json!(format!("{link_base}?%24deltatoken={delta}"))
-                    }
-                }
-                let mut response = GraphResponse::json(200, body);
+                let context = format!("{}/v1.0/$metadata#Collection(message)", shared.base_url);
+                let link = match page.next {
+                    Ok(skip) => (
+                        "@odata.nextLink",
+                        format!("{link_base}?%24skiptoken={skip}"),
+                    ),
+                    Err(delta) => (
+                        "@odata.deltaLink",
+                        format!("{link_base}?%24deltatoken={delta}"),
+                    ),
+                };
+                let mut response = GraphResponse {
+                    status: 200,
+                    headers: Vec::new(),
+                    body: GraphBody::JsonText(delta_page_text(&context, &page.items, link)),
+                };
                 if prefs.max_page_size.is_some() {
                     response.headers.push((
                         "Preference-Applied".into(),
@@ -787,6 +791,31 @@ async fn answer(
     Ok(response)
 }
 
+/// A delta page as Graph lays it out: context, items, then the link. The items are already
+/// JSON text, so the page is assembled rather than serialized again.
+fn delta_page_text(context: &str, items: &[Arc<str>], (name, link): (&str, String)) -> String {
+    let quoted = |text: &str| Value::String(text.to_owned()).to_string();
+    let context = quoted(context);
+    let link = quoted(&link);
+    let size = items.iter().map(|item| item.len() + 1).sum::<usize>() + context.len() + link.len();
+    let mut text = String::with_capacity(size + 64);
+    text.push_str("{\"@odata.context\":");
+    text.push_str(&context);
+    text.push_str(",\"value\":[");
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            text.push(',');
+        }
+        text.push_str(item);
+    }
+    text.push_str("],\"");
+    text.push_str(name);
+    text.push_str("\":");
+    text.push_str(&link);
+    text.push('}');
+    text
+}
+
 fn too_large_unselected(
     faults: &super::Faults,
     unselected: bool,
@@ -803,6 +832,7 @@ fn malformed(body: &GraphBody, kind: MalformedKind) -> GraphBody {
         MalformedKind::TruncatedJson => {
             let text = match body {
                 GraphBody::Json(value) => value.to_string(),
+                GraphBody::JsonText(text) => text.clone(),
                 _ => String::from("{\"value\":[{\"id\":\"x\""),
             };
             let cut = text.len() / 2;
@@ -815,6 +845,9 @@ fn malformed(body: &GraphBody, kind: MalformedKind) -> GraphBody {
         MalformedKind::WrongShape => {
             let mut value = match body {
                 GraphBody::Json(value) => value.clone(),
+                GraphBody::JsonText(text) => {
+                    serde_json::from_str(text).unwrap_or_else(|_| json!({}))
+                }
                 _ => json!({}),
             };
             value["value"] = json!({"unexpected": "object"});
@@ -919,6 +952,7 @@ async fn batch_inner(
                     .collect();
                 let body = match response.body {
                     GraphBody::Json(value) => value,
+                    GraphBody::JsonText(text) => serde_json::from_str(&text).unwrap_or(Value::Null),
                     GraphBody::Text(text, _) | GraphBody::Raw(text) => json!(text),
                 };
                 json!({"id": id, "status": response.status, "headers": headers, "body": body})

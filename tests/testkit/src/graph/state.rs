@@ -4,6 +4,7 @@
 //! and the same sequence of calls produce the same ids, tokens and replays.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
@@ -175,6 +176,21 @@ struct Msg {
     changed: u64,
     /// Delta rounds of its folder that must end before delta shows it (late arrival).
     hidden_rounds: u32,
+    /// The delta item as last served. Paging a large folder would otherwise build and
+    /// serialize every message again on each round, which made the emulator a large share of
+    /// any benchmark that reads through it.
+    rendered: Option<RenderedItem>,
+}
+
+/// A delta item's JSON text and what it was rendered for: any difference renders anew.
+#[derive(Clone, Debug)]
+struct RenderedItem {
+    select: Option<Vec<String>>,
+    immutable_ids: bool,
+    /// `Msg::changed` at rendering time: every change to a message bumps it.
+    changed: u64,
+    folder: usize,
+    text: Arc<str>,
 }
 
 #[derive(Clone, Debug)]
@@ -249,10 +265,10 @@ pub struct DeltaBehaviour {
     pub eviction: EvictionResponse,
 }
 
-/// A delta page: rendered items and the link that follows.
+/// A delta page: rendered items (each one JSON object's text) and the link that follows.
 #[derive(Debug)]
 pub struct DeltaPage {
-    pub items: Vec<Value>,
+    pub items: Vec<Arc<str>>,
     /// `Ok(token)` is a skip token (more pages), `Err(token)` a delta token (round done).
     pub next: Result<String, String>,
 }
@@ -549,6 +565,7 @@ impl World {
             created: version,
             changed: version,
             hidden_rounds: u32::from(late),
+            rendered: None,
         };
         mailbox_ref
             .by_immutable
@@ -578,6 +595,7 @@ impl World {
         mailbox.version += 1;
         let msg = &mut mailbox.messages[message];
         msg.is_read = is_read;
+        msg.rendered = None;
         msg.changed = mailbox.version;
     }
 
@@ -604,6 +622,7 @@ impl World {
         let msg = &mut mailbox.messages[message];
         msg.ids.rest_id = new_rest;
         msg.folder = folder;
+        msg.rendered = None;
         msg.created = version;
         msg.changed = version;
         msg.ids.clone()
@@ -912,12 +931,12 @@ impl World {
             match item {
                 RoundItem::Message(index) => {
                     page_numbers.push(index);
-                    let mut value =
-                        self.render(mailbox, index, page_select.as_deref(), immutable_ids);
-                    if let Value::Object(object) = &mut value {
-                        object.insert("@odata.type".into(), json!("#microsoft.graph.message"));
-                    }
-                    rendered.push(value);
+                    rendered.push(self.render_delta_item(
+                        mailbox,
+                        index,
+                        page_select.as_deref(),
+                        immutable_ids,
+                    ));
                 }
                 RoundItem::Removed { ids, reason } => {
                     let id = if immutable_ids {
@@ -925,11 +944,12 @@ impl World {
                     } else {
                         ids.rest_id
                     };
-                    rendered.push(json!({
+                    let item = json!({
                         "@odata.type": "#microsoft.graph.message",
                         "id": id,
                         "@removed": {"reason": reason},
-                    }));
+                    });
+                    rendered.push(item.to_string().into());
                 }
             }
         }
@@ -974,6 +994,40 @@ impl World {
             items: rendered,
             next: Err(token),
         })
+    }
+
+    /// A message as a delta item (`render` plus `@odata.type`), as JSON text. The text is
+    /// kept and served again while the message, the selection and the id kind stay the same.
+    fn render_delta_item(
+        &mut self,
+        mailbox: usize,
+        message: usize,
+        select: Option<&[String]>,
+        immutable_ids: bool,
+    ) -> Arc<str> {
+        let msg = &self.mailboxes[mailbox].messages[message];
+        if let Some(cached) = &msg.rendered
+            && cached.immutable_ids == immutable_ids
+            && cached.changed == msg.changed
+            && cached.folder == msg.folder
+            && cached.select.as_deref() == select
+        {
+            return cached.text.clone();
+        }
+        let mut value = self.render(mailbox, message, select, immutable_ids);
+        if let Value::Object(object) = &mut value {
+            object.insert("@odata.type".into(), json!("#microsoft.graph.message"));
+        }
+        let text: Arc<str> = value.to_string().into();
+        let msg = &mut self.mailboxes[mailbox].messages[message];
+        msg.rendered = Some(RenderedItem {
+            select: select.map(<[String]>::to_vec),
+            immutable_ids,
+            changed: msg.changed,
+            folder: msg.folder,
+            text: text.clone(),
+        });
+        text
     }
 
     fn start_round(
