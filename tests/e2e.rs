@@ -421,13 +421,16 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         ["first", "second", "third"],
         "one request per value"
     );
-    let polls: i64 = sqlx::query_scalar("SELECT count(*) FROM polls WHERE mailbox_uid = $1")
-        .bind(uid)
-        .fetch_one(sandbox.pool())
-        .await
-        .expect("polls");
+    let polls: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT poll_request FROM polls WHERE mailbox_uid = $1 ORDER BY started_at",
+    )
+    .bind(uid)
+    .fetch_all(sandbox.pool())
+    .await
+    .expect("polls");
     assert_eq!(
-        polls, 3,
+        polls,
+        [Some("first"), Some("second"), Some("third")].map(|v| v.map(String::from)),
         "a suspended MailboxPoll polls once per annotation value and never on schedule"
     );
     eventually(

@@ -185,7 +185,7 @@ impl<D: Directory> PollHandler<D> {
                         .await
                         .map_err(HandlerError::retryable)?;
                     self.metrics.poll_finished(None);
-                    let waiting = serve_requests(&self.pool, uid, task.id, started)
+                    let waiting = serve_requests(&self.pool, uid, task.id, poll_id, started)
                         .await
                         .map_err(HandlerError::retryable)?;
                     if !waiting || round == self.settings.max_rounds {
@@ -203,7 +203,7 @@ impl<D: Directory> PollHandler<D> {
                         .map_err(HandlerError::retryable)?;
                     self.metrics.poll_finished(Some(reason));
                     return self
-                        .after_failure(task, config, error, started, lease)
+                        .after_failure(task, config, error, poll_id, started, lease)
                         .await;
                 }
             }
@@ -217,6 +217,7 @@ impl<D: Directory> PollHandler<D> {
         task: &ClaimedTask,
         config: &MailboxConfig,
         error: RoundError,
+        poll_id: i64,
         started: DateTime<Utc>,
         lease: RunLease,
     ) -> Result<(), HandlerError> {
@@ -248,7 +249,7 @@ impl<D: Directory> PollHandler<D> {
                 // Credentials, access, a missing mailbox or a bad query: retrying soon cannot
                 // help. The poll is recorded as failed with its reason (the condition), and
                 // the next scheduled poll tries again.
-                serve_requests(&self.pool, source.uid, task.id, started)
+                serve_requests(&self.pool, source.uid, task.id, poll_id, started)
                     .await
                     .map_err(HandlerError::retryable)?;
                 Ok(())
@@ -402,7 +403,7 @@ impl<D: Directory> PollHandler<D> {
         let started = db_now(&self.pool).await?;
         let id = start_poll(&self.pool, uid, task_id).await?;
         finish_poll(&self.pool, id, Err((reason, message.to_owned()))).await?;
-        serve_requests(&self.pool, uid, task_id, started).await?;
+        serve_requests(&self.pool, uid, task_id, id, started).await?;
         self.metrics.poll_finished(Some(reason));
         Ok(())
     }
@@ -595,21 +596,30 @@ async fn finish_poll(
     Ok(())
 }
 
-/// Marks forced-poll requests made before `round_started` as served by this task. Returns
-/// whether requests made since are still waiting (they need a round of their own).
+/// Marks forced-poll requests made before `round_started` as served by this task, and names
+/// the newest of them on the round's `polls` row. Returns whether requests made since are
+/// still waiting (they need a round of their own).
 async fn serve_requests(
     pool: &PgPool,
     uid: Uuid,
     task_id: i64,
+    poll_id: i64,
     round_started: DateTime<Utc>,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query(
-        "UPDATE poll_requests SET served_at = now(), task_id = $2
-         WHERE mailbox_uid = $1 AND served_at IS NULL AND requested_at <= $3",
+        "WITH served AS (
+             UPDATE poll_requests SET served_at = now(), task_id = $2
+             WHERE mailbox_uid = $1 AND served_at IS NULL AND requested_at <= $3
+             RETURNING value, requested_at
+         )
+         UPDATE polls
+            SET poll_request = (SELECT value FROM served ORDER BY requested_at DESC LIMIT 1)
+          WHERE id = $4 AND EXISTS (SELECT 1 FROM served)",
     )
     .bind(uid)
     .bind(task_id)
     .bind(round_started)
+    .bind(poll_id)
     .execute(pool)
     .await?;
     sqlx::query_scalar(
