@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// Where a recorded message stands with respect to delivery.
@@ -371,6 +371,27 @@ pub async fn mark_failed(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Marks `failed` the messages still `pending` whose deliver task is dead without its handler
+/// having said so: a task whose lease ran out on its last attempt (its replica was killed, or
+/// hung) is made dead by the queue's rescue, and no handler runs to record the failure.
+/// Returns how many messages changed. A `tasks retry` later delivers them as usual.
+pub async fn fail_abandoned_deliveries(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        "UPDATE messages m
+            SET delivery_state = 'failed',
+                delivery_error = COALESCE(t.last_error, 'the delivery task is dead')
+           FROM tasks t
+          WHERE t.kind = $1 AND t.state = 'dead'
+            AND m.mailbox_uid = (t.payload->>'mailbox_uid')::uuid
+            AND m.message_id = t.payload->>'message_id'
+            AND m.delivery_state = 'pending'",
+    )
+    .bind(crate::pipeline::DELIVER)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
 }
 
 /// Per-state message counts of one MailboxPoll, for its status.

@@ -286,3 +286,53 @@ async fn a_deleted_mailbox_poll_stops_delivery_quietly() {
     pool.shutdown().await;
     assert_eq!(receiver.requests(), 0);
 }
+
+#[tokio::test]
+async fn a_delivery_whose_task_dies_by_rescue_is_marked_failed() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    let ids = record(&db.pool, uid, 3, 1).await;
+    // A worker claims one task on its only attempt and vanishes: no handler ever finishes it.
+    let claimed = queue::claim(
+        &db.pool,
+        &[DELIVER.to_string()],
+        1,
+        "vanished-worker",
+        Duration::from_millis(1),
+    )
+    .await
+    .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let rescued = queue::rescue(&db.pool, 100).await.expect("rescue");
+    assert_eq!(
+        rescued.dead,
+        vec![claimed[0].id],
+        "its only attempt is used up: {rescued:?}"
+    );
+    assert_eq!(ledger_count(&db.pool, uid, "pending").await, 3);
+
+    let changed = ledger::fail_abandoned_deliveries(&db.pool)
+        .await
+        .expect("fail abandoned deliveries");
+    assert_eq!(changed, 1);
+    assert_eq!(ledger_count(&db.pool, uid, "failed").await, 1);
+    assert_eq!(ledger_count(&db.pool, uid, "pending").await, 2);
+    let (id, error): (String, Option<String>) = sqlx::query_as(
+        "SELECT message_id, delivery_error FROM messages
+          WHERE mailbox_uid = $1 AND delivery_state = 'failed'",
+    )
+    .bind(uid)
+    .fetch_one(&db.pool)
+    .await
+    .expect("failed message");
+    assert!(ids.contains(&id));
+    assert!(error.is_some_and(|e| !e.is_empty()), "the reason is kept");
+    // Idempotent: a second pass changes nothing.
+    assert_eq!(
+        ledger::fail_abandoned_deliveries(&db.pool)
+            .await
+            .expect("again"),
+        0
+    );
+}

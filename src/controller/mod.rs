@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::ledger;
 use crate::pipeline::cursor;
 use crate::pipeline::poll::MAILBOX_CHANGED_CHANNEL;
 use crate::queue;
@@ -262,6 +263,14 @@ async fn sweep_loop(
                 }
             }
             Err(error) => tracing::warn!(%error, "sweeping deleted MailboxPolls failed"),
+        }
+        match ledger::fail_abandoned_deliveries(&pool).await {
+            Ok(0) => {}
+            Ok(count) => tracing::warn!(
+                count,
+                "messages whose delivery task died without finishing are now marked failed"
+            ),
+            Err(error) => tracing::warn!(%error, "checking for abandoned deliveries failed"),
         }
         tokio::select! {
             () = stop.cancelled() => return,
