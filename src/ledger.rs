@@ -254,24 +254,13 @@ pub struct StoredMessage {
     pub removed_at: Option<DateTime<Utc>>,
 }
 
-/// Reads one message for delivery.
+/// Reads one message, every column.
 pub async fn get(
     conn: &mut PgConnection,
     mailbox_uid: Uuid,
     message_id: &str,
 ) -> Result<Option<StoredMessage>, sqlx::Error> {
-    sqlx::query_as(
-        r#"SELECT message_id, internet_message_id, subject, from_address, from_name, sender_address,
-                  sender_name, to_recipients, cc_recipients, reply_to, received_at, sent_at, is_read,
-                  has_attachments, importance, conversation_id, parent_folder_id, body_preview,
-                  body_content_type, body, body_truncated, raw, delivery_state, webhook_delivered_at,
-                  removed_at
-           FROM messages WHERE mailbox_uid = $1 AND message_id = $2"#,
-    )
-    .bind(mailbox_uid)
-    .bind(message_id)
-    .fetch_optional(&mut *conn)
-    .await
+    fetch_stored(conn, mailbox_uid, message_id, true).await
 }
 
 /// Reads one message for its webhook: only the columns the payload shows. `raw` (the largest
@@ -282,16 +271,30 @@ pub async fn get_for_delivery(
     mailbox_uid: Uuid,
     message_id: &str,
 ) -> Result<Option<StoredMessage>, sqlx::Error> {
+    fetch_stored(conn, mailbox_uid, message_id, false).await
+}
+
+/// One ledger row; without `everything`, `raw` and `parent_folder_id` are left out (a CASE
+/// branch not taken never reads, let alone decompresses, its column).
+async fn fetch_stored(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    message_id: &str,
+    everything: bool,
+) -> Result<Option<StoredMessage>, sqlx::Error> {
     sqlx::query_as(
         r#"SELECT message_id, internet_message_id, subject, from_address, from_name, sender_address,
                   sender_name, to_recipients, cc_recipients, reply_to, received_at, sent_at, is_read,
-                  has_attachments, importance, conversation_id, NULL::text AS parent_folder_id,
-                  body_preview, body_content_type, body, body_truncated, '{}'::jsonb AS raw,
+                  has_attachments, importance, conversation_id,
+                  CASE WHEN $3 THEN parent_folder_id END AS parent_folder_id,
+                  body_preview, body_content_type, body, body_truncated,
+                  CASE WHEN $3 THEN raw ELSE '{}'::jsonb END AS raw,
                   delivery_state, webhook_delivered_at, removed_at
            FROM messages WHERE mailbox_uid = $1 AND message_id = $2"#,
     )
     .bind(mailbox_uid)
     .bind(message_id)
+    .bind(everything)
     .fetch_optional(&mut *conn)
     .await
 }
