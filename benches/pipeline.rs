@@ -123,12 +123,12 @@ impl Case {
         )
         .register(
             DELIVER,
-            DeliverHandler {
-                pool: pool.clone(),
+            DeliverHandler::new(
+                pool.clone(),
                 directory,
-                http: reqwest::Client::new(),
-                metrics: metrics.clone(),
-            },
+                reqwest::Client::new(),
+                metrics.clone(),
+            ),
         )
         .start()?;
         let started = Instant::now();

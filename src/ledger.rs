@@ -334,27 +334,41 @@ pub async fn mark_actions_due(
     Ok(())
 }
 
-/// Marks a message delivered (`webhook_posted`: and records its webhook step in the same
-/// statement). Returns false when it already was delivered (the effect happened before and
-/// must not be repeated).
+/// A message whose delivery is complete: its webhook step (if any) and after-actions are done.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeliveredMark {
+    pub mailbox_uid: Uuid,
+    pub message_id: String,
+    /// The webhook accepted the message in this attempt: its step is recorded in the same
+    /// statement.
+    pub webhook_posted: bool,
+}
+
+/// Marks messages delivered, all in one statement. Returns the `(mailbox_uid, message_id)` of
+/// the rows that changed; a message already delivered is left alone (its effect happened
+/// before and must not be counted again).
 pub async fn mark_delivered(
     conn: &mut PgConnection,
-    mailbox_uid: Uuid,
-    message_id: &str,
-    webhook_posted: bool,
-) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query(
-        "UPDATE messages SET delivery_state = 'delivered', delivered_at = now(), delivery_error = NULL,
+    marks: &[DeliveredMark],
+) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    let uids: Vec<Uuid> = marks.iter().map(|m| m.mailbox_uid).collect();
+    let ids: Vec<&str> = marks.iter().map(|m| m.message_id.as_str()).collect();
+    let posted: Vec<bool> = marks.iter().map(|m| m.webhook_posted).collect();
+    sqlx::query_as(
+        "UPDATE messages m
+            SET delivery_state = 'delivered', delivered_at = now(), delivery_error = NULL,
                 actions_due = false,
-                webhook_delivered_at = COALESCE(webhook_delivered_at, CASE WHEN $3 THEN now() END)
-         WHERE mailbox_uid = $1 AND message_id = $2 AND delivery_state <> 'delivered'",
+                webhook_delivered_at = COALESCE(m.webhook_delivered_at, CASE WHEN i.posted THEN now() END)
+           FROM unnest($1::uuid[], $2::text[], $3::boolean[]) AS i(mailbox_uid, message_id, posted)
+          WHERE m.mailbox_uid = i.mailbox_uid AND m.message_id = i.message_id
+            AND m.delivery_state <> 'delivered'
+      RETURNING m.mailbox_uid, m.message_id",
     )
-    .bind(mailbox_uid)
-    .bind(message_id)
-    .bind(webhook_posted)
-    .execute(&mut *conn)
-    .await?;
-    Ok(result.rows_affected() == 1)
+    .bind(&uids)
+    .bind(&ids)
+    .bind(&posted)
+    .fetch_all(&mut *conn)
+    .await
 }
 
 /// Records why delivery of a message failed for good (its task is dead).

@@ -326,12 +326,12 @@ fn start_workers(
         )
         .register(
             DELIVER,
-            DeliverHandler {
-                pool: pool.clone(),
-                directory: directory.clone(),
-                http: webhook_http,
-                metrics: metrics.clone(),
-            },
+            DeliverHandler::new(
+                pool.clone(),
+                directory.clone(),
+                webhook_http,
+                metrics.clone(),
+            ),
         )
         .register(
             ACTIONS,

@@ -1,7 +1,8 @@
 //! The ledger against real Postgres: idempotent recording, tombstones, delivery marks.
 
 use chrono::{TimeZone, Utc};
-use mailpoll::ledger::{self, DeliveryState, LedgerMessage, Removal};
+use mailpoll::ledger::{self, DeliveredMark, DeliveryState, LedgerMessage, Removal};
+use mailpoll::pipeline::delivered::DeliveredMarks;
 use mailpoll_testkit::pg::TestDatabase;
 use serde_json::json;
 use uuid::Uuid;
@@ -143,16 +144,32 @@ async fn delivery_marks_and_counts() {
     ledger::record_page(&mut conn, uid, &page, &[], DeliveryState::Pending)
         .await
         .expect("record");
+    let mark = |id: &str, webhook_posted| DeliveredMark {
+        mailbox_uid: uid,
+        message_id: id.to_owned(),
+        webhook_posted,
+    };
+    let changed = ledger::mark_delivered(&mut conn, &[mark("a", true)])
+        .await
+        .expect("mark");
+    assert_eq!(changed, vec![(uid, "a".to_owned())]);
+    let changed = ledger::mark_delivered(&mut conn, &[mark("a", true), mark("zz", true)])
+        .await
+        .expect("mark again");
     assert!(
-        ledger::mark_delivered(&mut conn, uid, "a", true)
-            .await
-            .expect("mark")
+        changed.is_empty(),
+        "a second mark and an unknown message change nothing: {changed:?}"
     );
+    let webhook_at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT webhook_delivered_at FROM messages WHERE mailbox_uid = $1 AND message_id = 'a'",
+    )
+    .bind(uid)
+    .fetch_one(&mut *conn)
+    .await
+    .expect("webhook step");
     assert!(
-        !ledger::mark_delivered(&mut conn, uid, "a", true)
-            .await
-            .expect("mark again"),
-        "second mark is a no-op"
+        webhook_at.is_some(),
+        "the webhook step is recorded with the mark"
     );
     ledger::mark_failed(
         &mut conn,
@@ -167,4 +184,38 @@ async fn delivery_marks_and_counts() {
         .expect("fail delivered");
     let counts = ledger::counts(&mut conn, uid).await.expect("counts");
     assert_eq!((counts.delivered, counts.pending, counts.failed), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn concurrent_delivery_marks_share_statements_and_count_each_message_once() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    let ids: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let page: Vec<_> = ids.iter().map(|id| message(id)).collect();
+    let mut conn = db.pool.acquire().await.expect("connection");
+    ledger::record_page(&mut conn, uid, &page, &[], DeliveryState::Pending)
+        .await
+        .expect("record");
+    drop(conn);
+    let marks = DeliveredMarks::start(db.pool.clone());
+    // Every message twice, all at once: each must come back changed exactly once.
+    let calls = ids.iter().chain(ids.iter()).map(|id| {
+        let marks = marks.clone();
+        let mark = DeliveredMark {
+            mailbox_uid: uid,
+            message_id: id.clone(),
+            webhook_posted: true,
+        };
+        tokio::spawn(async move { marks.mark(mark).await })
+    });
+    let mut changed = 0;
+    for call in futures::future::join_all(calls).await {
+        if call.expect("mark task").expect("mark") {
+            changed += 1;
+        }
+    }
+    assert_eq!(changed, ids.len(), "each message is reported changed once");
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let counts = ledger::counts(&mut conn, uid).await.expect("counts");
+    assert_eq!((counts.delivered, counts.pending), (300, 0));
 }

@@ -116,12 +116,12 @@ async fn ledger_count(pool: &PgPool, uid: Uuid, state: &str) -> i64 {
 
 fn handler(db: &TestDatabase, directory: &StaticDirectory) -> DeliverHandler<StaticDirectory> {
     mailpoll::install_crypto_provider();
-    DeliverHandler {
-        pool: db.pool.clone(),
-        directory: Arc::new(directory.clone()),
-        http: reqwest::Client::new(),
-        metrics: Arc::new(Metrics::new()),
-    }
+    DeliverHandler::new(
+        db.pool.clone(),
+        Arc::new(directory.clone()),
+        reqwest::Client::new(),
+        Arc::new(Metrics::new()),
+    )
 }
 
 #[tokio::test]

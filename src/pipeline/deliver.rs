@@ -9,10 +9,11 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::delivered::DeliveredMarks;
 use super::{ACTIONS, Directory, MailboxConfig};
 use crate::delivery::signing::message_key;
 use crate::delivery::webhook::{self, MessageView, Payload, Source, WebhookError};
-use crate::ledger::{self, StoredMessage};
+use crate::ledger::{self, DeliveredMark, StoredMessage};
 use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
 use crate::telemetry::metrics::SharedMetrics;
 
@@ -29,10 +30,30 @@ pub fn actions_dedupe_key(uid: Uuid) -> String {
 }
 
 pub struct DeliverHandler<D> {
-    pub pool: PgPool,
-    pub directory: Arc<D>,
-    pub http: reqwest::Client,
-    pub metrics: SharedMetrics,
+    pool: PgPool,
+    directory: Arc<D>,
+    http: reqwest::Client,
+    metrics: SharedMetrics,
+    marks: DeliveredMarks,
+}
+
+impl<D> DeliverHandler<D> {
+    /// Must be called within a Tokio runtime: it starts the ledger writer that marks deliveries.
+    pub fn new(
+        pool: PgPool,
+        directory: Arc<D>,
+        http: reqwest::Client,
+        metrics: SharedMetrics,
+    ) -> Self {
+        let marks = DeliveredMarks::start(pool.clone());
+        Self {
+            pool,
+            directory,
+            http,
+            metrics,
+            marks,
+        }
+    }
 }
 
 impl<D: Directory> Handler for DeliverHandler<D> {
@@ -91,9 +112,16 @@ impl<D: Directory> Handler for DeliverHandler<D> {
                 .map_err(HandlerError::retryable)?;
             tx.commit().await.map_err(HandlerError::retryable)?;
         } else {
-            // One statement records the webhook step and the delivery: the hot path.
-            let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
-            if ledger::mark_delivered(&mut conn, job.mailbox_uid, &job.message_id, posted)
+            // The hot path: the webhook step and the delivery are recorded together, in a
+            // statement shared with the deliveries that finish at about the same time.
+            let mark = DeliveredMark {
+                mailbox_uid: job.mailbox_uid,
+                message_id: job.message_id,
+                webhook_posted: posted,
+            };
+            if self
+                .marks
+                .mark(mark)
                 .await
                 .map_err(HandlerError::retryable)?
             {

@@ -9,6 +9,7 @@
 pub mod actions;
 pub mod cursor;
 pub mod deliver;
+pub mod delivered;
 pub mod poll;
 
 use std::future::Future;
