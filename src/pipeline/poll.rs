@@ -5,13 +5,17 @@
 //! or the deltaLink at the end). A crash between pages replays at most one page, and the
 //! ledger absorbs the replay; a crash inside a page's transaction changes nothing.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::cursor::{self, Acquired, Cursor, CursorError, RunLease};
@@ -86,6 +90,19 @@ enum RoundError {
     ShuttingDown,
     #[error("the poll task's lease was taken over")]
     TaskLeaseLost,
+    #[error("the previous page of the round was not recorded")]
+    PreviousPageFailed,
+}
+
+/// Pages of a round whose transactions may be open at once.
+const PAGES_IN_FLIGHT: usize = 2;
+
+/// A page's place in the round's commit order.
+struct PageChain {
+    /// The previous page's message ids, and word of its commit (dropped unsent: it failed).
+    previous: Option<(Arc<HashSet<String>>, oneshot::Receiver<()>)>,
+    /// Told once this page has committed.
+    committed: oneshot::Sender<()>,
 }
 
 /// What one round did.
@@ -258,9 +275,10 @@ impl<D: Directory> PollHandler<D> {
             RoundError::Cursor(CursorError::LeaseLost) | RoundError::TaskLeaseLost => {
                 Err(HandlerError::snooze(Duration::from_secs(1)))
             }
-            RoundError::Cursor(_) | RoundError::Db(_) | RoundError::Queue(_) => {
-                Err(HandlerError::retryable(error))
-            }
+            RoundError::Cursor(_)
+            | RoundError::Db(_)
+            | RoundError::Queue(_)
+            | RoundError::PreviousPageFailed => Err(HandlerError::retryable(error)),
         }
     }
 
@@ -288,74 +306,205 @@ impl<D: Directory> PollHandler<D> {
         });
         let mut round = mailbox.delta_round(options)?;
         let requests_before = mailbox.requests_sent();
-        let mut stats = RoundStats::default();
-        let mut next = round.next_page().await?;
-        while let Some(page) = next {
-            if ctx.is_shutting_down() {
-                return Err(RoundError::ShuttingDown);
-            }
-            if ctx.is_lease_lost() {
-                return Err(RoundError::TaskLeaseLost);
-            }
-            // The next page is fetched while this one commits. The cursor still advances
-            // only with this page's rows, so a crash at any point replays at most one page.
-            let more = matches!(page.link, PageLink::Next(_));
-            let requests_so_far =
-                i32::try_from(mailbox.requests_sent() - requests_before).unwrap_or(i32::MAX);
-            let (committed, fetched) = tokio::join!(
-                self.commit_page(config, lease, poll_id, page, &mut stats, requests_so_far),
-                async {
-                    if more {
-                        round.next_page().await
-                    } else {
-                        Ok(None)
-                    }
+        let requests_so_far =
+            || i32::try_from(mailbox.requests_sent() - requests_before).unwrap_or(i32::MAX);
+        let stats = Mutex::new(RoundStats::default());
+        // Pages are read ahead while earlier ones commit: Graph reading never waits for
+        // Postgres, and two pages record their rows on two connections at once.
+        let (page_tx, mut pages) = mpsc::channel::<Page>(1);
+        let read = async move {
+            while let Some(page) = round.next_page().await? {
+                if page_tx.send(page).await.is_err() {
+                    break; // recording stopped on an error, which it reports
                 }
-            );
-            let new = committed?;
-            self.metrics.messages_recorded.inc_by(new);
-            next = fetched?;
+            }
+            Ok::<(), RoundError>(())
+        };
+        let record = async {
+            let mut in_flight = FuturesOrdered::new();
+            let mut previous: Option<(Arc<HashSet<String>>, oneshot::Receiver<()>)> = None;
+            let mut reading = true;
+            let mut outcome = Ok(());
+            // A page's transaction is never dropped half-way: after an error, the pages in
+            // flight still run to their end (they fail at once, their predecessor having
+            // failed) so each rolls back on its own connection before that returns to the pool.
+            while (reading && outcome.is_ok()) || !in_flight.is_empty() {
+                tokio::select! {
+                    page = pages.recv(), if reading && outcome.is_ok() && in_flight.len() < PAGES_IN_FLIGHT => {
+                        let Some(page) = page else {
+                            reading = false;
+                            continue;
+                        };
+                        if ctx.is_shutting_down() {
+                            outcome = Err(RoundError::ShuttingDown);
+                            continue;
+                        }
+                        if ctx.is_lease_lost() {
+                            outcome = Err(RoundError::TaskLeaseLost);
+                            continue;
+                        }
+                        let ids: HashSet<String> =
+                            page.messages.iter().map(|m| m.id.clone()).collect();
+                        let (committed, done) = oneshot::channel();
+                        let chain = PageChain {
+                            previous: previous.replace((Arc::new(ids), done)),
+                            committed,
+                        };
+                        in_flight.push_back(self.commit_page(
+                            config,
+                            lease,
+                            poll_id,
+                            page,
+                            chain,
+                            &stats,
+                            requests_so_far(),
+                        ));
+                    }
+                    Some(committed) = in_flight.next(), if !in_flight.is_empty() => match committed {
+                        Ok(new) => {
+                            self.metrics.messages_recorded.inc_by(new);
+                        }
+                        // Pages fail in order: the first error is the cause.
+                        Err(error) => {
+                            if outcome.is_ok() {
+                                outcome = Err(error);
+                            }
+                        }
+                    },
+                    else => break,
+                }
+            }
+            pages.close();
+            outcome
+        };
+        // Recording decides: once it has stopped, a Graph request still running is dropped.
+        {
+            tokio::pin!(read);
+            tokio::pin!(record);
+            let mut read_outcome = None;
+            let recorded = loop {
+                tokio::select! {
+                    done = &mut read, if read_outcome.is_none() => read_outcome = Some(done),
+                    done = &mut record => break done,
+                }
+            };
+            recorded?;
+            match read_outcome {
+                Some(done) => done?,
+                // Recording ended because the reader closed the channel: it is done, or about
+                // to be.
+                None => read.await?,
+            }
         }
-        // The last page's commit saw every request of the round.
-        stats.graph_requests =
-            i32::try_from(mailbox.requests_sent() - requests_before).unwrap_or(i32::MAX);
+        let mut stats = stats.into_inner().unwrap_or_else(PoisonError::into_inner);
+        // The last page's commit saw every request of the round but the ones after it.
+        stats.graph_requests = requests_so_far();
         record_progress_on(&self.pool, poll_id, stats).await?;
         Ok(stats)
     }
 
     /// Records one page in ONE transaction: ledger rows, deliver tasks for new messages, the
     /// cursor, the poll's counters. Returns how many messages were new.
+    ///
+    /// The rows are inserted while the previous page may still be committing (on another
+    /// connection); everything else waits until it has committed, so pages commit in order
+    /// and a failed page fails every page after it. Messages the previous page also carries
+    /// are left to it: the ledger would ignore them once it commits, and inserting them here
+    /// first would make the two transactions wait on each other.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_page(
         &self,
         config: &MailboxConfig,
         lease: RunLease,
         poll_id: i64,
         page: Page,
-        stats: &mut RoundStats,
+        chain: PageChain,
+        stats: &Mutex<RoundStats>,
         graph_requests: i32,
     ) -> Result<u64, RoundError> {
+        let mut tx = self.pool.begin().await?;
+        let PageChain {
+            previous,
+            committed,
+        } = chain;
+        match self
+            .record_page_in(
+                &mut tx,
+                config,
+                lease,
+                poll_id,
+                page,
+                previous,
+                stats,
+                graph_requests,
+            )
+            .await
+        {
+            Ok((counted, new)) => {
+                tx.commit().await?;
+                // Counted only once committed: a failed page leaves the stats as they were.
+                *stats.lock().unwrap_or_else(PoisonError::into_inner) = counted;
+                let _ = committed.send(());
+                Ok(new)
+            }
+            Err(error) => {
+                // At once rather than when the connection is next used: the next page may be
+                // waiting in Postgres for a row this transaction holds.
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(%rollback, "cannot roll back a failed page");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record_page_in(
+        &self,
+        tx: &mut PgConnection,
+        config: &MailboxConfig,
+        lease: RunLease,
+        poll_id: i64,
+        page: Page,
+        previous: Option<(Arc<HashSet<String>>, oneshot::Receiver<()>)>,
+        stats: &Mutex<RoundStats>,
+        graph_requests: i32,
+    ) -> Result<(RoundStats, u64), RoundError> {
         let state_for_new = if config.has_per_message_work() {
             DeliveryState::Pending
         } else {
             DeliveryState::None
         };
-        let mut tx = self.pool.begin().await?;
-        if page.resynced && !stats.resynced {
-            stats.resynced = true;
-            cursor::start_resync(&mut tx, lease).await?;
-            tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
-        }
         let items = i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
-        let (messages, removals) = split_page(page.messages);
+        let resynced = page.resynced;
+        let link = page.link;
+        let mut items_to_record = page.messages;
+        if let Some((previous_ids, _)) = &previous {
+            // Removals stay: one of a message the previous page recorded waits for that row.
+            items_to_record.retain(|m| m.removed.is_some() || !previous_ids.contains(&m.id));
+        }
+        let (messages, removals) = split_page(items_to_record);
         let watermark = messages.iter().filter_map(|m| m.received_at).max();
         let recorded = ledger::record_page(
-            &mut tx,
+            &mut *tx,
             config.source.uid,
             &messages,
             &removals,
             state_for_new,
         )
         .await?;
+        drop(messages);
+        if let Some((_, previous_committed)) = previous {
+            previous_committed
+                .await
+                .map_err(|_| RoundError::PreviousPageFailed)?;
+        }
+        let mut counted = *stats.lock().unwrap_or_else(PoisonError::into_inner);
+        if resynced && !counted.resynced {
+            counted.resynced = true;
+            cursor::start_resync(&mut *tx, lease).await?;
+            tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
+        }
         if config.has_per_message_work() {
             let tasks: Vec<NewTask> = recorded
                 .new_ids
@@ -363,12 +512,12 @@ impl<D: Directory> PollHandler<D> {
                 .map(|id| deliver_task(config, id))
                 .collect::<Result<_, _>>()
                 .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            queue::enqueue_many_on(&mut tx, &tasks).await?;
+            queue::enqueue_many_on(&mut *tx, &tasks).await?;
         }
-        match &page.link {
+        match &link {
             PageLink::Next(next) => {
                 cursor::save_progress(
-                    &mut tx,
+                    &mut *tx,
                     lease,
                     Some(next),
                     watermark,
@@ -377,20 +526,16 @@ impl<D: Directory> PollHandler<D> {
                 .await?
             }
             PageLink::Delta(delta) => {
-                cursor::finish_round(&mut tx, lease, Some(delta), watermark).await?
+                cursor::finish_round(&mut *tx, lease, Some(delta), watermark).await?
             }
-            PageLink::End => cursor::finish_round(&mut tx, lease, None, watermark).await?,
+            PageLink::End => cursor::finish_round(&mut *tx, lease, None, watermark).await?,
         }
-        let mut counted = *stats;
         counted.graph_requests = graph_requests;
         counted.pages += 1;
         counted.seen += items;
         counted.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
-        record_progress(&mut tx, poll_id, counted).await?;
-        tx.commit().await?;
-        // Counted only once committed: a failed page leaves the stats as they were.
-        *stats = counted;
-        Ok(recorded.new_ids.len() as u64)
+        record_progress(&mut *tx, poll_id, counted).await?;
+        Ok((counted, recorded.new_ids.len() as u64))
     }
 
     async fn record_failed_poll(
@@ -430,7 +575,8 @@ fn reason_of(error: &RoundError) -> &'static str {
         RoundError::Cursor(_)
         | RoundError::Db(_)
         | RoundError::Queue(_)
-        | RoundError::TaskLeaseLost => "Transient",
+        | RoundError::TaskLeaseLost
+        | RoundError::PreviousPageFailed => "Transient",
     }
 }
 
