@@ -2,8 +2,10 @@
 //!
 //! Per page, ONE transaction records the messages in the ledger, enqueues a deliver task for
 //! each message recorded for the first time, and advances the cursor (the round's nextLink,
-//! or the deltaLink at the end). A crash between pages replays at most one page, and the
-//! ledger absorbs the replay; a crash inside a page's transaction changes nothing.
+//! or the deltaLink at the end). Pages commit in order; while one commits, the next already
+//! inserts its rows on a second connection. A crash replays at most the pages whose
+//! transactions had not committed (two), and the ledger absorbs the replay; a crash inside a
+//! page's transaction changes nothing.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -99,10 +101,16 @@ const PAGES_IN_FLIGHT: usize = 2;
 
 /// A page's place in the round's commit order.
 struct PageChain {
-    /// The previous page's message ids, and word of its commit (dropped unsent: it failed).
-    previous: Option<(Arc<HashSet<String>>, oneshot::Receiver<()>)>,
-    /// Told once this page has committed.
+    previous: Option<Predecessor>,
+    /// Told once this page has committed; dropped unsent when it failed.
     committed: oneshot::Sender<()>,
+}
+
+/// The previous page of a round, as the next page sees it.
+struct Predecessor {
+    /// Ids of every item on it.
+    ids: HashSet<String>,
+    committed: oneshot::Receiver<()>,
 }
 
 /// What one round did.
@@ -322,7 +330,7 @@ impl<D: Directory> PollHandler<D> {
         };
         let record = async {
             let mut in_flight = FuturesOrdered::new();
-            let mut previous: Option<(Arc<HashSet<String>>, oneshot::Receiver<()>)> = None;
+            let mut previous: Option<Predecessor> = None;
             let mut reading = true;
             let mut outcome = Ok(());
             // A page's transaction is never dropped half-way: after an error, the pages in
@@ -343,11 +351,13 @@ impl<D: Directory> PollHandler<D> {
                             outcome = Err(RoundError::TaskLeaseLost);
                             continue;
                         }
-                        let ids: HashSet<String> =
-                            page.messages.iter().map(|m| m.id.clone()).collect();
+                        let ids = page.messages.iter().map(|m| m.id.clone()).collect();
                         let (committed, done) = oneshot::channel();
                         let chain = PageChain {
-                            previous: previous.replace((Arc::new(ids), done)),
+                            previous: previous.replace(Predecessor {
+                                ids,
+                                committed: done,
+                            }),
                             committed,
                         };
                         in_flight.push_back(self.commit_page(
@@ -466,7 +476,7 @@ impl<D: Directory> PollHandler<D> {
         lease: RunLease,
         poll_id: i64,
         page: Page,
-        previous: Option<(Arc<HashSet<String>>, oneshot::Receiver<()>)>,
+        previous: Option<Predecessor>,
         stats: &Mutex<RoundStats>,
         graph_requests: i32,
     ) -> Result<(RoundStats, u64), RoundError> {
@@ -479,9 +489,9 @@ impl<D: Directory> PollHandler<D> {
         let resynced = page.resynced;
         let link = page.link;
         let mut items_to_record = page.messages;
-        if let Some((previous_ids, _)) = &previous {
+        if let Some(previous) = &previous {
             // Removals stay: one of a message the previous page recorded waits for that row.
-            items_to_record.retain(|m| m.removed.is_some() || !previous_ids.contains(&m.id));
+            items_to_record.retain(|m| m.removed.is_some() || !previous.ids.contains(&m.id));
         }
         let (messages, removals) = split_page(items_to_record);
         let watermark = messages.iter().filter_map(|m| m.received_at).max();
@@ -494,8 +504,9 @@ impl<D: Directory> PollHandler<D> {
         )
         .await?;
         drop(messages);
-        if let Some((_, previous_committed)) = previous {
-            previous_committed
+        if let Some(previous) = previous {
+            previous
+                .committed
                 .await
                 .map_err(|_| RoundError::PreviousPageFailed)?;
         }
