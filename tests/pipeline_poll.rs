@@ -29,6 +29,7 @@ use mailpoll_testkit::pg::TestDatabase;
 use mailpoll_testkit::wait_until;
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 const MAILBOX: &str = "orders@contoso.com";
@@ -114,6 +115,11 @@ impl World {
     }
 
     fn workers(&self, name: &str, page_size: u32) -> RunningPool {
+        self.workers_polling_on(name, page_size, self.db.pool.clone())
+    }
+
+    /// Workers whose poll handler records pages through `poll_pool`.
+    fn workers_polling_on(&self, name: &str, page_size: u32, poll_pool: PgPool) -> RunningPool {
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(self.directory.clone());
         let graph = self.graph();
@@ -135,7 +141,7 @@ impl World {
         .register(
             POLL,
             PollHandler {
-                pool: self.db.pool.clone(),
+                pool: poll_pool,
                 directory: directory.clone(),
                 graph: graph.clone(),
                 metrics: metrics.clone(),
@@ -499,4 +505,50 @@ async fn after_actions_touch_exactly_the_delivered_messages() {
     for (pages, requests) in polls {
         assert_eq!(requests, pages, "one Graph request per page");
     }
+}
+
+/// Pages in flight take turns on the connections there are: a poll whose pool has a single
+/// connection still records every page, in order.
+#[tokio::test]
+async fn a_poll_completes_on_a_single_connection() {
+    let total = 300;
+    let page_size = 20u32;
+    let world = World::start(Faults::default()).await;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", total)
+        .expect("seed mail");
+    let narrow = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect(&world.db.url)
+        .await
+        .expect("one-connection pool");
+    let pool = world.workers_polling_on("narrow", page_size, narrow);
+    world.poll().await;
+    world.settle(total as i64).await;
+    pool.shutdown().await;
+
+    let (polls, pages, seen, new): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(pages)::bigint, sum(messages_seen)::bigint, sum(messages_new)::bigint
+         FROM polls WHERE mailbox_uid = $1 AND outcome = 'succeeded'",
+    )
+    .bind(world.uid)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("poll results");
+    assert_eq!(polls, 1, "one poll, which succeeded at its first attempt");
+    assert_eq!(pages, i64::from(total as u32 / page_size));
+    assert_eq!((seen, new), (total as i64, total as i64));
+    let cursor: (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT delta_link, round_next_link FROM mailbox_cursors WHERE mailbox_uid = $1",
+    )
+    .bind(world.uid)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("cursor");
+    assert!(
+        cursor.0.is_some() && cursor.1.is_none(),
+        "the round finished: {cursor:?}"
+    );
 }

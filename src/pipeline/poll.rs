@@ -102,6 +102,8 @@ const PAGES_IN_FLIGHT: usize = 2;
 /// A page's place in the round's commit order.
 struct PageChain {
     previous: Option<Predecessor>,
+    /// Told once this page holds its connection.
+    began: oneshot::Sender<()>,
     /// Told once this page has committed; dropped unsent when it failed.
     committed: oneshot::Sender<()>,
 }
@@ -110,6 +112,7 @@ struct PageChain {
 struct Predecessor {
     /// Ids of every item on it.
     ids: HashSet<String>,
+    began: oneshot::Receiver<()>,
     committed: oneshot::Receiver<()>,
 }
 
@@ -352,12 +355,15 @@ impl<D: Directory> PollHandler<D> {
                             continue;
                         }
                         let ids = page.messages.iter().map(|m| m.id.clone()).collect();
-                        let (committed, done) = oneshot::channel();
+                        let (began, has_begun) = oneshot::channel();
+                        let (committed, has_committed) = oneshot::channel();
                         let chain = PageChain {
                             previous: previous.replace(Predecessor {
                                 ids,
-                                committed: done,
+                                began: has_begun,
+                                committed: has_committed,
                             }),
+                            began,
                             committed,
                         };
                         in_flight.push_back(self.commit_page(
@@ -432,11 +438,21 @@ impl<D: Directory> PollHandler<D> {
         stats: &Mutex<RoundStats>,
         graph_requests: i32,
     ) -> Result<u64, RoundError> {
-        let mut tx = self.pool.begin().await?;
         let PageChain {
-            previous,
+            mut previous,
+            began,
             committed,
         } = chain;
+        if let Some(previous) = &mut previous {
+            // A page takes a connection only once the page before it holds one. A page that
+            // waits for its predecessor's commit while holding a connection is then never
+            // what keeps that predecessor from getting one, however small the pool.
+            (&mut previous.began)
+                .await
+                .map_err(|_| RoundError::PreviousPageFailed)?;
+        }
+        let mut tx = self.pool.begin().await?;
+        let _ = began.send(());
         match self
             .record_page_in(
                 &mut tx,
