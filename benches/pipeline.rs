@@ -29,6 +29,10 @@ use mailpoll_testkit::pg::{PgServer, TestDatabase};
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
 use uuid::Uuid;
 
+// The operator binary's allocator, so the figures are the shipped code's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const MAILBOX: &str = "bench@contoso.com";

@@ -20,6 +20,10 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 
+// The operator binary's allocator, so the figures are the shipped code's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 struct Bench {

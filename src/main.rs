@@ -10,6 +10,9 @@ use mailpoll::queue::{self, TaskFilter, TaskState};
 use mailpoll::telemetry::{self, LogFormat};
 use mailpoll::{db, operator, resource, tasks_cli};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// mailpoll: every email that arrives in a Microsoft 365 mailbox, recorded once and delivered
 /// once, as a Kubernetes operator with Postgres as its only state.
 #[derive(Debug, Parser)]
