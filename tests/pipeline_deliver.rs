@@ -8,6 +8,7 @@ use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::graph::{ClientSecret, Credentials};
 use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
+use mailpoll::pipeline::actions;
 use mailpoll::pipeline::deliver::{DeliverHandler, DeliverTask};
 use mailpoll::pipeline::{DELIVER, MailboxConfig, cursor::Source};
 use mailpoll::queue::{self, NewTask, RetryPolicy, WorkerId, WorkerPool, WorkerPoolConfig};
@@ -335,4 +336,37 @@ async fn a_delivery_whose_task_dies_by_rescue_is_marked_failed() {
             .expect("again"),
         0
     );
+}
+
+/// A message whose after-actions are due but whose mailbox has no actions run (the live run it
+/// was deduplicated against finished without seeing it) gets a run from the sweep, once.
+#[tokio::test]
+async fn stranded_after_actions_get_a_run_once() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    let ids = record(&db.pool, uid, 2, 5).await;
+    let mut conn = db.pool.acquire().await.expect("connection");
+    ledger::mark_actions_due(&mut conn, uid, &ids[0])
+        .await
+        .expect("actions due");
+    drop(conn);
+    let live_actions = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM tasks WHERE kind = 'actions' AND owner_uid = $1 AND state IN ('pending', 'running')",
+        )
+        .bind(uid)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count")
+    };
+    assert_eq!(live_actions().await, 0);
+    assert_eq!(actions::requeue_stranded(&db.pool).await.expect("sweep"), 1);
+    assert_eq!(
+        actions::requeue_stranded(&db.pool)
+            .await
+            .expect("sweep again"),
+        0,
+        "a live run is not queued twice"
+    );
+    assert_eq!(live_actions().await, 1);
 }

@@ -272,6 +272,11 @@ async fn sweep_loop(
             ),
             Err(error) => tracing::warn!(%error, "checking for abandoned deliveries failed"),
         }
+        match crate::pipeline::actions::requeue_stranded(&pool).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "queued after-actions left without a run"),
+            Err(error) => tracing::warn!(%error, "checking for stranded after-actions failed"),
+        }
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(work.sweep_interval) => {}

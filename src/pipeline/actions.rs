@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::cursor::{self, Acquired};
 use super::{Directory, MailboxConfig};
 use crate::graph::{GraphClient, GraphError, MailboxClient, PostAction};
-use crate::queue::{ClaimedTask, Handler, HandlerError, TaskContext};
+use crate::queue::{ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
 use crate::telemetry::metrics::SharedMetrics;
 
 /// Payload of an `actions` task.
@@ -227,4 +227,31 @@ impl<D: Directory> ActionsHandler<D> {
         }
         HandlerError::retryable(format!("{}: {error}", error.reason()))
     }
+}
+
+/// Queues an actions run for every mailbox that has after-actions due and no live actions task.
+/// Returns how many runs were queued.
+///
+/// A deliver task marks its message due and queues the mailbox's run in one transaction, but
+/// the run is deduplicated against a live one: when the running task has just read an empty
+/// list of due messages and is about to finish, the new message is left with no run to do it.
+/// The leader's periodic sweep calls this to pick such messages up.
+pub async fn requeue_stranded(pool: &PgPool) -> Result<u64, crate::queue::QueueError> {
+    let uids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT DISTINCT mailbox_uid FROM messages WHERE actions_due")
+            .fetch_all(pool)
+            .await
+            .map_err(crate::queue::QueueError::db(
+                "finding mailboxes with after-actions due",
+            ))?;
+    let tasks: Vec<NewTask> = uids
+        .into_iter()
+        .map(|uid| {
+            NewTask::new(super::ACTIONS, serde_json::json!({ "mailbox_uid": uid }))
+                .owner(uid)
+                .dedupe_key(super::deliver::actions_dedupe_key(uid))
+        })
+        .collect();
+    let queued = crate::queue::enqueue_many(pool, &tasks).await?;
+    Ok(queued.iter().filter(|task| task.fresh).count() as u64)
 }
