@@ -10,14 +10,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mailpoll::cursor::Source;
 use mailpoll::delivery::webhook::Endpoint;
+use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
     ClientSecret, Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient,
     GraphConfig,
 };
 use mailpoll::pipeline::deliver::DeliverHandler;
-use mailpoll::pipeline::poll::{PollHandler, PollSettings, PollTask, poll_dedupe_key};
-use mailpoll::pipeline::{DELIVER, MailboxConfig, POLL, cursor::Source};
+use mailpoll::pipeline::poll::{PollHandler, PollSettings};
+use mailpoll::pipeline::{DELIVER, POLL};
+use mailpoll::pipeline::{PollTask, poll_dedupe_key};
 use mailpoll::queue::{self, NewTask, WorkerId, WorkerPool, WorkerPoolConfig};
 use mailpoll::telemetry::metrics::Metrics;
 use mailpoll_testkit::directory::StaticDirectory;

@@ -1,4 +1,5 @@
-//! The message ledger: every message ever seen, once per (MailboxPoll uid, immutable Graph id).
+//! The message ledger (`messages`; every statement on it is here): every message ever seen,
+//! once per (MailboxPoll uid, immutable Graph id), and where its delivery stands.
 //!
 //! Recording is idempotent, so a replayed page, a resync or a crash between two statements
 //! never creates a second row or a second delivery.
@@ -390,25 +391,99 @@ pub async fn mark_failed(
     Ok(())
 }
 
-/// Marks `failed` the messages still `pending` whose deliver task is dead without its handler
-/// having said so: a task whose lease ran out on its last attempt (its replica was killed, or
-/// hung) is made dead by the queue's rescue, and no handler runs to record the failure.
-/// Returns how many messages changed. A `tasks retry` later delivers them as usual.
-pub async fn fail_abandoned_deliveries(pool: &PgPool) -> Result<u64, sqlx::Error> {
+/// A message whose delivery failed for good, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedDelivery {
+    pub mailbox_uid: Uuid,
+    pub message_id: String,
+    pub error: String,
+}
+
+/// Marks `failed` those of `failures` whose message is still `pending`: deliveries whose task
+/// died without its handler saying so (a task whose lease ran out on its last attempt is made
+/// dead by the queue's rescue, and no handler runs to record the failure). Returns how many
+/// messages changed. A `tasks retry` later delivers them as usual.
+pub async fn fail_pending(pool: &PgPool, failures: &[FailedDelivery]) -> Result<u64, sqlx::Error> {
+    if failures.is_empty() {
+        return Ok(0);
+    }
+    let uids: Vec<Uuid> = failures.iter().map(|f| f.mailbox_uid).collect();
+    let ids: Vec<&str> = failures.iter().map(|f| f.message_id.as_str()).collect();
+    let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
     let result = sqlx::query(
         "UPDATE messages m
-            SET delivery_state = 'failed',
-                delivery_error = COALESCE(t.last_error, 'the delivery task is dead')
-           FROM tasks t
-          WHERE t.kind = $1 AND t.state = 'dead'
-            AND m.mailbox_uid = (t.payload->>'mailbox_uid')::uuid
-            AND m.message_id = t.payload->>'message_id'
+            SET delivery_state = 'failed', delivery_error = f.error
+           FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(mailbox_uid, message_id, error)
+          WHERE m.mailbox_uid = f.mailbox_uid AND m.message_id = f.message_id
             AND m.delivery_state = 'pending'",
     )
-    .bind(crate::pipeline::DELIVER)
+    .bind(&uids)
+    .bind(&ids)
+    .bind(&errors)
     .execute(pool)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// Up to `limit` messages of a MailboxPoll whose after-actions are due, oldest first.
+pub async fn actions_due(
+    pool: &PgPool,
+    mailbox_uid: Uuid,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT message_id FROM messages WHERE mailbox_uid = $1 AND actions_due ORDER BY seq LIMIT $2",
+    )
+    .bind(mailbox_uid)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks messages delivered whose after-actions are done (every configured step is).
+/// Returns how many changed.
+pub async fn mark_actions_done(
+    pool: &PgPool,
+    mailbox_uid: Uuid,
+    ids: &[String],
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE messages SET actions_due = false, actions_done_at = now(), delivery_state = 'delivered',
+                delivered_at = now(), delivery_error = NULL
+         WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due",
+    )
+    .bind(mailbox_uid)
+    .bind(ids)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Marks messages failed whose after-actions failed for good. `actions_due` stays set: a
+/// retried or later actions task still does them. Returns how many changed.
+pub async fn mark_actions_failed(
+    pool: &PgPool,
+    mailbox_uid: Uuid,
+    ids: &[String],
+    error: &str,
+) -> Result<u64, sqlx::Error> {
+    let failed = sqlx::query(
+        "UPDATE messages SET delivery_state = 'failed', delivery_error = $3
+         WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due",
+    )
+    .bind(mailbox_uid)
+    .bind(ids)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(failed.rows_affected())
+}
+
+/// MailboxPolls that have after-actions due.
+pub async fn owners_with_actions_due(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT DISTINCT mailbox_uid FROM messages WHERE actions_due")
+        .fetch_all(pool)
+        .await
 }
 
 /// Per-state message counts of one MailboxPoll, for its status.

@@ -1,16 +1,32 @@
 //! mailpoll: a Kubernetes operator that polls Microsoft 365 mailboxes through Microsoft Graph,
 //! records every message once in Postgres and delivers it once.
 
+//!
+//! Rooms, lower ones first (a room uses only rooms above it in this list; a test checks it):
+//! - foundations: `reason` (why things fail), `resource` (the MailboxPoll type), `db`,
+//!   `telemetry`;
+//! - storage, one owner per table: `queue` (`tasks`), `cursor` (`mailbox_cursors`), `ledger`
+//!   (`messages`), `poll_log` (`polls`, `poll_requests`);
+//! - outside systems: `graph` (Microsoft Graph), `delivery` (the webhook contract),
+//!   `directory` (MailboxPolls and their Secrets, on every replica);
+//! - work: `pipeline` (the poll, deliver and actions tasks);
+//! - leadership: `controller` (what only the leader runs), `leader` (the election);
+//! - process: `http`, `operator`, `tasks_cli`.
+
 pub mod controller;
+pub mod cursor;
 pub mod db;
 pub mod delivery;
+pub mod directory;
 pub mod graph;
 pub mod http;
 pub mod leader;
 pub mod ledger;
 pub mod operator;
 pub mod pipeline;
+pub mod poll_log;
 pub mod queue;
+pub mod reason;
 pub mod resource;
 pub mod tasks_cli;
 pub mod telemetry;

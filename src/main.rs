@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use mailpoll::controller::directory::Scope;
+use mailpoll::directory::Scope;
 use mailpoll::queue::{self, TaskFilter, TaskState};
 use mailpoll::telemetry::{self, LogFormat};
 use mailpoll::{db, operator, resource, tasks_cli};

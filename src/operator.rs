@@ -15,14 +15,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 use crate::controller::{self, LeaderWork};
+use crate::cursor;
+use crate::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 use crate::graph::{Governor, GovernorConfig, GraphClient, GraphConfig, GraphError};
 use crate::leader::{self, LeaderConfig};
 use crate::pipeline::actions::ActionsHandler;
 use crate::pipeline::deliver::DeliverHandler;
 use crate::pipeline::poll::{PollHandler, PollSettings};
-use crate::pipeline::{ACTIONS, DELIVER, POLL, cursor};
+use crate::pipeline::{ACTIONS, DELIVER, POLL};
 use crate::queue::{self, QueueError, WorkerPool, WorkerPoolConfig};
 use crate::telemetry::metrics::{KindLabels, Metrics, QueueLabels, SharedMetrics};
 use crate::{db, http};

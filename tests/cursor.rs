@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use mailpoll::pipeline::cursor::{self, Acquired, CursorError, Source};
+use mailpoll::cursor::{self, Acquired, CursorError, Source};
 use mailpoll_testkit::pg::TestDatabase;
 use uuid::Uuid;
 

@@ -432,7 +432,7 @@ async fn transient_server_errors_are_retried_then_reported() {
     .mailbox(credentials(DEFAULT_CLIENT_SECRET), MAILBOX);
     let mut round = stubborn.delta_round(initial("inbox", 5)).expect("round");
     let error = round.next_page().await.expect_err("persistent 5xx");
-    assert_eq!(error.reason(), "Transient");
+    assert_eq!(error.reason().as_str(), "Transient");
     assert!(error.request_id().is_some());
 }
 
@@ -454,7 +454,7 @@ async fn an_unreachable_graph_is_a_transient_error() {
         .get_mime("x")
         .await
         .expect_err("nothing listens there");
-    assert_eq!(error.reason(), "Transient");
+    assert_eq!(error.reason().as_str(), "Transient");
     assert!(
         error.to_string().to_lowercase().contains("refused"),
         "{error}"
@@ -532,7 +532,7 @@ async fn bad_credentials_fail_authentication_without_a_retry_storm() {
     for _ in 0..5 {
         let mut round = wrong.delta_round(initial("inbox", 10)).expect("round");
         let error = round.next_page().await.expect_err("bad secret");
-        assert_eq!(error.reason(), "AuthenticationFailed");
+        assert_eq!(error.reason().as_str(), "AuthenticationFailed");
         assert!(error.to_string().contains("AADSTS7000215"), "{error}");
         assert!(!error.to_string().contains("not-the-secret"));
     }
@@ -554,7 +554,7 @@ async fn bad_credentials_fail_authentication_without_a_retry_storm() {
         .get_mime("x")
         .await
         .expect_err("unknown tenant");
-    assert_eq!(error.reason(), "AuthenticationFailed");
+    assert_eq!(error.reason().as_str(), "AuthenticationFailed");
 }
 
 #[tokio::test]
@@ -580,7 +580,7 @@ async fn a_malformed_page_is_an_error_and_yields_no_delta_link() {
             matches!(error, GraphError::MalformedResponse { .. }),
             "{kind:?}: {error}"
         );
-        assert_eq!(error.reason(), "Transient");
+        assert_eq!(error.reason().as_str(), "Transient");
         assert!(!round.is_done(), "{kind:?}: no deltaLink for the round");
         // The same request again, now answered properly, finishes the round.
         let (rest, last, _) = drain(&mut round).await.expect("retry");
@@ -629,7 +629,7 @@ async fn mailbox_states_give_their_typed_errors() {
     for _ in 0..2 {
         let mut round = mailbox.delta_round(initial("inbox", 10)).expect("round");
         let error = round.next_page().await.expect_err("not enabled");
-        assert_eq!(error.reason(), "MailboxNotFound", "{error}");
+        assert_eq!(error.reason().as_str(), "MailboxNotFound", "{error}");
         assert!(error.request_id().is_some());
     }
     emulator
@@ -639,7 +639,7 @@ async fn mailbox_states_give_their_typed_errors() {
         .get_mime(&ids.immutable_id)
         .await
         .expect_err("denied");
-    assert_eq!(error.reason(), "AccessDenied");
+    assert_eq!(error.reason().as_str(), "AccessDenied");
     assert!(error.to_string().contains("ErrorAccessDenied"));
 
     let graph = client(&emulator, quick_governor());
@@ -650,7 +650,7 @@ async fn mailbox_states_give_their_typed_errors() {
         .next_page()
         .await
         .expect_err("unknown mailbox");
-    assert_eq!(error.reason(), "MailboxNotFound");
+    assert_eq!(error.reason().as_str(), "MailboxNotFound");
 
     emulator
         .set_mailbox_state(MAILBOX, MailboxState::Enabled)
@@ -661,7 +661,7 @@ async fn mailbox_states_give_their_typed_errors() {
         .next_page()
         .await
         .expect_err("unknown folder");
-    assert_eq!(error.reason(), "MailboxNotFound");
+    assert_eq!(error.reason().as_str(), "MailboxNotFound");
     assert!(error.to_string().contains("no-such-folder"), "{error}");
     emulator.add_app(AppRegistration {
         client_id: "reader".into(),
@@ -680,7 +680,7 @@ async fn mailbox_states_give_their_typed_errors() {
         .mark_read(&ids.immutable_id)
         .await
         .expect_err("read-only app");
-    assert_eq!(error.reason(), "AccessDenied");
+    assert_eq!(error.reason().as_str(), "AccessDenied");
 }
 
 #[tokio::test]
@@ -719,7 +719,7 @@ async fn post_actions_mark_read_move_and_batch() {
         .mark_read(&ids[1].rest_id)
         .await
         .expect_err("old default id");
-    assert_eq!(error.reason(), "ItemNotFound");
+    assert_eq!(error.reason().as_str(), "ItemNotFound");
 
     let mime = mailbox.get_mime(&ids[2].immutable_id).await.expect("MIME");
     assert!(String::from_utf8_lossy(&mime).starts_with("Message-ID: <"));
@@ -742,7 +742,7 @@ async fn post_actions_mark_read_move_and_batch() {
     assert_eq!(results.len(), 24);
     assert!(results[..23].iter().all(Result::is_ok));
     assert_eq!(
-        results[23].as_ref().expect_err("missing").reason(),
+        results[23].as_ref().expect_err("missing").reason().as_str(),
         "ItemNotFound"
     );
     assert_eq!(emulator.folder_len(MAILBOX, "archive").expect("archive"), 2);
@@ -843,7 +843,7 @@ async fn a_retry_after_is_shared_and_reported_to_the_listener() {
         .next_page()
         .await
         .expect_err("throttled throughout");
-    assert_eq!(error.reason(), "Throttled");
+    assert_eq!(error.reason().as_str(), "Throttled");
     assert_eq!(error.retry_after(), Some(Duration::from_secs(1)));
     let notices = notices.lock().expect("notices").clone();
     assert_eq!(notices.len(), 2, "one notice per 429");
@@ -861,6 +861,6 @@ async fn a_retry_after_is_shared_and_reported_to_the_listener() {
         .get_mime("x")
         .await
         .expect_err("paused for longer than max_wait");
-    assert_eq!(error.reason(), "Throttled");
+    assert_eq!(error.reason().as_str(), "Throttled");
     assert_eq!(emulator.counters().requests("other@contoso.com"), 0);
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use mailpoll::controller::directory::DirectorySettings;
+use mailpoll::directory::DirectorySettings;
 use mailpoll::graph::GovernorConfig;
 use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
 use mailpoll::queue::WorkerId;

@@ -4,13 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailpoll::cursor::Source;
 use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
+use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{ClientSecret, Credentials};
 use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
+use mailpoll::pipeline::DELIVER;
+use mailpoll::pipeline::DeliverTask;
 use mailpoll::pipeline::actions;
-use mailpoll::pipeline::deliver::{DeliverHandler, DeliverTask};
-use mailpoll::pipeline::{DELIVER, MailboxConfig, cursor::Source};
+use mailpoll::pipeline::deliver::DeliverHandler;
 use mailpoll::queue::{self, NewTask, RetryPolicy, WorkerId, WorkerPool, WorkerPoolConfig};
 use mailpoll::telemetry::metrics::Metrics;
 use mailpoll_testkit::directory::StaticDirectory;
@@ -305,7 +308,9 @@ async fn a_delivery_whose_task_dies_by_rescue_is_marked_failed() {
     .expect("claim");
     assert_eq!(claimed.len(), 1);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let rescued = queue::rescue(&db.pool, 100).await.expect("rescue");
+    let rescued = queue::rescue(&db.pool, 100, &queue::RetryPolicy::default())
+        .await
+        .expect("rescue");
     assert_eq!(
         rescued.dead,
         vec![claimed[0].id],
@@ -313,7 +318,7 @@ async fn a_delivery_whose_task_dies_by_rescue_is_marked_failed() {
     );
     assert_eq!(ledger_count(&db.pool, uid, "pending").await, 3);
 
-    let changed = ledger::fail_abandoned_deliveries(&db.pool)
+    let changed = mailpoll::controller::fail_abandoned_deliveries(&db.pool)
         .await
         .expect("fail abandoned deliveries");
     assert_eq!(changed, 1);
@@ -331,7 +336,7 @@ async fn a_delivery_whose_task_dies_by_rescue_is_marked_failed() {
     assert!(error.is_some_and(|e| !e.is_empty()), "the reason is kept");
     // Idempotent: a second pass changes nothing.
     assert_eq!(
-        ledger::fail_abandoned_deliveries(&db.pool)
+        mailpoll::controller::fail_abandoned_deliveries(&db.pool)
             .await
             .expect("again"),
         0

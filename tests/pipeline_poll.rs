@@ -8,15 +8,18 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailpoll::cursor::Source;
 use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
+use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
     ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig,
 };
 use mailpoll::pipeline::actions::ActionsHandler;
 use mailpoll::pipeline::deliver::DeliverHandler;
-use mailpoll::pipeline::poll::{PollHandler, PollSettings, PollTask, poll_dedupe_key};
-use mailpoll::pipeline::{ACTIONS, DELIVER, MailboxConfig, POLL, cursor::Source};
+use mailpoll::pipeline::poll::{PollHandler, PollSettings};
+use mailpoll::pipeline::{ACTIONS, DELIVER, POLL};
+use mailpoll::pipeline::{PollTask, poll_dedupe_key};
 use mailpoll::queue::{
     self, NewTask, RetryPolicy, RunningPool, WorkerId, WorkerPool, WorkerPoolConfig,
 };

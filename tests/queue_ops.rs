@@ -519,7 +519,13 @@ async fn a_stale_lease_changes_nothing() {
         .id;
     let first = claim_one(&db.pool, "deliver", "w1", Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let rescued = queue::rescue(&db.pool, 100).await.expect("rescue");
+    let no_backoff = RetryPolicy {
+        base: Duration::ZERO,
+        cap: Duration::ZERO,
+    };
+    let rescued = queue::rescue(&db.pool, 100, &no_backoff)
+        .await
+        .expect("rescue");
     assert_eq!(rescued.requeued, vec![id]);
     let second = claim_one(&db.pool, "deliver", "w2", Duration::from_secs(30)).await;
     assert_ne!(first.lock_token, second.lock_token);
@@ -574,7 +580,9 @@ async fn heartbeats_keep_leases_from_expiring() {
         .expect("heartbeat");
     assert_eq!(held, vec![claimed.id]);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let rescued = queue::rescue(&db.pool, 100).await.expect("rescue");
+    let rescued = queue::rescue(&db.pool, 100, &RetryPolicy::default())
+        .await
+        .expect("rescue");
     assert_eq!(rescued.total(), 0, "an extended lease is not rescued");
 }
 
@@ -601,11 +609,20 @@ async fn rescue_counts_an_attempt_and_kills_exhausted_tasks() {
     .expect("claim");
     tokio::time::sleep(Duration::from_millis(20)).await;
 
-    // Several replicas rescuing at once take each task once.
+    // Several replicas rescuing at once take each task once. A rescued task backs off as a
+    // failed one does.
+    let backoff = RetryPolicy {
+        base: Duration::from_secs(60),
+        cap: Duration::from_secs(60),
+    };
+    let before: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool)
+        .await
+        .expect("now");
     let (a, b, c) = tokio::join!(
-        queue::rescue(&db.pool, 100),
-        queue::rescue(&db.pool, 100),
-        queue::rescue(&db.pool, 100)
+        queue::rescue(&db.pool, 100, &backoff),
+        queue::rescue(&db.pool, 100, &backoff),
+        queue::rescue(&db.pool, 100, &backoff)
     );
     let reports = [a.expect("rescue"), b.expect("rescue"), c.expect("rescue")];
     let requeued: Vec<i64> = reports.iter().flat_map(|r| r.requeued.clone()).collect();
@@ -621,6 +638,12 @@ async fn rescue_counts_an_attempt_and_kills_exhausted_tasks() {
     assert_eq!(
         (requeued_row.state, requeued_row.attempts),
         (TaskState::Pending, 1)
+    );
+    assert!(
+        requeued_row.run_at >= before
+            && requeued_row.run_at <= before + chrono::Duration::seconds(61),
+        "due within the first backoff ceiling: {} vs {before}",
+        requeued_row.run_at
     );
 }
 

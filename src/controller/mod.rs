@@ -7,7 +7,6 @@
 //! of that stops.
 
 pub mod conditions;
-pub mod directory;
 pub mod reconcile;
 pub mod schedule;
 pub mod status;
@@ -28,14 +27,15 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::ledger;
-use crate::pipeline::cursor;
+use crate::cursor;
+use crate::directory::{KubeDirectory, Scope};
+use crate::ledger::{self, FailedDelivery};
 use crate::pipeline::poll::MAILBOX_CHANGED_CHANNEL;
+use crate::pipeline::{DeliverTask, actions};
 use crate::queue;
 use crate::resource::{MailboxPoll, POLL_REQUESTED_AT_ANNOTATION};
 use crate::telemetry::metrics::SharedMetrics;
-use directory::{KubeDirectory, Scope};
-use reconcile::{Context, ReconcileSettings};
+use reconcile::{Context, ReconcileError, ReconcileSettings};
 
 /// Name of the controller in Events.
 pub const CONTROLLER_NAME: &str = "mailpoll.dev/controller";
@@ -264,7 +264,7 @@ async fn sweep_loop(
             }
             Err(error) => tracing::warn!(%error, "sweeping deleted MailboxPolls failed"),
         }
-        match ledger::fail_abandoned_deliveries(&pool).await {
+        match fail_abandoned_deliveries(&pool).await {
             Ok(0) => {}
             Ok(count) => tracing::warn!(
                 count,
@@ -272,7 +272,7 @@ async fn sweep_loop(
             ),
             Err(error) => tracing::warn!(%error, "checking for abandoned deliveries failed"),
         }
-        match crate::pipeline::actions::requeue_stranded(&pool).await {
+        match actions::requeue_stranded(&pool).await {
             Ok(0) => {}
             Ok(count) => tracing::info!(count, "queued after-actions left without a run"),
             Err(error) => tracing::warn!(%error, "checking for stranded after-actions failed"),
@@ -284,44 +284,47 @@ async fn sweep_loop(
     }
 }
 
+/// Marks failed the messages still pending whose deliver task is dead without its handler
+/// having said so (its lease ran out on the last attempt: the queue's rescue made it dead).
+pub async fn fail_abandoned_deliveries(pool: &PgPool) -> Result<u64, ReconcileError> {
+    let failures: Vec<FailedDelivery> = queue::dead_tasks::<DeliverTask>(pool)
+        .await?
+        .into_iter()
+        .map(|(task, error)| FailedDelivery {
+            mailbox_uid: task.mailbox_uid,
+            message_id: task.message_id,
+            error: error.unwrap_or_else(|| "the delivery task is dead".into()),
+        })
+        .collect();
+    Ok(ledger::fail_pending(pool, &failures).await?)
+}
+
 /// Cancels the live tasks and deletes the cursors of MailboxPolls that no longer exist. The
 /// ledger is kept. Returns the uids swept.
 pub async fn sweep(
     pool: &PgPool,
     directory: &KubeDirectory,
     work: &LeaderWork,
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    let min_age = work.sweep_min_age.as_secs_f64();
-    let namespaces: Option<Vec<String>> = match &work.scope {
+) -> Result<Vec<Uuid>, ReconcileError> {
+    let namespaces: Option<&[String]> = match &work.scope {
         Scope::All => None,
-        Scope::Namespaces(list) => Some(list.clone()),
+        Scope::Namespaces(list) => Some(list),
     };
+    let mut candidates = cursor::owners_older_than(pool, work.sweep_min_age, namespaces).await?;
     // Owners outside the watched namespaces are another operator's business; owners without
     // a cursor are only known to be ours when every namespace is watched.
-    let candidates: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT mailbox_uid FROM mailbox_cursors
-         WHERE created_at < now() - $1 * interval '1 second'
-           AND ($2::text[] IS NULL OR namespace = ANY($2))
-         UNION
-         SELECT DISTINCT owner_uid FROM tasks
-         WHERE $2::text[] IS NULL AND owner_uid IS NOT NULL
-           AND state IN ('pending', 'running')
-           AND created_at < now() - $1 * interval '1 second'",
-    )
-    .bind(min_age)
-    .bind(namespaces)
-    .fetch_all(pool)
-    .await?;
+    if namespaces.is_none() {
+        candidates.extend(queue::live_owners_older_than(pool, work.sweep_min_age).await?);
+    }
+    candidates.sort();
+    candidates.dedup();
     let existing: std::collections::HashSet<Uuid> = directory.polls().uids().into_iter().collect();
     let mut swept = Vec::new();
     for uid in candidates {
         if existing.contains(&uid) {
             continue;
         }
-        queue::cancel_owner(pool, uid).await.map_err(|e| match e {
-            queue::QueueError::Database { source, .. } => source,
-            other => sqlx::Error::Protocol(other.to_string()),
-        })?;
+        queue::cancel_owner(pool, uid).await?;
         cursor::delete(pool, uid).await?;
         swept.push(uid);
     }

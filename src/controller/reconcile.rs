@@ -14,10 +14,10 @@ use kube::{Api, Resource, ResourceExt};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::directory::KubeDirectory;
 use super::schedule::{self, LiveTask, Schedule};
-use super::status::{self, Seen};
-use crate::pipeline::ConfigError;
+use super::status::{self, Facts, Seen};
+use crate::directory::{ConfigError, KubeDirectory};
+use crate::poll_log;
 use crate::queue::QueueError;
 use crate::resource::{MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION};
 use crate::telemetry::metrics::SharedMetrics;
@@ -129,7 +129,7 @@ impl ReconcileError {
         match self {
             Self::Db(_) | Self::Queue(_) => "Database",
             Self::Kube(_) => "KubernetesApi",
-            Self::Config(error) => error.reason(),
+            Self::Config(error) => error.reason().as_str(),
             Self::Encode(_) => "Encode",
         }
     }
@@ -162,28 +162,87 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     else {
         return Ok(Action::await_change());
     };
-    let settings = &ctx.settings;
+    let config_error = check_config(poll, ctx).await?;
+    record_poll_request(poll, ctx, uid).await?;
+    if let Some(wait) = schedule(poll, ctx, uid, config_error.as_ref()).await? {
+        return Ok(wait);
+    }
+    // A poll about to start writes its status when it has finished: one write per poll.
+    let facts = status::load(&ctx.pool, uid).await?;
+    let now = Utc::now();
+    if let Some(next) = facts.next_poll
+        && next <= now + chrono::Duration::seconds(1)
+        && next >= now - chrono::Duration::from_std(ctx.settings.overdue).unwrap_or_default()
+    {
+        return Ok(Action::requeue(ctx.settings.running_requeue));
+    }
+    let remembered = ctx.memory().get(&uid).cloned();
+    let written = write_status(
+        poll,
+        ctx,
+        &facts,
+        config_error.as_ref(),
+        remembered.as_ref(),
+    )
+    .await?;
+    let seen = publish_events(
+        poll,
+        ctx,
+        &facts,
+        config_error.as_ref(),
+        remembered.as_ref(),
+    )
+    .await;
+    let written = written.or_else(|| remembered.and_then(|m| m.written));
+    ctx.memory().insert(uid, Memory { seen, written });
+    Ok(Action::requeue(next_look(
+        &ctx.settings,
+        &facts,
+        config_error.is_some(),
+        now,
+    )))
+}
 
-    // 1. What the schema cannot check.
-    let config_error = match ctx.directory.resolve(poll).await {
-        Ok(_) => None,
-        Err(error @ ConfigError::Unavailable(_)) => return Err(ReconcileError::Config(error)),
-        Err(error) => Some(error),
-    };
+/// What the schema cannot check (the Secrets); `Ok(None)` when the configuration is usable.
+async fn check_config(
+    poll: &MailboxPoll,
+    ctx: &Context,
+) -> Result<Option<ConfigError>, ReconcileError> {
+    match ctx.directory.resolve(poll).await {
+        Ok(_) => Ok(None),
+        Err(error @ ConfigError::Unavailable(_)) => Err(ReconcileError::Config(error)),
+        Err(error) => Ok(Some(error)),
+    }
+}
 
-    // 2. A forced poll: each annotation value is accepted once, ever.
+/// A forced poll: each annotation value is accepted once, ever.
+async fn record_poll_request(
+    poll: &MailboxPoll,
+    ctx: &Context,
+    uid: Uuid,
+) -> Result<(), ReconcileError> {
     if let Some(value) = poll
         .annotations()
         .get(POLL_REQUESTED_AT_ANNOTATION)
         .map(|v| v.trim())
         .filter(|v| !v.is_empty())
-        && schedule::request_poll(&ctx.pool, uid, value).await?
+        && poll_log::request(&ctx.pool, uid, value).await?
     {
         tracing::info!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), value, "poll requested");
     }
+    Ok(())
+}
 
-    // 3. The schedule. A broken configuration stops scheduled polls (each would fail the same
-    //    way); forced polls still run and report what is wrong.
+/// Makes the live poll task match the schedule. A broken configuration stops scheduled polls
+/// (each would fail the same way); forced polls still run and report what is wrong. Returns
+/// when to look again if a poll is running: its status is written once it has finished (the
+/// worker announces that), so one poll costs one status write.
+async fn schedule(
+    poll: &MailboxPoll,
+    ctx: &Context,
+    uid: Uuid,
+    config_error: Option<&ConfigError>,
+) -> Result<Option<Action>, ReconcileError> {
     let interval = poll.spec.interval().unwrap_or(Duration::from_secs(300));
     let state = schedule::load(&ctx.pool, uid).await?;
     let plan = Schedule {
@@ -192,64 +251,70 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     };
     let step = schedule::plan(&state, plan, Utc::now());
     schedule::apply(&ctx.pool, uid, poll.spec.max_attempts, step).await?;
-    if state.live == Some(LiveTask::Running) {
-        // Its status is written once it has finished (the worker announces that), so one poll
-        // costs one status write.
-        let facts = status::load(&ctx.pool, uid).await?;
-        let after = if facts.settling {
-            settings.settle_requeue
-        } else {
-            settings.running_requeue
-        };
-        return Ok(Action::requeue(after));
+    if state.live != Some(LiveTask::Running) {
+        return Ok(None);
     }
-
-    // 4. Status. A poll about to start writes it when it has finished: one write per poll.
     let facts = status::load(&ctx.pool, uid).await?;
-    let now = Utc::now();
-    if let Some(next) = facts.next_poll
-        && next <= now + chrono::Duration::seconds(1)
-        && next >= now - chrono::Duration::from_std(settings.overdue).unwrap_or_default()
-    {
-        return Ok(Action::requeue(settings.running_requeue));
-    }
+    let after = if facts.settling {
+        ctx.settings.settle_requeue
+    } else {
+        ctx.settings.running_requeue
+    };
+    Ok(Some(Action::requeue(after)))
+}
+
+/// Writes the status when it changed; returns what was written (`None`: nothing was sent).
+async fn write_status(
+    poll: &MailboxPoll,
+    ctx: &Context,
+    facts: &Facts,
+    config_error: Option<&ConfigError>,
+    remembered: Option<&Memory>,
+) -> Result<Option<MailboxPollStatus>, ReconcileError> {
     let desired = status::desired_status(
         poll.status.as_ref(),
         poll.metadata.generation,
-        config_error.as_ref(),
-        &facts,
-        now,
+        config_error,
+        facts,
+        Utc::now(),
     );
-    let remembered = ctx.memory().get(&uid).cloned();
     let unchanged = poll
         .status
         .as_ref()
         .is_some_and(|current| status::same(current, &desired))
         || remembered
-            .as_ref()
             .and_then(|m| m.written.as_ref())
             .is_some_and(|written| status::same(written, &desired));
-    if !unchanged {
-        let api: Api<MailboxPoll> =
-            Api::namespaced(ctx.client.clone(), &poll.namespace().unwrap_or_default());
-        api.patch_status(
-            &poll.name_any(),
-            &PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..PatchParams::default()
-            },
-            &Patch::Merge(status::patch_body(&desired)?),
-        )
-        .await?;
+    if unchanged {
+        return Ok(None);
     }
+    let api: Api<MailboxPoll> =
+        Api::namespaced(ctx.client.clone(), &poll.namespace().unwrap_or_default());
+    api.patch_status(
+        &poll.name_any(),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(status::patch_body(&desired)?),
+    )
+    .await?;
+    Ok(Some(desired))
+}
 
-    // 5. Events, on transitions only.
+/// Publishes the Events of transitions since what was seen last; returns the new basis.
+async fn publish_events(
+    poll: &MailboxPoll,
+    ctx: &Context,
+    facts: &Facts,
+    config_error: Option<&ConfigError>,
+    remembered: Option<&Memory>,
+) -> Seen {
     let seen = remembered
-        .as_ref()
         .map(|m| m.seen.clone())
-        .unwrap_or_else(|| Seen::from_status(poll.status.as_ref(), &facts));
-    let ready = &status::desired_conditions(config_error.as_ref(), &facts)[0];
-    let (notices, seen) = status::transitions(&seen, ready, &facts, config_error.as_ref());
+        .unwrap_or_else(|| Seen::from_status(poll.status.as_ref(), facts));
+    let ready = &status::desired_conditions(config_error, facts)[0];
+    let (notices, seen) = status::transitions(&seen, ready, facts, config_error);
     for notice in notices {
         let event = Event {
             type_: if notice.warning {
@@ -266,14 +331,17 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
             tracing::warn!(name = %poll.name_any(), reason = notice.reason, %error, "cannot publish an Event");
         }
     }
-    let written = if unchanged {
-        remembered.and_then(|m| m.written)
-    } else {
-        Some(desired)
-    };
-    ctx.memory().insert(uid, Memory { seen, written });
+    seen
+}
 
-    // 6. When to look again.
+/// When to look again: the next poll, sooner while messages wait or the configuration is
+/// broken, at least once per `max_requeue`.
+fn next_look(
+    settings: &ReconcileSettings,
+    facts: &Facts,
+    config_broken: bool,
+    now: chrono::DateTime<Utc>,
+) -> Duration {
     let mut after = settings.max_requeue;
     if let Some(next) = facts.next_poll {
         let until = (next - now).to_std().unwrap_or_default();
@@ -282,8 +350,8 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     if facts.counts.pending > 0 {
         after = after.min(settings.pending_requeue);
     }
-    if config_error.is_some() {
+    if config_broken {
         after = after.min(settings.config_requeue);
     }
-    Ok(Action::requeue(after.max(Duration::from_secs(1))))
+    after.max(Duration::from_secs(1))
 }

@@ -12,9 +12,10 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::pipeline::POLL;
-use crate::pipeline::poll::{PollTask, poll_dedupe_key};
-use crate::queue::{self, NewTask, QueueError};
+use super::reconcile::ReconcileError;
+use crate::pipeline::{PollTask, poll_dedupe_key};
+use crate::poll_log;
+use crate::queue::{self, NewTask, QueueError, TaskState};
 
 /// The mailbox's live poll task, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,50 +102,21 @@ pub fn plan(state: &PollState, schedule: Schedule, now: DateTime<Utc>) -> Step {
 }
 
 /// Reads the scheduling state of one MailboxPoll.
-pub async fn load(pool: &PgPool, uid: Uuid) -> Result<PollState, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        last_started: Option<DateTime<Utc>>,
-        waiting_requests: bool,
-        live_state: Option<String>,
-        live_run_at: Option<DateTime<Utc>>,
-    }
-    let row: Row = sqlx::query_as(
-        "SELECT
-             (SELECT max(started_at) FROM polls WHERE mailbox_uid = $1) AS last_started,
-             EXISTS (SELECT 1 FROM poll_requests WHERE mailbox_uid = $1 AND served_at IS NULL)
-                 AS waiting_requests,
-             live.state AS live_state, live.run_at AS live_run_at
-         FROM (SELECT 1) AS one
-         LEFT JOIN tasks AS live ON live.dedupe_key = $2 AND live.state IN ('pending', 'running')",
-    )
-    .bind(uid)
-    .bind(poll_dedupe_key(uid))
-    .fetch_one(pool)
-    .await?;
-    let live = match (row.live_state.as_deref(), row.live_run_at) {
-        (Some("running"), _) => Some(LiveTask::Running),
-        (Some("pending"), Some(run_at)) => Some(LiveTask::Pending { run_at }),
-        _ => None,
-    };
+pub async fn load(pool: &PgPool, uid: Uuid) -> Result<PollState, ReconcileError> {
+    let facts = poll_log::schedule_facts(pool, uid).await?;
+    let live = queue::live_task(pool, &poll_dedupe_key(uid))
+        .await?
+        .map(|live| match live.state {
+            TaskState::Running => LiveTask::Running,
+            _ => LiveTask::Pending {
+                run_at: live.run_at,
+            },
+        });
     Ok(PollState {
-        last_started: row.last_started,
-        waiting_requests: row.waiting_requests,
+        last_started: facts.last_started,
+        waiting_requests: facts.waiting_requests,
         live,
     })
-}
-
-/// Records a forced-poll request. Returns whether the value is new: each value is accepted
-/// once per MailboxPoll, forever (across leader changes and restarts).
-pub async fn request_poll(pool: &PgPool, uid: Uuid, value: &str) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO poll_requests (mailbox_uid, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(uid)
-    .bind(value)
-    .execute(pool)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
 }
 
 /// The poll task of a MailboxPoll.
@@ -153,11 +125,7 @@ pub fn poll_task(
     max_attempts: i32,
     run_at: DateTime<Utc>,
 ) -> Result<NewTask, QueueError> {
-    let payload = serde_json::to_value(PollTask { mailbox_uid: uid })
-        .map_err(|e| QueueError::Invalid(format!("poll task payload: {e}")))?;
-    Ok(NewTask::new(POLL, payload)
-        .owner(uid)
-        .dedupe_key(poll_dedupe_key(uid))
+    Ok(NewTask::of(&PollTask { mailbox_uid: uid })?
         .run_at(run_at)
         .max_attempts(max_attempts.clamp(1, queue::MAX_ATTEMPTS_LIMIT)))
 }

@@ -8,9 +8,13 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::conditions::{self, DEGRADED, Desired, READY};
+use super::reconcile::ReconcileError;
+use crate::directory::ConfigError;
 use crate::ledger;
-use crate::pipeline::ConfigError;
-use crate::pipeline::poll::poll_dedupe_key;
+use crate::pipeline::poll_dedupe_key;
+use crate::poll_log::{self, FinishedPoll};
+use crate::queue::{self, TaskState};
+use crate::reason::Reason;
 use crate::resource::MailboxPollStatus;
 
 /// Reason of `Ready=False` before the first poll finished.
@@ -22,29 +26,6 @@ pub const HEALTHY: &str = "Healthy";
 
 /// Longest condition message kept; Graph messages can be long.
 const MAX_MESSAGE_CHARS: usize = 1024;
-
-/// Poll failure reasons that only degrade a MailboxPoll: they pass without anyone acting.
-const PASSING_REASONS: [&str; 4] = ["Throttled", "Transient", "ShuttingDown", "ResyncRequired"];
-
-/// Poll failure reasons that come from the configuration the reconciler checks itself; a
-/// failed poll with one of them says nothing once the check passes.
-const CONFIG_REASONS: [&str; 3] = [
-    "SecretNotFound",
-    "SecretKeyMissing",
-    "KubernetesUnavailable",
-];
-
-/// One finished poll.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct FinishedPoll {
-    pub id: i64,
-    pub finished_at: DateTime<Utc>,
-    pub succeeded: bool,
-    pub messages_new: i32,
-    pub resynced: bool,
-    pub error_reason: Option<String>,
-    pub error_message: Option<String>,
-}
 
 /// Everything Postgres knows that the status shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,91 +50,31 @@ pub struct Facts {
 }
 
 /// Reads the facts of one MailboxPoll.
-pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Facts, sqlx::Error> {
+pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Facts, ReconcileError> {
     let mut conn = pool.acquire().await?;
-    let last: Option<FinishedPoll> = sqlx::query_as(
-        "SELECT id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, resynced,
-                error_reason, error_message
-         FROM polls WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
-         ORDER BY started_at DESC, id DESC LIMIT 1",
-    )
-    .bind(uid)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let last = poll_log::latest_finished(&mut conn, uid).await?;
     let decisive = match &last {
-        Some(poll) if is_decisive(poll) => Some(poll.clone()),
-        _ => sqlx::query_as(
-            "SELECT id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, resynced,
-                    error_reason, error_message
-             FROM polls
-             WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
-               AND (outcome = 'succeeded' OR NOT (error_reason = ANY($2)))
-             ORDER BY started_at DESC, id DESC LIMIT 1",
-        )
-        .bind(uid)
-        .bind(
-            PASSING_REASONS
-                .iter()
-                .chain(CONFIG_REASONS.iter())
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_optional(&mut *conn)
-        .await?,
+        Some(poll) if poll.is_decisive() => Some(poll.clone()),
+        _ => poll_log::latest_decisive(&mut conn, uid).await?,
     };
-    #[derive(sqlx::FromRow)]
-    struct Summary {
-        last_success: Option<DateTime<Utc>>,
-        last_resync_poll: Option<i64>,
-        last_poll_id: Option<i64>,
-        latest_open: Option<bool>,
-    }
-    let summary: Summary = sqlx::query_as(
-        "SELECT max(finished_at) FILTER (WHERE outcome = 'succeeded') AS last_success,
-                max(id) FILTER (WHERE resynced) AS last_resync_poll, max(id) AS last_poll_id,
-                (SELECT finished_at IS NULL FROM polls WHERE mailbox_uid = $1
-                 ORDER BY started_at DESC, id DESC LIMIT 1) AS latest_open
-         FROM polls WHERE mailbox_uid = $1",
-    )
-    .bind(uid)
-    .fetch_one(&mut *conn)
-    .await?;
-    let (live_state, live_run_at): (Option<String>, Option<DateTime<Utc>>) = sqlx::query_as(
-        "SELECT live.state, live.run_at FROM (SELECT 1) AS one
-         LEFT JOIN tasks AS live ON live.dedupe_key = $1 AND live.state IN ('pending', 'running')",
-    )
-    .bind(poll_dedupe_key(uid))
-    .fetch_one(&mut *conn)
-    .await?;
-    let last_handled_request: Option<String> = sqlx::query_scalar(
-        "SELECT value FROM poll_requests WHERE mailbox_uid = $1 AND served_at IS NOT NULL
-         ORDER BY served_at DESC, requested_at DESC LIMIT 1",
-    )
-    .bind(uid)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let summary = poll_log::summary(&mut conn, uid).await?;
+    let live = queue::live_task(&mut *conn, &poll_dedupe_key(uid)).await?;
+    let last_handled_request = poll_log::last_handled_request(&mut conn, uid).await?;
     let counts = ledger::counts(&mut conn, uid).await?;
-    let running = live_state.as_deref() == Some("running");
+    let running = live.is_some_and(|live| live.state == TaskState::Running);
     Ok(Facts {
         last,
         decisive,
         last_success: summary.last_success,
-        next_poll: (live_state.as_deref() == Some("pending"))
-            .then_some(live_run_at)
-            .flatten(),
+        next_poll: live
+            .filter(|live| live.state == TaskState::Pending)
+            .map(|live| live.run_at),
         settling: running && summary.latest_open == Some(false),
         counts,
         last_handled_request,
         last_resync_poll: summary.last_resync_poll,
         last_poll_id: summary.last_poll_id,
     })
-}
-
-fn is_decisive(poll: &FinishedPoll) -> bool {
-    poll.succeeded
-        || poll.error_reason.as_deref().is_none_or(|reason| {
-            !PASSING_REASONS.contains(&reason) && !CONFIG_REASONS.contains(&reason)
-        })
 }
 
 /// Kubernetes times carry whole seconds; comparing finer times would see a change in every
@@ -169,7 +90,12 @@ fn short(message: &str) -> String {
 /// The Ready and Degraded conditions.
 pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> [Desired; 2] {
     let ready = match (config_error, &facts.decisive) {
-        (Some(error), _) => Desired::new(READY, false, error.reason(), short(&error.to_string())),
+        (Some(error), _) => Desired::new(
+            READY,
+            false,
+            error.reason().as_str(),
+            short(&error.to_string()),
+        ),
         (None, None) => Desired::new(
             READY,
             false,
@@ -192,12 +118,12 @@ pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> 
     };
     let degraded = match &facts.last {
         Some(poll) if !poll.succeeded && config_error.is_none() => {
-            let reason = poll.error_reason.as_deref().unwrap_or("PollFailed");
-            if PASSING_REASONS.contains(&reason) {
+            let reason = poll.reason().unwrap_or(Reason::PollFailed);
+            if reason.passes_by_itself() {
                 Desired::new(
                     DEGRADED,
                     true,
-                    reason,
+                    reason.as_str(),
                     short(
                         poll.error_message
                             .as_deref()
@@ -336,8 +262,8 @@ pub fn transitions(
             notices.push(Notice {
                 warning: true,
                 reason: match config_error {
-                    Some(error) => error.reason(),
-                    None => "PollFailed",
+                    Some(error) => error.reason().event_reason(),
+                    None => Reason::PollFailed.event_reason(),
                 },
                 note: format!("{}: {}", ready.reason, ready.message),
             });

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::reason::Reason;
+
 /// Longest Graph error message kept in an error (they can be long; they are for people).
 const MAX_MESSAGE_CHARS: usize = 512;
 
@@ -89,16 +91,18 @@ fn rid(request_id: &Option<String>) -> String {
 
 impl GraphError {
     /// The condition reason this error reports on a MailboxPoll.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            GraphError::AuthenticationFailed { .. } => "AuthenticationFailed",
-            GraphError::AccessDenied { .. } => "AccessDenied",
-            GraphError::MailboxNotFound { .. } => "MailboxNotFound",
-            GraphError::ItemNotFound { .. } => "ItemNotFound",
-            GraphError::Throttled { .. } => "Throttled",
-            GraphError::ResyncRequired { .. } => "ResyncRequired",
-            GraphError::InvalidQuery { .. } | GraphError::Config(_) => "InvalidQuery",
-            GraphError::Transient { .. } | GraphError::MalformedResponse { .. } => "Transient",
+            GraphError::AuthenticationFailed { .. } => Reason::AuthenticationFailed,
+            GraphError::AccessDenied { .. } => Reason::AccessDenied,
+            GraphError::MailboxNotFound { .. } => Reason::MailboxNotFound,
+            GraphError::ItemNotFound { .. } => Reason::ItemNotFound,
+            GraphError::Throttled { .. } => Reason::Throttled,
+            GraphError::ResyncRequired { .. } => Reason::ResyncRequired,
+            GraphError::InvalidQuery { .. } | GraphError::Config(_) => Reason::InvalidQuery,
+            GraphError::Transient { .. } | GraphError::MalformedResponse { .. } => {
+                Reason::Transient
+            }
         }
     }
 
@@ -299,24 +303,51 @@ mod tests {
     #[test]
     fn statuses_and_codes_map_to_condition_reasons() {
         assert_eq!(
-            failed(401, "InvalidAuthenticationToken").reason(),
+            failed(401, "InvalidAuthenticationToken").reason().as_str(),
             "AuthenticationFailed"
         );
-        assert_eq!(failed(403, "ErrorAccessDenied").reason(), "AccessDenied");
         assert_eq!(
-            failed(404, "MailboxNotEnabledForRESTAPI").reason(),
+            failed(403, "ErrorAccessDenied").reason().as_str(),
+            "AccessDenied"
+        );
+        assert_eq!(
+            failed(404, "MailboxNotEnabledForRESTAPI").reason().as_str(),
             "MailboxNotFound"
         );
-        assert_eq!(failed(404, "ResourceNotFound").reason(), "MailboxNotFound");
-        assert_eq!(failed(404, "errorItemNotFound").reason(), "ItemNotFound");
-        assert_eq!(failed(400, "InefficientFilter").reason(), "InvalidQuery");
-        assert_eq!(failed(400, "ErrorInvalidUrlQuery").reason(), "InvalidQuery");
-        assert_eq!(failed(410, "").reason(), "ResyncRequired");
-        assert_eq!(failed(400, "SYNCSTATENOTFOUND").reason(), "ResyncRequired");
-        assert_eq!(failed(400, "resyncRequired").reason(), "ResyncRequired");
-        assert_eq!(failed(429, "TooManyRequests").reason(), "Throttled");
-        assert_eq!(failed(503, "serviceNotAvailable").reason(), "Transient");
-        assert_eq!(failed(504, "").reason(), "Transient");
+        assert_eq!(
+            failed(404, "ResourceNotFound").reason().as_str(),
+            "MailboxNotFound"
+        );
+        assert_eq!(
+            failed(404, "errorItemNotFound").reason().as_str(),
+            "ItemNotFound"
+        );
+        assert_eq!(
+            failed(400, "InefficientFilter").reason().as_str(),
+            "InvalidQuery"
+        );
+        assert_eq!(
+            failed(400, "ErrorInvalidUrlQuery").reason().as_str(),
+            "InvalidQuery"
+        );
+        assert_eq!(failed(410, "").reason().as_str(), "ResyncRequired");
+        assert_eq!(
+            failed(400, "SYNCSTATENOTFOUND").reason().as_str(),
+            "ResyncRequired"
+        );
+        assert_eq!(
+            failed(400, "resyncRequired").reason().as_str(),
+            "ResyncRequired"
+        );
+        assert_eq!(
+            failed(429, "TooManyRequests").reason().as_str(),
+            "Throttled"
+        );
+        assert_eq!(
+            failed(503, "serviceNotAvailable").reason().as_str(),
+            "Transient"
+        );
+        assert_eq!(failed(504, "").reason().as_str(), "Transient");
     }
 
     #[test]
@@ -338,7 +369,7 @@ mod tests {
             b"{\"error\":{\"code\":7}}",
         ] {
             let error = FailedResponse::parse(403, body, None, None, None).into_error();
-            assert_eq!(error.reason(), "AccessDenied");
+            assert_eq!(error.reason().as_str(), "AccessDenied");
         }
     }
 }

@@ -405,7 +405,7 @@ mod tests {
             .acquire("a@x", 1)
             .await
             .expect_err("too long to wait");
-        assert_eq!(error.reason(), "Throttled");
+        assert_eq!(error.reason().as_str(), "Throttled");
         assert!(
             error
                 .retry_after()

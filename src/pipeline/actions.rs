@@ -8,22 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::cursor::{self, Acquired};
-use super::{Directory, MailboxConfig};
+use super::run_lease;
+use super::tasks::ActionsTask;
+use crate::cursor;
+use crate::directory::{Directory, MailboxConfig};
 use crate::graph::{GraphClient, GraphError, MailboxClient, PostAction};
-use crate::queue::{ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
+use crate::ledger;
+use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, QueueError, TaskContext};
 use crate::telemetry::metrics::SharedMetrics;
-
-/// Payload of an `actions` task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActionsTask {
-    pub mailbox_uid: Uuid,
-}
 
 /// Messages handled per `$batch` round trip (Graph takes 20 requests per batch; a message
 /// may need two).
@@ -42,36 +38,20 @@ pub struct ActionsHandler<D> {
 
 impl<D: Directory> Handler for ActionsHandler<D> {
     async fn handle(&self, task: &ClaimedTask, ctx: &TaskContext) -> Result<(), HandlerError> {
-        let job: ActionsTask = super::payload(task)?;
-        let Some(config) = self
-            .directory
-            .lookup(job.mailbox_uid)
-            .await
-            .map_err(HandlerError::retryable)?
-        else {
+        let job: ActionsTask = task.args()?;
+        let Some(config) = super::lookup(self.directory.as_ref(), job.mailbox_uid).await? else {
             return Ok(());
         };
-        let lease = match cursor::acquire(&self.pool, &config.source, self.run_lease)
-            .await
-            .map_err(HandlerError::retryable)?
-        {
-            Acquired::Held(lease, cursor) => {
-                if let Some(until) = cursor.throttled_until.filter(|t| *t > Utc::now()) {
-                    let _ = cursor::release(&self.pool, lease).await;
-                    self.graph
-                        .governor()
-                        .pause_until(&config.source.mailbox, until);
-                    let wait = (until - Utc::now()).to_std().unwrap_or_default();
-                    return Err(HandlerError::snooze(wait.max(Duration::from_millis(200))));
-                }
-                lease
-            }
-            Acquired::Busy { .. } => return Err(HandlerError::snooze(Duration::from_secs(2))),
-        };
+        let (lease, _) = run_lease::take(
+            &self.pool,
+            &self.graph,
+            &config.source,
+            self.run_lease,
+            Duration::from_secs(2),
+        )
+        .await?;
         let result = self.run(task, ctx, &config).await;
-        if let Err(error) = cursor::release(&self.pool, lease).await {
-            tracing::warn!(%error, "cannot release the mailbox run lease; it expires on its own");
-        }
+        run_lease::give_back(&self.pool, lease).await;
         result
     }
 }
@@ -89,14 +69,9 @@ impl<D: Directory> ActionsHandler<D> {
             .mailbox(config.credentials.clone(), config.source.mailbox.clone());
         let started = Instant::now();
         loop {
-            let due: Vec<String> = sqlx::query_scalar(
-                "SELECT message_id FROM messages WHERE mailbox_uid = $1 AND actions_due ORDER BY seq LIMIT $2",
-            )
-            .bind(uid)
-            .bind(MESSAGES_PER_BATCH)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(HandlerError::retryable)?;
+            let due = ledger::actions_due(&self.pool, uid, MESSAGES_PER_BATCH)
+                .await
+                .map_err(HandlerError::retryable)?;
             if due.is_empty() {
                 return Ok(());
             }
@@ -174,17 +149,10 @@ impl<D: Directory> ActionsHandler<D> {
         if ids.is_empty() {
             return Ok(());
         }
-        let done = sqlx::query(
-            "UPDATE messages SET actions_due = false, actions_done_at = now(), delivery_state = 'delivered',
-                    delivered_at = now(), delivery_error = NULL
-             WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due",
-        )
-        .bind(uid)
-        .bind(ids)
-        .execute(&self.pool)
-        .await
-        .map_err(HandlerError::retryable)?;
-        self.metrics.messages_delivered.inc_by(done.rows_affected());
+        let done = ledger::mark_actions_done(&self.pool, uid, ids)
+            .await
+            .map_err(HandlerError::retryable)?;
+        self.metrics.messages_delivered.inc_by(done);
         Ok(())
     }
 
@@ -208,19 +176,16 @@ impl<D: Directory> ActionsHandler<D> {
         }
         tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, %error, "after-delivery actions failed");
         if task.attempt() >= task.max_attempts {
-            let result = sqlx::query(
-                // actions_due stays set: a retried or later actions task still does them.
-                "UPDATE messages SET delivery_state = 'failed', delivery_error = $3
-                 WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due",
+            let result = ledger::mark_actions_failed(
+                &self.pool,
+                config.source.uid,
+                ids,
+                &format!("after-delivery actions failed: {error}"),
             )
-            .bind(config.source.uid)
-            .bind(ids)
-            .bind(format!("after-delivery actions failed: {error}"))
-            .execute(&self.pool)
             .await;
             match result {
-                Ok(done) => {
-                    self.metrics.messages_failed.inc_by(done.rows_affected());
+                Ok(failed) => {
+                    self.metrics.messages_failed.inc_by(failed);
                 }
                 Err(db) => tracing::warn!(%db, "cannot record failed after-actions in the ledger"),
             }
@@ -236,22 +201,14 @@ impl<D: Directory> ActionsHandler<D> {
 /// the run is deduplicated against a live one: when the running task has just read an empty
 /// list of due messages and is about to finish, the new message is left with no run to do it.
 /// The leader's periodic sweep calls this to pick such messages up.
-pub async fn requeue_stranded(pool: &PgPool) -> Result<u64, crate::queue::QueueError> {
-    let uids: Vec<Uuid> =
-        sqlx::query_scalar("SELECT DISTINCT mailbox_uid FROM messages WHERE actions_due")
-            .fetch_all(pool)
-            .await
-            .map_err(crate::queue::QueueError::db(
-                "finding mailboxes with after-actions due",
-            ))?;
+pub async fn requeue_stranded(pool: &PgPool) -> Result<u64, QueueError> {
+    let uids = ledger::owners_with_actions_due(pool)
+        .await
+        .map_err(QueueError::db("finding mailboxes with after-actions due"))?;
     let tasks: Vec<NewTask> = uids
         .into_iter()
-        .map(|uid| {
-            NewTask::new(super::ACTIONS, serde_json::json!({ "mailbox_uid": uid }))
-                .owner(uid)
-                .dedupe_key(super::deliver::actions_dedupe_key(uid))
-        })
-        .collect();
-    let queued = crate::queue::enqueue_many(pool, &tasks).await?;
+        .map(|mailbox_uid| NewTask::of(&ActionsTask { mailbox_uid }))
+        .collect::<Result<_, _>>()?;
+    let queued = queue::enqueue_many(pool, &tasks).await?;
     Ok(queued.iter().filter(|task| task.fresh).count() as u64)
 }

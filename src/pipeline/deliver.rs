@@ -5,29 +5,17 @@
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::delivered::DeliveredMarks;
-use super::{ACTIONS, Directory, MailboxConfig};
+use super::tasks::{ActionsTask, DeliverTask};
 use crate::delivery::signing::message_key;
 use crate::delivery::webhook::{self, MessageView, Payload, Source, WebhookError};
+use crate::directory::{Directory, MailboxConfig};
 use crate::ledger::{self, DeliveredMark, StoredMessage};
 use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
 use crate::telemetry::metrics::SharedMetrics;
-
-/// Payload of a `deliver` task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeliverTask {
-    pub mailbox_uid: Uuid,
-    pub message_id: String,
-}
-
-/// The dedupe key of a mailbox's actions task: one batch runner per mailbox at a time.
-pub fn actions_dedupe_key(uid: Uuid) -> String {
-    format!("{ACTIONS}:{uid}")
-}
 
 pub struct DeliverHandler<D> {
     pool: PgPool,
@@ -58,13 +46,8 @@ impl<D> DeliverHandler<D> {
 
 impl<D: Directory> Handler for DeliverHandler<D> {
     async fn handle(&self, task: &ClaimedTask, _ctx: &TaskContext) -> Result<(), HandlerError> {
-        let job: DeliverTask = super::payload(task)?;
-        let Some(config) = self
-            .directory
-            .lookup(job.mailbox_uid)
-            .await
-            .map_err(HandlerError::retryable)?
-        else {
+        let job: DeliverTask = task.args()?;
+        let Some(config) = super::lookup(self.directory.as_ref(), job.mailbox_uid).await? else {
             // The MailboxPoll was deleted: nothing to deliver to any more.
             return Ok(());
         };
@@ -100,12 +83,10 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             ledger::mark_actions_due(&mut tx, job.mailbox_uid, &job.message_id)
                 .await
                 .map_err(HandlerError::retryable)?;
-            let actions = NewTask::new(
-                ACTIONS,
-                serde_json::json!({ "mailbox_uid": job.mailbox_uid }),
-            )
-            .owner(job.mailbox_uid)
-            .dedupe_key(actions_dedupe_key(job.mailbox_uid))
+            let actions = NewTask::of(&ActionsTask {
+                mailbox_uid: job.mailbox_uid,
+            })
+            .map_err(HandlerError::permanent)?
             .max_attempts(config.max_attempts);
             queue::enqueue_many_on(&mut tx, std::slice::from_ref(&actions))
                 .await

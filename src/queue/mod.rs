@@ -24,6 +24,7 @@
 //! Which transition follows a handler's result is decided by the pure [`transition`] module,
 //! with the retry delays of [`backoff`]; [`worker`] runs handlers and batches their results.
 
+mod args;
 pub mod backoff;
 pub mod stats;
 pub mod store;
@@ -37,12 +38,14 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use args::TaskArgs;
 pub use backoff::RetryPolicy;
 pub use stats::{QueueCounters, QueueCountersSnapshot, QueueDepth};
 pub use store::{
     FinishOutcome, PruneReport, RescueReport, TaskFilter, cancel_owner, cancel_pending, claim,
-    complete, depth, enqueue, enqueue_many, enqueue_many_on, fail, finish, get, heartbeat, list,
-    prune, pull_forward, release, rescue, retry_dead, snooze,
+    complete, dead_tasks, depth, enqueue, enqueue_many, enqueue_many_on, fail, finish, get,
+    heartbeat, list, live_owners_older_than, live_task, prune, pull_forward, release, rescue,
+    retry_dead, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{
@@ -171,6 +174,13 @@ impl NewTask {
         }
         Ok(())
     }
+}
+
+/// The live task of a dedupe key: pending (due at `run_at`) or running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveTask {
+    pub state: TaskState,
+    pub run_at: DateTime<Utc>,
 }
 
 /// The task an enqueue resolved to.

@@ -14,7 +14,9 @@ use uuid::Uuid;
 use super::backoff::RetryPolicy;
 use super::stats::{DepthRow, QueueDepth};
 use super::transition::{self, Transition};
-use super::{ClaimedTask, Enqueued, Lease, NewTask, QueueError, TaskRow, TaskState};
+use super::{
+    ClaimedTask, Enqueued, Lease, LiveTask, NewTask, QueueError, TaskArgs, TaskRow, TaskState,
+};
 
 /// How often enqueue retries a dedupe key whose live task finished between the conflict and
 /// the lookup. Each round needs that race to happen again, so a few rounds are plenty.
@@ -451,45 +453,90 @@ impl RescueReport {
     }
 }
 
+/// A running task whose lease ran out, as [`rescue`] reads it.
+#[derive(sqlx::FromRow)]
+struct ExpiredLease {
+    id: i64,
+    lock_token: Uuid,
+    attempts: i32,
+    max_attempts: i32,
+    locked_by: Option<String>,
+    lease_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl ExpiredLease {
+    fn lease(&self) -> Lease {
+        Lease {
+            id: self.id,
+            token: self.lock_token,
+        }
+    }
+
+    /// A lost lease is a failed attempt, decided as a handler failure is.
+    fn transition(&self, policy: &RetryPolicy) -> Transition {
+        let error = format!(
+            "the lease of worker {} expired at {} (worker stopped or lost its database)",
+            self.locked_by.as_deref().unwrap_or("?"),
+            self.lease_expires_at
+                .map(|at| at.to_rfc3339())
+                .unwrap_or_default()
+        );
+        transition::after_failure(
+            error,
+            self.attempts,
+            self.max_attempts,
+            policy,
+            rand::random::<f64>(),
+        )
+    }
+}
+
 /// Takes back up to `limit` running tasks whose lease ran out (their worker died or lost its
-/// database): each counts as an attempt, so a task that kills its worker every time ends dead.
-/// Safe to run from several replicas at once: each expired task is taken by one of them.
-pub async fn rescue<'e>(
-    executor: impl PgExecutor<'e>,
+/// database). Each counts as a failed attempt and goes the way a handler failure goes (the
+/// same pure rule, [`transition::after_failure`]): pending after a backoff of `policy` while
+/// attempts remain, else dead, so a task that kills its worker every time ends dead. Safe to
+/// run from several replicas at once: each expired task is taken by one of them.
+pub async fn rescue<'c, A>(
+    conn: A,
     limit: i64,
-) -> Result<RescueReport, QueueError> {
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "WITH expired AS MATERIALIZED (
-             SELECT id FROM tasks
+    policy: &RetryPolicy,
+) -> Result<RescueReport, QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    let mut tx = conn
+        .begin()
+        .await
+        .map_err(QueueError::db("rescue of expired leases"))?;
+    let expired: Vec<ExpiredLease> = sqlx::query_as(
+        "SELECT id, lock_token, attempts, max_attempts, locked_by, lease_expires_at
+             FROM tasks
              WHERE state = 'running' AND lease_expires_at < now()
              ORDER BY lease_expires_at
              LIMIT $1
-             FOR UPDATE SKIP LOCKED
-         )
-         UPDATE tasks t
-         SET attempts = t.attempts + 1,
-             state = CASE WHEN t.attempts + 1 >= t.max_attempts THEN 'dead' ELSE 'pending' END,
-             run_at = now(),
-             last_error = 'the lease of worker ' || t.locked_by || ' expired at '
-                          || t.lease_expires_at || ' (worker stopped or lost its database)',
-             lock_token = NULL,
-             lease_expires_at = NULL,
-             finished_at = CASE WHEN t.attempts + 1 >= t.max_attempts THEN now() END,
-             updated_at = now()
-         FROM expired
-         WHERE t.id = expired.id AND t.state = 'running'
-         RETURNING t.id, t.state",
+             FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
-    .fetch_all(executor)
+    .fetch_all(&mut *tx)
     .await
     .map_err(QueueError::db("rescue of expired leases"))?;
+    let items: Vec<(Lease, Transition)> = expired
+        .into_iter()
+        .map(|expired| (expired.lease(), expired.transition(policy)))
+        .collect();
+    let outcome = finish(&mut *tx, &items).await?;
+    tx.commit()
+        .await
+        .map_err(QueueError::db("rescue of expired leases"))?;
     let mut report = RescueReport::default();
-    for (id, state) in rows {
-        if state == TaskState::Dead.as_str() {
-            report.dead.push(id);
+    for (lease, transition) in &items {
+        if !outcome.applied.contains(&lease.id) {
+            continue;
+        }
+        if transition.state() == TaskState::Dead {
+            report.dead.push(lease.id);
         } else {
-            report.requeued.push(id);
+            report.requeued.push(lease.id);
         }
     }
     Ok(report)
@@ -644,6 +691,58 @@ pub async fn cancel_pending<'e>(
     .await
     .map_err(QueueError::db("cancelling a pending task"))?;
     Ok(result.rows_affected() > 0)
+}
+
+/// The live (pending or running) task holding `dedupe_key`, if any.
+pub async fn live_task<'e>(
+    executor: impl PgExecutor<'e>,
+    dedupe_key: &str,
+) -> Result<Option<LiveTask>, QueueError> {
+    let row: Option<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT state, run_at FROM tasks WHERE dedupe_key = $1 AND state IN ('pending', 'running')",
+    )
+    .bind(dedupe_key)
+    .fetch_optional(executor)
+    .await
+    .map_err(QueueError::db("reading a live task"))?;
+    Ok(row.and_then(|(state, run_at)| {
+        let state = state.parse().ok()?;
+        Some(LiveTask { state, run_at })
+    }))
+}
+
+/// Owners of live tasks created more than `min_age` ago (candidates of the sweep of deleted
+/// MailboxPolls).
+pub async fn live_owners_older_than<'e>(
+    executor: impl PgExecutor<'e>,
+    min_age: Duration,
+) -> Result<Vec<Uuid>, QueueError> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT owner_uid FROM tasks
+         WHERE owner_uid IS NOT NULL AND state IN ('pending', 'running')
+           AND created_at < now() - $1 * interval '1 microsecond'",
+    )
+    .bind(micros(min_age))
+    .fetch_all(executor)
+    .await
+    .map_err(QueueError::db("listing owners of live tasks"))
+}
+
+/// The arguments and last error of every dead task of kind `A` (payloads that do not parse
+/// are left out: nothing can be done with them).
+pub async fn dead_tasks<'e, A: TaskArgs>(
+    executor: impl PgExecutor<'e>,
+) -> Result<Vec<(A, Option<String>)>, QueueError> {
+    let rows: Vec<(serde_json::Value, Option<String>)> =
+        sqlx::query_as("SELECT payload, last_error FROM tasks WHERE kind = $1 AND state = 'dead'")
+            .bind(A::KIND)
+            .fetch_all(executor)
+            .await
+            .map_err(QueueError::db("listing dead tasks"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(payload, error)| Some((serde_json::from_value(payload).ok()?, error)))
+        .collect())
 }
 
 /// Which tasks [`list`] shows.

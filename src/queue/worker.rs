@@ -888,7 +888,7 @@ const MAINTENANCE_ROUNDS: usize = 20;
 
 async fn rescue_expired(shared: &Shared) {
     for _ in 0..MAINTENANCE_ROUNDS {
-        match store::rescue(&shared.db, shared.config.rescue_batch).await {
+        match store::rescue(&shared.db, shared.config.rescue_batch, &shared.config.retry).await {
             Ok(report) => {
                 if report.total() > 0 {
                     tracing::warn!(

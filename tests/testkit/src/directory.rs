@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use mailpoll::pipeline::{ConfigError, Directory, MailboxConfig};
+use mailpoll::directory::{ConfigError, Directory, MailboxConfig};
 use uuid::Uuid;
 
 /// MailboxPolls by uid; clone it to share with handlers and keep changing it from the test.

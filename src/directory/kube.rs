@@ -18,10 +18,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::{ConfigError, Directory, MailboxConfig};
+use crate::cursor::Source;
 use crate::delivery::webhook::{Endpoint, SigningKey};
 use crate::graph::{ClientSecret, Credentials};
-use crate::pipeline::cursor::Source;
-use crate::pipeline::{ConfigError, Directory, MailboxConfig};
 use crate::resource::{MailboxPoll, parse_duration};
 
 /// Which namespaces the operator watches.

@@ -1,4 +1,6 @@
-//! The per-mailbox cursor and the mailbox run lease.
+//! The per-mailbox cursor (`mailbox_cursors`, every statement on it is here): where the next
+//! delta round starts, the mailbox run lease, the shared `throttled_until`, and the times of
+//! the last poll.
 //!
 //! A poll (or a batch of after-actions) takes the mailbox's run lease first, so one run per
 //! mailbox talks to Graph at a time across every replica. The lease token fences the cursor:
@@ -256,4 +258,51 @@ pub async fn delete(pool: &PgPool, uid: Uuid) -> Result<(), sqlx::Error> {
         .execute(pool)
         .await?;
     Ok(())
+}
+
+/// The cursor as it is now (a forced poll's extra round starts from it).
+pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Cursor, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT delta_link, round_next_link, watermark, throttled_until
+         FROM mailbox_cursors WHERE mailbox_uid = $1",
+    )
+    .bind(uid)
+    .fetch_one(pool)
+    .await
+}
+
+/// Notes that a poll of the MailboxPoll started, in the caller's transaction.
+pub async fn note_poll_started(conn: &mut PgConnection, uid: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE mailbox_cursors SET last_poll_started_at = now() WHERE mailbox_uid = $1")
+        .bind(uid)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Notes that a poll of the MailboxPoll finished, in the caller's transaction.
+pub async fn note_poll_finished(conn: &mut PgConnection, uid: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE mailbox_cursors SET last_poll_finished_at = now() WHERE mailbox_uid = $1")
+        .bind(uid)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// MailboxPolls with a cursor older than `min_age`, in `namespaces` (all when `None`): the
+/// candidates of the leader's sweep of deleted MailboxPolls.
+pub async fn owners_older_than(
+    pool: &PgPool,
+    min_age: Duration,
+    namespaces: Option<&[String]>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT mailbox_uid FROM mailbox_cursors
+         WHERE created_at < now() - $1 * interval '1 millisecond'
+           AND ($2::text[] IS NULL OR namespace = ANY($2))",
+    )
+    .bind(millis(min_age))
+    .bind(namespaces)
+    .fetch_all(pool)
+    .await
 }

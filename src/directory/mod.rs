@@ -1,0 +1,78 @@
+//! The MailboxPolls as workers see them: every replica keeps a watch cache of the resources
+//! and reads their Secrets on demand, so a spec change applies to the next task.
+//!
+//! [`Directory`] is what the pipeline asks ("what is MailboxPoll `uid` now?"); [`kube`] answers
+//! it from the Kubernetes API. Tests answer it from a fixed table.
+
+pub mod kube;
+
+use std::future::Future;
+
+use uuid::Uuid;
+
+use crate::cursor::Source;
+use crate::delivery::webhook::Endpoint;
+use crate::graph::Credentials;
+use crate::reason::Reason;
+
+pub use self::kube::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
+
+/// Everything a worker needs to know about a MailboxPoll, resolved from Kubernetes (the
+/// resource and its Secrets) when a task runs.
+#[derive(Debug, Clone)]
+pub struct MailboxConfig {
+    pub source: Source,
+    /// The app registration's credentials, from the referenced Secret.
+    pub credentials: Credentials,
+    pub webhook: Option<Endpoint>,
+    pub include_body: bool,
+    pub mark_as_read: bool,
+    pub move_to_folder: Option<String>,
+    pub max_attempts: i32,
+}
+
+impl MailboxConfig {
+    /// Whether a recorded message has anything left to do after the webhook.
+    pub fn has_after_actions(&self) -> bool {
+        self.mark_as_read || self.move_to_folder.is_some()
+    }
+
+    /// Whether a recorded message needs a deliver task at all.
+    pub fn has_per_message_work(&self) -> bool {
+        self.webhook.is_some() || self.has_after_actions()
+    }
+}
+
+/// Why a MailboxPoll's configuration could not be resolved; each maps to a condition reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Secret {namespace}/{name} not found")]
+    SecretNotFound { namespace: String, name: String },
+    #[error("Secret {namespace}/{name} has no key {key:?}")]
+    SecretKeyMissing {
+        namespace: String,
+        name: String,
+        key: String,
+    },
+    #[error("cannot read the MailboxPoll or its Secrets: {0}")]
+    Unavailable(String),
+}
+
+impl ConfigError {
+    /// The reason users see on the condition.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::SecretNotFound { .. } => Reason::SecretNotFound,
+            Self::SecretKeyMissing { .. } => Reason::SecretKeyMissing,
+            Self::Unavailable(_) => Reason::KubernetesUnavailable,
+        }
+    }
+}
+
+/// Looks MailboxPolls up by uid. `Ok(None)` means the resource no longer exists.
+pub trait Directory: Send + Sync + 'static {
+    fn lookup(
+        &self,
+        uid: Uuid,
+    ) -> impl Future<Output = Result<Option<MailboxConfig>, ConfigError>> + Send;
+}

@@ -1,0 +1,213 @@
+//! One page of a round, committed in ONE transaction, in order with the pages around it.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::oneshot;
+
+use super::RoundError;
+use super::rows::split_page;
+use crate::cursor::{self, RunLease};
+use crate::directory::MailboxConfig;
+use crate::graph::{Page, PageLink};
+use crate::ledger::{self, DeliveryState};
+use crate::pipeline::tasks::DeliverTask;
+use crate::poll_log::{self, Progress};
+use crate::queue::{self, NewTask};
+
+/// The commit order of a round's pages: each page is linked to the one handed out before it.
+#[derive(Default)]
+pub(super) struct PageChain {
+    previous: Option<Predecessor>,
+}
+
+impl PageChain {
+    /// The place of `page` in the round: after the page handed out before it.
+    pub(super) fn next_link(&mut self, page: &Page) -> ChainLink {
+        let ids = page.messages.iter().map(|m| m.id.clone()).collect();
+        let (began, has_begun) = oneshot::channel();
+        let (committed, has_committed) = oneshot::channel();
+        ChainLink {
+            previous: self.previous.replace(Predecessor {
+                ids,
+                began: has_begun,
+                committed: has_committed,
+            }),
+            began,
+            committed,
+        }
+    }
+}
+
+/// A page's place in the round's commit order.
+pub(super) struct ChainLink {
+    previous: Option<Predecessor>,
+    /// Told once this page holds its connection.
+    began: oneshot::Sender<()>,
+    /// Told once this page has committed; dropped unsent when it failed.
+    committed: oneshot::Sender<()>,
+}
+
+/// The previous page of a round, as the next page sees it.
+struct Predecessor {
+    /// Ids of every item on it.
+    ids: HashSet<String>,
+    began: oneshot::Receiver<()>,
+    committed: oneshot::Receiver<()>,
+}
+
+/// What every page of one round shares.
+pub(super) struct PageContext<'a> {
+    pub pool: &'a PgPool,
+    pub config: &'a MailboxConfig,
+    pub lease: RunLease,
+    pub poll_id: i64,
+    /// The mailbox run lease, extended with every committed page.
+    pub run_lease: Duration,
+    /// What the committed pages did; a page adds to it once it has committed.
+    pub stats: &'a Mutex<Progress>,
+}
+
+impl PageContext<'_> {
+    /// Records one page in ONE transaction: ledger rows, deliver tasks for new messages, the
+    /// cursor, the poll's counters. Returns how many messages were new.
+    ///
+    /// The rows are inserted while the previous page may still be committing (on another
+    /// connection); everything else waits until it has committed, so pages commit in order
+    /// and a failed page fails every page after it. Messages the previous page also carries
+    /// are left to it: the ledger would ignore them once it commits, and inserting them here
+    /// first would make the two transactions wait on each other.
+    pub(super) async fn commit(
+        &self,
+        page: Page,
+        link: ChainLink,
+        graph_requests: i32,
+    ) -> Result<u64, RoundError> {
+        let ChainLink {
+            mut previous,
+            began,
+            committed,
+        } = link;
+        if let Some(previous) = &mut previous {
+            // A page takes a connection only once the page before it holds one. A page that
+            // waits for its predecessor's commit while holding a connection is then never
+            // what keeps that predecessor from getting one, however small the pool.
+            (&mut previous.began)
+                .await
+                .map_err(|_| RoundError::PreviousPageFailed)?;
+        }
+        let mut tx = self.pool.begin().await?;
+        let _ = began.send(());
+        match self.record(&mut tx, page, previous, graph_requests).await {
+            Ok((counted, new)) => {
+                tx.commit().await?;
+                // Counted only once committed: a failed page leaves the stats as they were.
+                *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = counted;
+                let _ = committed.send(());
+                Ok(new)
+            }
+            Err(error) => {
+                // At once rather than when the connection is next used: the next page may be
+                // waiting in Postgres for a row this transaction holds.
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(%rollback, "cannot roll back a failed page");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The statements of [`Self::commit`]; returns the round's stats with this page counted
+    /// and how many of its messages were new.
+    async fn record(
+        &self,
+        tx: &mut PgConnection,
+        page: Page,
+        previous: Option<Predecessor>,
+        graph_requests: i32,
+    ) -> Result<(Progress, u64), RoundError> {
+        let config = self.config;
+        let items = i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
+        let resynced = page.resynced;
+        let link = page.link;
+        let mut items_to_record = page.messages;
+        if let Some(previous) = &previous {
+            // Removals stay: one of a message the previous page recorded waits for that row.
+            items_to_record.retain(|m| m.removed.is_some() || !previous.ids.contains(&m.id));
+        }
+        let (messages, removals) = split_page(items_to_record);
+        let watermark = messages.iter().filter_map(|m| m.received_at).max();
+        let state_for_new = if config.has_per_message_work() {
+            DeliveryState::Pending
+        } else {
+            DeliveryState::None
+        };
+        let recorded = ledger::record_page(
+            &mut *tx,
+            config.source.uid,
+            &messages,
+            &removals,
+            state_for_new,
+        )
+        .await?;
+        drop(messages);
+        if let Some(previous) = previous {
+            previous
+                .committed
+                .await
+                .map_err(|_| RoundError::PreviousPageFailed)?;
+        }
+        let mut counted = *self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        if resynced && !counted.resynced {
+            counted.resynced = true;
+            cursor::start_resync(&mut *tx, self.lease).await?;
+            tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
+        }
+        if config.has_per_message_work() {
+            let tasks = deliver_tasks(config, &recorded.new_ids)?;
+            queue::enqueue_many_on(&mut *tx, &tasks).await?;
+        }
+        self.advance_cursor(tx, &link, watermark).await?;
+        counted.graph_requests = graph_requests;
+        counted.pages += 1;
+        counted.seen += items;
+        counted.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
+        poll_log::record_progress(&mut *tx, self.poll_id, counted).await?;
+        Ok((counted, recorded.new_ids.len() as u64))
+    }
+
+    /// Moves the cursor past this page: the round's continuation, or its end.
+    async fn advance_cursor(
+        &self,
+        tx: &mut PgConnection,
+        link: &PageLink,
+        watermark: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(), RoundError> {
+        match link {
+            PageLink::Next(next) => {
+                cursor::save_progress(tx, self.lease, Some(next), watermark, self.run_lease).await?
+            }
+            PageLink::Delta(delta) => {
+                cursor::finish_round(tx, self.lease, Some(delta), watermark).await?
+            }
+            PageLink::End => cursor::finish_round(tx, self.lease, None, watermark).await?,
+        }
+        Ok(())
+    }
+}
+
+/// The deliver tasks of newly recorded messages.
+fn deliver_tasks(config: &MailboxConfig, new_ids: &[String]) -> Result<Vec<NewTask>, RoundError> {
+    new_ids
+        .iter()
+        .map(|id| {
+            let task = NewTask::of(&DeliverTask {
+                mailbox_uid: config.source.uid,
+                message_id: id.clone(),
+            })?;
+            Ok(task.max_attempts(config.max_attempts))
+        })
+        .collect()
+}

@@ -1,0 +1,64 @@
+//! The pipeline's task kinds and their arguments.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::queue::TaskArgs;
+
+/// One delta round (or a few, for forced polls that arrive meanwhile) of a MailboxPoll.
+/// At most one is pending or running per MailboxPoll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollTask {
+    pub mailbox_uid: Uuid,
+}
+
+impl TaskArgs for PollTask {
+    const KIND: &'static str = "poll";
+
+    fn owner(&self) -> Option<Uuid> {
+        Some(self.mailbox_uid)
+    }
+
+    fn dedupe_key(&self) -> Option<String> {
+        Some(poll_dedupe_key(self.mailbox_uid))
+    }
+}
+
+/// The dedupe key of a MailboxPoll's poll task.
+pub fn poll_dedupe_key(uid: Uuid) -> String {
+    format!("{}:{uid}", PollTask::KIND)
+}
+
+/// The webhook step of one recorded message, then its after-actions queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverTask {
+    pub mailbox_uid: Uuid,
+    pub message_id: String,
+}
+
+impl TaskArgs for DeliverTask {
+    const KIND: &'static str = "deliver";
+
+    fn owner(&self) -> Option<Uuid> {
+        Some(self.mailbox_uid)
+    }
+}
+
+/// The queued after-actions (mark read, move) of one MailboxPoll, batched. One batch runner
+/// per MailboxPoll at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionsTask {
+    pub mailbox_uid: Uuid,
+}
+
+impl TaskArgs for ActionsTask {
+    const KIND: &'static str = "actions";
+
+    fn owner(&self) -> Option<Uuid> {
+        Some(self.mailbox_uid)
+    }
+
+    fn dedupe_key(&self) -> Option<String> {
+        Some(format!("{}:{}", Self::KIND, self.mailbox_uid))
+    }
+}

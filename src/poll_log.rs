@@ -1,0 +1,242 @@
+//! The poll log (`polls`, `poll_requests`; every statement on them is here): one row per poll
+//! round with what it did and how it ended, and every forced-poll request
+//! (`mailpoll.dev/poll-requested-at` value) with the poll that served it.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::reason::Reason;
+
+/// What a poll round did so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub pages: i32,
+    /// Graph calls of the round, retries included (tokens are counted by the token cache).
+    pub graph_requests: i32,
+    pub seen: i32,
+    pub new: i32,
+    pub resynced: bool,
+}
+
+/// Starts a poll row; returns its id.
+pub async fn start(conn: &mut PgConnection, uid: Uuid, task_id: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("INSERT INTO polls (mailbox_uid, task_id) VALUES ($1, $2) RETURNING id")
+        .bind(uid)
+        .bind(task_id)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// Records a round's progress (with each committed page, in the page's transaction).
+pub async fn record_progress(
+    conn: &mut PgConnection,
+    poll_id: i64,
+    progress: Progress,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE polls SET pages = $2, graph_requests = $6, messages_seen = $3, messages_new = $4,
+                          resynced = $5
+         WHERE id = $1",
+    )
+    .bind(poll_id)
+    .bind(progress.pages)
+    .bind(progress.seen)
+    .bind(progress.new)
+    .bind(progress.resynced)
+    .bind(progress.graph_requests)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Ends a poll: succeeded, or failed with a reason and a message. Returns its MailboxPoll.
+pub async fn finish(
+    conn: &mut PgConnection,
+    poll_id: i64,
+    failure: Option<(Reason, &str)>,
+) -> Result<Uuid, sqlx::Error> {
+    let outcome = if failure.is_some() {
+        "failed"
+    } else {
+        "succeeded"
+    };
+    sqlx::query_scalar(
+        "UPDATE polls SET finished_at = now(), outcome = $2, error_reason = $3, error_message = $4
+         WHERE id = $1 RETURNING mailbox_uid",
+    )
+    .bind(poll_id)
+    .bind(outcome)
+    .bind(failure.map(|(reason, _)| reason.as_str()))
+    .bind(failure.map(|(_, message)| message))
+    .fetch_one(&mut *conn)
+    .await
+}
+
+/// Records a forced-poll request. Returns whether the value is new: each value is accepted
+/// once per MailboxPoll, forever (across leader changes and restarts).
+pub async fn request(pool: &PgPool, uid: Uuid, value: &str) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO poll_requests (mailbox_uid, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(uid)
+    .bind(value)
+    .execute(pool)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Marks forced-poll requests made before `round_started` as served by this task, and names
+/// the newest of them on the round's `polls` row. Returns whether requests made since are
+/// still waiting (they need a round of their own).
+pub async fn serve_requests(
+    pool: &PgPool,
+    uid: Uuid,
+    task_id: i64,
+    poll_id: i64,
+    round_started: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query(
+        "WITH served AS (
+             UPDATE poll_requests SET served_at = now(), task_id = $2
+             WHERE mailbox_uid = $1 AND served_at IS NULL AND requested_at <= $3
+             RETURNING value, requested_at
+         )
+         UPDATE polls
+            SET poll_request = (SELECT value FROM served ORDER BY requested_at DESC LIMIT 1)
+          WHERE id = $4 AND EXISTS (SELECT 1 FROM served)",
+    )
+    .bind(uid)
+    .bind(task_id)
+    .bind(round_started)
+    .bind(poll_id)
+    .execute(pool)
+    .await?;
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM poll_requests WHERE mailbox_uid = $1 AND served_at IS NULL)",
+    )
+    .bind(uid)
+    .fetch_one(pool)
+    .await
+}
+
+/// What the scheduler needs: when the last poll started, and whether forced polls wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct ScheduleFacts {
+    pub last_started: Option<DateTime<Utc>>,
+    pub waiting_requests: bool,
+}
+
+pub async fn schedule_facts(pool: &PgPool, uid: Uuid) -> Result<ScheduleFacts, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT (SELECT max(started_at) FROM polls WHERE mailbox_uid = $1) AS last_started,
+                EXISTS (SELECT 1 FROM poll_requests WHERE mailbox_uid = $1 AND served_at IS NULL)
+                    AS waiting_requests",
+    )
+    .bind(uid)
+    .fetch_one(pool)
+    .await
+}
+
+/// One finished poll.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FinishedPoll {
+    pub id: i64,
+    pub finished_at: DateTime<Utc>,
+    pub succeeded: bool,
+    pub messages_new: i32,
+    pub resynced: bool,
+    pub error_reason: Option<String>,
+    pub error_message: Option<String>,
+}
+
+impl FinishedPoll {
+    /// Why it failed (`None` when it succeeded).
+    pub fn reason(&self) -> Option<Reason> {
+        (!self.succeeded).then(|| Reason::parse(self.error_reason.as_deref().unwrap_or("")))
+    }
+
+    /// Whether its outcome says whether the MailboxPoll works: it succeeded, or failed for a
+    /// reason that needs someone to act (not throttling, not a configuration error).
+    pub fn is_decisive(&self) -> bool {
+        self.reason().is_none_or(Reason::decides_readiness)
+    }
+}
+
+/// The latest finished poll.
+pub async fn latest_finished(
+    conn: &mut PgConnection,
+    uid: Uuid,
+) -> Result<Option<FinishedPoll>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, resynced,
+                error_reason, error_message
+         FROM polls WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
+         ORDER BY started_at DESC, id DESC LIMIT 1",
+    )
+    .bind(uid)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// The latest finished poll that is [decisive](FinishedPoll::is_decisive).
+pub async fn latest_decisive(
+    conn: &mut PgConnection,
+    uid: Uuid,
+) -> Result<Option<FinishedPoll>, sqlx::Error> {
+    let undecisive: Vec<&str> = Reason::ALL
+        .into_iter()
+        .filter(|reason| !reason.decides_readiness())
+        .map(Reason::as_str)
+        .collect();
+    sqlx::query_as(
+        "SELECT id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, resynced,
+                error_reason, error_message
+         FROM polls
+         WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
+           AND (outcome = 'succeeded' OR NOT (error_reason = ANY($2)))
+         ORDER BY started_at DESC, id DESC LIMIT 1",
+    )
+    .bind(uid)
+    .bind(undecisive)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// Totals over a MailboxPoll's polls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct Summary {
+    pub last_success: Option<DateTime<Utc>>,
+    /// Highest poll id that was a resync.
+    pub last_resync_poll: Option<i64>,
+    pub last_poll_id: Option<i64>,
+    /// Whether the latest poll is still running.
+    pub latest_open: Option<bool>,
+}
+
+pub async fn summary(conn: &mut PgConnection, uid: Uuid) -> Result<Summary, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT max(finished_at) FILTER (WHERE outcome = 'succeeded') AS last_success,
+                max(id) FILTER (WHERE resynced) AS last_resync_poll, max(id) AS last_poll_id,
+                (SELECT finished_at IS NULL FROM polls WHERE mailbox_uid = $1
+                 ORDER BY started_at DESC, id DESC LIMIT 1) AS latest_open
+         FROM polls WHERE mailbox_uid = $1",
+    )
+    .bind(uid)
+    .fetch_one(&mut *conn)
+    .await
+}
+
+/// The forced-poll request served last.
+pub async fn last_handled_request(
+    conn: &mut PgConnection,
+    uid: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT value FROM poll_requests WHERE mailbox_uid = $1 AND served_at IS NOT NULL
+         ORDER BY served_at DESC, requested_at DESC LIMIT 1",
+    )
+    .bind(uid)
+    .fetch_optional(&mut *conn)
+    .await
+}
