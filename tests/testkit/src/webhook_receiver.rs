@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use mailpoll::delivery::signing::{
     self, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
@@ -17,13 +18,23 @@ use mailpoll::delivery::signing::{
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+/// The body of a "garbage" rejection: NUL bytes, control characters, a terminal escape
+/// sequence and bytes that are not UTF-8, though labelled UTF-8 text. A client that stores
+/// or logs a receiver's answer as is meets everything Postgres `text` and `jsonb` refuse.
+pub const GARBAGE_BODY: &[u8] =
+    b"refused\x00 by\x01 the\x07 receiver\x1b[31m red\x7f \xff\xfe\xc3\x28 \xed\xa0\x80 end\x00";
+
 /// How the receiver answers.
 #[derive(Default)]
 struct Faults {
     /// Keys answered 400 until cleared (permanent rejection).
     rejected: HashSet<String>,
+    /// Keys answered 400 with `GARBAGE_BODY` until cleared.
+    garbage_rejected: HashSet<String>,
     /// The next N requests answered 503, whatever their key.
     fail_next: usize,
+    /// The next N requests answered 400 with `GARBAGE_BODY`, whatever their key.
+    garbage_next: usize,
     /// Every request answered 503 with this probability, from a seeded generator.
     failure_rate: f64,
     /// Requests that succeed but whose answer is delayed (to provoke client timeouts).
@@ -137,6 +148,18 @@ impl WebhookReceiver {
         lock(&self.shared.faults).rejected.insert(key.to_owned());
     }
 
+    /// Answer 400 with `GARBAGE_BODY` to this key until `clear_faults`.
+    pub fn reject_with_garbage(&self, key: &str) {
+        lock(&self.shared.faults)
+            .garbage_rejected
+            .insert(key.to_owned());
+    }
+
+    /// Answer 400 with `GARBAGE_BODY` to the next `n` requests.
+    pub fn garbage_next(&self, n: usize) {
+        lock(&self.shared.faults).garbage_next = n;
+    }
+
     /// Answer 503 to the next `n` requests.
     pub fn fail_next(&self, n: usize) {
         lock(&self.shared.faults).fail_next = n;
@@ -155,7 +178,9 @@ impl WebhookReceiver {
     pub fn clear_faults(&self) {
         let mut faults = lock(&self.shared.faults);
         faults.rejected.clear();
+        faults.garbage_rejected.clear();
         faults.fail_next = 0;
+        faults.garbage_next = 0;
         faults.failure_rate = 0.0;
         faults.delay = None;
     }
@@ -169,11 +194,42 @@ fn next_unit(state: &mut u64) -> f64 {
     (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn receive(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, &'static str) {
+/// An injected failure: a status and a body.
+struct Failure(StatusCode, &'static [u8]);
+
+impl Failure {
+    const REFUSED: Self = Self(StatusCode::BAD_REQUEST, b"message refused by the receiver");
+    const GARBAGE: Self = Self(StatusCode::BAD_REQUEST, GARBAGE_BODY);
+    const UNAVAILABLE: Self = Self(StatusCode::SERVICE_UNAVAILABLE, b"temporarily unavailable");
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let content_type = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+        (self.0, content_type, Bytes::from_static(self.1)).into_response()
+    }
+}
+
+/// The injected failure this request gets, if any; consumes "next N" orders.
+fn injected_failure(faults: &mut Faults, key: &str) -> Option<Failure> {
+    if faults.rejected.contains(key) {
+        Some(Failure::REFUSED)
+    } else if faults.garbage_rejected.contains(key) {
+        Some(Failure::GARBAGE)
+    } else if faults.fail_next > 0 {
+        faults.fail_next -= 1;
+        Some(Failure::UNAVAILABLE)
+    } else if faults.garbage_next > 0 {
+        faults.garbage_next -= 1;
+        Some(Failure::GARBAGE)
+    } else if faults.failure_rate > 0.0 && next_unit(&mut faults.rng) < faults.failure_rate {
+        Some(Failure::UNAVAILABLE)
+    } else {
+        None
+    }
+}
+
+async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let header = |name: &str| {
         headers
             .get(name)
@@ -183,7 +239,7 @@ async fn receive(
     lock(&shared.ledger).requests += 1;
     let Some(key) = header(IDEMPOTENCY_KEY_HEADER) else {
         lock(&shared.ledger).failed_attempts += 1;
-        return (StatusCode::BAD_REQUEST, "missing Idempotency-Key");
+        return (StatusCode::BAD_REQUEST, "missing Idempotency-Key").into_response();
     };
     if let Some(secret) = &shared.signing_secret {
         let timestamp = header(TIMESTAMP_HEADER).and_then(|t| t.parse::<i64>().ok());
@@ -193,31 +249,21 @@ async fn receive(
             let mut ledger = lock(&shared.ledger);
             ledger.bad_signatures += 1;
             ledger.failed_attempts += 1;
-            return (StatusCode::UNAUTHORIZED, "bad signature");
+            return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
         }
     }
     // Validated without building a tree; `payloads` parses on demand.
     if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
         lock(&shared.ledger).failed_attempts += 1;
-        return (StatusCode::BAD_REQUEST, "body is not JSON");
+        return (StatusCode::BAD_REQUEST, "body is not JSON").into_response();
     }
     let (verdict, delay) = {
         let mut faults = lock(&shared.faults);
-        let verdict = if faults.rejected.contains(&key) {
-            Some((StatusCode::BAD_REQUEST, "message refused by the receiver"))
-        } else if faults.fail_next > 0 {
-            faults.fail_next -= 1;
-            Some((StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable"))
-        } else if faults.failure_rate > 0.0 && next_unit(&mut faults.rng) < faults.failure_rate {
-            Some((StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable"))
-        } else {
-            None
-        };
-        (verdict, faults.delay)
+        (injected_failure(&mut faults, &key), faults.delay)
     };
     if let Some(failure) = verdict {
         lock(&shared.ledger).failed_attempts += 1;
-        return failure;
+        return failure.into_response();
     }
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
@@ -225,5 +271,56 @@ async fn receive(
     let mut ledger = lock(&shared.ledger);
     *ledger.successes.entry(key.clone()).or_default() += 1;
     ledger.payloads.insert(key, body);
-    (StatusCode::NO_CONTENT, "")
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn deliver(receiver: &WebhookReceiver, key: &str) -> (StatusCode, Bytes) {
+        let response = reqwest::Client::new()
+            .post(receiver.url())
+            .header(IDEMPOTENCY_KEY_HEADER, key)
+            .header("content-type", "application/json")
+            .body(r#"{"subject":"Invoice 4471"}"#)
+            .send()
+            .await
+            .expect("delivery");
+        let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
+        (status, response.bytes().await.expect("body"))
+    }
+
+    fn is_garbage(body: &[u8]) -> bool {
+        body == GARBAGE_BODY
+            && body.contains(&0)
+            && body.contains(&0x1b)
+            && std::str::from_utf8(body).is_err()
+    }
+
+    #[tokio::test]
+    async fn garbage_rejections_carry_nul_control_characters_and_invalid_utf8() {
+        mailpoll::install_crypto_provider();
+        let receiver = WebhookReceiver::start(None).await.expect("receiver");
+
+        receiver.garbage_next(2);
+        for key in ["a", "b"] {
+            let (status, body) = deliver(&receiver, key).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(is_garbage(&body), "{body:?}");
+        }
+        assert_eq!(deliver(&receiver, "a").await.0, StatusCode::NO_CONTENT);
+
+        receiver.reject_with_garbage("c");
+        for _ in 0..2 {
+            let (status, body) = deliver(&receiver, "c").await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "every time");
+            assert!(is_garbage(&body), "{body:?}");
+        }
+        assert_eq!(deliver(&receiver, "d").await.0, StatusCode::NO_CONTENT);
+        assert_eq!(receiver.failed_attempts(), 4);
+        receiver.clear_faults();
+        assert_eq!(deliver(&receiver, "c").await.0, StatusCode::NO_CONTENT);
+        assert_eq!(receiver.successes().get("c"), Some(&1));
+    }
 }

@@ -15,6 +15,7 @@
 //! | GET | `/_admin/mailboxes/{upn}/messages/{id}` | | the message |
 //! | DELETE | `/_admin/mailboxes/{upn}/messages/{id}` | | 204 |
 //! | POST | `/_admin/mailboxes/{upn}/messages/{id}/move` | `{"destination"}` | `MessageIds` |
+//! | PUT | `/_admin/mailboxes/{upn}/messages/{id}/read` | `{"isRead"}` | 204 |
 
 use axum::Json;
 use axum::http::{Method, StatusCode};
@@ -42,6 +43,12 @@ struct AddMessages {
     count: Option<usize>,
     messages: Vec<NewMessage>,
     late: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReadFlag {
+    is_read: bool,
 }
 
 #[derive(Deserialize)]
@@ -142,6 +149,10 @@ fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Result<Re
                 Ok(ids) => Json(ids).into_response(),
                 Err(error) => failed(error),
             }
+        }
+        ("PUT", ["mailboxes", upn, "messages", id, "read"]) => {
+            let flag: ReadFlag = parse(body)?;
+            done(shared.set_read(upn, id, flag.is_read))
         }
         _ => (
             StatusCode::NOT_FOUND,

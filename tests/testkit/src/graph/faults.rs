@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::state::EvictionResponse;
+use super::state::{EvictionResponse, FILTERED_DELTA_CAP};
 
 /// Behaviours of the emulator, all switchable while requests run. The defaults are Graph on a
 /// good day: 4 concurrent requests per mailbox, no budget, no injected faults.
@@ -45,6 +46,23 @@ pub struct Faults {
     pub unselected_page_limit: Option<usize>,
     /// Lifetime of issued access tokens.
     pub token_lifetime_secs: u64,
+    /// Most messages a delta round started with `$filter` returns; the rest of the round is
+    /// dropped silently (Graph: 5,000). Rounds from that round's delta token keep the cap
+    /// and the filter.
+    pub filtered_delta_cap: usize,
+    /// List and delta pages holding one of these message ids (immutable or default) are
+    /// malformed (as `malformed_kind` says) every time they are served.
+    pub poison_ids: Vec<String>,
+    /// How `Retry-After` is written on 429s (Graph's, the token endpoint's, `$batch`'s).
+    pub retry_after_format: RetryAfterFormat,
+    /// Error bodies (Graph's `message`, the token endpoint's `error_description`) end with
+    /// NUL and other control characters.
+    pub control_chars_in_errors: bool,
+    /// Updated messages (not new, not moved in) appear in delta with only `id` and the
+    /// properties changed since the round's cursor.
+    pub partial_updates: bool,
+    pub token_endpoint: TokenEndpointFaults,
+    pub batch: BatchFaults,
 }
 
 impl Default for Faults {
@@ -66,6 +84,132 @@ impl Default for Faults {
             skip_jump: 0,
             unselected_page_limit: None,
             token_lifetime_secs: 3599,
+            filtered_delta_cap: FILTERED_DELTA_CAP,
+            poison_ids: Vec::new(),
+            retry_after_format: RetryAfterFormat::Seconds,
+            control_chars_in_errors: false,
+            partial_updates: false,
+            token_endpoint: TokenEndpointFaults::default(),
+            batch: BatchFaults::default(),
+        }
+    }
+}
+
+/// Control characters appended to error texts when `control_chars_in_errors` is on: NUL
+/// (which Postgres `text` and `jsonb` refuse), SOH, ESC with a terminal colour sequence, DEL.
+pub const CONTROL_CHARS: &str = "\u{0}\u{1}\u{1b}[31m\u{7f}\u{0}";
+
+/// `Retry-After` of a response far in the future, for overflow tests (about 31,700 years).
+pub const HUGE_RETRY_AFTER_SECS: u64 = 1_000_000_000_000;
+
+/// How `Retry-After` is written on a 429.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RetryAfterFormat {
+    /// Whole seconds, as Graph usually writes it.
+    #[default]
+    Seconds,
+    /// `Retry-After: 0`.
+    Zero,
+    /// An HTTP-date the retry seconds ahead.
+    HttpDate,
+    /// An HTTP-date an hour ago.
+    PastHttpDate,
+    /// No `Retry-After` at all.
+    Missing,
+    /// `HUGE_RETRY_AFTER_SECS` seconds.
+    Huge,
+}
+
+impl RetryAfterFormat {
+    /// The wait, in seconds, a client is told when the emulator means `seconds`.
+    pub fn advertised(self, seconds: u64) -> u64 {
+        match self {
+            Self::Seconds | Self::HttpDate => seconds,
+            Self::Zero | Self::PastHttpDate | Self::Missing => 0,
+            Self::Huge => HUGE_RETRY_AFTER_SECS,
+        }
+    }
+
+    /// Whether the emulator holds the mailbox for the wait it advertised (with
+    /// `hold_retry_after`). Zero, past and missing waits hold nothing; a huge one would hold
+    /// the mailbox for good.
+    pub fn holds(self) -> bool {
+        matches!(self, Self::Seconds | Self::HttpDate)
+    }
+
+    /// The header's value for a wait of `seconds` at `now`; `None` leaves the header out.
+    pub fn header(self, seconds: u64, now: DateTime<Utc>) -> Option<String> {
+        match self {
+            Self::Seconds | Self::Zero | Self::Huge => Some(self.advertised(seconds).to_string()),
+            Self::Missing => None,
+            // HTTP-dates have whole seconds: round up so the wait is never shorter.
+            Self::HttpDate => Some(
+                i64::try_from(seconds)
+                    .ok()
+                    .and_then(|seconds| seconds.checked_add(now.timestamp() + 1))
+                    .and_then(|at| DateTime::from_timestamp(at, 0))
+                    .map_or_else(|| seconds.to_string(), http_date),
+            ),
+            Self::PastHttpDate => Some(http_date(now - chrono::Duration::hours(1))),
+        }
+    }
+}
+
+/// An IMF-fixdate (RFC 9110), e.g. `Tue, 04 Mar 2025 10:22:05 GMT`.
+pub fn http_date(moment: DateTime<Utc>) -> String {
+    moment.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+/// Faults of the token endpoint. Requests refused by them are counted in `token_requests`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TokenEndpointFaults {
+    /// The next this many token requests are answered with `status`.
+    pub fail_next: u32,
+    /// Share of token requests answered with `status` at random.
+    pub fail_ratio: f64,
+    /// 429, 500 or 503 (others are served as given).
+    pub status: u16,
+    /// `Retry-After` seconds on those answers (written per `retry_after_format` on 429).
+    pub retry_after_secs: Option<u64>,
+    /// Delay before every token answer, good or bad.
+    pub delay_ms: u64,
+}
+
+impl Default for TokenEndpointFaults {
+    fn default() -> Self {
+        Self {
+            fail_next: 0,
+            fail_ratio: 0.0,
+            status: 503,
+            retry_after_secs: Some(1),
+            delay_ms: 0,
+        }
+    }
+}
+
+/// Faults of the `$batch` envelope (inner requests meet the mailbox faults on their own).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BatchFaults {
+    /// The next this many envelopes are refused whole with `status`, no inner request run.
+    pub fail_next: u32,
+    /// 429 (`TooManyRequests`) or 503 (`serviceNotAvailable`).
+    pub status: u16,
+    /// `Retry-After` seconds on refused envelopes.
+    pub retry_after_secs: u64,
+    /// Answer the inner responses in a shuffled order (Graph promises no order).
+    pub shuffle_responses: bool,
+}
+
+impl Default for BatchFaults {
+    fn default() -> Self {
+        Self {
+            fail_next: 0,
+            status: 429,
+            retry_after_secs: 1,
+            shuffle_responses: false,
         }
     }
 }
@@ -98,8 +242,12 @@ pub struct Counters {
     /// Calls to the token endpoint, successful or not.
     pub token_requests: u64,
     pub tokens_issued: u64,
-    /// `$batch` envelopes (their inner requests count per mailbox).
+    /// Token requests answered by an injected fault (`token_endpoint`).
+    pub token_faults: u64,
+    /// `$batch` envelopes, refused ones included (inner requests count per mailbox).
     pub batches: u64,
+    /// `$batch` envelopes refused whole by an injected fault (`batch`).
+    pub batches_refused: u64,
     /// Per mailbox (lower-case UPN or the id the request used).
     pub mailboxes: BTreeMap<String, MailboxCounters>,
     /// Every 429 and every response carrying `Retry-After`, in order.

@@ -17,12 +17,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-pub use faults::{Budget, Counters, EarlyRequest, Faults, MailboxCounters, MalformedKind};
+pub use faults::{
+    BatchFaults, Budget, CONTROL_CHARS, Counters, EarlyRequest, Faults, HUGE_RETRY_AFTER_SECS,
+    MailboxCounters, MalformedKind, RetryAfterFormat, TokenEndpointFaults,
+};
 pub use state::{
     AppRegistration, EvictionResponse, MailboxState, MessageIds, NewMessage, WELL_KNOWN_FOLDERS,
 };
@@ -121,6 +124,30 @@ impl Shared {
         })
     }
 
+    /// Consumes one "fail the next token request" order, or draws against the ratio.
+    fn take_token_failure(&self) -> bool {
+        let ratio = {
+            let mut faults = lock(&self.faults);
+            let token = &mut faults.token_endpoint;
+            if token.fail_next > 0 {
+                token.fail_next -= 1;
+                return true;
+            }
+            token.fail_ratio
+        };
+        ratio > 0.0 && self.traffic().rng.random::<f64>() < ratio
+    }
+
+    /// Consumes one "refuse the next `$batch` envelope" order, if any is pending.
+    fn take_batch_failure(&self) -> bool {
+        let mut faults = lock(&self.faults);
+        let pending = faults.batch.fail_next > 0;
+        if pending {
+            faults.batch.fail_next -= 1;
+        }
+        pending
+    }
+
     fn mailbox(&self, world: &state::World, upn: &str) -> anyhow::Result<usize> {
         world
             .find_mailbox(upn)
@@ -156,6 +183,16 @@ impl Shared {
             .find_folder(mailbox, folder)
             .ok_or_else(|| anyhow!("no folder {folder} in {upn}"))?;
         Ok(world.move_message(mailbox, message, folder))
+    }
+
+    fn set_read(&self, upn: &str, id: &str, is_read: bool) -> anyhow::Result<()> {
+        let mut world = self.world();
+        let mailbox = self.mailbox(&world, upn)?;
+        let message = world
+            .find_message(mailbox, id)
+            .ok_or_else(|| anyhow!("no message {id} in {upn}"))?;
+        world.set_read(mailbox, message, is_read);
+        Ok(())
     }
 
     fn delete_message(&self, upn: &str, id: &str) -> anyhow::Result<()> {
@@ -291,6 +328,26 @@ impl GraphEmulator {
             .add_messages(upn, folder, vec![NewMessage::default(); count], None)
     }
 
+    /// Adds a message whose subject, body and sender name carry `text` (e.g. NUL and other
+    /// control characters), each after a short prefix.
+    pub fn add_message_with_text(
+        &self,
+        upn: &str,
+        folder: &str,
+        text: &str,
+    ) -> anyhow::Result<MessageIds> {
+        self.add_message(
+            upn,
+            folder,
+            NewMessage {
+                subject: Some(format!("Subject {text}")),
+                from_name: Some(format!("Sender {text}")),
+                body: Some(format!("Body {text}")),
+                ..NewMessage::default()
+            },
+        )
+    }
+
     /// Adds a message that delta shows only after the folder's next round has ended.
     pub fn add_late_message(
         &self,
@@ -311,6 +368,16 @@ impl GraphEmulator {
 
     pub fn delete_message(&self, upn: &str, id: &str) -> anyhow::Result<()> {
         self.shared.delete_message(upn, id)
+    }
+
+    /// Marks a message read or unread as a user would (a change delta reports as an update).
+    pub fn set_read(&self, upn: &str, id: &str, is_read: bool) -> anyhow::Result<()> {
+        self.shared.set_read(upn, id, is_read)
+    }
+
+    /// Poisons a message: every list or delta page holding it is malformed, every time.
+    pub fn poison_message(&self, id: &str) {
+        self.update_faults(|faults| faults.poison_ids.push(id.to_string()));
     }
 
     /// A live message, rendered whole with its immutable id (`None` once deleted).

@@ -16,10 +16,13 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use percent_encoding::percent_decode_str;
 use rand::RngExt;
+use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 
 use super::Shared;
-use super::faults::{Arrival, MalformedKind, ThrottleRecord};
+use super::faults::{
+    Arrival, BatchFaults, CONTROL_CHARS, Faults, MalformedKind, RetryAfterFormat, ThrottleRecord,
+};
 use super::query::{parse_delta_filter, parse_filter, parse_orderby, parse_select, parse_top};
 use super::state::{ApiError, DeltaBehaviour, DeltaQuery, ListQuery};
 
@@ -46,17 +49,28 @@ async fn token(
     Path(tenant): Path<String>,
     body: Bytes,
 ) -> Response {
+    let faults = shared.faults();
+    if faults.token_endpoint.delay_ms > 0 {
+        // A slow authority: every answer waits, good or bad.
+        tokio::time::sleep(Duration::from_millis(faults.token_endpoint.delay_ms)).await;
+    }
+    let trace_id = {
+        let mut traffic = shared.traffic();
+        traffic.counters.token_requests += 1;
+        uuid::Uuid::from_u128(traffic.rng.random::<u128>()).to_string()
+    };
+    if shared.take_token_failure() {
+        shared.traffic().counters.token_faults += 1;
+        return token_fault(&faults, &trace_id);
+    }
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
-    let lifetime = Duration::from_secs(shared.faults().token_lifetime_secs.max(1));
+    let lifetime = Duration::from_secs(faults.token_lifetime_secs.max(1));
     let outcome = shared
         .world()
         .issue_token(&form, &tenant, lifetime, Instant::now());
-    let mut traffic = shared.traffic();
-    traffic.counters.token_requests += 1;
-    let trace_id = uuid::Uuid::from_u128(traffic.rng.random::<u128>()).to_string();
     match outcome {
         Ok((access_token, _)) => {
-            traffic.counters.tokens_issued += 1;
+            shared.traffic().counters.tokens_issued += 1;
             let seconds = lifetime.as_secs();
             axum::Json(json!({
                 "token_type": "Bearer",
@@ -66,19 +80,89 @@ async fn token(
             }))
             .into_response()
         }
-        Err(error) => (
+        Err(error) => token_error(
             StatusCode::BAD_REQUEST,
-            axum::Json(json!({
-                "error": error.error,
-                "error_description": format!("{}\r\nTrace ID: {trace_id}\r\nCorrelation ID: {trace_id}\r\nTimestamp: {}", error.description, graph_date()),
-                "error_codes": [error.code],
-                "timestamp": graph_date(),
-                "trace_id": trace_id,
-                "correlation_id": trace_id,
-                "error_uri": format!("https://login.microsoftonline.com/error?code={}", error.code),
-            })),
+            error.error,
+            error.code,
+            &error.description,
+            &trace_id,
+            &faults,
+        ),
+    }
+}
+
+/// An injected token endpoint failure: Entra's throttling (429) or an outage (5xx).
+fn token_fault(faults: &Faults, trace_id: &str) -> Response {
+    let settings = &faults.token_endpoint;
+    let status = StatusCode::from_u16(settings.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let (code, description) = if status == StatusCode::TOO_MANY_REQUESTS {
+        (
+            90055,
+            "AADSTS90055: TenantThrottlingError - There are too many incoming requests.",
         )
-            .into_response(),
+    } else {
+        (
+            90033,
+            "AADSTS90033: A transient error has occurred. Please try again.",
+        )
+    };
+    let mut response = token_error(
+        status,
+        "temporarily_unavailable",
+        code,
+        description,
+        trace_id,
+        faults,
+    );
+    let format = if status == StatusCode::TOO_MANY_REQUESTS {
+        faults.retry_after_format
+    } else {
+        RetryAfterFormat::Seconds
+    };
+    let header = settings
+        .retry_after_secs
+        .and_then(|seconds| format.header(seconds, chrono::Utc::now()))
+        .and_then(|value| HeaderValue::from_str(&value).ok());
+    if let Some(value) = header {
+        response.headers_mut().insert("retry-after", value);
+    }
+    response
+}
+
+/// An OAuth error body as Entra writes it.
+fn token_error(
+    status: StatusCode,
+    error: &str,
+    code: u32,
+    description: &str,
+    trace_id: &str,
+    faults: &Faults,
+) -> Response {
+    let description = format!(
+        "{description}\r\nTrace ID: {trace_id}\r\nCorrelation ID: {trace_id}\r\nTimestamp: {}",
+        graph_date()
+    );
+    (
+        status,
+        axum::Json(json!({
+            "error": error,
+            "error_description": error_text(&description, faults),
+            "error_codes": [code],
+            "timestamp": graph_date(),
+            "trace_id": trace_id,
+            "correlation_id": trace_id,
+            "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+        })),
+    )
+        .into_response()
+}
+
+/// An error text, with control characters appended when the switch asks for them.
+fn error_text(text: &str, faults: &Faults) -> String {
+    if faults.control_chars_in_errors {
+        format!("{text}{CONTROL_CHARS}")
+    } else {
+        text.to_string()
     }
 }
 
@@ -105,6 +189,9 @@ pub struct GraphResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: GraphBody,
+    /// The wait the response tells the client, whatever form its `Retry-After` takes (0
+    /// for a 429 without one), for the throttle records.
+    pub wait: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -123,15 +210,16 @@ impl GraphResponse {
             status,
             headers: Vec::new(),
             body: GraphBody::Json(value),
+            wait: None,
         }
     }
 
-    fn error(error: &ApiError, request_id: &str) -> Self {
+    fn error(error: &ApiError, request_id: &str, faults: &Faults) -> Self {
         let mut response = Self::json(
             error.status,
             json!({"error": {
                 "code": error.code,
-                "message": error.message,
+                "message": error_text(&error.message, faults),
                 "innerError": {"date": graph_date(), "request-id": request_id, "client-request-id": request_id},
             }}),
         );
@@ -139,18 +227,22 @@ impl GraphResponse {
             response.headers.push(("Location".into(), location.clone()));
         }
         if let Some(seconds) = error.retry_after {
-            response
-                .headers
-                .push(("Retry-After".into(), seconds.to_string()));
+            response.set_retry_after(seconds, faults.retry_after_format);
         }
         response
     }
 
-    fn retry_after(&self) -> Option<u64> {
-        self.headers
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case("retry-after"))
-            .and_then(|(_, value)| value.parse().ok())
+    /// Writes `Retry-After`: on a 429 in the form the switch says, otherwise in seconds.
+    fn set_retry_after(&mut self, seconds: u64, format: RetryAfterFormat) {
+        let format = if self.status == 429 {
+            format
+        } else {
+            RetryAfterFormat::Seconds
+        };
+        self.wait = Some(format.advertised(seconds));
+        if let Some(value) = format.header(seconds, chrono::Utc::now()) {
+            self.headers.push(("Retry-After".into(), value));
+        }
     }
 }
 
@@ -339,6 +431,7 @@ impl Drop for InFlight {
 /// One mail request through admission and the world.
 pub fn dispatch(shared: Arc<Shared>, request: GraphRequest) -> BoxFuture<'static, GraphResponse> {
     Box::pin(async move {
+        let faults = shared.faults();
         let request_id = {
             let mut traffic = shared.traffic();
             uuid::Uuid::from_u128(traffic.rng.random::<u128>()).to_string()
@@ -351,8 +444,9 @@ pub fn dispatch(shared: Arc<Shared>, request: GraphRequest) -> BoxFuture<'static
                     format!("Resource not found for the segment '{}'.", request.path),
                 ),
                 &request_id,
+                &faults,
             ),
-            Some(route) => admit_and_answer(&shared, &request, &route, &request_id).await,
+            Some(route) => admit_and_answer(&shared, &request, &route, &request_id, &faults).await,
         };
         response
             .headers
@@ -371,8 +465,8 @@ async fn admit_and_answer(
     request: &GraphRequest,
     route: &Route,
     request_id: &str,
+    faults: &Faults,
 ) -> GraphResponse {
-    let faults = shared.faults();
     let mailbox_key = route.user().to_ascii_lowercase();
     let endpoint = route.endpoint(&request.method);
 
@@ -402,17 +496,20 @@ async fn admit_and_answer(
         mailbox: mailbox_key.clone(),
     };
 
-    let response = match admit(shared, request, route, &faults, in_flight).await {
-        Ok(()) => answer(shared, request, route, &faults)
+    let response = match admit(shared, request, route, faults, in_flight).await {
+        Ok(()) => answer(shared, request, route, faults)
             .await
-            .unwrap_or_else(|error| GraphResponse::error(&error, request_id)),
-        Err(error) => GraphResponse::error(&error, request_id),
+            .unwrap_or_else(|error| GraphResponse::error(&error, request_id, faults)),
+        Err(error) => GraphResponse::error(&error, request_id, faults),
     };
 
     let mut traffic = shared.traffic();
-    if let Some(retry_after) = response.retry_after() {
-        if response.status == 429 {
-            let until = Instant::now() + Duration::from_secs(retry_after);
+    if let Some(retry_after) = response.wait {
+        // Only a wait the client was really told holds the mailbox (not 0, none or huge).
+        let hold = response.status == 429 && faults.retry_after_format.holds();
+        if let Some(until) = Instant::now().checked_add(Duration::from_secs(retry_after))
+            && hold
+        {
             let held = traffic
                 .throttled_until
                 .entry(mailbox_key.clone())
@@ -448,7 +545,7 @@ async fn admit(
     shared: &Arc<Shared>,
     request: &GraphRequest,
     route: &Route,
-    faults: &super::Faults,
+    faults: &Faults,
     in_flight: usize,
 ) -> Result<(), ApiError> {
     if faults.concurrency_cap > 0 && in_flight > faults.concurrency_cap {
@@ -576,15 +673,21 @@ async fn answer(
     shared: &Arc<Shared>,
     request: &GraphRequest,
     route: &Route,
-    faults: &super::Faults,
+    faults: &Faults,
 ) -> Result<GraphResponse, ApiError> {
     let prefs = preferences(&request.headers);
     let params = query_map(&request.query);
-    let mut response = {
+    let (mut response, poison) = {
         let mut world = shared.world();
         let mailbox = world.find_mailbox(route.user()).ok_or_else(|| {
             ApiError::new(404, "ResourceNotFound", "Resource could not be discovered.")
         })?;
+        // Poisoned ids in every form a page may show them in.
+        let poison: Vec<String> = faults
+            .poison_ids
+            .iter()
+            .flat_map(|id| world.id_aliases(mailbox, id))
+            .collect();
         let folder_of = |world: &super::state::World, key: &str| {
             world.find_folder(mailbox, key).ok_or_else(|| {
                 ApiError::new(
@@ -606,7 +709,7 @@ async fn answer(
                 "The HTTP method is not allowed for this resource.",
             )
         };
-        match route {
+        let response = match route {
             Route::List { user, folder } => {
                 if request.method != Method::GET {
                     return Err(wrong_method());
@@ -702,6 +805,8 @@ async fn answer(
                     DeltaBehaviour {
                         replay_ratio: faults.replay_ratio,
                         eviction: faults.eviction,
+                        filtered_cap: faults.filtered_delta_cap,
+                        partial_updates: faults.partial_updates,
                     },
                     prefs.immutable_ids,
                     link_base.clone(),
@@ -721,6 +826,7 @@ async fn answer(
                     status: 200,
                     headers: Vec::new(),
                     body: GraphBody::JsonText(delta_page_text(&context, &page.items, link)),
+                    wait: None,
                 };
                 if prefs.max_page_size.is_some() {
                     response.headers.push((
@@ -757,6 +863,7 @@ async fn answer(
                     status: 200,
                     headers: Vec::new(),
                     body: GraphBody::Text(world.mime(mailbox, message), "text/plain"),
+                    wait: None,
                 }
             }
             Route::Move { id, .. } => {
@@ -777,18 +884,35 @@ async fn answer(
                     world.render(mailbox, message, None, prefs.immutable_ids),
                 )
             }
-        }
+        };
+        (response, poison)
     };
 
     if matches!(route, Route::List { .. } | Route::Delta { .. }) {
         if faults.slow_page_ms > 0 {
             tokio::time::sleep(Duration::from_millis(faults.slow_page_ms)).await;
         }
-        if let Some(kind) = shared.take_malformed() {
+        // A poisoned page breaks every time; otherwise pending one-shot orders apply.
+        if holds_any_id(&response.body, &poison) {
+            response.body = malformed(&response.body, faults.malformed_kind);
+        } else if let Some(kind) = shared.take_malformed() {
             response.body = malformed(&response.body, kind);
         }
     }
     Ok(response)
+}
+
+/// Whether a page's JSON holds one of `ids` as a string value.
+fn holds_any_id(body: &GraphBody, ids: &[String]) -> bool {
+    if ids.is_empty() {
+        return false;
+    }
+    let text = match body {
+        GraphBody::Json(value) => value.to_string(),
+        GraphBody::JsonText(text) => text.clone(),
+        GraphBody::Text(..) | GraphBody::Raw(_) => return false,
+    };
+    ids.iter().any(|id| text.contains(&format!("\"{id}\"")))
 }
 
 /// A delta page as Graph lays it out: context, items, then the link. The items are already
@@ -816,11 +940,7 @@ fn delta_page_text(context: &str, items: &[Arc<str>], (name, link): (&str, Strin
     text
 }
 
-fn too_large_unselected(
-    faults: &super::Faults,
-    unselected: bool,
-    page: usize,
-) -> Result<(), ApiError> {
+fn too_large_unselected(faults: &Faults, unselected: bool, page: usize) -> Result<(), ApiError> {
     match faults.unselected_page_limit {
         Some(limit) if unselected && page > limit => Err(ApiError::new(504, "UnknownError", "")),
         _ => Ok(()),
@@ -861,107 +981,253 @@ fn malformed(body: &GraphBody, kind: MalformedKind) -> GraphBody {
 
 // ---------------------------------------------------------------------------- $batch
 
+/// One inner request of a `$batch`, with the ids of the requests it waits for.
+struct BatchStep {
+    id: String,
+    depends_on: Vec<String>,
+    request: GraphRequest,
+}
+
 async fn batch(
     shared: Arc<Shared>,
     headers: HashMap<String, String>,
     body: Bytes,
 ) -> GraphResponse {
+    let faults = shared.faults();
     let request_id = {
         let mut traffic = shared.traffic();
         traffic.counters.batches += 1;
         uuid::Uuid::from_u128(traffic.rng.random::<u128>()).to_string()
     };
-    let mut response = batch_inner(&shared, &headers, &body)
-        .await
-        .unwrap_or_else(|error| GraphResponse::error(&error, &request_id));
+    let outcome = if shared.take_batch_failure() {
+        // Refused at the front door: no inner request runs or counts.
+        shared.traffic().counters.batches_refused += 1;
+        Err(envelope_refusal(&faults.batch))
+    } else {
+        batch_inner(&shared, &headers, &body, &faults).await
+    };
+    let mut response =
+        outcome.unwrap_or_else(|error| GraphResponse::error(&error, &request_id, &faults));
     response.headers.push(("request-id".into(), request_id));
     response
+}
+
+/// The error a refused `$batch` envelope gets.
+fn envelope_refusal(batch: &BatchFaults) -> ApiError {
+    let error = if batch.status == 429 {
+        ApiError::new(429, "TooManyRequests", "Please retry again later.")
+    } else {
+        ApiError::new(
+            batch.status,
+            "serviceNotAvailable",
+            "The service is temporarily unavailable.",
+        )
+    };
+    ApiError {
+        retry_after: Some(batch.retry_after_secs),
+        ..error
+    }
+}
+
+fn invalid_batch(message: &str) -> ApiError {
+    ApiError::new(400, "BadRequest", message)
+}
+
+/// The envelope's steps, checked: 1 to 20 of them, each with an id, a method and a url.
+fn parse_batch(
+    headers: &HashMap<String, String>,
+    body: &Bytes,
+) -> Result<Vec<BatchStep>, ApiError> {
+    let envelope: Value =
+        serde_json::from_slice(body).map_err(|_| invalid_batch("Invalid batch payload format."))?;
+    let requests = envelope
+        .get("requests")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid_batch("Invalid batch payload format."))?;
+    if requests.is_empty() || requests.len() > MAX_BATCH {
+        return Err(invalid_batch(
+            "Number of batch request steps exceeds the maximum of 20.",
+        ));
+    }
+    requests
+        .iter()
+        .map(|entry| parse_step(headers, entry))
+        .collect()
+}
+
+fn parse_step(headers: &HashMap<String, String>, entry: &Value) -> Result<BatchStep, ApiError> {
+    let id = entry
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_batch("Each batch request needs an id."))?;
+    let method = entry
+        .get("method")
+        .and_then(Value::as_str)
+        .and_then(|method| Method::from_bytes(method.to_ascii_uppercase().as_bytes()).ok())
+        .ok_or_else(|| invalid_batch("Each batch request needs a method."))?;
+    let url = entry
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_batch("Each batch request needs a url."))?;
+    let depends_on = match entry.get("dependsOn") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .map(|id| id.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| invalid_batch("dependsOn must list request ids."))?,
+        Some(_) => return Err(invalid_batch("dependsOn must list request ids.")),
+    };
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut inner_headers = headers.clone();
+    inner_headers.remove("content-length");
+    if let Some(own) = entry.get("headers").and_then(Value::as_object) {
+        for (name, value) in own {
+            if let Some(value) = value.as_str() {
+                inner_headers.insert(name.to_ascii_lowercase(), value.to_string());
+            }
+        }
+    }
+    let body = entry
+        .get("body")
+        .map(|body| Bytes::from(body.to_string()))
+        .unwrap_or_default();
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    Ok(BatchStep {
+        id: id.to_string(),
+        depends_on,
+        request: GraphRequest {
+            method,
+            path,
+            query: query.to_string(),
+            headers: inner_headers,
+            body,
+        },
+    })
+}
+
+/// The steps in waves: each wave's steps depend only on steps of earlier waves. Ids must be
+/// unique, dependencies known and free of cycles, else the whole batch is a 400.
+fn dependency_waves(steps: &[BatchStep]) -> Result<Vec<Vec<usize>>, ApiError> {
+    let mut position: HashMap<&str, usize> = HashMap::new();
+    for (index, step) in steps.iter().enumerate() {
+        if position.insert(step.id.as_str(), index).is_some() {
+            return Err(invalid_batch("Batch request ids must be unique."));
+        }
+    }
+    let mut dependencies = Vec::with_capacity(steps.len());
+    for step in steps {
+        let indexes = step
+            .depends_on
+            .iter()
+            .map(|id| position.get(id.as_str()).copied())
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| invalid_batch("dependsOn names a request not in the batch."))?;
+        dependencies.push(indexes);
+    }
+    let mut placed = vec![false; steps.len()];
+    let mut waves = Vec::new();
+    while placed.iter().any(|done| !done) {
+        let ready: Vec<usize> = (0..steps.len())
+            .filter(|&index| !placed[index] && dependencies[index].iter().all(|&dep| placed[dep]))
+            .collect();
+        if ready.is_empty() {
+            return Err(invalid_batch("dependsOn forms a cycle."));
+        }
+        for &index in &ready {
+            placed[index] = true;
+        }
+        waves.push(ready);
+    }
+    Ok(waves)
+}
+
+/// An inner response as a `$batch` entry.
+fn batch_entry(id: &str, response: GraphResponse) -> Value {
+    let headers: serde_json::Map<String, Value> = response
+        .headers
+        .iter()
+        .map(|(name, value)| (name.clone(), json!(value)))
+        .collect();
+    let body = match response.body {
+        GraphBody::Json(value) => value,
+        GraphBody::JsonText(text) => serde_json::from_str(&text).unwrap_or(Value::Null),
+        GraphBody::Text(text, _) | GraphBody::Raw(text) => json!(text),
+    };
+    json!({"id": id, "status": response.status, "headers": headers, "body": body})
+}
+
+/// The answer to a step whose dependency failed: it is not run, and not counted.
+fn failed_dependency(id: &str) -> Value {
+    json!({"id": id, "status": 424, "body": {"error": {
+        "code": "FailedDependency",
+        "message": "The request was not run because a request it depends on failed.",
+    }}})
 }
 
 async fn batch_inner(
     shared: &Arc<Shared>,
     headers: &HashMap<String, String>,
     body: &Bytes,
+    faults: &Faults,
 ) -> Result<GraphResponse, ApiError> {
-    let invalid = |message: &str| ApiError::new(400, "BadRequest", message);
-    let envelope: Value =
-        serde_json::from_slice(body).map_err(|_| invalid("Invalid batch payload format."))?;
-    let requests = envelope
-        .get("requests")
-        .and_then(Value::as_array)
-        .ok_or_else(|| invalid("Invalid batch payload format."))?;
-    if requests.is_empty() || requests.len() > MAX_BATCH {
-        return Err(invalid(
-            "Number of batch request steps exceeds the maximum of 20.",
-        ));
-    }
-    let mut inner = Vec::with_capacity(requests.len());
-    for entry in requests {
-        let id = entry
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("Each batch request needs an id."))?;
-        let method = entry
-            .get("method")
-            .and_then(Value::as_str)
-            .and_then(|method| Method::from_bytes(method.to_ascii_uppercase().as_bytes()).ok())
-            .ok_or_else(|| invalid("Each batch request needs a method."))?;
-        let url = entry
-            .get("url")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("Each batch request needs a url."))?;
-        let (path, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut inner_headers = headers.clone();
-        inner_headers.remove("content-length");
-        if let Some(own) = entry.get("headers").and_then(Value::as_object) {
-            for (name, value) in own {
-                if let Some(value) = value.as_str() {
-                    inner_headers.insert(name.to_ascii_lowercase(), value.to_string());
-                }
+    let steps = parse_batch(headers, body)?;
+    let waves = dependency_waves(&steps)?;
+    let mut entries: Vec<Option<Value>> = vec![None; steps.len()];
+    let mut succeeded = vec![false; steps.len()];
+    let position: HashMap<&str, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(index, step)| (step.id.as_str(), index))
+        .collect();
+    for wave in waves {
+        let mut runnable = Vec::new();
+        for index in wave {
+            let blocked = steps[index]
+                .depends_on
+                .iter()
+                .any(|id| position.get(id.as_str()).is_none_or(|&dep| !succeeded[dep]));
+            if blocked {
+                entries[index] = Some(failed_dependency(&steps[index].id));
+            } else {
+                runnable.push(index);
             }
         }
-        let body = entry
-            .get("body")
-            .map(|body| Bytes::from(body.to_string()))
-            .unwrap_or_default();
-        let path = if path.starts_with('/') {
-            path.to_string()
-        } else {
-            format!("/{path}")
-        };
-        inner.push((
-            id.to_string(),
-            GraphRequest {
-                method,
-                path,
-                query: query.to_string(),
-                headers: inner_headers,
-                body,
-            },
-        ));
+        // Each inner request goes through the mailbox's admission on its own, at most
+        // BATCH_PARALLELISM at a time, as Outlook runs them.
+        let answered: Vec<(usize, GraphResponse)> = futures::stream::iter(runnable)
+            .map(|index| {
+                let shared = shared.clone();
+                let request = steps[index].request.clone();
+                async move { (index, dispatch(shared, request).await) }
+            })
+            .buffered(BATCH_PARALLELISM)
+            .collect()
+            .await;
+        for (index, response) in answered {
+            succeeded[index] = (200..300).contains(&response.status);
+            entries[index] = Some(batch_entry(&steps[index].id, response));
+        }
     }
-    let responses: Vec<Value> = futures::stream::iter(inner)
-        .map(|(id, request)| {
-            let shared = shared.clone();
-            async move {
-                let response = dispatch(shared, request).await;
-                let headers: serde_json::Map<String, Value> = response
-                    .headers
-                    .iter()
-                    .map(|(name, value)| (name.clone(), json!(value)))
-                    .collect();
-                let body = match response.body {
-                    GraphBody::Json(value) => value,
-                    GraphBody::JsonText(text) => serde_json::from_str(&text).unwrap_or(Value::Null),
-                    GraphBody::Text(text, _) | GraphBody::Raw(text) => json!(text),
-                };
-                json!({"id": id, "status": response.status, "headers": headers, "body": body})
-            }
-        })
-        .buffered(BATCH_PARALLELISM)
-        .collect()
-        .await;
+    let mut responses: Vec<Value> = entries.into_iter().flatten().collect();
+    if faults.batch.shuffle_responses {
+        shuffle_responses(shared, &mut responses);
+    }
     Ok(GraphResponse::json(200, json!({"responses": responses})))
+}
+
+/// Puts the responses out of request order: shuffled, and never left as they were when
+/// there are two or more, so a client relying on the order always notices.
+fn shuffle_responses(shared: &Shared, responses: &mut [Value]) {
+    let before: Vec<Value> = responses.to_vec();
+    responses.shuffle(&mut shared.traffic().rng);
+    if responses.len() > 1 && responses == before.as_slice() {
+        responses.reverse();
+    }
 }
 
 #[cfg(test)]

@@ -25,7 +25,8 @@ pub const WELL_KNOWN_FOLDERS: &[(&str, &str)] = &[
     ("drafts", "Drafts"),
 ];
 
-/// Delta rounds with a `$filter` return at most this many messages, as Graph does.
+/// Delta rounds with a `$filter` return at most this many messages, as Graph does (the
+/// default of the `filtered_delta_cap` switch).
 pub const FILTERED_DELTA_CAP: usize = 5000;
 
 /// A Graph error in the making: status, code, message, and for 410 the `Location`.
@@ -126,7 +127,10 @@ pub enum EvictionResponse {
 #[serde(rename_all = "camelCase", default)]
 pub struct NewMessage {
     pub subject: Option<String>,
+    /// Sender address; also the display name's default (its local part).
     pub from: Option<String>,
+    /// Display name of the sender, any text (control characters included).
+    pub from_name: Option<String>,
     pub to: Vec<String>,
     pub cc: Vec<String>,
     pub received: Option<DateTime<Utc>>,
@@ -160,6 +164,7 @@ struct Msg {
     internet_message_id: String,
     subject: String,
     from: String,
+    from_name: Option<String>,
     to: Vec<String>,
     cc: Vec<String>,
     received: DateTime<Utc>,
@@ -174,12 +179,45 @@ struct Msg {
     created: u64,
     /// Mailbox version of the last change.
     changed: u64,
+    /// Properties changed in place and the mailbox version of their last change, for delta
+    /// items that carry only what changed.
+    property_changes: Vec<(&'static str, u64)>,
     /// Delta rounds of its folder that must end before delta shows it (late arrival).
     hidden_rounds: u32,
     /// The delta item as last served. Paging a large folder would otherwise build and
     /// serialize every message again on each round, which made the emulator a large share of
     /// any benchmark that reads through it.
     rendered: Option<RenderedItem>,
+}
+
+impl Msg {
+    /// Notes an in-place change of `property` at mailbox version `version`.
+    fn record_change(&mut self, property: &'static str, version: u64) {
+        match self
+            .property_changes
+            .iter_mut()
+            .find(|(name, _)| *name == property)
+        {
+            Some(entry) => entry.1 = version,
+            None => self.property_changes.push((property, version)),
+        }
+    }
+
+    /// The properties changed after `since`, when in-place changes are all that happened to
+    /// the message since then (not new to the folder, not a late arrival made visible).
+    fn changed_properties(&self, since: u64) -> Option<Vec<&'static str>> {
+        let last_property_change = self.property_changes.iter().map(|(_, at)| *at).max()?;
+        if self.created > since || last_property_change != self.changed {
+            return None;
+        }
+        Some(
+            self.property_changes
+                .iter()
+                .filter(|(_, at)| *at > since)
+                .map(|(name, _)| *name)
+                .collect(),
+        )
+    }
 }
 
 /// A delta item's JSON text and what it was rendered for: any difference renders anew.
@@ -214,6 +252,8 @@ enum RoundItem {
 #[derive(Debug)]
 struct Round {
     folder: usize,
+    /// The version the round's cursor stood at: changes after it are what the round reports.
+    since: u64,
     items: Vec<RoundItem>,
     end_version: u64,
     filter: Option<Clause>,
@@ -259,10 +299,25 @@ pub struct DeltaQuery {
 }
 
 /// Behaviours of delta that tests switch on.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct DeltaBehaviour {
     pub replay_ratio: f64,
     pub eviction: EvictionResponse,
+    /// Most messages of a round whose cursor carries a `$filter`.
+    pub filtered_cap: usize,
+    /// Updated messages are served with only `id` and their changed properties.
+    pub partial_updates: bool,
+}
+
+impl Default for DeltaBehaviour {
+    fn default() -> Self {
+        Self {
+            replay_ratio: 0.0,
+            eviction: EvictionResponse::default(),
+            filtered_cap: FILTERED_DELTA_CAP,
+            partial_updates: false,
+        }
+    }
 }
 
 /// A delta page: rendered items (each one JSON object's text) and the link that follows.
@@ -546,6 +601,7 @@ impl World {
             from: new
                 .from
                 .unwrap_or_else(|| format!("sender{}@fabrikam.com", number % 7)),
+            from_name: new.from_name,
             to: if new.to.is_empty() {
                 vec![mailbox_ref.upn.clone()]
             } else {
@@ -564,6 +620,7 @@ impl World {
             body_is_html: new.body_is_html,
             created: version,
             changed: version,
+            property_changes: Vec::new(),
             hidden_rounds: u32::from(late),
             rendered: None,
         };
@@ -593,10 +650,29 @@ impl World {
     pub fn set_read(&mut self, mailbox: usize, message: usize, is_read: bool) {
         let mailbox = &mut self.mailboxes[mailbox];
         mailbox.version += 1;
+        let version = mailbox.version;
         let msg = &mut mailbox.messages[message];
         msg.is_read = is_read;
         msg.rendered = None;
-        msg.changed = mailbox.version;
+        msg.changed = version;
+        msg.record_change("isRead", version);
+    }
+
+    /// Every id a message was known by (immutable, current default), deleted ones included,
+    /// given any of them; just `id` when no message has it.
+    pub fn id_aliases(&self, mailbox: usize, id: &str) -> Vec<String> {
+        let mailbox = &self.mailboxes[mailbox];
+        let found = mailbox
+            .by_immutable
+            .get(id)
+            .or_else(|| mailbox.by_rest.get(id));
+        match found {
+            Some(&index) => {
+                let ids = &mailbox.messages[index].ids;
+                vec![ids.immutable_id.clone(), ids.rest_id.clone()]
+            }
+            None => vec![id.to_string()],
+        }
     }
 
     /// Moves a message: its default id changes, its immutable id stays, and delta of the old
@@ -623,8 +699,10 @@ impl World {
         msg.ids.rest_id = new_rest;
         msg.folder = folder;
         msg.rendered = None;
+        // For the destination's delta the message is new: it is served whole.
         msg.created = version;
         msg.changed = version;
+        msg.property_changes.clear();
         msg.ids.clone()
     }
 
@@ -662,7 +740,10 @@ impl World {
         let mut text = String::new();
         text.push_str(&format!("Message-ID: {}\r\n", msg.internet_message_id));
         text.push_str(&format!("Date: {}\r\n", msg.sent.to_rfc2822()));
-        text.push_str(&format!("From: {}\r\n", msg.from));
+        match &msg.from_name {
+            Some(name) => text.push_str(&format!("From: {name} <{}>\r\n", msg.from)),
+            None => text.push_str(&format!("From: {}\r\n", msg.from)),
+        }
         text.push_str(&format!("To: {}\r\n", msg.to.join(", ")));
         if !msg.cc.is_empty() {
             text.push_str(&format!("Cc: {}\r\n", msg.cc.join(", ")));
@@ -714,6 +795,10 @@ impl World {
             let name = text.split('@').next().unwrap_or(text);
             json!({"emailAddress": {"name": name, "address": text}})
         };
+        let sender = || match &msg.from_name {
+            Some(name) => json!({"emailAddress": {"name": name, "address": msg.from}}),
+            None => address(&msg.from),
+        };
         let field = |name: &str| -> Value {
             match name {
                 "id" if immutable_ids => json!(msg.ids.immutable_id),
@@ -739,7 +824,7 @@ impl World {
                     "contentType": if msg.body_is_html { "html" } else { "text" },
                     "content": msg.body,
                 }),
-                "sender" | "from" => address(&msg.from),
+                "sender" | "from" => sender(),
                 "toRecipients" => Value::Array(msg.to.iter().map(|to| address(to)).collect()),
                 "ccRecipients" => Value::Array(msg.cc.iter().map(|cc| address(cc)).collect()),
                 _ => json!([]),
@@ -911,32 +996,52 @@ impl World {
                     last_page: Vec::new(),
                 },
             };
-            let round = self.start_round(mailbox, &cursor, query, behaviour.replay_ratio);
+            let round = self.start_round(mailbox, &cursor, query, behaviour);
             let rounds = &mut self.mailboxes[mailbox].rounds;
             rounds.push(Some(round));
             (rounds.len() - 1, 0)
         };
 
         let mut page_numbers = Vec::new();
-        let (items, end, round_len, page_select) = {
+        let (items, end, round_len, page_select, since) = {
             let round = self.mailboxes[mailbox].rounds[round_index]
                 .as_ref()
                 .ok_or_else(|| Self::eviction_error(behaviour.eviction, initial_link.clone()))?;
             let end = (position + query.page_size.max(1)).min(round.items.len());
             let slice: Vec<RoundItem> = round.items[position..end].to_vec();
-            (slice, end, round.items.len(), round.select.clone())
+            (
+                slice,
+                end,
+                round.items.len(),
+                round.select.clone(),
+                round.since,
+            )
         };
         let mut rendered = Vec::with_capacity(items.len());
         for item in items {
             match item {
                 RoundItem::Message(index) => {
                     page_numbers.push(index);
-                    rendered.push(self.render_delta_item(
-                        mailbox,
-                        index,
-                        page_select.as_deref(),
-                        immutable_ids,
-                    ));
+                    let partial = behaviour
+                        .partial_updates
+                        .then(|| {
+                            self.render_partial_update(
+                                mailbox,
+                                index,
+                                since,
+                                page_select.as_deref(),
+                                immutable_ids,
+                            )
+                        })
+                        .flatten();
+                    rendered.push(partial.unwrap_or_else(|| {
+                        self.render_delta_item(
+                            mailbox,
+                            index,
+                            page_select.as_deref(),
+                            immutable_ids,
+                        )
+                    }));
                 }
                 RoundItem::Removed { ids, reason } => {
                     let id = if immutable_ids {
@@ -1030,13 +1135,53 @@ impl World {
         text
     }
 
+    /// An updated message as Graph may serve it: `id` and the properties changed since the
+    /// round's cursor (those selected), nothing else. `None` when the message is new to the
+    /// round.
+    fn render_partial_update(
+        &self,
+        mailbox: usize,
+        message: usize,
+        since: u64,
+        select: Option<&[String]>,
+        immutable_ids: bool,
+    ) -> Option<Arc<str>> {
+        let msg = &self.mailboxes[mailbox].messages[message];
+        let mut changed = msg.changed_properties(since)?;
+        if let Some(select) = select {
+            changed.retain(|name| select.iter().any(|selected| selected == name));
+        }
+        let names: Vec<String> = changed.iter().map(|name| (*name).to_string()).collect();
+        // `render` with a selection gives `id`, the etag and those properties.
+        let values = self.render(mailbox, message, Some(&names), immutable_ids);
+        let mut item = Map::new();
+        item.insert("@odata.type".into(), json!("#microsoft.graph.message"));
+        for name in std::iter::once("id").chain(changed) {
+            item.insert(name.into(), values[name].clone());
+        }
+        Some(Value::Object(item).to_string().into())
+    }
+
+    /// A tombstone that no longer holds: its message came back to the folder after it.
+    fn superseded(mailbox: &Mailbox, stone: &Tombstone) -> bool {
+        mailbox
+            .by_immutable
+            .get(&stone.ids.immutable_id)
+            .map(|&index| &mailbox.messages[index])
+            .is_some_and(|msg| {
+                !msg.deleted && msg.folder == stone.folder && msg.created > stone.version
+            })
+    }
+
     fn start_round(
         &mut self,
         mailbox: usize,
         cursor: &DeltaCursor,
         query: &DeltaQuery,
-        replay_ratio: f64,
+        behaviour: DeltaBehaviour,
     ) -> Round {
+        let replay_ratio = behaviour.replay_ratio;
+        let cap = behaviour.filtered_cap;
         let mailbox_ref = &self.mailboxes[mailbox];
         let since = cursor.version;
         let change_type = query.change_type.as_deref().map(str::to_ascii_lowercase);
@@ -1062,10 +1207,11 @@ impl World {
             })
             .map(|(index, _)| index)
             .collect();
-        if cursor.filter.is_some() && changed.len() > FILTERED_DELTA_CAP {
-            // A filtered round is capped: keep the most recent messages.
+        if cursor.filter.is_some() && changed.len() > cap {
+            // A filtered round is capped: keep the most recent messages. The rest are lost
+            // to this cursor for good, since the round's delta token starts after them.
             changed.sort_by_key(|&index| std::cmp::Reverse(mailbox_ref.messages[index].received));
-            changed.truncate(FILTERED_DELTA_CAP);
+            changed.truncate(cap);
         }
         changed.sort_by_key(|&index| (mailbox_ref.messages[index].changed, index));
         let mut items: Vec<RoundItem> = Vec::new();
@@ -1088,7 +1234,13 @@ impl World {
                 mailbox_ref
                     .tombstones
                     .iter()
-                    .filter(|stone| stone.folder == cursor.folder && stone.version > since)
+                    .filter(|stone| {
+                        stone.folder == cursor.folder
+                            && stone.version > since
+                            // Moved out and back in since the cursor: the message itself is
+                            // in the round, a removal after it would contradict it.
+                            && !Self::superseded(mailbox_ref, stone)
+                    })
                     .map(|stone| RoundItem::Removed {
                         ids: stone.ids.clone(),
                         reason: stone.reason,
@@ -1117,6 +1269,7 @@ impl World {
         }
         Round {
             folder: cursor.folder,
+            since,
             items,
             end_version,
             filter: cursor.filter.clone(),

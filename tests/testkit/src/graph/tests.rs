@@ -68,14 +68,15 @@ impl Probe {
         }
     }
 
-    async fn send(
+    /// A request whose body comes back as text, unparsed.
+    async fn send_raw(
         &self,
         method: reqwest::Method,
         path: &str,
         prefer: &str,
         body: Option<Value>,
         token: &str,
-    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
         let mut request = self
             .http
             .request(method, self.url(path))
@@ -87,7 +88,18 @@ impl Probe {
         let response = request.send().await.expect("request");
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
+        (status, headers, response.text().await.expect("body"))
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        prefer: &str,
+        body: Option<Value>,
+        token: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let (status, headers, text) = self.send_raw(method, path, prefer, body, token).await;
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, headers, value)
     }
@@ -946,3 +958,5 @@ async fn the_admin_api_drives_mail_faults_and_counters() {
     assert_eq!(counters.token_requests, 0);
     assert_eq!(emulator.folder_len(MAILBOX, "inbox").expect("inbox"), 3);
 }
+
+mod hazards;
