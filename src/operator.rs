@@ -137,7 +137,46 @@ pub async fn run(
     let pool = db::connect(&config.database_url, &config.pool).await?;
     db::migrate(&pool).await?;
     tracing::info!("database schema is up to date");
+    let client = kube_client(&config).await?;
+    let metrics: SharedMetrics = Arc::new(Metrics::new());
+    let graph = graph_client(&config, &pool, &metrics)?;
 
+    let stop = CancellationToken::new();
+    let (directory, watch_synced) = start_directory(&config, &client, stop.child_token());
+    let mut server = Server::start(config.http_addr, &pool, &metrics, watch_synced).await?;
+    let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
+    let leadership = Leadership::start(&config, &pool, &client, &directory, &metrics);
+    let gauges = tokio::spawn(refresh_queue_gauges(
+        pool.clone(),
+        metrics.clone(),
+        config.metrics_interval,
+        stop.child_token(),
+    ));
+
+    let server_failed = tokio::select! {
+        () = shutdown => None,
+        result = &mut server.task => Some(result),
+    };
+
+    // Scheduling stops first so nothing new is planned while the workers drain.
+    leadership.stop().await;
+    let report = workers.shutdown().await;
+    tracing::info!(
+        stopped = report.stopped,
+        released = report.released,
+        abandoned = report.abandoned,
+        "workers drained"
+    );
+    stop.cancel();
+    let _ = gauges.await;
+    let served = server.stop(server_failed).await;
+    pool.close().await;
+    tracing::info!("stopped");
+    served
+}
+
+/// The Kubernetes client, named in the API server's audit logs.
+async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorError> {
     let mut kube_config = match &config.kube {
         KubeSource::Infer => kube::Config::infer()
             .await
@@ -149,13 +188,17 @@ pub async fn run(
         axum::http::header::USER_AGENT,
         axum::http::HeaderValue::from_static(USER_AGENT),
     ));
-    let client = kube::Client::try_from(kube_config).map_err(OperatorError::Kube)?;
+    kube::Client::try_from(kube_config).map_err(OperatorError::Kube)
+}
 
-    let metrics: SharedMetrics = Arc::new(Metrics::new());
-    let graph = graph_client(&config, &pool, &metrics)?;
-
-    let stop = CancellationToken::new();
-    let polls = MailboxPolls::start(&client, &config.scope, stop.child_token());
+/// The workers' directory of MailboxPolls, and a flag raised once its watch cache has listed
+/// every MailboxPoll (readiness waits for it).
+fn start_directory(
+    config: &OperatorConfig,
+    client: &kube::Client,
+    stop: CancellationToken,
+) -> (Arc<KubeDirectory>, Arc<AtomicBool>) {
+    let polls = MailboxPolls::start(client, &config.scope, stop);
     let watch_synced = Arc::new(AtomicBool::new(false));
     {
         let polls = polls.clone();
@@ -174,94 +217,117 @@ pub async fn run(
         polls,
         config.directory.clone(),
     ));
+    (directory, watch_synced)
+}
 
-    let listener = http::bind(config.http_addr)
-        .await
-        .map_err(|source| OperatorError::Bind {
-            addr: config.http_addr,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(OperatorError::Serve)?;
-    let http_stop = CancellationToken::new();
-    let state = http::HttpState::new(pool.clone(), metrics.clone(), watch_synced);
-    let mut server = tokio::spawn({
-        let http_stop = http_stop.clone();
-        async move {
-            axum::serve(listener, http::router(state))
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await
+/// The HTTP server of `/healthz`, `/readyz` and `/metrics`.
+struct Server {
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop: CancellationToken,
+}
+
+impl Server {
+    async fn start(
+        addr: SocketAddr,
+        pool: &sqlx::PgPool,
+        metrics: &SharedMetrics,
+        watch_synced: Arc<AtomicBool>,
+    ) -> Result<Self, OperatorError> {
+        let listener = http::bind(addr)
+            .await
+            .map_err(|source| OperatorError::Bind { addr, source })?;
+        let local = listener.local_addr().map_err(OperatorError::Serve)?;
+        let stop = CancellationToken::new();
+        let state = http::HttpState::new(pool.clone(), metrics.clone(), watch_synced);
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                axum::serve(listener, http::router(state))
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+            }
+        });
+        tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+        Ok(Self { task, stop })
+    }
+
+    /// Stops serving; `failed` is the server's own end when it ended first.
+    async fn stop(
+        self,
+        failed: Option<Result<std::io::Result<()>, tokio::task::JoinError>>,
+    ) -> Result<(), OperatorError> {
+        self.stop.cancel();
+        let served = match failed {
+            Some(result) => result,
+            None => self.task.await,
+        };
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(OperatorError::Serve(error)),
+            Err(join) => Err(OperatorError::Serve(std::io::Error::other(
+                join.to_string(),
+            ))),
         }
-    });
-    tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+    }
+}
 
-    let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
+/// The leader election and the work only the leader does.
+struct Leadership {
+    elector: tokio::task::JoinHandle<()>,
+    elector_stop: CancellationToken,
+    controller: tokio::task::JoinHandle<()>,
+    controller_stop: CancellationToken,
+}
 
-    let leader_stop = CancellationToken::new();
-    let (leading, elector) = leader::spawn(
-        client.clone(),
-        LeaderConfig {
-            lease_name: config.lease_name.clone(),
-            namespace: config.lease_namespace.clone(),
-            identity: config.workers.worker_id.to_string(),
-            lease_duration: config.lease_duration,
-            renew_deadline: config.lease_renew_deadline,
-            retry_period: config.lease_retry_period,
-        },
-        leader_stop.clone(),
-    );
-    let mut leader_work = config.leader_work.clone();
-    leader_work.scope = config.scope.clone();
-    leader_work.identity = config.workers.worker_id.to_string();
-    let controller_stop = CancellationToken::new();
-    let leading_task = tokio::spawn(controller::lead(
-        pool.clone(),
-        client.clone(),
-        directory.clone(),
-        metrics.clone(),
-        leader_work,
-        leading,
-        controller_stop.clone(),
-    ));
-    let gauges = tokio::spawn(refresh_queue_gauges(
-        pool.clone(),
-        metrics.clone(),
-        config.metrics_interval,
-        stop.child_token(),
-    ));
+impl Leadership {
+    fn start(
+        config: &OperatorConfig,
+        pool: &sqlx::PgPool,
+        client: &kube::Client,
+        directory: &Arc<KubeDirectory>,
+        metrics: &SharedMetrics,
+    ) -> Self {
+        let elector_stop = CancellationToken::new();
+        let (leading, elector) = leader::spawn(
+            client.clone(),
+            LeaderConfig {
+                lease_name: config.lease_name.clone(),
+                namespace: config.lease_namespace.clone(),
+                identity: config.workers.worker_id.to_string(),
+                lease_duration: config.lease_duration,
+                renew_deadline: config.lease_renew_deadline,
+                retry_period: config.lease_retry_period,
+            },
+            elector_stop.clone(),
+        );
+        let mut leader_work = config.leader_work.clone();
+        leader_work.scope = config.scope.clone();
+        leader_work.identity = config.workers.worker_id.to_string();
+        let controller_stop = CancellationToken::new();
+        let controller = tokio::spawn(controller::lead(
+            pool.clone(),
+            client.clone(),
+            directory.clone(),
+            metrics.clone(),
+            leader_work,
+            leading,
+            controller_stop.clone(),
+        ));
+        Self {
+            elector,
+            elector_stop,
+            controller,
+            controller_stop,
+        }
+    }
 
-    let server_failed = tokio::select! {
-        () = shutdown => None,
-        result = &mut server => Some(result),
-    };
-
-    // Scheduling stops first so nothing new is planned while the workers drain.
-    controller_stop.cancel();
-    let _ = leading_task.await;
-    leader_stop.cancel();
-    let _ = elector.await;
-    tracing::info!("leadership released");
-    let report = workers.shutdown().await;
-    tracing::info!(
-        stopped = report.stopped,
-        released = report.released,
-        abandoned = report.abandoned,
-        "workers drained"
-    );
-    stop.cancel();
-    let _ = gauges.await;
-    http_stop.cancel();
-    let served = match server_failed {
-        Some(result) => result,
-        None => server.await,
-    };
-    pool.close().await;
-    tracing::info!("stopped");
-    match served {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(OperatorError::Serve(error)),
-        Err(join) => Err(OperatorError::Serve(std::io::Error::other(
-            join.to_string(),
-        ))),
+    /// Stops the controller, then releases the Lease.
+    async fn stop(self) {
+        self.controller_stop.cancel();
+        let _ = self.controller.await;
+        self.elector_stop.cancel();
+        let _ = self.elector.await;
+        tracing::info!("leadership released");
     }
 }
 

@@ -74,59 +74,9 @@ pub async fn enqueue_many_on(
 
     for _ in 0..DEDUPE_ROUNDS {
         let inserted = insert_tasks(conn, tasks, &todo).await?;
-        let mut by_key: HashMap<&str, i64> = HashMap::new();
-        let mut unkeyed_ids = Vec::new();
-        for (id, key) in &inserted {
-            match key {
-                Some(key) => {
-                    by_key.insert(key.as_str(), *id);
-                }
-                None => unkeyed_ids.push(*id),
-            }
-        }
-        // Identity values follow the insertion order, which follows the input order.
-        unkeyed_ids.sort_unstable();
-        let mut unkeyed_ids = unkeyed_ids.into_iter();
-        let mut claimed_keys: HashSet<&str> = HashSet::new();
-        let mut unresolved_keys: Vec<String> = Vec::new();
-        for &index in &todo {
-            match tasks[index].dedupe_key.as_deref() {
-                None => {
-                    let id = unkeyed_ids.next().ok_or(QueueError::Database {
-                        operation: "enqueue (matching inserted rows)",
-                        source: sqlx::Error::RowNotFound,
-                    })?;
-                    resolved[index] = Some(Enqueued { id, fresh: true });
-                }
-                Some(key) => match by_key.get(key) {
-                    Some(&id) => {
-                        let fresh = claimed_keys.insert(key);
-                        resolved[index] = Some(Enqueued { id, fresh });
-                    }
-                    None => unresolved_keys.push(key.to_owned()),
-                },
-            }
-        }
+        let unresolved_keys = match_inserted(tasks, &todo, &inserted, &mut resolved)?;
         if !unresolved_keys.is_empty() {
-            let live: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT id, dedupe_key FROM tasks
-                 WHERE dedupe_key = ANY($1) AND state IN ('pending', 'running')",
-            )
-            .bind(&unresolved_keys)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(QueueError::db("enqueue (finding live tasks by dedupe key)"))?;
-            let live: HashMap<String, i64> = live.into_iter().map(|(id, k)| (k, id)).collect();
-            for &index in &todo {
-                if resolved[index].is_some() {
-                    continue;
-                }
-                if let Some(key) = tasks[index].dedupe_key.as_deref()
-                    && let Some(&id) = live.get(key)
-                {
-                    resolved[index] = Some(Enqueued { id, fresh: false });
-                }
-            }
+            resolve_live(conn, tasks, &todo, &unresolved_keys, &mut resolved).await?;
         }
         todo.retain(|&index| resolved[index].is_none());
         if todo.is_empty() {
@@ -138,6 +88,81 @@ pub async fn enqueue_many_on(
         operation: "enqueue (dedupe keys kept changing hands)",
         source: sqlx::Error::RowNotFound,
     })
+}
+
+/// Resolves the tasks at `todo` that `inserted` (id, dedupe key) answers; returns the dedupe
+/// keys of those it does not (a live task held them).
+fn match_inserted(
+    tasks: &[NewTask],
+    todo: &[usize],
+    inserted: &[(i64, Option<String>)],
+    resolved: &mut [Option<Enqueued>],
+) -> Result<Vec<String>, QueueError> {
+    let mut by_key: HashMap<&str, i64> = HashMap::new();
+    let mut unkeyed_ids = Vec::new();
+    for (id, key) in inserted {
+        match key {
+            Some(key) => {
+                by_key.insert(key.as_str(), *id);
+            }
+            None => unkeyed_ids.push(*id),
+        }
+    }
+    // Identity values follow the insertion order, which follows the input order.
+    unkeyed_ids.sort_unstable();
+    let mut unkeyed_ids = unkeyed_ids.into_iter();
+    let mut claimed_keys: HashSet<&str> = HashSet::new();
+    let mut unresolved_keys: Vec<String> = Vec::new();
+    for &index in todo {
+        match tasks[index].dedupe_key.as_deref() {
+            None => {
+                let id = unkeyed_ids.next().ok_or(QueueError::Database {
+                    operation: "enqueue (matching inserted rows)",
+                    source: sqlx::Error::RowNotFound,
+                })?;
+                resolved[index] = Some(Enqueued { id, fresh: true });
+            }
+            Some(key) => match by_key.get(key) {
+                Some(&id) => {
+                    let fresh = claimed_keys.insert(key);
+                    resolved[index] = Some(Enqueued { id, fresh });
+                }
+                None => unresolved_keys.push(key.to_owned()),
+            },
+        }
+    }
+    Ok(unresolved_keys)
+}
+
+/// Resolves tasks whose dedupe key a live task holds to that task. One that finished since
+/// the conflict stays unresolved and is inserted again in the next round.
+async fn resolve_live(
+    conn: &mut sqlx::PgConnection,
+    tasks: &[NewTask],
+    todo: &[usize],
+    keys: &[String],
+    resolved: &mut [Option<Enqueued>],
+) -> Result<(), QueueError> {
+    let live: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, dedupe_key FROM tasks
+         WHERE dedupe_key = ANY($1) AND state IN ('pending', 'running')",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(QueueError::db("enqueue (finding live tasks by dedupe key)"))?;
+    let live: HashMap<String, i64> = live.into_iter().map(|(id, k)| (k, id)).collect();
+    for &index in todo {
+        if resolved[index].is_some() {
+            continue;
+        }
+        if let Some(key) = tasks[index].dedupe_key.as_deref()
+            && let Some(&id) = live.get(key)
+        {
+            resolved[index] = Some(Enqueued { id, fresh: false });
+        }
+    }
+    Ok(())
 }
 
 /// Batches at least this large check whether the planner's statistics are out of date.
