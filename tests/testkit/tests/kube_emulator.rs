@@ -1178,7 +1178,7 @@ async fn a_kubectl_session() {
         std::env::temp_dir().join(format!("kubectl-session-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("scratch directory");
     let cache = dir.join("cache");
-    let crd_file = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/mailboxpoll.yaml");
+    let crd_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../../crds/mailboxpoll.yaml");
     let ns = world.namespace.clone();
     let run = |args: &[&str]| {
         let mut full = vec!["-n", ns.as_str()];
