@@ -14,10 +14,11 @@ use anyhow::Context;
 use kube::Api;
 use kube::api::PostParams;
 use mailpoll::resource::MailboxPoll;
-use mailpoll_testkit::cluster::{self, wait_for};
+use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
 use mailpoll_testkit::kube::KubeEmulator;
 use mailpoll_testkit::pg::{TestDatabase, free_port};
+use mailpoll_testkit::try_wait_for;
 
 const INTERVAL_SECONDS: i64 = 30;
 
@@ -89,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
         .context("starting the operator")?;
     let pid = operator.id().context("operator pid")?;
     let http = reqwest::Client::new();
-    wait_for(
+    try_wait_for(
         "the operator to be ready",
         Duration::from_secs(60),
         || async {

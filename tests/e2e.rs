@@ -16,6 +16,7 @@ use mailpoll_testkit::graph::{DEFAULT_CLIENT_SECRET, Faults};
 use mailpoll_testkit::sandbox::{
     self, EXAMPLES_SIGNING_SECRET, EXAMPLES_WEBHOOK_BASE, Sandbox, SandboxOptions,
 };
+use mailpoll_testkit::{Patience, wait_for_ok};
 use rand::RngExt;
 use serde_json::Value;
 use uuid::Uuid;
@@ -49,23 +50,9 @@ async fn start(options: SandboxOptions) -> Sandbox {
         .unwrap_or_else(|e| panic!("sandbox did not start: {e:#}"))
 }
 
-/// Polls `check` every 250 ms until it returns Some; panics with `what` and the last
-/// observation after `limit`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {limit:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+/// The checks here run kubectl and database queries: look four times a second.
+fn patience(limit: Duration) -> Patience {
+    Patience::new(limit).every(Duration::from_millis(250))
 }
 
 /// Ledger rows per MailboxPoll uid: (message id, delivery state), real messages only.
@@ -107,7 +94,7 @@ async fn mailbox_polls(sandbox: &Sandbox) -> Result<BTreeMap<Uuid, Value>, Strin
 
 /// Waits until each MailboxPoll's status counts equal the ledger's.
 async fn status_matches_ledger(sandbox: &Sandbox, limit: Duration) {
-    eventually("status counts to equal the ledger", limit, || async {
+    wait_for_ok("status counts to equal the ledger", patience(limit), || async {
         let ledger = ledger(sandbox).await?;
         for (uid, mbp) in mailbox_polls(sandbox).await? {
             let rows = ledger.get(&uid).map(Vec::as_slice).unwrap_or_default();
@@ -219,9 +206,9 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
         .filter(|m| !m.starts_with("newsletter"))
         .cloned()
         .collect();
-    eventually(
+    wait_for_ok(
         "the first 40 messages delivered",
-        Duration::from_secs(60),
+        patience(Duration::from_secs(60)),
         || async { arrived_equals_recorded(&sandbox, &active).await },
     )
     .await;
@@ -232,9 +219,9 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
     for name in ["support-inbox", "billing-inbox"] {
         annotate(&sandbox, name, "more-mail").await;
     }
-    eventually(
+    wait_for_ok(
         "all 60 messages delivered",
-        Duration::from_secs(60),
+        patience(Duration::from_secs(60)),
         || async { arrived_equals_recorded(&sandbox, &active).await },
     )
     .await;
@@ -253,9 +240,9 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
     );
     // Mark as read and move: billing's inbox is empty, its archive holds every message.
     let archived = sandbox.arrived()["billing@contoso.com"] as usize;
-    eventually(
+    wait_for_ok(
         "billing's messages moved to the archive",
-        Duration::from_secs(30),
+        patience(Duration::from_secs(30)),
         || async {
             let inbox = sandbox
                 .graph
@@ -312,10 +299,14 @@ async fn polls_for(sandbox: &Sandbox, uid: Uuid, value: &str) -> Result<i64, Str
 
 /// Waits until the request with annotation value `value` was served, exactly once.
 async fn served_once(sandbox: &Sandbox, uid: Uuid, value: &str, limit: Duration) {
-    eventually(&format!("one poll for value {value:?}"), limit, || async {
-        let n = polls_for(sandbox, uid, value).await?;
-        (n == 1).then_some(()).ok_or(format!("{n} polls"))
-    })
+    wait_for_ok(
+        format!("one poll for value {value:?}"),
+        patience(limit),
+        || async {
+            let n = polls_for(sandbox, uid, value).await?;
+            (n == 1).then_some(()).ok_or(format!("{n} polls"))
+        },
+    )
     .await;
 }
 
@@ -345,9 +336,9 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         .apply_dir(&examples_dir())
         .await
         .expect("apply examples");
-    let uid: Uuid = eventually(
+    let uid: Uuid = wait_for_ok(
         "the suspended MailboxPoll",
-        Duration::from_secs(30),
+        patience(Duration::from_secs(30)),
         || async {
             let polls = mailbox_polls(&sandbox).await?;
             polls
@@ -433,9 +424,9 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         [Some("first"), Some("second"), Some("third")].map(|v| v.map(String::from)),
         "a suspended MailboxPoll polls once per annotation value and never on schedule"
     );
-    eventually(
+    wait_for_ok(
         "status names the last handled request",
-        Duration::from_secs(30),
+        patience(Duration::from_secs(30)),
         || async {
             let polls = mailbox_polls(&sandbox).await?;
             let status = &polls[&uid]["status"];
@@ -518,9 +509,9 @@ async fn invalid_mailbox_polls_are_rejected_and_a_wrong_secret_is_explained() {
         ))
         .await
         .expect("apply a MailboxPoll with wrong credentials");
-    let describe = eventually(
+    let describe = wait_for_ok(
         "describe to show the failure",
-        Duration::from_secs(60),
+        patience(Duration::from_secs(60)),
         || async {
             let output = sandbox
                 .kubectl(&["describe", "mbp", "-n", "mail", "wrong-secret"])
@@ -656,21 +647,30 @@ async fn chaos_loses_and_doubles_nothing() {
     let chaos_done = Instant::now();
     let limit = Duration::from_secs(if big { 1800 } else { 240 });
     let mut next_report = Instant::now();
-    while let Err(state) = arrived_equals_recorded(&sandbox, &mailboxes).await {
-        assert!(
-            chaos_done.elapsed() < limit,
-            "not every message recorded and delivered {limit:?} after the chaos: {state}"
-        );
-        if Instant::now() >= next_report {
-            println!(
-                "[{:>4.0}s] {}",
-                began.elapsed().as_secs_f64(),
-                state.split(';').next().unwrap_or_default()
-            );
-            next_report += Duration::from_secs(30);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_for_ok(
+        "every message recorded and delivered after the chaos",
+        Patience::new(limit).every(Duration::from_millis(500)),
+        || {
+            // A progress line every 30 s while it converges.
+            let report = Instant::now() >= next_report;
+            if report {
+                next_report += Duration::from_secs(30);
+            }
+            let (sandbox, mailboxes) = (&sandbox, &mailboxes);
+            async move {
+                let state = arrived_equals_recorded(sandbox, mailboxes).await;
+                if report && let Err(state) = &state {
+                    println!(
+                        "[{:>4.0}s] {}",
+                        began.elapsed().as_secs_f64(),
+                        state.split(';').next().unwrap_or_default()
+                    );
+                }
+                state
+            }
+        },
+    )
+    .await;
     let converged = chaos_done.elapsed();
     let (delivered, repeats) =
         assert_delivered_once(&sandbox, (kills + 1) * 16 * sandbox.replica_count() as u64).await;
@@ -696,7 +696,7 @@ async fn chaos_loses_and_doubles_nothing() {
             .expect("kubectl patch");
         assert!(output.success, "{}", output.stderr);
     }
-    eventually("no task pending or running", Duration::from_secs(120), || async {
+    wait_for_ok("no task pending or running", patience(Duration::from_secs(120)), || async {
         let states: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT kind, state, count(*) FROM tasks WHERE state IN ('pending', 'running', 'dead') GROUP BY 1, 2",
         )

@@ -10,10 +10,11 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::PostParams;
 use mailpoll::resource::MailboxPoll;
-use mailpoll_testkit::cluster::{self, wait_for};
+use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
 use mailpoll_testkit::kube::KubeEmulator;
 use mailpoll_testkit::pg::{TestDatabase, free_port};
+use mailpoll_testkit::wait_for;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -127,8 +128,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
                 response.status().is_success().then_some(())
             },
         )
-        .await
-        .expect("replica becomes ready");
+        .await;
     }
 
     let polls: Api<MailboxPoll> = Api::namespaced(client.clone(), &namespace);
@@ -150,9 +150,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
     }
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
-    let first = wait_for("a leader", Duration::from_secs(30), || holder(&leases))
-        .await
-        .expect("a replica leads");
+    let first = wait_for("a leader", Duration::from_secs(30), || holder(&leases)).await;
     let leader_index = replicas
         .iter()
         .position(|r| first.starts_with(&format!("{}/", r.name)))
@@ -166,8 +164,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
             Duration::from_secs(40),
             || async { (poll_starts(&db, uid).await.len() >= 2).then_some(()) },
         )
-        .await
-        .expect("scheduled polls run");
+        .await;
     }
     let leader_port = replicas[leader_index].port;
     let follower_port = replicas[follower_index].port;
@@ -198,8 +195,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
             (running == 0).then_some(())
         },
     )
-    .await
-    .expect("polls are short");
+    .await;
     let killed_at = Instant::now();
     let pid = replicas[leader_index].child.id().expect("leader pid");
     let status = std::process::Command::new("kill")
@@ -213,7 +209,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
     let follower_name = replicas[follower_index].name;
     let takeover_patience = Duration::from_secs(LEASE_SECONDS + 3);
     wait_for(
-        "the follower to take the Lease",
+        "the follower to take the Lease (lease duration plus a retry period)",
         takeover_patience,
         || async {
             let holder = holder(&leases).await?;
@@ -222,8 +218,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
                 .then_some(())
         },
     )
-    .await
-    .expect("the follower takes over within the lease duration (plus a retry period)");
+    .await;
     let takeover = killed_at.elapsed();
     println!("leader killed; the other replica leads after {takeover:?} (lease {LEASE_SECONDS} s)");
     wait_for(
@@ -231,8 +226,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
         Duration::from_secs(5),
         || async { (metric(follower_port, "mailpoll_leader").await == Some(1.0)).then_some(()) },
     )
-    .await
-    .expect("new leader's gauge");
+    .await;
 
     // Two more scheduled polls each after the handover.
     for &uid in &uids {
@@ -248,8 +242,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
                 (after >= 2).then_some(())
             },
         )
-        .await
-        .expect("scheduling continues on the new leader");
+        .await;
     }
 
     // No poll doubled (two within less than an interval) or lost (a gap beyond one interval

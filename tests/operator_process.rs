@@ -8,6 +8,7 @@ use std::time::Duration;
 use mailpoll_testkit::cluster;
 use mailpoll_testkit::kube::KubeEmulator;
 use mailpoll_testkit::pg::{TestDatabase, free_port};
+use mailpoll_testkit::wait_for;
 
 #[tokio::test]
 async fn operator_serves_health_and_stops_on_sigterm() {
@@ -33,17 +34,15 @@ async fn operator_serves_health_and_stops_on_sigterm() {
 
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    let mut ready = false;
-    for _ in 0..200 {
-        if let Ok(response) = http.get(format!("{base}/readyz")).send().await
-            && response.status().is_success()
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "operator did not become ready within 10 s");
+    wait_for(
+        "the operator to be ready",
+        Duration::from_secs(10),
+        || async {
+            let response = http.get(format!("{base}/readyz")).send().await.ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await;
     let health = http
         .get(format!("{base}/healthz"))
         .send()

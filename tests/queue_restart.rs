@@ -10,6 +10,7 @@ use mailpoll::queue::{
     handler_fn,
 };
 use mailpoll_testkit::pg::{PgServer, TestDatabase};
+use mailpoll_testkit::{Patience, wait_for_ok, wait_until};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -117,18 +118,13 @@ async fn workers_reconnect_after_a_postgres_restart_and_lose_nothing() {
         .expect("start listener pool");
 
     let mut ids = enqueue_batch(&db.pool, 0, 2000).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let done = handled.lock().expect("handled lock").len();
-        if done >= 200 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "workers did not start within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Look often: the restart must come while most of the work is left.
+    wait_until(
+        "the workers to start (200 tasks handled)",
+        Patience::new(Duration::from_secs(60)).every(Duration::from_millis(20)),
+        || async { handled.lock().expect("handled lock").len() >= 200 },
+    )
+    .await;
 
     let server = tokio::task::spawn_blocking(move || {
         server.restart().expect("restart Postgres");
@@ -145,20 +141,20 @@ async fn workers_reconnect_after_a_postgres_restart_and_lose_nothing() {
     // New work after the restart reaches the reconnected workers too.
     ids.extend(enqueue_batch(&db.pool, 2000, 2500).await);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let states = states(&db.pool).await;
-        if let Some(states) = &states
-            && states.get("succeeded").copied() == Some(ids.len() as i64)
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not every task succeeded within 120 s after the restart: {states:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_ok(
+        "every task to succeed after the restart",
+        Patience::new(Duration::from_secs(120)).every(Duration::from_millis(100)),
+        || async {
+            let states = states(&db.pool).await;
+            match &states {
+                Some(states) if states.get("succeeded").copied() == Some(ids.len() as i64) => {
+                    Ok(())
+                }
+                _ => Err(format!("{states:?}")),
+            }
+        },
+    )
+    .await;
     for pool in pools {
         pool.shutdown().await;
     }

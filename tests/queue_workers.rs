@@ -11,6 +11,7 @@ use mailpoll::queue::{
     TaskState, WorkerId, WorkerPool, WorkerPoolConfig, handler_fn,
 };
 use mailpoll_testkit::pg::TestDatabase;
+use mailpoll_testkit::wait_until;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -59,22 +60,6 @@ async fn task(pool: &PgPool, id: i64) -> queue::TaskRow {
         .await
         .expect("read task")
         .expect("task exists")
-}
-
-/// Polls `check` until it holds, failing with `what` after `limit`.
-async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 type Counts = Arc<Mutex<HashMap<i64, u32>>>;
@@ -129,7 +114,7 @@ async fn every_task_is_handled_exactly_once_by_many_workers_in_several_pools() {
         .expect("start pool");
         pools.push(pool);
     }
-    wait_for(
+    wait_until(
         "every task to succeed",
         Duration::from_secs(300),
         || async { count_in_state(&db.pool, TaskState::Succeeded).await == total as i64 },
@@ -199,7 +184,7 @@ async fn a_vanished_worker_is_rescued_and_its_late_result_refused() {
         .register("deliver", counting_handler(counts.clone()))
         .start()
         .expect("start rescuer pool");
-    wait_for(
+    wait_until(
         "the rescued task to succeed",
         Duration::from_secs(30),
         || async { task(&db.pool, id).await.state == TaskState::Succeeded },
@@ -273,7 +258,7 @@ async fn failing_tasks_retry_until_dead_and_the_cli_brings_them_back() {
     .await
     .expect("enqueue")
     .id;
-    wait_for("the task to end dead", Duration::from_secs(30), || async {
+    wait_until("the task to end dead", Duration::from_secs(30), || async {
         task(&db.pool, id).await.state == TaskState::Dead
     })
     .await;
@@ -321,7 +306,7 @@ async fn failing_tasks_retry_until_dead_and_the_cli_brings_them_back() {
         "{}",
         String::from_utf8_lossy(&retried.stderr)
     );
-    wait_for(
+    wait_until(
         "the retried task to succeed",
         Duration::from_secs(30),
         || async { task(&db.pool, id).await.state == TaskState::Succeeded },
@@ -384,7 +369,7 @@ async fn handler_outcomes_become_transitions() {
     )
     .await
     .expect("enqueue");
-    wait_for(
+    wait_until(
         "every handled task to settle",
         Duration::from_secs(30),
         || async {
@@ -460,7 +445,7 @@ async fn graceful_shutdown_releases_unfinished_tasks_without_counting_an_attempt
     .into_iter()
     .map(|e| e.id)
     .collect();
-    wait_for(
+    wait_until(
         "three running handlers",
         Duration::from_secs(10),
         || async {

@@ -2,8 +2,7 @@
 //! Graph emulator, a fresh database, and helpers to create namespaces, Secrets and
 //! MailboxPolls.
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -14,6 +13,7 @@ use mailpoll::resource::MailboxPoll;
 use serde_json::json;
 
 use crate::graph::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT};
+use crate::wait::try_wait_for;
 
 pub const CRD_NAME: &str = "mailboxpolls.mailpoll.dev";
 
@@ -27,7 +27,7 @@ pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
     )
     .await
     .context("applying the MailboxPoll CRD")?;
-    wait_for(
+    try_wait_for(
         "the CRD to be Established",
         Duration::from_secs(30),
         || async {
@@ -39,7 +39,8 @@ pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
                 .then_some(())
         },
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 pub async fn create_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
@@ -100,22 +101,4 @@ pub fn mailbox_poll(name: &str, mailbox: &str, interval: &str, secret: &str) -> 
         }
     }))
     .expect("a MailboxPoll built from a literal deserializes")
-}
-
-/// Polls `check` every 50 ms until it answers `Some`, or fails after `patience` naming `what`.
-pub async fn wait_for<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        if start.elapsed() > patience {
-            anyhow::bail!("gave up after {patience:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::io::AsyncWriteExt;
@@ -23,6 +23,7 @@ use crate::graph::{EmulatorConfig, Faults, GraphEmulator};
 use crate::kube::KubeEmulator;
 use crate::pg::tempdir::TempDir;
 use crate::pg::{PgServer, free_port};
+use crate::wait::{Patience, try_wait_for};
 use crate::webhook_receiver::WebhookReceiver;
 
 /// The webhook address the files in `examples/` name; the sandbox listens there by default
@@ -263,36 +264,39 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Waits until replica `index` answers `/readyz` with 200.
+    /// Waits until replica `index` answers `/readyz` with 200; fails at once if it exits.
     pub async fn wait_ready(&mut self, index: usize, limit: Duration) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}/readyz", self.replicas[index].port);
         let http = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Ok(response) = http.get(&url).send().await
-                && response.status().is_success()
-            {
-                return Ok(());
-            }
-            let replica = &mut self.replicas[index];
-            if let Some(child) = replica.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!(
+        let replica = &mut self.replicas[index];
+        let what = format!(
+            "replica {} to be ready; see {}",
+            replica.name,
+            replica.log.display()
+        );
+        let patience = Patience::new(limit).every(Duration::from_millis(100));
+        // `Some(Err)` ends the wait early: the replica is gone.
+        try_wait_for(what, patience, || {
+            let exited = match replica.child.as_mut().map(|child| child.try_wait()) {
+                Some(Ok(Some(status))) => Some(anyhow!(
                     "replica {} exited with {status} before it was ready; see {}",
                     replica.name,
                     replica.log.display()
-                );
+                )),
+                Some(Err(error)) => Some(anyhow::Error::from(error)),
+                Some(Ok(None)) | None => None,
+            };
+            let probe = http.get(&url).send();
+            async move {
+                if let Ok(response) = probe.await
+                    && response.status().is_success()
+                {
+                    return Some(Ok(()));
+                }
+                exited.map(Err)
             }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "replica {} was not ready within {limit:?}; see {}",
-                    replica.name,
-                    replica.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await?
     }
 
     /// `kill -9`: no shutdown code runs, leases and claimed tasks are left behind.
