@@ -145,6 +145,50 @@ fn set(leading: &watch::Sender<bool>, value: bool, config: &LeaderConfig) {
     });
 }
 
+/// Creates the Lease held by us; losing the race to another creator is not an error.
+async fn create(
+    api: &Api<Lease>,
+    config: &LeaderConfig,
+    now: Timestamp,
+) -> Result<Attempt, kube::Error> {
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(config.lease_name.clone()),
+            namespace: Some(config.namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(held_spec(config, now, Hold::Created)),
+    };
+    match api.create(&PostParams::default(), &lease).await {
+        Ok(_) => Ok(Attempt::Held),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::Other),
+        Err(error) => Err(error),
+    }
+}
+
+/// Records what the Lease says now; returns since when (on our own clock) its holder and
+/// renew time have stayed as they are. Expiry is judged by that, never by the renew time
+/// another host's clock wrote.
+fn observe(observed: &mut Option<Observation>, spec: &LeaseSpec) -> Instant {
+    let current = Observation {
+        holder: spec.holder_identity.clone().filter(|h| !h.is_empty()),
+        renew_time: spec.renew_time.as_ref().map(|t| t.0),
+        seen_at: Instant::now(),
+    };
+    match observed {
+        Some(previous)
+            if previous.holder == current.holder && previous.renew_time == current.renew_time =>
+        {
+            previous.seen_at
+        }
+        _ => {
+            let since = current.seen_at;
+            *observed = Some(current);
+            since
+        }
+    }
+}
+
 async fn try_acquire_or_renew(
     api: &Api<Lease>,
     config: &LeaderConfig,
@@ -152,42 +196,11 @@ async fn try_acquire_or_renew(
 ) -> Result<Attempt, kube::Error> {
     let now = Timestamp::now();
     let Some(mut lease) = api.get_opt(&config.lease_name).await? else {
-        let lease = Lease {
-            metadata: ObjectMeta {
-                name: Some(config.lease_name.clone()),
-                namespace: Some(config.namespace.clone()),
-                ..ObjectMeta::default()
-            },
-            spec: Some(held_spec(config, now, Hold::Created)),
-        };
-        return match api.create(&PostParams::default(), &lease).await {
-            Ok(_) => Ok(Attempt::Held),
-            Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::Other),
-            Err(error) => Err(error),
-        };
+        return create(api, config, now).await;
     };
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-    let renew_time = spec.renew_time.as_ref().map(|t| t.0);
-    let current = Observation {
-        holder: holder.clone(),
-        renew_time,
-        seen_at: Instant::now(),
-    };
-    // Expiry is judged by how long the record has stayed unchanged on our own clock.
-    let unchanged_since = match observed {
-        Some(previous)
-            if previous.holder == current.holder && previous.renew_time == current.renew_time =>
-        {
-            previous.seen_at
-        }
-        _ => current.seen_at,
-    };
-    if observed.as_ref().map(|o| (&o.holder, o.renew_time))
-        != Some((&current.holder, current.renew_time))
-    {
-        *observed = Some(current);
-    }
+    let unchanged_since = observe(observed, &spec);
     let duration = spec
         .lease_duration_seconds
         .map(|s| Duration::from_secs(u64::try_from(s).unwrap_or(0)))

@@ -207,47 +207,50 @@ impl MailboxClient {
         }
         Ok(pending
             .iter()
-            .map(|index| {
-                let Some(response) = by_id.get(&index.to_string()) else {
-                    return Err(FailedResponse {
-                        status: 502,
-                        code: "MissingBatchResponse".into(),
-                        message: "the batch answer lacks this request".into(),
-                        ..FailedResponse::default()
-                    });
-                };
-                let status = response
-                    .get("status")
-                    .and_then(Value::as_u64)
-                    .and_then(|status| u16::try_from(status).ok())
-                    .unwrap_or(502);
-                if (200..300).contains(&status) {
-                    return Ok(());
-                }
-                let header = |name: &str| {
-                    response
-                        .get("headers")
-                        .and_then(Value::as_object)
-                        .and_then(|headers| {
-                            headers
-                                .iter()
-                                .find(|(key, _)| key.eq_ignore_ascii_case(name))
-                                .and_then(|(_, value)| value.as_str())
-                                .map(str::to_string)
-                        })
-                };
-                let body = response
-                    .get("body")
-                    .map(|body| body.to_string())
-                    .unwrap_or_default();
-                Err(FailedResponse::parse(
-                    status,
-                    body.as_bytes(),
-                    header("request-id"),
-                    header("retry-after").and_then(|value| parse_retry_after(&value)),
-                    None,
-                ))
-            })
+            .map(|index| inner_result(by_id.get(&index.to_string()).copied()))
             .collect())
     }
+}
+
+/// The outcome of one inner request of a `$batch` answer (`None`: the answer lacks it).
+fn inner_result(response: Option<&Value>) -> Result<(), FailedResponse> {
+    let Some(response) = response else {
+        return Err(FailedResponse {
+            status: 502,
+            code: "MissingBatchResponse".into(),
+            message: "the batch answer lacks this request".into(),
+            ..FailedResponse::default()
+        });
+    };
+    let status = response
+        .get("status")
+        .and_then(Value::as_u64)
+        .and_then(|status| u16::try_from(status).ok())
+        .unwrap_or(502);
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let header = |name: &str| {
+        response
+            .get("headers")
+            .and_then(Value::as_object)
+            .and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                    .and_then(|(_, value)| value.as_str())
+                    .map(str::to_string)
+            })
+    };
+    let body = response
+        .get("body")
+        .map(|body| body.to_string())
+        .unwrap_or_default();
+    Err(FailedResponse::parse(
+        status,
+        body.as_bytes(),
+        header("request-id"),
+        header("retry-after").and_then(|value| parse_retry_after(&value)),
+        None,
+    ))
 }

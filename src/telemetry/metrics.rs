@@ -73,6 +73,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers every metric. Long on purpose: it is one flat list, a registration per
+    /// metric, read top to bottom beside `/metrics`; splitting it would only scatter it.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mailpoll");
         let reconciles = Family::<OutcomeLabels, Counter>::default();
