@@ -6,7 +6,7 @@
 //! - foundations: `reason` (why things fail), `resource` (the MailboxPoll type), `db`,
 //!   `telemetry`;
 //! - storage, one owner per table: `queue` (`tasks`), `cursor` (`mailbox_cursors`), `ledger`
-//!   (`messages`), `poll_log` (`polls`, `poll_requests`);
+//!   (`messages`), `poll_log` (`polls`, `poll_requests`), `identity` (`mailbox_identities`);
 //! - outside systems: `graph` (Microsoft Graph), `delivery` (the webhook contract),
 //!   `directory` (MailboxPolls and their Secrets, on every replica);
 //! - work: `pipeline` (the poll, deliver and actions tasks);
@@ -20,6 +20,7 @@ pub mod delivery;
 pub mod directory;
 pub mod graph;
 pub mod http;
+pub mod identity;
 pub mod leader;
 pub mod ledger;
 pub mod operator;

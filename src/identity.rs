@@ -1,0 +1,87 @@
+//! The ledger identity of a MailboxPoll (`mailbox_identities`; every statement on it is here).
+//!
+//! Messages and their idempotency keys are keyed by an identity that belongs to the
+//! MailboxPoll's namespace, name, mailbox and folder, not to the Kubernetes object: deleting
+//! and re-creating the same MailboxPoll (a GitOps re-sync, a restore, a move to another
+//! cluster sharing the database) continues its ledger, and nothing is delivered again under
+//! new keys. A different mailbox or folder is a different identity. [`forget`] starts over on
+//! purpose.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// What an identity belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub mailbox: &'a str,
+    pub folder: &'a str,
+}
+
+/// The identity of `owner`, created on first sight; `uid` (the Kubernetes object's) is noted
+/// as the one using it now.
+pub async fn resolve(pool: &PgPool, owner: &Owner<'_>, uid: Uuid) -> Result<Uuid, sqlx::Error> {
+    // Writes only when the identity is new or its object changed (a re-created MailboxPoll).
+    let written: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO mailbox_identities (namespace, name, mailbox, folder, identity, uid)
+         VALUES ($1, $2, lower($3), $4, $5, $6)
+         ON CONFLICT (namespace, name, mailbox, folder) DO UPDATE
+             SET uid = EXCLUDED.uid, updated_at = now()
+             WHERE mailbox_identities.uid <> EXCLUDED.uid
+         RETURNING identity",
+    )
+    .bind(owner.namespace)
+    .bind(owner.name)
+    .bind(owner.mailbox)
+    .bind(owner.folder)
+    .bind(Uuid::new_v4())
+    .bind(uid)
+    .fetch_optional(pool)
+    .await?;
+    match written {
+        Some(identity) => Ok(identity),
+        None => sqlx::query_scalar(
+            "SELECT identity FROM mailbox_identities
+             WHERE namespace = $1 AND name = $2 AND mailbox = lower($3) AND folder = $4",
+        )
+        .bind(owner.namespace)
+        .bind(owner.name)
+        .bind(owner.mailbox)
+        .bind(owner.folder)
+        .fetch_one(pool)
+        .await,
+    }
+}
+
+/// The identities the objects `uids` use now, as (uid, identity).
+pub async fn of_objects(pool: &PgPool, uids: &[Uuid]) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+    sqlx::query_as("SELECT uid, identity FROM mailbox_identities WHERE uid = ANY($1)")
+        .bind(uids)
+        .fetch_all(pool)
+        .await
+}
+
+/// The objects that use `identities` now, as (identity, uid).
+pub async fn objects_of(
+    pool: &PgPool,
+    identities: &[Uuid],
+) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+    sqlx::query_as("SELECT identity, uid FROM mailbox_identities WHERE identity = ANY($1)")
+        .bind(identities)
+        .fetch_all(pool)
+        .await
+}
+
+/// Forgets the identities of a MailboxPoll (every mailbox and folder it had): its next poll
+/// starts a new ledger, and every message in its folder is delivered again under new keys.
+/// The old ledger stays until retention removes it. Returns how many identities were forgotten.
+pub async fn forget(pool: &PgPool, namespace: &str, name: &str) -> Result<u64, sqlx::Error> {
+    let forgotten =
+        sqlx::query("DELETE FROM mailbox_identities WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .execute(pool)
+            .await?;
+    Ok(forgotten.rows_affected())
+}
