@@ -271,21 +271,29 @@ pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Cursor, sqlx::Error> {
     .await
 }
 
-/// Notes that a poll of the MailboxPoll started, in the caller's transaction.
-pub async fn note_poll_started(conn: &mut PgConnection, uid: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE mailbox_cursors SET last_poll_started_at = now() WHERE mailbox_uid = $1")
-        .bind(uid)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+/// A moment of a poll the cursor row keeps the time of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMoment {
+    Started,
+    Finished,
 }
 
-/// Notes that a poll of the MailboxPoll finished, in the caller's transaction.
-pub async fn note_poll_finished(conn: &mut PgConnection, uid: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE mailbox_cursors SET last_poll_finished_at = now() WHERE mailbox_uid = $1")
-        .bind(uid)
-        .execute(&mut *conn)
-        .await?;
+/// Notes the time of a poll's start or end, in the caller's transaction.
+pub async fn note_poll(
+    conn: &mut PgConnection,
+    uid: Uuid,
+    moment: PollMoment,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE mailbox_cursors
+         SET last_poll_started_at = CASE WHEN $2 THEN now() ELSE last_poll_started_at END,
+             last_poll_finished_at = CASE WHEN $2 THEN last_poll_finished_at ELSE now() END
+         WHERE mailbox_uid = $1",
+    )
+    .bind(uid)
+    .bind(moment == PollMoment::Started)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

@@ -41,16 +41,18 @@ pub async fn resolve(pool: &PgPool, owner: &Owner<'_>, uid: Uuid) -> Result<Uuid
     .await?;
     match written {
         Some(identity) => Ok(identity),
-        None => sqlx::query_scalar(
-            "SELECT identity FROM mailbox_identities
+        None => {
+            sqlx::query_scalar(
+                "SELECT identity FROM mailbox_identities
              WHERE namespace = $1 AND name = $2 AND mailbox = lower($3) AND folder = $4",
-        )
-        .bind(owner.namespace)
-        .bind(owner.name)
-        .bind(owner.mailbox)
-        .bind(owner.folder)
-        .fetch_one(pool)
-        .await,
+            )
+            .bind(owner.namespace)
+            .bind(owner.name)
+            .bind(owner.mailbox)
+            .bind(owner.folder)
+            .fetch_one(pool)
+            .await
+        }
     }
 }
 

@@ -163,20 +163,23 @@ impl FinishedPoll {
     }
 }
 
+/// The columns of a [`FinishedPoll`].
+const FINISHED_POLL: &str = "id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, \
+     resynced, error_reason, error_message";
+
 /// The latest finished poll.
 pub async fn latest_finished(
     conn: &mut PgConnection,
     uid: Uuid,
 ) -> Result<Option<FinishedPoll>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, resynced,
-                error_reason, error_message
-         FROM polls WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
-         ORDER BY started_at DESC, id DESC LIMIT 1",
-    )
-    .bind(uid)
-    .fetch_optional(&mut *conn)
-    .await
+    let sql = format!(
+        "SELECT {FINISHED_POLL} FROM polls WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
+         ORDER BY started_at DESC, id DESC LIMIT 1"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(uid)
+        .fetch_optional(&mut *conn)
+        .await
 }
 
 /// The latest finished poll that is [decisive](FinishedPoll::is_decisive).
@@ -189,18 +192,17 @@ pub async fn latest_decisive(
         .filter(|reason| !reason.decides_readiness())
         .map(Reason::as_str)
         .collect();
-    sqlx::query_as(
-        "SELECT id, finished_at, outcome = 'succeeded' AS succeeded, messages_new, resynced,
-                error_reason, error_message
-         FROM polls
+    let sql = format!(
+        "SELECT {FINISHED_POLL} FROM polls
          WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
            AND (outcome = 'succeeded' OR NOT (error_reason = ANY($2)))
-         ORDER BY started_at DESC, id DESC LIMIT 1",
-    )
-    .bind(uid)
-    .bind(undecisive)
-    .fetch_optional(&mut *conn)
-    .await
+         ORDER BY started_at DESC, id DESC LIMIT 1"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(uid)
+        .bind(undecisive)
+        .fetch_optional(&mut *conn)
+        .await
 }
 
 /// Totals over a MailboxPoll's polls.

@@ -177,22 +177,14 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
         return Ok(Action::requeue(ctx.settings.running_requeue));
     }
     let remembered = ctx.memory().get(&uid).cloned();
-    let written = write_status(
+    let view = View {
         poll,
-        ctx,
-        &facts,
-        config_error.as_ref(),
-        remembered.as_ref(),
-    )
-    .await?;
-    let seen = publish_events(
-        poll,
-        ctx,
-        &facts,
-        config_error.as_ref(),
-        remembered.as_ref(),
-    )
-    .await;
+        facts: &facts,
+        config_error: config_error.as_ref(),
+        remembered: remembered.as_ref(),
+    };
+    let written = write_status(ctx, &view).await?;
+    let seen = publish_events(ctx, &view).await;
     let written = written.or_else(|| remembered.and_then(|m| m.written));
     ctx.memory().insert(uid, Memory { seen, written });
     Ok(Action::requeue(next_look(
@@ -263,18 +255,25 @@ async fn schedule(
     Ok(Some(Action::requeue(after)))
 }
 
+/// What a reconcile knows of a MailboxPoll when it writes status and Events.
+struct View<'a> {
+    poll: &'a MailboxPoll,
+    facts: &'a Facts,
+    config_error: Option<&'a ConfigError>,
+    /// What the leader wrote and published for it last.
+    remembered: Option<&'a Memory>,
+}
+
 /// Writes the status when it changed; returns what was written (`None`: nothing was sent).
 async fn write_status(
-    poll: &MailboxPoll,
     ctx: &Context,
-    facts: &Facts,
-    config_error: Option<&ConfigError>,
-    remembered: Option<&Memory>,
+    view: &View<'_>,
 ) -> Result<Option<MailboxPollStatus>, ReconcileError> {
+    let (poll, facts) = (view.poll, view.facts);
     let desired = status::desired_status(
         poll.status.as_ref(),
         poll.metadata.generation,
-        config_error,
+        view.config_error,
         facts,
         Utc::now(),
     );
@@ -282,7 +281,8 @@ async fn write_status(
         .status
         .as_ref()
         .is_some_and(|current| status::same(current, &desired))
-        || remembered
+        || view
+            .remembered
             .and_then(|m| m.written.as_ref())
             .is_some_and(|written| status::same(written, &desired));
     if unchanged {
@@ -303,18 +303,14 @@ async fn write_status(
 }
 
 /// Publishes the Events of transitions since what was seen last; returns the new basis.
-async fn publish_events(
-    poll: &MailboxPoll,
-    ctx: &Context,
-    facts: &Facts,
-    config_error: Option<&ConfigError>,
-    remembered: Option<&Memory>,
-) -> Seen {
-    let seen = remembered
+async fn publish_events(ctx: &Context, view: &View<'_>) -> Seen {
+    let (poll, facts) = (view.poll, view.facts);
+    let seen = view
+        .remembered
         .map(|m| m.seen.clone())
         .unwrap_or_else(|| Seen::from_status(poll.status.as_ref(), facts));
-    let ready = &status::desired_conditions(config_error, facts)[0];
-    let (notices, seen) = status::transitions(&seen, ready, facts, config_error);
+    let ready = &status::desired_conditions(view.config_error, facts)[0];
+    let (notices, seen) = status::transitions(&seen, ready, facts, view.config_error);
     for notice in notices {
         let event = Event {
             type_: if notice.warning {

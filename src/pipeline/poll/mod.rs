@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::run_lease;
 use super::tasks::PollTask;
-use crate::cursor::{self, Cursor, CursorError, RunLease};
+use crate::cursor::{self, Cursor, CursorError, PollMoment, RunLease};
 use crate::directory::{ConfigError, Directory, MailboxConfig};
 use crate::graph::{DeltaOptions, DeltaStart, GraphClient, GraphError, MailboxClient, Page};
 use crate::poll_log::{self, Progress};
@@ -418,7 +418,7 @@ impl<D: Directory> PollHandler<D> {
 async fn start_poll(pool: &PgPool, uid: Uuid, task_id: i64) -> Result<i64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let id = poll_log::start(&mut tx, uid, task_id).await?;
-    cursor::note_poll_started(&mut tx, uid).await?;
+    cursor::note_poll(&mut tx, uid, PollMoment::Started).await?;
     tx.commit().await?;
     Ok(id)
 }
@@ -431,7 +431,7 @@ async fn finish_poll(
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let uid = poll_log::finish(&mut tx, poll_id, failure).await?;
-    cursor::note_poll_finished(&mut tx, uid).await?;
+    cursor::note_poll(&mut tx, uid, PollMoment::Finished).await?;
     tx.commit().await?;
     Ok(())
 }
