@@ -58,6 +58,7 @@ fn messages() -> usize {
 
 fn config(uid: Uuid, webhook: Option<Endpoint>) -> MailboxConfig {
     MailboxConfig {
+        ledger_id: uid,
         source: Source {
             uid,
             namespace: "bench".into(),

@@ -142,7 +142,7 @@ pub async fn run(
     let graph = graph_client(&config, &pool, &metrics)?;
 
     let stop = CancellationToken::new();
-    let (directory, watch_synced) = start_directory(&config, &client, stop.child_token());
+    let (directory, watch_synced) = start_directory(&config, &client, &pool, stop.child_token());
     let mut server = Server::start(config.http_addr, &pool, &metrics, watch_synced).await?;
     let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
     let leadership = Leadership::start(&config, &pool, &client, &directory, &metrics);
@@ -196,6 +196,7 @@ async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorEr
 fn start_directory(
     config: &OperatorConfig,
     client: &kube::Client,
+    pool: &sqlx::PgPool,
     stop: CancellationToken,
 ) -> (Arc<KubeDirectory>, Arc<AtomicBool>) {
     let polls = MailboxPolls::start(client, &config.scope, stop);
@@ -214,6 +215,7 @@ fn start_directory(
     }
     let directory = Arc::new(KubeDirectory::new(
         client.clone(),
+        pool.clone(),
         polls,
         config.directory.clone(),
     ));

@@ -28,6 +28,7 @@ const SECRET: &[u8] = b"hook-signing-secret";
 
 fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxConfig {
     MailboxConfig {
+        ledger_id: uid,
         source: Source {
             uid,
             namespace: "support".into(),

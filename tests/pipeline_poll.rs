@@ -79,6 +79,7 @@ impl World {
 
     fn config(&self, mark_as_read: bool, move_to_folder: Option<&str>) -> MailboxConfig {
         MailboxConfig {
+            ledger_id: self.uid,
             source: Source {
                 uid: self.uid,
                 namespace: "sales".into(),

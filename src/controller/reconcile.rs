@@ -202,7 +202,7 @@ async fn check_config(
 ) -> Result<Option<ConfigError>, ReconcileError> {
     match ctx.directory.resolve(poll).await {
         Ok(_) => Ok(None),
-        Err(error @ ConfigError::Unavailable(_)) => Err(ReconcileError::Config(error)),
+        Err(error) if error.is_transient() => Err(ReconcileError::Config(error)),
         Err(error) => Ok(Some(error)),
     }
 }

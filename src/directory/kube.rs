@@ -22,6 +22,7 @@ use super::{ConfigError, Directory, MailboxConfig};
 use crate::cursor::Source;
 use crate::delivery::webhook::{Endpoint, SigningKey};
 use crate::graph::{ClientSecret, Credentials};
+use crate::identity;
 use crate::resource::{MailboxPoll, parse_duration};
 
 /// Which namespaces the operator watches.
@@ -168,22 +169,70 @@ type SecretData = Option<BTreeMap<String, ByteString>>;
 /// Secret data by (namespace, name), with the time it was read.
 type SecretCache = HashMap<(String, String), (Instant, Arc<SecretData>)>;
 
+/// Ledger identities by (object uid, mailbox, folder), with the time they were read.
+type IdentityCache = HashMap<(Uuid, String, String), (Instant, Uuid)>;
+
+/// How long a ledger identity is reused before it is read again (`mailpoll ledger forget`
+/// takes effect within this).
+const IDENTITY_TTL: Duration = Duration::from_secs(60);
+
 /// See the module documentation.
 pub struct KubeDirectory {
     client: kube::Client,
+    db: sqlx::PgPool,
     polls: MailboxPolls,
     settings: DirectorySettings,
     secrets: Mutex<SecretCache>,
+    identities: Mutex<IdentityCache>,
 }
 
 impl KubeDirectory {
-    pub fn new(client: kube::Client, polls: MailboxPolls, settings: DirectorySettings) -> Self {
+    pub fn new(
+        client: kube::Client,
+        db: sqlx::PgPool,
+        polls: MailboxPolls,
+        settings: DirectorySettings,
+    ) -> Self {
         Self {
             client,
+            db,
             polls,
             settings,
             secrets: Mutex::new(HashMap::new()),
+            identities: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The ledger identity of a MailboxPoll's source, cached for [`IDENTITY_TTL`].
+    async fn ledger_id(&self, source: &Source) -> Result<Uuid, ConfigError> {
+        let key = (
+            source.uid,
+            source.mailbox.to_lowercase(),
+            source.folder.clone(),
+        );
+        if let Some((at, id)) = self
+            .identities
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            && at.elapsed() < IDENTITY_TTL
+        {
+            return Ok(*id);
+        }
+        let owner = identity::Owner {
+            namespace: &source.namespace,
+            name: &source.name,
+            mailbox: &source.mailbox,
+            folder: &source.folder,
+        };
+        let id = identity::resolve(&self.db, &owner, source.uid)
+            .await
+            .map_err(|error| ConfigError::Database(error.to_string()))?;
+        self.identities
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, (Instant::now(), id));
+        Ok(id)
     }
 
     pub fn polls(&self) -> &MailboxPolls {
@@ -302,14 +351,16 @@ impl KubeDirectory {
             }
         };
         let after = spec.after_delivery.clone().unwrap_or_default();
+        let source = Source {
+            uid,
+            namespace: namespace.clone(),
+            name: poll.name_any(),
+            mailbox: spec.mailbox.clone(),
+            folder: spec.folder.clone(),
+        };
         Ok(MailboxConfig {
-            source: Source {
-                uid,
-                namespace: namespace.clone(),
-                name: poll.name_any(),
-                mailbox: spec.mailbox.clone(),
-                folder: spec.folder.clone(),
-            },
+            ledger_id: self.ledger_id(&source).await?,
+            source,
             credentials,
             webhook,
             include_body: delivery.include_body,

@@ -22,6 +22,10 @@ pub use self::kube::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 #[derive(Debug, Clone)]
 pub struct MailboxConfig {
     pub source: Source,
+    /// What its ledger rows and idempotency keys are keyed by ([`crate::identity`]): the same
+    /// for a MailboxPoll deleted and re-created with the same namespace, name, mailbox and
+    /// folder.
+    pub ledger_id: Uuid,
     /// The app registration's credentials, from the referenced Secret.
     pub credentials: Credentials,
     pub webhook: Option<Endpoint>,
@@ -56,6 +60,8 @@ pub enum ConfigError {
     },
     #[error("cannot read the MailboxPoll or its Secrets: {0}")]
     Unavailable(String),
+    #[error("cannot read the MailboxPoll's ledger identity: {0}")]
+    Database(String),
 }
 
 impl ConfigError {
@@ -65,7 +71,13 @@ impl ConfigError {
             Self::SecretNotFound { .. } => Reason::SecretNotFound,
             Self::SecretKeyMissing { .. } => Reason::SecretKeyMissing,
             Self::Unavailable(_) => Reason::KubernetesUnavailable,
+            Self::Database(_) => Reason::Transient,
         }
+    }
+
+    /// Whether the configuration itself is fine and only reading it failed: try again soon.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Database(_))
     }
 }
 

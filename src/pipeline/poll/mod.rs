@@ -121,9 +121,7 @@ impl<D: Directory> Handler for PollHandler<D> {
             Ok(Some(config)) => config,
             // Deleted: nothing to poll.
             Ok(None) => return Ok(()),
-            Err(error @ ConfigError::Unavailable(_)) => {
-                return Err(HandlerError::retryable(error));
-            }
+            Err(error) if error.is_transient() => return Err(HandlerError::retryable(error)),
             Err(error) => {
                 // A configuration problem (missing Secret, say): the poll ran and failed; the
                 // condition tells the user, and the next scheduled poll tries again.
