@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use super::RoundError;
 use super::rows::split_page;
-use crate::cursor::{self, RunLease};
+use crate::cursor::{self, Fence, RoundStart, RunLease};
 use crate::directory::MailboxConfig;
 use crate::graph::{Page, PageLink};
 use crate::ledger::{self, DeliveryState};
@@ -63,6 +63,10 @@ pub(super) struct PageContext<'a> {
     pub pool: &'a PgPool,
     pub config: &'a MailboxConfig,
     pub lease: RunLease,
+    /// The round's delta query (`DeltaOptions::fingerprint`): cursor writes are fenced on it.
+    pub query: &'a str,
+    /// Why the round starts from a fresh query; `None` when it follows a stored link.
+    pub fresh: Option<RoundStart>,
     pub poll_id: i64,
     /// The mailbox run lease, extended with every committed page.
     pub run_lease: Duration,
@@ -71,6 +75,14 @@ pub(super) struct PageContext<'a> {
 }
 
 impl PageContext<'_> {
+    fn fence(&self) -> Fence<'_> {
+        Fence {
+            lease: self.lease,
+            source: &self.config.source,
+            query: self.query,
+        }
+    }
+
     /// Records one page in ONE transaction: ledger rows, deliver tasks for new messages, the
     /// cursor, the poll's counters. Returns how many messages were new.
     ///
@@ -160,11 +172,7 @@ impl PageContext<'_> {
                 .map_err(|_| RoundError::PreviousPageFailed)?;
         }
         let mut counted = *self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-        if resynced && !counted.resynced {
-            counted.resynced = true;
-            cursor::start_resync(&mut *tx, self.lease).await?;
-            tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
-        }
+        self.start_round(tx, &mut counted, resynced).await?;
         if config.has_per_message_work() {
             let tasks = deliver_tasks(config, &recorded.new_ids)?;
             queue::enqueue_many_on(&mut *tx, &tasks).await?;
@@ -178,6 +186,38 @@ impl PageContext<'_> {
         Ok((counted, recorded.new_ids.len() as u64))
     }
 
+    /// On the first page of a round from a fresh query, and on the first page after Graph
+    /// expired the round's link: drops the stored links and records the round's query.
+    async fn start_round(
+        &self,
+        tx: &mut PgConnection,
+        counted: &mut Progress,
+        resynced: bool,
+    ) -> Result<(), RoundError> {
+        let start = if resynced && !counted.resynced {
+            Some(RoundStart::Resync)
+        } else if counted.pages == 0 {
+            self.fresh
+        } else {
+            None
+        };
+        let Some(start) = start else {
+            return Ok(());
+        };
+        if start == RoundStart::Resync {
+            let source = &self.config.source;
+            let cause = if resynced {
+                "delta cursor expired"
+            } else {
+                "delta query changed"
+            };
+            tracing::info!(namespace = %source.namespace, name = %source.name, cause, "re-reading the folder");
+        }
+        counted.resynced |= start == RoundStart::Resync;
+        cursor::start_round(tx, self.fence(), start).await?;
+        Ok(())
+    }
+
     /// Moves the cursor past this page: the round's continuation, or its end.
     async fn advance_cursor(
         &self,
@@ -187,12 +227,13 @@ impl PageContext<'_> {
     ) -> Result<(), RoundError> {
         match link {
             PageLink::Next(next) => {
-                cursor::save_progress(tx, self.lease, Some(next), watermark, self.run_lease).await?
+                cursor::save_progress(tx, self.fence(), Some(next), watermark, self.run_lease)
+                    .await?
             }
             PageLink::Delta(delta) => {
-                cursor::finish_round(tx, self.lease, Some(delta), watermark).await?
+                cursor::finish_round(tx, self.fence(), Some(delta), watermark).await?
             }
-            PageLink::End => cursor::finish_round(tx, self.lease, None, watermark).await?,
+            PageLink::End => cursor::finish_round(tx, self.fence(), None, watermark).await?,
         }
         Ok(())
     }
