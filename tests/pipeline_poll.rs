@@ -135,6 +135,11 @@ impl World {
         self.worker_pool(name, page_size, poll_pool, true)
     }
 
+    /// Workers that only poll: deliver tasks stay pending until a full pool runs.
+    fn poll_workers(&self, name: &str, page_size: u32) -> RunningPool {
+        self.worker_pool(name, page_size, self.db.pool.clone(), false)
+    }
+
     fn worker_pool(
         &self,
         name: &str,
@@ -721,6 +726,110 @@ async fn a_message_moved_in_with_an_old_received_time_after_a_resync_is_delivere
     world.drain().await;
     pool.shutdown().await;
     world.assert_each_delivered_once(&ids).await;
+}
+
+/// Messages that leave the folder and come back (immutable ids survive moves): one never
+/// recorded (only its removal was seen) is recorded and delivered when it returns; one already
+/// recorded, pending or delivered, is not delivered again.
+#[tokio::test]
+async fn messages_moved_out_and_back_are_recorded_and_delivered_once() {
+    let world = World::start(Faults::default()).await;
+    let mut ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 5)
+            .expect("seed mail"),
+    );
+    let pollers = world.poll_workers("pollers", 25);
+    world.poll().await;
+
+    // Recorded, not yet delivered: out, then back.
+    let pending = ids[0].clone();
+    world
+        .emulator
+        .move_message(MAILBOX, &pending, "junkemail")
+        .expect("move out");
+    world.poll().await;
+    world
+        .emulator
+        .move_message(MAILBOX, &pending, "inbox")
+        .expect("move back");
+    world.poll().await;
+
+    // Arrives and leaves between two polls: only its removal is seen (a tombstone).
+    let ghost = world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 1)
+        .expect("ghost")
+        .remove(0)
+        .immutable_id;
+    world
+        .emulator
+        .move_message(MAILBOX, &ghost, "junkemail")
+        .expect("move ghost out");
+    world.poll().await;
+    let state: String = sqlx::query_scalar(
+        "SELECT delivery_state FROM messages WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(world.uid)
+    .bind(&ghost)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("tombstone");
+    assert_eq!(state, "skipped", "only the removal was seen");
+    world
+        .emulator
+        .move_message(MAILBOX, &ghost, "inbox")
+        .expect("move ghost back");
+    world.poll().await;
+    ids.push(ghost.clone());
+    pollers.shutdown().await;
+
+    let pool = world.workers("everything", 25);
+    world.drain().await;
+    // Delivered: out, then back.
+    let delivered = ids[1].clone();
+    world
+        .emulator
+        .move_message(MAILBOX, &delivered, "junkemail")
+        .expect("move out");
+    world.poll().await;
+    world
+        .emulator
+        .move_message(MAILBOX, &delivered, "inbox")
+        .expect("move back");
+    world.poll().await;
+    world.drain().await;
+    pool.shutdown().await;
+
+    world.assert_each_delivered_once(&ids).await;
+    let removed = world
+        .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND removed_at IS NOT NULL")
+        .await;
+    assert_eq!(
+        removed, 0,
+        "messages back in the folder are no longer marked removed"
+    );
+    let ghost_subject: Option<String> = sqlx::query_scalar(
+        "SELECT subject FROM messages WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(world.uid)
+    .bind(&ghost)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("revived row");
+    assert!(
+        ghost_subject.is_some(),
+        "the tombstone got the message's content"
+    );
+    let counted_new = world
+        .count("SELECT COALESCE(sum(messages_new), 0)::bigint FROM polls WHERE mailbox_uid = $1")
+        .await;
+    assert_eq!(
+        counted_new,
+        ids.len() as i64,
+        "each message counted new once"
+    );
 }
 
 /// `$select` is frozen in a delta token: switching bodies on starts a new round with the new
