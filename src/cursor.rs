@@ -3,8 +3,11 @@
 //! the last poll.
 //!
 //! A poll (or a batch of after-actions) takes the mailbox's run lease first, so one run per
-//! mailbox talks to Graph at a time across every replica. The lease token fences the cursor:
-//! every cursor write names it, and a run whose lease was taken over changes nothing.
+//! mailbox talks to Graph at a time across every replica. Cursor writes are fenced twice: by
+//! the lease token (a run whose lease was taken over changes nothing) and by what the cursor
+//! was read for, the mailbox, folder and delta query ([`Fence`]), so a link of one source or
+//! query never lands in a cursor that now belongs to another. The cursor is relabelled for a
+//! new mailbox or folder only by the run that takes the lease.
 
 use std::time::Duration;
 
@@ -29,7 +32,11 @@ pub struct Cursor {
     pub delta_link: Option<String>,
     /// Continuation of an unfinished round (a crash mid-round resumes here).
     pub round_next_link: Option<String>,
-    /// Highest receivedDateTime recorded: bounds a resync.
+    /// The delta query both links belong to (`DeltaOptions::fingerprint`); links of another
+    /// query are not to be followed.
+    pub query_fingerprint: Option<String>,
+    /// Highest receivedDateTime recorded (for operations and the received-time fallback;
+    /// resyncs are never bounded by it).
     pub watermark: Option<DateTime<Utc>>,
     /// Retry-After from Graph, shared by every replica.
     pub throttled_until: Option<DateTime<Utc>>,
@@ -40,6 +47,26 @@ pub struct Cursor {
 pub struct RunLease {
     pub uid: Uuid,
     pub token: Uuid,
+}
+
+/// What a round's cursor writes are fenced on: the run lease, and the mailbox, folder and
+/// delta query the round reads. A write matches nothing once the lease was taken over or the
+/// cursor was relabelled for another source or query.
+#[derive(Debug, Clone, Copy)]
+pub struct Fence<'a> {
+    pub lease: RunLease,
+    pub source: &'a Source,
+    /// `DeltaOptions::fingerprint` of the round.
+    pub query: &'a str,
+}
+
+/// Why a round starts without a stored link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundStart {
+    /// Nothing to continue: a new cursor, or one reset for a new mailbox or folder.
+    First,
+    /// The stored links were dropped: Graph expired them, or they belong to another query.
+    Resync,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +87,10 @@ pub enum Acquired {
     },
 }
 
-/// Creates the cursor row when missing (resetting it when the mailbox or folder changed),
-/// then takes the run lease unless another live run holds it.
+/// Takes the run lease unless another live run holds it (creating the cursor row when
+/// missing). Only the run that takes the lease relabels the row: a new mailbox or folder drops
+/// the delta state there and then. A refused run changes nothing, so the holder's writes
+/// still land in the cursor it read.
 pub async fn acquire(
     pool: &PgPool,
     source: &Source,
@@ -71,18 +100,7 @@ pub async fn acquire(
     sqlx::query(
         r#"INSERT INTO mailbox_cursors (mailbox_uid, namespace, name, mailbox, folder)
            VALUES ($1, $2, $3, $4, $5)
-           ON CONFLICT (mailbox_uid) DO UPDATE SET
-               namespace = EXCLUDED.namespace,
-               name = EXCLUDED.name,
-               mailbox = EXCLUDED.mailbox,
-               folder = EXCLUDED.folder,
-               delta_link = CASE WHEN (mailbox_cursors.mailbox, mailbox_cursors.folder) = (EXCLUDED.mailbox, EXCLUDED.folder)
-                                 THEN mailbox_cursors.delta_link END,
-               round_next_link = CASE WHEN (mailbox_cursors.mailbox, mailbox_cursors.folder) = (EXCLUDED.mailbox, EXCLUDED.folder)
-                                      THEN mailbox_cursors.round_next_link END,
-               watermark = CASE WHEN (mailbox_cursors.mailbox, mailbox_cursors.folder) = (EXCLUDED.mailbox, EXCLUDED.folder)
-                                THEN mailbox_cursors.watermark END,
-               updated_at = now()"#,
+           ON CONFLICT (mailbox_uid) DO NOTHING"#,
     )
     .bind(source.uid)
     .bind(&source.namespace)
@@ -92,18 +110,29 @@ pub async fn acquire(
     .execute(&mut *tx)
     .await?;
     let token = Uuid::new_v4();
+    // SET expressions read the row as it was: the CASEs compare with the old label.
     let held: Option<Cursor> = sqlx::query_as(
-        r#"UPDATE mailbox_cursors
-           SET run_token = $2, run_lease_until = now() + $3 * interval '1 millisecond'
-           WHERE mailbox_uid = $1 AND (run_lease_until IS NULL OR run_lease_until < now())
-           RETURNING delta_link, round_next_link, watermark,
+        r#"UPDATE mailbox_cursors c
+           SET run_token = $2, run_lease_until = now() + $3 * interval '1 millisecond',
+               namespace = $4, name = $5, mailbox = $6, folder = $7,
+               delta_link = CASE WHEN (c.mailbox, c.folder) = ($6, $7) THEN c.delta_link END,
+               round_next_link = CASE WHEN (c.mailbox, c.folder) = ($6, $7) THEN c.round_next_link END,
+               query_fingerprint = CASE WHEN (c.mailbox, c.folder) = ($6, $7) THEN c.query_fingerprint END,
+               watermark = CASE WHEN (c.mailbox, c.folder) = ($6, $7) THEN c.watermark END,
+               updated_at = now()
+           WHERE c.mailbox_uid = $1 AND (c.run_lease_until IS NULL OR c.run_lease_until < now())
+           RETURNING c.delta_link, c.round_next_link, c.query_fingerprint, c.watermark,
                      -- Graph throttles per mailbox: any MailboxPoll of the same mailbox counts.
-                     (SELECT max(c.throttled_until) FROM mailbox_cursors c
-                      WHERE lower(c.mailbox) = lower(mailbox_cursors.mailbox)) AS throttled_until"#,
+                     (SELECT max(o.throttled_until) FROM mailbox_cursors o
+                      WHERE lower(o.mailbox) = lower(c.mailbox)) AS throttled_until"#,
     )
     .bind(source.uid)
     .bind(token)
     .bind(millis(ttl))
+    .bind(&source.namespace)
+    .bind(&source.name)
+    .bind(&source.mailbox)
+    .bind(&source.folder)
     .fetch_optional(&mut *tx)
     .await?;
     let outcome = match held {
@@ -147,21 +176,25 @@ fn fenced(result: sqlx::postgres::PgQueryResult) -> Result<(), CursorError> {
 /// and extends the lease.
 pub async fn save_progress(
     conn: &mut PgConnection,
-    lease: RunLease,
+    fence: Fence<'_>,
     next_link: Option<&str>,
     watermark: Option<DateTime<Utc>>,
     ttl: Duration,
 ) -> Result<(), CursorError> {
     let result = sqlx::query(
         r#"UPDATE mailbox_cursors
-           SET round_next_link = $3,
-               watermark = GREATEST(watermark, $4),
-               run_lease_until = now() + $5 * interval '1 millisecond',
+           SET round_next_link = $6,
+               watermark = GREATEST(watermark, $7),
+               run_lease_until = now() + $8 * interval '1 millisecond',
                updated_at = now()
-           WHERE mailbox_uid = $1 AND run_token = $2"#,
+           WHERE mailbox_uid = $1 AND run_token = $2 AND mailbox = $3 AND folder = $4
+             AND query_fingerprint = $5"#,
     )
-    .bind(lease.uid)
-    .bind(lease.token)
+    .bind(fence.lease.uid)
+    .bind(fence.lease.token)
+    .bind(&fence.source.mailbox)
+    .bind(&fence.source.folder)
+    .bind(fence.query)
     .bind(next_link)
     .bind(watermark)
     .bind(millis(ttl))
@@ -173,18 +206,22 @@ pub async fn save_progress(
 /// Ends a round: the delta link becomes the cursor, the continuation is dropped.
 pub async fn finish_round(
     conn: &mut PgConnection,
-    lease: RunLease,
+    fence: Fence<'_>,
     delta_link: Option<&str>,
     watermark: Option<DateTime<Utc>>,
 ) -> Result<(), CursorError> {
     let result = sqlx::query(
         r#"UPDATE mailbox_cursors
-           SET delta_link = $3, round_next_link = NULL, watermark = GREATEST(watermark, $4),
+           SET delta_link = $6, round_next_link = NULL, watermark = GREATEST(watermark, $7),
                last_success_at = now(), updated_at = now()
-           WHERE mailbox_uid = $1 AND run_token = $2"#,
+           WHERE mailbox_uid = $1 AND run_token = $2 AND mailbox = $3 AND folder = $4
+             AND query_fingerprint = $5"#,
     )
-    .bind(lease.uid)
-    .bind(lease.token)
+    .bind(fence.lease.uid)
+    .bind(fence.lease.token)
+    .bind(&fence.source.mailbox)
+    .bind(&fence.source.folder)
+    .bind(fence.query)
     .bind(delta_link)
     .bind(watermark)
     .execute(&mut *conn)
@@ -192,15 +229,26 @@ pub async fn finish_round(
     fenced(result)
 }
 
-/// Drops the delta state (expired token): the next round is a bounded resync.
-pub async fn start_resync(conn: &mut PgConnection, lease: RunLease) -> Result<(), CursorError> {
+/// Starts a round from a fresh query, in its first page's transaction: drops the stored links
+/// and records the round's query, which later writes of the round are fenced on. A resync is
+/// counted.
+pub async fn start_round(
+    conn: &mut PgConnection,
+    fence: Fence<'_>,
+    start: RoundStart,
+) -> Result<(), CursorError> {
     let result = sqlx::query(
         r#"UPDATE mailbox_cursors
-           SET delta_link = NULL, round_next_link = NULL, resyncs = resyncs + 1, updated_at = now()
-           WHERE mailbox_uid = $1 AND run_token = $2"#,
+           SET delta_link = NULL, round_next_link = NULL, query_fingerprint = $5,
+               resyncs = resyncs + CASE WHEN $6 THEN 1 ELSE 0 END, updated_at = now()
+           WHERE mailbox_uid = $1 AND run_token = $2 AND mailbox = $3 AND folder = $4"#,
     )
-    .bind(lease.uid)
-    .bind(lease.token)
+    .bind(fence.lease.uid)
+    .bind(fence.lease.token)
+    .bind(&fence.source.mailbox)
+    .bind(&fence.source.folder)
+    .bind(fence.query)
+    .bind(start == RoundStart::Resync)
     .execute(&mut *conn)
     .await?;
     fenced(result)
@@ -263,7 +311,7 @@ pub async fn delete(pool: &PgPool, uid: Uuid) -> Result<(), sqlx::Error> {
 /// The cursor as it is now (a forced poll's extra round starts from it).
 pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Cursor, sqlx::Error> {
     sqlx::query_as(
-        "SELECT delta_link, round_next_link, watermark, throttled_until
+        "SELECT delta_link, round_next_link, query_fingerprint, watermark, throttled_until
          FROM mailbox_cursors WHERE mailbox_uid = $1",
     )
     .bind(uid)

@@ -2,7 +2,11 @@
 //! once per (MailboxPoll uid, immutable Graph id), and where its delivery stands.
 //!
 //! Recording is idempotent, so a replayed page, a resync or a crash between two statements
-//! never creates a second row or a second delivery.
+//! never creates a second row or a second delivery. Immutable ids survive moves, so a message
+//! can leave the folder and come back: a row keeps it recorded once, and a tombstone (a
+//! removal seen before the message itself) gives way to the message when it shows.
+
+use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -73,11 +77,21 @@ pub struct Removal {
 /// What recording one page changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recorded {
-    /// Ids recorded for the first time, in page order; only these get deliver tasks.
+    /// Ids recorded for the first time (tombstones given way included), in ledger order; only
+    /// these get deliver tasks.
     pub new_ids: Vec<String>,
     /// Messages on the page that the ledger already held (replays).
     pub already_known: usize,
     pub removals: usize,
+}
+
+impl Recorded {
+    /// Adds what a later part of the same page recorded.
+    pub fn absorb(&mut self, later: Recorded) {
+        self.new_ids.extend(later.new_ids);
+        self.already_known += later.already_known;
+        self.removals += later.removals;
+    }
 }
 
 /// A page as one array per column, borrowed from the messages (nothing is copied).
@@ -139,9 +153,14 @@ impl<'a> PageColumns<'a> {
 }
 
 /// Records a page of messages and removals in the caller's transaction. New messages get
-/// `state_for_new`; messages already in the ledger are left untouched. A removal marks a
+/// `state_for_new`; messages already in the ledger are left as they are, except that they are
+/// no longer marked removed (they are back). A tombstone gives way to its message: the row is
+/// replaced, so the message is new (counted, delivered) with a new `seq`. A removal marks a
 /// known message (delivery still happens: it arrived) or records a tombstone that is never
 /// delivered.
+///
+/// The common page costs one statement per kind (messages, removals); only a page holding
+/// messages the ledger already had costs one more, and a tombstone coming back one more.
 pub async fn record_page(
     conn: &mut PgConnection,
     mailbox_uid: Uuid,
@@ -151,72 +170,25 @@ pub async fn record_page(
 ) -> Result<Recorded, sqlx::Error> {
     let mut recorded = Recorded::default();
     if !messages.is_empty() {
-        let columns = PageColumns::of(messages);
-        // One array per column, unnested server-side. Text columns travel as plain binary
-        // text: binding the page as one JSON document made Postgres parse every body as JSON,
-        // which cost more than the insert itself. Only the jsonb columns are parsed.
-        let new_ids: Vec<(String, i64)> = sqlx::query_as(
-            r#"
-            INSERT INTO messages (
-                mailbox_uid, message_id, internet_message_id, subject, from_address, from_name,
-                sender_address, sender_name, to_recipients, cc_recipients, reply_to, received_at,
-                sent_at, is_read, has_attachments, importance, conversation_id, parent_folder_id,
-                body_preview, body_content_type, body, body_truncated, raw, delivery_state
-            )
-            SELECT $1, r.message_id, r.internet_message_id, r.subject, r.from_address,
-                   r.from_name, r.sender_address, r.sender_name,
-                   COALESCE(NULLIF(r.to_recipients, 'null'), '[]'),
-                   COALESCE(NULLIF(r.cc_recipients, 'null'), '[]'),
-                   COALESCE(NULLIF(r.reply_to, 'null'), '[]'), r.received_at, r.sent_at,
-                   r.is_read, r.has_attachments, r.importance, r.conversation_id,
-                   r.parent_folder_id, r.body_preview, r.body_content_type, r.body,
-                   r.body_truncated, COALESCE(NULLIF(r.raw, 'null'), '{}'), $24
-            FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                        $8::text[], $9::jsonb[], $10::jsonb[], $11::jsonb[], $12::timestamptz[],
-                        $13::timestamptz[], $14::boolean[], $15::boolean[], $16::text[],
-                        $17::text[], $18::text[], $19::text[], $20::text[], $21::text[],
-                        $22::boolean[], $23::jsonb[])
-                 AS r(message_id, internet_message_id, subject, from_address, from_name,
-                      sender_address, sender_name, to_recipients, cc_recipients, reply_to,
-                      received_at, sent_at, is_read, has_attachments, importance,
-                      conversation_id, parent_folder_id, body_preview, body_content_type, body,
-                      body_truncated, raw)
-            ON CONFLICT (mailbox_uid, message_id) DO NOTHING
-            RETURNING message_id, seq
-            "#,
-        )
-        .bind(mailbox_uid)
-        .bind(&columns.message_id)
-        .bind(&columns.internet_message_id)
-        .bind(&columns.subject)
-        .bind(&columns.from_address)
-        .bind(&columns.from_name)
-        .bind(&columns.sender_address)
-        .bind(&columns.sender_name)
-        .bind(&columns.to_recipients)
-        .bind(&columns.cc_recipients)
-        .bind(&columns.reply_to)
-        .bind(&columns.received_at)
-        .bind(&columns.sent_at)
-        .bind(&columns.is_read)
-        .bind(&columns.has_attachments)
-        .bind(&columns.importance)
-        .bind(&columns.conversation_id)
-        .bind(&columns.parent_folder_id)
-        .bind(&columns.body_preview)
-        .bind(&columns.body_content_type)
-        .bind(&columns.body)
-        .bind(&columns.body_truncated)
-        .bind(&columns.raw)
-        .bind(state_for_new.as_str())
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut new_ids = new_ids;
+        let mut new_ids = insert_new(conn, mailbox_uid, messages, state_for_new).await?;
+        let distinct: HashSet<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+        if new_ids.len() < distinct.len() {
+            let inserted: HashSet<&str> = new_ids.iter().map(|(id, _)| id.as_str()).collect();
+            let known: Vec<&str> = distinct.difference(&inserted).copied().collect();
+            let returned = take_back(conn, mailbox_uid, &known).await?;
+            if !returned.is_empty() {
+                let returned: HashSet<String> = returned.into_iter().collect();
+                let revived: Vec<LedgerMessage> = messages
+                    .iter()
+                    .filter(|m| returned.contains(&m.message_id))
+                    .cloned()
+                    .collect();
+                new_ids.extend(insert_new(conn, mailbox_uid, &revived, state_for_new).await?);
+            }
+        }
         new_ids.sort_by_key(|(_, seq)| *seq);
+        recorded.already_known = distinct.len() - new_ids.len();
         recorded.new_ids = new_ids.into_iter().map(|(id, _)| id).collect();
-        let distinct: std::collections::HashSet<&str> =
-            messages.iter().map(|m| m.message_id.as_str()).collect();
-        recorded.already_known = distinct.len() - recorded.new_ids.len();
     }
     if !removals.is_empty() {
         let ids: Vec<&str> = removals.iter().map(|r| r.message_id.as_str()).collect();
@@ -243,6 +215,102 @@ pub async fn record_page(
         recorded.removals = result.rows_affected() as usize;
     }
     Ok(recorded)
+}
+
+/// Inserts the messages the ledger does not hold yet; returns their ids and `seq`s.
+async fn insert_new(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    messages: &[LedgerMessage],
+    state_for_new: DeliveryState,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let columns = PageColumns::of(messages);
+    // One array per column, unnested server-side. Text columns travel as plain binary
+    // text: binding the page as one JSON document made Postgres parse every body as JSON,
+    // which cost more than the insert itself. Only the jsonb columns are parsed.
+    sqlx::query_as(
+        r#"
+        INSERT INTO messages (
+            mailbox_uid, message_id, internet_message_id, subject, from_address, from_name,
+            sender_address, sender_name, to_recipients, cc_recipients, reply_to, received_at,
+            sent_at, is_read, has_attachments, importance, conversation_id, parent_folder_id,
+            body_preview, body_content_type, body, body_truncated, raw, delivery_state
+        )
+        SELECT $1, r.message_id, r.internet_message_id, r.subject, r.from_address,
+               r.from_name, r.sender_address, r.sender_name,
+               COALESCE(NULLIF(r.to_recipients, 'null'), '[]'),
+               COALESCE(NULLIF(r.cc_recipients, 'null'), '[]'),
+               COALESCE(NULLIF(r.reply_to, 'null'), '[]'), r.received_at, r.sent_at,
+               r.is_read, r.has_attachments, r.importance, r.conversation_id,
+               r.parent_folder_id, r.body_preview, r.body_content_type, r.body,
+               r.body_truncated, COALESCE(NULLIF(r.raw, 'null'), '{}'), $24
+        FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                    $8::text[], $9::jsonb[], $10::jsonb[], $11::jsonb[], $12::timestamptz[],
+                    $13::timestamptz[], $14::boolean[], $15::boolean[], $16::text[],
+                    $17::text[], $18::text[], $19::text[], $20::text[], $21::text[],
+                    $22::boolean[], $23::jsonb[])
+             AS r(message_id, internet_message_id, subject, from_address, from_name,
+                  sender_address, sender_name, to_recipients, cc_recipients, reply_to,
+                  received_at, sent_at, is_read, has_attachments, importance,
+                  conversation_id, parent_folder_id, body_preview, body_content_type, body,
+                  body_truncated, raw)
+        ON CONFLICT (mailbox_uid, message_id) DO NOTHING
+        RETURNING message_id, seq
+        "#,
+    )
+    .bind(mailbox_uid)
+    .bind(&columns.message_id)
+    .bind(&columns.internet_message_id)
+    .bind(&columns.subject)
+    .bind(&columns.from_address)
+    .bind(&columns.from_name)
+    .bind(&columns.sender_address)
+    .bind(&columns.sender_name)
+    .bind(&columns.to_recipients)
+    .bind(&columns.cc_recipients)
+    .bind(&columns.reply_to)
+    .bind(&columns.received_at)
+    .bind(&columns.sent_at)
+    .bind(&columns.is_read)
+    .bind(&columns.has_attachments)
+    .bind(&columns.importance)
+    .bind(&columns.conversation_id)
+    .bind(&columns.parent_folder_id)
+    .bind(&columns.body_preview)
+    .bind(&columns.body_content_type)
+    .bind(&columns.body)
+    .bind(&columns.body_truncated)
+    .bind(&columns.raw)
+    .bind(state_for_new.as_str())
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// Messages of a page that the ledger already held are back in the folder: a recorded one is
+/// no longer marked removed, a tombstone is deleted so that the message takes its place.
+/// Returns the ids of the tombstones deleted. One statement, on the primary key only.
+async fn take_back(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    ids: &[&str],
+) -> Result<Vec<String>, sqlx::Error> {
+    // The two parts touch disjoint rows ('skipped' is only ever a tombstone's state).
+    sqlx::query_scalar(
+        r#"
+        WITH back AS (
+            UPDATE messages SET removed_at = NULL, removed_reason = NULL
+            WHERE mailbox_uid = $1 AND message_id = ANY($2) AND removed_at IS NOT NULL
+              AND delivery_state <> 'skipped'
+        )
+        DELETE FROM messages
+        WHERE mailbox_uid = $1 AND message_id = ANY($2) AND delivery_state = 'skipped'
+        RETURNING message_id
+        "#,
+    )
+    .bind(mailbox_uid)
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
 }
 
 /// A ledger row as delivery sees it.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use mailpoll::cursor::{self, Acquired, CursorError, Source};
+use mailpoll::cursor::{self, Acquired, CursorError, Fence, RoundStart, RunLease, Source};
 use mailpoll_testkit::pg::TestDatabase;
 use uuid::Uuid;
 
@@ -14,6 +14,24 @@ fn source(uid: Uuid, folder: &str) -> Source {
         mailbox: "support@contoso.com".into(),
         folder: folder.into(),
     }
+}
+
+const QUERY: &str = "delta/v1 folder=inbox $select=id";
+
+/// The fence of a round over `source` with the test's query.
+fn fence(lease: RunLease, source: &Source) -> Fence<'_> {
+    Fence {
+        lease,
+        source,
+        query: QUERY,
+    }
+}
+
+/// Starts a first round: records the round's query, which later writes are fenced on.
+async fn start(conn: &mut sqlx::PgConnection, lease: RunLease, source: &Source) {
+    cursor::start_round(conn, fence(lease, source), RoundStart::First)
+        .await
+        .expect("start a round");
 }
 
 #[tokio::test]
@@ -35,13 +53,35 @@ async fn one_run_per_mailbox_and_fenced_cursor_writes() {
         Acquired::Busy { .. }
     ));
 
+    let inbox = source(uid, "inbox");
     let mut conn = db.pool.acquire().await.expect("connection");
-    cursor::save_progress(&mut conn, lease, Some("https://graph/next"), None, ttl)
-        .await
-        .expect("holder saves progress");
+    let unstarted = cursor::save_progress(&mut conn, fence(lease, &inbox), None, None, ttl).await;
+    assert!(
+        matches!(unstarted, Err(CursorError::LeaseLost)),
+        "writes need the round's query recorded first: {unstarted:?}"
+    );
+    start(&mut conn, lease, &inbox).await;
+    let other_query = Fence {
+        query: "delta/v1 folder=inbox $select=id,body",
+        ..fence(lease, &inbox)
+    };
+    let refused = cursor::save_progress(&mut conn, other_query, Some("x"), None, ttl).await;
+    assert!(
+        matches!(refused, Err(CursorError::LeaseLost)),
+        "a link of another query is refused: {refused:?}"
+    );
+    cursor::save_progress(
+        &mut conn,
+        fence(lease, &inbox),
+        Some("https://graph/next"),
+        None,
+        ttl,
+    )
+    .await
+    .expect("holder saves progress");
     cursor::finish_round(
         &mut conn,
-        lease,
+        fence(lease, &inbox),
         Some("https://graph/delta?$deltatoken=1"),
         None,
     )
@@ -60,11 +100,14 @@ async fn one_run_per_mailbox_and_fenced_cursor_writes() {
         Some("https://graph/delta?$deltatoken=1")
     );
     assert_eq!(cursor.round_next_link, None);
+    assert_eq!(cursor.query_fingerprint.as_deref(), Some(QUERY));
 
     // The first holder's token no longer fences anything.
-    let stale = cursor::save_progress(&mut conn, lease, Some("x"), None, ttl).await;
+    let stale = cursor::save_progress(&mut conn, fence(lease, &inbox), Some("x"), None, ttl).await;
     assert!(matches!(stale, Err(CursorError::LeaseLost)), "{stale:?}");
-    let stale = cursor::finish_round(&mut conn, lease, Some("x"), None).await;
+    let stale = cursor::finish_round(&mut conn, fence(lease, &inbox), Some("x"), None).await;
+    assert!(matches!(stale, Err(CursorError::LeaseLost)), "{stale:?}");
+    let stale = cursor::start_round(&mut conn, fence(lease, &inbox), RoundStart::Resync).await;
     assert!(matches!(stale, Err(CursorError::LeaseLost)), "{stale:?}");
     cursor::release(&db.pool, lease)
         .await
@@ -118,8 +161,10 @@ async fn changing_the_folder_resets_the_cursor() {
     else {
         panic!("free");
     };
+    let inbox = source(uid, "inbox");
     let mut conn = db.pool.acquire().await.expect("connection");
-    cursor::finish_round(&mut conn, lease, Some("delta-inbox"), None)
+    start(&mut conn, lease, &inbox).await;
+    cursor::finish_round(&mut conn, fence(lease, &inbox), Some("delta-inbox"), None)
         .await
         .expect("finish");
     cursor::release(&db.pool, lease).await.expect("release");
@@ -140,5 +185,78 @@ async fn changing_the_folder_resets_the_cursor() {
         panic!("free");
     };
     assert_eq!(moved.delta_link, None, "a new folder starts from scratch");
+    assert_eq!(moved.query_fingerprint, None);
     cursor::release(&db.pool, lease).await.expect("release");
+}
+
+/// A run holding the lease for one folder keeps its cursor while a run for another folder is
+/// refused; the folder change resets the cursor only once the new run holds the lease, and a
+/// write of the old run after that is refused.
+#[tokio::test]
+async fn a_folder_change_waits_for_the_lease_and_stale_writes_are_refused() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    let ttl = Duration::from_secs(30);
+    let Acquired::Held(a, _) = cursor::acquire(&db.pool, &source(uid, "inbox"), ttl)
+        .await
+        .expect("acquire")
+    else {
+        panic!("free");
+    };
+    let inbox = source(uid, "inbox");
+    let mut conn = db.pool.acquire().await.expect("connection");
+    start(&mut conn, a, &inbox).await;
+    cursor::finish_round(&mut conn, fence(a, &inbox), Some("delta-inbox-1"), None)
+        .await
+        .expect("A finishes a round");
+
+    let busy = cursor::acquire(&db.pool, &source(uid, "archive"), ttl)
+        .await
+        .expect("acquire");
+    assert!(matches!(busy, Acquired::Busy { .. }), "{busy:?}");
+    let row: (String, Option<String>) =
+        sqlx::query_as("SELECT folder, delta_link FROM mailbox_cursors WHERE mailbox_uid = $1")
+            .bind(uid)
+            .fetch_one(&db.pool)
+            .await
+            .expect("cursor row");
+    assert_eq!(
+        row,
+        ("inbox".to_owned(), Some("delta-inbox-1".to_owned())),
+        "a refused acquire changes nothing"
+    );
+    cursor::save_progress(&mut conn, fence(a, &inbox), Some("next-inbox"), None, ttl)
+        .await
+        .expect("A still writes its own folder's cursor");
+    cursor::finish_round(&mut conn, fence(a, &inbox), Some("delta-inbox-2"), None)
+        .await
+        .expect("A still finishes its round");
+    cursor::release(&db.pool, a).await.expect("release");
+
+    let Acquired::Held(b, moved) = cursor::acquire(&db.pool, &source(uid, "archive"), ttl)
+        .await
+        .expect("acquire")
+    else {
+        panic!("released");
+    };
+    assert_eq!(moved.delta_link, None, "the new folder starts from scratch");
+    assert_eq!(moved.round_next_link, None);
+    let stale =
+        cursor::finish_round(&mut conn, fence(a, &inbox), Some("delta-inbox-3"), None).await;
+    assert!(matches!(stale, Err(CursorError::LeaseLost)), "{stale:?}");
+    // Even under B's own token, a write for the old folder matches nothing.
+    let wrong_folder =
+        cursor::finish_round(&mut conn, fence(b, &inbox), Some("delta-inbox-3"), None).await;
+    assert!(
+        matches!(wrong_folder, Err(CursorError::LeaseLost)),
+        "{wrong_folder:?}"
+    );
+    let row: (String, Option<String>) =
+        sqlx::query_as("SELECT folder, delta_link FROM mailbox_cursors WHERE mailbox_uid = $1")
+            .bind(uid)
+            .fetch_one(&db.pool)
+            .await
+            .expect("cursor row");
+    assert_eq!(row, ("archive".to_owned(), None));
+    cursor::release(&db.pool, b).await.expect("release");
 }

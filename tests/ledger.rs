@@ -122,17 +122,64 @@ async fn removals_mark_known_messages_and_leave_tombstones() {
             ),
         ]
     );
-    // A tombstone is not a new message: the same id arriving later is not delivered again.
-    let late = ledger::record_page(
+    // The message behind a tombstone comes back (moved back into the folder): it is new, with
+    // its content, a new place in the ledger's order and the state of a new message. A message
+    // recorded before that comes back is not new; it is just no longer marked removed.
+    let seq_of = |id: &'static str| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT seq FROM messages WHERE mailbox_uid = $1 AND message_id = $2",
+        )
+        .bind(uid)
+        .bind(id)
+    };
+    let tombstone_seq = seq_of("never-seen")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("seq");
+    let back = ledger::record_page(
         &mut conn,
         uid,
-        &[message("never-seen")],
+        &[message("kept"), message("never-seen"), message("fresh")],
         &[],
         DeliveryState::Pending,
     )
     .await
-    .expect("record late arrival");
-    assert!(late.new_ids.is_empty());
+    .expect("record returning messages");
+    assert_eq!(back.new_ids, ["fresh", "never-seen"], "in ledger order");
+    assert_eq!(back.already_known, 1);
+    let revived = ledger::get(&mut conn, uid, "never-seen")
+        .await
+        .expect("get")
+        .expect("revived");
+    assert_eq!(revived.delivery_state, "pending");
+    assert_eq!(revived.removed_at, None);
+    assert_eq!(
+        revived.message.subject.as_deref(),
+        Some("Subject never-seen")
+    );
+    let revived_seq = seq_of("never-seen")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("seq");
+    assert!(revived_seq > tombstone_seq, "a reader by seq sees it");
+    let kept = ledger::get(&mut conn, uid, "kept")
+        .await
+        .expect("get")
+        .expect("kept");
+    assert_eq!(
+        (kept.delivery_state.as_str(), kept.removed_at),
+        ("pending", None)
+    );
+    let again = ledger::record_page(
+        &mut conn,
+        uid,
+        &[message("never-seen"), message("kept")],
+        &[],
+        DeliveryState::Pending,
+    )
+    .await
+    .expect("record replay");
+    assert!(again.new_ids.is_empty(), "{again:?}");
 }
 
 #[tokio::test]

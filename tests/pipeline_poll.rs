@@ -26,7 +26,8 @@ use mailpoll::queue::{
 use mailpoll::telemetry::metrics::Metrics;
 use mailpoll_testkit::directory::StaticDirectory;
 use mailpoll_testkit::graph::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, Faults, GraphEmulator,
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, Faults,
+    GraphEmulator, NewMessage,
 };
 use mailpoll_testkit::pg::TestDatabase;
 use mailpoll_testkit::wait_until;
@@ -104,6 +105,14 @@ impl World {
         }
     }
 
+    /// The default configuration, with or without bodies.
+    fn config_with_body(&self, include_body: bool) -> MailboxConfig {
+        MailboxConfig {
+            include_body,
+            ..self.config(false, None)
+        }
+    }
+
     fn graph(&self) -> GraphClient {
         let base = self.emulator.base_url();
         GraphClient::new(
@@ -124,10 +133,25 @@ impl World {
 
     /// Workers whose poll handler records pages through `poll_pool`.
     fn workers_polling_on(&self, name: &str, page_size: u32, poll_pool: PgPool) -> RunningPool {
+        self.worker_pool(name, page_size, poll_pool, true)
+    }
+
+    /// Workers that only poll: deliver tasks stay pending until a full pool runs.
+    fn poll_workers(&self, name: &str, page_size: u32) -> RunningPool {
+        self.worker_pool(name, page_size, self.db.pool.clone(), false)
+    }
+
+    fn worker_pool(
+        &self,
+        name: &str,
+        page_size: u32,
+        poll_pool: PgPool,
+        deliver: bool,
+    ) -> RunningPool {
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(self.directory.clone());
         let graph = self.graph();
-        WorkerPool::new(
+        let pool = WorkerPool::new(
             self.db.pool.clone(),
             WorkerPoolConfig {
                 worker_id: WorkerId::named(name),
@@ -155,8 +179,11 @@ impl World {
                     ..PollSettings::default()
                 },
             },
-        )
-        .register(
+        );
+        if !deliver {
+            return pool.start().expect("worker pool");
+        }
+        pool.register(
             DELIVER,
             DeliverHandler::new(
                 self.db.pool.clone(),
@@ -222,6 +249,61 @@ impl World {
         })
         .await;
     }
+
+    /// Waits until no message waits for delivery (whatever was recorded is delivered).
+    async fn drain(&self) {
+        wait_until("no delivery pending", Duration::from_secs(120), || async {
+            self.count(
+                "SELECT count(*) FROM tasks WHERE owner_uid = $1 AND state IN ('pending', 'running')",
+            )
+            .await
+                == 0
+        })
+        .await;
+    }
+
+    /// Asserts that the ledger holds exactly `ids`, each delivered once, with one deliver task.
+    async fn assert_each_delivered_once(&self, ids: &[String]) {
+        let recorded: Vec<String> = sqlx::query_scalar(
+            "SELECT message_id FROM messages WHERE mailbox_uid = $1 AND delivery_state <> 'skipped'",
+        )
+        .bind(self.uid)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("ledger");
+        let recorded: HashSet<String> = recorded.into_iter().collect();
+        let expected: HashSet<String> = ids.iter().cloned().collect();
+        let missing = expected.difference(&recorded).count();
+        assert_eq!(
+            missing,
+            0,
+            "{missing} of {} messages never recorded",
+            ids.len()
+        );
+        assert_eq!(recorded, expected, "the ledger holds exactly the messages");
+        let successes = self.receiver.successes();
+        for id in ids {
+            assert_eq!(
+                successes.get(&message_key(self.uid, id)),
+                Some(&1),
+                "{id} delivered once"
+            );
+        }
+        assert_eq!(successes.len(), ids.len(), "nothing else delivered");
+        let tasks = self
+            .count("SELECT count(*) FROM tasks WHERE owner_uid = $1 AND kind = 'deliver'")
+            .await;
+        assert_eq!(tasks, ids.len() as i64, "one deliver task per message");
+    }
+
+    async fn resyncs(&self) -> i64 {
+        self.count("SELECT resyncs FROM mailbox_cursors WHERE mailbox_uid = $1")
+            .await
+    }
+}
+
+fn immutable_ids(added: Vec<mailpoll_testkit::graph::MessageIds>) -> Vec<String> {
+    added.into_iter().map(|m| m.immutable_id).collect()
 }
 
 async fn count(pool: &PgPool, uid: Uuid, sql: &'static str) -> i64 {
@@ -561,4 +643,244 @@ async fn a_poll_completes_on_a_single_connection() {
         cursor.0.is_some() && cursor.1.is_none(),
         "the round finished: {cursor:?}"
     );
+}
+
+/// A burst larger than Graph's cap on filtered delta rounds, then an evicted delta token: the
+/// resync reads the folder as a first poll does (no filter, so no cap), and the ledger absorbs
+/// what it had already recorded.
+#[tokio::test]
+async fn a_resync_after_a_burst_past_the_filtered_delta_cap_loses_nothing() {
+    let world = World::start(Faults {
+        filtered_delta_cap: 50,
+        ..Faults::default()
+    })
+    .await;
+    let mut ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 10)
+            .expect("seed mail"),
+    );
+    let pool = world.workers("burst", 25);
+    world.poll().await;
+    ids.extend(immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 120)
+            .expect("burst"),
+    ));
+    world
+        .emulator
+        .evict_delta_tokens(MAILBOX)
+        .expect("evict tokens");
+    world.poll().await;
+    // And once more from the resync's own delta token.
+    world.poll().await;
+    world.drain().await;
+    pool.shutdown().await;
+    world.assert_each_delivered_once(&ids).await;
+    assert!(world.resyncs().await >= 1, "the eviction forced a resync");
+}
+
+/// After a resync, a message moved into the folder with an old receivedDateTime still shows:
+/// the resync's delta token carries no received-time filter.
+#[tokio::test]
+async fn a_message_moved_in_with_an_old_received_time_after_a_resync_is_delivered() {
+    let world = World::start(Faults::default()).await;
+    let mut ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 10)
+            .expect("seed mail"),
+    );
+    let old = world
+        .emulator
+        .add_message(
+            MAILBOX,
+            "archive",
+            NewMessage {
+                received: chrono::DateTime::from_timestamp(1_600_000_000, 0),
+                ..NewMessage::default()
+            },
+        )
+        .expect("old mail")
+        .immutable_id;
+    let pool = world.workers("old-mail", 25);
+    world.poll().await;
+    world
+        .emulator
+        .evict_delta_tokens(MAILBOX)
+        .expect("evict tokens");
+    ids.extend(immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 3)
+            .expect("more mail"),
+    ));
+    world.poll().await;
+    world
+        .emulator
+        .move_message(MAILBOX, &old, "inbox")
+        .expect("move old mail in");
+    ids.push(old);
+    world.poll().await;
+    world.drain().await;
+    pool.shutdown().await;
+    world.assert_each_delivered_once(&ids).await;
+}
+
+/// Messages that leave the folder and come back (immutable ids survive moves): one never
+/// recorded (only its removal was seen) is recorded and delivered when it returns; one already
+/// recorded, pending or delivered, is not delivered again.
+#[tokio::test]
+async fn messages_moved_out_and_back_are_recorded_and_delivered_once() {
+    let world = World::start(Faults::default()).await;
+    let mut ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 5)
+            .expect("seed mail"),
+    );
+    let pollers = world.poll_workers("pollers", 25);
+    world.poll().await;
+
+    // Recorded, not yet delivered: out, then back.
+    let pending = ids[0].clone();
+    world
+        .emulator
+        .move_message(MAILBOX, &pending, "junkemail")
+        .expect("move out");
+    world.poll().await;
+    world
+        .emulator
+        .move_message(MAILBOX, &pending, "inbox")
+        .expect("move back");
+    world.poll().await;
+
+    // Arrives and leaves between two polls: only its removal is seen (a tombstone).
+    let ghost = world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 1)
+        .expect("ghost")
+        .remove(0)
+        .immutable_id;
+    world
+        .emulator
+        .move_message(MAILBOX, &ghost, "junkemail")
+        .expect("move ghost out");
+    world.poll().await;
+    let state: String = sqlx::query_scalar(
+        "SELECT delivery_state FROM messages WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(world.uid)
+    .bind(&ghost)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("tombstone");
+    assert_eq!(state, "skipped", "only the removal was seen");
+    world
+        .emulator
+        .move_message(MAILBOX, &ghost, "inbox")
+        .expect("move ghost back");
+    world.poll().await;
+    ids.push(ghost.clone());
+    pollers.shutdown().await;
+
+    let pool = world.workers("everything", 25);
+    world.drain().await;
+    // Delivered: out, then back.
+    let delivered = ids[1].clone();
+    world
+        .emulator
+        .move_message(MAILBOX, &delivered, "junkemail")
+        .expect("move out");
+    world.poll().await;
+    world
+        .emulator
+        .move_message(MAILBOX, &delivered, "inbox")
+        .expect("move back");
+    world.poll().await;
+    world.drain().await;
+    pool.shutdown().await;
+
+    world.assert_each_delivered_once(&ids).await;
+    let removed = world
+        .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND removed_at IS NOT NULL")
+        .await;
+    assert_eq!(
+        removed, 0,
+        "messages back in the folder are no longer marked removed"
+    );
+    let ghost_subject: Option<String> = sqlx::query_scalar(
+        "SELECT subject FROM messages WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(world.uid)
+    .bind(&ghost)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("revived row");
+    assert!(
+        ghost_subject.is_some(),
+        "the tombstone got the message's content"
+    );
+    let counted_new = world
+        .count("SELECT COALESCE(sum(messages_new), 0)::bigint FROM polls WHERE mailbox_uid = $1")
+        .await;
+    assert_eq!(
+        counted_new,
+        ids.len() as i64,
+        "each message counted new once"
+    );
+}
+
+/// `$select` is frozen in a delta token: switching bodies on starts a new round with the new
+/// selection, so the messages that follow carry their bodies, and nothing is delivered twice.
+#[tokio::test]
+async fn switching_bodies_on_rereads_with_bodies_and_delivers_nothing_twice() {
+    let world = World::start(Faults::default()).await;
+    world.directory.insert(world.config_with_body(false));
+    let mut ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 20)
+            .expect("seed mail"),
+    );
+    let pool = world.workers("bodies", 25);
+    world.poll().await;
+    world.drain().await;
+    let bodies = world
+        .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND body IS NOT NULL")
+        .await;
+    assert_eq!(bodies, 0, "bodies are off");
+
+    world.directory.insert(world.config_with_body(true));
+    let later = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 15)
+            .expect("more mail"),
+    );
+    world.poll().await;
+    world.poll().await;
+    world.drain().await;
+    pool.shutdown().await;
+    let with_body: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND message_id = ANY($2) AND body IS NOT NULL",
+    )
+    .bind(world.uid)
+    .bind(&later)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("bodies");
+    assert_eq!(
+        with_body,
+        later.len() as i64,
+        "new messages carry their bodies"
+    );
+    ids.extend(later);
+    world.assert_each_delivered_once(&ids).await;
+    let resynced = world
+        .count("SELECT count(*) FROM polls WHERE mailbox_uid = $1 AND resynced")
+        .await;
+    assert_eq!(resynced, 1, "the changed selection started one resync");
 }

@@ -275,7 +275,8 @@ pub fn transitions(
         notices.push(Notice {
             warning: false,
             reason: "ResyncStarted",
-            note: "the delta cursor expired: re-reading recent mail (the ledger drops repeats)"
+            note: "the delta cursor expired or its query changed: re-reading the whole folder \
+                   (messages already recorded are not delivered again)"
                 .into(),
         });
     }

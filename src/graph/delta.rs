@@ -4,7 +4,11 @@
 //! - Delta (the cursor): the first request carries `$select` (and the optional received-time
 //!   bound); later requests follow `@odata.nextLink` verbatim; the last page carries the
 //!   `@odata.deltaLink` to store. An expired cursor (410, `syncStateNotFound`,
-//!   `resyncRequired`) restarts the round once from a fresh query bounded by `resync_since`.
+//!   `resyncRequired`) restarts the round once from the round's initial query: for a stored
+//!   link that is the unfiltered query of a first poll. Never a received-time filter: Graph
+//!   caps a filtered round at 5,000 messages and freezes the filter in the new token, so a
+//!   filtered resync loses what falls past the cap or is moved in later with an older
+//!   receivedDateTime. The caller's ledger absorbs what it had already recorded.
 //! - Received-since (the fallback): a list filtered on `receivedDateTime ge watermark`, in
 //!   ascending order, nextLinks followed verbatim; the caller's ledger dedupes.
 
@@ -38,9 +42,6 @@ pub struct DeltaOptions {
     pub page_size: u32,
     /// Select `body` too (only when delivery needs it: bodies make pages heavy).
     pub include_body: bool,
-    /// Lower bound of a resync (high-water mark minus a safety window); `None` resyncs the
-    /// whole folder.
-    pub resync_since: Option<DateTime<Utc>>,
 }
 
 impl DeltaOptions {
@@ -50,8 +51,25 @@ impl DeltaOptions {
             start,
             page_size: 100,
             include_body: false,
-            resync_since: None,
         }
+    }
+
+    /// What a delta token of this round freezes (Graph keeps the first request's query
+    /// options in every token of the round): the folder, `$select` and the filter. A stored
+    /// cursor whose fingerprint differs must not be followed: its pages would come back with
+    /// the old selection.
+    pub fn fingerprint(&self) -> String {
+        let filter = match &self.start {
+            DeltaStart::Initial {
+                received_since: Some(since),
+            } => format!("receivedDateTime ge {}", graph_date(*since)),
+            _ => String::new(),
+        };
+        format!(
+            "delta/v1 folder={} $select={} $filter={filter}",
+            self.folder,
+            select_fields(self.include_body)
+        )
     }
 }
 
@@ -105,7 +123,8 @@ pub struct Round {
     folder: String,
     page_size: u32,
     include_body: bool,
-    resync_since: Option<DateTime<Utc>>,
+    /// The bound of the round's initial query, kept by its resync (`None`: the whole folder).
+    received_since: Option<DateTime<Utc>>,
     /// The next request, `None` once the round is done.
     next: Option<Url>,
     resynced: bool,
@@ -125,16 +144,16 @@ impl MailboxClient {
             folder: options.folder,
             page_size: options.page_size.clamp(1, 1000),
             include_body: options.include_body,
-            resync_since: options.resync_since,
+            received_since: None,
             next: None,
             resynced: false,
             pages: 0,
         };
         round.next = Some(match options.start {
             DeltaStart::Initial { received_since } => {
-                // A resync of a bounded first round keeps at least its bound.
-                round.resync_since = round.resync_since.or(received_since);
-                round.initial_delta_url(received_since)?
+                // A resync of a bounded first round repeats the same query.
+                round.received_since = received_since;
+                round.initial_delta_url()?
             }
             DeltaStart::Link(link) => match self.trusted_link(&link) {
                 Ok(url) => url,
@@ -143,7 +162,7 @@ impl MailboxClient {
                     // as good as expired.
                     tracing::warn!(mailbox = %self.mailbox(), folder = %round.folder, %error, "stored delta link unusable: resyncing");
                     round.resynced = true;
-                    round.initial_delta_url(round.resync_since)?
+                    round.initial_delta_url()?
                 }
             },
         });
@@ -173,7 +192,7 @@ impl MailboxClient {
             folder: options.folder,
             page_size,
             include_body: options.include_body,
-            resync_since: None,
+            received_since: None,
             next: Some(url),
             resynced: false,
             pages: 0,
@@ -182,14 +201,15 @@ impl MailboxClient {
 }
 
 impl Round {
-    fn initial_delta_url(&self, received_since: Option<DateTime<Utc>>) -> Result<Url, GraphError> {
+    /// The round's first request: also where a resync starts over.
+    fn initial_delta_url(&self) -> Result<Url, GraphError> {
         let mut url = self
             .client
             .url(&["mailFolders", &self.folder, "messages", "delta"])?;
         {
             let mut query = url.query_pairs_mut();
             query.append_pair("$select", &select_fields(self.include_body));
-            if let Some(since) = received_since {
+            if let Some(since) = self.received_since {
                 query.append_pair(
                     "$filter",
                     &format!("receivedDateTime ge {}", graph_date(since)),
@@ -240,11 +260,11 @@ impl Round {
                         mailbox = %self.client.mailbox(),
                         folder = %self.folder,
                         code = %code,
-                        since = ?self.resync_since,
+                        since = ?self.received_since,
                         "delta cursor expired: resyncing"
                     );
                     self.resynced = true;
-                    self.next = Some(self.initial_delta_url(self.resync_since)?);
+                    self.next = Some(self.initial_delta_url()?);
                     continue;
                 }
                 // On a folder, "item not found" means the folder itself is missing.

@@ -47,7 +47,7 @@ pub enum GraphError {
         retry_after: Option<Duration>,
         request_id: Option<String>,
     },
-    /// The delta cursor is no longer valid: drop it and resync (bounded).
+    /// The delta cursor is no longer valid: drop it and re-read the whole folder.
     #[error("delta cursor expired ({code}), resync required{}", rid(request_id))]
     ResyncRequired {
         code: String,

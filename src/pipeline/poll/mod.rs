@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::run_lease;
 use super::tasks::PollTask;
-use crate::cursor::{self, Cursor, CursorError, PollMoment, RunLease};
+use crate::cursor::{self, Cursor, CursorError, Fence, PollMoment, RoundStart, RunLease};
 use crate::directory::{ConfigError, Directory, MailboxConfig};
 use crate::graph::{DeltaOptions, DeltaStart, GraphClient, GraphError, MailboxClient, Page};
 use crate::poll_log::{self, Progress};
@@ -44,8 +44,6 @@ pub struct PollSettings {
     pub page_size: u32,
     /// The mailbox run lease; extended with every committed page.
     pub run_lease: Duration,
-    /// A resync re-reads mail received this long before the high-water mark.
-    pub resync_window: Duration,
     /// Most rounds one task runs for forced polls that arrived while it was running.
     pub max_rounds: u32,
 }
@@ -55,7 +53,6 @@ impl Default for PollSettings {
         Self {
             page_size: 100,
             run_lease: Duration::from_secs(120),
-            resync_window: Duration::from_secs(24 * 3600),
             max_rounds: 3,
         }
     }
@@ -234,10 +231,16 @@ impl<D: Directory> PollHandler<D> {
                 Err(HandlerError::retryable(error))
             }
             RoundError::Graph(GraphError::ResyncRequired { .. }) => {
-                // The round's own bounded resync was refused too: drop the cursor so the next
-                // try starts from a fresh bounded query.
+                // The round's own resync was refused too: drop the cursor so the next try
+                // starts from a fresh query.
+                let query = self.query(config).fingerprint();
+                let fence = Fence {
+                    lease,
+                    source,
+                    query: &query,
+                };
                 let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
-                cursor::start_resync(&mut conn, lease)
+                cursor::start_round(&mut conn, fence, RoundStart::Resync)
                     .await
                     .map_err(HandlerError::retryable)?;
                 Err(HandlerError::retryable(error))
@@ -262,30 +265,51 @@ impl<D: Directory> PollHandler<D> {
         }
     }
 
-    /// Where a round starts and what it asks Graph for.
-    fn delta_options(&self, config: &MailboxConfig, cursor: &Cursor) -> DeltaOptions {
-        let start = match (&cursor.round_next_link, &cursor.delta_link) {
-            (Some(next), _) => DeltaStart::Link(next.clone()),
-            (None, Some(delta)) => DeltaStart::Link(delta.clone()),
-            (None, None) => DeltaStart::Initial {
+    /// What a round asks Graph for, starting from scratch: the whole folder, unfiltered (a
+    /// received-time filter caps the round at 5,000 messages and stays in its token).
+    fn query(&self, config: &MailboxConfig) -> DeltaOptions {
+        let mut options = DeltaOptions::new(
+            config.source.folder.clone(),
+            DeltaStart::Initial {
                 received_since: None,
             },
-        };
-        let mut options = DeltaOptions::new(config.source.folder.clone(), start);
+        );
         options.page_size = self.settings.page_size;
         options.include_body = config.include_body;
-        options.resync_since = cursor.watermark.map(|mark| {
-            mark - chrono::Duration::from_std(self.settings.resync_window).unwrap_or_default()
-        });
         options
+    }
+
+    /// Where a round starts: the stored link when it belongs to this round's query, else a
+    /// fresh query (`Some` says why). Links of another query (the folder or `$select` changed)
+    /// are dropped: a resync, which the ledger makes safe.
+    fn delta_options(
+        &self,
+        config: &MailboxConfig,
+        cursor: &Cursor,
+    ) -> (DeltaOptions, Option<RoundStart>) {
+        let mut options = self.query(config);
+        let same_query = cursor.query_fingerprint.as_deref() == Some(&*options.fingerprint());
+        let link = cursor
+            .round_next_link
+            .as_ref()
+            .or(cursor.delta_link.as_ref());
+        let fresh = match link {
+            Some(link) if same_query => {
+                options.start = DeltaStart::Link(link.clone());
+                None
+            }
+            Some(_) => Some(RoundStart::Resync),
+            None => Some(RoundStart::First),
+        };
+        (options, fresh)
     }
 
     /// One delta round: pages are read ahead while earlier ones commit, so Graph reading never
     /// waits for Postgres and two pages record their rows on two connections at once.
     async fn round(&self, input: &RoundInput<'_>, cursor: &Cursor) -> Result<Progress, RoundError> {
-        let mut round = input
-            .mailbox
-            .delta_round(self.delta_options(input.config, cursor))?;
+        let (options, fresh) = self.delta_options(input.config, cursor);
+        let query = options.fingerprint();
+        let mut round = input.mailbox.delta_round(options)?;
         let requests_before = input.mailbox.requests_sent();
         let requests_so_far =
             || i32::try_from(input.mailbox.requests_sent() - requests_before).unwrap_or(i32::MAX);
@@ -303,6 +327,8 @@ impl<D: Directory> PollHandler<D> {
             pool: &self.pool,
             config: input.config,
             lease: input.lease,
+            query: &query,
+            fresh,
             poll_id: input.poll_id,
             run_lease: self.settings.run_lease,
             stats: &stats,

@@ -4,14 +4,16 @@ use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::oneshot;
 
 use super::RoundError;
 use super::rows::split_page;
-use crate::cursor::{self, RunLease};
+use crate::cursor::{self, Fence, RoundStart, RunLease};
 use crate::directory::MailboxConfig;
-use crate::graph::{Page, PageLink};
+use crate::graph::{Message, Page, PageLink};
 use crate::ledger::{self, DeliveryState};
 use crate::pipeline::tasks::DeliverTask;
 use crate::poll_log::{self, Progress};
@@ -26,12 +28,15 @@ pub(super) struct PageChain {
 impl PageChain {
     /// The place of `page` in the round: after the page handed out before it.
     pub(super) fn next_link(&mut self, page: &Page) -> ChainLink {
-        let ids = page.messages.iter().map(|m| m.id.clone()).collect();
+        let (removed, messages): (Vec<&Message>, Vec<&Message>) =
+            page.messages.iter().partition(|m| m.removed.is_some());
+        let ids = |items: Vec<&Message>| items.into_iter().map(|m| m.id.clone()).collect();
         let (began, has_begun) = oneshot::channel();
         let (committed, has_committed) = oneshot::channel();
         ChainLink {
             previous: self.previous.replace(Predecessor {
-                ids,
+                messages: ids(messages),
+                removals: ids(removed),
                 began: has_begun,
                 committed: has_committed,
             }),
@@ -52,10 +57,30 @@ pub(super) struct ChainLink {
 
 /// The previous page of a round, as the next page sees it.
 struct Predecessor {
-    /// Ids of every item on it.
-    ids: HashSet<String>,
+    /// Ids of the messages on it.
+    messages: HashSet<String>,
+    /// Ids of the removals on it.
+    removals: HashSet<String>,
     began: oneshot::Receiver<()>,
     committed: oneshot::Receiver<()>,
+}
+
+impl Predecessor {
+    /// Splits the next page's items: those to record at once, and those to record once this
+    /// page has committed. Messages this page carries too are dropped: it records them.
+    fn split(&self, items: Vec<Message>) -> (Vec<Message>, Vec<Message>) {
+        let mut now = Vec::with_capacity(items.len());
+        let mut after = Vec::new();
+        for item in items {
+            let removal = item.removed.is_some();
+            if self.removals.contains(&item.id) || (removal && self.messages.contains(&item.id)) {
+                after.push(item);
+            } else if removal || !self.messages.contains(&item.id) {
+                now.push(item);
+            }
+        }
+        (now, after)
+    }
 }
 
 /// What every page of one round shares.
@@ -63,6 +88,10 @@ pub(super) struct PageContext<'a> {
     pub pool: &'a PgPool,
     pub config: &'a MailboxConfig,
     pub lease: RunLease,
+    /// The round's delta query (`DeltaOptions::fingerprint`): cursor writes are fenced on it.
+    pub query: &'a str,
+    /// Why the round starts from a fresh query; `None` when it follows a stored link.
+    pub fresh: Option<RoundStart>,
     pub poll_id: i64,
     /// The mailbox run lease, extended with every committed page.
     pub run_lease: Duration,
@@ -71,14 +100,25 @@ pub(super) struct PageContext<'a> {
 }
 
 impl PageContext<'_> {
+    fn fence(&self) -> Fence<'_> {
+        Fence {
+            lease: self.lease,
+            source: &self.config.source,
+            query: self.query,
+        }
+    }
+
     /// Records one page in ONE transaction: ledger rows, deliver tasks for new messages, the
     /// cursor, the poll's counters. Returns how many messages were new.
     ///
     /// The rows are inserted while the previous page may still be committing (on another
     /// connection); everything else waits until it has committed, so pages commit in order
     /// and a failed page fails every page after it. Messages the previous page also carries
-    /// are left to it: the ledger would ignore them once it commits, and inserting them here
-    /// first would make the two transactions wait on each other.
+    /// are left to it: the ledger would ignore them once it commits. Any other item whose id
+    /// is on the previous page (a removal of its message, a message it saw removed: one that
+    /// came back) is recorded only once that page has committed: touching its rows earlier
+    /// would make the two transactions wait on each other, one of them in this process where
+    /// Postgres cannot see the deadlock.
     pub(super) async fn commit(
         &self,
         page: Page,
@@ -132,12 +172,46 @@ impl PageContext<'_> {
         let items = i32::try_from(page.messages.len()).unwrap_or(i32::MAX);
         let resynced = page.resynced;
         let link = page.link;
-        let mut items_to_record = page.messages;
-        if let Some(previous) = &previous {
-            // Removals stay: one of a message the previous page recorded waits for that row.
-            items_to_record.retain(|m| m.removed.is_some() || !previous.ids.contains(&m.id));
+        let (now, after_previous) = match &previous {
+            Some(previous) => previous.split(page.messages),
+            None => (page.messages, Vec::new()),
+        };
+        let (mut recorded, mut watermark) = self.record_items(tx, now).await?;
+        if let Some(previous) = previous {
+            previous
+                .committed
+                .await
+                .map_err(|_| RoundError::PreviousPageFailed)?;
         }
-        let (messages, removals) = split_page(items_to_record);
+        if !after_previous.is_empty() {
+            let (later, later_watermark) = self.record_items(tx, after_previous).await?;
+            recorded.absorb(later);
+            watermark = watermark.max(later_watermark);
+        }
+        let mut counted = *self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        self.start_round(tx, &mut counted, resynced).await?;
+        if config.has_per_message_work() {
+            let tasks = deliver_tasks(config, &recorded.new_ids)?;
+            queue::enqueue_many_on(&mut *tx, &tasks).await?;
+        }
+        self.advance_cursor(tx, &link, watermark).await?;
+        counted.graph_requests = graph_requests;
+        counted.pages += 1;
+        counted.seen += items;
+        counted.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
+        poll_log::record_progress(&mut *tx, self.poll_id, counted).await?;
+        Ok((counted, recorded.new_ids.len() as u64))
+    }
+
+    /// Records items of a page in the ledger; returns what changed and the newest received
+    /// time among the messages.
+    async fn record_items(
+        &self,
+        tx: &mut PgConnection,
+        items: Vec<Message>,
+    ) -> Result<(ledger::Recorded, Option<DateTime<Utc>>), RoundError> {
+        let config = self.config;
+        let (messages, removals) = split_page(items);
         let watermark = messages.iter().filter_map(|m| m.received_at).max();
         let state_for_new = if config.has_per_message_work() {
             DeliveryState::Pending
@@ -152,30 +226,39 @@ impl PageContext<'_> {
             state_for_new,
         )
         .await?;
-        drop(messages);
-        if let Some(previous) = previous {
-            previous
-                .committed
-                .await
-                .map_err(|_| RoundError::PreviousPageFailed)?;
+        Ok((recorded, watermark))
+    }
+
+    /// On the first page of a round from a fresh query, and on the first page after Graph
+    /// expired the round's link: drops the stored links and records the round's query.
+    async fn start_round(
+        &self,
+        tx: &mut PgConnection,
+        counted: &mut Progress,
+        resynced: bool,
+    ) -> Result<(), RoundError> {
+        let start = if resynced && !counted.resynced {
+            Some(RoundStart::Resync)
+        } else if counted.pages == 0 {
+            self.fresh
+        } else {
+            None
+        };
+        let Some(start) = start else {
+            return Ok(());
+        };
+        if start == RoundStart::Resync {
+            let source = &self.config.source;
+            let cause = if resynced {
+                "delta cursor expired"
+            } else {
+                "delta query changed"
+            };
+            tracing::info!(namespace = %source.namespace, name = %source.name, cause, "re-reading the folder");
         }
-        let mut counted = *self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-        if resynced && !counted.resynced {
-            counted.resynced = true;
-            cursor::start_resync(&mut *tx, self.lease).await?;
-            tracing::info!(namespace = %config.source.namespace, name = %config.source.name, "delta cursor expired: resyncing");
-        }
-        if config.has_per_message_work() {
-            let tasks = deliver_tasks(config, &recorded.new_ids)?;
-            queue::enqueue_many_on(&mut *tx, &tasks).await?;
-        }
-        self.advance_cursor(tx, &link, watermark).await?;
-        counted.graph_requests = graph_requests;
-        counted.pages += 1;
-        counted.seen += items;
-        counted.new += i32::try_from(recorded.new_ids.len()).unwrap_or(i32::MAX);
-        poll_log::record_progress(&mut *tx, self.poll_id, counted).await?;
-        Ok((counted, recorded.new_ids.len() as u64))
+        counted.resynced |= start == RoundStart::Resync;
+        cursor::start_round(tx, self.fence(), start).await?;
+        Ok(())
     }
 
     /// Moves the cursor past this page: the round's continuation, or its end.
@@ -183,16 +266,17 @@ impl PageContext<'_> {
         &self,
         tx: &mut PgConnection,
         link: &PageLink,
-        watermark: Option<chrono::DateTime<chrono::Utc>>,
+        watermark: Option<DateTime<Utc>>,
     ) -> Result<(), RoundError> {
         match link {
             PageLink::Next(next) => {
-                cursor::save_progress(tx, self.lease, Some(next), watermark, self.run_lease).await?
+                cursor::save_progress(tx, self.fence(), Some(next), watermark, self.run_lease)
+                    .await?
             }
             PageLink::Delta(delta) => {
-                cursor::finish_round(tx, self.lease, Some(delta), watermark).await?
+                cursor::finish_round(tx, self.fence(), Some(delta), watermark).await?
             }
-            PageLink::End => cursor::finish_round(tx, self.lease, None, watermark).await?,
+            PageLink::End => cursor::finish_round(tx, self.fence(), None, watermark).await?,
         }
         Ok(())
     }
@@ -210,4 +294,51 @@ fn deliver_tasks(config: &MailboxConfig, new_ids: &[String]) -> Result<Vec<NewTa
             Ok(task.max_attempts(config.max_attempts))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(id: &str, removed: bool) -> Message {
+        let value = if removed {
+            serde_json::json!({"id": id, "@removed": {"reason": "changed"}})
+        } else {
+            serde_json::json!({"id": id, "subject": id})
+        };
+        Message::from_value(value, 1000).unwrap_or_else(|_| panic!("item {id}"))
+    }
+
+    fn ids(items: &[Message]) -> Vec<(&str, bool)> {
+        items
+            .iter()
+            .map(|m| (m.id.as_str(), m.removed.is_some()))
+            .collect()
+    }
+
+    /// Items touching rows the previous page writes wait for its commit, so two pages in
+    /// flight never wait on each other; a message that came back after the previous page saw
+    /// it removed is recorded, not dropped.
+    #[test]
+    fn items_on_the_previous_page_wait_for_it_or_are_left_to_it() {
+        let previous = Predecessor {
+            messages: ["kept", "left"].map(String::from).into(),
+            removals: ["gone", "back"].map(String::from).into(),
+            began: oneshot::channel().1,
+            committed: oneshot::channel().1,
+        };
+        let (now, after) = previous.split(vec![
+            item("new", false),
+            item("kept", false),
+            item("left", true),
+            item("back", false),
+            item("gone", true),
+            item("other", true),
+        ]);
+        assert_eq!(ids(&now), [("new", false), ("other", true)]);
+        assert_eq!(
+            ids(&after),
+            [("left", true), ("back", false), ("gone", true)]
+        );
+    }
 }
