@@ -8,11 +8,19 @@
 
 use std::collections::HashSet;
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
+
+use crate::storable;
+
+/// Longest delivery error kept on a message. Errors quote receivers and Graph, so they are
+/// made storable (see [`storable`]) on their way in.
+const MAX_DELIVERY_ERROR_BYTES: usize = 4096;
 
 /// Where a recorded message stands with respect to delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -453,7 +461,7 @@ pub async fn mark_failed(
     )
     .bind(mailbox_uid)
     .bind(message_id)
-    .bind(error)
+    .bind(storable::text(error, MAX_DELIVERY_ERROR_BYTES))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -477,7 +485,10 @@ pub async fn fail_pending(pool: &PgPool, failures: &[FailedDelivery]) -> Result<
     }
     let uids: Vec<Uuid> = failures.iter().map(|f| f.mailbox_uid).collect();
     let ids: Vec<&str> = failures.iter().map(|f| f.message_id.as_str()).collect();
-    let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+    let errors: Vec<Cow<'_, str>> = failures
+        .iter()
+        .map(|f| storable::text(&f.error, MAX_DELIVERY_ERROR_BYTES))
+        .collect();
     let result = sqlx::query(
         "UPDATE messages m
             SET delivery_state = 'failed', delivery_error = f.error
@@ -493,14 +504,17 @@ pub async fn fail_pending(pool: &PgPool, failures: &[FailedDelivery]) -> Result<
     Ok(result.rows_affected())
 }
 
-/// Up to `limit` messages of a MailboxPoll whose after-actions are due, oldest first.
+/// Up to `limit` messages of a MailboxPoll whose after-actions are due, oldest first. Parked
+/// messages are left out: they must not stay first in line.
 pub async fn actions_due(
     pool: &PgPool,
     mailbox_uid: Uuid,
     limit: i64,
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT message_id FROM messages WHERE mailbox_uid = $1 AND actions_due ORDER BY seq LIMIT $2",
+        "SELECT message_id FROM messages
+         WHERE mailbox_uid = $1 AND actions_due AND actions_parked_at IS NULL
+         ORDER BY seq LIMIT $2",
     )
     .bind(mailbox_uid)
     .bind(limit)
@@ -517,7 +531,8 @@ pub async fn mark_actions_done(
 ) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE messages SET actions_due = false, actions_done_at = now(), delivery_state = 'delivered',
-                delivered_at = now(), delivery_error = NULL
+                delivered_at = now(), delivery_error = NULL, actions_error = NULL,
+                actions_parked_at = NULL
          WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due",
     )
     .bind(mailbox_uid)
@@ -527,31 +542,95 @@ pub async fn mark_actions_done(
     Ok(done.rows_affected())
 }
 
-/// Marks messages failed whose after-actions failed for good. `actions_due` stays set: a
-/// retried or later actions task still does them. Returns how many changed.
-pub async fn mark_actions_failed(
+/// Counts one failed after-action attempt for each of `ids` and keeps `error` as the reason.
+/// A message reaching `park_after` failures is parked: the actions run and the sweep skip it,
+/// and it counts as failed. Returns the ids parked by this call.
+pub async fn record_action_failures(
     pool: &PgPool,
     mailbox_uid: Uuid,
     ids: &[String],
     error: &str,
-) -> Result<u64, sqlx::Error> {
-    let failed = sqlx::query(
-        "UPDATE messages SET delivery_state = 'failed', delivery_error = $3
-         WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due",
+    park_after: i32,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH failed AS (
+             UPDATE messages SET actions_failures = actions_failures + 1, actions_error = $3,
+                    actions_parked_at = CASE WHEN actions_failures + 1 >= $4 THEN now() END,
+                    delivery_state = CASE WHEN actions_failures + 1 >= $4 THEN 'failed'
+                                          ELSE delivery_state END,
+                    delivery_error = CASE WHEN actions_failures + 1 >= $4 THEN $3
+                                          ELSE delivery_error END
+             WHERE mailbox_uid = $1 AND message_id = ANY($2) AND actions_due
+               AND actions_parked_at IS NULL
+             RETURNING message_id, actions_parked_at
+         )
+         SELECT message_id FROM failed WHERE actions_parked_at IS NOT NULL",
     )
     .bind(mailbox_uid)
     .bind(ids)
-    .bind(error)
-    .execute(pool)
-    .await?;
-    Ok(failed.rows_affected())
+    .bind(storable::text(error, MAX_DELIVERY_ERROR_BYTES))
+    .bind(park_after)
+    .fetch_all(pool)
+    .await
 }
 
-/// MailboxPolls that have after-actions due.
+/// Parks every message of a MailboxPoll whose after-actions are due, at once, with `error`
+/// (a configuration error, such as a move destination that does not exist: every one of them
+/// would fail the same way). Returns how many were parked.
+pub async fn park_all_due_actions(
+    pool: &PgPool,
+    mailbox_uid: Uuid,
+    error: &str,
+) -> Result<u64, sqlx::Error> {
+    let parked = sqlx::query(
+        "UPDATE messages SET actions_parked_at = now(), actions_error = $2,
+                delivery_state = 'failed', delivery_error = $2
+         WHERE mailbox_uid = $1 AND actions_due AND actions_parked_at IS NULL",
+    )
+    .bind(mailbox_uid)
+    .bind(storable::text(error, MAX_DELIVERY_ERROR_BYTES))
+    .execute(pool)
+    .await?;
+    Ok(parked.rows_affected())
+}
+
+/// Gives parked after-actions of a MailboxPoll another run (the cause was fixed): their
+/// failure counts start again. Returns how many were unparked.
+pub async fn unpark_actions(pool: &PgPool, mailbox_uid: Uuid) -> Result<u64, sqlx::Error> {
+    let unparked = sqlx::query(
+        "UPDATE messages SET actions_parked_at = NULL, actions_failures = 0,
+                delivery_state = 'pending', delivery_error = NULL
+         WHERE mailbox_uid = $1 AND actions_due AND actions_parked_at IS NOT NULL",
+    )
+    .bind(mailbox_uid)
+    .execute(pool)
+    .await?;
+    Ok(unparked.rows_affected())
+}
+
+/// Why after-actions of a MailboxPoll were parked most recently, if any are.
+pub async fn latest_parked_error(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    let error: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT actions_error FROM messages
+         WHERE mailbox_uid = $1 AND actions_parked_at IS NOT NULL
+         ORDER BY actions_parked_at DESC LIMIT 1",
+    )
+    .bind(mailbox_uid)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(error.flatten())
+}
+
+/// MailboxPolls that have after-actions due (parked ones do not count: a run cannot help them).
 pub async fn owners_with_actions_due(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar("SELECT DISTINCT mailbox_uid FROM messages WHERE actions_due")
-        .fetch_all(pool)
-        .await
+    sqlx::query_scalar(
+        "SELECT DISTINCT mailbox_uid FROM messages WHERE actions_due AND actions_parked_at IS NULL",
+    )
+    .fetch_all(pool)
+    .await
 }
 
 /// Per-state message counts of one MailboxPoll, for its status.
@@ -562,6 +641,8 @@ pub struct Counts {
     pub failed: i64,
     /// Recorded with nothing to deliver.
     pub recorded_only: i64,
+    /// Of those failed, the ones whose after-actions are parked after repeated failures.
+    pub actions_parked: i64,
 }
 
 pub async fn counts(conn: &mut PgConnection, mailbox_uid: Uuid) -> Result<Counts, sqlx::Error> {
@@ -581,5 +662,12 @@ pub async fn counts(conn: &mut PgConnection, mailbox_uid: Uuid) -> Result<Counts
             _ => {}
         }
     }
+    // A partial index holds only parked rows: this stays cheap however long the history.
+    counts.actions_parked = sqlx::query_scalar(
+        "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND actions_parked_at IS NOT NULL",
+    )
+    .bind(mailbox_uid)
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(counts)
 }

@@ -3,8 +3,8 @@
 
 //!
 //! Rooms, lower ones first (a room uses only rooms above it in this list; a test checks it):
-//! - foundations: `reason` (why things fail), `resource` (the MailboxPoll type), `db`,
-//!   `telemetry`;
+//! - foundations: `reason` (why things fail), `storable` (outside text made storable),
+//!   `resource` (the MailboxPoll type), `db`, `telemetry`;
 //! - storage, one owner per table: `queue` (`tasks`), `cursor` (`mailbox_cursors`), `ledger`
 //!   (`messages`), `poll_log` (`polls`, `poll_requests`), `identity` (`mailbox_identities`);
 //! - outside systems: `graph` (Microsoft Graph), `delivery` (the webhook contract),
@@ -29,6 +29,7 @@ pub mod poll_log;
 pub mod queue;
 pub mod reason;
 pub mod resource;
+pub mod storable;
 pub mod tasks_cli;
 pub mod telemetry;
 

@@ -7,6 +7,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::reason::Reason;
+use crate::storable;
 
 /// What a poll round did so far.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,9 @@ pub async fn record_progress(
     Ok(())
 }
 
+/// Longest poll error message kept.
+const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+
 /// Ends a poll: succeeded, or failed with a reason and a message. Returns its MailboxPoll.
 pub async fn finish(
     conn: &mut PgConnection,
@@ -68,7 +72,8 @@ pub async fn finish(
     .bind(poll_id)
     .bind(outcome)
     .bind(failure.map(|(reason, _)| reason.as_str()))
-    .bind(failure.map(|(_, message)| message))
+    // The message can quote Graph or a receiver: made storable whatever its source.
+    .bind(failure.map(|(_, message)| storable::text(message, MAX_ERROR_MESSAGE_BYTES)))
     .fetch_one(&mut *conn)
     .await
 }

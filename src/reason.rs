@@ -24,12 +24,16 @@ pub enum Reason {
     /// A timeout, a 5xx, a broken page, a lost database connection: the next try may work.
     Transient,
     ShuttingDown,
+    /// After-delivery actions of some messages failed repeatedly and were parked.
+    AfterActionsFailed,
+    /// The move destination of the after-delivery actions does not exist in the mailbox.
+    MoveDestinationNotFound,
     /// A reason this version does not know (written by another version).
     PollFailed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 15] = [
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
         Reason::KubernetesUnavailable,
@@ -42,6 +46,8 @@ impl Reason {
         Reason::InvalidQuery,
         Reason::Transient,
         Reason::ShuttingDown,
+        Reason::AfterActionsFailed,
+        Reason::MoveDestinationNotFound,
         Reason::PollFailed,
     ];
 
@@ -60,6 +66,8 @@ impl Reason {
             Reason::InvalidQuery => "InvalidQuery",
             Reason::Transient => "Transient",
             Reason::ShuttingDown => "ShuttingDown",
+            Reason::AfterActionsFailed => "AfterActionsFailed",
+            Reason::MoveDestinationNotFound => "MoveDestinationNotFound",
             Reason::PollFailed => "PollFailed",
         }
     }

@@ -10,7 +10,8 @@ use mailpoll::graph::{
 };
 use mailpoll_testkit::graph::{
     AppRegistration, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig,
-    EvictionResponse, Faults, GraphEmulator, MailboxState, MalformedKind, NewMessage, default_app,
+    EvictionResponse, Faults, GraphEmulator, MailboxState, MalformedKind, NewMessage,
+    RetryAfterFormat, default_app,
 };
 
 const MAILBOX: &str = "ops@contoso.com";
@@ -851,4 +852,71 @@ async fn a_retry_after_is_shared_and_reported_to_the_listener() {
         .expect_err("paused for longer than max_wait");
     assert_eq!(error.reason().as_str(), "Throttled");
     assert_eq!(emulator.counters().requests("other@contoso.com"), 0);
+}
+
+/// `Retry-After: 0`, an HTTP-date in the past, or none at all on a 429 never lead to an
+/// immediate retry: each retry waits at least the floor (1 s). A huge value neither
+/// overflows nor is slept through: the request ends `Throttled` with a wait at the ceiling.
+#[tokio::test]
+async fn retry_after_that_says_no_wait_still_waits_the_floor() {
+    use mailpoll::graph::{RETRY_AFTER_CEILING, RETRY_AFTER_FLOOR};
+    let emulator = emulator(Faults {
+        throttle_ratio: 1.0,
+        retry_after_secs: 1,
+        ..Faults::default()
+    })
+    .await;
+    emulator
+        .add_messages(MAILBOX, "inbox", 1)
+        .expect("messages");
+    let retries = 2;
+    for format in [
+        RetryAfterFormat::Zero,
+        RetryAfterFormat::PastHttpDate,
+        RetryAfterFormat::Missing,
+    ] {
+        emulator.update_faults(|faults| faults.retry_after_format = format);
+        emulator.reset_counters();
+        let mailbox = client(
+            &emulator,
+            GovernorConfig {
+                max_retries: retries,
+                ..quick_governor()
+            },
+        )
+        .mailbox(credentials(DEFAULT_CLIENT_SECRET), MAILBOX);
+        let started = std::time::Instant::now();
+        let error = mailbox
+            .delta_round(initial("inbox", 10))
+            .expect("round")
+            .next_page()
+            .await
+            .expect_err("throttled throughout");
+        let elapsed = started.elapsed();
+        assert_eq!(error.reason().as_str(), "Throttled", "{format:?}");
+        assert_eq!(
+            emulator.counters().requests(MAILBOX),
+            u64::from(retries) + 1,
+            "{format:?}: one request per try, no storm"
+        );
+        assert!(
+            elapsed >= RETRY_AFTER_FLOOR * retries,
+            "{format:?}: {retries} retries took only {elapsed:?}"
+        );
+    }
+
+    emulator.update_faults(|faults| faults.retry_after_format = RetryAfterFormat::Huge);
+    emulator.reset_counters();
+    let error = mailbox(&emulator)
+        .delta_round(initial("inbox", 10))
+        .expect("round")
+        .next_page()
+        .await
+        .expect_err("throttled for longer than the governor waits");
+    let wait = error.retry_after().expect("a wait");
+    assert!(
+        wait <= RETRY_AFTER_CEILING && wait > RETRY_AFTER_CEILING - Duration::from_secs(10),
+        "{wait:?}"
+    );
+    assert_eq!(emulator.counters().requests(MAILBOX), 1, "no retry storm");
 }

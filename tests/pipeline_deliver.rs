@@ -376,3 +376,122 @@ async fn stranded_after_actions_get_a_run_once() {
     );
     assert_eq!(live_actions().await, 1);
 }
+
+/// A receiver answering 400 with NUL, control characters and invalid UTF-8 fails only its own
+/// delivery: the task is dead with a readable error, the ledger keeps a storable reason, and
+/// every other delivery goes on.
+#[tokio::test]
+async fn a_receiver_answering_garbage_fails_only_its_own_delivery() {
+    let db = TestDatabase::create().await.expect("test database");
+    let receiver = WebhookReceiver::start(Some(SECRET))
+        .await
+        .expect("receiver");
+    let directory = StaticDirectory::default();
+    let uid = Uuid::new_v4();
+    directory.insert(config(uid, &receiver, 3));
+    let ids = record(&db.pool, uid, 12, 3).await;
+    receiver.reject_with_garbage(&message_key(uid, &ids[4]));
+
+    let pool = WorkerPool::new(db.pool.clone(), pool_config("garbage"))
+        .register(DELIVER, handler(&db, &directory))
+        .start()
+        .expect("pool starts");
+    wait_until("deliveries settle", Duration::from_secs(30), || async {
+        let dead: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks WHERE kind = 'deliver' AND state = 'dead'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("dead tasks");
+        ledger_count(&db.pool, uid, "delivered").await == 11
+            && ledger_count(&db.pool, uid, "failed").await == 1
+            && dead == 1
+    })
+    .await;
+    pool.shutdown().await;
+
+    let error: String = sqlx::query_scalar(
+        "SELECT last_error FROM tasks WHERE kind = 'deliver' AND state = 'dead'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("dead task");
+    assert!(error.contains("HTTP 400"), "{error}");
+    assert!(error.contains("refused\u{fffd} by\u{fffd} the"), "{error}");
+    assert!(
+        !error.contains('\u{0}') && !error.contains('\u{1b}'),
+        "{error:?}"
+    );
+    let reason: String = sqlx::query_scalar(
+        "SELECT delivery_error FROM messages WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(uid)
+    .bind(&ids[4])
+    .fetch_one(&db.pool)
+    .await
+    .expect("ledger reason");
+    assert!(reason.contains("HTTP 400"), "{reason}");
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state IN ('pending', 'running')")
+            .fetch_one(&db.pool)
+            .await
+            .expect("live tasks");
+    assert_eq!(running, 0, "nothing is left retrying");
+}
+
+/// Parked after-actions are not brought back by the leader's sweep (a dead actions task used
+/// to be re-queued every minute, forever).
+#[tokio::test]
+async fn parked_after_actions_are_left_alone_by_the_sweep() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    let ids = record(&db.pool, uid, 2, 5).await;
+    let mut conn = db.pool.acquire().await.expect("connection");
+    for id in &ids {
+        ledger::mark_actions_due(&mut conn, uid, id)
+            .await
+            .expect("actions due");
+    }
+    drop(conn);
+    let failing = std::slice::from_ref(&ids[0]);
+    for round in 1..=actions::MAX_ACTION_FAILURES {
+        let parked = ledger::record_action_failures(
+            &db.pool,
+            uid,
+            failing,
+            "boom\0",
+            actions::MAX_ACTION_FAILURES,
+        )
+        .await
+        .expect("count a failure");
+        assert_eq!(
+            parked.len(),
+            usize::from(round == actions::MAX_ACTION_FAILURES)
+        );
+    }
+    assert_eq!(
+        ledger::actions_due(&db.pool, uid, 10).await.expect("due"),
+        vec![ids[1].clone()],
+        "the parked message no longer stands first in line"
+    );
+    ledger::mark_actions_done(&db.pool, uid, &ids[1..])
+        .await
+        .expect("done");
+    assert_eq!(actions::requeue_stranded(&db.pool).await.expect("sweep"), 0);
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let counts = ledger::counts(&mut conn, uid).await.expect("counts");
+    assert_eq!((counts.actions_parked, counts.failed), (1, 1));
+    assert_eq!(
+        ledger::latest_parked_error(&mut conn, uid)
+            .await
+            .expect("reason")
+            .as_deref(),
+        Some("boom\u{fffd}")
+    );
+    drop(conn);
+    assert_eq!(
+        ledger::unpark_actions(&db.pool, uid).await.expect("unpark"),
+        1
+    );
+    assert_eq!(actions::requeue_stranded(&db.pool).await.expect("sweep"), 1);
+}

@@ -133,12 +133,29 @@ impl World {
 
     /// Workers whose poll handler records pages through `poll_pool`.
     fn workers_polling_on(&self, name: &str, page_size: u32, poll_pool: PgPool) -> RunningPool {
-        self.worker_pool(name, page_size, poll_pool, true)
+        self.worker_pool(name, page_size, poll_pool, true, Duration::from_secs(10))
     }
 
     /// Workers that only poll: deliver tasks stay pending until a full pool runs.
     fn poll_workers(&self, name: &str, page_size: u32) -> RunningPool {
-        self.worker_pool(name, page_size, self.db.pool.clone(), false)
+        self.worker_pool(
+            name,
+            page_size,
+            self.db.pool.clone(),
+            false,
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Workers whose poll and actions runs hold the mailbox for `run_lease` at a time.
+    fn workers_with(
+        &self,
+        name: &str,
+        page_size: u32,
+        poll_pool: PgPool,
+        run_lease: Duration,
+    ) -> RunningPool {
+        self.worker_pool(name, page_size, poll_pool, true, run_lease)
     }
 
     fn worker_pool(
@@ -147,6 +164,7 @@ impl World {
         page_size: u32,
         poll_pool: PgPool,
         deliver: bool,
+        run_lease: Duration,
     ) -> RunningPool {
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(self.directory.clone());
@@ -175,7 +193,7 @@ impl World {
                 metrics: metrics.clone(),
                 settings: PollSettings {
                     page_size,
-                    run_lease: Duration::from_secs(10),
+                    run_lease,
                     ..PollSettings::default()
                 },
             },
@@ -199,7 +217,7 @@ impl World {
                 directory,
                 graph,
                 metrics,
-                run_lease: Duration::from_secs(10),
+                run_lease,
                 run_budget: Duration::from_secs(5),
             },
         )
@@ -883,4 +901,270 @@ async fn switching_bodies_on_rereads_with_bodies_and_delivers_nothing_twice() {
         .count("SELECT count(*) FROM polls WHERE mailbox_uid = $1 AND resynced")
         .await;
     assert_eq!(resynced, 1, "the changed selection started one resync");
+}
+
+async fn parked(world: &World) -> i64 {
+    world
+        .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND actions_parked_at IS NOT NULL")
+        .await
+}
+
+/// NUL and other control characters in a subject, a body and a sender's name (also nested in
+/// the raw Graph object) are replaced before Postgres sees them: the message is recorded and
+/// delivered, and the payload shows the replacement.
+#[tokio::test]
+async fn control_characters_in_mail_are_recorded_and_delivered_replaced() {
+    let world = World::start(Faults::default()).await;
+    let weird = world
+        .emulator
+        .add_message_with_text(MAILBOX, "inbox", "\u{0}\u{1}\u{1b}[31m\u{7f}")
+        .expect("weird mail")
+        .immutable_id;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 3)
+        .expect("plain mail");
+    let pool = world.workers("text", 10);
+    world.poll().await;
+    world.settle(4).await;
+    pool.shutdown().await;
+
+    let replaced = "\u{fffd}\u{fffd}\u{fffd}[31m\u{fffd}";
+    let (subject, from_name, body, raw): (String, String, String, serde_json::Value) =
+        sqlx::query_as(
+            "SELECT subject, from_name, body, raw FROM messages
+             WHERE mailbox_uid = $1 AND message_id = $2",
+        )
+        .bind(world.uid)
+        .bind(&weird)
+        .fetch_one(&world.db.pool)
+        .await
+        .expect("recorded");
+    assert_eq!(subject, format!("Subject {replaced}"));
+    assert_eq!(from_name, format!("Sender {replaced}"));
+    assert!(body.contains(&format!("Body {replaced}")), "{body:?}");
+    assert_eq!(
+        raw["from"]["emailAddress"]["name"],
+        format!("Sender {replaced}").as_str()
+    );
+    let payload = world
+        .receiver
+        .payloads()
+        .remove(&message_key(world.uid, &weird))
+        .expect("delivered");
+    assert_eq!(
+        payload["message"]["subject"],
+        format!("Subject {replaced}").as_str()
+    );
+    assert_eq!(
+        payload["message"]["from"]["name"],
+        format!("Sender {replaced}").as_str()
+    );
+}
+
+/// Error texts of the token endpoint and of Graph that carry NUL and control characters
+/// become storable poll errors (`polls.error_message`) instead of failing the poll's record.
+#[tokio::test]
+async fn token_and_graph_errors_with_control_characters_are_storable_poll_errors() {
+    let world = World::start(Faults {
+        control_chars_in_errors: true,
+        ..Faults::default()
+    })
+    .await;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 2)
+        .expect("mail");
+    let mut wrong = world.config(false, None);
+    wrong.credentials.client_secret = ClientSecret::new("not-the-secret");
+    world.directory.insert(wrong);
+    let pool = world.workers("errors", 10);
+    world.poll().await;
+    world.directory.insert(world.config(false, None));
+    world
+        .emulator
+        .set_mailbox_state(MAILBOX, mailpoll_testkit::graph::MailboxState::AccessDenied)
+        .expect("deny access");
+    world.poll().await;
+    pool.shutdown().await;
+
+    let polls: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT outcome, error_reason, error_message FROM polls WHERE mailbox_uid = $1 ORDER BY id",
+    )
+    .bind(world.uid)
+    .fetch_all(&world.db.pool)
+    .await
+    .expect("polls");
+    let reasons: Vec<Option<&str>> = polls.iter().map(|p| p.1.as_deref()).collect();
+    assert_eq!(
+        reasons,
+        [Some("AuthenticationFailed"), Some("AccessDenied")],
+        "{polls:?}"
+    );
+    for (outcome, reason, message) in &polls {
+        assert_eq!(outcome, "failed");
+        let message = message.as_deref().expect("a message");
+        assert!(!message.contains('\u{0}') && !message.contains('\u{1b}'));
+        // The token endpoint's characters follow its description's first line, which is all
+        // that is kept; Graph's end its message.
+        if reason.as_deref() == Some("AccessDenied") {
+            assert!(message.contains('\u{fffd}'), "{message:?}");
+        }
+    }
+}
+
+/// The mailbox run lease is kept alive while a round runs, however long a page takes: another
+/// run cannot take the mailbox mid-round.
+#[tokio::test]
+async fn a_round_slower_than_the_run_lease_keeps_the_mailbox() {
+    let world = World::start(Faults {
+        slow_page_ms: 3_000,
+        ..Faults::default()
+    })
+    .await;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 5)
+        .expect("mail");
+    let run_lease = Duration::from_millis(900);
+    let pool = world.workers_with("slow", 10, world.db.pool.clone(), run_lease);
+    let source = world.config(false, None).source;
+    let second_run = async {
+        wait_until("the round to start", Duration::from_secs(30), || async {
+            world
+                .count("SELECT count(*) FROM mailbox_cursors WHERE mailbox_uid = $1 AND run_token IS NOT NULL")
+                .await
+                == 1
+        })
+        .await;
+        // Twice the lease, while the round waits for its page.
+        tokio::time::sleep(run_lease * 2).await;
+        mailpoll::cursor::acquire(&world.db.pool, &source, run_lease)
+            .await
+            .expect("acquire")
+    };
+    let ((), second) = tokio::join!(world.poll(), second_run);
+    assert!(
+        matches!(second, mailpoll::cursor::Acquired::Busy { .. }),
+        "another run took the mailbox mid-round: {second:?}"
+    );
+    world.settle(5).await;
+    pool.shutdown().await;
+}
+
+/// A message whose after-action always fails is parked after a few failures with its reason;
+/// the other messages' actions go on, and nothing brings the parked one back on its own.
+#[tokio::test]
+async fn an_after_action_that_always_fails_is_parked_and_the_others_go_on() {
+    let world = World::start(Faults::default()).await;
+    world.directory.insert(world.config(true, Some("archive")));
+    let ids: Vec<String> = world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 6)
+        .expect("mail")
+        .into_iter()
+        .map(|m| m.immutable_id)
+        .collect();
+    let stuck = ids[0].clone();
+    world
+        .emulator
+        .update_faults(|faults| faults.refused_action_ids = vec![stuck.clone()]);
+    let pool = world.workers("park", 25);
+    world.poll().await;
+    world.settle(5).await;
+    wait_until(
+        "the failing message parked",
+        Duration::from_secs(60),
+        || async { parked(&world).await == 1 },
+    )
+    .await;
+    wait_until("no actions run left", Duration::from_secs(30), || async {
+        world
+            .count("SELECT count(*) FROM tasks WHERE owner_uid = $1 AND kind = 'actions' AND state IN ('pending', 'running')")
+            .await
+            == 0
+    })
+    .await;
+    assert_eq!(
+        mailpoll::pipeline::actions::requeue_stranded(&world.db.pool)
+            .await
+            .expect("sweep"),
+        0,
+        "the sweep leaves parked messages alone"
+    );
+    pool.shutdown().await;
+
+    let (state, failures, error): (String, i32, String) = sqlx::query_as(
+        "SELECT delivery_state, actions_failures, actions_error FROM messages
+         WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(world.uid)
+    .bind(&stuck)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("stuck message");
+    assert_eq!(state, "failed");
+    assert_eq!(failures, mailpoll::pipeline::actions::MAX_ACTION_FAILURES);
+    assert!(error.contains("ErrorInvalidRequest"), "{error}");
+    let mut conn = world.db.pool.acquire().await.expect("connection");
+    let counts = mailpoll::ledger::counts(&mut conn, world.uid)
+        .await
+        .expect("counts");
+    assert_eq!((counts.actions_parked, counts.delivered), (1, 5));
+}
+
+/// Graph answers a move to a folder that does not exist with 404 `ErrorItemNotFound`, as it
+/// does for a message that is gone. The message is still there, so this is a configuration
+/// error: the messages are parked with a clear reason (not counted as moved), and the status
+/// reports it.
+#[tokio::test]
+async fn a_move_to_a_missing_folder_is_a_configuration_error() {
+    let world = World::start(Faults::default()).await;
+    world
+        .directory
+        .insert(world.config(false, Some("no-such-folder")));
+    let ids: Vec<String> = world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 3)
+        .expect("mail")
+        .into_iter()
+        .map(|m| m.immutable_id)
+        .collect();
+    let pool = world.workers("missing", 25);
+    world.poll().await;
+    wait_until("the messages parked", Duration::from_secs(60), || async {
+        parked(&world).await == 3
+    })
+    .await;
+    pool.shutdown().await;
+
+    let errors: Vec<String> = sqlx::query_scalar(
+        "SELECT actions_error FROM messages WHERE mailbox_uid = $1 AND actions_parked_at IS NOT NULL",
+    )
+    .bind(world.uid)
+    .fetch_all(&world.db.pool)
+    .await
+    .expect("errors");
+    for error in &errors {
+        assert!(error.starts_with("MoveDestinationNotFound"), "{error}");
+        assert!(error.contains("no-such-folder"), "{error}");
+    }
+    let inbox = world.emulator.folder_id(MAILBOX, "inbox").expect("inbox");
+    for id in &ids {
+        let message = world
+            .emulator
+            .message(MAILBOX, id)
+            .expect("lookup")
+            .expect("still there");
+        assert_eq!(message["parentFolderId"], inbox.as_str());
+    }
+    let facts = mailpoll::controller::status::load(&world.db.pool, world.uid)
+        .await
+        .expect("facts");
+    let [_, degraded] = mailpoll::controller::status::desired_conditions(None, &facts);
+    assert_eq!(
+        (degraded.status, degraded.reason.as_str()),
+        (true, "AfterActionsFailed")
+    );
+    assert!(degraded.message.contains("MoveDestinationNotFound"));
 }

@@ -814,3 +814,95 @@ async fn retrying_a_dead_task_whose_key_is_live_again_is_refused() {
     );
     assert_eq!(self::task(&db.pool, dead).await.state, TaskState::Dead);
 }
+
+/// One result whose error text Postgres refuses (a NUL, as a receiver's body can carry) fails
+/// only its own task: the batch is split, the others are recorded as they were, and the bad
+/// one ends as it should with a safe error text. Also inside a caller's transaction.
+#[tokio::test]
+async fn a_result_postgres_refuses_fails_only_its_own_task() {
+    let db = TestDatabase::create().await.expect("test database");
+    for in_transaction in [false, true] {
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let task = NewTask::new("deliver", json!({ "i": i }));
+            ids.push(queue::enqueue(&db.pool, &task).await.expect("enqueue").id);
+        }
+        let claimed = queue::claim(
+            &db.pool,
+            &kinds(&["deliver"]),
+            5,
+            "w",
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("claim");
+        assert_eq!(claimed.len(), 5);
+        let items: Vec<(queue::Lease, Transition)> = claimed
+            .iter()
+            .map(|t| {
+                let transition = if t.id == ids[2] {
+                    Transition::Dead {
+                        error: "HTTP 400: \u{0}garbage".into(),
+                    }
+                } else if t.id == ids[3] {
+                    Transition::Retry {
+                        delay: Duration::from_secs(60),
+                        error: "also \u{0} bad".into(),
+                    }
+                } else {
+                    Transition::Succeed
+                };
+                (t.lease(), transition)
+            })
+            .collect();
+        let outcome = if in_transaction {
+            let mut tx = db.pool.begin().await.expect("begin");
+            let outcome = queue::finish(&mut *tx, &items).await.expect("finish");
+            tx.commit().await.expect("the transaction stays usable");
+            outcome
+        } else {
+            queue::finish(&db.pool, &items).await.expect("finish")
+        };
+        assert_eq!(outcome.applied.len(), 5, "{outcome:?}");
+        assert!(outcome.refused.is_empty());
+        for (i, id) in ids.iter().enumerate() {
+            let row = task(&db.pool, *id).await;
+            match i {
+                2 => {
+                    assert_eq!(row.state, TaskState::Dead);
+                    let error = row.last_error.expect("an error is kept");
+                    assert!(error.contains("could not be stored"), "{error}");
+                }
+                3 => {
+                    assert_eq!((row.state, row.attempts), (TaskState::Pending, 1));
+                    assert!(row.last_error.expect("error").contains("SQLSTATE"));
+                }
+                _ => assert_eq!(row.state, TaskState::Succeeded),
+            }
+        }
+    }
+}
+
+/// A failure whose text carries control characters is stored readable (handler errors quote
+/// receivers' and Graph's bodies).
+#[tokio::test]
+async fn failure_texts_are_made_storable() {
+    let db = TestDatabase::create().await.expect("test database");
+    let id = queue::enqueue(&db.pool, &NewTask::new("deliver", json!({})))
+        .await
+        .expect("enqueue")
+        .id;
+    let claimed = claim_one(&db.pool, "deliver", "w", Duration::from_secs(30)).await;
+    let policy = RetryPolicy {
+        base: Duration::from_millis(10),
+        cap: Duration::from_millis(10),
+    };
+    queue::fail(&db.pool, &claimed, "rejected: \u{0}\u{1b}[31m", &policy)
+        .await
+        .expect("fail");
+    let row = task(&db.pool, id).await;
+    assert_eq!(
+        row.last_error.as_deref(),
+        Some("rejected: \u{fffd}\u{fffd}[31m")
+    );
+}

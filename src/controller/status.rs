@@ -47,6 +47,8 @@ pub struct Facts {
     pub last_resync_poll: Option<i64>,
     /// Highest poll id.
     pub last_poll_id: Option<i64>,
+    /// Why after-actions were parked most recently, when some are.
+    pub parked_error: Option<String>,
 }
 
 /// Reads the facts of one MailboxPoll.
@@ -61,6 +63,11 @@ pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Facts, ReconcileError> {
     let live = queue::live_task(&mut *conn, &poll_dedupe_key(uid)).await?;
     let last_handled_request = poll_log::last_handled_request(&mut conn, uid).await?;
     let counts = ledger::counts(&mut conn, uid).await?;
+    let parked_error = if counts.actions_parked > 0 {
+        ledger::latest_parked_error(&mut conn, uid).await?
+    } else {
+        None
+    };
     let running = live.is_some_and(|live| live.state == TaskState::Running);
     Ok(Facts {
         last,
@@ -74,6 +81,7 @@ pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Facts, ReconcileError> {
         last_handled_request,
         last_resync_poll: summary.last_resync_poll,
         last_poll_id: summary.last_poll_id,
+        parked_error,
     })
 }
 
@@ -131,12 +139,34 @@ pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> 
                     ),
                 )
             } else {
-                Desired::new(DEGRADED, false, HEALTHY, "no passing trouble")
+                healthy_or_parked(facts)
             }
         }
-        _ => Desired::new(DEGRADED, false, HEALTHY, "no passing trouble"),
+        _ => healthy_or_parked(facts),
     };
     [ready, degraded]
+}
+
+/// Degraded for parked after-actions (mail is recorded and delivered, but some messages'
+/// mark-read or move keeps failing), else healthy.
+fn healthy_or_parked(facts: &Facts) -> Desired {
+    let parked = facts.counts.actions_parked;
+    if parked == 0 {
+        return Desired::new(DEGRADED, false, HEALTHY, "no passing trouble");
+    }
+    Desired::new(
+        DEGRADED,
+        true,
+        Reason::AfterActionsFailed.as_str(),
+        short(&parked_note(parked, facts.parked_error.as_deref())),
+    )
+}
+
+fn parked_note(parked: i64, latest: Option<&str>) -> String {
+    format!(
+        "after-delivery actions of {parked} message(s) failed repeatedly and are parked; latest: {}",
+        latest.unwrap_or("unknown")
+    )
 }
 
 /// The whole status the reconciler wants, keeping transition times of unchanged conditions.
@@ -211,6 +241,8 @@ pub struct Seen {
     pub ready: Option<(bool, String)>,
     pub last_poll_id: Option<i64>,
     pub messages_failed: i64,
+    /// Messages with parked after-actions.
+    pub actions_parked: i64,
 }
 
 impl Seen {
@@ -220,10 +252,20 @@ impl Seen {
         let ready = status
             .and_then(|s| conditions::find(&s.conditions, READY))
             .map(|c| (c.status == "True", c.reason.clone()));
+        // The status has no count of parked messages: a Degraded condition for them says
+        // they were reported already.
+        let parked_reported = status
+            .and_then(|s| conditions::find(&s.conditions, DEGRADED))
+            .is_some_and(|c| c.reason == Reason::AfterActionsFailed.as_str());
         Self {
             ready,
             last_poll_id: facts.last_poll_id,
             messages_failed: status.and_then(|s| s.messages_failed).unwrap_or(0),
+            actions_parked: if parked_reported {
+                facts.counts.actions_parked
+            } else {
+                0
+            },
         }
     }
 }
@@ -290,6 +332,16 @@ pub fn transitions(
             ),
         });
     }
+    if facts.counts.actions_parked > seen.actions_parked {
+        notices.push(Notice {
+            warning: true,
+            reason: Reason::AfterActionsFailed.as_str(),
+            note: parked_note(
+                facts.counts.actions_parked - seen.actions_parked,
+                facts.parked_error.as_deref(),
+            ),
+        });
+    }
     // Waiting for the first poll after a failure is not a recovery yet: keep the failure,
     // so the success that follows reports one.
     let awaiting = !ready.status && ready.reason == AWAITING_FIRST_POLL;
@@ -301,6 +353,7 @@ pub fn transitions(
         },
         last_poll_id: facts.last_poll_id.or(seen.last_poll_id),
         messages_failed: facts.counts.failed,
+        actions_parked: facts.counts.actions_parked,
     };
     (notices, next)
 }
@@ -443,6 +496,32 @@ mod tests {
     }
 
     #[test]
+    fn parked_after_actions_degrade_and_publish_one_warning() {
+        let ok = poll(1, true, None);
+        let mut f = facts(ok.clone(), Some(ok));
+        f.counts.failed = 2;
+        f.counts.actions_parked = 2;
+        f.parked_error = Some("MoveDestinationNotFound: the move destination folder".into());
+        let [ready, degraded] = desired_conditions(None, &f);
+        assert!(ready.status, "mail is still polled and delivered");
+        assert_eq!(
+            (degraded.status, degraded.reason.as_str()),
+            (true, "AfterActionsFailed")
+        );
+        assert!(degraded.message.contains("MoveDestinationNotFound"));
+        let seen = Seen::from_status(None, &f);
+        let (notices, seen) = transitions(&seen, &ready, &f, None);
+        assert!(
+            notices
+                .iter()
+                .any(|n| n.warning && n.reason == "AfterActionsFailed"),
+            "{notices:?}"
+        );
+        let (again, _) = transitions(&seen, &ready, &f, None);
+        assert!(again.is_empty(), "reported once");
+    }
+
+    #[test]
     fn first_success_is_not_a_recovery_and_resyncs_and_failures_are_reported() {
         let mut ok = poll(4, true, None);
         ok.resynced = true;
@@ -454,6 +533,7 @@ mod tests {
             ready: Some((false, AWAITING_FIRST_POLL.into())),
             last_poll_id: Some(3),
             messages_failed: 1,
+            actions_parked: 0,
         };
         let (notices, seen) = transitions(&seen, &ready, &f, None);
         assert_eq!(

@@ -13,6 +13,7 @@ use super::signing::{
     self, ATTEMPT_HEADER, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use crate::ledger::LedgerMessage;
+use crate::storable;
 
 /// Event type of the payload, versioned so receivers can evolve with it.
 pub const EVENT_TYPE: &str = "mailpoll.message.received.v1";
@@ -241,8 +242,11 @@ fn describe_transport_error(error: &reqwest::Error) -> String {
     format!("{kind}{detail}")
 }
 
-/// First characters of a response body on one line, for an error reason.
+/// First characters of a response body on one line, for an error reason. Made storable
+/// (see [`storable`]): a receiver's body is outside text, and a NUL in it once made recording
+/// the failure fail, so the task's result was retried forever.
 pub fn excerpt(text: &str) -> String {
+    let text = storable::text(text, usize::MAX);
     let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
     let mut chars = one_line.chars();
     let cut: String = chars.by_ref().take(EXCERPT_CHARS).collect();
@@ -286,6 +290,11 @@ mod tests {
         let cut = excerpt(&long);
         assert_eq!(cut.chars().count(), EXCERPT_CHARS + 1);
         assert!(cut.ends_with('…'));
+        let garbage = excerpt("no\0pe \u{1}\u{1b}[31m\u{7f} \u{fffd}");
+        assert_eq!(
+            garbage,
+            "no\u{fffd}pe \u{fffd}\u{fffd}[31m\u{fffd} \u{fffd}"
+        );
     }
 
     #[test]

@@ -96,6 +96,29 @@ impl MailboxClient {
         })
     }
 
+    /// Whether the message still exists in the mailbox (in any folder: immutable ids survive
+    /// moves). `GET .../messages/{id}?$select=id`; a 404 `ErrorItemNotFound` means gone.
+    ///
+    /// Graph answers a move to a destination folder that does not exist with the same 404
+    /// `ErrorItemNotFound` as a move of a message that is gone (only the message text differs,
+    /// and decisions never rest on message text), so after such a 404 this tells them apart.
+    pub async fn message_exists(&self, message_id: &str) -> Result<bool, GraphError> {
+        let mut url = self.url(&["messages", message_id])?;
+        url.query_pairs_mut().append_pair("$select", "id");
+        let call = Call {
+            method: Method::GET,
+            url,
+            prefer: Vec::new(),
+            body: None,
+            weight: 1,
+        };
+        match self.execute(&call).await {
+            Ok(_) => Ok(true),
+            Err(GraphError::ItemNotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The message as RFC 5322 bytes (`GET .../messages/{id}/$value`).
     pub async fn get_mime(&self, message_id: &str) -> Result<Vec<u8>, GraphError> {
         let call = Call {
@@ -125,9 +148,11 @@ impl MailboxClient {
                 let outcomes = self.batch_once(actions, &pending).await?;
                 let mut retry = Vec::new();
                 let mut longest_wait: Option<Duration> = None;
+                let mut throttled = false;
                 for (index, outcome) in pending.iter().copied().zip(outcomes) {
                     match outcome {
                         Err(failed) if failed.is_retryable() => {
+                            throttled |= failed.status == 429;
                             if let Some(wait) = failed.retry_after {
                                 longest_wait = Some(longest_wait.map_or(wait, |w| w.max(wait)));
                             }
@@ -144,6 +169,9 @@ impl MailboxClient {
                 let governor = self.graph().governor();
                 match longest_wait {
                     Some(wait) => governor.report_retry_after(self.mailbox(), wait),
+                    // A 429 without a wait still pauses the mailbox, for at least the floor.
+                    None if throttled => governor
+                        .report_retry_after(self.mailbox(), governor.throttle_backoff(attempt)),
                     None if !retry.is_empty() => {
                         tokio::time::sleep(governor.backoff(attempt)).await
                     }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::error::GraphError;
 use super::governor::full_jitter;
+use crate::storable;
 
 /// A client secret. Debug and Display never show it.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -229,27 +230,24 @@ impl TokenCache {
                             serde_json::from_slice(&body).unwrap_or_default();
                         // The description's first line names the AADSTS code and the cause;
                         // the rest is trace ids and timestamps.
-                        let description = refusal
-                            .error_description
-                            .lines()
-                            .next()
-                            .unwrap_or_default()
-                            .chars()
-                            .take(300)
-                            .collect::<String>();
+                        // Made storable here: it ends up in poll errors and conditions.
+                        let description = storable::text(
+                            refusal.error_description.lines().next().unwrap_or_default(),
+                            400,
+                        );
+                        let code = storable::text(&refusal.error, 128);
                         tracing::warn!(
                             tenant = %credentials.tenant_id,
                             client_id = %credentials.client_id,
                             status,
-                            error = %refusal.error,
+                            error = %code,
                             "token endpoint refused the credentials"
                         );
                         return Err(GraphError::AuthenticationFailed {
                             message: format!(
-                                "token endpoint answered {status} {}: {description}",
-                                refusal.error
+                                "token endpoint answered {status} {code}: {description}"
                             ),
-                            request_id: refusal.correlation_id,
+                            request_id: refusal.correlation_id.map(|id| storable::owned(id, 128)),
                         });
                     }
                     GraphError::Transient {

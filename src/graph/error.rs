@@ -6,9 +6,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::reason::Reason;
+use crate::storable;
 
 /// Longest Graph error message kept in an error (they can be long; they are for people).
-const MAX_MESSAGE_CHARS: usize = 512;
+const MAX_MESSAGE_BYTES: usize = 1024;
 
 /// A failed Graph (or token endpoint) call. Display never includes secrets or tokens.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -185,24 +186,21 @@ impl FailedResponse {
         location: Option<String>,
     ) -> Self {
         let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+        // Error texts end up in `polls.error_message`, task errors and conditions: made
+        // storable (Postgres refuses NUL) and short here, where they enter.
         let body_request_id = parsed
             .error
             .inner_error
             .and_then(|inner| inner.request_id)
-            .filter(|id| !id.is_empty());
-        let mut message: String = parsed
-            .error
-            .message
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(MAX_MESSAGE_CHARS)
-            .collect();
+            .filter(|id| !id.is_empty())
+            .map(|id| storable::owned(id, 128));
+        let mut message = storable::owned(parsed.error.message, MAX_MESSAGE_BYTES);
         if message.is_empty() {
             message = format!("HTTP {status}");
         }
         Self {
             status,
-            code: parsed.error.code.chars().take(128).collect(),
+            code: storable::owned(parsed.error.code, 128),
             message,
             request_id: header_request_id.or(body_request_id),
             retry_after,
@@ -357,6 +355,28 @@ mod tests {
             FailedResponse::parse(500, b"not json", Some("hdr".into()), None, None).into_error();
         assert_eq!(from_header.request_id(), Some("hdr"));
         assert!(from_header.to_string().contains("HTTP 500"));
+    }
+
+    #[test]
+    fn control_characters_in_error_bodies_are_made_storable() {
+        let body = serde_json::json!({"error": {
+            "code": "Error\u{0}AccessDenied",
+            "message": "Access denied.\u{0}\u{1}\u{1b}[31m\u{7f}\u{0}",
+            "innerError": {"request-id": "rid\u{0}"}
+        }});
+        let error =
+            FailedResponse::parse(403, body.to_string().as_bytes(), None, None, None).into_error();
+        let text = error.to_string();
+        assert!(
+            !text.contains('\u{0}') && !text.contains('\u{1b}'),
+            "{text:?}"
+        );
+        assert!(text.contains("Access denied.\u{fffd}"), "{text:?}");
+        assert_eq!(error.reason().as_str(), "AccessDenied");
+        let long = serde_json::json!({"error": {"code": "x", "message": "é".repeat(5000)}});
+        let error =
+            FailedResponse::parse(500, long.to_string().as_bytes(), None, None, None).into_error();
+        assert!(error.to_string().len() < 1200);
     }
 
     #[test]

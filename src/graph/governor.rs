@@ -121,6 +121,37 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Shortest wait after a 429 or a `Retry-After`. Graph writes whole seconds and keeps counting
+/// requests while it throttles, so `Retry-After: 0`, an HTTP-date already past, or a 429
+/// without the header must not turn into an immediate retry: a storm of retries is what
+/// prolongs the throttling.
+pub const RETRY_AFTER_FLOOR: Duration = Duration::from_secs(1);
+
+/// Longest wait a `Retry-After` can impose. Graph's request budget is counted over 10
+/// minutes, so a longer wait asks for nothing Graph needs; a far-off date or a huge number
+/// (seen: 10^12 seconds) would otherwise overflow time arithmetic or park a mailbox for good.
+pub const RETRY_AFTER_CEILING: Duration = Duration::from_secs(600);
+
+/// A `Retry-After` brought into [`RETRY_AFTER_FLOOR`, `RETRY_AFTER_CEILING`].
+pub fn clamp_retry_after(wait: Duration) -> Duration {
+    wait.clamp(RETRY_AFTER_FLOOR, RETRY_AFTER_CEILING)
+}
+
+/// Full-jitter exponential backoff above a floor: uniform in
+/// [floor, max(floor, min(cap, base * 2^attempt))].
+pub fn full_jitter_from(floor: Duration, base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .checked_mul(2u32.saturating_pow(attempt.min(30)))
+        .unwrap_or(cap)
+        .min(cap)
+        .max(floor);
+    let low = u64::try_from(floor.as_millis()).unwrap_or(u64::MAX);
+    let high = u64::try_from(ceiling.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(low);
+    Duration::from_millis(rand::rng().random_range(low..=high))
+}
+
 /// Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^attempt)].
 pub fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
     let ceiling = base
@@ -252,9 +283,10 @@ impl Governor {
         None
     }
 
-    /// Pauses every request to `mailbox` for `retry_after` (never shortens a longer pause) and
-    /// tells the listener.
+    /// Pauses every request to `mailbox` for `retry_after`, kept within the floor and the
+    /// ceiling (never shortens a longer pause), and tells the listener.
     pub fn report_retry_after(&self, mailbox: &str, retry_after: Duration) {
+        let retry_after = clamp_retry_after(retry_after);
         let until = Instant::now() + retry_after;
         self.extend_pause(mailbox, until);
         let listener = lock(&self.listener).clone();
@@ -280,7 +312,7 @@ impl Governor {
     /// Feeds a pause learned elsewhere (e.g. another replica, through Postgres).
     pub fn pause_until(&self, mailbox: &str, until: DateTime<Utc>) {
         if let Ok(left) = (until - Utc::now()).to_std() {
-            self.extend_pause(mailbox, Instant::now() + left);
+            self.extend_pause(mailbox, Instant::now() + left.min(RETRY_AFTER_CEILING));
         }
     }
 
@@ -300,6 +332,19 @@ impl Governor {
     pub fn backoff(&self, attempt: u32) -> Duration {
         full_jitter(self.config.backoff_base, self.config.backoff_cap, attempt)
     }
+
+    /// The mailbox's pause after a 429 that named no wait: full jitter above
+    /// [`RETRY_AFTER_FLOOR`], growing with `attempt`, never past the ceiling.
+    pub fn throttle_backoff(&self, attempt: u32) -> Duration {
+        full_jitter_from(
+            RETRY_AFTER_FLOOR,
+            self.config.backoff_base.max(RETRY_AFTER_FLOOR),
+            self.config
+                .backoff_cap
+                .clamp(RETRY_AFTER_FLOOR, RETRY_AFTER_CEILING),
+            attempt,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -311,6 +356,54 @@ mod tests {
         GovernorConfig {
             mailbox_budget: None,
             ..GovernorConfig::default()
+        }
+    }
+
+    #[test]
+    fn retry_after_is_kept_between_floor_and_ceiling() {
+        assert_eq!(clamp_retry_after(Duration::ZERO), RETRY_AFTER_FLOOR);
+        assert_eq!(
+            clamp_retry_after(Duration::from_secs(12)),
+            Duration::from_secs(12)
+        );
+        assert_eq!(
+            clamp_retry_after(Duration::from_secs(1_000_000_000_000)),
+            RETRY_AFTER_CEILING
+        );
+    }
+
+    #[test]
+    fn throttle_backoff_never_goes_below_the_floor() {
+        let governor = Governor::new(GovernorConfig {
+            backoff_base: Duration::from_millis(1),
+            backoff_cap: Duration::from_millis(5),
+            ..config()
+        });
+        for attempt in 0..40 {
+            let wait = governor.throttle_backoff(attempt);
+            assert!(wait >= RETRY_AFTER_FLOOR, "{wait:?} at {attempt}");
+            assert!(wait <= RETRY_AFTER_CEILING, "{wait:?} at {attempt}");
+        }
+        let grown = full_jitter_from(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            5,
+        );
+        assert!((Duration::from_secs(1)..=Duration::from_secs(32)).contains(&grown));
+    }
+
+    #[tokio::test]
+    async fn a_huge_retry_after_neither_overflows_nor_parks_the_mailbox_for_good() {
+        let governor = Governor::new(config());
+        governor.report_retry_after("ops@x", Duration::from_secs(u64::MAX));
+        governor.pause_until("other@x", DateTime::<Utc>::MAX_UTC);
+        for mailbox in ["ops@x", "other@x"] {
+            let until = governor.paused_until(mailbox).expect("paused");
+            assert!(
+                until <= Utc::now() + chrono::Duration::seconds(601),
+                "{until}"
+            );
         }
     }
 

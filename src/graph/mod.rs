@@ -30,7 +30,10 @@ pub use actions::{MAX_BATCH, PostAction};
 pub use auth::{ClientSecret, Credentials};
 pub use delta::{DeltaOptions, DeltaStart, ListOptions, Page, PageLink, Round};
 pub use error::GraphError;
-pub use governor::{Governor, GovernorConfig, RequestBudget, ThrottleNotice, full_jitter};
+pub use governor::{
+    Governor, GovernorConfig, RETRY_AFTER_CEILING, RETRY_AFTER_FLOOR, RequestBudget,
+    ThrottleNotice, full_jitter,
+};
 pub use message::{
     Body, EmailAddress, LEDGER_FIELDS, Message, RemovedReason, SkippedItem, select_fields,
 };
@@ -221,17 +224,24 @@ pub(crate) struct Reply {
     pub request_id: Option<String>,
 }
 
-/// `Retry-After` in seconds or as an HTTP date.
+/// `Retry-After` in delta-seconds or as an HTTP-date, kept within
+/// [`governor::RETRY_AFTER_FLOOR`] and [`governor::RETRY_AFTER_CEILING`]: a zero, a date in the
+/// past and a number too large for any clock all give a wait that is safe to honour. `None`
+/// when the value is neither (then the caller backs off on its own).
 pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits too many for a u64 are a very long wait, not no wait.
+        let wait = value
+            .parse::<u64>()
+            .map_or(governor::RETRY_AFTER_CEILING, Duration::from_secs);
+        return Some(governor::clamp_retry_after(wait));
     }
     let moment = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    (moment.with_timezone(&chrono::Utc) - chrono::Utc::now())
+    let left = (moment.with_timezone(&chrono::Utc) - chrono::Utc::now())
         .to_std()
-        .ok()
-        .or(Some(Duration::ZERO))
+        .unwrap_or(Duration::ZERO);
+    Some(governor::clamp_retry_after(left))
 }
 
 /// A transport error with its causes (connection refused, timeout, TLS), without the URL.
@@ -432,10 +442,10 @@ impl MailboxClient {
             if failed.is_retryable() {
                 match failed.retry_after {
                     Some(wait) => governor.report_retry_after(&self.mailbox, wait),
-                    // A 429 without Retry-After still means the whole mailbox should slow down.
-                    None if status == 429 => {
-                        governor.report_retry_after(&self.mailbox, governor.backoff(attempt + 1))
-                    }
+                    // A 429 without Retry-After still means the whole mailbox should slow
+                    // down, for at least the floor.
+                    None if status == 429 => governor
+                        .report_retry_after(&self.mailbox, governor.throttle_backoff(attempt)),
                     None => {}
                 }
                 if attempt >= governor.config().max_retries {
@@ -457,13 +467,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_reads_seconds_and_dates() {
+    fn retry_after_reads_seconds_and_dates_within_floor_and_ceiling() {
+        use governor::{RETRY_AFTER_CEILING, RETRY_AFTER_FLOOR};
         assert_eq!(parse_retry_after("12"), Some(Duration::from_secs(12)));
+        assert_eq!(parse_retry_after(" 3 "), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after("0"), Some(RETRY_AFTER_FLOOR));
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
+            Some(RETRY_AFTER_FLOOR),
+            "a date in the past"
+        );
+        let soon = chrono::Utc::now() + chrono::Duration::seconds(30);
+        let wait = parse_retry_after(&soon.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+            .expect("an HTTP-date");
+        assert!(
+            (Duration::from_secs(28)..=Duration::from_secs(30)).contains(&wait),
+            "{wait:?}"
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(RETRY_AFTER_CEILING)
+        );
+        assert_eq!(
+            parse_retry_after("1000000000000"),
+            Some(RETRY_AFTER_CEILING)
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999999999999999"),
+            Some(RETRY_AFTER_CEILING)
         );
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-5"), None);
+        assert_eq!(parse_retry_after(""), None);
     }
 
     #[test]

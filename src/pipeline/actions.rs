@@ -19,11 +19,17 @@ use crate::directory::{Directory, MailboxConfig};
 use crate::graph::{GraphClient, GraphError, MailboxClient, PostAction};
 use crate::ledger;
 use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, QueueError, TaskContext};
+use crate::reason::Reason;
 use crate::telemetry::metrics::SharedMetrics;
 
 /// Messages handled per `$batch` round trip (Graph takes 20 requests per batch; a message
 /// may need two).
 const MESSAGES_PER_BATCH: i64 = 10;
+
+/// Failed attempts at a message's after-actions before it is parked (skipped, counted as
+/// failed, shown on the status), so one message whose action always fails cannot stay first
+/// in line and hold up the mailbox's other actions.
+pub const MAX_ACTION_FAILURES: i32 = 5;
 
 pub struct ActionsHandler<D> {
     pub pool: PgPool,
@@ -50,7 +56,8 @@ impl<D: Directory> Handler for ActionsHandler<D> {
             Duration::from_secs(2),
         )
         .await?;
-        let result = self.run(task, ctx, &config).await;
+        let keep_alive = run_lease::KeepAlive::start(self.pool.clone(), lease, self.run_lease);
+        let result = keep_alive.guard(self.run(task, ctx, &config)).await;
         run_lease::give_back(&self.pool, lease).await;
         result
     }
@@ -97,32 +104,32 @@ impl<D: Directory> ActionsHandler<D> {
         mailbox: &MailboxClient,
         due: &[String],
     ) -> Result<(), HandlerError> {
-        let mut actions = Vec::with_capacity(due.len() * 2);
-        let mut owners = Vec::with_capacity(due.len() * 2);
-        for (index, id) in due.iter().enumerate() {
-            if config.mark_as_read {
-                actions.push(PostAction::MarkRead {
-                    message_id: id.clone(),
-                });
-                owners.push(index);
-            }
-            if let Some(destination) = &config.move_to_folder {
-                actions.push(PostAction::Move {
-                    message_id: id.clone(),
-                    destination: destination.clone(),
-                });
-                owners.push(index);
-            }
-        }
+        let (actions, owners) = plan(config, due);
         let results = match mailbox.post_actions(&actions).await {
             Ok(results) => results,
-            Err(error) => return Err(self.failure(task, config, due, error).await),
+            Err(error) => return self.failure(task, config, due, error).await,
         };
         let mut failed: Vec<Option<GraphError>> = vec![None; due.len()];
-        for (owner, result) in owners.into_iter().zip(results) {
+        let mut move_not_found = None;
+        for ((&owner, action), result) in owners.iter().zip(&actions).zip(results) {
             match result {
-                // Already read, already moved, or gone after a move: the effect is there.
-                Ok(()) | Err(GraphError::ItemNotFound { .. }) => {}
+                Ok(()) => {}
+                // The message, or the move's destination, is not there (see below).
+                Err(GraphError::ItemNotFound { .. })
+                    if matches!(action, PostAction::Move { .. }) =>
+                {
+                    move_not_found.get_or_insert(owner);
+                }
+                // Already read, or gone after a move: the effect is there.
+                Err(GraphError::ItemNotFound { .. }) => {}
+                Err(error) => failed[owner] = Some(error),
+            }
+        }
+        if let Some(owner) = move_not_found {
+            match mailbox.message_exists(&due[owner]).await {
+                // The message is there but could not be moved: the destination is missing.
+                Ok(true) => return self.destination_missing(config).await,
+                Ok(false) => {}
                 Err(error) => failed[owner] = Some(error),
             }
         }
@@ -133,15 +140,16 @@ impl<D: Directory> ActionsHandler<D> {
             .map(|(id, _)| id.clone())
             .collect();
         self.mark_done(config.source.uid, &done).await?;
-        if let Some(error) = failed.into_iter().flatten().next() {
-            let remaining: Vec<String> = due
-                .iter()
-                .filter(|id| !done.contains(id))
-                .cloned()
-                .collect();
-            return Err(self.failure(task, config, &remaining, error).await);
-        }
-        Ok(())
+        let Some(error) = failed.iter().flatten().next().cloned() else {
+            return Ok(());
+        };
+        let remaining: Vec<String> = due
+            .iter()
+            .zip(&failed)
+            .filter(|(_, f)| f.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.failure(task, config, &remaining, error).await
     }
 
     /// Marks messages delivered: every configured step is done.
@@ -156,14 +164,36 @@ impl<D: Directory> ActionsHandler<D> {
         Ok(())
     }
 
-    /// The task's fate after a Graph error; on the last attempt the messages are marked failed.
+    /// The move destination does not exist: a configuration error that every due message
+    /// would meet, so all of them are parked with the reason at once (the status shows it),
+    /// rather than each failing its way to the limit. The run ends; fixing the spec and
+    /// unparking ([`ledger::unpark_actions`]) brings them back.
+    async fn destination_missing(&self, config: &MailboxConfig) -> Result<(), HandlerError> {
+        let error = format!(
+            "{}: the move destination folder {:?} (spec.afterDelivery.moveToFolder) does not exist in mailbox {}",
+            Reason::MoveDestinationNotFound,
+            config.move_to_folder.as_deref().unwrap_or_default(),
+            config.source.mailbox,
+        );
+        tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, %error, "after-delivery actions parked");
+        let parked = ledger::park_all_due_actions(&self.pool, config.source.uid, &error)
+            .await
+            .map_err(HandlerError::retryable)?;
+        self.metrics.messages_failed.inc_by(parked);
+        Ok(())
+    }
+
+    /// After a Graph error for `ids`: a throttled mailbox snoozes the task; any other error
+    /// counts one failure for each message, parking those that reached the limit (all of
+    /// them on the task's last attempt, so a dead task leaves nothing for the sweep to bring
+    /// back). When every failing message is parked the run goes on with the others.
     async fn failure(
         &self,
         task: &ClaimedTask,
         config: &MailboxConfig,
         ids: &[String],
         error: GraphError,
-    ) -> HandlerError {
+    ) -> Result<(), HandlerError> {
         if let GraphError::Throttled { retry_after, .. } = &error {
             let wait = retry_after.unwrap_or(Duration::from_secs(30));
             let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
@@ -172,26 +202,52 @@ impl<D: Directory> ActionsHandler<D> {
             {
                 tracing::warn!(%db, "cannot share a Retry-After with other replicas");
             }
-            return HandlerError::snooze(wait);
+            return Err(HandlerError::snooze(wait));
         }
         tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, %error, "after-delivery actions failed");
-        if task.attempt() >= task.max_attempts {
-            let result = ledger::mark_actions_failed(
-                &self.pool,
-                config.source.uid,
-                ids,
-                &format!("after-delivery actions failed: {error}"),
-            )
-            .await;
-            match result {
-                Ok(failed) => {
-                    self.metrics.messages_failed.inc_by(failed);
-                }
-                Err(db) => tracing::warn!(%db, "cannot record failed after-actions in the ledger"),
-            }
+        let park_after = if task.attempt() >= task.max_attempts {
+            1
+        } else {
+            MAX_ACTION_FAILURES
+        };
+        let text = format!("{}: {error}", error.reason());
+        let parked = ledger::record_action_failures(
+            &self.pool,
+            config.source.uid,
+            ids,
+            &format!("after-delivery actions failed: {text}"),
+            park_after,
+        )
+        .await
+        .map_err(HandlerError::retryable)?;
+        self.metrics.messages_failed.inc_by(parked.len() as u64);
+        if parked.len() == ids.len() {
+            return Ok(());
         }
-        HandlerError::retryable(format!("{}: {error}", error.reason()))
+        Err(HandlerError::retryable(text))
     }
+}
+
+/// The Graph actions for `due` messages, and for each the index of its message.
+fn plan(config: &MailboxConfig, due: &[String]) -> (Vec<PostAction>, Vec<usize>) {
+    let mut actions = Vec::with_capacity(due.len() * 2);
+    let mut owners = Vec::with_capacity(due.len() * 2);
+    for (index, id) in due.iter().enumerate() {
+        if config.mark_as_read {
+            actions.push(PostAction::MarkRead {
+                message_id: id.clone(),
+            });
+            owners.push(index);
+        }
+        if let Some(destination) = &config.move_to_folder {
+            actions.push(PostAction::Move {
+                message_id: id.clone(),
+                destination: destination.clone(),
+            });
+            owners.push(index);
+        }
+    }
+    (actions, owners)
 }
 
 /// Queues an actions run for every mailbox that has after-actions due and no live actions task.

@@ -1,12 +1,15 @@
 //! Taking a mailbox for a Graph-talking run (a poll or a batch of after-actions): the run
 //! lease of the cursor, and the shared `Retry-After` of the mailbox.
 
+use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::cursor::{self, Acquired, Cursor, RunLease, Source};
+use crate::cursor::{self, Acquired, Cursor, CursorError, RunLease, Source};
 use crate::graph::GraphClient;
 use crate::queue::HandlerError;
 
@@ -50,5 +53,68 @@ pub async fn take(
 pub async fn give_back(pool: &PgPool, lease: RunLease) {
     if let Err(error) = cursor::release(pool, lease).await {
         tracing::warn!(%error, "cannot release the mailbox run lease; it expires on its own");
+    }
+}
+
+/// Keeps a run lease alive while a run is in progress: a round can spend longer than the lease
+/// between page commits (retries, `Retry-After` waits, slow pages), and a lease that ran out
+/// lets another run take the mailbox mid-round. Extends it every third of its time-to-live;
+/// when an extension finds the lease taken over, [`KeepAlive::lost`] fires. Stops when
+/// dropped.
+pub struct KeepAlive {
+    task: JoinHandle<()>,
+    lost: watch::Receiver<bool>,
+}
+
+impl KeepAlive {
+    pub fn start(pool: PgPool, lease: RunLease, ttl: Duration) -> Self {
+        let (tx, lost) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let every = (ttl / 3).max(Duration::from_millis(10));
+            loop {
+                tokio::time::sleep(every).await;
+                match cursor::extend(&pool, lease, ttl).await {
+                    Ok(()) => {}
+                    Err(CursorError::LeaseLost) => {
+                        let _ = tx.send(true);
+                        return;
+                    }
+                    // The lease runs on; the next beat tries again well before it expires.
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot extend the mailbox run lease");
+                    }
+                }
+            }
+        });
+        Self { task, lost }
+    }
+
+    /// Resolves once the lease was found taken over (never, while it is held).
+    pub async fn lost(&mut self) {
+        // An error means the keeper ended without losing the lease: wait forever.
+        if self.lost.wait_for(|lost| *lost).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Runs `run` while keeping the lease alive; stops it when the lease is lost (another run
+    /// has the mailbox: this one's writes would be refused anyway) and snoozes the task.
+    pub async fn guard<T>(
+        mut self,
+        run: impl Future<Output = Result<T, HandlerError>>,
+    ) -> Result<T, HandlerError> {
+        tokio::select! {
+            result = run => result,
+            () = self.lost() => {
+                tracing::warn!("the mailbox run lease was taken over; stopping this run");
+                Err(HandlerError::snooze(Duration::from_secs(1)))
+            }
+        }
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -338,8 +338,134 @@ pub struct FinishOutcome {
     pub refused: Vec<i64>,
 }
 
-/// Applies transitions to held tasks in one statement, each fenced by its lease: a transition
-/// whose lease was taken over changes nothing and is reported as refused.
+impl FinishOutcome {
+    fn merge(&mut self, other: FinishOutcome) {
+        self.applied.extend(other.applied);
+        self.refused.extend(other.refused);
+    }
+}
+
+/// Applies transitions to held tasks, each fenced by its lease: a transition whose lease was
+/// taken over changes nothing and is reported as refused. Runs one statement; when Postgres
+/// refuses the data of the batch (an error text it cannot store, say), the batch is split so
+/// that only the bad transition is affected, and that one is stored with a safe error text
+/// (see [`refused_data`]). It never loops: each split halves the batch.
+///
+/// Inside a caller's transaction each try runs under a savepoint, so a refused try leaves the
+/// transaction usable.
+pub async fn finish<'c, A>(
+    conn: A,
+    items: &[(Lease, Transition)],
+) -> Result<FinishOutcome, QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    if items.is_empty() {
+        return Ok(FinishOutcome::default());
+    }
+    let mut conn = conn
+        .acquire()
+        .await
+        .map_err(QueueError::db("recording task results"))?;
+    finish_on(&mut conn, items).await
+}
+
+/// [`finish`] on a connection or transaction the caller holds. Its concrete signature keeps
+/// the futures of its callers `Send`.
+pub async fn finish_on(
+    conn: &mut sqlx::PgConnection,
+    items: &[(Lease, Transition)],
+) -> Result<FinishOutcome, QueueError> {
+    let mut outcome = FinishOutcome::default();
+    // Slices still to apply; a refused one comes back as its two halves.
+    let mut todo: Vec<&[(Lease, Transition)]> = vec![items];
+    while let Some(part) = todo.pop() {
+        match try_finish(conn, part).await {
+            Ok(done) => outcome.merge(done),
+            Err(error) if refused_data(&error).is_some() && part.len() > 1 => {
+                let (first, second) = part.split_at(part.len() / 2);
+                tracing::warn!(%error, tasks = part.len(), "Postgres refused a batch of task results; splitting it");
+                todo.push(second);
+                todo.push(first);
+            }
+            Err(error) => match refused_data(&error) {
+                Some(code) => {
+                    let done = finish_with_safe_error(conn, &part[0], code, error).await?;
+                    outcome.merge(done);
+                }
+                None => return Err(error),
+            },
+        }
+    }
+    Ok(outcome)
+}
+
+/// One try of [`finish_statement`], under a savepoint when a transaction is open.
+async fn try_finish(
+    conn: &mut sqlx::PgConnection,
+    items: &[(Lease, Transition)],
+) -> Result<FinishOutcome, QueueError> {
+    use sqlx::Connection;
+    if !conn.is_in_transaction() {
+        return finish_statement(&mut *conn, items).await;
+    }
+    let mut savepoint = sqlx::Connection::begin(&mut *conn)
+        .await
+        .map_err(QueueError::db("recording task results"))?;
+    let result = finish_statement(&mut *savepoint, items).await;
+    if result.is_ok() {
+        savepoint
+            .commit()
+            .await
+            .map_err(QueueError::db("recording task results"))?;
+    }
+    // Dropped without a commit, the savepoint is rolled back.
+    result
+}
+
+/// A single transition whose data Postgres refused: stored again with an error text that
+/// cannot be refused (ASCII, short), so the task still ends as it should and people see why.
+async fn finish_with_safe_error(
+    conn: &mut sqlx::PgConnection,
+    item: &(Lease, Transition),
+    code: String,
+    refusal: QueueError,
+) -> Result<FinishOutcome, QueueError> {
+    let (lease, transition) = item;
+    let safe = format!(
+        "the task's error text could not be stored (Postgres refused it with SQLSTATE {code})"
+    );
+    let replaced = match transition {
+        Transition::Retry { delay, .. } => Transition::Retry {
+            delay: *delay,
+            error: safe,
+        },
+        Transition::Dead { .. } => Transition::Dead { error: safe },
+        // Nothing of these comes from outside: the refusal has another cause.
+        Transition::Succeed | Transition::Snooze { .. } | Transition::Release => {
+            return Err(refusal);
+        }
+    };
+    tracing::warn!(task = lease.id, %refusal, "Postgres refused a task result; storing it with a safe error text");
+    try_finish(conn, &[(*lease, replaced)]).await
+}
+
+/// The SQLSTATE of an error that says Postgres refused the data itself (class 22, data
+/// exception: a NUL or a bad byte sequence in text, a value out of range; class 54, program
+/// limit exceeded: a value too large), as opposed to the connection or the statement.
+fn refused_data(error: &QueueError) -> Option<String> {
+    let QueueError::Database {
+        source: sqlx::Error::Database(db),
+        ..
+    } = error
+    else {
+        return None;
+    };
+    let code = db.code()?;
+    (code.starts_with("22") || code.starts_with("54")).then(|| code.into_owned())
+}
+
+/// [`finish`]'s statement: all of `items` at once.
 ///
 /// The statement must run as a loop over the input that finds each task by primary key. The
 /// state test is written `(t.state = 'running') IS TRUE` so the planner cannot match it to the
@@ -347,7 +473,7 @@ pub struct FinishOutcome {
 /// generic plan scanned that index (statistics say few tasks run) and re-read the whole unnest
 /// input for every running task, which is quadratic in the batch (500 results took 215 ms
 /// instead of 3 ms).
-pub async fn finish<'e>(
+async fn finish_statement<'e>(
     executor: impl PgExecutor<'e>,
     items: &[(Lease, Transition)],
 ) -> Result<FinishOutcome, QueueError> {
@@ -403,12 +529,11 @@ pub async fn finish<'e>(
 }
 
 /// Applies one transition; [`QueueError::LeaseLost`] when the lease is no longer held.
-async fn finish_one<'e>(
-    executor: impl PgExecutor<'e>,
-    lease: Lease,
-    transition: Transition,
-) -> Result<(), QueueError> {
-    let outcome = finish(executor, &[(lease, transition)]).await?;
+async fn finish_one<'c, A>(conn: A, lease: Lease, transition: Transition) -> Result<(), QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    let outcome = finish(conn, &[(lease, transition)]).await?;
     if outcome.applied.contains(&lease.id) {
         Ok(())
     } else {
@@ -417,18 +542,24 @@ async fn finish_one<'e>(
 }
 
 /// Marks a held task succeeded.
-pub async fn complete<'e>(executor: impl PgExecutor<'e>, lease: Lease) -> Result<(), QueueError> {
-    finish_one(executor, lease, Transition::Succeed).await
+pub async fn complete<'c, A>(conn: A, lease: Lease) -> Result<(), QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    finish_one(conn, lease, Transition::Succeed).await
 }
 
 /// Records a failed attempt of a held task: back to pending with backoff while attempts
 /// remain, else dead. The error is kept either way. Returns the transition applied.
-pub async fn fail<'e>(
-    executor: impl PgExecutor<'e>,
+pub async fn fail<'c, A>(
+    conn: A,
     task: &ClaimedTask,
     error: impl Into<String>,
     policy: &RetryPolicy,
-) -> Result<Transition, QueueError> {
+) -> Result<Transition, QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
     let transition = transition::after_failure(
         error.into(),
         task.attempts,
@@ -436,31 +567,30 @@ pub async fn fail<'e>(
         policy,
         rand::random::<f64>(),
     );
-    finish_one(executor, task.lease(), transition.clone()).await?;
+    finish_one(conn, task.lease(), transition.clone()).await?;
     Ok(transition)
 }
 
 /// Puts a held task back to pending until `after` from now without counting an attempt
 /// (Graph asked to retry after a while).
-pub async fn snooze<'e>(
-    executor: impl PgExecutor<'e>,
-    lease: Lease,
-    after: Duration,
-) -> Result<(), QueueError> {
-    finish_one(executor, lease, Transition::Snooze { delay: after }).await
+pub async fn snooze<'c, A>(conn: A, lease: Lease, after: Duration) -> Result<(), QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    finish_one(conn, lease, Transition::Snooze { delay: after }).await
 }
 
 /// Hands held tasks back unfinished (graceful shutdown): pending at their old place in line,
 /// no attempt counted.
-pub async fn release<'e>(
-    executor: impl PgExecutor<'e>,
-    leases: &[Lease],
-) -> Result<FinishOutcome, QueueError> {
+pub async fn release<'c, A>(conn: A, leases: &[Lease]) -> Result<FinishOutcome, QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
     let items: Vec<(Lease, Transition)> = leases
         .iter()
         .map(|lease| (*lease, Transition::Release))
         .collect();
-    finish(executor, &items).await
+    finish(conn, &items).await
 }
 
 /// What one [`rescue`] round did.
@@ -549,7 +679,7 @@ where
         .into_iter()
         .map(|expired| (expired.lease(), expired.transition(policy)))
         .collect();
-    let outcome = finish(&mut *tx, &items).await?;
+    let outcome = finish_on(&mut tx, &items).await?;
     tx.commit()
         .await
         .map_err(QueueError::db("rescue of expired leases"))?;

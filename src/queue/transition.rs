@@ -144,19 +144,11 @@ pub fn after_failure(
     }
 }
 
-/// Cuts an error to [`MAX_ERROR_BYTES`] on a character boundary, saying that it did.
-pub fn truncate_error(mut error: String) -> String {
-    const MARK: &str = " [truncated]";
-    if error.len() <= MAX_ERROR_BYTES {
-        return error;
-    }
-    let mut end = MAX_ERROR_BYTES - MARK.len();
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    error.truncate(end);
-    error.push_str(MARK);
-    error
+/// Makes an error storable: NUL and other control characters replaced (a handler error can
+/// quote a receiver's or Graph's body, and Postgres refuses NUL) and cut to
+/// [`MAX_ERROR_BYTES`] on a character boundary, saying that it did.
+pub fn truncate_error(error: String) -> String {
+    crate::storable::owned(error, MAX_ERROR_BYTES)
 }
 
 #[cfg(test)]
@@ -272,5 +264,6 @@ mod tests {
         assert!(cut.len() <= MAX_ERROR_BYTES);
         assert!(cut.ends_with(" [truncated]"));
         assert_eq!(truncate_error("short".into()), "short");
+        assert_eq!(truncate_error("a\0b".into()), "a\u{fffd}b");
     }
 }

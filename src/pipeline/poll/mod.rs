@@ -136,7 +136,11 @@ impl<D: Directory> Handler for PollHandler<D> {
             Duration::from_secs(5),
         )
         .await?;
-        let result = self.run(task, ctx, &config, lease, cursor).await;
+        let keep_alive =
+            run_lease::KeepAlive::start(self.pool.clone(), lease, self.settings.run_lease);
+        let result = keep_alive
+            .guard(self.run(task, ctx, &config, lease, cursor))
+            .await;
         run_lease::give_back(&self.pool, lease).await;
         self.announce(&config).await;
         result

@@ -4,6 +4,7 @@ use serde_json::json;
 
 use crate::graph::{EmailAddress, Message};
 use crate::ledger::{LedgerMessage, Removal};
+use crate::storable::{self, clean, clean_opt};
 
 /// The ledger's view of a page: messages, and the removals Graph reported. Takes the page's
 /// items by value: bodies and raw objects move into the rows instead of being copied.
@@ -13,7 +14,7 @@ pub fn split_page(page: Vec<Message>) -> (Vec<LedgerMessage>, Vec<Removal>) {
     for item in page {
         match &item.removed {
             Some(reason) => removals.push(Removal {
-                message_id: item.id,
+                message_id: clean(item.id),
                 reason: reason.as_str().to_owned(),
             }),
             None => messages.push(to_ledger(item)),
@@ -25,23 +26,38 @@ pub fn split_page(page: Vec<Message>) -> (Vec<LedgerMessage>, Vec<Removal>) {
 fn recipients(list: &[EmailAddress]) -> serde_json::Value {
     serde_json::Value::Array(
         list.iter()
-            .map(|a| json!({ "name": a.name, "address": a.address }))
+            .map(|a| {
+                json!({
+                    "name": a.name.as_deref().map(|t| storable::text(t, usize::MAX)),
+                    "address": a.address.as_deref().map(|t| storable::text(t, usize::MAX)),
+                })
+            })
             .collect(),
     )
 }
 
-/// A Graph message as a ledger row.
+/// A Graph message as a ledger row. Every text from Graph is made storable here (see
+/// [`storable`]): one NUL in one subject would otherwise make Postgres refuse the whole page,
+/// and the poll would fail on it forever.
 pub fn to_ledger(message: Message) -> LedgerMessage {
     let (from_address, from_name) = address_parts(message.from);
     let (sender_address, sender_name) = address_parts(message.sender);
     let (body_content_type, body, body_truncated) = match message.body {
-        Some(body) => (Some(body.content_type), Some(body.content), body.truncated),
+        Some(body) => (
+            Some(clean(body.content_type)),
+            Some(clean(body.content)),
+            body.truncated,
+        ),
         None => (None, None, false),
     };
+    let mut raw = message.raw;
+    storable::clean_json(&mut raw);
     LedgerMessage {
-        message_id: message.id,
-        internet_message_id: message.internet_message_id,
-        subject: message.subject,
+        // Graph ids are base64url; should one ever carry a NUL, recording it under a replaced
+        // id beats failing the page for good.
+        message_id: clean(message.id),
+        internet_message_id: clean_opt(message.internet_message_id),
+        subject: clean_opt(message.subject),
         from_address,
         from_name,
         sender_address,
@@ -53,20 +69,20 @@ pub fn to_ledger(message: Message) -> LedgerMessage {
         sent_at: message.sent_date_time,
         is_read: message.is_read,
         has_attachments: message.has_attachments,
-        importance: message.importance,
-        conversation_id: message.conversation_id,
-        parent_folder_id: message.parent_folder_id,
-        body_preview: message.body_preview,
+        importance: clean_opt(message.importance),
+        conversation_id: clean_opt(message.conversation_id),
+        parent_folder_id: clean_opt(message.parent_folder_id),
+        body_preview: clean_opt(message.body_preview),
         body_content_type,
         body,
         body_truncated,
-        raw: message.raw,
+        raw,
     }
 }
 
 fn address_parts(address: Option<EmailAddress>) -> (Option<String>, Option<String>) {
     match address {
-        Some(EmailAddress { name, address }) => (address, name),
+        Some(EmailAddress { name, address }) => (clean_opt(address), clean_opt(name)),
         None => (None, None),
     }
 }

@@ -122,6 +122,7 @@ fn dispatch(
             token: lease.token,
             lost: lost_tx,
             abort: None,
+            recording: false,
         },
     );
     let ctx = TaskContext {

@@ -30,7 +30,7 @@ async fn send_heartbeat(shared: &Shared) {
     if leases.is_empty() {
         return;
     }
-    match store::heartbeat(&shared.db, &leases, shared.config.lease).await {
+    match store::heartbeat(&shared.heartbeat_db, &leases, shared.config.lease).await {
         Ok(still_held) => {
             let still_held: std::collections::HashSet<i64> = still_held.into_iter().collect();
             let held = shared.held();
@@ -40,6 +40,7 @@ async fn send_heartbeat(shared: &Shared) {
                 }
                 if let Some(entry) = held.get(&lease.id)
                     && entry.token == lease.token
+                    && !entry.recording
                 {
                     tracing::warn!(
                         task = lease.id,

@@ -91,6 +91,14 @@ async fn record(shared: &Shared, batch: &mut Vec<Finished>) {
     }
     // Ascending ids, as the heartbeat's: two statements never lock rows in opposite orders.
     batch.sort_unstable_by_key(|finished| finished.lease.id);
+    {
+        let mut held = shared.held();
+        for finished in batch.iter() {
+            if let Some(entry) = held.get_mut(&finished.lease.id) {
+                entry.recording = true;
+            }
+        }
+    }
     let items: Vec<(Lease, Transition)> = batch
         .iter()
         .map(|finished| (finished.lease, finished.transition.clone()))

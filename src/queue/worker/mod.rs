@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -189,6 +190,12 @@ impl WorkerPool {
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.concurrency + config.prefetch)),
             running: Arc::new(Semaphore::new(config.concurrency)),
+            // Heartbeats on a connection of their own: handlers holding every pooled connection
+            // (a poll records two pages at once) must not starve the leases they run under.
+            heartbeat_db: PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(config.heartbeat_interval)
+                .connect_lazy_with((*self.db.connect_options()).clone()),
             db: self.db,
             kinds,
             handlers: self.handlers,
@@ -354,6 +361,7 @@ impl Drop for RunningPool {
 /// State shared by a pool's tasks.
 struct Shared {
     db: PgPool,
+    heartbeat_db: PgPool,
     config: WorkerPoolConfig,
     kinds: Vec<String>,
     handlers: HashMap<String, Arc<dyn DynHandler>>,
@@ -373,6 +381,9 @@ struct Held {
     token: Uuid,
     lost: watch::Sender<bool>,
     abort: Option<AbortHandle>,
+    /// Its result is being recorded: a heartbeat that finds its lease gone saw the result
+    /// land, not a takeover.
+    recording: bool,
 }
 
 impl Shared {

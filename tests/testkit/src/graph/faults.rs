@@ -53,6 +53,10 @@ pub struct Faults {
     /// List and delta pages holding one of these message ids (immutable or default) are
     /// malformed (as `malformed_kind` says) every time they are served.
     pub poison_ids: Vec<String>,
+    /// Mark-read (PATCH) and move requests for these message ids (immutable or default) are
+    /// refused every time with 400 `ErrorInvalidRequest`, as Graph refuses an item it cannot
+    /// change: an after-action that always fails.
+    pub refused_action_ids: Vec<String>,
     /// How `Retry-After` is written on 429s (Graph's, the token endpoint's, `$batch`'s).
     pub retry_after_format: RetryAfterFormat,
     /// Error bodies (Graph's `message`, the token endpoint's `error_description`) end with
@@ -86,6 +90,7 @@ impl Default for Faults {
             token_lifetime_secs: 3599,
             filtered_delta_cap: FILTERED_DELTA_CAP,
             poison_ids: Vec::new(),
+            refused_action_ids: Vec::new(),
             retry_after_format: RetryAfterFormat::Seconds,
             control_chars_in_errors: false,
             partial_updates: false,

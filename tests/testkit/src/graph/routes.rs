@@ -702,6 +702,24 @@ async fn answer(
                 .find_message(mailbox, id)
                 .ok_or_else(ApiError::item_not_found)
         };
+        // Changes of these messages always fail (the `refused_action_ids` switch).
+        let refuse_change = |world: &super::state::World, id: &str| {
+            let refused = faults.refused_action_ids.iter().any(|refused| {
+                world
+                    .id_aliases(mailbox, refused)
+                    .iter()
+                    .any(|alias| alias == id)
+            });
+            if refused {
+                Err(ApiError::new(
+                    400,
+                    "ErrorInvalidRequest",
+                    "The request is invalid for this item.",
+                ))
+            } else {
+                Ok(())
+            }
+        };
         let wrong_method = || {
             ApiError::new(
                 405,
@@ -839,6 +857,7 @@ async fn answer(
             Route::Message { id, .. } => {
                 let message = message_of(&world, id)?;
                 if request.method == Method::PATCH {
+                    refuse_change(&world, id)?;
                     let patch: Value =
                         serde_json::from_slice(&request.body).map_err(|_| invalid_body())?;
                     if let Some(is_read) = patch.get("isRead") {
@@ -871,6 +890,7 @@ async fn answer(
                     return Err(wrong_method());
                 }
                 let message = message_of(&world, id)?;
+                refuse_change(&world, id)?;
                 let body: Value =
                     serde_json::from_slice(&request.body).map_err(|_| invalid_body())?;
                 let destination = body
