@@ -56,23 +56,19 @@ pub async fn resolve(pool: &PgPool, owner: &Owner<'_>, uid: Uuid) -> Result<Uuid
     }
 }
 
-/// The identities the objects `uids` use now, as (uid, identity).
-pub async fn of_objects(pool: &PgPool, uids: &[Uuid]) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
-    sqlx::query_as("SELECT uid, identity FROM mailbox_identities WHERE uid = ANY($1)")
-        .bind(uids)
-        .fetch_all(pool)
-        .await
-}
-
-/// The objects that use `identities` now, as (identity, uid).
-pub async fn objects_of(
-    pool: &PgPool,
-    identities: &[Uuid],
-) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
-    sqlx::query_as("SELECT identity, uid FROM mailbox_identities WHERE identity = ANY($1)")
-        .bind(identities)
-        .fetch_all(pool)
-        .await
+/// The objects (Kubernetes uids) that use `identities` now, one per identity, in their order.
+/// An identity nobody mapped (a ledger written before identities existed, keyed by its
+/// object's uid) stands for itself.
+pub async fn objects_for(pool: &PgPool, identities: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(m.uid, i.identity)
+         FROM unnest($1::uuid[]) WITH ORDINALITY AS i(identity, n)
+         LEFT JOIN mailbox_identities m ON m.identity = i.identity
+         ORDER BY i.n",
+    )
+    .bind(identities)
+    .fetch_all(pool)
+    .await
 }
 
 /// Forgets the identities of a MailboxPoll (every mailbox and folder it had): its next poll

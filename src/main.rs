@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use mailpoll::directory::Scope;
 use mailpoll::queue::{self, TaskFilter, TaskState};
 use mailpoll::telemetry::{self, LogFormat};
-use mailpoll::{db, operator, resource, tasks_cli};
+use mailpoll::{db, identity, operator, resource, tasks_cli};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -39,6 +39,28 @@ enum Command {
     /// Look at the task queue and bring dead tasks back.
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Manage MailboxPolls' ledgers.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Start a MailboxPoll's ledger over: its next poll records (and delivers) every message of
+    /// its folder again, under new idempotency keys. Without it, a MailboxPoll deleted and
+    /// created again with the same namespace, name, mailbox and folder continues its ledger.
+    Forget(ForgetArgs),
+}
+
+#[derive(Debug, Args)]
+struct ForgetArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[arg(long)]
+    namespace: String,
+    /// The MailboxPoll's name.
+    #[arg(long)]
+    name: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,6 +316,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let pool = db::connect(&args.database.database_url, &cli_pool_config()).await?;
             queue::retry_dead(&pool, args.id).await?;
             println!("task {} is pending again", args.id);
+            pool.close().await;
+            Ok(())
+        }
+        Command::Ledger(LedgerCommand::Forget(args)) => {
+            let pool = db::connect(&args.database.database_url, &cli_pool_config()).await?;
+            let forgotten = identity::forget(&pool, &args.namespace, &args.name).await?;
+            println!(
+                "{}/{}: {forgotten} ledger identit{} forgotten; its next poll starts a new ledger \
+                 (running operators notice within a minute)",
+                args.namespace,
+                args.name,
+                if forgotten == 1 { "y" } else { "ies" }
+            );
             pool.close().await;
             Ok(())
         }

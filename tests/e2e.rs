@@ -55,18 +55,22 @@ fn patience(limit: Duration) -> Patience {
     Patience::new(limit).every(Duration::from_millis(250))
 }
 
-/// Ledger rows per MailboxPoll uid: (message id, delivery state), real messages only.
-async fn ledger(sandbox: &Sandbox) -> Result<BTreeMap<Uuid, Vec<(String, String)>>, String> {
-    let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
-        "SELECT mailbox_uid, message_id, delivery_state FROM messages
-          WHERE received_at IS NOT NULL",
+/// A ledger row: message id, delivery state, and the ledger identity its key is made from.
+type Row = (String, String, Uuid);
+
+/// Ledger rows per MailboxPoll uid (through the ledger identities), real messages only.
+async fn ledger(sandbox: &Sandbox) -> Result<BTreeMap<Uuid, Vec<Row>>, String> {
+    let rows: Vec<(Uuid, Uuid, String, String)> = sqlx::query_as(
+        "SELECT COALESCE(i.uid, m.mailbox_uid), m.mailbox_uid, m.message_id, m.delivery_state
+           FROM messages m LEFT JOIN mailbox_identities i ON i.identity = m.mailbox_uid
+          WHERE m.received_at IS NOT NULL",
     )
     .fetch_all(sandbox.pool())
     .await
     .map_err(|e| format!("ledger query: {e}"))?;
-    let mut by_uid: BTreeMap<Uuid, Vec<(String, String)>> = BTreeMap::new();
-    for (uid, id, state) in rows {
-        by_uid.entry(uid).or_default().push((id, state));
+    let mut by_uid: BTreeMap<Uuid, Vec<Row>> = BTreeMap::new();
+    for (uid, ledger_id, id, state) in rows {
+        by_uid.entry(uid).or_default().push((id, state, ledger_id));
     }
     Ok(by_uid)
 }
@@ -100,9 +104,9 @@ async fn status_matches_ledger(sandbox: &Sandbox, limit: Duration) {
             let rows = ledger.get(&uid).map(Vec::as_slice).unwrap_or_default();
             let delivered = rows
                 .iter()
-                .filter(|(_, s)| s == "delivered" || s == "none")
+                .filter(|(_, s, _)| s == "delivered" || s == "none")
                 .count() as i64;
-            let pending = rows.iter().filter(|(_, s)| s == "pending").count() as i64;
+            let pending = rows.iter().filter(|(_, s, _)| s == "pending").count() as i64;
             let status = &mbp["status"];
             let shown_delivered = status["messagesDelivered"].as_i64().unwrap_or(0);
             let shown_pending = status["messagesPending"].as_i64().unwrap_or(0);
@@ -125,10 +129,10 @@ async fn assert_delivered_once(sandbox: &Sandbox, allowed_repeats: u64) -> (usiz
     let ledger = ledger(sandbox).await.expect("ledger");
     let mut expected = HashMap::new();
     for (uid, rows) in &ledger {
-        for (id, state) in rows {
+        for (id, state, ledger_id) in rows {
             assert_eq!(state, "delivered", "message {id} of {uid} is {state}");
             assert!(
-                expected.insert(message_key(*uid, id), ()).is_none(),
+                expected.insert(message_key(*ledger_id, id), ()).is_none(),
                 "two ledger rows with one key"
             );
         }
@@ -179,7 +183,7 @@ async fn arrived_equals_recorded(sandbox: &Sandbox, mailboxes: &[String]) -> Res
     let undelivered = ledger
         .values()
         .flatten()
-        .filter(|(_, s)| s != "delivered")
+        .filter(|(_, s, _)| s != "delivered")
         .count();
     if total_recorded as u64 != total_arrived || undelivered > 0 {
         return Err(format!(

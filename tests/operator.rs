@@ -1,6 +1,7 @@
 //! The operator in-process against the Kubernetes API emulator, the Graph emulator and real
 //! Postgres: first poll and status, forced polls, suspend, Secret problems, API write budget.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
@@ -15,7 +16,8 @@ use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
 use mailpoll_testkit::kube::KubeEmulator;
 use mailpoll_testkit::pg::{TestDatabase, free_port};
-use mailpoll_testkit::{try_wait_for, wait_for};
+use mailpoll_testkit::webhook_receiver::WebhookReceiver;
+use mailpoll_testkit::{try_wait_for, wait_for, wait_until};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -132,6 +134,40 @@ impl World {
             .await
             .expect("MailboxPoll created");
         Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
+    }
+
+    /// A MailboxPoll delivering to `url` (no signing key).
+    async fn create_delivering(&self, name: &str, url: &str) -> Uuid {
+        let mut poll = cluster::mailbox_poll(name, MAILBOX, "1h", SECRET);
+        poll.spec.delivery =
+            Some(serde_json::from_value(json!({"webhook": {"url": url}})).expect("delivery spec"));
+        let created = self
+            .api()
+            .create(&PostParams::default(), &poll)
+            .await
+            .expect("MailboxPoll created");
+        Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
+    }
+
+    /// Ledger rows of the MailboxPoll `name` (through its ledger identity).
+    async fn ledger_rows(&self, name: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM messages m JOIN mailbox_identities i ON i.identity = m.mailbox_uid
+             WHERE i.namespace = $1 AND i.name = $2",
+        )
+        .bind(&self.namespace)
+        .bind(name)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("ledger rows")
+    }
+
+    async fn cursors(&self, uid: Uuid) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM mailbox_cursors WHERE mailbox_uid = $1")
+            .bind(uid)
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("cursor count")
     }
 
     async fn patch(&self, name: &str, patch: serde_json::Value) {
@@ -270,12 +306,11 @@ async fn first_poll_records_messages_and_reports_ready_with_counts() {
         (3590..=3610).contains(&ahead),
         "the next poll is one interval (1h) after the last, not {ahead} s"
     );
-    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE mailbox_uid = $1")
-        .bind(uid)
-        .fetch_one(&world.db.pool)
-        .await
-        .expect("ledger count");
-    assert_eq!(recorded, 7, "every message is recorded once");
+    assert_eq!(
+        world.ledger_rows("support").await,
+        7,
+        "every message is recorded once"
+    );
     assert_eq!(world.polls(uid).await, 1, "one scheduled poll, no more");
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", world.http_port))
@@ -582,12 +617,104 @@ async fn deleting_a_mailbox_poll_sweeps_its_tasks_and_cursor_and_keeps_the_ledge
         },
     )
     .await;
-    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE mailbox_uid = $1")
-        .bind(uid)
-        .fetch_one(&world.db.pool)
+    assert_eq!(
+        world.ledger_rows("doomed").await,
+        2,
+        "the ledger outlives the MailboxPoll"
+    );
+    world.stop().await;
+}
+
+/// Deleting a MailboxPoll and creating it again with the same namespace, name, mailbox and
+/// folder (a GitOps re-sync, a restore, a cluster move) continues its ledger: what was
+/// delivered is not delivered again, and new mail gets keys of the same ledger. Forgetting the
+/// identity on purpose starts a new ledger.
+#[tokio::test]
+async fn a_recreated_mailbox_poll_continues_its_ledger_and_keys() {
+    let world = World::start().await;
+    let receiver = WebhookReceiver::start(None)
         .await
-        .expect("ledger count");
-    assert_eq!(kept, 2, "the ledger outlives the MailboxPoll");
+        .expect("webhook receiver");
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 3)
+        .expect("messages added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let first = world.create_delivering("orders", &receiver.url()).await;
+    world
+        .wait_status("orders", "the first delivery", |s| {
+            s.messages_delivered == Some(3)
+        })
+        .await;
+    let keys_before: HashSet<String> = receiver.successes().into_keys().collect();
+    assert_eq!(keys_before.len(), 3);
+
+    world
+        .api()
+        .delete("orders", &Default::default())
+        .await
+        .expect("MailboxPoll deleted");
+    wait_until("the sweep of the deleted MailboxPoll", PATIENCE, || async {
+        world.live_poll_task(first).await.is_none() && world.cursors(first).await == 0
+    })
+    .await;
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 2)
+        .expect("more mail");
+    let second = world.create_delivering("orders", &receiver.url()).await;
+    assert_ne!(first, second, "a new object");
+    world
+        .wait_status("orders", "the new mail's delivery", |s| {
+            s.messages_delivered == Some(5)
+        })
+        .await;
+    assert_eq!(
+        world.ledger_rows("orders").await,
+        5,
+        "one ledger, continued"
+    );
+    let keys_after = receiver.successes();
+    assert_eq!(
+        keys_after.len(),
+        5,
+        "the first three were not delivered again"
+    );
+    assert!(keys_before.iter().all(|key| keys_after.contains_key(key)));
+    assert!(
+        keys_after.values().all(|&n| n == 1),
+        "no key twice: {keys_after:?}"
+    );
+
+    // Starting over on purpose: forget the identity, re-create, and the folder is new mail.
+    world
+        .api()
+        .delete("orders", &Default::default())
+        .await
+        .expect("MailboxPoll deleted again");
+    wait_until(
+        "the sweep of the re-created MailboxPoll",
+        PATIENCE,
+        || async {
+            world.live_poll_task(second).await.is_none() && world.cursors(second).await == 0
+        },
+    )
+    .await;
+    let forgotten = mailpoll::identity::forget(&world.db.pool, &world.namespace, "orders")
+        .await
+        .expect("forget");
+    assert_eq!(forgotten, 1);
+    world.create_delivering("orders", &receiver.url()).await;
+    world
+        .wait_status("orders", "the fresh ledger's deliveries", |s| {
+            s.messages_delivered == Some(5)
+        })
+        .await;
+    assert_eq!(
+        receiver.successes().len(),
+        10,
+        "a new ledger gives new keys"
+    );
     world.stop().await;
 }
 

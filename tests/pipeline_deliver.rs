@@ -94,6 +94,7 @@ async fn record(pool: &PgPool, uid: Uuid, n: usize, max_attempts: i32) -> Vec<St
                 serde_json::to_value(DeliverTask {
                     mailbox_uid: uid,
                     message_id: id.clone(),
+                    ledger_id: None,
                 })
                 .expect("payload"),
             )

@@ -1158,7 +1158,7 @@ async fn a_move_to_a_missing_folder_is_a_configuration_error() {
             .expect("still there");
         assert_eq!(message["parentFolderId"], inbox.as_str());
     }
-    let facts = mailpoll::controller::status::load(&world.db.pool, world.uid)
+    let facts = mailpoll::controller::status::load(&world.db.pool, world.uid, world.uid)
         .await
         .expect("facts");
     let [_, degraded] = mailpoll::controller::status::desired_conditions(None, &facts);

@@ -291,7 +291,7 @@ pub async fn fail_abandoned_deliveries(pool: &PgPool) -> Result<u64, ReconcileEr
         .await?
         .into_iter()
         .map(|(task, error)| FailedDelivery {
-            mailbox_uid: task.mailbox_uid,
+            mailbox_uid: task.ledger(),
             message_id: task.message_id,
             error: error.unwrap_or_else(|| "the delivery task is dead".into()),
         })

@@ -17,8 +17,10 @@ use uuid::Uuid;
 use super::schedule::{self, LiveTask, Schedule};
 use super::status::{self, Facts, Seen};
 use crate::directory::{ConfigError, KubeDirectory};
+use crate::ledger;
+use crate::pipeline::ActionsTask;
 use crate::poll_log;
-use crate::queue::QueueError;
+use crate::queue::{self, NewTask, QueueError};
 use crate::resource::{MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION};
 use crate::telemetry::metrics::SharedMetrics;
 
@@ -164,11 +166,12 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     };
     let config_error = check_config(poll, ctx).await?;
     record_poll_request(poll, ctx, uid).await?;
+    retry_parked_after_spec_change(poll, ctx, uid).await?;
     if let Some(wait) = schedule(poll, ctx, uid, config_error.as_ref()).await? {
         return Ok(wait);
     }
     // A poll about to start writes its status when it has finished: one write per poll.
-    let facts = status::load(&ctx.pool, uid).await?;
+    let facts = status::load(&ctx.pool, uid, ledger_id(poll, ctx).await?).await?;
     let now = Utc::now();
     if let Some(next) = facts.next_poll
         && next <= now + chrono::Duration::seconds(1)
@@ -193,6 +196,14 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
         config_error.is_some(),
         now,
     )))
+}
+
+/// The MailboxPoll's ledger identity (its status counts come from that ledger).
+async fn ledger_id(poll: &MailboxPoll, ctx: &Context) -> Result<Uuid, ReconcileError> {
+    ctx.directory
+        .ledger_id_of(poll)
+        .await
+        .map_err(ReconcileError::Config)
 }
 
 /// What the schema cannot check (the Secrets); `Ok(None)` when the configuration is usable.
@@ -225,6 +236,28 @@ async fn record_poll_request(
     Ok(())
 }
 
+/// After-actions parked for good (a move destination that does not exist, actions that kept
+/// failing) are tried again once the spec changes: the change may be the fix. The spec changed
+/// when its generation is not the one the status last observed.
+async fn retry_parked_after_spec_change(
+    poll: &MailboxPoll,
+    ctx: &Context,
+    uid: Uuid,
+) -> Result<(), ReconcileError> {
+    let observed = poll.status.as_ref().and_then(|s| s.observed_generation);
+    if observed.is_none() || observed == poll.metadata.generation {
+        return Ok(());
+    }
+    let unparked = ledger::unpark_actions(&ctx.pool, ledger_id(poll, ctx).await?).await?;
+    if unparked > 0 {
+        let task =
+            NewTask::of(&ActionsTask { mailbox_uid: uid })?.max_attempts(poll.spec.max_attempts);
+        queue::enqueue(&ctx.pool, &task).await?;
+        tracing::info!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), unparked, "the spec changed: parked after-actions are tried again");
+    }
+    Ok(())
+}
+
 /// Makes the live poll task match the schedule. A broken configuration stops scheduled polls
 /// (each would fail the same way); forced polls still run and report what is wrong. Returns
 /// when to look again if a poll is running: its status is written once it has finished (the
@@ -246,7 +279,7 @@ async fn schedule(
     if state.live != Some(LiveTask::Running) {
         return Ok(None);
     }
-    let facts = status::load(&ctx.pool, uid).await?;
+    let facts = status::load(&ctx.pool, uid, ledger_id(poll, ctx).await?).await?;
     let after = if facts.settling {
         ctx.settings.settle_requeue
     } else {

@@ -51,8 +51,8 @@ pub struct Facts {
     pub parked_error: Option<String>,
 }
 
-/// Reads the facts of one MailboxPoll.
-pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Facts, ReconcileError> {
+/// Reads the facts of one MailboxPoll: `uid` is the object's, `ledger_id` its ledger's.
+pub async fn load(pool: &PgPool, uid: Uuid, ledger_id: Uuid) -> Result<Facts, ReconcileError> {
     let mut conn = pool.acquire().await?;
     let last = poll_log::latest_finished(&mut conn, uid).await?;
     let decisive = match &last {
@@ -62,7 +62,7 @@ pub async fn load(pool: &PgPool, uid: Uuid) -> Result<Facts, ReconcileError> {
     let summary = poll_log::summary(&mut conn, uid).await?;
     let live = queue::live_task(&mut *conn, &poll_dedupe_key(uid)).await?;
     let last_handled_request = poll_log::last_handled_request(&mut conn, uid).await?;
-    let counts = ledger::counts(&mut conn, uid).await?;
+    let counts = ledger::counts(&mut conn, ledger_id).await?;
     let parked_error = if counts.actions_parked > 0 {
         ledger::latest_parked_error(&mut conn, uid).await?
     } else {

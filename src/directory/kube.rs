@@ -309,55 +309,49 @@ impl KubeDirectory {
         Ok(text.to_owned())
     }
 
-    /// The full configuration of a MailboxPoll, Secrets included.
-    pub async fn resolve(&self, poll: &MailboxPoll) -> Result<MailboxConfig, ConfigError> {
-        let namespace = poll.namespace().unwrap_or_default();
+    /// The source a MailboxPoll reads.
+    fn source_of(poll: &MailboxPoll) -> Result<Source, ConfigError> {
         let uid = poll
             .metadata
             .uid
             .as_deref()
             .and_then(|u| Uuid::parse_str(u).ok())
             .ok_or_else(|| ConfigError::Unavailable("the MailboxPoll has no uid".into()))?;
+        Ok(Source {
+            uid,
+            namespace: poll.namespace().unwrap_or_default(),
+            name: poll.name_any(),
+            mailbox: poll.spec.mailbox.clone(),
+            folder: poll.spec.folder.clone(),
+        })
+    }
+
+    /// The ledger identity of a MailboxPoll, whatever the state of its Secrets.
+    pub async fn ledger_id_of(&self, poll: &MailboxPoll) -> Result<Uuid, ConfigError> {
+        self.ledger_id(&Self::source_of(poll)?).await
+    }
+
+    /// The full configuration of a MailboxPoll, Secrets included.
+    pub async fn resolve(&self, poll: &MailboxPoll) -> Result<MailboxConfig, ConfigError> {
+        let source = Self::source_of(poll)?;
         let spec = &poll.spec;
         let creds = &spec.credentials_secret_ref;
+        let namespace = source.namespace.as_str();
         let credentials = Credentials {
             tenant_id: self
-                .secret_text(&namespace, &creds.name, &creds.tenant_id_key)
+                .secret_text(namespace, &creds.name, &creds.tenant_id_key)
                 .await?,
             client_id: self
-                .secret_text(&namespace, &creds.name, &creds.client_id_key)
+                .secret_text(namespace, &creds.name, &creds.client_id_key)
                 .await?,
             client_secret: ClientSecret::new(
-                self.secret_text(&namespace, &creds.name, &creds.client_secret_key)
+                self.secret_text(namespace, &creds.name, &creds.client_secret_key)
                     .await?,
             ),
         };
         let delivery = spec.delivery.clone().unwrap_or_default();
-        let webhook = match &delivery.webhook {
-            None => None,
-            Some(hook) => {
-                let signing_key = match &hook.signing_secret_ref {
-                    None => None,
-                    Some(reference) => Some(SigningKey::new(
-                        self.secret_value(&namespace, &reference.name, &reference.key)
-                            .await?,
-                    )),
-                };
-                Some(Endpoint {
-                    url: hook.url.clone(),
-                    timeout: parse_duration(&hook.timeout).unwrap_or(Duration::from_secs(10)),
-                    signing_key,
-                })
-            }
-        };
+        let webhook = self.webhook(namespace, delivery.webhook.as_ref()).await?;
         let after = spec.after_delivery.clone().unwrap_or_default();
-        let source = Source {
-            uid,
-            namespace: namespace.clone(),
-            name: poll.name_any(),
-            mailbox: spec.mailbox.clone(),
-            folder: spec.folder.clone(),
-        };
         Ok(MailboxConfig {
             ledger_id: self.ledger_id(&source).await?,
             source,
@@ -368,6 +362,29 @@ impl KubeDirectory {
             move_to_folder: after.move_to_folder,
             max_attempts: spec.max_attempts,
         })
+    }
+
+    /// The webhook endpoint, its signing key read from its Secret.
+    async fn webhook(
+        &self,
+        namespace: &str,
+        hook: Option<&crate::resource::Webhook>,
+    ) -> Result<Option<Endpoint>, ConfigError> {
+        let Some(hook) = hook else {
+            return Ok(None);
+        };
+        let signing_key = match &hook.signing_secret_ref {
+            None => None,
+            Some(reference) => Some(SigningKey::new(
+                self.secret_value(namespace, &reference.name, &reference.key)
+                    .await?,
+            )),
+        };
+        Ok(Some(Endpoint {
+            url: hook.url.clone(),
+            timeout: parse_duration(&hook.timeout).unwrap_or(Duration::from_secs(10)),
+            signing_key,
+        }))
     }
 }
 

@@ -354,112 +354,171 @@ impl MailboxClient {
     /// 429/503/504 and network errors, `Retry-After` shared with every request to the mailbox.
     pub(crate) async fn execute(&self, call: &Call) -> Result<Reply, GraphError> {
         let inner = &self.client.inner;
-        let governor = &inner.governor;
         let mut attempt: u32 = 0;
         let mut refreshed = false;
         loop {
             // Token first: a slow token endpoint must not hold one of the mailbox's slots.
             let token = inner.tokens.token(&self.credentials).await?;
-            let permit = governor.acquire(&self.mailbox, call.weight).await?;
-            let mut request = inner
-                .http
-                .request(call.method.clone(), call.url.clone())
-                .header(reqwest::header::AUTHORIZATION, token.bearer());
-            let mut prefer = vec!["IdType=\"ImmutableId\"".to_string()];
-            prefer.extend(call.prefer.iter().cloned());
-            if let Ok(value) = HeaderValue::from_str(&prefer.join(", ")) {
-                request = request.header("Prefer", value);
-            }
-            if let Some(body) = &call.body {
-                request = request.json(body);
-            }
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let outcome = match request.send().await {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let headers = response.headers().clone();
-                    let request_id = header(&headers, "request-id");
-                    let body =
-                        read_limited(response, inner.config.max_response_bytes, &request_id).await;
-                    Ok((status, headers, request_id, body))
+            let answer = self.send_once(call, &token).await?;
+            match self.judge(answer, attempt, refreshed) {
+                Next::Done(reply) => return Ok(reply),
+                Next::Fail(error) => return Err(error),
+                Next::RefreshToken => {
+                    // Expired early, revoked, or rotated: one fresh token, then give up.
+                    inner.tokens.invalidate(&self.credentials, &token).await;
+                    refreshed = true;
                 }
-                Err(error) => Err(error),
-            };
-            drop(permit);
-            self.client
-                .report_response(outcome.as_ref().ok().map(|(status, ..)| *status));
-
-            let (status, headers, request_id, body) = match outcome {
-                Ok(parts) => parts,
-                Err(error) => {
-                    let error = describe(error);
-                    tracing::debug!(mailbox = %self.mailbox, path = call.url.path(), attempt, %error, "Graph request failed");
-                    if attempt >= governor.config().max_retries {
-                        return Err(GraphError::Transient {
-                            status: None,
-                            message: format!("Graph unreachable: {error}"),
-                            request_id: None,
-                        });
+                Next::Retry { pause } => {
+                    if let Some(pause) = pause {
+                        tokio::time::sleep(pause).await;
                     }
-                    tokio::time::sleep(governor.backoff(attempt)).await;
                     attempt += 1;
-                    continue;
                 }
-            };
-            tracing::debug!(mailbox = %self.mailbox, method = %call.method, path = call.url.path(), status, request_id = request_id.as_deref().unwrap_or(""), attempt, "Graph request");
-            let body = match body {
-                Ok(body) => body,
-                // A connection cut while reading is worth another try; an oversized body is not.
-                Err(GraphError::Transient { .. }) if attempt < governor.config().max_retries => {
-                    tokio::time::sleep(governor.backoff(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
-                Err(error) => return Err(error),
-            };
-            if (200..300).contains(&status) {
-                tracing::trace!(mailbox = %self.mailbox, body = %String::from_utf8_lossy(&body), "Graph response body");
-                return Ok(Reply {
-                    status,
-                    body,
-                    request_id,
-                });
             }
-            let retry_after = header(&headers, "retry-after").and_then(|v| parse_retry_after(&v));
-            let failed = FailedResponse::parse(
-                status,
-                &body,
-                request_id,
-                retry_after,
-                header(&headers, "location"),
-            );
-            if status == 401 && !refreshed {
-                // Expired early, revoked, or rotated: one fresh token, then give up.
-                inner.tokens.invalidate(&self.credentials, &token).await;
-                refreshed = true;
-                continue;
-            }
-            if failed.is_retryable() {
-                match failed.retry_after {
-                    Some(wait) => governor.report_retry_after(&self.mailbox, wait),
-                    // A 429 without Retry-After still means the whole mailbox should slow
-                    // down, for at least the floor.
-                    None if status == 429 => governor
-                        .report_retry_after(&self.mailbox, governor.throttle_backoff(attempt)),
-                    None => {}
-                }
-                if attempt >= governor.config().max_retries {
-                    return Err(failed.into_error());
-                }
-                if failed.retry_after.is_none() && status != 429 {
-                    tokio::time::sleep(governor.backoff(attempt)).await;
-                }
-                attempt += 1;
-                continue;
-            }
-            return Err(failed.into_error());
         }
     }
+
+    /// One request under one of the mailbox's slots; the slot is given back before the body
+    /// is judged. The inner error is a failure to get an answer (worth retrying); the outer
+    /// one, the governor refusing a slot.
+    async fn send_once(
+        &self,
+        call: &Call,
+        token: &auth::AccessToken,
+    ) -> Result<Result<Answer, String>, GraphError> {
+        let inner = &self.client.inner;
+        let permit = inner.governor.acquire(&self.mailbox, call.weight).await?;
+        let mut request = inner
+            .http
+            .request(call.method.clone(), call.url.clone())
+            .header(reqwest::header::AUTHORIZATION, token.bearer());
+        let mut prefer = vec!["IdType=\"ImmutableId\"".to_string()];
+        prefer.extend(call.prefer.iter().cloned());
+        if let Ok(value) = HeaderValue::from_str(&prefer.join(", ")) {
+            request = request.header("Prefer", value);
+        }
+        if let Some(body) = &call.body {
+            request = request.json(body);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let outcome = match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                let request_id = header(&headers, "request-id");
+                let body =
+                    read_limited(response, inner.config.max_response_bytes, &request_id).await;
+                Ok(Answer {
+                    status,
+                    headers,
+                    request_id,
+                    body,
+                })
+            }
+            Err(error) => Err(describe(error)),
+        };
+        drop(permit);
+        self.client
+            .report_response(outcome.as_ref().ok().map(|answer| answer.status));
+        Ok(outcome)
+    }
+
+    /// What follows an answer (or a failure to get one) on attempt `attempt`.
+    fn judge(&self, answer: Result<Answer, String>, attempt: u32, refreshed: bool) -> Next {
+        let governor = &self.client.inner.governor;
+        let retries_left = attempt < governor.config().max_retries;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::debug!(mailbox = %self.mailbox, attempt, %error, "Graph request failed");
+                if !retries_left {
+                    return Next::Fail(GraphError::Transient {
+                        status: None,
+                        message: format!("Graph unreachable: {error}"),
+                        request_id: None,
+                    });
+                }
+                return Next::Retry {
+                    pause: Some(governor.backoff(attempt)),
+                };
+            }
+        };
+        let Answer {
+            status,
+            headers,
+            request_id,
+            body,
+        } = answer;
+        tracing::debug!(mailbox = %self.mailbox, status, request_id = request_id.as_deref().unwrap_or(""), attempt, "Graph request");
+        let body = match body {
+            Ok(body) => body,
+            // A connection cut while reading is worth another try; an oversized body is not.
+            Err(GraphError::Transient { .. }) if retries_left => {
+                return Next::Retry {
+                    pause: Some(governor.backoff(attempt)),
+                };
+            }
+            Err(error) => return Next::Fail(error),
+        };
+        if (200..300).contains(&status) {
+            tracing::trace!(mailbox = %self.mailbox, body = %String::from_utf8_lossy(&body), "Graph response body");
+            return Next::Done(Reply {
+                status,
+                body,
+                request_id,
+            });
+        }
+        let retry_after = header(&headers, "retry-after").and_then(|v| parse_retry_after(&v));
+        let failed = FailedResponse::parse(
+            status,
+            &body,
+            request_id,
+            retry_after,
+            header(&headers, "location"),
+        );
+        if status == 401 && !refreshed {
+            return Next::RefreshToken;
+        }
+        if !failed.is_retryable() {
+            return Next::Fail(failed.into_error());
+        }
+        match failed.retry_after {
+            Some(wait) => governor.report_retry_after(&self.mailbox, wait),
+            // A 429 without Retry-After still means the whole mailbox should slow down, for
+            // at least the floor.
+            None if status == 429 => {
+                governor.report_retry_after(&self.mailbox, governor.throttle_backoff(attempt))
+            }
+            None => {}
+        }
+        if !retries_left {
+            return Next::Fail(failed.into_error());
+        }
+        // A Retry-After (or a 429's pause) is waited out by the governor before the next slot.
+        let pause =
+            (failed.retry_after.is_none() && status != 429).then(|| governor.backoff(attempt));
+        Next::Retry { pause }
+    }
+}
+
+/// A Graph answer, its body read (or the reason it could not be).
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    request_id: Option<String>,
+    body: Result<Vec<u8>, GraphError>,
+}
+
+/// What [`MailboxClient::execute`] does after an attempt.
+enum Next {
+    Done(Reply),
+    Fail(GraphError),
+    /// A 401: get a fresh token and try again (once).
+    RefreshToken,
+    /// Try again, after `pause` (besides any wait the governor imposes).
+    Retry {
+        pause: Option<Duration>,
+    },
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use super::tasks::ActionsTask;
 use crate::cursor;
 use crate::directory::{Directory, MailboxConfig};
 use crate::graph::{GraphClient, GraphError, MailboxClient, PostAction};
+use crate::identity;
 use crate::ledger;
 use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, QueueError, TaskContext};
 use crate::reason::Reason;
@@ -70,7 +71,7 @@ impl<D: Directory> ActionsHandler<D> {
         ctx: &TaskContext,
         config: &MailboxConfig,
     ) -> Result<(), HandlerError> {
-        let uid = config.source.uid;
+        let uid = config.ledger_id;
         let mailbox = self
             .graph
             .mailbox(config.credentials.clone(), config.source.mailbox.clone());
@@ -139,7 +140,7 @@ impl<D: Directory> ActionsHandler<D> {
             .filter(|(_, f)| f.is_none())
             .map(|(id, _)| id.clone())
             .collect();
-        self.mark_done(config.source.uid, &done).await?;
+        self.mark_done(config.ledger_id, &done).await?;
         let Some(error) = failed.iter().flatten().next().cloned() else {
             return Ok(());
         };
@@ -176,7 +177,7 @@ impl<D: Directory> ActionsHandler<D> {
             config.source.mailbox,
         );
         tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, %error, "after-delivery actions parked");
-        let parked = ledger::park_all_due_actions(&self.pool, config.source.uid, &error)
+        let parked = ledger::park_all_due_actions(&self.pool, config.ledger_id, &error)
             .await
             .map_err(HandlerError::retryable)?;
         self.metrics.messages_failed.inc_by(parked);
@@ -213,7 +214,7 @@ impl<D: Directory> ActionsHandler<D> {
         let text = format!("{}: {error}", error.reason());
         let parked = ledger::record_action_failures(
             &self.pool,
-            config.source.uid,
+            config.ledger_id,
             ids,
             &format!("after-delivery actions failed: {text}"),
             park_after,
@@ -258,10 +259,13 @@ fn plan(config: &MailboxConfig, due: &[String]) -> (Vec<PostAction>, Vec<usize>)
 /// list of due messages and is about to finish, the new message is left with no run to do it.
 /// The leader's periodic sweep calls this to pick such messages up.
 pub async fn requeue_stranded(pool: &PgPool) -> Result<u64, QueueError> {
-    let uids = ledger::owners_with_actions_due(pool)
+    let ledgers = ledger::owners_with_actions_due(pool)
         .await
         .map_err(QueueError::db("finding mailboxes with after-actions due"))?;
-    let tasks: Vec<NewTask> = uids
+    let objects = identity::objects_for(pool, &ledgers)
+        .await
+        .map_err(QueueError::db("finding the MailboxPolls of ledgers"))?;
+    let tasks: Vec<NewTask> = objects
         .into_iter()
         .map(|mailbox_uid| NewTask::of(&ActionsTask { mailbox_uid }))
         .collect::<Result<_, _>>()?;

@@ -52,7 +52,8 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             return Ok(());
         };
         let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
-        let Some(stored) = ledger::get_for_delivery(&mut conn, job.mailbox_uid, &job.message_id)
+        let ledger_id = job.ledger();
+        let Some(stored) = ledger::get_for_delivery(&mut conn, ledger_id, &job.message_id)
             .await
             .map_err(HandlerError::retryable)?
         else {
@@ -67,7 +68,8 @@ impl<D: Directory> Handler for DeliverHandler<D> {
         drop(conn);
         let posted = match &config.webhook {
             Some(endpoint) if stored.webhook_delivered_at.is_none() => {
-                self.post(task, &config, endpoint, &stored).await?;
+                self.post(task, &config, endpoint, ledger_id, &stored)
+                    .await?;
                 true
             }
             _ => false,
@@ -76,11 +78,11 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             // The webhook step is recorded with the queued after-actions, atomically.
             let mut tx = self.pool.begin().await.map_err(HandlerError::retryable)?;
             if posted {
-                ledger::mark_webhook_delivered(&mut tx, job.mailbox_uid, &job.message_id)
+                ledger::mark_webhook_delivered(&mut tx, ledger_id, &job.message_id)
                     .await
                     .map_err(HandlerError::retryable)?;
             }
-            ledger::mark_actions_due(&mut tx, job.mailbox_uid, &job.message_id)
+            ledger::mark_actions_due(&mut tx, ledger_id, &job.message_id)
                 .await
                 .map_err(HandlerError::retryable)?;
             let actions = NewTask::of(&ActionsTask {
@@ -96,7 +98,7 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             // The hot path: the webhook step and the delivery are recorded together, in a
             // statement shared with the deliveries that finish at about the same time.
             let mark = DeliveredMark {
-                mailbox_uid: job.mailbox_uid,
+                mailbox_uid: ledger_id,
                 message_id: job.message_id,
                 webhook_posted: posted,
             };
@@ -119,10 +121,11 @@ impl<D: Directory> DeliverHandler<D> {
         task: &ClaimedTask,
         config: &MailboxConfig,
         endpoint: &webhook::Endpoint,
+        ledger_id: Uuid,
         stored: &StoredMessage,
     ) -> Result<(), HandlerError> {
         let source = &config.source;
-        let key = message_key(source.uid, &stored.message.message_id);
+        let key = message_key(ledger_id, &stored.message.message_id);
         let payload = Payload {
             event_type: webhook::EVENT_TYPE,
             key: &key,
@@ -142,7 +145,7 @@ impl<D: Directory> DeliverHandler<D> {
                 let last_attempt = task.attempt() >= task.max_attempts;
                 let permanent = matches!(error, WebhookError::Rejected { .. });
                 if permanent || last_attempt {
-                    self.record_failure(source.uid, &stored.message.message_id, &error)
+                    self.record_failure(ledger_id, &stored.message.message_id, &error)
                         .await;
                 }
                 tracing::warn!(

@@ -34,6 +34,18 @@ pub fn poll_dedupe_key(uid: Uuid) -> String {
 pub struct DeliverTask {
     pub mailbox_uid: Uuid,
     pub message_id: String,
+    /// The ledger the message was recorded in (its MailboxPoll's ledger identity then: a
+    /// later change of folder does not move it). Absent in tasks written before identities
+    /// existed, whose ledger is keyed by `mailbox_uid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_id: Option<Uuid>,
+}
+
+impl DeliverTask {
+    /// The ledger holding the message.
+    pub fn ledger(&self) -> Uuid {
+        self.ledger_id.unwrap_or(self.mailbox_uid)
+    }
 }
 
 impl TaskArgs for DeliverTask {

@@ -220,7 +220,7 @@ impl PageContext<'_> {
         };
         let recorded = ledger::record_page(
             &mut *tx,
-            config.source.uid,
+            config.ledger_id,
             &messages,
             &removals,
             state_for_new,
@@ -290,6 +290,8 @@ fn deliver_tasks(config: &MailboxConfig, new_ids: &[String]) -> Result<Vec<NewTa
             let task = NewTask::of(&DeliverTask {
                 mailbox_uid: config.source.uid,
                 message_id: id.clone(),
+                // Left out when it adds nothing (the ledger is keyed by the object's uid).
+                ledger_id: (config.ledger_id != config.source.uid).then_some(config.ledger_id),
             })?;
             Ok(task.max_attempts(config.max_attempts))
         })

@@ -440,7 +440,9 @@ impl Sandbox {
                     count(m.message_id) FILTER (WHERE m.delivery_state = 'pending'),
                     count(m.message_id) FILTER (WHERE m.delivery_state = 'failed')
                FROM mailbox_cursors c
-               LEFT JOIN messages m ON m.mailbox_uid = c.mailbox_uid
+               LEFT JOIN mailbox_identities i
+                      ON i.uid = c.mailbox_uid AND i.mailbox = lower(c.mailbox) AND i.folder = c.folder
+               LEFT JOIN messages m ON m.mailbox_uid = COALESCE(i.identity, c.mailbox_uid)
               GROUP BY c.namespace, c.name, c.mailbox
               ORDER BY c.namespace, c.name",
         )
