@@ -11,7 +11,7 @@ use mailpoll::graph::{
 use mailpoll_testkit::graph::{
     AppRegistration, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig,
     EvictionResponse, Faults, GraphEmulator, MailboxState, MalformedKind, NewMessage,
-    RetryAfterFormat, default_app,
+    RetryAfterFormat, TokenEndpointFaults, default_app,
 };
 
 const MAILBOX: &str = "ops@contoso.com";
@@ -544,6 +544,80 @@ async fn bad_credentials_fail_authentication_without_a_retry_storm() {
         .await
         .expect_err("unknown tenant");
     assert_eq!(error.reason().as_str(), "AuthenticationFailed");
+}
+
+/// The token endpoint answering 429 with a Retry-After: the next token request waits it out;
+/// a fetch that gives up (three tries) is a transient error, never AuthenticationFailed, and
+/// no caller with the same credentials asks again before the wait has run out.
+#[tokio::test]
+async fn a_throttled_token_endpoint_is_waited_out_not_hammered() {
+    let emulator = emulator(Faults {
+        token_endpoint: TokenEndpointFaults {
+            fail_next: 1,
+            status: 429,
+            retry_after_secs: Some(2),
+            ..TokenEndpointFaults::default()
+        },
+        ..Faults::default()
+    })
+    .await;
+    emulator
+        .add_messages(MAILBOX, "inbox", 3)
+        .expect("messages");
+    let started = std::time::Instant::now();
+    let mut round = mailbox(&emulator)
+        .delta_round(initial("inbox", 10))
+        .expect("round");
+    let (messages, _, _) = drain(&mut round).await.expect("the round, after the wait");
+    assert_eq!(messages.len(), 3);
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the Retry-After was waited out: {:?}",
+        started.elapsed()
+    );
+    let counters = emulator.counters();
+    assert_eq!((counters.token_requests, counters.token_faults), (2, 1));
+
+    // Throttled every time: a process without a token tries three times, a Retry-After apart.
+    emulator.update_faults(|faults| {
+        faults.token_endpoint = TokenEndpointFaults {
+            fail_ratio: 1.0,
+            status: 429,
+            retry_after_secs: Some(1),
+            ..TokenEndpointFaults::default()
+        };
+    });
+    let graph = client(&emulator, quick_governor());
+    let first = graph.mailbox(credentials(DEFAULT_CLIENT_SECRET), MAILBOX);
+    let started = std::time::Instant::now();
+    let error = first
+        .delta_round(initial("inbox", 10))
+        .expect("round")
+        .next_page()
+        .await
+        .expect_err("no token");
+    assert_eq!(error.reason().as_str(), "Transient", "{error}");
+    assert!(error.to_string().contains("429"), "{error}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(emulator.counters().token_requests, 2 + 3);
+    // Another mailbox with the same credentials, at once: answered without a request.
+    let second = graph.mailbox(credentials(DEFAULT_CLIENT_SECRET), "other@contoso.com");
+    let error = second.get_mime("AAk").await.expect_err("still throttled");
+    assert_eq!(error.reason().as_str(), "Transient", "{error}");
+    assert_eq!(emulator.counters().token_requests, 2 + 3);
+
+    // Once the wait has run out, the endpoint is asked again.
+    emulator.update_faults(|faults| faults.token_endpoint = TokenEndpointFaults::default());
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let mut round = first.delta_round(initial("inbox", 10)).expect("round");
+    drain(&mut round).await.expect("a token again");
+    let counters = emulator.counters();
+    assert_eq!((counters.token_requests, counters.tokens_issued), (6, 2));
+    assert_eq!(
+        counters.requests(MAILBOX),
+        2,
+        "one page per successful round"
+    );
 }
 
 #[tokio::test]

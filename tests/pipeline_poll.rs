@@ -26,8 +26,8 @@ use mailpoll::queue::{
 use mailpoll::telemetry::metrics::Metrics;
 use mailpoll_testkit::directory::StaticDirectory;
 use mailpoll_testkit::graph::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, Faults,
-    GraphEmulator, NewMessage,
+    BatchFaults, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, Faults,
+    GraphEmulator, NewMessage, TokenEndpointFaults,
 };
 use mailpoll_testkit::pg::TestDatabase;
 use mailpoll_testkit::wait_until;
@@ -114,17 +114,34 @@ impl World {
     }
 
     fn graph(&self) -> GraphClient {
+        self.graph_with(GovernorConfig {
+            backoff_base: Duration::from_millis(20),
+            backoff_cap: Duration::from_millis(200),
+            max_retries: 30,
+            ..GovernorConfig::default()
+        })
+    }
+
+    fn graph_with(&self, governor: GovernorConfig) -> GraphClient {
         let base = self.emulator.base_url();
         GraphClient::new(
             GraphConfig::with_urls(&base, &base).expect("Graph config"),
-            Governor::new(GovernorConfig {
-                backoff_base: Duration::from_millis(20),
-                backoff_cap: Duration::from_millis(200),
-                max_retries: 30,
-                ..GovernorConfig::default()
-            }),
+            Governor::new(governor),
         )
         .expect("Graph client")
+    }
+
+    /// Another MailboxPoll in the same directory, reading `mailbox` (added to the emulator).
+    fn add_mailbox_poll(&self, mailbox: &str) -> Uuid {
+        self.emulator.add_mailbox(mailbox);
+        let uid = Uuid::new_v4();
+        let mut config = self.config(false, None);
+        config.ledger_id = uid;
+        config.source.uid = uid;
+        config.source.name = mailbox.split('@').next().unwrap_or(mailbox).into();
+        config.source.mailbox = mailbox.into();
+        self.directory.insert(config);
+        uid
     }
 
     fn workers(&self, name: &str, page_size: u32) -> RunningPool {
@@ -158,6 +175,18 @@ impl World {
         self.worker_pool(name, page_size, poll_pool, true, run_lease)
     }
 
+    /// Workers whose Graph client is `graph` (e.g. with another governor).
+    fn workers_on_graph(&self, name: &str, page_size: u32, graph: GraphClient) -> RunningPool {
+        self.worker_pool_on(
+            name,
+            page_size,
+            self.db.pool.clone(),
+            true,
+            Duration::from_secs(10),
+            graph,
+        )
+    }
+
     fn worker_pool(
         &self,
         name: &str,
@@ -166,9 +195,20 @@ impl World {
         deliver: bool,
         run_lease: Duration,
     ) -> RunningPool {
+        self.worker_pool_on(name, page_size, poll_pool, deliver, run_lease, self.graph())
+    }
+
+    fn worker_pool_on(
+        &self,
+        name: &str,
+        page_size: u32,
+        poll_pool: PgPool,
+        deliver: bool,
+        run_lease: Duration,
+        graph: GraphClient,
+    ) -> RunningPool {
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(self.directory.clone());
-        let graph = self.graph();
         let pool = WorkerPool::new(
             self.db.pool.clone(),
             WorkerPoolConfig {
@@ -231,28 +271,41 @@ impl World {
     }
 
     async fn poll_with_attempts(&self, max_attempts: i32) {
+        let task = self.enqueue_poll(self.uid, max_attempts).await;
+        self.finished(task).await;
+    }
+
+    /// Enqueues a poll of the MailboxPoll `uid`; returns the task's id.
+    async fn enqueue_poll(&self, uid: Uuid, max_attempts: i32) -> i64 {
         let task = NewTask::new(
             POLL,
-            serde_json::to_value(PollTask {
-                mailbox_uid: self.uid,
-            })
-            .expect("payload"),
+            serde_json::to_value(PollTask { mailbox_uid: uid }).expect("payload"),
         )
-        .owner(self.uid)
-        .dedupe_key(poll_dedupe_key(self.uid))
+        .owner(uid)
+        .dedupe_key(poll_dedupe_key(uid))
         .max_attempts(max_attempts);
-        let enqueued = queue::enqueue(&self.db.pool, &task)
+        queue::enqueue(&self.db.pool, &task)
             .await
-            .expect("enqueue poll");
-        wait_until("the poll to finish", Duration::from_secs(120), || async {
-            let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
-                .bind(enqueued.id)
+            .expect("enqueue poll")
+            .id
+    }
+
+    /// Waits until the task has finished (succeeded or kept dead); returns its state and
+    /// attempts (failed runs).
+    async fn finished(&self, task: i64) -> (String, i32) {
+        let state = || async {
+            sqlx::query_as::<_, (String, i32)>("SELECT state, attempts FROM tasks WHERE id = $1")
+                .bind(task)
                 .fetch_one(&self.db.pool)
                 .await
-                .expect("poll task");
+                .expect("task")
+        };
+        wait_until("the task to finish", Duration::from_secs(120), || async {
+            let (state, _) = state().await;
             state == "succeeded" || state == "dead"
         })
         .await;
+        state().await
     }
 
     async fn count(&self, sql: &'static str) -> i64 {
@@ -1167,4 +1220,557 @@ async fn a_move_to_a_missing_folder_is_a_configuration_error() {
         (true, "AfterActionsFailed")
     );
     assert!(degraded.message.contains("MoveDestinationNotFound"));
+}
+
+/// Asserts each of `ids` of the MailboxPoll `uid` was delivered exactly once, with one
+/// deliver task each.
+async fn assert_delivered_once(world: &World, uid: Uuid, ids: &[String]) {
+    let successes = world.receiver.successes();
+    for id in ids {
+        assert_eq!(
+            successes.get(&message_key(uid, id)),
+            Some(&1),
+            "{id} delivered once"
+        );
+    }
+    let recorded = count(
+        &world.db.pool,
+        uid,
+        "SELECT count(*) FROM messages WHERE mailbox_uid = $1",
+    )
+    .await;
+    assert_eq!(recorded, ids.len() as i64, "the ledger holds the messages");
+    let tasks = count(
+        &world.db.pool,
+        uid,
+        "SELECT count(*) FROM tasks WHERE owner_uid = $1 AND kind = 'deliver'",
+    )
+    .await;
+    assert_eq!(tasks, ids.len() as i64, "one deliver task per message");
+}
+
+/// `(outcome, error_reason, error_message, pages, messages_new)` of a MailboxPoll's polls.
+type PollRow = (String, Option<String>, Option<String>, i32, i32);
+
+async fn poll_rows(world: &World, uid: Uuid) -> Vec<PollRow> {
+    sqlx::query_as(
+        "SELECT outcome, error_reason, error_message, pages, messages_new
+         FROM polls WHERE mailbox_uid = $1 ORDER BY id",
+    )
+    .bind(uid)
+    .fetch_all(&world.db.pool)
+    .await
+    .expect("polls")
+}
+
+/// A page malformed every time it is served: each attempt of the mailbox's poll reads it
+/// once (resuming after the page before it) and fails with a transient reason, the task ends
+/// dead after its attempts; a second mailbox polled by the same workers is recorded and
+/// delivered meanwhile. Once the page is whole again, the next poll records the rest once.
+#[tokio::test]
+async fn a_page_malformed_every_time_fails_only_its_mailbox_and_is_recorded_once_cured() {
+    const OTHER: &str = "billing@contoso.com";
+    const ATTEMPTS: i32 = 4;
+    let world = World::start(Faults::default()).await;
+    let ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 6)
+            .expect("mail"),
+    );
+    // Pages of two: the second page holds the poisoned message.
+    world.emulator.poison_message(&ids[2]);
+    let other = world.add_mailbox_poll(OTHER);
+    let other_ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(OTHER, "inbox", 5)
+            .expect("other mail"),
+    );
+    let pool = world.workers("poison", 2);
+    let poisoned = world.enqueue_poll(world.uid, ATTEMPTS).await;
+    let healthy = world.enqueue_poll(other, ATTEMPTS).await;
+    assert_eq!(
+        world.finished(poisoned).await,
+        ("dead".to_string(), ATTEMPTS)
+    );
+    assert_eq!(world.finished(healthy).await, ("succeeded".to_string(), 0));
+    world.drain().await;
+
+    let counters = world.emulator.counters();
+    // First attempt: page 1 and the broken page 2; each retry resumes at page 2.
+    let expected = 2 + (ATTEMPTS as u64 - 1);
+    assert_eq!(counters.endpoint(MAILBOX, "delta"), expected);
+    assert_eq!(
+        counters.requests(MAILBOX),
+        expected,
+        "nothing but delta pages"
+    );
+    assert_eq!(
+        counters.requests(OTHER),
+        3,
+        "three pages of the healthy mailbox"
+    );
+    let rows = poll_rows(&world, world.uid).await;
+    assert_eq!(
+        rows.len(),
+        ATTEMPTS as usize,
+        "one failed poll per attempt: {rows:?}"
+    );
+    for (n, (outcome, reason, message, pages, new)) in rows.iter().enumerate() {
+        assert_eq!(outcome, "failed");
+        assert_eq!(reason.as_deref(), Some("Transient"));
+        let message = message.as_deref().unwrap_or_default();
+        assert!(message.contains("malformed Graph response"), "{message}");
+        let first = n == 0;
+        assert_eq!(
+            (*pages, *new),
+            if first { (1, 2) } else { (0, 0) },
+            "only the first attempt committed a page"
+        );
+    }
+    let last_error: String = sqlx::query_scalar("SELECT last_error FROM tasks WHERE id = $1")
+        .bind(poisoned)
+        .fetch_one(&world.db.pool)
+        .await
+        .expect("task");
+    assert!(
+        last_error.contains("malformed Graph response"),
+        "{last_error}"
+    );
+    assert_delivered_once(&world, world.uid, &ids[..2]).await;
+    assert_delivered_once(&world, other, &other_ids).await;
+    let other_rows = poll_rows(&world, other).await;
+    assert_eq!(other_rows.len(), 1);
+    assert_eq!(
+        (other_rows[0].0.as_str(), other_rows[0].4),
+        ("succeeded", 5)
+    );
+
+    // Cured: the next poll reads the two remaining pages and records each message once.
+    world
+        .emulator
+        .update_faults(|faults| faults.poison_ids.clear());
+    let cured = world.enqueue_poll(world.uid, ATTEMPTS).await;
+    assert_eq!(world.finished(cured).await, ("succeeded".to_string(), 0));
+    world.drain().await;
+    pool.shutdown().await;
+    assert_eq!(world.emulator.counters().requests(MAILBOX), expected + 2);
+    assert_delivered_once(&world, world.uid, &ids).await;
+    let counted_new = world
+        .count("SELECT COALESCE(sum(messages_new), 0)::bigint FROM polls WHERE mailbox_uid = $1")
+        .await;
+    assert_eq!(counted_new, 6, "each message counted new once");
+    assert_eq!(
+        world.receiver.successes().len(),
+        ids.len() + other_ids.len()
+    );
+}
+
+/// The token endpoint answering 503 (no Retry-After): a token fetch tries three times, so a
+/// poll meeting four failures fails once with a transient reason (not AuthenticationFailed)
+/// and its retry succeeds. A cached token makes later token failures invisible (no token
+/// request at all), and a slow token endpoint only makes the poll slower.
+#[tokio::test]
+async fn token_endpoint_outages_are_transient_and_a_cached_token_rides_them_out() {
+    let world = World::start(Faults::default()).await;
+    world.emulator.update_faults(|faults| {
+        faults.token_endpoint = TokenEndpointFaults {
+            fail_next: 4,
+            status: 503,
+            retry_after_secs: None,
+            ..TokenEndpointFaults::default()
+        };
+    });
+    let mut ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 3)
+            .expect("mail"),
+    );
+    let pool = world.workers("token", 10);
+    let task = world.enqueue_poll(world.uid, 8).await;
+    assert_eq!(world.finished(task).await, ("succeeded".to_string(), 1));
+    let counters = world.emulator.counters();
+    assert_eq!(
+        (
+            counters.token_requests,
+            counters.token_faults,
+            counters.tokens_issued
+        ),
+        (5, 4, 1),
+        "three tries per fetch, one fetch per poll attempt"
+    );
+    assert_eq!(
+        counters.requests(MAILBOX),
+        1,
+        "no Graph request without a token"
+    );
+    let rows = poll_rows(&world, world.uid).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_deref()),
+        ("failed", Some("Transient"))
+    );
+    let message = rows[0].2.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("token endpoint") && message.contains("503"),
+        "{message}"
+    );
+    assert_eq!((rows[1].0.as_str(), rows[1].4), ("succeeded", 3));
+
+    // The token is cached and valid: an endpoint that fails every time is never asked.
+    world.emulator.update_faults(|faults| {
+        faults.token_endpoint = TokenEndpointFaults {
+            fail_ratio: 1.0,
+            status: 503,
+            ..TokenEndpointFaults::default()
+        };
+    });
+    ids.extend(immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 2)
+            .expect("more mail"),
+    ));
+    let task = world.enqueue_poll(world.uid, 8).await;
+    assert_eq!(world.finished(task).await, ("succeeded".to_string(), 0));
+    assert_eq!(
+        world.emulator.counters().token_requests,
+        5,
+        "the cached token served"
+    );
+    world.drain().await;
+    pool.shutdown().await;
+
+    // A new process (no cached token) meets a slow but working token endpoint.
+    world.emulator.update_faults(|faults| {
+        faults.token_endpoint = TokenEndpointFaults {
+            delay_ms: 1_500,
+            ..TokenEndpointFaults::default()
+        };
+    });
+    ids.extend(immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 1)
+            .expect("late mail"),
+    ));
+    let pool = world.workers("slow-token", 10);
+    let started = std::time::Instant::now();
+    let task = world.enqueue_poll(world.uid, 8).await;
+    assert_eq!(world.finished(task).await, ("succeeded".to_string(), 0));
+    assert!(started.elapsed() >= Duration::from_millis(1_500));
+    world.drain().await;
+    pool.shutdown().await;
+    let counters = world.emulator.counters();
+    assert_eq!((counters.token_requests, counters.tokens_issued), (6, 2));
+    let outcomes: Vec<String> = poll_rows(&world, world.uid)
+        .await
+        .into_iter()
+        .map(|row| row.0)
+        .collect();
+    assert_eq!(outcomes, ["failed", "succeeded", "succeeded", "succeeded"]);
+    world.assert_each_delivered_once(&ids).await;
+}
+
+/// A `$batch` envelope refused whole: a 429 whose Retry-After is longer than the governor
+/// waits in process makes the actions run snooze (no attempt counted) and shares the wait on
+/// the cursor; no request reaches the mailbox before it runs out. A 503 envelope is sent
+/// again after its Retry-After. Every message ends read once, delivered, none parked.
+#[tokio::test]
+async fn refused_batch_envelopes_delay_after_actions_but_mark_each_message_once() {
+    let world = World::start(Faults::default()).await;
+    world.directory.insert(world.config(true, None));
+    let graph = world.graph_with(GovernorConfig {
+        backoff_base: Duration::from_millis(20),
+        backoff_cap: Duration::from_millis(200),
+        max_retries: 30,
+        max_wait: Duration::from_millis(500),
+        ..GovernorConfig::default()
+    });
+    let mut ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 3)
+            .expect("mail"),
+    );
+    world.emulator.update_faults(|faults| {
+        faults.batch = BatchFaults {
+            fail_next: 1,
+            status: 429,
+            retry_after_secs: 2,
+            ..BatchFaults::default()
+        };
+    });
+    // Recorded first, so the three deliveries share the actions run.
+    let pollers = world.poll_workers("pollers", 10);
+    world.poll().await;
+    pollers.shutdown().await;
+    let pool = world.workers_on_graph("actions", 10, graph);
+    world.settle(3).await;
+    let throttled_until: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT throttled_until FROM mailbox_cursors WHERE mailbox_uid = $1")
+            .bind(world.uid)
+            .fetch_one(&world.db.pool)
+            .await
+            .expect("cursor");
+    assert!(
+        throttled_until.is_some(),
+        "the Retry-After was shared on the cursor"
+    );
+
+    world.emulator.update_faults(|faults| {
+        faults.batch = BatchFaults {
+            fail_next: 1,
+            status: 503,
+            retry_after_secs: 1,
+            ..BatchFaults::default()
+        };
+    });
+    ids.extend(immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 3)
+            .expect("more mail"),
+    ));
+    world.poll().await;
+    world.settle(6).await;
+    world.drain().await;
+    pool.shutdown().await;
+
+    let counters = world.emulator.counters();
+    assert_eq!(counters.batches_refused, 2);
+    assert_eq!(
+        counters.endpoint(MAILBOX, "patch"),
+        ids.len() as u64,
+        "each message marked read once"
+    );
+    let early = counters.early_requests(Duration::from_millis(50));
+    assert!(early.is_empty(), "requests inside a Retry-After: {early:?}");
+    for id in &ids {
+        let message = world
+            .emulator
+            .message(MAILBOX, id)
+            .expect("lookup")
+            .expect("still there");
+        assert_eq!(message["isRead"], true, "{id} read");
+    }
+    assert_eq!(parked(&world).await, 0);
+    let (runs, attempts, unfinished): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(attempts), 0)::bigint,
+                count(*) FILTER (WHERE state <> 'succeeded')
+         FROM tasks WHERE owner_uid = $1 AND kind = 'actions'",
+    )
+    .bind(world.uid)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("actions tasks");
+    assert!(runs >= 1);
+    assert_eq!(
+        (attempts, unfinished),
+        (0, 0),
+        "a refused envelope costs no attempt"
+    );
+    world.assert_each_delivered_once(&ids).await;
+}
+
+/// Updated items carrying only what changed (`isRead`, after mailpoll marked its messages
+/// read): the next poll records no row, delivers nothing again and leaves stored content
+/// alone. A partial item for a message the ledger never saw (a late arrival a user read
+/// before mailpoll's next round) is not recorded as a content-less message: it is recorded,
+/// whole, when Graph serves it whole (here after a resync), and delivered once.
+#[tokio::test]
+async fn partial_updates_change_nothing_and_unknown_ones_wait_for_the_whole_message() {
+    let world = World::start(Faults {
+        partial_updates: true,
+        ..Faults::default()
+    })
+    .await;
+    world.directory.insert(world.config(true, None));
+    let mut ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 5)
+            .expect("mail"),
+    );
+    let late = world
+        .emulator
+        .add_late_message(
+            MAILBOX,
+            "inbox",
+            NewMessage {
+                subject: Some("Read before it was seen".into()),
+                ..NewMessage::default()
+            },
+        )
+        .expect("late mail")
+        .immutable_id;
+    let pool = world.workers("partial", 25);
+    world.poll().await;
+    world.settle(5).await;
+    world
+        .emulator
+        .set_read(MAILBOX, &late, true)
+        .expect("a user reads it");
+    let content = || async {
+        sqlx::query_as::<_, (String, Option<String>, Option<String>, Option<String>)>(
+            "SELECT message_id, subject, from_address, body FROM messages
+             WHERE mailbox_uid = $1 ORDER BY message_id",
+        )
+        .bind(world.uid)
+        .fetch_all(&world.db.pool)
+        .await
+        .expect("content")
+    };
+    let before = content().await;
+    assert_eq!(before.len(), 5);
+    assert!(
+        before
+            .iter()
+            .all(|(_, s, f, b)| s.is_some() && f.is_some() && b.is_some())
+    );
+
+    world.poll().await;
+    world.drain().await;
+    let rows = poll_rows(&world, world.uid).await;
+    let seen: i32 = sqlx::query_scalar(
+        "SELECT messages_seen FROM polls WHERE mailbox_uid = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(world.uid)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("poll");
+    assert_eq!(
+        (rows.len(), rows[1].0.as_str(), rows[1].4, seen),
+        (2, "succeeded", 0, 6),
+        "six partial items, nothing new: {rows:?}"
+    );
+    assert_eq!(content().await, before, "stored content untouched");
+    assert_eq!(
+        world.receiver.successes().len(),
+        5,
+        "nothing delivered again"
+    );
+
+    // A resync serves every message whole: the one never seen is recorded and delivered.
+    world
+        .emulator
+        .evict_delta_tokens(MAILBOX)
+        .expect("evict tokens");
+    world.poll().await;
+    world.settle(6).await;
+    world.drain().await;
+    // And one more round from the resync's token: partial items again, nothing new.
+    world.poll().await;
+    world.drain().await;
+    pool.shutdown().await;
+    let (subject, from): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT subject, from_address FROM messages WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(world.uid)
+    .bind(&late)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("late row");
+    assert_eq!(subject.as_deref(), Some("Read before it was seen"));
+    assert!(from.is_some());
+    ids.push(late);
+    world.assert_each_delivered_once(&ids).await;
+    let counted_new = world
+        .count("SELECT COALESCE(sum(messages_new), 0)::bigint FROM polls WHERE mailbox_uid = $1")
+        .await;
+    assert_eq!(counted_new, 6, "each message counted new once");
+    assert_eq!(
+        world.emulator.counters().endpoint(MAILBOX, "patch"),
+        6,
+        "each message marked read once"
+    );
+}
+
+/// `$batch` answers in any order: with mark-read and move configured, results are matched
+/// by request id. One message whose actions are always refused is the only one parked (after
+/// its failures); every other one is read and moved exactly once. mailpoll sends no
+/// `dependsOn` (mark-read and move of one message are independent with immutable ids), so
+/// no 424 can come back.
+#[tokio::test]
+async fn shuffled_batch_responses_are_matched_by_id() {
+    let world = World::start(Faults {
+        batch: BatchFaults {
+            shuffle_responses: true,
+            ..BatchFaults::default()
+        },
+        ..Faults::default()
+    })
+    .await;
+    world.directory.insert(world.config(true, Some("archive")));
+    let ids = immutable_ids(
+        world
+            .emulator
+            .add_messages(MAILBOX, "inbox", 8)
+            .expect("mail"),
+    );
+    let stuck = ids[3].clone();
+    world
+        .emulator
+        .update_faults(|faults| faults.refused_action_ids = vec![stuck.clone()]);
+    let pool = world.workers("shuffled", 25);
+    world.poll().await;
+    world.settle(7).await;
+    wait_until(
+        "the refused message parked",
+        Duration::from_secs(60),
+        || async { parked(&world).await == 1 },
+    )
+    .await;
+    world.drain().await;
+    pool.shutdown().await;
+
+    let archive = world
+        .emulator
+        .folder_id(MAILBOX, "archive")
+        .expect("archive");
+    let inbox = world.emulator.folder_id(MAILBOX, "inbox").expect("inbox");
+    for id in &ids {
+        let message = world
+            .emulator
+            .message(MAILBOX, id)
+            .expect("lookup")
+            .expect("still there");
+        let (read, folder) = if *id == stuck {
+            (false, &inbox)
+        } else {
+            (true, &archive)
+        };
+        assert_eq!(message["isRead"], read, "{id}");
+        assert_eq!(message["parentFolderId"], folder.as_str(), "{id}");
+    }
+    let stuck_state: (String, i32) = sqlx::query_as(
+        "SELECT delivery_state, actions_failures FROM messages
+         WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(world.uid)
+    .bind(&stuck)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("stuck");
+    let failures = mailpoll::pipeline::actions::MAX_ACTION_FAILURES;
+    assert_eq!(stuck_state, ("failed".to_string(), failures));
+    let counters = world.emulator.counters();
+    let expected = 7 + u64::try_from(failures).expect("failures");
+    assert_eq!(counters.endpoint(MAILBOX, "patch"), expected);
+    assert_eq!(counters.endpoint(MAILBOX, "move"), expected);
+    let statuses = &counters.mailbox(MAILBOX).expect("counters").by_status;
+    assert_eq!(statuses.get(&424), None);
+    assert_eq!(
+        statuses.get(&400).copied(),
+        Some(2 * u64::try_from(failures).expect("failures")),
+        "only the refused message's requests failed"
+    );
+    let delivered = world
+        .count(
+            "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
+        )
+        .await;
+    assert_eq!(delivered, 7);
 }

@@ -1,7 +1,9 @@
 //! Client-credentials tokens, cached per credential set. A token is refreshed a margin before
 //! it expires and when Graph refuses it (once per request). A credential set the token
 //! endpoint refused is not tried again before a cool-down, so a wrong secret shared by many
-//! mailboxes costs one call, not a storm.
+//! mailboxes costs one call, not a storm. A `Retry-After` of the token endpoint (429, 5xx)
+//! is waited out before the next try, and after a fetch gave up no caller with the same
+//! credentials asks again before it has run out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -73,6 +75,8 @@ struct Cached {
 #[derive(Default)]
 struct Slot {
     token: Option<Cached>,
+    /// Until when callers get this error without a token request: refused credentials (the
+    /// cool-down), or an endpoint that asked to wait (its `Retry-After`).
     refused: Option<(Instant, GraphError)>,
 }
 
@@ -95,8 +99,27 @@ struct TokenErrorBody {
 
 use serde_json::Value;
 
-/// Attempts at the token endpoint on network errors and 5xx, per token fetch.
+/// Attempts at the token endpoint on network errors, 429 and 5xx, per token fetch.
 const TOKEN_ATTEMPTS: u32 = 3;
+
+/// Longest `Retry-After` of the token endpoint a fetch sleeps through before its next try;
+/// a longer one ends the fetch (callers are answered from memory until it runs out).
+const TOKEN_RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
+
+/// A failed token fetch, and how long the endpoint asked not to be called.
+struct FetchError {
+    error: GraphError,
+    retry_after: Option<Duration>,
+}
+
+impl From<GraphError> for FetchError {
+    fn from(error: GraphError) -> Self {
+        Self {
+            error,
+            retry_after: None,
+        }
+    }
+}
 
 pub(crate) struct TokenCache {
     http: reqwest::Client,
@@ -164,10 +187,12 @@ impl TokenCache {
                 });
                 Ok(token)
             }
-            Err(error) => {
+            Err(FetchError { error, retry_after }) => {
                 if matches!(error, GraphError::AuthenticationFailed { .. }) {
                     slot.token = None;
                     slot.refused = Some((Instant::now() + self.refused_cooldown, error.clone()));
+                } else if let Some(wait) = retry_after {
+                    slot.refused = Some((Instant::now() + wait, error.clone()));
                 }
                 Err(error)
             }
@@ -200,7 +225,7 @@ impl TokenCache {
     async fn fetch(
         &self,
         credentials: &Credentials,
-    ) -> Result<(AccessToken, Duration), GraphError> {
+    ) -> Result<(AccessToken, Duration), FetchError> {
         let url = self.endpoint(&credentials.tenant_id)?;
         let form = [
             ("client_id", credentials.client_id.as_str()),
@@ -211,9 +236,15 @@ impl TokenCache {
         let mut attempt = 0;
         loop {
             let outcome = self.http.post(url.clone()).form(&form).send().await;
+            let mut retry_after = None;
             let transient = match outcome {
                 Ok(response) => {
                     let status = response.status().as_u16();
+                    retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|value| value.to_str().ok())
+                        .and_then(super::parse_retry_after);
                     let body = response
                         .bytes()
                         .await
@@ -223,7 +254,7 @@ impl TokenCache {
                             request_id: None,
                         })?;
                     if (200..300).contains(&status) {
-                        return parse_token(&body);
+                        return Ok(parse_token(&body)?);
                     }
                     if status == 400 || status == 401 || status == 403 {
                         let refusal: TokenErrorBody =
@@ -248,7 +279,8 @@ impl TokenCache {
                                 "token endpoint answered {status} {code}: {description}"
                             ),
                             request_id: refusal.correlation_id.map(|id| storable::owned(id, 128)),
-                        });
+                        }
+                        .into());
                     }
                     GraphError::Transient {
                         status: Some(status),
@@ -263,14 +295,17 @@ impl TokenCache {
                 },
             };
             attempt += 1;
-            if attempt >= TOKEN_ATTEMPTS {
-                return Err(transient);
+            if attempt >= TOKEN_ATTEMPTS
+                || retry_after.is_some_and(|wait| wait > TOKEN_RETRY_AFTER_MAX)
+            {
+                return Err(FetchError {
+                    error: transient,
+                    retry_after,
+                });
             }
-            tokio::time::sleep(full_jitter(
-                Duration::from_millis(200),
-                Duration::from_secs(5),
-                attempt,
-            ))
+            tokio::time::sleep(retry_after.unwrap_or_else(|| {
+                full_jitter(Duration::from_millis(200), Duration::from_secs(5), attempt)
+            }))
             .await;
         }
     }

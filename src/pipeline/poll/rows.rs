@@ -8,19 +8,40 @@ use crate::storable::{self, clean, clean_opt};
 
 /// The ledger's view of a page: messages, and the removals Graph reported. Takes the page's
 /// items by value: bodies and raw objects move into the rows instead of being copied.
+///
+/// Updated items that carry only their changed properties (see `is_partial`) are left out: the
+/// ledger keeps a message's content as first recorded, so for a known message they change
+/// nothing, and a message the ledger never saw must not be recorded (and delivered) without
+/// its content. Such a message is recorded when Graph serves it whole: when it changes
+/// folder, or on the next resync.
 pub fn split_page(page: Vec<Message>) -> (Vec<LedgerMessage>, Vec<Removal>) {
     let mut messages = Vec::with_capacity(page.len());
     let mut removals = Vec::new();
+    let mut partial = 0usize;
     for item in page {
         match &item.removed {
             Some(reason) => removals.push(Removal {
                 message_id: clean(item.id),
                 reason: reason.as_str().to_owned(),
             }),
+            None if is_partial(&item) => partial += 1,
             None => messages.push(to_ledger(item)),
         }
     }
+    if partial > 0 {
+        tracing::debug!(
+            partial,
+            "left out updated items carrying only changed properties"
+        );
+    }
     (messages, removals)
+}
+
+/// Whether a delta item carries only the properties changed since the round's cursor (Graph
+/// may serve updated messages so). Every round selects `receivedDateTime`, which every
+/// message has: an item without it is not the whole message.
+fn is_partial(item: &Message) -> bool {
+    item.removed.is_none() && item.raw.get("receivedDateTime").is_none()
 }
 
 fn recipients(list: &[EmailAddress]) -> serde_json::Value {
@@ -84,5 +105,30 @@ fn address_parts(address: Option<EmailAddress>) -> (Option<String>, Option<Strin
     match address {
         Some(EmailAddress { name, address }) => (clean_opt(address), clean_opt(name)),
         None => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(value: serde_json::Value) -> Message {
+        Message::from_value(value, 1000).expect("item")
+    }
+
+    #[test]
+    fn items_carrying_only_changed_properties_are_left_out() {
+        let (messages, removals) = split_page(vec![
+            item(
+                json!({"id": "whole", "subject": "s", "receivedDateTime": "2025-03-04T10:15:02Z"}),
+            ),
+            item(json!({"id": "partial", "isRead": true})),
+            item(json!({"id": "gone", "@removed": {"reason": "deleted"}})),
+            // A value of the wrong type is still a whole message (read leniently).
+            item(json!({"id": "odd", "receivedDateTime": 7})),
+        ]);
+        let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+        assert_eq!(ids, ["whole", "odd"]);
+        assert_eq!(removals.len(), 1);
     }
 }

@@ -1020,8 +1020,33 @@ async fn batch(
         uuid::Uuid::from_u128(traffic.rng.random::<u128>()).to_string()
     };
     let outcome = if shared.take_batch_failure() {
-        // Refused at the front door: no inner request runs or counts.
-        shared.traffic().counters.batches_refused += 1;
+        // Refused at the front door: no inner request runs or counts. The wait it carries is
+        // recorded against the mailboxes its requests address, so `early_requests` sees a
+        // client that ignores it.
+        let mailboxes: Vec<String> = parse_batch(&headers, &body)
+            .map(|steps| {
+                let mut keys: Vec<String> = steps
+                    .iter()
+                    .filter_map(|step| parse_route(&step.request.path))
+                    .map(|route| route.user().to_ascii_lowercase())
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                keys
+            })
+            .unwrap_or_default();
+        let mut traffic = shared.traffic();
+        traffic.counters.batches_refused += 1;
+        let at = traffic.started.elapsed();
+        for mailbox in mailboxes {
+            traffic.counters.throttles.push(ThrottleRecord {
+                mailbox,
+                at,
+                status: faults.batch.status,
+                retry_after_secs: faults.batch.retry_after_secs,
+            });
+        }
+        drop(traffic);
         Err(envelope_refusal(&faults.batch))
     } else {
         batch_inner(&shared, &headers, &body, &faults).await

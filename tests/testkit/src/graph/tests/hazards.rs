@@ -474,6 +474,16 @@ async fn batch_envelopes_can_be_refused_with_429_or_503() {
     let counters = probe.emulator.counters();
     assert_eq!((counters.batches, counters.batches_refused), (3, 2));
     assert_eq!(counters.requests(MAILBOX), 1);
+    let waits: Vec<(&str, u16, u64)> = counters
+        .throttles
+        .iter()
+        .map(|t| (t.mailbox.as_str(), t.status, t.retry_after_secs))
+        .collect();
+    assert_eq!(
+        waits,
+        [(MAILBOX, 429, 2), (MAILBOX, 503, 2)],
+        "refused envelopes count as waits of the mailbox they address"
+    );
 }
 
 #[tokio::test]
