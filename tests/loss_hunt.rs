@@ -25,11 +25,14 @@
 //!   a crash between a receiver's 2xx and its recording: at most crashes x worker concurrency
 //!   in all, each of a ledger key; none without a crash.
 //!
-//! Modes: by default (CI) a few seeds of a few dozen steps, with the hazards listed under
-//! "CI switches" off; `MAILPOLL_BIG=1` hunts `MAILPOLL_HUNT_SEEDS` seeds (default 50) of more
-//! steps with every hazard on; `MAILPOLL_HUNT_SEED=N` runs seed N alone (in the mode the other
-//! variables choose), and `MAILPOLL_HUNT_ALL_HAZARDS=1` turns every hazard on in CI mode. A
-//! failing seed prints its step log, so the counter-example can be replayed.
+//! Modes: by default (CI) 4 seeds of 40 steps, with the hazards listed under "CI switches"
+//! off; `MAILPOLL_BIG=1` hunts `MAILPOLL_HUNT_SEEDS` seeds (default 50) of 120 steps with every
+//! hazard on. `MAILPOLL_HUNT_SEED=N` runs seed N alone, `MAILPOLL_HUNT_ALL_HAZARDS=1` turns
+//! every hazard on in CI mode, `MAILPOLL_HUNT_HAZARDS=cap,old,moveback` (or `none`) picks them
+//! one by one in either mode, `MAILPOLL_HUNT_VERBOSE=1` prints the step log of passing seeds
+//! too. A failing seed prints its violations, the history of each lost message, its whole step
+//! log and the command that replays it (the step sequence depends only on the seed, the mode
+//! and the hazards; timings do not change it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -67,12 +70,18 @@ use uuid::Uuid;
 
 // ------------------------------------------------------------------ CI switches
 //
-// Hazards that find a known, real loss on today's main, each fixed on its own branch. They are
-// off in CI mode so the hunt keeps guarding everything else until the fix merges; turn each
-// back on (`true`) with its fix. Big mode and `MAILPOLL_HUNT_ALL_HAZARDS=1` ignore them.
+// Hazards that find a known, real loss on today's main, each being fixed on its own branch.
+// They are off in CI mode so the hunt keeps guarding everything else until the fix merges;
+// turn each back on (`true`) with its fix. Big mode and `MAILPOLL_HUNT_ALL_HAZARDS=1` ignore
+// them. Counter-examples on main (b753db5), big mode, one hazard at a time:
+// - cap: `MAILPOLL_BIG=1 MAILPOLL_HUNT_HAZARDS=cap`, most seeds (1 to 5, 7, 8 of 1..8);
+// - old: `MAILPOLL_BIG=1 MAILPOLL_HUNT_HAZARDS=old`, most seeds likewise;
+// - moveback: `MAILPOLL_BIG=1 MAILPOLL_HUNT_HAZARDS=moveback`, seeds 5 and 8.
 
 /// A small `filtered_delta_cap`: a resync after a token eviction reads a filtered window,
-/// which Graph caps (5,000; here a handful), so mail beyond the cap is lost for good.
+/// which Graph caps (5,000; here a handful), and every later round of that token keeps the
+/// filter and the cap, so mail beyond the cap (a burst, mail moved in with an older date than
+/// the newest) is lost for good.
 const CI_SMALL_FILTERED_CAP: bool = false;
 /// Mail with an old `receivedDateTime` (arriving, or moved in) after a resync: the resync's
 /// filter is frozen in its delta token, so such mail never shows.
@@ -163,10 +172,14 @@ impl Mode {
             old_mail,
             move_back,
         } = self.hazards;
-        let names: Vec<&str> = [(small_cap, "cap"), (old_mail, "old"), (move_back, "moveback")]
-            .into_iter()
-            .filter_map(|(on, name)| on.then_some(name))
-            .collect();
+        let names: Vec<&str> = [
+            (small_cap, "cap"),
+            (old_mail, "old"),
+            (move_back, "moveback"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
         let list = if names.is_empty() {
             "none".to_string()
         } else {
@@ -544,12 +557,15 @@ impl Hunt {
             self.mailboxes[mailbox].known.push(known);
             let index = self.mailboxes[mailbox].known.len() - 1;
             let id = short(&self.mailboxes[mailbox].known[index].id);
-            self.note_message(mailbox, index, format!("mb{mailbox} add {id} to {folder} ({kind:?})"));
+            self.note_message(
+                mailbox,
+                index,
+                format!("mb{mailbox} add {id} to {folder} ({kind:?})"),
+            );
         }
     }
 
-    /// A random live message the hunt last put in `folder` (or anywhere else than the watched
-    /// folder, with `None`).
+    /// A random live message that `wanted` accepts.
     fn pick(&mut self, mailbox: usize, wanted: impl Fn(&Known) -> bool) -> Option<usize> {
         let candidates: Vec<usize> = self.mailboxes[mailbox]
             .known
@@ -560,6 +576,11 @@ impl Hunt {
             .collect();
         if candidates.is_empty() {
             return None;
+        }
+        // Half the time the newest: mail that leaves (or comes back) before a poll saw it is
+        // where the ledger's tombstones and Graph's removals meet.
+        if self.rng.random_bool(0.5) {
+            return candidates.last().copied();
         }
         Some(candidates[self.rng.random_range(0..candidates.len())])
     }
@@ -579,7 +600,11 @@ impl Hunt {
             known.moved_out = false;
         }
         let id = short(&known.id);
-        self.note_message(mailbox, message, format!("mb{mailbox} {what} {id}: {from} -> {folder}"));
+        self.note_message(
+            mailbox,
+            message,
+            format!("mb{mailbox} {what} {id}: {from} -> {folder}"),
+        );
     }
 
     fn delete(&mut self, mailbox: usize) {
@@ -593,7 +618,11 @@ impl Hunt {
             .expect("delete message");
         known.deleted = true;
         let (id, folder) = (short(&known.id), known.folder);
-        self.note_message(mailbox, message, format!("mb{mailbox} delete {id} from {folder}"));
+        self.note_message(
+            mailbox,
+            message,
+            format!("mb{mailbox} delete {id} from {folder}"),
+        );
     }
 
     fn move_out(&mut self, mailbox: usize) {
@@ -692,7 +721,10 @@ impl Hunt {
         drop(self.pool.take());
         self.tally.crashes += 1;
         self.pool = Some(self.workers());
-        self.note(format!("CRASH: worker pool killed, pool #{} started", self.pools_started));
+        self.note(format!(
+            "CRASH: worker pool killed, pool #{} started",
+            self.pools_started
+        ));
     }
 
     // -------------------------------------------------------------- polls
@@ -713,7 +745,10 @@ impl Hunt {
             .await
             .expect("enqueue poll");
         self.tally.unclean_polls += 1;
-        self.note(format!("mb{mailbox} poll (in the background, task {})", task.id));
+        self.note(format!(
+            "mb{mailbox} poll (in the background, task {})",
+            task.id
+        ));
     }
 
     async fn live_polls(&self, mailbox: usize) -> i64 {
@@ -890,13 +925,18 @@ impl Hunt {
             for (id, (state, due)) in &rows {
                 ledger_keys.insert(message_key(mailbox.uid, id), (index, state.clone()));
                 if !known.contains_key(id.as_str()) {
-                    violations.push(format!("mb{index}: ledger row {id} of no message the hunt made"));
+                    violations.push(format!(
+                        "mb{index}: ledger row {id} of no message the hunt made"
+                    ));
                 }
                 if state != "delivered" && state != "skipped" {
                     violations.push(format!("mb{index}: {} left {state}", short(id)));
                 }
                 if *due {
-                    violations.push(format!("mb{index}: {} has after-actions still due", short(id)));
+                    violations.push(format!(
+                        "mb{index}: {} has after-actions still due",
+                        short(id)
+                    ));
                 }
             }
             messages += mailbox.known.len();
@@ -936,7 +976,9 @@ impl Hunt {
         for (key, &count) in &successes {
             deliveries += u64::from(count);
             match ledger_keys.get(key) {
-                None => violations.push(format!("receiver accepted key {key}, which is no ledger key")),
+                None => violations.push(format!(
+                    "receiver accepted key {key}, which is no ledger key"
+                )),
                 Some((index, state)) if state != "delivered" => violations.push(format!(
                     "mb{index}: receiver accepted key {key} whose ledger row is {state}"
                 )),
@@ -948,7 +990,9 @@ impl Hunt {
         }
         for (key, (index, state)) in &ledger_keys {
             if state == "delivered" && !successes.contains_key(key) {
-                violations.push(format!("mb{index}: delivered in the ledger, never accepted by the receiver ({key})"));
+                violations.push(format!(
+                    "mb{index}: delivered in the ledger, never accepted by the receiver ({key})"
+                ));
             }
         }
         let allowed = (self.tally.crashes * CONCURRENCY) as u64;
@@ -994,9 +1038,11 @@ impl Hunt {
         if !mailbox.mark_as_read && mailbox.move_to.is_none() {
             return Vec::new();
         }
-        let target = mailbox
-            .move_to
-            .map(|folder| self.emulator.folder_id(mailbox.upn, folder).expect("folder"));
+        let target = mailbox.move_to.map(|folder| {
+            self.emulator
+                .folder_id(mailbox.upn, folder)
+                .expect("folder")
+        });
         let mut violations = Vec::new();
         for message in &mailbox.known {
             let delivered = rows
@@ -1013,12 +1059,18 @@ impl Hunt {
                 continue;
             };
             if mailbox.mark_as_read && now["isRead"] != true {
-                violations.push(format!("mb{index}: {} delivered but not marked read", short(&message.id)));
+                violations.push(format!(
+                    "mb{index}: {} delivered but not marked read",
+                    short(&message.id)
+                ));
             }
             if let Some(target) = &target
                 && now["parentFolderId"] != target.as_str()
             {
-                violations.push(format!("mb{index}: {} delivered but not moved", short(&message.id)));
+                violations.push(format!(
+                    "mb{index}: {} delivered but not moved",
+                    short(&message.id)
+                ));
             }
         }
         violations
@@ -1044,7 +1096,9 @@ struct Outcome {
 
 fn short(id: &str) -> String {
     // Immutable ids share a long prefix; the tail tells them apart.
-    id.get(id.len().saturating_sub(8)..).unwrap_or(id).to_string()
+    id.get(id.len().saturating_sub(8)..)
+        .unwrap_or(id)
+        .to_string()
 }
 
 /// Runs one seed; `Err` holds the counter-example.
@@ -1086,7 +1140,10 @@ async fn hunt(mode: &Mode, seed: u64) -> Result<String, String> {
         }
         return Ok(summary);
     }
-    let mut report = format!("{summary}\nreplay: {}\nviolations:\n", mode.replay_hint(seed));
+    let mut report = format!(
+        "{summary}\nreplay: {}\nviolations:\n",
+        mode.replay_hint(seed)
+    );
     for violation in &outcome.violations {
         let _ = writeln!(report, "  - {violation}");
     }
