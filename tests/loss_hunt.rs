@@ -25,11 +25,11 @@
 //!   a crash between a receiver's 2xx and its recording: at most crashes x worker concurrency
 //!   in all, each of a ledger key; none without a crash.
 //!
-//! Modes: by default (CI) 4 seeds of 40 steps, with the hazards listed under "CI switches"
-//! off; `MAILPOLL_BIG=1` hunts `MAILPOLL_HUNT_SEEDS` seeds (default 50) of 120 steps with every
-//! hazard on. `MAILPOLL_HUNT_SEED=N` runs seed N alone, `MAILPOLL_HUNT_ALL_HAZARDS=1` turns
-//! every hazard on in CI mode, `MAILPOLL_HUNT_HAZARDS=cap,old,moveback` (or `none`) picks them
-//! one by one in either mode, `MAILPOLL_HUNT_VERBOSE=1` prints the step log of passing seeds
+//! Modes: by default (CI) 4 seeds of 40 steps; `MAILPOLL_BIG=1` hunts `MAILPOLL_HUNT_SEEDS`
+//! seeds (default 50) of 120 steps; every hazard is on in both. `MAILPOLL_HUNT_SEED=N` runs
+//! seed N alone, `MAILPOLL_HUNT_HAZARDS=cap,old,moveback` (or `none`) picks the hazards that
+//! once found losses (a filtered resync's cap, old-dated mail after a resync, tombstones of
+//! messages moved back) one by one, `MAILPOLL_HUNT_VERBOSE=1` prints the step log of passing seeds
 //! too. A failing seed prints its violations, the history of each lost message, its whole step
 //! log and the command that replays it (the step sequence depends only on the seed, the mode
 //! and the hazards; timings do not change it).
@@ -67,28 +67,6 @@ use mailpoll_testkit::{wait_for, wait_until};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use uuid::Uuid;
-
-// ------------------------------------------------------------------ CI switches
-//
-// Hazards that find a known, real loss on today's main, each being fixed on its own branch.
-// They are off in CI mode so the hunt keeps guarding everything else until the fix merges;
-// turn each back on (`true`) with its fix. Big mode and `MAILPOLL_HUNT_ALL_HAZARDS=1` ignore
-// them. Counter-examples on main (b753db5), big mode, one hazard at a time:
-// - cap: `MAILPOLL_BIG=1 MAILPOLL_HUNT_HAZARDS=cap`, most seeds (1 to 5, 7, 8 of 1..8);
-// - old: `MAILPOLL_BIG=1 MAILPOLL_HUNT_HAZARDS=old`, most seeds likewise;
-// - moveback: `MAILPOLL_BIG=1 MAILPOLL_HUNT_HAZARDS=moveback`, seeds 5 and 8.
-
-/// A small `filtered_delta_cap`: a resync after a token eviction reads a filtered window,
-/// which Graph caps (5,000; here a handful), and every later round of that token keeps the
-/// filter and the cap, so mail beyond the cap (a burst, mail moved in with an older date than
-/// the newest) is lost for good.
-const CI_SMALL_FILTERED_CAP: bool = false;
-/// Mail with an old `receivedDateTime` (arriving, or moved in) after a resync: the resync's
-/// filter is frozen in its delta token, so such mail never shows.
-const CI_OLD_MAIL: bool = false;
-/// Messages moved out and moved back: an `@removed` recorded before the message itself
-/// leaves a tombstone that swallows the message when it comes back.
-const CI_MOVE_BACK: bool = false;
 
 // ------------------------------------------------------------------ the world
 
@@ -138,12 +116,12 @@ struct Mode {
 impl Mode {
     fn from_env() -> Self {
         let big = env_flag("MAILPOLL_BIG");
-        // `MAILPOLL_HUNT_HAZARDS=cap,old,moveback` (or `none`) chooses them one by one.
+        // Every hazard is on unless `MAILPOLL_HUNT_HAZARDS=cap,old,moveback` (or `none`)
+        // chooses them one by one (to bisect a counter-example).
         let chosen = std::env::var("MAILPOLL_HUNT_HAZARDS").ok();
-        let all = chosen.is_none() && (big || env_flag("MAILPOLL_HUNT_ALL_HAZARDS"));
-        let pick = |name: &str, ci: bool| match &chosen {
+        let pick = |name: &str| match &chosen {
             Some(list) => list.split(',').any(|item| item.trim() == name),
-            None => all || ci,
+            None => true,
         };
         let seeds = match env_number("MAILPOLL_HUNT_SEED") {
             Some(seed) => vec![seed],
@@ -155,9 +133,9 @@ impl Mode {
             seeds,
             steps: if big { 120 } else { 40 },
             hazards: Hazards {
-                small_cap: pick("cap", CI_SMALL_FILTERED_CAP),
-                old_mail: pick("old", CI_OLD_MAIL),
-                move_back: pick("moveback", CI_MOVE_BACK),
+                small_cap: pick("cap"),
+                old_mail: pick("old"),
+                move_back: pick("moveback"),
             },
         }
     }
@@ -330,6 +308,7 @@ impl Hunt {
     fn config(&self, index: usize) -> MailboxConfig {
         let mailbox = &self.mailboxes[index];
         MailboxConfig {
+            ledger_id: mailbox.uid,
             source: Source {
                 uid: mailbox.uid,
                 namespace: "hunt".into(),
