@@ -285,32 +285,59 @@ pub fn transitions(
     facts: &Facts,
     config_error: Option<&ConfigError>,
 ) -> (Vec<Notice>, Seen) {
-    let mut notices = Vec::new();
     let now_ready = (ready.status, ready.reason.clone());
     let was_failing = seen
         .ready
         .as_ref()
         .is_some_and(|(status, reason)| !status && reason != AWAITING_FIRST_POLL);
+    let mut notices = Vec::new();
     if seen.ready.as_ref() != Some(&now_ready) {
-        if ready.status {
-            if was_failing {
-                notices.push(Notice {
-                    warning: false,
-                    reason: "Recovered",
-                    note: "polling works again".into(),
-                });
-            }
-        } else if ready.reason != AWAITING_FIRST_POLL {
-            notices.push(Notice {
-                warning: true,
-                reason: match config_error {
-                    Some(error) => error.reason().event_reason(),
-                    None => Reason::PollFailed.event_reason(),
-                },
-                note: format!("{}: {}", ready.reason, ready.message),
-            });
-        }
+        notices.extend(readiness_notice(ready, was_failing, config_error));
     }
+    notices.extend(ledger_notices(seen, facts));
+    // Waiting for the first poll after a failure is not a recovery yet: keep the failure,
+    // so the success that follows reports one.
+    let awaiting = !ready.status && ready.reason == AWAITING_FIRST_POLL;
+    let next = Seen {
+        ready: if awaiting && was_failing {
+            seen.ready.clone()
+        } else {
+            Some(now_ready)
+        },
+        last_poll_id: facts.last_poll_id.or(seen.last_poll_id),
+        messages_failed: facts.counts.failed,
+        actions_parked: facts.counts.actions_parked,
+    };
+    (notices, next)
+}
+
+/// The Event of a change of readiness: a recovery after a failure, or a new failure.
+fn readiness_notice(
+    ready: &Desired,
+    was_failing: bool,
+    config_error: Option<&ConfigError>,
+) -> Option<Notice> {
+    if ready.status {
+        return was_failing.then(|| Notice {
+            warning: false,
+            reason: "Recovered",
+            note: "polling works again".into(),
+        });
+    }
+    (ready.reason != AWAITING_FIRST_POLL).then(|| Notice {
+        warning: true,
+        reason: match config_error {
+            Some(error) => error.reason().event_reason(),
+            None => Reason::PollFailed.event_reason(),
+        },
+        note: format!("{}: {}", ready.reason, ready.message),
+    })
+}
+
+/// Events for what the polls and the ledger report since `seen`: a resync, deliveries that
+/// failed for good, after-actions parked.
+fn ledger_notices(seen: &Seen, facts: &Facts) -> Vec<Notice> {
+    let mut notices = Vec::new();
     if let Some(resync) = facts.last_resync_poll
         && seen.last_poll_id.is_none_or(|seen| resync > seen)
     {
@@ -342,20 +369,7 @@ pub fn transitions(
             ),
         });
     }
-    // Waiting for the first poll after a failure is not a recovery yet: keep the failure,
-    // so the success that follows reports one.
-    let awaiting = !ready.status && ready.reason == AWAITING_FIRST_POLL;
-    let next = Seen {
-        ready: if awaiting && was_failing {
-            seen.ready.clone()
-        } else {
-            Some(now_ready)
-        },
-        last_poll_id: facts.last_poll_id.or(seen.last_poll_id),
-        messages_failed: facts.counts.failed,
-        actions_parked: facts.counts.actions_parked,
-    };
-    (notices, next)
+    notices
 }
 
 #[cfg(test)]

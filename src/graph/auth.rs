@@ -257,30 +257,7 @@ impl TokenCache {
                         return Ok(parse_token(&body)?);
                     }
                     if status == 400 || status == 401 || status == 403 {
-                        let refusal: TokenErrorBody =
-                            serde_json::from_slice(&body).unwrap_or_default();
-                        // The description's first line names the AADSTS code and the cause;
-                        // the rest is trace ids and timestamps.
-                        // Made storable here: it ends up in poll errors and conditions.
-                        let description = storable::text(
-                            refusal.error_description.lines().next().unwrap_or_default(),
-                            400,
-                        );
-                        let code = storable::text(&refusal.error, 128);
-                        tracing::warn!(
-                            tenant = %credentials.tenant_id,
-                            client_id = %credentials.client_id,
-                            status,
-                            error = %code,
-                            "token endpoint refused the credentials"
-                        );
-                        return Err(GraphError::AuthenticationFailed {
-                            message: format!(
-                                "token endpoint answered {status} {code}: {description}"
-                            ),
-                            request_id: refusal.correlation_id.map(|id| storable::owned(id, 128)),
-                        }
-                        .into());
+                        return Err(refused(credentials, status, &body).into());
                     }
                     GraphError::Transient {
                         status: Some(status),
@@ -332,6 +309,29 @@ fn parse_token(body: &[u8]) -> Result<(AccessToken, Duration), GraphError> {
         AccessToken(response.access_token),
         Duration::from_secs(seconds.max(1)),
     ))
+}
+
+/// The error of a token request the endpoint refused (400/401/403): a configuration error,
+/// with the AADSTS description's first line (it names the code and the cause; the rest is
+/// trace ids and timestamps), made storable: it ends up in poll errors and conditions.
+fn refused(credentials: &Credentials, status: u16, body: &[u8]) -> GraphError {
+    let refusal: TokenErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let description = storable::text(
+        refusal.error_description.lines().next().unwrap_or_default(),
+        400,
+    );
+    let code = storable::text(&refusal.error, 128);
+    tracing::warn!(
+        tenant = %credentials.tenant_id,
+        client_id = %credentials.client_id,
+        status,
+        error = %code,
+        "token endpoint refused the credentials"
+    );
+    GraphError::AuthenticationFailed {
+        message: format!("token endpoint answered {status} {code}: {description}"),
+        request_id: refusal.correlation_id.map(|id| storable::owned(id, 128)),
+    }
 }
 
 #[cfg(test)]

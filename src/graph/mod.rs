@@ -479,6 +479,13 @@ impl MailboxClient {
         if status == 401 && !refreshed {
             return Next::RefreshToken;
         }
+        self.after_refusal(failed, status, attempt)
+    }
+
+    /// What follows a non-2xx answer: give up, or retry after sharing any wait it asks for
+    /// with every request to the mailbox.
+    fn after_refusal(&self, failed: FailedResponse, status: u16, attempt: u32) -> Next {
+        let governor = &self.client.inner.governor;
         if !failed.is_retryable() {
             return Next::Fail(failed.into_error());
         }
@@ -491,7 +498,7 @@ impl MailboxClient {
             }
             None => {}
         }
-        if !retries_left {
+        if attempt >= governor.config().max_retries {
             return Next::Fail(failed.into_error());
         }
         // A Retry-After (or a 429's pause) is waited out by the governor before the next slot.
