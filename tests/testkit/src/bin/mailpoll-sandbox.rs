@@ -128,12 +128,17 @@ fn print_usage(sandbox: &Sandbox, examples: &std::path::Path) {
            kubectl get events -n mail\n  \
            kubectl get lease -n {ns}\n  \
            psql {db} -c 'SELECT subject, delivery_state FROM messages ORDER BY seq DESC LIMIT 5'\n\
+         Hazards to try:\n  \
+           curl -X POST {graph}/_admin/mailboxes/support@contoso.com/evict-delta   # a resync: ResyncStarted, nothing delivered twice\n  \
+           kubectl delete -f {examples}/20-shared-inbox.yaml && kubectl apply -f {examples}/20-shared-inbox.yaml   # same ledger, same keys\n  \
+           curl -X PUT {graph}/_admin/faults -H 'content-type: application/json' -d '{{\"throttleRatio\":0.3,\"retryAfterFormat\":\"missing\"}}'\n\
          Manifests applied from {examples}. Progress below (Ctrl-C stops everything):\n",
         db = sandbox.database_url(),
         hook = sandbox.receiver.url(),
         logs = logs.join(", "),
         ns = sandbox::OPERATOR_NAMESPACE,
         examples = examples.display(),
+        graph = sandbox.graph.base_url(),
     );
 }
 
