@@ -60,6 +60,22 @@ pub struct Fence<'a> {
     pub query: &'a str,
 }
 
+impl Fence<'_> {
+    /// Binds `$1` to `$5` of a fenced statement: the cursor, the run token, the mailbox, the
+    /// folder and the query the run read the cursor for.
+    fn bind<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.lease.uid)
+            .bind(self.lease.token)
+            .bind(self.source.mailbox.clone())
+            .bind(self.source.folder.clone())
+            .bind(self.query.to_owned())
+    }
+}
+
 /// Why a round starts without a stored link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoundStart {
@@ -181,25 +197,21 @@ pub async fn save_progress(
     watermark: Option<DateTime<Utc>>,
     ttl: Duration,
 ) -> Result<(), CursorError> {
-    let result = sqlx::query(
-        r#"UPDATE mailbox_cursors
+    let result = fence
+        .bind(sqlx::query(
+            r#"UPDATE mailbox_cursors
            SET round_next_link = $6,
                watermark = GREATEST(watermark, $7),
                run_lease_until = now() + $8 * interval '1 millisecond',
                updated_at = now()
            WHERE mailbox_uid = $1 AND run_token = $2 AND mailbox = $3 AND folder = $4
              AND query_fingerprint = $5"#,
-    )
-    .bind(fence.lease.uid)
-    .bind(fence.lease.token)
-    .bind(&fence.source.mailbox)
-    .bind(&fence.source.folder)
-    .bind(fence.query)
-    .bind(next_link)
-    .bind(watermark)
-    .bind(millis(ttl))
-    .execute(&mut *conn)
-    .await?;
+        ))
+        .bind(next_link)
+        .bind(watermark)
+        .bind(millis(ttl))
+        .execute(&mut *conn)
+        .await?;
     fenced(result)
 }
 
@@ -210,22 +222,18 @@ pub async fn finish_round(
     delta_link: Option<&str>,
     watermark: Option<DateTime<Utc>>,
 ) -> Result<(), CursorError> {
-    let result = sqlx::query(
-        r#"UPDATE mailbox_cursors
+    let result = fence
+        .bind(sqlx::query(
+            r#"UPDATE mailbox_cursors
            SET delta_link = $6, round_next_link = NULL, watermark = GREATEST(watermark, $7),
                last_success_at = now(), updated_at = now()
            WHERE mailbox_uid = $1 AND run_token = $2 AND mailbox = $3 AND folder = $4
              AND query_fingerprint = $5"#,
-    )
-    .bind(fence.lease.uid)
-    .bind(fence.lease.token)
-    .bind(&fence.source.mailbox)
-    .bind(&fence.source.folder)
-    .bind(fence.query)
-    .bind(delta_link)
-    .bind(watermark)
-    .execute(&mut *conn)
-    .await?;
+        ))
+        .bind(delta_link)
+        .bind(watermark)
+        .execute(&mut *conn)
+        .await?;
     fenced(result)
 }
 
@@ -237,20 +245,16 @@ pub async fn start_round(
     fence: Fence<'_>,
     start: RoundStart,
 ) -> Result<(), CursorError> {
-    let result = sqlx::query(
-        r#"UPDATE mailbox_cursors
+    let result = fence
+        .bind(sqlx::query(
+            r#"UPDATE mailbox_cursors
            SET delta_link = NULL, round_next_link = NULL, query_fingerprint = $5,
                resyncs = resyncs + CASE WHEN $6 THEN 1 ELSE 0 END, updated_at = now()
            WHERE mailbox_uid = $1 AND run_token = $2 AND mailbox = $3 AND folder = $4"#,
-    )
-    .bind(fence.lease.uid)
-    .bind(fence.lease.token)
-    .bind(&fence.source.mailbox)
-    .bind(&fence.source.folder)
-    .bind(fence.query)
-    .bind(start == RoundStart::Resync)
-    .execute(&mut *conn)
-    .await?;
+        ))
+        .bind(start == RoundStart::Resync)
+        .execute(&mut *conn)
+        .await?;
     fenced(result)
 }
 

@@ -134,22 +134,17 @@ impl<D: Directory> ActionsHandler<D> {
                 Err(error) => failed[owner] = Some(error),
             }
         }
-        let done: Vec<String> = due
-            .iter()
-            .zip(&failed)
-            .filter(|(_, f)| f.is_none())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let (done, remaining): (Vec<String>, Vec<String>) = {
+            let (done, remaining): (Vec<_>, Vec<_>) =
+                due.iter().zip(&failed).partition(|(_, f)| f.is_none());
+            let ids =
+                |pairs: Vec<(&String, _)>| pairs.into_iter().map(|(id, _)| id.clone()).collect();
+            (ids(done), ids(remaining))
+        };
         self.mark_done(config.ledger_id, &done).await?;
         let Some(error) = failed.iter().flatten().next().cloned() else {
             return Ok(());
         };
-        let remaining: Vec<String> = due
-            .iter()
-            .zip(&failed)
-            .filter(|(_, f)| f.is_some())
-            .map(|(id, _)| id.clone())
-            .collect();
         self.failure(task, config, &remaining, error).await
     }
 
