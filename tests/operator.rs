@@ -796,3 +796,58 @@ async fn every_kubernetes_call_of_the_operator_is_recorded_for_the_rbac_check() 
     )
     .expect("write operator-calls.json");
 }
+
+/// A move to a folder the mailbox does not have parks the after-actions with the reason on the
+/// resource (Degraded, an Event); fixing the spec tries them again, and they complete.
+#[tokio::test]
+async fn parked_after_actions_are_retried_once_the_spec_is_fixed() {
+    let world = World::start().await;
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 2)
+        .expect("messages added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let mut poll = cluster::mailbox_poll("filing", MAILBOX, "1h", SECRET);
+    poll.spec.after_delivery = Some(
+        serde_json::from_value(json!({"moveToFolder": "no-such-folder"})).expect("after spec"),
+    );
+    world
+        .api()
+        .create(&PostParams::default(), &poll)
+        .await
+        .expect("MailboxPoll created");
+    let status = world
+        .wait_status("filing", "the parked after-actions on the status", |s| {
+            condition(s, "Degraded").is_some_and(|(_, reason)| reason == "AfterActionsFailed")
+        })
+        .await;
+    assert_eq!(status.messages_delivered, Some(0));
+    assert_eq!(world.graph.folder_len(MAILBOX, "inbox").expect("inbox"), 2);
+    assert!(
+        world
+            .events("filing")
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("AfterActionsFailed")),
+        "an Event names the parked after-actions"
+    );
+
+    world
+        .patch(
+            "filing",
+            json!({"spec": {"afterDelivery": {"moveToFolder": "archive"}}}),
+        )
+        .await;
+    world
+        .wait_status("filing", "the after-actions done after the fix", |s| {
+            s.messages_delivered == Some(2)
+                && condition(s, "Degraded").is_some_and(|(status, _)| status == "False")
+        })
+        .await;
+    assert_eq!(
+        world.graph.folder_len(MAILBOX, "archive").expect("archive"),
+        2
+    );
+    assert_eq!(world.graph.folder_len(MAILBOX, "inbox").expect("inbox"), 0);
+    world.stop().await;
+}
