@@ -416,8 +416,11 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         ["first", "second", "third"],
         "one request per value"
     );
+    // A round cut short by the kill (the killed replica may have been running the forced
+    // poll) leaves its row unfinished; its task ran again elsewhere and served the request.
     let polls: Vec<Option<String>> = sqlx::query_scalar(
-        "SELECT poll_request FROM polls WHERE mailbox_uid = $1 ORDER BY started_at",
+        "SELECT poll_request FROM polls
+          WHERE mailbox_uid = $1 AND finished_at IS NOT NULL ORDER BY started_at",
     )
     .bind(uid)
     .fetch_all(sandbox.pool())
@@ -427,6 +430,17 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         polls,
         [Some("first"), Some("second"), Some("third")].map(|v| v.map(String::from)),
         "a suspended MailboxPoll polls once per annotation value and never on schedule"
+    );
+    let cut_short: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM polls WHERE mailbox_uid = $1 AND finished_at IS NULL",
+    )
+    .bind(uid)
+    .fetch_one(sandbox.pool())
+    .await
+    .expect("unfinished polls");
+    assert!(
+        cut_short <= 1,
+        "only the killed replica's round is unfinished: {cut_short}"
     );
     wait_for_ok(
         "status names the last handled request",
