@@ -872,6 +872,20 @@ impl Hunt {
                 self.live_tasks().await == 0
             })
             .await;
+            // What the leader's periodic sweep does (this world has workers, no leader): an
+            // after-action made due while its mailbox's actions run was finishing has no run
+            // left, and the sweep queues one.
+            let stranded = mailpoll::pipeline::actions::requeue_stranded(&self.db.pool)
+                .await
+                .expect("the sweep of stranded after-actions");
+            if stranded > 0 {
+                self.note(format!("sweep: {stranded} stranded actions run(s) queued"));
+                wait_until("the swept actions runs", WAIT, || async {
+                    self.live_tasks().await == 0
+                })
+                .await;
+                continue;
+            }
             if round >= 2 && new == 0 {
                 return;
             }
