@@ -27,6 +27,8 @@ struct Replica {
     name: &'static str,
     port: u16,
     child: Child,
+    /// Its warnings and errors, for the failure message of a replica that never got ready.
+    log: std::path::PathBuf,
 }
 
 fn start_replica(
@@ -37,6 +39,11 @@ fn start_replica(
     namespace: &str,
 ) -> Replica {
     let port = free_port().expect("free port");
+    let log = std::env::temp_dir().join(format!(
+        "mailpoll-operator-leader-{name}-{}-{port}.log",
+        std::process::id()
+    ));
+    let stderr = std::fs::File::create(&log).expect("replica log file");
     let child = Command::new(env!("CARGO_BIN_EXE_mailpoll"))
         .args(["operator", "--http-addr", &format!("127.0.0.1:{port}")])
         .env("DATABASE_URL", &db.url)
@@ -51,11 +58,16 @@ fn start_replica(
         .env("MAILPOLL_DB_MAX_CONNECTIONS", "6")
         .env("MAILPOLL_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .expect("start mailpoll operator");
-    Replica { name, port, child }
+    Replica {
+        name,
+        port,
+        child,
+        log,
+    }
 }
 
 async fn metric(port: u16, family: &str) -> Option<f64> {
@@ -117,8 +129,12 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
     let http = reqwest::Client::new();
     for replica in &replicas {
         wait_for(
-            &format!("{} to be ready", replica.name),
-            Duration::from_secs(30),
+            &format!(
+                "{} to be ready (its log: {})",
+                replica.name,
+                replica.log.display()
+            ),
+            Duration::from_secs(60),
             || async {
                 let response = http
                     .get(format!("http://127.0.0.1:{}/readyz", replica.port))
