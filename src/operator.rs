@@ -126,6 +126,9 @@ pub enum OperatorError {
     Workers(#[from] QueueError),
 }
 
+/// Longest wait for an answer (or the next bytes of one) from the Kubernetes API.
+const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How the operator introduces itself to the Kubernetes API and to webhooks.
 pub const USER_AGENT: &str = concat!("mailpoll/", env!("CARGO_PKG_VERSION"));
 
@@ -183,6 +186,11 @@ async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorEr
             .map_err(OperatorError::KubeConfig)?,
         KubeSource::Config(kube_config) => (**kube_config).clone(),
     };
+    // A request the API server never answers (a stalled initial LIST once kept a replica
+    // unready for good) fails after this and is retried; watches end sooner on the server's
+    // side (WATCH_TIMEOUT_SECONDS), so a quiet watch is never cut by it.
+    kube_config.read_timeout = Some(KUBE_READ_TIMEOUT);
+    kube_config.reset_reader_on_write = true;
     // Names the operator in API server audit logs (and in the emulator's request record).
     kube_config.headers.push((
         axum::http::header::USER_AGENT,

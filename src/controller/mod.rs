@@ -139,7 +139,7 @@ fn start_term(
         routes.insert(namespace.clone(), tx);
         let (reader, writer) = reflector::store();
         // Reconciles follow spec changes and new forced-poll values, never status writes.
-        let changes = watcher(api, watcher::Config::default())
+        let changes = watcher(api, crate::directory::kube::watch_config())
             .default_backoff()
             .reflect(writer)
             .applied_objects()

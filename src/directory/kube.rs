@@ -73,6 +73,16 @@ impl Scope {
     }
 }
 
+/// Seconds after which the API server ends a watch (it is then resumed from its last
+/// resourceVersion): shorter than the client's read timeout, so a quiet watch ends cleanly
+/// rather than by a timeout.
+pub const WATCH_TIMEOUT_SECONDS: u32 = 25;
+
+/// The settings of every MailboxPoll watch.
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS)
+}
+
 /// Watch caches of MailboxPolls, one per watched scope.
 #[derive(Clone)]
 pub struct MailboxPolls {
@@ -85,7 +95,7 @@ impl MailboxPolls {
         let mut stores = Vec::new();
         for (namespace, api) in scope.apis::<MailboxPoll>(client) {
             let (reader, writer) = reflector::store();
-            let stream = watcher(api, watcher::Config::default())
+            let stream = watcher(api, watch_config())
                 .default_backoff()
                 .reflect(writer)
                 .applied_objects();
