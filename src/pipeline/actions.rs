@@ -7,14 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::run_lease;
 use super::tasks::ActionsTask;
-use crate::cursor;
 use crate::directory::{Directory, MailboxConfig};
 use crate::graph::{GraphClient, GraphError, MailboxClient, PostAction};
 use crate::identity;
@@ -191,14 +189,12 @@ impl<D: Directory> ActionsHandler<D> {
         error: GraphError,
     ) -> Result<(), HandlerError> {
         if let GraphError::Throttled { retry_after, .. } = &error {
-            let wait = retry_after.unwrap_or(Duration::from_secs(30));
-            let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-            if let Err(db) =
-                cursor::set_throttled_until(&self.pool, &config.source.mailbox, until).await
-            {
-                tracing::warn!(%db, "cannot share a Retry-After with other replicas");
-            }
-            return Err(HandlerError::snooze(wait));
+            return Err(run_lease::share_throttle(
+                &self.pool,
+                &config.source.mailbox,
+                *retry_after,
+            )
+            .await);
         }
         tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, %error, "after-delivery actions failed");
         let park_after = if task.attempt() >= task.max_attempts {

@@ -49,6 +49,26 @@ pub async fn take(
     Ok((lease, cursor))
 }
 
+/// The mailbox was throttled past what the Graph client waits out itself: every replica is
+/// told to leave it alone until the wait is over (a failure to tell them is logged, the
+/// client's own pause still holds), and the task snoozes that long, which is not a failed
+/// attempt. A 429 without `Retry-After` waits [`DEFAULT_THROTTLE_WAIT`].
+pub async fn share_throttle(
+    pool: &PgPool,
+    mailbox: &str,
+    retry_after: Option<Duration>,
+) -> HandlerError {
+    let wait = retry_after.unwrap_or(DEFAULT_THROTTLE_WAIT);
+    let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+    if let Err(error) = cursor::set_throttled_until(pool, mailbox, until).await {
+        tracing::warn!(%error, "cannot share a Retry-After with other replicas");
+    }
+    HandlerError::snooze(wait)
+}
+
+/// The wait after a throttled run whose answers carried no `Retry-After`.
+const DEFAULT_THROTTLE_WAIT: Duration = Duration::from_secs(30);
+
 /// Gives the mailbox back; a lease that cannot be released expires on its own.
 pub async fn give_back(pool: &PgPool, lease: RunLease) {
     if let Err(error) = cursor::release(pool, lease).await {

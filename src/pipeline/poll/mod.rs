@@ -223,13 +223,7 @@ impl<D: Directory> PollHandler<D> {
         tracing::warn!(namespace = %source.namespace, name = %source.name, %error, "poll failed");
         match error {
             RoundError::Graph(GraphError::Throttled { retry_after, .. }) => {
-                let wait = retry_after.unwrap_or(Duration::from_secs(30));
-                let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-                cursor::set_throttled_until(&self.pool, &source.mailbox, until)
-                    .await
-                    .map_err(HandlerError::retryable)?;
-                // Graph's Retry-After is a snooze, not a failed attempt.
-                Err(HandlerError::snooze(wait))
+                Err(run_lease::share_throttle(&self.pool, &source.mailbox, retry_after).await)
             }
             RoundError::Graph(ref graph) if graph.is_transient() => {
                 Err(HandlerError::retryable(error))
