@@ -285,19 +285,43 @@ pub async fn release(pool: &PgPool, lease: RunLease) -> Result<(), sqlx::Error> 
     Ok(())
 }
 
+/// The channel on which a recorded Retry-After is announced (payload: [`ThrottleAnnouncement`]
+/// as JSON), so replicas in the middle of a run pause at once instead of at their next run.
+pub const THROTTLED_CHANNEL: &str = "mailpoll_mailbox_throttled";
+
+/// A mailbox's requests must wait until `until` (a Retry-After some replica received).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ThrottleAnnouncement {
+    /// Lower-cased.
+    pub mailbox: String,
+    pub until: DateTime<Utc>,
+}
+
+impl ThrottleAnnouncement {
+    /// Reads a payload of [`THROTTLED_CHANNEL`]; `None` for anything else.
+    pub fn parse(payload: &str) -> Option<Self> {
+        serde_json::from_str(payload).ok()
+    }
+}
+
 /// Records a Retry-After so every replica waits it out before talking to this mailbox (all
-/// MailboxPolls of the mailbox: Graph counts per mailbox, not per folder).
+/// MailboxPolls of the mailbox: Graph counts per mailbox, not per folder), and announces it
+/// on [`THROTTLED_CHANNEL`] for runs already under way.
 pub async fn set_throttled_until(
     pool: &PgPool,
     mailbox: &str,
     until: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE mailbox_cursors SET throttled_until = GREATEST(throttled_until, $2)
-         WHERE lower(mailbox) = lower($1)",
+        "WITH recorded AS (
+             UPDATE mailbox_cursors SET throttled_until = GREATEST(throttled_until, $2)
+             WHERE lower(mailbox) = lower($1)
+         )
+         SELECT pg_notify($3, json_build_object('mailbox', lower($1), 'until', $2)::text)",
     )
     .bind(mailbox)
     .bind(until)
+    .bind(THROTTLED_CHANNEL)
     .execute(pool)
     .await?;
     Ok(())

@@ -1,4 +1,8 @@
-//! Postgres connection and schema migrations.
+//! Postgres connection, schema migrations and notifications.
+
+mod listen;
+
+pub use listen::{Heard, listen};
 
 use std::time::Duration;
 

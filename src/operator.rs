@@ -16,14 +16,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{self, LeaderWork};
-use crate::cursor;
 use crate::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 use crate::graph::{Governor, GovernorConfig, GraphClient, GraphConfig, GraphError};
 use crate::leader::{self, LeaderConfig};
 use crate::pipeline::actions::ActionsHandler;
 use crate::pipeline::deliver::DeliverHandler;
 use crate::pipeline::poll::{PollHandler, PollSettings};
-use crate::pipeline::{ACTIONS, DELIVER, POLL};
+use crate::pipeline::{ACTIONS, DELIVER, POLL, run_lease};
 use crate::queue::{self, QueueError, WorkerPool, WorkerPoolConfig};
 use crate::telemetry::metrics::{KindLabels, Metrics, QueueLabels, SharedMetrics};
 use crate::{db, http};
@@ -142,9 +141,16 @@ pub async fn run(
     tracing::info!("database schema is up to date");
     let client = kube_client(&config).await?;
     let metrics: SharedMetrics = Arc::new(Metrics::new());
-    let graph = graph_client(&config, &pool, &metrics)?;
+    let graph = graph_client(&config, &metrics)?;
 
     let stop = CancellationToken::new();
+    let sharing = run_lease::share_retry_afters(
+        &pool,
+        &graph,
+        &metrics,
+        config.workers.listen,
+        stop.child_token(),
+    );
     let (directory, watch_synced) = start_directory(&config, &client, &pool, stop.child_token());
     let mut server = Server::start(config.http_addr, &pool, &metrics, watch_synced).await?;
     let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
@@ -172,6 +178,9 @@ pub async fn run(
     );
     stop.cancel();
     let _ = gauges.await;
+    for task in sharing {
+        let _ = task.await;
+    }
     let served = server.stop(server_failed).await;
     pool.close().await;
     tracing::info!("stopped");
@@ -341,11 +350,9 @@ impl Leadership {
     }
 }
 
-/// The Graph client, with its response statuses counted and its throttling shared through
-/// Postgres with every replica.
+/// The Graph client, with its response statuses counted.
 fn graph_client(
     config: &OperatorConfig,
-    pool: &sqlx::PgPool,
     metrics: &SharedMetrics,
 ) -> Result<GraphClient, OperatorError> {
     let graph = GraphClient::new(
@@ -356,23 +363,6 @@ fn graph_client(
         let metrics = metrics.clone();
         graph.on_response(move |status| metrics.graph_response(status));
     }
-    let (notices, mut pending) = tokio::sync::mpsc::channel(1024);
-    graph.governor().on_throttle(move |notice| {
-        // Dropped when full: the poll that hit the throttle records it in Postgres as well.
-        let _ = notices.try_send(notice.clone());
-    });
-    let pool = pool.clone();
-    let metrics = metrics.clone();
-    tokio::spawn(async move {
-        while let Some(notice) = pending.recv().await {
-            metrics.throttled_for(notice.retry_after);
-            if let Err(error) =
-                cursor::set_throttled_until(&pool, &notice.mailbox, notice.until).await
-            {
-                tracing::warn!(%error, mailbox = %notice.mailbox, "cannot share a Graph Retry-After with other replicas");
-            }
-        }
-    });
     Ok(graph)
 }
 

@@ -260,3 +260,60 @@ async fn a_folder_change_waits_for_the_lease_and_stale_writes_are_refused() {
     assert_eq!(row, ("archive".to_owned(), None));
     cursor::release(&db.pool, b).await.expect("release");
 }
+
+/// A recorded Retry-After holds every MailboxPoll of the mailbox, whatever the case of its
+/// address, and is announced with the mailbox and the exact time to wait for.
+#[tokio::test]
+async fn a_retry_after_is_recorded_for_the_whole_mailbox_and_announced() {
+    let db = TestDatabase::create().await.expect("test database");
+    let (inbox, archive) = (
+        source(Uuid::new_v4(), "inbox"),
+        source(Uuid::new_v4(), "archive"),
+    );
+    for source in [&inbox, &archive] {
+        let Acquired::Held(lease, _) = cursor::acquire(&db.pool, source, Duration::from_secs(10))
+            .await
+            .expect("acquire")
+        else {
+            panic!("a new cursor is free");
+        };
+        cursor::release(&db.pool, lease).await.expect("release");
+    }
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .expect("listener");
+    listener
+        .listen(cursor::THROTTLED_CHANNEL)
+        .await
+        .expect("listen");
+    let until = chrono::DateTime::parse_from_rfc3339("2031-05-04T03:02:01.123456Z")
+        .expect("time")
+        .to_utc();
+    cursor::set_throttled_until(&db.pool, "Support@Contoso.com", until)
+        .await
+        .expect("record");
+
+    let notification = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("announced within 10 s")
+        .expect("notification");
+    assert_eq!(
+        cursor::ThrottleAnnouncement::parse(notification.payload()),
+        Some(cursor::ThrottleAnnouncement {
+            mailbox: "support@contoso.com".into(),
+            until,
+        }),
+        "payload {}",
+        notification.payload()
+    );
+    for source in [&inbox, &archive] {
+        let Acquired::Held(_, cursor) = cursor::acquire(&db.pool, source, Duration::from_secs(10))
+            .await
+            .expect("acquire")
+        else {
+            panic!("the cursor is free");
+        };
+        assert_eq!(cursor.throttled_until, Some(until), "{}", source.folder);
+    }
+    assert_eq!(cursor::ThrottleAnnouncement::parse("not json"), None);
+}

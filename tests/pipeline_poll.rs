@@ -18,7 +18,7 @@ use mailpoll::graph::{
 use mailpoll::pipeline::actions::ActionsHandler;
 use mailpoll::pipeline::deliver::DeliverHandler;
 use mailpoll::pipeline::poll::{PollHandler, PollSettings};
-use mailpoll::pipeline::{ACTIONS, DELIVER, POLL};
+use mailpoll::pipeline::{ACTIONS, DELIVER, POLL, run_lease};
 use mailpoll::pipeline::{PollTask, poll_dedupe_key};
 use mailpoll::queue::{
     self, NewTask, RetryPolicy, RunningPool, WorkerId, WorkerPool, WorkerPoolConfig,
@@ -34,6 +34,7 @@ use mailpoll_testkit::wait_until;
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const MAILBOX: &str = "orders@contoso.com";
@@ -41,6 +42,30 @@ const SECRET: &[u8] = b"hook-signing-secret";
 
 fn big() -> bool {
     std::env::var("MAILPOLL_BIG").is_ok_and(|v| v == "1")
+}
+
+/// What a test worker pool runs and how.
+struct Shape {
+    page_size: u32,
+    /// The pool poll pages are recorded through.
+    poll_pool: PgPool,
+    /// Whether it delivers and runs after-actions too.
+    deliver: bool,
+    run_lease: Duration,
+    /// Tasks held at once.
+    concurrency: usize,
+}
+
+impl Shape {
+    fn new(page_size: u32, poll_pool: PgPool, deliver: bool, run_lease: Duration) -> Self {
+        Self {
+            page_size,
+            poll_pool,
+            deliver,
+            run_lease,
+            concurrency: 8,
+        }
+    }
 }
 
 struct World {
@@ -131,6 +156,34 @@ impl World {
         .expect("Graph client")
     }
 
+    /// Another MailboxPoll in the same directory, reading `folder` of the world's mailbox.
+    fn add_folder_poll(&self, folder: &str) -> Uuid {
+        let uid = Uuid::new_v4();
+        let mut config = self.config(false, None);
+        config.ledger_id = uid;
+        config.source.uid = uid;
+        config.source.name = folder.into();
+        config.source.folder = folder.into();
+        self.directory.insert(config);
+        uid
+    }
+
+    /// A replica that only polls, one task at a time, on a Graph client of its own whose
+    /// Retry-Afters are shared with every replica as the operator shares them.
+    fn polling_replica(&self, name: &str, page_size: u32, stop: &CancellationToken) -> RunningPool {
+        let graph = self.graph();
+        let metrics = Arc::new(Metrics::new());
+        run_lease::share_retry_afters(&self.db.pool, &graph, &metrics, true, stop.clone());
+        let shape = Shape {
+            page_size,
+            poll_pool: self.db.pool.clone(),
+            deliver: false,
+            run_lease: Duration::from_secs(10),
+            concurrency: 1,
+        };
+        self.worker_pool_on(name, shape, graph)
+    }
+
     /// Another MailboxPoll in the same directory, reading `mailbox` (added to the emulator).
     fn add_mailbox_poll(&self, mailbox: &str) -> Uuid {
         self.emulator.add_mailbox(mailbox);
@@ -177,14 +230,13 @@ impl World {
 
     /// Workers whose Graph client is `graph` (e.g. with another governor).
     fn workers_on_graph(&self, name: &str, page_size: u32, graph: GraphClient) -> RunningPool {
-        self.worker_pool_on(
-            name,
+        let shape = Shape::new(
             page_size,
             self.db.pool.clone(),
             true,
             Duration::from_secs(10),
-            graph,
-        )
+        );
+        self.worker_pool_on(name, shape, graph)
     }
 
     fn worker_pool(
@@ -195,25 +247,27 @@ impl World {
         deliver: bool,
         run_lease: Duration,
     ) -> RunningPool {
-        self.worker_pool_on(name, page_size, poll_pool, deliver, run_lease, self.graph())
+        let shape = Shape::new(page_size, poll_pool, deliver, run_lease);
+        self.worker_pool_on(name, shape, self.graph())
     }
 
-    fn worker_pool_on(
-        &self,
-        name: &str,
-        page_size: u32,
-        poll_pool: PgPool,
-        deliver: bool,
-        run_lease: Duration,
-        graph: GraphClient,
-    ) -> RunningPool {
+    fn worker_pool_on(&self, name: &str, shape: Shape, graph: GraphClient) -> RunningPool {
+        let Shape {
+            page_size,
+            poll_pool,
+            deliver,
+            run_lease,
+            concurrency,
+        } = shape;
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(self.directory.clone());
         let pool = WorkerPool::new(
             self.db.pool.clone(),
             WorkerPoolConfig {
                 worker_id: WorkerId::named(name),
-                concurrency: 8,
+                concurrency,
+                // Concurrency 1 is a replica that holds one task: it claims nothing ahead.
+                prefetch: if concurrency == 1 { 0 } else { 32 },
                 lease: Duration::from_secs(10),
                 heartbeat_interval: Duration::from_secs(2),
                 poll_interval: Duration::from_millis(100),
@@ -288,6 +342,18 @@ impl World {
             .await
             .expect("enqueue poll")
             .id
+    }
+
+    /// Waits until a worker runs the task.
+    async fn running(&self, task: i64) {
+        wait_until("the task to run", Duration::from_secs(30), || async {
+            sqlx::query_scalar::<_, String>("SELECT state FROM tasks WHERE id = $1")
+                .bind(task)
+                .fetch_one(&self.db.pool)
+                .await
+                .is_ok_and(|state| state == "running")
+        })
+        .await;
     }
 
     /// Waits until the task has finished (succeeded or kept dead); returns its state and
@@ -1773,4 +1839,84 @@ async fn shuffled_batch_responses_are_matched_by_id() {
         )
         .await;
     assert_eq!(delivered, 7);
+}
+
+/// Two replicas, each with its own Graph client, poll two folders of one mailbox at the same
+/// time while Graph throttles: a Retry-After either one receives holds the other's requests
+/// too, also in the middle of its round (Graph counts per mailbox, whoever sends).
+#[tokio::test]
+async fn a_retry_after_one_replica_receives_pauses_the_other_mid_round() {
+    let world = World::start(Faults {
+        retry_after_secs: 2,
+        slow_page_ms: 30,
+        ..Faults::default()
+    })
+    .await;
+    let archive = world.add_folder_poll("archive");
+    let per_folder = 120;
+    for folder in ["inbox", "archive"] {
+        world
+            .emulator
+            .add_messages(MAILBOX, folder, per_folder)
+            .expect("mail");
+    }
+    let stop = CancellationToken::new();
+    let replica_a = world.polling_replica("replica-a", 4, &stop);
+    let inbox_poll = world.enqueue_poll(world.uid, 50).await;
+    world.running(inbox_poll).await;
+    // One task at a time each: replica A is busy with the inbox, so B takes the archive.
+    let replica_b = world.polling_replica("replica-b", 4, &stop);
+    let archive_poll = world.enqueue_poll(archive, 50).await;
+    world.running(archive_poll).await;
+    // Throttling starts once both rounds are under way, so neither is snoozed at its start
+    // by a Retry-After the other shared.
+    world
+        .emulator
+        .update_faults(|faults| faults.throttle_ratio = 0.08);
+    assert_eq!(world.finished(inbox_poll).await.0, "succeeded");
+    assert_eq!(world.finished(archive_poll).await.0, "succeeded");
+    replica_a.shutdown().await;
+    replica_b.shutdown().await;
+    stop.cancel();
+
+    let overlapping: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM polls a JOIN polls b
+           ON a.mailbox_uid = $1 AND b.mailbox_uid = $2
+          AND a.started_at < b.finished_at AND b.started_at < a.finished_at",
+    )
+    .bind(world.uid)
+    .bind(archive)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("polls");
+    assert!(
+        overlapping > 0,
+        "the two replicas' polls ran at the same time"
+    );
+    let counters = world.emulator.counters();
+    let throttles = counters.throttles.len();
+    assert!(
+        throttles >= 2,
+        "Graph throttled {throttles} times: too few to tell"
+    );
+    // Requests already on their way when a 429 left could not know of it, nor could those
+    // sent before the announcement reached the other replica (milliseconds on loopback).
+    let early = counters.early_requests(Duration::from_millis(250));
+    assert!(
+        early.is_empty(),
+        "{} requests inside a Retry-After ({throttles} throttles): {early:?}",
+        early.len()
+    );
+    for uid in [world.uid, archive] {
+        let recorded = count(
+            &world.db.pool,
+            uid,
+            "SELECT count(*) FROM messages WHERE mailbox_uid = $1",
+        )
+        .await;
+        assert_eq!(
+            recorded, per_folder as i64,
+            "every message of {uid} recorded"
+        );
+    }
 }

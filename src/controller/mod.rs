@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cursor;
+use crate::db;
 use crate::directory::{KubeDirectory, Scope};
 use crate::ledger::{self, FailedDelivery};
 use crate::pipeline::poll::MAILBOX_CHANGED_CHANNEL;
@@ -191,51 +192,31 @@ async fn forward_announcements(
     routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>>,
     stop: CancellationToken,
 ) {
-    loop {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for finished polls; retrying");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                }
-            }
+    let forward = |heard: db::Heard<'_>| {
+        let db::Heard::Notice(payload) = heard else {
+            return;
         };
-        if let Err(error) = listener.listen(MAILBOX_CHANGED_CHANNEL).await {
-            tracing::warn!(%error, "cannot listen for finished polls; retrying");
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(2)) => continue,
-            }
+        let Some((namespace, name)) = payload.split_once('/') else {
+            return;
+        };
+        let object = ObjectRef::new(name).within(namespace);
+        let route = routes
+            .get(&Some(namespace.to_owned()))
+            .or_else(|| routes.get(&None));
+        if let Some(route) = route {
+            // A full channel means reconciles are already queued; the requeue timers catch
+            // up with anything dropped here, and with announcements lost while disconnected.
+            let _ = route.try_send(object);
         }
-        loop {
-            let notification = tokio::select! {
-                () = stop.cancelled() => return,
-                n = listener.recv() => n,
-            };
-            match notification {
-                Ok(notification) => {
-                    let Some((namespace, name)) = notification.payload().split_once('/') else {
-                        continue;
-                    };
-                    let object = ObjectRef::new(name).within(namespace);
-                    let route = routes
-                        .get(&Some(namespace.to_owned()))
-                        .or_else(|| routes.get(&None));
-                    if let Some(route) = route {
-                        // A full channel means reconciles are already queued; the requeue
-                        // timers catch up with anything dropped here.
-                        let _ = route.try_send(object);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "listening for finished polls failed; reconnecting");
-                    break;
-                }
-            }
-        }
-    }
+    };
+    db::listen(
+        &pool,
+        MAILBOX_CHANGED_CHANNEL,
+        "finished polls",
+        forward,
+        stop,
+    )
+    .await;
 }
 
 async fn sweep_loop(

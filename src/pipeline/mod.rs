@@ -10,7 +10,7 @@ pub mod actions;
 pub mod deliver;
 pub mod delivered;
 pub mod poll;
-mod run_lease;
+pub mod run_lease;
 pub mod tasks;
 
 use uuid::Uuid;

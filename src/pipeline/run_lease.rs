@@ -9,9 +9,14 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::cursor::{self, Acquired, Cursor, CursorError, RunLease, Source};
+use crate::db::{self, Heard};
 use crate::graph::GraphClient;
+use crate::graph::ThrottleNotice;
 use crate::queue::HandlerError;
+use crate::telemetry::metrics::SharedMetrics;
 
 /// How long until `until`, at least a short pause so a snooze never spins.
 pub fn wait_until(until: DateTime<Utc>) -> Duration {
@@ -64,6 +69,76 @@ pub async fn share_throttle(
         tracing::warn!(%error, "cannot share a Retry-After with other replicas");
     }
     HandlerError::snooze(wait)
+}
+
+/// Makes every `Retry-After` this process's Graph client learns a pause of every replica:
+/// each is recorded on the mailbox's cursors and announced ([`cursor::set_throttled_until`]),
+/// and announcements from any replica pause this client at once, also in the middle of a
+/// run. Without `listen` (behind a proxy that drops notifications) the others learn of it when
+/// their next run takes the mailbox ([`take`]). Runs until `stop`.
+pub fn share_retry_afters(
+    pool: &PgPool,
+    graph: &GraphClient,
+    metrics: &SharedMetrics,
+    listen: bool,
+    stop: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let (notices, pending) = tokio::sync::mpsc::channel(1024);
+    graph.governor().on_throttle(move |notice| {
+        // Dropped when full: the run that hit the throttle snoozes on it all the same.
+        let _ = notices.try_send(notice.clone());
+    });
+    let mut tasks = vec![tokio::spawn(record_retry_afters(
+        pool.clone(),
+        metrics.clone(),
+        pending,
+        stop.clone(),
+    ))];
+    if listen {
+        let (pool, governor) = (pool.clone(), graph.governor().clone());
+        let pause = move |heard: Heard<'_>| {
+            let Heard::Notice(payload) = heard else {
+                return;
+            };
+            match cursor::ThrottleAnnouncement::parse(payload) {
+                Some(announced) => governor.pause_until(&announced.mailbox, announced.until),
+                None => tracing::debug!(payload, "ignoring a malformed throttle announcement"),
+            }
+        };
+        tasks.push(tokio::spawn(async move {
+            db::listen(
+                &pool,
+                cursor::THROTTLED_CHANNEL,
+                "Retry-After announcements",
+                pause,
+                stop,
+            )
+            .await;
+        }));
+    }
+    tasks
+}
+
+async fn record_retry_afters(
+    pool: PgPool,
+    metrics: SharedMetrics,
+    mut pending: tokio::sync::mpsc::Receiver<ThrottleNotice>,
+    stop: CancellationToken,
+) {
+    loop {
+        let notice = tokio::select! {
+            () = stop.cancelled() => return,
+            notice = pending.recv() => match notice {
+                Some(notice) => notice,
+                None => return,
+            },
+        };
+        metrics.throttled_for(notice.retry_after);
+        if let Err(error) = cursor::set_throttled_until(&pool, &notice.mailbox, notice.until).await
+        {
+            tracing::warn!(%error, mailbox = %notice.mailbox, "cannot share a Graph Retry-After with other replicas");
+        }
+    }
 }
 
 /// The wait after a throttled run whose answers carried no `Retry-After`.

@@ -29,7 +29,6 @@ pub mod backoff;
 pub mod stats;
 pub mod store;
 pub mod transition;
-mod wakeup;
 pub mod worker;
 
 use std::fmt;

@@ -11,7 +11,7 @@
 //! - the *heartbeat* keeps the leases of held tasks alive on its own schedule, so a slow or
 //!   failing result statement never lets leases run out; both write rows in ascending id
 //!   order, so their statements never lock the same rows in opposite orders;
-//! - the *listener* turns `NOTIFY` into wake-ups ([`super::wakeup`]);
+//! - the *listener* turns `NOTIFY` into wake-ups ([`crate::db::listen`]);
 //! - *maintenance* rescues expired leases and prunes old tasks.
 //!
 //! Files: [`handler`] (what handlers implement and see), this module (settings, the pool and
@@ -37,7 +37,8 @@ use uuid::Uuid;
 use super::backoff::RetryPolicy;
 use super::stats::{QueueCounters, QueueCountersSnapshot};
 use super::transition::Transition;
-use super::{Lease, QueueError, wakeup};
+use super::{Lease, QueueError, WAKE_CHANNEL};
+use crate::db;
 use handler::DynHandler;
 use keeper::KeeperReport;
 
@@ -215,11 +216,19 @@ impl WorkerPool {
         let keeper = tokio::spawn(keeper::run(shared.clone(), results_rx));
         let heartbeat = tokio::spawn(heartbeat::run(shared.clone()));
         let listener = shared.config.listen.then(|| {
-            tokio::spawn(wakeup::listen(
-                shared.db.clone(),
-                shared.wake.clone(),
-                shared.stop.clone(),
-            ))
+            let (db, wake, stop) = (shared.db.clone(), shared.wake.clone(), shared.stop.clone());
+            // A burst of notifications wakes the claim loop once; a reconnection wakes it too,
+            // since notifications sent meanwhile are lost.
+            tokio::spawn(async move {
+                db::listen(
+                    &db,
+                    WAKE_CHANNEL,
+                    "task notifications",
+                    |_| wake.notify_one(),
+                    stop,
+                )
+                .await;
+            })
         });
         let maintenance = tokio::spawn(maintenance::run(shared.clone()));
         Ok(RunningPool {
