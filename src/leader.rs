@@ -87,13 +87,20 @@ async fn run(
     stop: CancellationToken,
 ) {
     let mut observed: Option<Observation> = None;
+    // When the Lease we hold was last renewed (by our monotonic clock).
+    let mut renewed_at: Option<Instant> = None;
     loop {
-        let attempt = tokio::time::timeout(
-            config.renew_deadline,
-            try_acquire_or_renew(&api, &config, &mut observed),
-        )
-        .await;
-        let last_renewal = match attempt {
+        // A renewal that has not answered by the renew deadline of the last one is a failed
+        // one: counting the deadline from the last renewal, not from this try, keeps the
+        // step-down within `renew_deadline` of it, well inside the lease duration others wait.
+        let deadline = renewed_at.map_or_else(
+            || Instant::now() + config.renew_deadline,
+            |renewed| renewed + config.renew_deadline,
+        );
+        let attempt =
+            tokio::time::timeout_at(deadline, try_acquire_or_renew(&api, &config, &mut observed))
+                .await;
+        renewed_at = match attempt {
             Ok(Ok(Attempt::Held)) => Some(Instant::now()),
             Ok(Ok(Attempt::Other)) => None,
             Ok(Err(error)) => {
@@ -106,18 +113,10 @@ async fn run(
                 None
             }
         };
-        set(&leading, last_renewal.is_some(), &config);
-        // Sleep until the next try, but never past the renew deadline of the last renewal.
-        let mut wake = Instant::now() + config.retry_period;
-        if let Some(renewed) = last_renewal {
-            wake = wake.min(renewed + config.renew_deadline);
-        }
+        set(&leading, renewed_at.is_some(), &config);
         tokio::select! {
             () = stop.cancelled() => break,
-            () = tokio::time::sleep_until(wake) => {}
-        }
-        if last_renewal.is_some_and(|renewed| renewed.elapsed() >= config.renew_deadline) {
-            set(&leading, false, &config);
+            () = tokio::time::sleep(config.retry_period) => {}
         }
     }
     if *leading.borrow() {

@@ -22,7 +22,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, CustomResourceExt, ResourceExt};
 use mailpoll::resource::MailboxPoll;
-use mailpoll_testkit::kube::{KubeEmulator, Options};
+use mailpoll_testkit::kube::{ApiError, FaultEffect, KubeEmulator, Options};
 use mailpoll_testkit::wait_for;
 use serde_json::{Value, json};
 
@@ -1739,6 +1739,83 @@ async fn the_event_recorder_publishes_and_repeats() {
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert_eq!(event.reporting_component.as_deref(), Some("mailpoll"));
     assert_eq!(event.series.as_ref().map(|s| s.count), Some(Some(2)));
+    world.finish().await;
+}
+
+/// Faults aimed at one client: each kubeconfig user is told apart by its bearer token (in the
+/// request record too); a failure hits only that user, and a held answer arrives late although
+/// the write took effect at once.
+#[tokio::test]
+async fn faults_aimed_at_one_user() {
+    if real_cluster() {
+        return; // users and faults are the emulator's own
+    }
+    let world = World::new().await;
+    let emulator = world.emulator().expect("emulator");
+    mailpoll::install_crypto_provider();
+    let lease_api = |user: &str| -> Api<Lease> {
+        let client = emulator.client_as(user).expect("client");
+        Api::namespaced(client, &world.namespace)
+    };
+    let (alice, bob) = (lease_api("alice"), lease_api("bob"));
+    let lease: Lease =
+        serde_json::from_value(json!({"metadata": {"name": "l"}, "spec": {}})).expect("lease");
+    let created = alice
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("create");
+    emulator.clear_requests();
+    emulator.inject_fault_for(
+        "alice",
+        "update",
+        "leases",
+        1,
+        FaultEffect::Fail(ApiError::with_code(500, "injected")),
+    );
+    let renewed = bob
+        .replace("l", &PostParams::default(), &created)
+        .await
+        .expect("bob is not affected");
+    let refused = alice
+        .replace("l", &PostParams::default(), &renewed)
+        .await
+        .expect_err("alice's update fails");
+    assert_eq!(api_status(refused).code, 500);
+    let users: Vec<(Option<String>, u16)> = emulator
+        .requests()
+        .iter()
+        .map(|r| (r.user.clone(), r.code))
+        .collect();
+    assert_eq!(
+        users,
+        [(Some("bob".into()), 200), (Some("alice".into()), 500)]
+    );
+
+    let hold = Duration::from_secs(2);
+    emulator.inject_fault_for("alice", "update", "leases", 1, FaultEffect::Hold(hold));
+    let mut changed = renewed.clone();
+    changed.spec = Some(LeaseSpec {
+        holder_identity: Some("alice".into()),
+        ..LeaseSpec::default()
+    });
+    let slow = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.replace("l", &PostParams::default(), &changed).await }
+    });
+    // The write is visible before its answer comes back.
+    wait_for("alice's held write to take effect", PATIENCE, || async {
+        let lease = bob.get("l").await.ok()?;
+        (lease.spec?.holder_identity.as_deref() == Some("alice")).then_some(())
+    })
+    .await;
+    assert!(!slow.is_finished(), "the answer is still held");
+    slow.await.expect("join").expect("answered after the hold");
+    let held = emulator.requests().last().cloned().expect("a record");
+    assert_eq!(
+        (held.user.as_deref(), held.held_for),
+        (Some("alice"), Some(hold))
+    );
+    emulator.clear_faults();
     world.finish().await;
 }
 

@@ -33,7 +33,7 @@ use anyhow::Context;
 
 pub use record::RequestRecord;
 use server::Shared;
-pub use server::{Fault, Options};
+pub use server::{Fault, FaultEffect, Options};
 pub use status::ApiError;
 
 /// A running emulator; stops when dropped.
@@ -47,6 +47,12 @@ pub struct KubeEmulator {
 
 /// A kubeconfig naming the emulator at `url` as its only cluster and current context.
 pub fn kubeconfig_yaml(url: &str) -> String {
+    kubeconfig_yaml_for(url, None)
+}
+
+/// A kubeconfig for the emulator at `url` whose user sends `token` as its bearer token.
+pub fn kubeconfig_yaml_for(url: &str, token: Option<&str>) -> String {
+    let user = token.map_or_else(|| "{}".to_owned(), |token| format!("{{token: {token}}}"));
     format!(
         "apiVersion: v1
 kind: Config
@@ -56,7 +62,7 @@ clusters:
     server: {url}
 users:
 - name: kube-emulator
-  user: {{}}
+  user: {user}
 contexts:
 - name: kube-emulator
   context:
@@ -145,6 +151,22 @@ impl KubeEmulator {
         &self.kubeconfig
     }
 
+    /// A kubeconfig whose requests carry `user` as their bearer token, so the request record
+    /// and injected faults can tell clients apart (every user may do everything).
+    pub fn kubeconfig_for(&self, user: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!("kubeconfig-{user}"));
+        std::fs::write(&path, kubeconfig_yaml_for(&self.url(), Some(user)))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// A client whose requests carry `user` as their bearer token.
+    pub fn client_as(&self, user: &str) -> anyhow::Result<kube::Client> {
+        let mut config = self.config()?;
+        config.auth_info.token = Some(user.to_owned().into());
+        kube::Client::try_from(config).context("building a client for the emulator")
+    }
+
     /// Every request answered so far, in order.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.records()
@@ -193,9 +215,37 @@ impl KubeEmulator {
         self.shared.add_fault(Fault {
             verb: verb.map(str::to_owned),
             resource: resource.map(str::to_owned),
+            user: None,
             times,
-            error: ApiError::with_code(code, format!("injected failure ({code})")),
+            effect: FaultEffect::Fail(ApiError::with_code(
+                code,
+                format!("injected failure ({code})"),
+            )),
         });
+    }
+
+    /// Injects a fault on the requests of one user only (see [`Self::kubeconfig_for`]), e.g.
+    /// the Lease renewals of one replica.
+    pub fn inject_fault_for(
+        &self,
+        user: &str,
+        verb: &str,
+        resource: &str,
+        times: usize,
+        effect: FaultEffect,
+    ) {
+        self.shared.add_fault(Fault {
+            verb: Some(verb.to_owned()),
+            resource: Some(resource.to_owned()),
+            user: Some(user.to_owned()),
+            times,
+            effect,
+        });
+    }
+
+    /// Removes every injected fault not yet spent.
+    pub fn clear_faults(&self) {
+        self.shared.clear_faults();
     }
 
     /// Forgets the change history: a watch or continue token from an older resourceVersion

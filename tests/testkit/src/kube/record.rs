@@ -20,6 +20,13 @@ pub struct RequestRecord {
     /// `fieldManager` query parameter, when given.
     pub field_manager: Option<String>,
     pub user_agent: Option<String>,
+    /// Who sent it: the bearer token of its kubeconfig user (see `KubeEmulator::kubeconfig_for`),
+    /// `None` for anonymous requests.
+    pub user: Option<String>,
+    /// How long an injected fault held the answer back (the request itself took effect).
+    pub held_for: Option<std::time::Duration>,
+    /// When the answer left (after any hold).
+    pub answered_at: std::time::Instant,
     /// HTTP status code of the answer (200 for watches that started).
     pub code: u16,
 }

@@ -48,9 +48,24 @@ pub struct Fault {
     pub verb: Option<String>,
     /// Plural resource to match (`leases`); None matches every resource.
     pub resource: Option<String>,
-    /// How many matching requests fail before the fault is spent.
+    /// Requesting user to match (bearer token); None matches everyone.
+    pub user: Option<String>,
+    /// How many matching requests are affected before the fault is spent.
     pub times: usize,
-    pub error: ApiError,
+    pub effect: FaultEffect,
+}
+
+/// What an injected fault does to a matching request.
+#[derive(Debug, Clone)]
+pub enum FaultEffect {
+    /// Refused with this error; nothing changes.
+    Fail(ApiError),
+    /// Carried out, but the answer is held back this long (a slow API server: the write took
+    /// effect, the client hears of it late or gives up waiting).
+    Hold(Duration),
+    /// Not carried out; after this long the answer is a 504 timeout (a partitioned API
+    /// server, as a client whose own timeout is shorter experiences it).
+    Stall(Duration),
 }
 
 /// State shared by every request of one emulator.
@@ -102,6 +117,13 @@ impl Shared {
             .clear();
     }
 
+    pub fn clear_faults(&self) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
+    }
+
     pub fn add_fault(&self, fault: Fault) {
         self.faults
             .lock()
@@ -109,24 +131,27 @@ impl Shared {
             .push(fault);
     }
 
-    /// The injected failure for this request, if one matches (and is consumed).
-    fn take_fault(&self, verb: &str, resource: &str) -> Option<ApiError> {
+    /// The injected fault for this request, if one matches (and is consumed).
+    fn take_fault(&self, record: &RequestRecord) -> Option<FaultEffect> {
         let mut faults = self
             .faults
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let index = faults.iter().position(|f| {
             f.times > 0
-                && f.verb.as_deref().is_none_or(|v| v == verb)
-                && f.resource.as_deref().is_none_or(|r| r == resource)
+                && f.verb.as_deref().is_none_or(|v| v == record.verb)
+                && f.resource.as_deref().is_none_or(|r| r == record.resource)
+                && f.user
+                    .as_ref()
+                    .is_none_or(|u| Some(u) == record.user.as_ref())
         })?;
         let fault = &mut faults[index];
         fault.times -= 1;
-        let error = fault.error.clone();
+        let effect = fault.effect.clone();
         if fault.times == 0 {
             faults.remove(index);
         }
-        Some(error)
+        Some(effect)
     }
 
     fn push_record(&self, record: RequestRecord) {
@@ -194,6 +219,11 @@ async fn handle(
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let user = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
     let mut record = RequestRecord {
         verb: method.as_str().to_lowercase(),
         group: String::new(),
@@ -205,12 +235,19 @@ async fn handle(
         path: path.clone(),
         field_manager: query.get("fieldManager").cloned(),
         user_agent: user_agent.clone(),
+        user,
+        held_for: None,
+        answered_at: std::time::Instant::now(),
         code: 0,
     };
     let response = match route(&shared, &method, &path, &query, &headers, body, &mut record) {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
+    if let Some(hold) = record.held_for {
+        tokio::time::sleep(hold).await;
+    }
+    record.answered_at = std::time::Instant::now();
     record.code = response.status().as_u16();
     shared.push_record(record);
     response
@@ -303,8 +340,17 @@ fn route(
         }
     }
     .into();
-    if let Some(error) = shared.take_fault(&record.verb, &record.resource) {
-        return Err(error);
+    match shared.take_fault(record) {
+        Some(FaultEffect::Fail(error)) => return Err(error),
+        Some(FaultEffect::Hold(hold)) => record.held_for = Some(hold),
+        Some(FaultEffect::Stall(hold)) => {
+            record.held_for = Some(hold);
+            return Err(ApiError::with_code(
+                504,
+                "injected stall: request timed out",
+            ));
+        }
+        None => {}
     }
     let accept = headers
         .get(header::ACCEPT)
