@@ -20,9 +20,12 @@ const LEASE: &str = "leader-test";
 const PATIENCE: Duration = Duration::from_secs(30);
 const LEASE_DURATION: Duration = Duration::from_millis(2000);
 
-/// Every leadership change of every elector, in order, with when it was seen.
+/// An elector's name, whether it leads from now on, and when that was seen.
+type Change = (&'static str, bool, Instant);
+
+/// Every leadership change of every elector, in order.
 #[derive(Clone, Default)]
-struct Transitions(Arc<Mutex<Vec<(&'static str, bool, Instant)>>>);
+struct Transitions(Arc<Mutex<Vec<Change>>>);
 
 impl Transitions {
     fn follow(&self, name: &'static str, mut leading: watch::Receiver<bool>) {
@@ -37,7 +40,7 @@ impl Transitions {
         });
     }
 
-    fn all(&self) -> Vec<(&'static str, bool, Instant)> {
+    fn all(&self) -> Vec<Change> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
