@@ -269,28 +269,77 @@ async fn rejected_messages_end_dead_and_tasks_retry_delivers_them_once() {
     }
 }
 
+/// A MailboxPoll deleted while messages wait for delivery: their tasks succeed without a POST
+/// (there is nothing left to deliver to) and without an error, and the ledger keeps them
+/// pending. The receiver is the MailboxPoll's own, which got its earlier message: a POST that
+/// was not stopped would reach it.
 #[tokio::test]
 async fn a_deleted_mailbox_poll_stops_delivery_quietly() {
     let db = TestDatabase::create().await.expect("test database");
-    let receiver = WebhookReceiver::start(None).await.expect("receiver");
+    let receiver = WebhookReceiver::start(Some(SECRET))
+        .await
+        .expect("receiver");
     let directory = StaticDirectory::default();
     let uid = Uuid::new_v4();
-    record(&db.pool, uid, 3, 3).await;
+    directory.insert(config(uid, &receiver, 3));
     let pool = WorkerPool::new(db.pool.clone(), pool_config("deliver"))
         .register(DELIVER, handler(&db, &directory))
         .start()
         .expect("pool starts");
-    wait_until("tasks finish", Duration::from_secs(20), || async {
-        let open: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state IN ('pending', 'running')")
-                .fetch_one(&db.pool)
-                .await
-                .expect("count");
-        open == 0
-    })
+    let delivered = record(&db.pool, uid, 1, 3).await;
+    wait_until(
+        "the first message delivered",
+        Duration::from_secs(20),
+        || async { ledger_count(&db.pool, uid, "delivered").await == 1 },
+    )
+    .await;
+    assert_eq!(
+        receiver.successes().get(&message_key(uid, &delivered[0])),
+        Some(&1)
+    );
+
+    directory.remove(uid);
+    // The first message is already in the ledger: only the three others are new.
+    let orphaned = record(&db.pool, uid, 4, 3).await;
+    assert_eq!(orphaned.len(), 3);
+    wait_until(
+        "the orphaned tasks finish",
+        Duration::from_secs(20),
+        || async {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM tasks WHERE state IN ('pending', 'running')",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+            open == 0
+        },
+    )
     .await;
     pool.shutdown().await;
-    assert_eq!(receiver.requests(), 0);
+
+    let tasks: Vec<(String, String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT payload->>'message_id', state, attempts, last_error FROM tasks
+          WHERE kind = 'deliver' AND payload->>'message_id' = ANY($1) ORDER BY 1",
+    )
+    .bind(&orphaned)
+    .fetch_all(&db.pool)
+    .await
+    .expect("tasks");
+    let expected: Vec<_> = orphaned
+        .iter()
+        .map(|id| (id.clone(), "succeeded".to_owned(), 0, None))
+        .collect();
+    assert_eq!(
+        tasks, expected,
+        "done at the first attempt, without an error"
+    );
+    assert_eq!(
+        receiver.requests(),
+        1,
+        "only the message delivered before the deletion"
+    );
+    assert_eq!(ledger_count(&db.pool, uid, "pending").await, 3);
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use mailpoll::cursor::Source;
 use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
@@ -30,8 +31,8 @@ use mailpoll_testkit::graph::{
     GraphEmulator, NewMessage, TokenEndpointFaults,
 };
 use mailpoll_testkit::pg::TestDatabase;
-use mailpoll_testkit::wait_until;
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
+use mailpoll_testkit::{wait_for, wait_until};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
@@ -1149,15 +1150,34 @@ async fn a_round_slower_than_the_run_lease_keeps_the_mailbox() {
     let pool = world.workers_with("slow", 10, world.db.pool.clone(), run_lease);
     let source = world.config(false, None).source;
     let second_run = async {
-        wait_until("the round to start", Duration::from_secs(30), || async {
-            world
-                .count("SELECT count(*) FROM mailbox_cursors WHERE mailbox_uid = $1 AND run_token IS NOT NULL")
+        let first_term: DateTime<Utc> =
+            wait_for("the round to start", Duration::from_secs(30), || async {
+                sqlx::query_scalar(
+                    "SELECT run_lease_until FROM mailbox_cursors
+                      WHERE mailbox_uid = $1 AND run_token IS NOT NULL",
+                )
+                .bind(world.uid)
+                .fetch_optional(&world.db.pool)
                 .await
-                == 1
-        })
+                .expect("cursor")
+            })
+            .await;
+        // Not kept alive, the lease would be free from the end of its first term; a whole
+        // term later leaves no doubt, while the round still waits for its page. Postgres'
+        // clock decides, as it does for `acquire`.
+        wait_until(
+            "a lease term past the first one",
+            Duration::from_secs(30),
+            || async {
+                sqlx::query_scalar::<_, bool>("SELECT now() > $1 + $2 * interval '1 second'")
+                    .bind(first_term)
+                    .bind(run_lease.as_secs_f64())
+                    .fetch_one(&world.db.pool)
+                    .await
+                    .expect("clock")
+            },
+        )
         .await;
-        // Twice the lease, while the round waits for its page.
-        tokio::time::sleep(run_lease * 2).await;
         mailpoll::cursor::acquire(&world.db.pool, &source, run_lease)
             .await
             .expect("acquire")

@@ -9,6 +9,7 @@ use mailpoll::queue::{
     self, ClaimedTask, Lease, NewTask, QueueError, RetryPolicy, TaskState, Transition,
 };
 use mailpoll_testkit::pg::TestDatabase;
+use mailpoll_testkit::wait_until;
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -571,19 +572,47 @@ async fn a_stale_lease_changes_nothing() {
 #[tokio::test]
 async fn heartbeats_keep_leases_from_expiring() {
     let db = TestDatabase::create().await.expect("test database");
-    queue::enqueue(&db.pool, &NewTask::new("deliver", json!({})))
+    let tasks = [json!({ "n": 1 }), json!({ "n": 2 })].map(|args| NewTask::new("deliver", args));
+    queue::enqueue_many(&db.pool, &tasks)
         .await
         .expect("enqueue");
-    let claimed = claim_one(&db.pool, "deliver", "w", Duration::from_millis(1)).await;
-    let held = queue::heartbeat(&db.pool, &[claimed.lease()], Duration::from_secs(60))
+    // Both get the same short lease and only one a heartbeat: the other one's rescue shows
+    // that a lease this short has run out, so the first would have been rescued too.
+    let claimed = queue::claim(
+        &db.pool,
+        &kinds(&["deliver"]),
+        2,
+        "w",
+        Duration::from_millis(1),
+    )
+    .await
+    .expect("claim");
+    let [kept, left] = <[ClaimedTask; 2]>::try_from(claimed).expect("two claimed");
+    let held = queue::heartbeat(&db.pool, &[kept.lease()], Duration::from_secs(60))
         .await
         .expect("heartbeat");
-    assert_eq!(held, vec![claimed.id]);
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let rescued = queue::rescue(&db.pool, 100, &RetryPolicy::default())
+    assert_eq!(held, vec![kept.id]);
+    wait_until(
+        "the lease without heartbeats rescued",
+        Duration::from_secs(10),
+        || async {
+            let rescued = queue::rescue(&db.pool, 100, &RetryPolicy::default())
+                .await
+                .expect("rescue");
+            rescued.requeued.contains(&left.id)
+        },
+    )
+    .await;
+    let row = task(&db.pool, kept.id).await;
+    assert_eq!(
+        (row.state, row.attempts),
+        (TaskState::Running, 0),
+        "an extended lease is not rescued"
+    );
+    let still_held = queue::heartbeat(&db.pool, &[kept.lease()], Duration::from_secs(60))
         .await
-        .expect("rescue");
-    assert_eq!(rescued.total(), 0, "an extended lease is not rescued");
+        .expect("heartbeat");
+    assert_eq!(still_held, vec![kept.id], "by the same holder");
 }
 
 #[tokio::test]

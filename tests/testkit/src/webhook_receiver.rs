@@ -12,11 +12,17 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use mailpoll::delivery::signing::{
-    self, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
-};
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
+use sha2::Sha256;
 use tokio::sync::oneshot;
+
+// The contract as README states it, written out: this receiver witnesses what mailpoll sends,
+// so it takes nothing from mailpoll's own signing code, or a change there would go unseen.
+const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+const TIMESTAMP_HEADER: &str = "Mailpoll-Timestamp";
+const SIGNATURE_HEADER: &str = "Mailpoll-Signature";
+const SIGNATURE_PREFIX: &str = "v1=";
 
 /// The body of a "garbage" rejection: NUL bytes, control characters, a terminal escape
 /// sequence and bytes that are not UTF-8, though labelled UTF-8 text. A client that stores
@@ -186,6 +192,24 @@ impl WebhookReceiver {
     }
 }
 
+/// README's check: the header is `v1=` and the hex HMAC-SHA256, keyed with the secret, of
+/// `"<Mailpoll-Timestamp>.<raw body>"`; compared in constant time.
+fn signature_is_valid(secret: &[u8], timestamp: &str, body: &[u8], header: &str) -> bool {
+    let Some(tag) = header
+        .strip_prefix(SIGNATURE_PREFIX)
+        .and_then(|hex_tag| hex::decode(hex_tag).ok())
+    else {
+        return false;
+    };
+    let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.verify_slice(&tag).is_ok()
+}
+
 /// xorshift64*: deterministic, good enough to spread injected failures.
 fn next_unit(state: &mut u64) -> f64 {
     *state ^= *state >> 12;
@@ -242,9 +266,10 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
         return (StatusCode::BAD_REQUEST, "missing Idempotency-Key").into_response();
     };
     if let Some(secret) = &shared.signing_secret {
-        let timestamp = header(TIMESTAMP_HEADER).and_then(|t| t.parse::<i64>().ok());
+        // README's receiver reads the timestamp as an integer to reject old requests.
+        let timestamp = header(TIMESTAMP_HEADER).filter(|t| t.parse::<i64>().is_ok());
         let signature = header(SIGNATURE_HEADER);
-        let valid = matches!((timestamp, signature), (Some(t), Some(s)) if signing::verify(secret, t, &body, &s));
+        let valid = matches!((timestamp, signature), (Some(t), Some(s)) if signature_is_valid(secret, &t, &body, &s));
         if !valid {
             let mut ledger = lock(&shared.ledger);
             ledger.bad_signatures += 1;
@@ -289,6 +314,54 @@ mod tests {
             .expect("delivery");
         let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
         (status, response.bytes().await.expect("body"))
+    }
+
+    async fn deliver_signed(
+        receiver: &WebhookReceiver,
+        timestamp: &str,
+        signature: &str,
+        body: &'static str,
+    ) -> StatusCode {
+        let response = reqwest::Client::new()
+            .post(receiver.url())
+            .header(IDEMPOTENCY_KEY_HEADER, "k")
+            .header(TIMESTAMP_HEADER, timestamp)
+            .header(SIGNATURE_HEADER, signature)
+            .body(body)
+            .send()
+            .await
+            .expect("delivery");
+        StatusCode::from_u16(response.status().as_u16()).expect("status")
+    }
+
+    #[tokio::test]
+    async fn signatures_are_checked_as_readme_documents_them() {
+        mailpoll::install_crypto_provider();
+        let receiver = WebhookReceiver::start(Some(b"whsec-contract"))
+            .await
+            .expect("receiver");
+        let body = r#"{"type":"mailpoll.message.received.v1","key":"k"}"#;
+        // Python's hmac.new(b"whsec-contract", b"1764498000." + body, sha256).hexdigest().
+        let signature = "v1=ee89d94bc2b54271780439e4a0a31e3d415d2069ed3e1e43289117121c126cee";
+        let status = deliver_signed(&receiver, "1764498000", signature, body).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let other_version = signature.replacen("v1=", "v2=", 1);
+        let other_body = r#"{"type":"mailpoll.message.received.v1","key":"K"}"#;
+        for (timestamp, signature, body) in [
+            ("1764498001", signature, body),
+            ("1764498000", signature, other_body),
+            ("1764498000", other_version.as_str(), body),
+            ("1764498000", &signature[..signature.len() - 2], body),
+        ] {
+            let status = deliver_signed(&receiver, timestamp, signature, body).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{timestamp} {signature} {body}"
+            );
+        }
+        assert_eq!(receiver.bad_signatures(), 4);
+        assert_eq!(receiver.successes().get("k"), Some(&1));
     }
 
     fn is_garbage(body: &[u8]) -> bool {
