@@ -215,6 +215,60 @@ impl World {
             .expect("count polls")
     }
 
+    /// Waits until the forced-poll request `value` of `uid` was served by a poll.
+    async fn wait_served(&self, uid: Uuid, value: &str) {
+        wait_until(
+            format!("a poll to serve the request {value:?}"),
+            PATIENCE,
+            || async {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT served_at IS NOT NULL FROM poll_requests
+                     WHERE mailbox_uid = $1 AND value = $2",
+                )
+                .bind(uid)
+                .bind(value)
+                .fetch_optional(&self.db.pool)
+                .await
+                .expect("poll request")
+                .unwrap_or(false)
+            },
+        )
+        .await;
+    }
+
+    /// What would make `uid` poll within the hour, if anything: a running poll task, a
+    /// pending one due within the hour, or a forced-poll request not served yet.
+    async fn poll_wanted(&self, uid: Uuid) -> Option<String> {
+        sqlx::query_scalar(
+            "SELECT 'a ' || state || ' poll task due at ' || run_at::text FROM tasks
+              WHERE kind = 'poll' AND owner_uid = $1
+                AND (state = 'running' OR (state = 'pending' AND run_at < now() + interval '1 hour'))
+             UNION ALL
+             SELECT 'the request ' || value || ', not served' FROM poll_requests
+              WHERE mailbox_uid = $1 AND served_at IS NULL
+             LIMIT 1",
+        )
+        .bind(uid)
+        .fetch_optional(&self.db.pool)
+        .await
+        .expect("wanted polls")
+    }
+
+    /// Reconciles the operator has finished (any outcome), from `/metrics`.
+    async fn reconciles(&self) -> u64 {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("mailpoll_reconciles_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     async fn live_poll_task(&self, uid: Uuid) -> Option<String> {
         sqlx::query_scalar(
             "SELECT state FROM tasks WHERE kind = 'poll' AND owner_uid = $1
@@ -335,7 +389,7 @@ async fn first_poll_records_messages_and_reports_ready_with_counts() {
 }
 
 #[tokio::test]
-async fn each_new_annotation_value_causes_exactly_one_fast_poll() {
+async fn each_new_annotation_value_causes_exactly_one_poll() {
     let world = World::start().await;
     world.credentials(cluster::valid_client_secret()).await;
     // A long interval: every poll after the first is a forced one.
@@ -346,38 +400,36 @@ async fn each_new_annotation_value_causes_exactly_one_fast_poll() {
     assert_eq!(world.polls(uid).await, 1);
 
     let tries = 20;
+    let mut polls = 1;
+    // Annotation to poll start, printed only: how fast is the scheduling benchmark's
+    // question; here it only has to happen within the patience.
     let mut latencies = Vec::with_capacity(tries);
     for i in 0..tries {
-        let before = world.polls(uid).await;
         let value = format!("request-{i}");
         let start = Instant::now();
         world.request_poll("forced", &value).await;
-        wait_for("a forced poll to start", PATIENCE, || async {
-            (world.polls(uid).await > before).then_some(())
-        })
+        wait_until(
+            format!("the poll forced by {value:?} to start"),
+            PATIENCE,
+            || async { world.polls(uid).await > polls },
+        )
         .await;
         latencies.push(start.elapsed());
-        wait_for("the forced poll to serve its request", PATIENCE, || async {
-            let served: Option<bool> = sqlx::query_scalar(
-                "SELECT served_at IS NOT NULL FROM poll_requests
-                 WHERE mailbox_uid = $1 AND value = $2",
-            )
-            .bind(uid)
-            .bind(&value)
-            .fetch_optional(&world.db.pool)
-            .await
-            .expect("poll request");
-            served.filter(|s| *s).map(|_| ())
-        })
-        .await;
+        world.wait_served(uid, &value).await;
+        polls += 1;
+        // Counted from the first poll on: a late second poll for the previous value started
+        // before this value's poll (one poll task is live at a time), so it shows here.
+        assert_eq!(
+            world.polls(uid).await,
+            polls,
+            "exactly one poll per value, up to {value:?}"
+        );
     }
     latencies.sort();
-    let p99 = latencies[(latencies.len() * 99).div_ceil(100) - 1];
     let p50 = latencies[latencies.len() / 2];
-    println!("forced poll: annotation to poll start p50 {p50:?}, p99 {p99:?} over {tries} tries");
-    assert!(
-        p99 <= Duration::from_secs(1),
-        "a forced poll must start within 1 s of the annotation (p99 over {tries} tries), took {p99:?}; all: {latencies:?}"
+    let p99 = latencies[(latencies.len() * 99).div_ceil(100) - 1];
+    println!(
+        "forced poll: annotation to poll start p50 {p50:?}, p99 {p99:?} over {tries} tries: {latencies:?}"
     );
     let status = world
         .wait_status("forced", "the last request echoed", |s| {
@@ -385,26 +437,59 @@ async fn each_new_annotation_value_causes_exactly_one_fast_poll() {
         })
         .await;
     assert!(is_ready(&status));
-    assert_eq!(
-        world.polls(uid).await,
-        1 + tries as i64,
-        "exactly one poll per value"
-    );
 
-    // The same value again, and an old value, cause nothing.
-    world.request_poll("forced", "request-19").await;
-    world.request_poll("forced", "request-3").await;
-    world
-        .patch(
-            "forced",
-            json!({"metadata": {"labels": {"touched": "yes"}}}),
-        )
-        .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The same value again, then an old value (with an unrelated label change), cause nothing.
+    // Each patch also changes the spec (maxAttempts, which nothing here depends on): the
+    // status's observedGeneration reaching the patch's generation is the barrier. It proves a
+    // reconcile has run on an object carrying the value (a reconcile records the forced-poll
+    // request before it writes the status), and a poll that value wrongly caused would have
+    // to be running, pending within the hour or already counted by then.
+    for (value, max_attempts, labels) in [
+        ("request-19", 7, json!({})),
+        ("request-3", 6, json!({"touched": "yes"})),
+    ] {
+        let generation = world
+            .api()
+            .patch(
+                "forced",
+                &PatchParams::default(),
+                &Patch::Merge(json!({
+                    "metadata": {
+                        "annotations": {POLL_REQUESTED_AT_ANNOTATION: value},
+                        "labels": labels,
+                    },
+                    "spec": {"maxAttempts": max_attempts},
+                })),
+            )
+            .await
+            .expect("MailboxPoll patched")
+            .metadata
+            .generation;
+        world
+            .wait_status(
+                "forced",
+                &format!("the reconcile of generation {generation:?} ({value:?})"),
+                |s| s.observed_generation == generation,
+            )
+            .await;
+        assert_eq!(
+            world.polls(uid).await,
+            polls,
+            "{value:?} was seen before: it causes no poll"
+        );
+        assert_eq!(
+            world.poll_wanted(uid).await,
+            None,
+            "{value:?} was seen before: it wants no poll"
+        );
+    }
+    // And a new value still polls, once: the next poll after the old values.
+    world.request_poll("forced", "request-last").await;
+    world.wait_served(uid, "request-last").await;
     assert_eq!(
         world.polls(uid).await,
-        1 + tries as i64,
-        "a value seen before causes no poll"
+        polls + 1,
+        "one poll for the new value, none for the old ones"
     );
     world.stop().await;
 }
@@ -484,14 +569,29 @@ async fn missing_secret_is_reported_once_and_recovers_without_restart() {
         message.contains(SECRET),
         "the message names the Secret: {message}"
     );
-    // Several reconciles pass while the Secret is missing (they requeue every second).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Several reconciles pass while the Secret is missing (they requeue every second). The
+    // reconcile counter is the barrier: a reconcile is counted when it returns, after the
+    // Events it published were accepted by the API server, so once three more are counted
+    // any Event they repeated is there to be seen.
+    let reconciled = world.reconciles().await;
+    wait_until(
+        "three more reconciles while the Secret is missing",
+        PATIENCE,
+        || async { world.reconciles().await >= reconciled + 3 },
+    )
+    .await;
     let events = world.events("nosecret").await;
     let reasons: Vec<_> = events.iter().map(|e| e.reason.clone()).collect();
     assert_eq!(
         reasons,
         [Some("SecretNotFound".to_string())],
         "exactly one Event while the Secret is missing"
+    );
+    // A repeat of the same Event is not a new Event: the recorder adds it to the first one's
+    // series.
+    assert!(
+        events.iter().all(|e| e.series.is_none()),
+        "the Event was published once, not repeated: {events:#?}"
     );
 
     world.credentials(cluster::valid_client_secret()).await;
