@@ -215,6 +215,17 @@ impl World {
             .expect("count polls")
     }
 
+    /// Finished polls of `uid`.
+    async fn finished_polls(&self, uid: Uuid) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM polls WHERE mailbox_uid = $1 AND finished_at IS NOT NULL",
+        )
+        .bind(uid)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("count finished polls")
+    }
+
     /// Waits until the forced-poll request `value` of `uid` was served by a poll.
     async fn wait_served(&self, uid: Uuid, value: &str) {
         wait_until(
@@ -649,35 +660,64 @@ async fn wrong_client_secret_is_authentication_failed() {
     world.stop().await;
 }
 
+/// README: "a poll costs one status write". Over several scheduled polls of an idle
+/// MailboxPoll at the shortest interval, the Kubernetes emulator's request record holds no API
+/// write but status writes (the Lease aside), and no more of them than polls.
 #[tokio::test]
-async fn an_idle_mailbox_poll_costs_a_bounded_number_of_api_writes() {
+async fn a_poll_costs_one_status_write() {
     let world = World::start().await;
     world.credentials(cluster::valid_client_secret()).await;
     let uid = world.create("idle", "10s", SECRET).await;
-    world.wait_status("idle", "the first poll", is_ready).await;
-    let polls_before = world.polls(uid).await;
+    // The first poll's write (its outcome and the next poll's time) is in before the count
+    // starts.
+    world
+        .wait_status("idle", "the first poll and the next one planned", |s| {
+            is_ready(s) && s.next_poll_time.is_some()
+        })
+        .await;
+    let started_before = world.polls(uid).await;
+    let finished_before = world.finished_polls(uid).await;
     world.kube.clear_requests();
-    let watched = Duration::from_secs(25);
-    tokio::time::sleep(watched).await;
-    let polls = world.polls(uid).await - polls_before;
-    let writes: Vec<String> = world
-        .kube
-        .requests()
-        .into_iter()
+    let counted: i64 = 3;
+    // The barrier: the poll after the counted ones has started, a whole interval after the
+    // last counted one, so every write the counted polls caused, a late second one included,
+    // is in the record. A write the started poll already caused counts too.
+    wait_until(
+        format!("{} more scheduled polls", counted + 1),
+        // Four intervals of 10 s, plus the usual patience.
+        PATIENCE + Duration::from_secs(40),
+        || async { world.polls(uid).await > started_before + counted },
+    )
+    .await;
+    let records = world.kube.requests();
+    // Counted after the record was read: a poll's write follows its end.
+    let polls = world.finished_polls(uid).await - finished_before;
+    let writes: Vec<String> = records
+        .iter()
         .filter(|r| matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete"))
         .filter(|r| r.group != "coordination.k8s.io")
         .map(|r| r.rbac_key())
         .collect();
+    let status_writes = writes
+        .iter()
+        .filter(|w| {
+            *w == "patch mailpoll.dev/mailboxpolls/status"
+                || *w == "update mailpoll.dev/mailboxpolls/status"
+        })
+        .count();
     println!(
-        "idle MailboxPoll at 10s: {polls} polls and {} API writes in {watched:?}: {writes:?}",
+        "idle MailboxPoll at 10s: {polls} polls finished, {status_writes} status writes, {} API writes in all: {writes:?}",
         writes.len()
     );
-    assert!(polls >= 1, "scheduled polls kept running ({polls})");
-    let intervals = watched.as_secs().div_ceil(10) as usize;
+    assert!(polls >= counted, "scheduled polls kept running ({polls})");
+    assert_eq!(
+        status_writes,
+        writes.len(),
+        "an idle MailboxPoll's only API writes are its status writes: {writes:?}"
+    );
     assert!(
-        writes.len() <= 2 * intervals,
-        "at most 2 API writes per interval ({intervals} intervals), saw {}: {writes:?}",
-        writes.len()
+        i64::try_from(status_writes).expect("small") <= polls,
+        "at most one status write per poll: {status_writes} writes for {polls} polls"
     );
     world.stop().await;
 }
