@@ -1,5 +1,6 @@
 //! The operator in-process against the Kubernetes API emulator, the Graph emulator and real
-//! Postgres: first poll and status, forced polls, suspend, Secret problems, API write budget.
+//! Postgres: first poll and status, forced polls, suspend, Secret problems, API write budget,
+//! watched namespaces.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use mailpoll::directory::DirectorySettings;
+use mailpoll::directory::{DirectorySettings, Scope};
 use mailpoll::graph::GovernorConfig;
 use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
 use mailpoll::queue::WorkerId;
@@ -38,7 +39,15 @@ struct World {
 }
 
 impl World {
+    /// The operator handling the MailboxPolls of every namespace.
     async fn start() -> Self {
+        Self::start_in(Scope::All).await
+    }
+
+    /// The operator handling the MailboxPolls of `scope`, whose namespaces are created first.
+    /// The world's own namespace holds the Lease, as a release namespace does; it is watched
+    /// only when `scope` is all namespaces.
+    async fn start_in(scope: Scope) -> Self {
         mailpoll::install_crypto_provider();
         let db = TestDatabase::create().await.expect("test database");
         let kube = KubeEmulator::start()
@@ -50,6 +59,13 @@ impl World {
         cluster::create_namespace(&client, &namespace)
             .await
             .expect("namespace");
+        if let Scope::Namespaces(watched) = &scope {
+            for watched in watched {
+                cluster::create_namespace(&client, watched)
+                    .await
+                    .expect("watched namespace");
+            }
+        }
         let graph = GraphEmulator::start(EmulatorConfig {
             mailboxes: vec![MAILBOX.into()],
             ..EmulatorConfig::default()
@@ -62,6 +78,7 @@ impl World {
             format!("127.0.0.1:{http_port}").parse().expect("address"),
             KubeSource::Config(Box::new(kube.config().expect("emulator config"))),
         );
+        config.scope = scope;
         config.pool.max_connections = 8;
         config.workers.worker_id = WorkerId::named("operator-test");
         config.workers.poll_interval = Duration::from_millis(200);
@@ -115,18 +132,31 @@ impl World {
     }
 
     fn api(&self) -> Api<MailboxPoll> {
-        Api::namespaced(self.client.clone(), &self.namespace)
+        self.api_in(&self.namespace)
+    }
+
+    fn api_in(&self, namespace: &str) -> Api<MailboxPoll> {
+        Api::namespaced(self.client.clone(), namespace)
     }
 
     async fn credentials(&self, client_secret: &str) {
-        cluster::create_credentials(&self.client, &self.namespace, SECRET, client_secret)
+        self.credentials_in(&self.namespace, client_secret).await;
+    }
+
+    async fn credentials_in(&self, namespace: &str, client_secret: &str) {
+        cluster::create_credentials(&self.client, namespace, SECRET, client_secret)
             .await
             .expect("credentials Secret");
     }
 
     async fn create(&self, name: &str, interval: &str, secret: &str) -> Uuid {
+        self.create_in(&self.namespace, name, interval, secret)
+            .await
+    }
+
+    async fn create_in(&self, namespace: &str, name: &str, interval: &str, secret: &str) -> Uuid {
         let created = self
-            .api()
+            .api_in(namespace)
             .create(
                 &PostParams::default(),
                 &cluster::mailbox_poll(name, MAILBOX, interval, secret),
@@ -171,14 +201,23 @@ impl World {
     }
 
     async fn patch(&self, name: &str, patch: serde_json::Value) {
-        self.api()
+        self.patch_in(&self.namespace, name, patch).await;
+    }
+
+    async fn patch_in(&self, namespace: &str, name: &str, patch: serde_json::Value) {
+        self.api_in(namespace)
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await
             .expect("MailboxPoll patched");
     }
 
     async fn request_poll(&self, name: &str, value: &str) {
-        self.patch(
+        self.request_poll_in(&self.namespace, name, value).await;
+    }
+
+    async fn request_poll_in(&self, namespace: &str, name: &str, value: &str) {
+        self.patch_in(
+            namespace,
             name,
             json!({"metadata": {"annotations": {POLL_REQUESTED_AT_ANNOTATION: value}}}),
         )
@@ -192,7 +231,19 @@ impl World {
         what: &str,
         check: impl Fn(&MailboxPollStatus) -> bool,
     ) -> MailboxPollStatus {
-        let api = self.api();
+        self.wait_status_in(&self.namespace, name, what, check)
+            .await
+    }
+
+    /// Waits until the status of `namespace/name` satisfies `check`.
+    async fn wait_status_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        what: &str,
+        check: impl Fn(&MailboxPollStatus) -> bool,
+    ) -> MailboxPollStatus {
+        let api = self.api_in(namespace);
         let found = try_wait_for(what, PATIENCE, || async {
             let status = api.get(name).await.ok()?.status?;
             check(&status).then_some(status)
@@ -292,7 +343,11 @@ impl World {
     }
 
     async fn events(&self, name: &str) -> Vec<Event> {
-        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
+        self.events_in(&self.namespace, name).await
+    }
+
+    async fn events_in(&self, namespace: &str, name: &str) -> Vec<Event> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), namespace);
         events
             .list(&ListParams::default())
             .await
@@ -935,6 +990,190 @@ async fn every_kubernetes_call_of_the_operator_is_recorded_for_the_rbac_check() 
         serde_json::to_vec_pretty(&body).expect("JSON"),
     )
     .expect("write operator-calls.json");
+}
+
+/// With a list of namespaces to handle (`watchNamespaces` in the chart), the operator polls
+/// the MailboxPolls there and nothing else: a MailboxPoll in another namespace is never polled
+/// nor written, and every Kubernetes call the operator makes names a watched namespace, or its
+/// own namespace for the Lease; none is cluster-wide. The calls are written, as the authorizer
+/// sees them, to `target/rbac/operator-calls-watch-namespaces.json`; the chart tests
+/// (`tests/chart/test_rbac.py`) check the RBAC the chart renders for `watchNamespaces` against
+/// that file.
+#[tokio::test]
+async fn watched_namespaces_confine_every_call_of_the_operator() {
+    const WATCHED: [&str; 2] = ["team-a", "team-b"];
+    const UNWATCHED: &str = "team-c";
+    let world = World::start_in(Scope::Namespaces(WATCHED.map(String::from).to_vec())).await;
+    cluster::create_namespace(&world.client, UNWATCHED)
+        .await
+        .expect("unwatched namespace");
+    // The unwatched MailboxPoll comes first, with its Secret and a forced-poll request: an
+    // operator that handled it would poll it at once.
+    world
+        .credentials_in(UNWATCHED, cluster::valid_client_secret())
+        .await;
+    let stray = world.create_in(UNWATCHED, "inbox", "1h", SECRET).await;
+    world.request_poll_in(UNWATCHED, "inbox", "now").await;
+
+    // team-a works at once; team-b's Secret comes late, so Events (SecretNotFound, then
+    // Recovered) are among the calls.
+    world
+        .credentials_in(WATCHED[0], cluster::valid_client_secret())
+        .await;
+    let uids = [
+        world.create_in(WATCHED[0], "inbox", "1h", SECRET).await,
+        world.create_in(WATCHED[1], "inbox", "1h", SECRET).await,
+    ];
+    world
+        .wait_status_in(WATCHED[1], "inbox", "Ready=False SecretNotFound", |s| {
+            condition(s, "Ready") == Some(("False", "SecretNotFound"))
+        })
+        .await;
+    world
+        .credentials_in(WATCHED[1], cluster::valid_client_secret())
+        .await;
+    for namespace in WATCHED {
+        world
+            .wait_status_in(namespace, "inbox", "the first poll", is_ready)
+            .await;
+        world.request_poll_in(namespace, "inbox", "second").await;
+    }
+    for (namespace, uid) in WATCHED.into_iter().zip(uids) {
+        world
+            .wait_status_in(namespace, "inbox", "the forced second poll", |s| {
+                s.last_handled_poll_request.as_deref() == Some("second")
+            })
+            .await;
+        assert_eq!(
+            world.polls(uid).await,
+            2,
+            "{namespace}: the scheduled first poll and the forced one"
+        );
+    }
+    wait_until("team-b's Recovered Event", PATIENCE, || async {
+        world
+            .events_in(WATCHED[1], "inbox")
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Recovered"))
+    })
+    .await;
+
+    // The barrier for the unwatched MailboxPoll: both watched ones, created after it, have
+    // been polled twice and had their status written after each poll. An operator that saw
+    // it would have polled it (its request was waiting) and written its status by now.
+    assert_eq!(
+        world.polls(stray).await,
+        0,
+        "the unwatched one is never polled"
+    );
+    assert_eq!(
+        world.live_poll_task(stray).await,
+        None,
+        "nothing is scheduled for the unwatched one"
+    );
+    let requests: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM poll_requests WHERE mailbox_uid = $1")
+            .bind(stray)
+            .fetch_one(&world.db.pool)
+            .await
+            .expect("poll requests");
+    assert_eq!(requests, 0, "the unwatched one's request is never recorded");
+    let untouched = world
+        .api_in(UNWATCHED)
+        .get("inbox")
+        .await
+        .expect("the unwatched MailboxPoll");
+    assert!(
+        untouched.status.is_none(),
+        "the unwatched one has no status: {:?}",
+        untouched.status
+    );
+
+    let lease_namespace = world.namespace.clone();
+    let records = world.kube.requests();
+    world.stop().await;
+    let operator_records: Vec<_> = records
+        .iter()
+        .filter(|r| r.is_resource_request())
+        .filter(|r| {
+            r.user_agent
+                .as_deref()
+                .is_some_and(|ua| ua.starts_with("mailpoll/"))
+        })
+        .collect();
+    // Confined: MailboxPolls, Secrets and Events in a watched namespace, the Lease in the
+    // operator's own namespace, nothing cluster-wide. Which verbs the chart grants there is
+    // the chart tests' check, on the file written below.
+    let outside: Vec<String> = operator_records
+        .iter()
+        .filter(|r| {
+            let lease = r.group == "coordination.k8s.io" && r.resource == "leases";
+            match r.namespace.as_deref() {
+                Some(ns) if WATCHED.contains(&ns) => lease,
+                Some(ns) if ns == lease_namespace => !lease,
+                _ => true,
+            }
+        })
+        .map(|r| format!("{} in {:?}", r.rbac_key(), r.namespace))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "calls outside the watched namespaces and the Lease: {outside:?}"
+    );
+    // Each watched namespace has watches of its own.
+    for namespace in WATCHED {
+        for verb in ["list", "watch"] {
+            assert!(
+                operator_records.iter().any(|r| r.verb == verb
+                    && r.resource == "mailboxpolls"
+                    && r.namespace.as_deref() == Some(namespace)),
+                "no {verb} of the MailboxPolls in {namespace}"
+            );
+        }
+    }
+
+    let mut calls: Vec<serde_json::Value> = Vec::new();
+    for record in operator_records {
+        // Placeholders let the chart test map the test's namespaces onto a release's; a call
+        // anywhere else keeps its namespace (null: cluster-wide), which the chart refuses.
+        let lease = record.resource == "leases";
+        let namespace = match record.namespace.as_deref() {
+            Some(ns) if lease && ns == lease_namespace => json!("${release_namespace}"),
+            Some(ns) => match WATCHED.iter().position(|w| *w == ns) {
+                Some(index) => json!(format!("${{watched_namespace_{}}}", index + 1)),
+                None => json!(ns),
+            },
+            None => serde_json::Value::Null,
+        };
+        let name = if lease {
+            record.name.as_ref().map(|_| json!("${lease_name}"))
+        } else {
+            None
+        };
+        let call = json!({
+            "verb": record.verb,
+            "apiGroup": record.group,
+            "resource": record.resource,
+            "subresource": record.subresource.clone().unwrap_or_default(),
+            "namespace": namespace,
+            "name": name,
+        });
+        if !calls.contains(&call) {
+            calls.push(call);
+        }
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rbac");
+    std::fs::create_dir_all(&dir).expect("target/rbac");
+    let body = json!({
+        "description": "Kubernetes API calls the operator made in tests/operator.rs watching two namespaces (written by the test)",
+        "calls": calls,
+    });
+    std::fs::write(
+        dir.join("operator-calls-watch-namespaces.json"),
+        serde_json::to_vec_pretty(&body).expect("JSON"),
+    )
+    .expect("write operator-calls-watch-namespaces.json");
 }
 
 /// A move to a folder the mailbox does not have parks the after-actions with the reason on the
