@@ -402,8 +402,32 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         .expect("ready");
     annotate(&sandbox, "newsletter-inbox", "third").await;
     served_once(&sandbox, uid, "third", Duration::from_secs(30)).await;
-    // Settle, then count everything this suspended MailboxPoll ever polled.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The barrier for a late poll (a task of the killed leader run again, a scheduled poll of
+    // this suspended MailboxPoll): one more value. One poll task is live per MailboxPoll at a
+    // time, so a poll still to come either ran before this value's poll, and is counted
+    // below, or is the poll that serves it.
+    annotate(&sandbox, "newsletter-inbox", "fourth").await;
+    served_once(&sandbox, uid, "fourth", Duration::from_secs(30)).await;
+    // Its task ends with its round, and nothing follows it: suspended, nothing is scheduled.
+    wait_for_ok(
+        "the forced poll's task to end, with nothing scheduled after it",
+        patience(Duration::from_secs(30)),
+        || async {
+            let live: Vec<String> = sqlx::query_scalar(
+                "SELECT state || ' due ' || run_at::text FROM tasks
+                  WHERE kind = 'poll' AND owner_uid = $1 AND state IN ('pending', 'running')",
+            )
+            .bind(uid)
+            .fetch_all(sandbox.pool())
+            .await
+            .map_err(|e| e.to_string())?;
+            live.is_empty()
+                .then_some(())
+                .ok_or(format!("live poll tasks: {live:?}"))
+        },
+    )
+    .await;
+    // Everything this suspended MailboxPoll ever polled.
     let served: Vec<String> = sqlx::query_scalar(
         "SELECT value FROM poll_requests WHERE mailbox_uid = $1 ORDER BY served_at",
     )
@@ -413,7 +437,7 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
     .expect("poll requests");
     assert_eq!(
         served,
-        ["first", "second", "third"],
+        ["first", "second", "third", "fourth"],
         "one request per value"
     );
     // A round cut short by the kill (the killed replica may have been running the forced
@@ -428,7 +452,7 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
     .expect("polls");
     assert_eq!(
         polls,
-        [Some("first"), Some("second"), Some("third")].map(|v| v.map(String::from)),
+        [Some("first"), Some("second"), Some("third"), Some("fourth")].map(|v| v.map(String::from)),
         "a suspended MailboxPoll polls once per annotation value and never on schedule"
     );
     let cut_short: i64 = sqlx::query_scalar(
@@ -448,7 +472,7 @@ async fn annotate_forces_exactly_one_poll_per_value_across_a_leader_kill() {
         || async {
             let polls = mailbox_polls(&sandbox).await?;
             let status = &polls[&uid]["status"];
-            (status["lastHandledPollRequest"] == "third")
+            (status["lastHandledPollRequest"] == "fourth")
                 .then_some(())
                 .ok_or(status.to_string())
         },

@@ -12,9 +12,12 @@ from chartkit import NAMESPACE, RELEASE, render
 from rbac import ApiCall, assert_rbac_exact, check_rbac, load_calls, main, request_to_call
 
 DECLARED_CALLS = Path(__file__).with_name("operator_calls.json")
-# Written by tests/operator.rs (every_kubernetes_call_of_the_operator_is_recorded_for_the_rbac_check)
-# from the Kubernetes API emulator's request record; scripts/test runs the Rust tests first.
+# Written by tests/operator.rs from the Kubernetes API emulator's request record (scripts/test
+# runs the Rust tests first): the operator watching all namespaces
+# (every_kubernetes_call_of_the_operator_is_recorded_for_the_rbac_check), and watching two
+# (watched_namespaces_confine_every_call_of_the_operator).
 RECORDED_CALLS = Path(__file__).resolve().parents[2] / "target" / "rbac" / "operator-calls.json"
+RECORDED_CALLS_WATCHING_TWO = RECORDED_CALLS.with_name("operator-calls-watch-namespaces.json")
 # Declared but rare enough that a test run may not make them: kube-runtime's Recorder patches an
 # Event instead of creating it when the same Event repeats within its series window.
 RARE_CALLS = {("patch", "events.k8s.io", "events", "")}
@@ -55,15 +58,15 @@ def _kinds(calls: list[ApiCall]) -> set[tuple[str, str, str, str]]:
     return {(c.verb, c.api_group, c.resource, c.subresource) for c in calls}
 
 
-@pytest.mark.parametrize("watch_namespaces", [[], ["team-a", "team-b"]])
-def test_the_chart_grants_every_call_the_operator_made_and_nothing_it_never_makes(
-    watch_namespaces: list[str],
-) -> None:
-    assert RECORDED_CALLS.exists(), (
-        f"{RECORDED_CALLS} is missing: run the Rust tests first (scripts/test does), "
+def recorded_calls(path: Path, substitutions: dict[str, list[str | None]]) -> list[ApiCall]:
+    assert path.exists(), (
+        f"{path} is missing: run the Rust tests first (scripts/test does), "
         "tests/operator.rs writes it from the Kubernetes API emulator's request record"
     )
-    recorded = load_calls(RECORDED_CALLS, substitutions(watch_namespaces))
+    return load_calls(path, substitutions)
+
+
+def assert_granted_and_needed(recorded: list[ApiCall], watch_namespaces: list[str]) -> None:
     rendered = render({"watchNamespaces": watch_namespaces})
     # Every call the operator really made is granted...
     not_granted = [p for p in check_rbac(recorded, rendered.objects, SERVICE_ACCOUNT) if p.startswith("not granted")]
@@ -73,6 +76,29 @@ def test_the_chart_grants_every_call_the_operator_made_and_nothing_it_never_make
     assert _kinds(recorded) <= _kinds(declared), "the operator makes calls the declared list lacks"
     unused = _kinds(declared) - _kinds(recorded) - RARE_CALLS
     assert not unused, f"declared (and granted) but never made by the operator: {sorted(unused)}"
+
+
+def test_the_chart_grants_every_call_the_operator_made_and_nothing_it_never_makes() -> None:
+    assert_granted_and_needed(recorded_calls(RECORDED_CALLS, substitutions([])), [])
+
+
+def test_the_chart_grants_every_call_the_operator_made_watching_listed_namespaces() -> None:
+    # Observed with watchNamespaces set, not derived from the all-namespaces run: the operator's
+    # watches, status writes, Secret reads and Events in each watched namespace, its Lease in
+    # the release namespace.
+    watch_namespaces = ["team-a", "team-b"]
+    recorded = recorded_calls(
+        RECORDED_CALLS_WATCHING_TWO,
+        {
+            "watched_namespace_1": ["team-a"],
+            "watched_namespace_2": ["team-b"],
+            "release_namespace": [NAMESPACE],
+            "lease_name": [LEASE],
+        },
+    )
+    cluster_wide = [call.describe() for call in recorded if call.namespace is None]
+    assert cluster_wide == [], "watching listed namespaces, nothing is cluster-wide"
+    assert_granted_and_needed(recorded, watch_namespaces)
 
 
 def test_watching_all_namespaces_uses_a_cluster_role() -> None:
