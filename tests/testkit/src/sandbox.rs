@@ -220,6 +220,8 @@ impl Sandbox {
             .open(&replica.log)
             .with_context(|| format!("opening {}", replica.log.display()))?;
         let lease = options.lease_seconds;
+        // Credentials of its own, so the API emulator's record tells replicas apart.
+        let kubeconfig = self.kube.kubeconfig_for(&replica.name)?;
         let child = Command::new(&options.mailpoll_bin)
             .args([
                 "operator",
@@ -227,7 +229,7 @@ impl Sandbox {
                 &format!("127.0.0.1:{}", replica.port),
             ])
             .env("DATABASE_URL", self.postgres.url())
-            .env("KUBECONFIG", self.kube.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", &replica.name)
             .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
             .env("MAILPOLL_LEASE_DURATION_SECONDS", lease.to_string())
@@ -276,7 +278,7 @@ impl Sandbox {
         );
         let patience = Patience::new(limit).every(Duration::from_millis(100));
         // `Some(Err)` ends the wait early: the replica is gone.
-        try_wait_for(what, patience, || {
+        let waited = try_wait_for(what, patience, || {
             let exited = match replica.child.as_mut().map(|child| child.try_wait()) {
                 Some(Ok(Some(status))) => Some(anyhow!(
                     "replica {} exited with {status} before it was ready; see {}",
@@ -296,7 +298,10 @@ impl Sandbox {
                 exited.map(Err)
             }
         })
-        .await?
+        .await;
+        // A replica that never got ready: what it asked the API server, and still waits for.
+        let name = self.replicas[index].name.clone();
+        waited.map_err(|error| anyhow!("{error:#}\n{}", self.kube.describe_user(&name)))?
     }
 
     /// `kill -9`: no shutdown code runs, leases and claimed tasks are left behind.

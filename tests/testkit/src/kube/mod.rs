@@ -33,7 +33,7 @@ use anyhow::Context;
 
 pub use record::RequestRecord;
 use server::Shared;
-pub use server::{Fault, FaultEffect, Options};
+pub use server::{Fault, FaultEffect, Options, Unanswered};
 pub use status::ApiError;
 
 /// A running emulator; stops when dropped.
@@ -170,6 +170,55 @@ impl KubeEmulator {
     /// Every request answered so far, in order.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.records()
+    }
+
+    /// Requests received and not answered yet (a watch counts as answered once its stream
+    /// started), oldest first.
+    pub fn unanswered(&self) -> Vec<Unanswered> {
+        self.shared.unanswered()
+    }
+
+    /// A few lines on what `user` asked for lately and what it still waits for, for the
+    /// failure message of a client that seems stuck.
+    pub fn describe_user(&self, user: &str) -> String {
+        let now = std::time::Instant::now();
+        let mut lines: Vec<String> = self
+            .requests()
+            .iter()
+            .filter(|r| r.user.as_deref() == Some(user))
+            .rev()
+            .take(8)
+            .map(|r| {
+                format!(
+                    "  answered {:.1} s ago: {} {} {}",
+                    now.duration_since(r.answered_at).as_secs_f64(),
+                    r.verb,
+                    r.path,
+                    r.code
+                )
+            })
+            .collect();
+        lines.reverse();
+        lines.extend(
+            self.unanswered()
+                .into_iter()
+                .filter(|u| u.user.as_deref() == Some(user))
+                .map(|u| {
+                    format!(
+                        "  unanswered for {:.1} s: {} {}",
+                        now.duration_since(u.arrived_at).as_secs_f64(),
+                        u.method,
+                        u.uri
+                    )
+                }),
+        );
+        if lines.is_empty() {
+            return format!("the Kubernetes API emulator has no request from {user}");
+        }
+        format!(
+            "{user}'s latest Kubernetes API requests:\n{}",
+            lines.join("\n")
+        )
     }
 
     pub fn clear_requests(&self) {

@@ -75,9 +75,40 @@ pub struct Shared {
     pub notify: tokio::sync::watch::Sender<u64>,
     pub shutdown: tokio::sync::watch::Sender<bool>,
     records: Mutex<Vec<RequestRecord>>,
+    /// Requests received and not answered yet, by arrival number.
+    unanswered: Mutex<std::collections::BTreeMap<u64, Unanswered>>,
+    arrivals: std::sync::atomic::AtomicU64,
     faults: Mutex<Vec<Fault>>,
     pub options: Options,
     pub address: String,
+}
+
+/// A request the emulator has received and not yet answered.
+#[derive(Debug, Clone)]
+pub struct Unanswered {
+    pub user: Option<String>,
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub arrived_at: std::time::Instant,
+}
+
+/// Takes a request off the unanswered list when it is answered or its client goes away.
+struct Answering<'a> {
+    shared: &'a Shared,
+    number: u64,
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.unanswered).remove(&self.number);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {
@@ -90,6 +121,8 @@ impl Shared {
             notify,
             shutdown,
             records: Mutex::new(Vec::new()),
+            unanswered: Mutex::new(std::collections::BTreeMap::new()),
+            arrivals: std::sync::atomic::AtomicU64::new(0),
             faults: Mutex::new(Vec::new()),
             options,
             address,
@@ -115,6 +148,22 @@ impl Shared {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clear();
+    }
+
+    /// Requests received and not answered yet, oldest first.
+    pub fn unanswered(&self) -> Vec<Unanswered> {
+        lock(&self.unanswered).values().cloned().collect()
+    }
+
+    fn arrive(&self, request: Unanswered) -> Answering<'_> {
+        let number = self
+            .arrivals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.unanswered).insert(number, request);
+        Answering {
+            shared: self,
+            number,
+        }
     }
 
     pub fn clear_faults(&self) {
@@ -224,6 +273,12 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
+    let _answering = shared.arrive(Unanswered {
+        user: user.clone(),
+        method: method.to_string(),
+        uri: uri.to_string(),
+        arrived_at: std::time::Instant::now(),
+    });
     let mut record = RequestRecord {
         verb: method.as_str().to_lowercase(),
         group: String::new(),
