@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use mailpoll_testkit::cluster;
-use mailpoll_testkit::kube::KubeEmulator;
+use mailpoll_testkit::kube::{FaultEffect, KubeEmulator};
 use mailpoll_testkit::pg::{TestDatabase, free_port};
 use mailpoll_testkit::wait_for;
 
@@ -117,5 +117,76 @@ fn crd_command_prints_the_committed_crd() {
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         include_str!("../crds/mailboxpoll.yaml")
+    );
+}
+
+/// An API server that never answers the first LISTs of MailboxPolls (a stalled connection):
+/// the request times out on the operator's side and is retried, so the replica still gets
+/// ready, within a minute, instead of waiting for good.
+#[tokio::test]
+async fn a_list_the_api_server_never_answers_is_retried_and_the_operator_gets_ready() {
+    mailpoll::install_crypto_provider();
+    let db = TestDatabase::create_empty().await.expect("test database");
+    let kube = KubeEmulator::start()
+        .await
+        .expect("Kubernetes API emulator");
+    cluster::install_crd(&kube.client().expect("client"))
+        .await
+        .expect("CRD installed");
+    // The directory's watch and the controller's both list first: stall both.
+    kube.inject_fault_for(
+        "stalled",
+        "list",
+        "mailboxpolls",
+        2,
+        FaultEffect::Stall(Duration::from_secs(600)),
+    );
+    let port = free_port().expect("free port");
+    let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
+        .args(["operator", "--http-addr", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "KUBECONFIG",
+            kube.kubeconfig_for("stalled").expect("kubeconfig"),
+        )
+        .env("MAILPOLL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start mailpoll operator");
+
+    let http = reqwest::Client::new();
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    let stalled = || {
+        kube.unanswered()
+            .iter()
+            .filter(|u| u.uri.contains("mailboxpolls"))
+            .count()
+    };
+    wait_for(
+        "the first LIST to stall",
+        Duration::from_secs(20),
+        || async { (stalled() > 0).then_some(()) },
+    )
+    .await;
+    wait_for(
+        "the operator to give up on the stalled LIST and get ready",
+        Duration::from_secs(90),
+        || async {
+            let response = http.get(&ready).send().await.ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await;
+    let lists: Vec<u16> = kube
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "list" && r.resource == "mailboxpolls")
+        .map(|r| r.code)
+        .collect();
+    assert!(
+        lists.contains(&200),
+        "a retried LIST was answered: {lists:?}"
     );
 }

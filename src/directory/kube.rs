@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -87,37 +88,50 @@ pub fn watch_config() -> watcher::Config {
 #[derive(Clone)]
 pub struct MailboxPolls {
     stores: Vec<Store<MailboxPoll>>,
+    /// Per store: whether its watch has listed every object once. Kept apart from
+    /// `Store::wait_until_ready`, whose waiters share one wake-up slot: with two waiting at
+    /// once (readiness and a worker's lookup), one of them was never woken and the replica
+    /// stayed unready for good.
+    synced: Vec<watch::Receiver<bool>>,
 }
 
 impl MailboxPolls {
     /// Starts the watches; they run until `stop`.
     pub fn start(client: &kube::Client, scope: &Scope, stop: CancellationToken) -> Self {
         let mut stores = Vec::new();
+        let mut synced = Vec::new();
         for (namespace, api) in scope.apis::<MailboxPoll>(client) {
             let (reader, writer) = reflector::store();
+            let (listed, synced_rx) = watch::channel(false);
             let stream = watcher(api, watch_config())
                 .default_backoff()
-                .reflect(writer)
-                .applied_objects();
+                .reflect(writer);
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut stream = std::pin::pin!(stream.take_until(stop.cancelled_owned()));
                 while let Some(item) = stream.next().await {
-                    if let Err(error) = item {
-                        tracing::warn!(namespace = namespace.as_deref().unwrap_or("*"), %error, "MailboxPoll watch error; retrying");
+                    match item {
+                        Ok(watcher::Event::InitDone) => {
+                            listed.send_replace(true);
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(namespace = namespace.as_deref().unwrap_or("*"), %error, "MailboxPoll watch error; retrying");
+                        }
                     }
                 }
             });
             stores.push(reader);
+            synced.push(synced_rx);
         }
-        Self { stores }
+        Self { stores, synced }
     }
 
     /// Whether every watch has listed its objects once.
     pub async fn wait_synced(&self) {
-        for store in &self.stores {
+        for synced in &self.synced {
             // An error means the watch task ended (shutdown); nothing left to wait for.
-            let _ = store.wait_until_ready().await;
+            let _ = synced.clone().wait_for(|listed| *listed).await;
         }
     }
 
