@@ -1,5 +1,7 @@
 //! Pipeline benchmark: ingest of a folder from the Graph emulator into the ledger (pages of
-//! 1000, bodies included), and webhook deliveries to a local receiver. Prints a Markdown table.
+//! 1000, bodies included), and signed webhook deliveries to a local receiver that verifies them.
+//! Prints the server's settings, then a Markdown table; fails unless the receiver got every
+//! message exactly once, every one correctly signed.
 //!
 //!   cargo bench --bench pipeline
 //!
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailpoll::cursor::Source;
-use mailpoll::delivery::webhook::Endpoint;
+use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
     ClientSecret, Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient,
@@ -23,12 +25,13 @@ use mailpoll::pipeline::{DELIVER, POLL};
 use mailpoll::pipeline::{PollTask, poll_dedupe_key};
 use mailpoll::queue::{self, NewTask, WorkerId, WorkerPool, WorkerPoolConfig};
 use mailpoll::telemetry::metrics::Metrics;
+use mailpoll_testkit::bench::BenchPostgres;
 use mailpoll_testkit::directory::StaticDirectory;
 use mailpoll_testkit::graph::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, GraphEmulator,
     NewMessage,
 };
-use mailpoll_testkit::pg::{PgServer, TestDatabase};
+use mailpoll_testkit::pg::TestDatabase;
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
 use uuid::Uuid;
 
@@ -39,6 +42,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const MAILBOX: &str = "bench@contoso.com";
+
+/// Deliveries are signed as in production, and the receiver verifies every signature.
+const SIGNING_SECRET: &[u8] = b"bench-signing-secret";
 
 /// Worker concurrency of the delivery case (`MAILPOLL_BENCH_CONCURRENCY`, default 64).
 fn delivery_concurrency() -> usize {
@@ -79,11 +85,11 @@ fn config(uid: Uuid, webhook: Option<Endpoint>) -> MailboxConfig {
     }
 }
 
-/// Waits until `counter` (a metric the handlers bump after each commit) reaches `expected`.
-/// Reading an in-process counter costs nothing; polling `count(*)` on the ledger every few
+/// Waits until `counters` (metrics the handlers bump after each commit) add up to `expected`.
+/// Reading in-process counters costs nothing; polling `count(*)` on the ledger every few
 /// milliseconds took a sizeable share of Postgres's CPU away from the pipeline it measured.
-async fn wait_for(counter: &prometheus_client::metrics::counter::Counter, expected: u64) {
-    while counter.get() < expected {
+async fn wait_for(counters: &[&prometheus_client::metrics::counter::Counter], expected: u64) {
+    while counters.iter().map(|c| c.get()).sum::<u64>() < expected {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -144,12 +150,14 @@ impl Case {
             .owner(uid)
             .dedupe_key(poll_dedupe_key(uid));
         queue::enqueue(pool, &poll).await?;
+        // Failed deliveries end the wait too: the ledger check below then reports them, where
+        // waiting for deliveries alone would never end.
         let done = if self.webhook.is_some() {
-            &metrics.messages_delivered
+            vec![&metrics.messages_delivered, &metrics.messages_failed]
         } else {
-            &metrics.messages_recorded
+            vec![&metrics.messages_recorded]
         };
-        wait_for(done, total as u64).await;
+        wait_for(&done, total as u64).await;
         let elapsed = started.elapsed();
         workers.shutdown().await;
         let in_ledger: i64 = sqlx::query_scalar(self.done_when)
@@ -177,16 +185,7 @@ impl Case {
 async fn main() -> BenchResult<()> {
     mailpoll::install_crypto_provider();
     let total = messages();
-    let _server;
-    let admin_url = match std::env::var("DATABASE_URL") {
-        Ok(url) => url,
-        Err(_) => {
-            let server = PgServer::start()?;
-            let url = server.url();
-            _server = server;
-            url
-        }
-    };
+    let server = BenchPostgres::start().await?;
 
     let emulator = GraphEmulator::start(EmulatorConfig {
         mailboxes: vec![MAILBOX.into()],
@@ -213,7 +212,7 @@ async fn main() -> BenchResult<()> {
         GraphConfig::with_urls(&base, &base)?,
         Governor::new(GovernorConfig::default()),
     )?;
-    let receiver = WebhookReceiver::start(None).await?;
+    let receiver = WebhookReceiver::start(Some(SIGNING_SECRET)).await?;
 
     println!("| measurement | messages | seconds | per second | Graph requests |");
     println!("|---|---|---|---|---|");
@@ -257,13 +256,13 @@ async fn main() -> BenchResult<()> {
         webhook: Some(Endpoint {
             url: receiver.url(),
             timeout: Duration::from_secs(10),
-            signing_key: None,
+            signing_key: Some(SigningKey::new(SIGNING_SECRET.to_vec())),
         }),
         concurrency: delivery_concurrency,
         done_when: "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
     };
     for case in [ingest, deliver] {
-        let db = TestDatabase::create_on(&admin_url).await?;
+        let db = TestDatabase::create_on(server.admin_url()).await?;
         mailpoll::db::migrate(&db.pool).await?;
         emulator.reset_counters();
         let (elapsed, pages) = case.run(&db.pool, &graph, total).await?;
@@ -275,5 +274,27 @@ async fn main() -> BenchResult<()> {
             emulator.counters().requests(MAILBOX),
         );
     }
+    println!("{}", check_exactly_once(&receiver, total)?);
     Ok(())
+}
+
+/// Fails unless the receiver accepted every message exactly once (one success per idempotency
+/// key, as many keys as messages) and saw no bad signature; otherwise says what it got.
+fn check_exactly_once(receiver: &WebhookReceiver, total: usize) -> BenchResult<String> {
+    let successes = receiver.successes();
+    let duplicated = successes.values().filter(|&&n| n > 1).count();
+    let delivered: u64 = successes.values().map(|&n| u64::from(n)).sum();
+    let bad_signatures = receiver.bad_signatures();
+    let summary = format!(
+        "receiver: {} keys, {delivered} successful deliveries, {duplicated} keys delivered more \
+         than once, {bad_signatures} bad signatures, {} requests",
+        successes.len(),
+        receiver.requests()
+    );
+    if successes.len() != total || delivered != total as u64 || bad_signatures != 0 {
+        return Err(
+            format!("expected each of {total} messages delivered once, signed; {summary}").into(),
+        );
+    }
+    Ok(summary)
 }

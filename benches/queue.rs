@@ -1,5 +1,6 @@
 //! Task queue benchmark: enqueue throughput, end-to-end throughput of no-op tasks at several
-//! concurrencies, and pickup latency on an idle queue. Prints a Markdown table.
+//! concurrencies, and pickup latency on an idle queue. Prints the server's settings, then a
+//! Markdown table; fails if any run leaves a task in another state than the one it should.
 //!
 //!   cargo bench --bench queue
 //!
@@ -9,13 +10,16 @@
 //! measurement at that concurrency, `MAILPOLL_BENCH_TRACE=1` prints the pool's counters while it
 //! drains, and `MAILPOLL_LOG=sqlx=debug` logs every statement with its duration.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailpoll::queue::{
-    self, ClaimedTask, NewTask, TaskContext, WorkerId, WorkerPool, WorkerPoolConfig, handler_fn,
+    self, ClaimedTask, NewTask, QueueCounters, TaskContext, WorkerId, WorkerPool, WorkerPoolConfig,
+    handler_fn,
 };
-use mailpoll_testkit::pg::{PgServer, TestDatabase};
+use mailpoll_testkit::bench::BenchPostgres;
+use mailpoll_testkit::pg::TestDatabase;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -27,30 +31,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 struct Bench {
-    admin_url: String,
-    _server: Option<PgServer>,
+    server: BenchPostgres,
 }
 
 impl Bench {
-    fn new() -> BenchResult<Self> {
-        match std::env::var("DATABASE_URL") {
-            Ok(url) => Ok(Self {
-                admin_url: url,
-                _server: None,
-            }),
-            Err(_) => {
-                let server = PgServer::start()?;
-                Ok(Self {
-                    admin_url: server.url(),
-                    _server: Some(server),
-                })
-            }
-        }
-    }
-
     /// A fresh migrated database and a pool like an operator replica's.
     async fn database(&self, connections: u32) -> BenchResult<(TestDatabase, PgPool)> {
-        let db = TestDatabase::create_on(&self.admin_url).await?;
+        let db = TestDatabase::create_on(self.server.admin_url()).await?;
         mailpoll::db::migrate(&db.pool).await?;
         let pool = mailpoll::db::connect(
             &db.url,
@@ -62,6 +49,36 @@ impl Bench {
         .await?;
         Ok((db, pool))
     }
+}
+
+/// Fails unless the tasks table holds exactly `expected` tasks, every one in `state`: a run
+/// that lost, duplicated or failed tasks has not measured what its figure claims.
+async fn expect_all_in_state(
+    pool: &PgPool,
+    state: &str,
+    expected: usize,
+    run: &str,
+) -> BenchResult<()> {
+    let found: BTreeMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT state, count(*) FROM tasks GROUP BY state")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+    let wanted = BTreeMap::from([(state.to_owned(), expected as i64)]);
+    if found != wanted {
+        let held: Vec<String> = found.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        let held = if held.is_empty() {
+            "no task".to_owned()
+        } else {
+            held.join(", ")
+        };
+        return Err(format!(
+            "{run}: expected {expected} tasks, all {state}; the tasks table holds {held}"
+        )
+        .into());
+    }
+    Ok(())
 }
 
 fn config(concurrency: usize) -> WorkerPoolConfig {
@@ -77,7 +94,7 @@ fn noop_task(n: usize) -> NewTask {
 }
 
 async fn enqueue_single(bench: &Bench, clients: usize, total: usize) -> BenchResult<f64> {
-    let (_db, pool) = bench.database(clients as u32).await?;
+    let (db, pool) = bench.database(clients as u32).await?;
     let started = Instant::now();
     let mut joins = Vec::new();
     for client in 0..clients {
@@ -92,30 +109,36 @@ async fn enqueue_single(bench: &Bench, clients: usize, total: usize) -> BenchRes
     for join in joins {
         join.await??;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    expect_all_in_state(&db.pool, "pending", total, "enqueue").await?;
+    Ok(rate)
 }
 
 async fn enqueue_batches(bench: &Bench, batch: usize, total: usize) -> BenchResult<f64> {
-    let (_db, pool) = bench.database(2).await?;
+    let (db, pool) = bench.database(2).await?;
     let started = Instant::now();
     for chunk in (0..total).collect::<Vec<_>>().chunks(batch) {
         let tasks: Vec<NewTask> = chunk.iter().map(|n| noop_task(*n)).collect();
         queue::enqueue_many(&pool, &tasks).await?;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    expect_all_in_state(&db.pool, "pending", total, "enqueue_many").await?;
+    Ok(rate)
 }
 
 /// Drains `total` preloaded no-op tasks with one pool; tasks per second from the pool's start
-/// until the last result is recorded.
+/// until the last result is recorded, then checks that every task succeeded.
+///
+/// Only the drain is timed: the preload and the database's creation come before the clock.
+/// No `VACUUM` runs in between: an operator drains a burst that was just enqueued, with the
+/// statistics `enqueue_many` refreshes after a burst, not a vacuumed table whose hint bits
+/// and visibility map are already set; vacuuming first would move that work out of the clock.
 async fn end_to_end(bench: &Bench, concurrency: usize, total: usize) -> BenchResult<f64> {
     let (db, pool) = bench.database(8).await?;
     for chunk in (0..total).collect::<Vec<_>>().chunks(5_000) {
         let tasks: Vec<NewTask> = chunk.iter().map(|n| noop_task(*n)).collect();
         queue::enqueue_many(&db.pool, &tasks).await?;
     }
-    sqlx::query("VACUUM ANALYZE tasks")
-        .execute(&db.pool)
-        .await?;
     let started = Instant::now();
     let workers = WorkerPool::new(pool, config(concurrency))
         .register(
@@ -123,20 +146,35 @@ async fn end_to_end(bench: &Bench, concurrency: usize, total: usize) -> BenchRes
             handler_fn(|_task: ClaimedTask, _ctx: TaskContext| async { Ok(()) }),
         )
         .start()?;
-    let counters = workers.counters();
-    let mut last_report = Instant::now();
-    while counters.snapshot().completed < total as u64 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        if std::env::var_os("MAILPOLL_BENCH_TRACE").is_some()
-            && last_report.elapsed() > Duration::from_millis(250)
-        {
-            eprintln!("{:?} {:?}", started.elapsed(), counters.snapshot());
-            last_report = Instant::now();
-        }
-    }
+    wait_until_drained(&workers.counters(), total, started).await;
     let elapsed = started.elapsed();
     workers.shutdown().await;
+    let run = format!("end to end, concurrency {concurrency}");
+    expect_all_in_state(&db.pool, "succeeded", total, &run).await?;
     Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+/// Returns once `total` results are recorded (successes or deaths), or when nothing has been
+/// recorded for `STALL`: the check after the run then says what is missing, where waiting on
+/// the successes alone would hang on the first task that never succeeds.
+async fn wait_until_drained(counters: &QueueCounters, total: usize, started: Instant) {
+    const STALL: Duration = Duration::from_secs(30);
+    let trace = std::env::var_os("MAILPOLL_BENCH_TRACE").is_some();
+    let (mut last_report, mut last_progress, mut recorded) = (started, Instant::now(), 0);
+    loop {
+        let snapshot = counters.snapshot();
+        if snapshot.completed + snapshot.dead > recorded {
+            (recorded, last_progress) = (snapshot.completed + snapshot.dead, Instant::now());
+        }
+        if recorded >= total as u64 || last_progress.elapsed() > STALL {
+            return;
+        }
+        if trace && last_report.elapsed() > Duration::from_millis(250) {
+            eprintln!("{:?} {snapshot:?}", started.elapsed());
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Time from just before an enqueue until its handler starts, on an idle queue.
@@ -172,6 +210,7 @@ async fn pickup_latency(bench: &Bench, samples: usize) -> BenchResult<Vec<Durati
         }
     }
     workers.shutdown().await;
+    expect_all_in_state(&db.pool, "succeeded", samples + 20, "pickup latency").await?;
     latencies.sort();
     Ok(latencies)
 }
@@ -195,7 +234,9 @@ fn main() -> BenchResult<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let bench = Bench::new()?;
+        let bench = Bench {
+            server: BenchPostgres::start().await?,
+        };
         let mut rows: Vec<(String, String)> = Vec::new();
         let mut row = |what: String, figure: String| {
             eprintln!("{what}: {figure}");
