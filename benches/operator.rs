@@ -2,8 +2,8 @@
 //! Graph emulators, the operator as a real process. Prints the server's settings, the creation
 //! phase (creating the MailboxPolls until each has finished its first poll), then, for a
 //! window that starts an interval and a half after creation is over, the schedule lag (poll start minus
-//! due time) and the Kubernetes API writes per poll; and the operator's peak RSS over the
-//! whole run.
+//! due time) and the Kubernetes API writes per poll; the operator's peak RSS over the whole
+//! run; and how soon a forced poll (`kubectl annotate`) starts.
 //!
 //! ```text
 //! cargo bench --bench operator                 # 100 for 90 s
@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use kube::Api;
-use kube::api::PostParams;
-use mailpoll::resource::MailboxPoll;
+use kube::api::{Patch, PatchParams, PostParams};
+use mailpoll::resource::{MailboxPoll, POLL_REQUESTED_AT_ANNOTATION};
 use mailpoll_testkit::bench::BenchPostgres;
 use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
@@ -246,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
          one replica, worker concurrency {concurrency}"
     );
     report(&db.pool, &window).await?;
+    forced_polls(&api, &db.pool, count.min(30)).await?;
 
     if let Some(pid) = operator.id() {
         let _ = std::process::Command::new("kill")
@@ -253,6 +254,52 @@ async fn main() -> anyhow::Result<()> {
             .status();
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), operator.wait()).await;
+    Ok(())
+}
+
+/// Forces a poll of `tries` MailboxPolls one after another (`kubectl annotate`), while the
+/// schedule goes on, and prints the time from the annotation to the start of the poll that
+/// served it, in the database's clock.
+async fn forced_polls(api: &Api<MailboxPoll>, pool: &PgPool, tries: usize) -> anyhow::Result<()> {
+    let mut latencies = Vec::with_capacity(tries);
+    for i in 0..tries {
+        let value = format!("bench-{i}-{}", Utc::now().timestamp_micros());
+        let annotated = db_now(pool).await?;
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {POLL_REQUESTED_AT_ANNOTATION: value}}
+        });
+        api.patch(
+            &format!("box{i}"),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .with_context(|| format!("annotating box{i}"))?;
+        let started = try_wait_for(
+            format!("the poll forced by {value}"),
+            Patience::new(Duration::from_secs(60)).every(Duration::from_millis(20)),
+            || async {
+                sqlx::query_scalar::<_, DateTime<Utc>>(
+                    "SELECT started_at FROM polls WHERE poll_request = $1",
+                )
+                .bind(&value)
+                .fetch_optional(pool)
+                .await
+                .ok()
+                .flatten()
+            },
+        )
+        .await?;
+        latencies.push((started - annotated).as_seconds_f64());
+    }
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "forced polls: annotation to poll start over {tries} tries: p50 {:.3} s, p99 {:.3} s, \
+         max {:.3} s",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
     Ok(())
 }
 
