@@ -99,6 +99,7 @@ impl World {
             secret_ttl: Duration::from_millis(500),
             miss_grace: Duration::from_secs(3),
             sync_timeout: Duration::from_secs(30),
+            ..DirectorySettings::default()
         };
         config.leader_work.reconcile.config_requeue = Duration::from_secs(1);
         config.leader_work.sweep_interval = Duration::from_secs(1);

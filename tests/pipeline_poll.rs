@@ -14,7 +14,7 @@ use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
-    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig,
+    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig, Proof,
 };
 use mailpoll::pipeline::actions::ActionsHandler;
 use mailpoll::pipeline::deliver::DeliverHandler;
@@ -114,11 +114,11 @@ impl World {
                 mailbox: MAILBOX.into(),
                 folder: "inbox".into(),
             },
-            credentials: Credentials {
-                tenant_id: DEFAULT_TENANT.into(),
-                client_id: DEFAULT_CLIENT_ID.into(),
-                client_secret: ClientSecret::new(DEFAULT_CLIENT_SECRET),
-            },
+            credentials: Credentials::client_secret(
+                DEFAULT_TENANT,
+                DEFAULT_CLIENT_ID,
+                DEFAULT_CLIENT_SECRET,
+            ),
             webhook: Some(Endpoint {
                 url: self.receiver.url(),
                 timeout: Duration::from_secs(5),
@@ -1096,7 +1096,7 @@ async fn token_and_graph_errors_with_control_characters_are_storable_poll_errors
         .add_messages(MAILBOX, "inbox", 2)
         .expect("mail");
     let mut wrong = world.config(false, None);
-    wrong.credentials.client_secret = ClientSecret::new("not-the-secret");
+    wrong.credentials.proof = Proof::Secret(ClientSecret::new("not-the-secret"));
     world.directory.insert(wrong);
     let pool = world.workers("errors", 10);
     world.poll().await;
