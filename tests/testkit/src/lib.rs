@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod crd_validation;
+pub mod credentials;
 pub mod directory;
 pub mod graph;
 pub mod kube;
