@@ -254,6 +254,8 @@ pub struct Counters {
     /// Tokens issued, by the credential that proved the client: `secret`,
     /// `certificate:<x5t#S256>`, `federated:<subject>`.
     pub tokens_by_credential: BTreeMap<String, u64>,
+    /// The `jti` of every client assertion accepted (certificate or federated), in order.
+    pub assertion_ids: Vec<String>,
     /// Graph requests, by the credential behind their token.
     pub requests_by_credential: BTreeMap<String, u64>,
     /// Token requests answered by an injected fault (`token_endpoint`).

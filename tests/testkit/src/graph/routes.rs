@@ -78,6 +78,7 @@ async fn token(
             {
                 let mut traffic = shared.traffic();
                 traffic.counters.tokens_issued += 1;
+                traffic.counters.assertion_ids.extend(grant.assertion_id);
                 *traffic
                     .counters
                     .tokens_by_credential

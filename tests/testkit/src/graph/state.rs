@@ -83,6 +83,8 @@ pub struct TokenGrant {
     pub client_id: String,
     /// What proved the client: `secret`, `certificate:<x5t#S256>` or `federated:<subject>`.
     pub credential: String,
+    /// The `jti` of the client assertion, when one proved the client.
+    pub assertion_id: Option<String>,
     pub roles: Vec<String>,
     pub expires_at: Instant,
 }
@@ -466,10 +468,15 @@ impl World {
             });
         };
         let credential = self.check_proof(form, &app, proof)?;
+        let assertion_id = form
+            .get("client_assertion")
+            .and_then(|text| assertion::Jwt::parse(text).ok())
+            .and_then(|jwt| jwt.claims["jti"].as_str().map(str::to_owned));
         let token = format!("eyJ0eXAiOiJKV1Qi.{}", self.random_text(48));
         let grant = TokenGrant {
             client_id: app.client_id.clone(),
             credential,
+            assertion_id,
             roles: app.roles.clone(),
             expires_at: now + lifetime,
         };
