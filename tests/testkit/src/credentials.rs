@@ -123,3 +123,33 @@ impl ServiceAccountIssuer {
         Ok(token)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The examples' certificate Secret holds the pair the emulator registers.
+    #[test]
+    fn the_examples_certificate_is_the_registered_one() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/11-certificate-secret.yaml"
+        ))
+        .expect("example");
+        let secret: serde_json::Value = serde_saphyr::from_str(&text).expect("YAML");
+        assert_eq!(secret["stringData"]["tls.crt"], APP_CERT_PEM);
+        assert_eq!(secret["stringData"]["tls.key"], APP_KEY_PEM);
+    }
+
+    #[test]
+    fn service_account_tokens_carry_the_exchange_audience() {
+        let issuer = ServiceAccountIssuer::sandbox().expect("issuer");
+        let token = issuer
+            .token("system:serviceaccount:a:b", Duration::from_secs(60))
+            .expect("token");
+        let jwt = crate::graph::assertion::Jwt::parse(&token).expect("JWT");
+        assert_eq!(jwt.claims["aud"][0], TOKEN_EXCHANGE_AUDIENCE);
+        assert_eq!(jwt.claims["iss"], SANDBOX_ISSUER);
+        assert!(pem_body_line(APP_KEY_PEM).len() > 40);
+    }
+}
