@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the operator: apply migrations, then serve until SIGTERM.
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
     /// Print the MailboxPoll CustomResourceDefinition as YAML.
     Crd,
     /// Apply the database migrations and exit (safe to run from several places at once).
@@ -366,7 +366,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Operator(args) => {
-            let config = args.config()?;
+            let config = (*args).config()?;
             operator::run(config, operator::shutdown_signal()).await?;
             Ok(())
         }
