@@ -352,3 +352,28 @@ async fn a_slow_token_endpoint_delays_no_request_while_the_token_is_valid() {
         "refreshed once, in the background"
     );
 }
+
+/// A mailbox outside the app's Exchange scope: the error says what to check and that a
+/// change takes a while to reach Graph.
+#[tokio::test]
+async fn access_denied_says_how_to_scope_the_app_and_how_long_it_takes() {
+    let world = World::start(Faults::default()).await;
+    world
+        .emulator
+        .set_mailbox_state(MAILBOX, mailpoll_testkit::graph::MailboxState::AccessDenied)
+        .expect("state");
+    let error = read(&world.mailbox(world.certificate(APP_CERT_PEM, APP_KEY_PEM)))
+        .await
+        .expect_err("denied");
+    assert_eq!(error.reason().as_str(), "AccessDenied");
+    let text = error.to_string();
+    for needle in [
+        "ErrorAccessDenied",
+        "Mail.Read",
+        "Test-ServicePrincipalAuthorization",
+        "Test-ApplicationAccessPolicy",
+        "an hour",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+}
