@@ -234,12 +234,21 @@ async fn a_federated_token_file_is_read_again_at_each_token_request() {
         )
         .expect("written");
     world.emulator.revoke_tokens();
-    let error = read(&mailbox)
-        .await
-        .expect_err("no federated credential matches");
-    let text = error.to_string();
-    assert!(text.contains("AADSTS70021"), "{text}");
-    assert!(text.contains("api://AzureADTokenExchange"), "{text}");
+    let before = world.emulator.counters().token_requests;
+    for _ in 0..3 {
+        let error = read(&mailbox)
+            .await
+            .expect_err("no federated credential matches");
+        let text = error.to_string();
+        assert_eq!(error.reason().as_str(), "AuthenticationFailed");
+        assert!(text.contains("AADSTS70021"), "{text}");
+        assert!(text.contains("api://AzureADTokenExchange"), "{text}");
+    }
+    assert_eq!(
+        world.emulator.counters().token_requests,
+        before + 1,
+        "the refusal is answered from memory during the cool-down"
+    );
     // A missing file says how to mount one.
     let missing = world.mailbox(Credentials {
         proof: Proof::FederatedTokenFile(world.dir.path().join("absent")),

@@ -519,6 +519,12 @@ async fn bad_credentials_fail_authentication_without_a_retry_storm() {
         let error = round.next_page().await.expect_err("bad secret");
         assert_eq!(error.reason().as_str(), "AuthenticationFailed");
         assert!(error.to_string().contains("AADSTS7000215"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("to fix: the client secret is wrong"),
+            "{error}"
+        );
         assert!(!error.to_string().contains("not-the-secret"));
     }
     let counters = emulator.counters();
