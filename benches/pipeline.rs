@@ -16,8 +16,7 @@ use mailpoll::cursor::Source;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
-    ClientSecret, Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient,
-    GraphConfig,
+    Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient, GraphConfig,
 };
 use mailpoll::pipeline::deliver::DeliverHandler;
 use mailpoll::pipeline::poll::{PollHandler, PollSettings};
@@ -72,11 +71,11 @@ fn config(uid: Uuid, webhook: Option<Endpoint>) -> MailboxConfig {
             mailbox: MAILBOX.into(),
             folder: "inbox".into(),
         },
-        credentials: Credentials {
-            tenant_id: DEFAULT_TENANT.into(),
-            client_id: DEFAULT_CLIENT_ID.into(),
-            client_secret: ClientSecret::new(DEFAULT_CLIENT_SECRET),
-        },
+        credentials: Credentials::client_secret(
+            DEFAULT_TENANT,
+            DEFAULT_CLIENT_ID,
+            DEFAULT_CLIENT_SECRET,
+        ),
         webhook,
         include_body: true,
         mark_as_read: false,

@@ -1,11 +1,12 @@
 //! The `mailpoll` command line.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use mailpoll::directory::Scope;
+use mailpoll::directory::{Scope, WorkloadIdentityEnv};
 use mailpoll::queue::{self, TaskFilter, TaskState};
 use mailpoll::telemetry::{self, LogFormat};
 use mailpoll::{db, identity, operator, resource, tasks_cli};
@@ -31,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the operator: apply migrations, then serve until SIGTERM.
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
     /// Print the MailboxPoll CustomResourceDefinition as YAML.
     Crd,
     /// Apply the database migrations and exit (safe to run from several places at once).
@@ -165,12 +166,31 @@ struct OperatorArgs {
     /// Seconds running tasks get to finish at shutdown before they are released.
     #[arg(long, env = "MAILPOLL_SHUTDOWN_GRACE_SECONDS", default_value_t = 20.0)]
     shutdown_grace_seconds: f64,
-    /// Entra authority (national clouds: https://login.microsoftonline.us, ...).
-    #[arg(long, env = "MAILPOLL_GRAPH_AUTHORITY_URL", default_value = mailpoll::graph::DEFAULT_AUTHORITY)]
-    graph_authority_url: String,
+    /// Entra authority (national clouds: https://login.microsoftonline.us, ...); default
+    /// AZURE_AUTHORITY_HOST (set by the workload identity webhook), else the public cloud.
+    #[arg(long, env = "MAILPOLL_GRAPH_AUTHORITY_URL")]
+    graph_authority_url: Option<String>,
     /// Microsoft Graph root (national clouds: https://graph.microsoft.us, ...).
     #[arg(long, env = "MAILPOLL_GRAPH_URL", default_value = mailpoll::graph::DEFAULT_GRAPH)]
     graph_url: String,
+    /// Projected service account token for Azure workload identity (set by the workload
+    /// identity webhook, or by the chart without it).
+    #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
+    workload_identity_token_file: Option<PathBuf>,
+    /// Client id for MailboxPolls with spec.workloadIdentity that name none.
+    #[arg(long, env = "AZURE_CLIENT_ID")]
+    workload_identity_client_id: Option<String>,
+    /// Tenant id for MailboxPolls with spec.workloadIdentity that name none.
+    #[arg(long, env = "AZURE_TENANT_ID")]
+    workload_identity_tenant_id: Option<String>,
+    /// Namespaces whose MailboxPolls may use the workload identity, comma-separated; empty
+    /// means every watched namespace.
+    #[arg(
+        long,
+        env = "MAILPOLL_WORKLOAD_IDENTITY_NAMESPACES",
+        default_value = ""
+    )]
+    workload_identity_namespaces: String,
 }
 
 /// A duration flag in seconds; rejects what a Duration cannot hold.
@@ -235,8 +255,21 @@ impl OperatorArgs {
                 "lease settings must satisfy retry period < renew deadline < lease duration"
             );
         }
-        config.graph_authority_url = self.graph_authority_url;
+        config.graph_authority_url = self
+            .graph_authority_url
+            .or_else(|| std::env::var("AZURE_AUTHORITY_HOST").ok())
+            .filter(|url| !url.trim().is_empty())
+            .unwrap_or_else(|| mailpoll::graph::DEFAULT_AUTHORITY.into());
         config.graph_url = self.graph_url;
+        let non_empty = |value: Option<String>| value.filter(|v| !v.trim().is_empty());
+        config.directory.workload_identity = WorkloadIdentityEnv {
+            token_file: self
+                .workload_identity_token_file
+                .filter(|path| !path.as_os_str().is_empty()),
+            client_id: non_empty(self.workload_identity_client_id),
+            tenant_id: non_empty(self.workload_identity_tenant_id),
+            namespaces: Scope::parse(&self.workload_identity_namespaces),
+        };
         Ok(config)
     }
 }
@@ -333,7 +366,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Operator(args) => {
-            let config = args.config()?;
+            let config = (*args).config()?;
             operator::run(config, operator::shutdown_signal()).await?;
             Ok(())
         }

@@ -11,6 +11,9 @@ pub enum Reason {
     SecretNotFound,
     /// The credentials Secret lacks a key (or its value is empty or not text).
     SecretKeyMissing,
+    /// The credentials are there but cannot work (a certificate that does not parse or match
+    /// its key, a workload identity the operator lacks or may not lend to the namespace).
+    InvalidCredentials,
     /// The MailboxPoll or its Secrets could not be read from the API server.
     KubernetesUnavailable,
     AuthenticationFailed,
@@ -33,9 +36,10 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
+        Reason::InvalidCredentials,
         Reason::KubernetesUnavailable,
         Reason::AuthenticationFailed,
         Reason::AccessDenied,
@@ -56,6 +60,7 @@ impl Reason {
         match self {
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyMissing => "SecretKeyMissing",
+            Reason::InvalidCredentials => "InvalidCredentials",
             Reason::KubernetesUnavailable => "KubernetesUnavailable",
             Reason::AuthenticationFailed => "AuthenticationFailed",
             Reason::AccessDenied => "AccessDenied",
@@ -94,7 +99,10 @@ impl Reason {
     pub fn from_configuration(self) -> bool {
         matches!(
             self,
-            Reason::SecretNotFound | Reason::SecretKeyMissing | Reason::KubernetesUnavailable
+            Reason::SecretNotFound
+                | Reason::SecretKeyMissing
+                | Reason::InvalidCredentials
+                | Reason::KubernetesUnavailable
         )
     }
 
@@ -148,6 +156,7 @@ mod tests {
             [
                 "SecretNotFound",
                 "SecretKeyMissing",
+                "InvalidCredentials",
                 "KubernetesUnavailable",
                 "Throttled",
                 "ResyncRequired",

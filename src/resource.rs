@@ -54,6 +54,8 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.credentialsSecretRef) || has(self.certificate) || has(self.workloadIdentity)").message("spec needs credentials: set one of spec.credentialsSecretRef (client secret), spec.certificate or spec.workloadIdentity"))]
+#[x_kube(validation = Rule::new("(has(self.credentialsSecretRef) ? 1 : 0) + (has(self.certificate) ? 1 : 0) + (has(self.workloadIdentity) ? 1 : 0) <= 1").message("spec.credentialsSecretRef, spec.certificate and spec.workloadIdentity are alternatives: set exactly one"))]
 pub struct MailboxPollSpec {
     /// User principal name (ops@contoso.com) or object id of the mailbox.
     #[x_kube(validation = Rule::new("self.size() > 0").message("spec.mailbox must not be empty"))]
@@ -74,8 +76,17 @@ pub struct MailboxPollSpec {
     #[schemars(length(max = 32))]
     pub interval: String,
 
-    /// Secret in this namespace with the app registration's tenant id, client id and client secret.
-    pub credentials_secret_ref: CredentialsSecretRef,
+    /// Client-secret credentials: a Secret in this namespace with the app registration's tenant id, client id and client secret. Exactly one of credentialsSecretRef, certificate and workloadIdentity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<CredentialsSecretRef>,
+
+    /// Certificate credentials: the app registration's certificate and private key (PEM) in a Secret of this namespace, sent as a signed client assertion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateCredentials>,
+
+    /// Azure workload identity federation: the operator's projected service account token (AZURE_FEDERATED_TOKEN_FILE) is exchanged for a token of this app registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<WorkloadIdentity>,
 
     /// Where each message goes once recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,6 +126,66 @@ pub struct CredentialsSecretRef {
     #[serde(default = "default_client_secret_key")]
     #[schemars(length(max = 253))]
     pub client_secret_key: String,
+}
+
+/// An app registration's certificate credentials.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateCredentials {
+    /// Directory (tenant) id; when unset, read from the Secret's tenantId key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.certificate.tenantId must not be empty when set"))]
+    #[schemars(length(max = 253))]
+    pub tenant_id: Option<String>,
+    /// Application (client) id; when unset, read from the Secret's clientId key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.certificate.clientId must not be empty when set"))]
+    #[schemars(length(max = 253))]
+    pub client_id: Option<String>,
+    /// The Secret with the certificate and its private key (a kubernetes.io/tls Secret fits).
+    pub secret_ref: CertificateSecretRef,
+}
+
+/// Reference to the Secret holding a certificate and its private key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateSecretRef {
+    /// Name of the Secret, in the MailboxPoll's namespace.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.certificate.secretRef.name must not be empty"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// Key holding the PEM certificate (the first certificate is the app's; a chain may follow).
+    #[serde(default = "default_certificate_key")]
+    #[schemars(length(max = 253))]
+    pub certificate_key: String,
+    /// Key holding the unencrypted PEM private key (PKCS#8 or PKCS#1 RSA); may be the same key as the certificate.
+    #[serde(default = "default_private_key_key")]
+    #[schemars(length(max = 253))]
+    pub private_key_key: String,
+    /// Key holding the tenant id, when spec.certificate.tenantId is unset.
+    #[serde(default = "default_tenant_id_key")]
+    #[schemars(length(max = 253))]
+    pub tenant_id_key: String,
+    /// Key holding the client id, when spec.certificate.clientId is unset.
+    #[serde(default = "default_client_id_key")]
+    #[schemars(length(max = 253))]
+    pub client_id_key: String,
+}
+
+/// Azure workload identity: the operator pod's federated service account token.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadIdentity {
+    /// Application (client) id whose federated credential trusts the operator's service account; default AZURE_CLIENT_ID of the operator pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.workloadIdentity.clientId must not be empty when set"))]
+    #[schemars(length(max = 253))]
+    pub client_id: Option<String>,
+    /// Directory (tenant) id; default AZURE_TENANT_ID of the operator pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.workloadIdentity.tenantId must not be empty when set"))]
+    #[schemars(length(max = 253))]
+    pub tenant_id: Option<String>,
 }
 
 /// Delivery targets for recorded messages.
@@ -224,6 +295,12 @@ fn default_client_id_key() -> String {
 }
 fn default_client_secret_key() -> String {
     "clientSecret".into()
+}
+fn default_certificate_key() -> String {
+    "tls.crt".into()
+}
+fn default_private_key_key() -> String {
+    "tls.key".into()
 }
 fn default_signing_secret_key() -> String {
     "signingSecret".into()

@@ -20,7 +20,7 @@ use mailpoll::cursor::Source;
 use mailpoll::delivery::signing;
 use mailpoll::delivery::webhook::{self, Endpoint, SigningKey, WebhookError};
 use mailpoll::directory::MailboxConfig;
-use mailpoll::graph::{ClientSecret, Credentials};
+use mailpoll::graph::Credentials;
 use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
 use mailpoll::pipeline::deliver::DeliverHandler;
 use mailpoll::pipeline::{DELIVER, DeliverTask};
@@ -162,11 +162,7 @@ fn config(url: String) -> MailboxConfig {
             mailbox: "support@contoso.com".into(),
             folder: "inbox".into(),
         },
-        credentials: Credentials {
-            tenant_id: "contoso".into(),
-            client_id: "mailpoll".into(),
-            client_secret: ClientSecret::new("not-used-by-deliveries"),
-        },
+        credentials: Credentials::client_secret("contoso", "mailpoll", "not-used-by-deliveries"),
         webhook: Some(Endpoint {
             url,
             timeout: Duration::from_secs(5),

@@ -194,17 +194,31 @@ fn invalid_specs_are_rejected_with_a_message_naming_the_field() {
             "no credentials",
             "/credentialsSecretRef",
             None,
-            "spec.credentialsSecretRef: Required value",
+            "spec needs credentials: set one of spec.credentialsSecretRef (client secret), spec.certificate or spec.workloadIdentity",
+        ),
+        (
+            "a certificate besides the client secret",
+            "/certificate",
+            Some(json!({"secretRef": {"name": "graph-certificate"}})),
+            "spec.credentialsSecretRef, spec.certificate and spec.workloadIdentity are alternatives: set exactly one",
+        ),
+        (
+            "workload identity besides the client secret",
+            "/workloadIdentity",
+            Some(json!({})),
+            "spec.credentialsSecretRef, spec.certificate and spec.workloadIdentity are alternatives: set exactly one",
         ),
     ];
     for (name, pointer, value, expected) in cases {
         let mut spec = valid_spec();
         match value {
-            Some(value) => {
-                *spec
-                    .pointer_mut(pointer)
-                    .expect("field exists in the valid spec") = value
-            }
+            Some(value) => match spec.pointer_mut(pointer) {
+                Some(field) => *field = value,
+                // A top-level field the valid spec lacks: added.
+                None => {
+                    spec[pointer.trim_start_matches('/')] = value;
+                }
+            },
             None => {
                 let key = pointer.trim_start_matches('/');
                 spec.as_object_mut()
@@ -220,6 +234,58 @@ fn invalid_specs_are_rejected_with_a_message_naming_the_field() {
         assert!(
             rendered.iter().any(|m| m.contains(expected)),
             "{name}: expected a message containing {expected:?}, got {rendered:?}"
+        );
+    }
+}
+
+#[test]
+fn each_credential_kind_is_valid_alone_and_defaults_its_keys() {
+    let v = validator();
+    let with = |field: &str, value: Value| {
+        let mut spec = valid_spec();
+        spec.as_object_mut()
+            .expect("object")
+            .remove("credentialsSecretRef");
+        spec[field] = value;
+        v.validate(&object(spec), None, true)
+    };
+    let certificate = with(
+        "certificate",
+        json!({"clientId": "app", "secretRef": {"name": "graph-certificate"}}),
+    )
+    .expect("certificate credentials");
+    let reference = &certificate["spec"]["certificate"]["secretRef"];
+    assert_eq!(reference["certificateKey"], "tls.crt");
+    assert_eq!(reference["privateKeyKey"], "tls.key");
+    assert_eq!(reference["tenantIdKey"], "tenantId");
+    with("workloadIdentity", json!({})).expect("workload identity from the pod");
+    with(
+        "workloadIdentity",
+        json!({"clientId": "app", "tenantId": "tenant"}),
+    )
+    .expect("workload identity with ids");
+    for (field, value, message) in [
+        (
+            "certificate",
+            json!({"secretRef": {"name": ""}}),
+            "spec.certificate.secretRef.name must not be empty",
+        ),
+        (
+            "certificate",
+            json!({"clientId": "", "secretRef": {"name": "c"}}),
+            "spec.certificate.clientId must not be empty when set",
+        ),
+        (
+            "workloadIdentity",
+            json!({"tenantId": ""}),
+            "spec.workloadIdentity.tenantId must not be empty when set",
+        ),
+    ] {
+        let errors = with(field, value).expect_err("rejected");
+        let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            rendered.iter().any(|m| m.contains(message)),
+            "expected {message:?}, got {rendered:?}"
         );
     }
 }

@@ -159,6 +159,41 @@ async fn assert_delivered_once(sandbox: &Sandbox, allowed_repeats: u64) -> (usiz
     (expected.len(), repeats)
 }
 
+/// The `jti` claim of a JWT.
+fn jti_of(token: &str) -> String {
+    use base64::Engine as _;
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|claims| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims)
+                .ok()
+        })
+        .and_then(|claims| serde_json::from_slice::<Value>(&claims).ok())
+        .and_then(|claims| claims["jti"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The secrets of the certificate and workload identity kinds: the private key's PEM body
+/// (every line of it), the start every signed client assertion shares (its header), and each
+/// service account token the replicas' token file held.
+fn credential_secrets(sandbox: &Sandbox) -> Vec<String> {
+    use base64::Engine as _;
+    let key_lines = mailpoll_testkit::credentials::APP_KEY_PEM
+        .lines()
+        .filter(|line| !line.starts_with("-----") && line.len() > 20)
+        .map(str::to_owned);
+    // `{"alg":"PS256",` is 15 bytes: its base64url is the first 20 characters of every
+    // assertion mailpoll signs, whatever follows.
+    let assertion_start =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"PS256","#);
+    key_lines
+        .chain([assertion_start])
+        .chain(sandbox.federated_tokens())
+        .collect()
+}
+
 /// No log line holds a secret value or an access token; the logs are not empty.
 fn assert_no_secrets_in_logs(sandbox: &Sandbox, extra: &[&str]) {
     let logs = sandbox.logs().expect("replica logs");
@@ -196,7 +231,12 @@ async fn arrived_equals_recorded(sandbox: &Sandbox, mailboxes: &[String]) -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger() {
     let mailboxes = sandbox::mailboxes_in(&examples_dir()).expect("examples");
-    let sandbox = start(options(mailboxes.clone())).await;
+    let mut options = options(mailboxes.clone());
+    // Tokens refreshed every few seconds and the service account token file replaced every
+    // two: each kind fetches tokens again during the test, the federated one from a new file.
+    options.graph_faults.token_lifetime_secs = 6;
+    options.federated_token_rotation = Duration::from_secs(2);
+    let sandbox = start(options).await;
     for mailbox in &mailboxes {
         sandbox.add_mail(mailbox, 20).expect("mail");
     }
@@ -211,7 +251,7 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
         .cloned()
         .collect();
     wait_for_ok(
-        "the first 40 messages delivered",
+        "the first 20 messages of each active mailbox delivered",
         patience(Duration::from_secs(60)),
         || async { arrived_equals_recorded(&sandbox, &active).await },
     )
@@ -220,18 +260,69 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
     for mailbox in &active {
         sandbox.add_mail(mailbox, 10).expect("mail");
     }
-    for name in ["support-inbox", "billing-inbox"] {
+    // One MailboxPoll per credential kind: client secret (support, billing), certificate
+    // (orders), workload identity (invoices).
+    for name in [
+        "support-inbox",
+        "billing-inbox",
+        "orders-inbox",
+        "invoices-inbox",
+    ] {
         annotate(&sandbox, name, "more-mail").await;
     }
     wait_for_ok(
-        "all 60 messages delivered",
+        "all 30 messages of each active mailbox delivered",
         patience(Duration::from_secs(60)),
         || async { arrived_equals_recorded(&sandbox, &active).await },
     )
     .await;
     let (delivered, repeats) = assert_delivered_once(&sandbox, 0).await;
-    assert_eq!(delivered, 60);
+    assert_eq!(delivered, 30 * active.len());
+    assert_eq!(active.len(), 4, "{active:?}");
     assert_eq!(repeats, 0);
+    // Each kind proved itself to the token endpoint; the token file was read again after
+    // the kubelet-like rotation (a fresh assertion per token request).
+    let counters = sandbox.graph.counters();
+    for kind in [
+        "secret",
+        "certificate:",
+        "federated:system:serviceaccount:mailpoll-system:mailpoll",
+    ] {
+        assert!(
+            counters
+                .requests_by_credential
+                .iter()
+                .any(|(label, count)| label.starts_with(kind) && *count > 0),
+            "Graph requests with a {kind} token: {:?}",
+            counters.requests_by_credential
+        );
+    }
+    // Forced polls of the workload identity MailboxPoll until a token fetched after its
+    // first one came from a replaced token file (tokens live 6 s, the file changes every 2 s).
+    let mut rotated_tokens_used = 0;
+    for round in 0..40 {
+        let accepted: HashSet<String> =
+            sandbox.graph.counters().assertion_ids.into_iter().collect();
+        rotated_tokens_used = sandbox
+            .federated_tokens()
+            .iter()
+            .filter(|token| accepted.contains(&jti_of(token)))
+            .count();
+        if rotated_tokens_used >= 2 {
+            break;
+        }
+        annotate(
+            &sandbox,
+            "invoices-inbox",
+            &format!("token-rotation-{round}"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        rotated_tokens_used >= 2,
+        "the replicas read the rotated token file: {rotated_tokens_used} tokens used"
+    );
     // The suspended MailboxPoll never polled.
     assert!(
         sandbox
@@ -269,7 +360,13 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
         .await
         .expect("kubectl get");
     assert!(table.success, "{}", table.stderr);
-    for name in ["support-inbox", "billing-inbox", "newsletter-inbox"] {
+    for name in [
+        "support-inbox",
+        "billing-inbox",
+        "newsletter-inbox",
+        "orders-inbox",
+        "invoices-inbox",
+    ] {
         assert!(
             table.stdout.contains(name),
             "kubectl get mbp lists {name}: {}",
@@ -281,9 +378,29 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
         .await
         .expect("kubectl describe");
     assert!(describe.success, "{}", describe.stderr);
-    assert_no_secrets_in_logs(&sandbox, &[]);
-    for text in [&table.stdout, &describe.stdout] {
-        assert!(!text.contains(DEFAULT_CLIENT_SECRET) && !text.contains(EXAMPLES_SIGNING_SECRET));
+    let credential_secrets = credential_secrets(&sandbox);
+    let credential_secrets: Vec<&str> = credential_secrets.iter().map(String::as_str).collect();
+    assert_no_secrets_in_logs(&sandbox, &credential_secrets);
+    let statuses = sandbox
+        .kubectl(&["get", "mbp", "-n", "mail", "-o", "yaml"])
+        .await
+        .expect("kubectl get -o yaml");
+    let events = sandbox
+        .kubectl(&["get", "events", "-n", "mail", "-o", "yaml"])
+        .await
+        .expect("kubectl get events");
+    for text in [
+        &table.stdout,
+        &describe.stdout,
+        &statuses.stdout,
+        &events.stdout,
+    ] {
+        for secret in [DEFAULT_CLIENT_SECRET, EXAMPLES_SIGNING_SECRET]
+            .iter()
+            .chain(&credential_secrets)
+        {
+            assert!(!text.contains(secret), "{secret} in kubectl output: {text}");
+        }
     }
     sandbox.shutdown().await.expect("graceful stop");
 }

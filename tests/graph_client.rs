@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailpoll::graph::{
-    ClientSecret, Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient,
-    GraphConfig, GraphError, ListOptions, MailboxClient, Message, PageLink, PostAction, Round,
+    Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient, GraphConfig,
+    GraphError, ListOptions, MailboxClient, Message, PageLink, PostAction, Round,
 };
 use mailpoll_testkit::graph::{
     AppRegistration, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig,
@@ -17,11 +17,7 @@ use mailpoll_testkit::graph::{
 const MAILBOX: &str = "ops@contoso.com";
 
 fn credentials(secret: &str) -> Credentials {
-    Credentials {
-        tenant_id: DEFAULT_TENANT.into(),
-        client_id: DEFAULT_CLIENT_ID.into(),
-        client_secret: ClientSecret::new(secret),
-    }
+    Credentials::client_secret(DEFAULT_TENANT, DEFAULT_CLIENT_ID, secret)
 }
 
 /// Retries fast so tests stay quick; Retry-After values come from the emulator (1 s).
@@ -523,6 +519,12 @@ async fn bad_credentials_fail_authentication_without_a_retry_storm() {
         let error = round.next_page().await.expect_err("bad secret");
         assert_eq!(error.reason().as_str(), "AuthenticationFailed");
         assert!(error.to_string().contains("AADSTS7000215"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("to fix: the client secret is wrong"),
+            "{error}"
+        );
         assert!(!error.to_string().contains("not-the-secret"));
     }
     let counters = emulator.counters();

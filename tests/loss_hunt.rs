@@ -44,9 +44,7 @@ use mailpoll::cursor::Source;
 use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
-use mailpoll::graph::{
-    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig,
-};
+use mailpoll::graph::{Credentials, Governor, GovernorConfig, GraphClient, GraphConfig};
 use mailpoll::pipeline::actions::ActionsHandler;
 use mailpoll::pipeline::deliver::DeliverHandler;
 use mailpoll::pipeline::poll::{PollHandler, PollSettings};
@@ -316,11 +314,11 @@ impl Hunt {
                 mailbox: mailbox.upn.into(),
                 folder: WATCHED.into(),
             },
-            credentials: Credentials {
-                tenant_id: DEFAULT_TENANT.into(),
-                client_id: DEFAULT_CLIENT_ID.into(),
-                client_secret: ClientSecret::new(DEFAULT_CLIENT_SECRET),
-            },
+            credentials: Credentials::client_secret(
+                DEFAULT_TENANT,
+                DEFAULT_CLIENT_ID,
+                DEFAULT_CLIENT_SECRET,
+            ),
             webhook: Some(Endpoint {
                 url: self.receiver.url(),
                 timeout: Duration::from_secs(10),

@@ -9,7 +9,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use mailpoll::directory::{DirectorySettings, Scope};
-use mailpoll::graph::GovernorConfig;
+use mailpoll::graph::{Certificate, GovernorConfig};
 use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
 use mailpoll::queue::WorkerId;
 use mailpoll::resource::{MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION};
@@ -99,6 +99,7 @@ impl World {
             secret_ttl: Duration::from_millis(500),
             miss_grace: Duration::from_secs(3),
             sync_timeout: Duration::from_secs(30),
+            ..DirectorySettings::default()
         };
         config.leader_work.reconcile.config_requeue = Duration::from_secs(1);
         config.leader_work.sweep_interval = Duration::from_secs(1);
@@ -1228,5 +1229,250 @@ async fn parked_after_actions_are_retried_once_the_spec_is_fixed() {
         2
     );
     assert_eq!(world.graph.folder_len(MAILBOX, "inbox").expect("inbox"), 0);
+    world.stop().await;
+}
+
+/// A Secret's data, written whole (created, or replaced in place by a merge patch so the
+/// Secret never goes missing between two values).
+async fn put_secret(world: &World, name: &str, values: &[(&str, &str)]) {
+    use base64::Engine as _;
+    let data: serde_json::Map<String, serde_json::Value> = values
+        .iter()
+        .map(|(key, value)| {
+            (
+                (*key).to_owned(),
+                json!(base64::engine::general_purpose::STANDARD.encode(value)),
+            )
+        })
+        .collect();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(world.client.clone(), &world.namespace);
+    if secrets.get_opt(name).await.expect("Secret read").is_some() {
+        secrets
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": data})),
+            )
+            .await
+            .expect("Secret replaced");
+    } else {
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}, "data": data}))
+                    .expect("Secret"),
+            )
+            .await
+            .expect("Secret created");
+    }
+}
+
+/// A MailboxPoll with certificate credentials from the Secret `secret`.
+async fn create_with_certificate(world: &World, name: &str, secret: &str) -> Uuid {
+    let mut poll = cluster::mailbox_poll(name, MAILBOX, "1h", secret);
+    poll.spec.credentials_secret_ref = None;
+    poll.spec.certificate = Some(
+        serde_json::from_value(json!({
+            "tenantId": mailpoll_testkit::graph::DEFAULT_TENANT,
+            "clientId": mailpoll_testkit::graph::DEFAULT_CLIENT_ID,
+            "secretRef": {"name": secret}
+        }))
+        .expect("certificate spec"),
+    );
+    let created = world
+        .api()
+        .create(&PostParams::default(), &poll)
+        .await
+        .expect("MailboxPoll created");
+    Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
+}
+
+fn credential_count(world: &World, label: &str) -> (u64, u64) {
+    let counters = world.graph.counters();
+    (
+        counters
+            .tokens_by_credential
+            .get(label)
+            .copied()
+            .unwrap_or(0),
+        counters
+            .requests_by_credential
+            .get(label)
+            .copied()
+            .unwrap_or(0),
+    )
+}
+
+/// Rotation as a tenant admin does it: a new client secret is added, the Secret updated, the
+/// old secret removed. The next poll fetches a token with the new secret (the old token,
+/// still valid for an hour, is not used again), without a restart.
+#[tokio::test]
+async fn a_rotated_client_secret_is_used_at_the_next_poll_without_a_restart() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("rotating", "1h", SECRET).await;
+    world
+        .wait_status("rotating", "Ready after the first poll", is_ready)
+        .await;
+    let issued = world.graph.counters().tokens_issued;
+
+    let rotated = "rotated~secret.value";
+    world
+        .graph
+        .add_app(mailpoll_testkit::graph::AppRegistration {
+            client_secret: rotated.into(),
+            ..mailpoll_testkit::graph::default_app()
+        });
+    put_secret(
+        &world,
+        SECRET,
+        &[
+            ("tenantId", mailpoll_testkit::graph::DEFAULT_TENANT),
+            ("clientId", mailpoll_testkit::graph::DEFAULT_CLIENT_ID),
+            ("clientSecret", rotated),
+        ],
+    )
+    .await;
+    // The directory rereads Secrets after 500 ms in this world.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    world.request_poll("rotating", "after-rotation").await;
+    world.wait_served(uid, "after-rotation").await;
+    let status = world
+        .wait_status("rotating", "Ready after the rotation", is_ready)
+        .await;
+    assert!(is_ready(&status));
+    let counters = world.graph.counters();
+    assert_eq!(
+        counters.tokens_issued,
+        issued + 1,
+        "one token fetched with the new secret; the old one is not used again"
+    );
+    assert_eq!(
+        counters.tokens_by_credential.get("secret"),
+        Some(&(issued + 1))
+    );
+    world.stop().await;
+}
+
+/// A certificate rotated in the Secret: the new pair signs the next assertion, and Graph sees
+/// only tokens issued for the new certificate from then on.
+#[tokio::test]
+async fn a_rotated_certificate_is_used_at_the_next_poll_without_a_restart() {
+    use mailpoll_testkit::credentials::{APP_CERT_PEM, APP_KEY_PEM, OTHER_CERT_PEM, OTHER_KEY_PEM};
+    let world = World::start().await;
+    // Entra first: the new certificate is uploaded beside the old one.
+    world
+        .graph
+        .add_app(mailpoll_testkit::graph::AppRegistration {
+            certificates: vec![APP_CERT_PEM.into(), OTHER_CERT_PEM.into()],
+            ..mailpoll_testkit::graph::default_app()
+        });
+    let app = Certificate::from_pem(APP_CERT_PEM.as_bytes(), APP_KEY_PEM.as_bytes()).expect("pair");
+    let other =
+        Certificate::from_pem(OTHER_CERT_PEM.as_bytes(), OTHER_KEY_PEM.as_bytes()).expect("pair");
+    let old_label = format!("certificate:{}", app.thumbprint_s256());
+    let new_label = format!("certificate:{}", other.thumbprint_s256());
+    put_secret(
+        &world,
+        "graph-certificate",
+        &[("tls.crt", APP_CERT_PEM), ("tls.key", APP_KEY_PEM)],
+    )
+    .await;
+    let uid = create_with_certificate(&world, "certified", "graph-certificate").await;
+    world
+        .wait_status("certified", "Ready with the first certificate", is_ready)
+        .await;
+    let (old_tokens, old_requests) = credential_count(&world, &old_label);
+    assert_eq!(old_tokens, 1);
+    assert!(old_requests > 0);
+
+    put_secret(
+        &world,
+        "graph-certificate",
+        &[("tls.crt", OTHER_CERT_PEM), ("tls.key", OTHER_KEY_PEM)],
+    )
+    .await;
+    // Then the old certificate is removed from the app registration.
+    world
+        .graph
+        .add_app(mailpoll_testkit::graph::AppRegistration {
+            certificates: vec![OTHER_CERT_PEM.into()],
+            ..mailpoll_testkit::graph::default_app()
+        });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    world.request_poll("certified", "after-rotation").await;
+    world.wait_served(uid, "after-rotation").await;
+    world
+        .wait_status("certified", "Ready with the new certificate", is_ready)
+        .await;
+    assert_eq!(credential_count(&world, &new_label).0, 1);
+    assert!(credential_count(&world, &new_label).1 > 0);
+    assert_eq!(
+        credential_count(&world, &old_label).1,
+        old_requests,
+        "no Graph request with the old certificate's token after the rotation"
+    );
+    world.stop().await;
+}
+
+/// What the token endpoint never sees: a certificate whose key belongs to another
+/// certificate, a workload identity the operator does not have. Both are named on the
+/// resource without any key material.
+#[tokio::test]
+async fn unusable_credentials_are_invalid_credentials_without_key_material() {
+    use mailpoll_testkit::credentials::{APP_CERT_PEM, OTHER_KEY_PEM, pem_body_line};
+    let world = World::start().await;
+    put_secret(
+        &world,
+        "mismatched",
+        &[("tls.crt", APP_CERT_PEM), ("tls.key", OTHER_KEY_PEM)],
+    )
+    .await;
+    create_with_certificate(&world, "mismatched", "mismatched").await;
+    let status = world
+        .wait_status("mismatched", "Ready=False InvalidCredentials", |s| {
+            condition(s, "Ready") == Some(("False", "InvalidCredentials"))
+        })
+        .await;
+    let text = serde_json::to_string(&status).expect("status JSON");
+    assert!(
+        text.contains("does not belong to the certificate"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tls.key"),
+        "the message names the key: {text}"
+    );
+    assert!(!text.contains(pem_body_line(OTHER_KEY_PEM)), "{text}");
+
+    let mut poll = cluster::mailbox_poll("federated", MAILBOX, "1h", SECRET);
+    poll.spec.credentials_secret_ref = None;
+    poll.spec.workload_identity = Some(Default::default());
+    world
+        .api()
+        .create(&PostParams::default(), &poll)
+        .await
+        .expect("MailboxPoll created");
+    let status = world
+        .wait_status("federated", "Ready=False InvalidCredentials", |s| {
+            condition(s, "Ready") == Some(("False", "InvalidCredentials"))
+        })
+        .await;
+    let message = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready")
+        .message;
+    assert!(message.contains("workloadIdentity.enabled"), "{message}");
+    for event in world.events("mismatched").await {
+        assert!(
+            !event
+                .note
+                .unwrap_or_default()
+                .contains(pem_body_line(OTHER_KEY_PEM))
+        );
+    }
     world.stop().await;
 }

@@ -8,7 +8,7 @@ use mailpoll::cursor::Source;
 use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
-use mailpoll::graph::{ClientSecret, Credentials};
+use mailpoll::graph::Credentials;
 use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
 use mailpoll::pipeline::DELIVER;
 use mailpoll::pipeline::DeliverTask;
@@ -36,11 +36,7 @@ fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxCo
             mailbox: "support@contoso.com".into(),
             folder: "inbox".into(),
         },
-        credentials: Credentials {
-            tenant_id: "contoso".into(),
-            client_id: "mailpoll".into(),
-            client_secret: ClientSecret::new("not-used-by-deliveries"),
-        },
+        credentials: Credentials::client_secret("contoso", "mailpoll", "not-used-by-deliveries"),
         webhook: Some(Endpoint {
             url: receiver.url(),
             timeout: Duration::from_secs(5),

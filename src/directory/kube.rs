@@ -5,6 +5,7 @@
 //! is redacted; errors name Secrets and keys, never values.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,13 +23,14 @@ use uuid::Uuid;
 use super::{ConfigError, Directory, MailboxConfig};
 use crate::cursor::Source;
 use crate::delivery::webhook::{Endpoint, SigningKey};
-use crate::graph::{ClientSecret, Credentials};
+use crate::graph::{Certificate, Credentials, Proof};
 use crate::identity;
-use crate::resource::{MailboxPoll, parse_duration};
+use crate::resource::{CertificateCredentials, MailboxPoll, WorkloadIdentity, parse_duration};
 
 /// Which namespaces the operator watches.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Scope {
+    #[default]
     All,
     Namespaces(Vec<String>),
 }
@@ -176,6 +178,8 @@ pub struct DirectorySettings {
     /// How long a lookup waits for the watch cache's first list before failing (the task is
     /// retried).
     pub sync_timeout: Duration,
+    /// The operator pod's workload identity, for MailboxPolls with `spec.workloadIdentity`.
+    pub workload_identity: WorkloadIdentityEnv,
 }
 
 impl Default for DirectorySettings {
@@ -184,11 +188,67 @@ impl Default for DirectorySettings {
             secret_ttl: Duration::from_secs(5),
             miss_grace: Duration::from_secs(3),
             sync_timeout: Duration::from_secs(30),
+            workload_identity: WorkloadIdentityEnv::default(),
         }
     }
 }
 
+/// The operator pod's Azure workload identity, as the workload identity webhook (or the
+/// chart's projected token volume) sets it: `AZURE_FEDERATED_TOKEN_FILE`, `AZURE_CLIENT_ID`,
+/// `AZURE_TENANT_ID`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadIdentityEnv {
+    /// The projected service account token; `None`: the pod has no workload identity.
+    pub token_file: Option<PathBuf>,
+    /// Default client id of MailboxPolls that name none.
+    pub client_id: Option<String>,
+    /// Default tenant id of MailboxPolls that name none.
+    pub tenant_id: Option<String>,
+    /// Namespaces whose MailboxPolls may use the operator's identity (every watched one when
+    /// `All`). Anyone who may create a MailboxPoll there acts with the app's mail permissions.
+    pub namespaces: Scope,
+}
+
+impl WorkloadIdentityEnv {
+    /// The credentials of a MailboxPoll in `namespace` that asks for `wanted`.
+    pub fn credentials(
+        &self,
+        namespace: &str,
+        wanted: &WorkloadIdentity,
+    ) -> Result<Credentials, ConfigError> {
+        let unusable = |detail: String| ConfigError::InvalidCredentials {
+            field: "spec.workloadIdentity".into(),
+            detail,
+        };
+        let Some(token_file) = &self.token_file else {
+            return Err(unusable("the operator has no workload identity (AZURE_FEDERATED_TOKEN_FILE is unset): install the chart with workloadIdentity.enabled=true".into()));
+        };
+        if !self.namespaces.contains(namespace) {
+            return Err(unusable(format!(
+                "the operator's workload identity may not be used in namespace {namespace} (chart value workloadIdentity.namespaces)"
+            )));
+        }
+        let pick = |spec: &Option<String>, default: &Option<String>, what: &str| {
+            spec.clone()
+                .or_else(|| default.clone())
+                .filter(|value| !value.trim().is_empty())
+                .ok_or_else(|| unusable(format!("no {what}: set spec.workloadIdentity.{what}, or AZURE_{} on the operator (chart value workloadIdentity.{what})", if what == "clientId" { "CLIENT_ID" } else { "TENANT_ID" })))
+        };
+        Ok(Credentials {
+            client_id: pick(&wanted.client_id, &self.client_id, "clientId")?,
+            tenant_id: pick(&wanted.tenant_id, &self.tenant_id, "tenantId")?,
+            proof: Proof::FederatedTokenFile(token_file.clone()),
+        })
+    }
+}
+
 type SecretData = Option<BTreeMap<String, ByteString>>;
+
+/// Parsed certificate credentials by a digest of their PEM texts, so a task does not parse
+/// and check the key again. Bounded: cleared when it grows past [`MAX_CERTIFICATES`].
+type CertificateCache = HashMap<[u8; 32], Arc<Certificate>>;
+
+const MAX_CERTIFICATES: usize = 256;
 
 /// Secret data by (namespace, name), with the time it was read.
 type SecretCache = HashMap<(String, String), (Instant, Arc<SecretData>)>;
@@ -208,6 +268,7 @@ pub struct KubeDirectory {
     settings: DirectorySettings,
     secrets: Mutex<SecretCache>,
     identities: Mutex<IdentityCache>,
+    certificates: Mutex<CertificateCache>,
 }
 
 impl KubeDirectory {
@@ -224,6 +285,7 @@ impl KubeDirectory {
             settings,
             secrets: Mutex::new(HashMap::new()),
             identities: Mutex::new(HashMap::new()),
+            certificates: Mutex::new(HashMap::new()),
         }
     }
 
@@ -359,20 +421,8 @@ impl KubeDirectory {
     pub async fn resolve(&self, poll: &MailboxPoll) -> Result<MailboxConfig, ConfigError> {
         let source = Self::source_of(poll)?;
         let spec = &poll.spec;
-        let creds = &spec.credentials_secret_ref;
         let namespace = source.namespace.as_str();
-        let credentials = Credentials {
-            tenant_id: self
-                .secret_text(namespace, &creds.name, &creds.tenant_id_key)
-                .await?,
-            client_id: self
-                .secret_text(namespace, &creds.name, &creds.client_id_key)
-                .await?,
-            client_secret: ClientSecret::new(
-                self.secret_text(namespace, &creds.name, &creds.client_secret_key)
-                    .await?,
-            ),
-        };
+        let credentials = self.credentials(namespace, spec).await?;
         let delivery = spec.delivery.clone().unwrap_or_default();
         let webhook = self.webhook(namespace, delivery.webhook.as_ref()).await?;
         let after = spec.after_delivery.clone().unwrap_or_default();
@@ -386,6 +436,107 @@ impl KubeDirectory {
             move_to_folder: after.move_to_folder,
             max_attempts: spec.max_attempts,
         })
+    }
+
+    /// The app credentials of the kind the spec names (the schema lets exactly one through).
+    async fn credentials(
+        &self,
+        namespace: &str,
+        spec: &crate::resource::MailboxPollSpec,
+    ) -> Result<Credentials, ConfigError> {
+        if let Some(wanted) = &spec.workload_identity {
+            return self
+                .settings
+                .workload_identity
+                .credentials(namespace, wanted);
+        }
+        if let Some(certificate) = &spec.certificate {
+            return self.certificate_credentials(namespace, certificate).await;
+        }
+        let Some(creds) = &spec.credentials_secret_ref else {
+            return Err(ConfigError::InvalidCredentials {
+                field: "spec".into(),
+                detail: "no credentials: set spec.credentialsSecretRef, spec.certificate or spec.workloadIdentity".into(),
+            });
+        };
+        Ok(Credentials::client_secret(
+            self.secret_text(namespace, &creds.name, &creds.tenant_id_key)
+                .await?,
+            self.secret_text(namespace, &creds.name, &creds.client_id_key)
+                .await?,
+            self.secret_text(namespace, &creds.name, &creds.client_secret_key)
+                .await?,
+        ))
+    }
+
+    /// Certificate credentials: ids from the spec or the Secret, the pair from the Secret.
+    async fn certificate_credentials(
+        &self,
+        namespace: &str,
+        spec: &CertificateCredentials,
+    ) -> Result<Credentials, ConfigError> {
+        let reference = &spec.secret_ref;
+        let tenant_id = match &spec.tenant_id {
+            Some(id) => id.clone(),
+            None => {
+                self.secret_text(namespace, &reference.name, &reference.tenant_id_key)
+                    .await?
+            }
+        };
+        let client_id = match &spec.client_id {
+            Some(id) => id.clone(),
+            None => {
+                self.secret_text(namespace, &reference.name, &reference.client_id_key)
+                    .await?
+            }
+        };
+        let pem = self
+            .secret_value(namespace, &reference.name, &reference.certificate_key)
+            .await?;
+        let key = self
+            .secret_value(namespace, &reference.name, &reference.private_key_key)
+            .await?;
+        let certificate =
+            self.certificate(&pem, &key)
+                .map_err(|error| ConfigError::InvalidCredentials {
+                    field: format!(
+                        "Secret {namespace}/{} keys {} and {}",
+                        reference.name, reference.certificate_key, reference.private_key_key
+                    ),
+                    detail: error.to_string(),
+                })?;
+        Ok(Credentials {
+            tenant_id,
+            client_id,
+            proof: Proof::Certificate(certificate),
+        })
+    }
+
+    /// A parsed and checked certificate pair, from the cache when these texts were seen.
+    fn certificate(
+        &self,
+        pem: &[u8],
+        key: &[u8],
+    ) -> Result<Arc<Certificate>, crate::graph::CertificateError> {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        digest.update((pem.len() as u64).to_be_bytes());
+        digest.update(pem);
+        digest.update(key);
+        let digest: [u8; 32] = digest.finalize().into();
+        let mut cache = self
+            .certificates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(known) = cache.get(&digest) {
+            return Ok(known.clone());
+        }
+        let parsed = Arc::new(Certificate::from_pem(pem, key)?);
+        if cache.len() >= MAX_CERTIFICATES {
+            cache.clear();
+        }
+        cache.insert(digest, parsed.clone());
+        Ok(parsed)
     }
 
     /// The webhook endpoint, its signing key read from its Secret.
@@ -437,6 +588,55 @@ impl Directory for KubeDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wanted(client_id: Option<&str>) -> WorkloadIdentity {
+        WorkloadIdentity {
+            client_id: client_id.map(str::to_owned),
+            tenant_id: None,
+        }
+    }
+
+    #[test]
+    fn workload_identity_takes_ids_from_the_spec_or_the_pod_and_obeys_the_namespaces() {
+        let pod = WorkloadIdentityEnv {
+            token_file: Some("/var/run/secrets/azure/tokens/azure-identity-token".into()),
+            client_id: Some("pod-client".into()),
+            tenant_id: Some("pod-tenant".into()),
+            namespaces: Scope::parse("mail"),
+        };
+        let from_pod = pod.credentials("mail", &wanted(None)).expect("usable");
+        assert_eq!(
+            (from_pod.client_id.as_str(), from_pod.tenant_id.as_str()),
+            ("pod-client", "pod-tenant")
+        );
+        assert_eq!(from_pod.kind(), "workload identity");
+        let own = pod
+            .credentials("mail", &wanted(Some("other-app")))
+            .expect("usable");
+        assert_eq!(own.client_id, "other-app");
+        let elsewhere = pod
+            .credentials("team-b", &wanted(None))
+            .expect_err("not allowed");
+        assert_eq!(elsewhere.reason().as_str(), "InvalidCredentials");
+        assert!(elsewhere.to_string().contains("team-b"), "{elsewhere}");
+        let none = WorkloadIdentityEnv::default()
+            .credentials("mail", &wanted(None))
+            .expect_err("no token file");
+        assert!(
+            none.to_string().contains("workloadIdentity.enabled"),
+            "{none}"
+        );
+        let no_client = WorkloadIdentityEnv {
+            client_id: None,
+            ..pod
+        }
+        .credentials("mail", &wanted(None))
+        .expect_err("no client id");
+        assert!(
+            no_client.to_string().contains("AZURE_CLIENT_ID"),
+            "{no_client}"
+        );
+    }
 
     #[test]
     fn scope_lists_are_trimmed_and_deduplicated() {

@@ -15,7 +15,7 @@ use crate::delivery::webhook::Endpoint;
 use crate::graph::Credentials;
 use crate::reason::Reason;
 
-pub use self::kube::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
+pub use self::kube::{DirectorySettings, KubeDirectory, MailboxPolls, Scope, WorkloadIdentityEnv};
 
 /// Everything a worker needs to know about a MailboxPoll, resolved from Kubernetes (the
 /// resource and its Secrets) when a task runs.
@@ -58,6 +58,10 @@ pub enum ConfigError {
         name: String,
         key: String,
     },
+    /// Credentials that are there but cannot work: a certificate that does not parse or does
+    /// not match its key, a workload identity the operator does not have or may not lend.
+    #[error("{field}: {detail}")]
+    InvalidCredentials { field: String, detail: String },
     #[error("cannot read the MailboxPoll or its Secrets: {0}")]
     Unavailable(String),
     #[error("cannot read the MailboxPoll's ledger identity: {0}")]
@@ -70,6 +74,7 @@ impl ConfigError {
         match self {
             Self::SecretNotFound { .. } => Reason::SecretNotFound,
             Self::SecretKeyMissing { .. } => Reason::SecretKeyMissing,
+            Self::InvalidCredentials { .. } => Reason::InvalidCredentials,
             Self::Unavailable(_) => Reason::KubernetesUnavailable,
             Self::Database(_) => Reason::Transient,
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::auth::hint;
 use crate::reason::Reason;
 use crate::storable;
 
@@ -249,12 +250,15 @@ impl FailedResponse {
         }
         match status {
             401 => GraphError::AuthenticationFailed {
-                message: format!("access token refused ({code}): {message}"),
+                message: format!(
+                    "access token refused ({code}): {message} (to fix: {})",
+                    hint::TOKEN_REFUSED
+                ),
                 request_id,
             },
             403 => GraphError::AccessDenied {
                 code,
-                message,
+                message: format!("{message} (to fix: {})", hint::ACCESS_DENIED),
                 request_id,
             },
             404 if self.code_is(&["ErrorItemNotFound"]) => GraphError::ItemNotFound {
@@ -346,6 +350,19 @@ mod tests {
             "Transient"
         );
         assert_eq!(failed(504, "").reason().as_str(), "Transient");
+    }
+
+    #[test]
+    fn access_denied_says_what_to_check() {
+        let text = failed(403, "ErrorAccessDenied").to_string();
+        for needle in [
+            "Mail.Read",
+            "Test-ServicePrincipalAuthorization",
+            "Test-ApplicationAccessPolicy",
+            "an hour",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
     }
 
     #[test]

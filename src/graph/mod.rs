@@ -27,7 +27,9 @@ use reqwest::{Method, Url};
 use serde_json::Value;
 
 pub use actions::{MAX_BATCH, PostAction};
-pub use auth::{ClientSecret, Credentials};
+pub use auth::{
+    ASSERTION_LIFETIME, Certificate, CertificateError, ClientSecret, Credentials, Proof,
+};
 pub use delta::{DeltaOptions, DeltaStart, ListOptions, Page, PageLink, Round};
 pub use error::GraphError;
 pub use governor::{
@@ -102,7 +104,7 @@ struct Inner {
     http: reqwest::Client,
     config: GraphConfig,
     governor: Arc<Governor>,
-    tokens: TokenCache,
+    tokens: Arc<TokenCache>,
     response_hook: std::sync::Mutex<Option<ResponseHook>>,
 }
 
@@ -138,13 +140,13 @@ impl GraphClient {
             "{}/.default",
             config.graph_url.as_str().trim_end_matches('/')
         );
-        let tokens = TokenCache::new(
+        let tokens = Arc::new(TokenCache::new(
             http.clone(),
             config.authority_url.clone(),
             scope,
             config.token_refresh_margin,
             config.auth_refused_cooldown,
-        );
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -574,11 +576,7 @@ mod tests {
             .expect("config");
         let client =
             GraphClient::new(config, Governor::new(GovernorConfig::default())).expect("client");
-        let credentials = Credentials {
-            tenant_id: "t".into(),
-            client_id: "c".into(),
-            client_secret: ClientSecret::new("s"),
-        };
+        let credentials = Credentials::client_secret("t", "c", "s");
         let mailbox = client.mailbox(credentials, "ops@contoso.com");
         let url = mailbox
             .url(&["mailFolders", "in/box", "messages"])

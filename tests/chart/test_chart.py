@@ -32,6 +32,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "service-monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
     "three-replicas": {"replicaCount": 3},
     "database-url": {"database": {"existingSecret": "pg-url", "urlKey": "url", "sslmode": "verify-full"}},
+    "national-cloud": {"cloud": {"name": "usGov"}},
+    "workload-identity-webhook": {"workloadIdentity": {"enabled": True, "clientId": "app-id", "tenantId": "tenant-id"}},
+    "workload-identity-projected": {
+        "workloadIdentity": {"enabled": True, "useWebhook": False, "clientId": "app-id", "tenantId": "tenant-id"}
+    },
     "everything-set": {
         "replicaCount": 3,
         "image": {"repository": "registry.example.com/mailpoll", "digest": "sha256:" + "a" * 64},

@@ -106,3 +106,26 @@ core/v1 Events are not used.
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/*
+The Entra authority and Graph root of the chosen cloud; a URL set in the values wins.
+*/}}
+{{- define "mailpoll.cloudUrls" -}}
+{{- $presets := dict
+  "public" (list "https://login.microsoftonline.com" "https://graph.microsoft.com")
+  "usGov" (list "https://login.microsoftonline.us" "https://graph.microsoft.us")
+  "usGovDoD" (list "https://login.microsoftonline.us" "https://dod-graph.microsoft.us")
+  "china" (list "https://login.chinacloudapi.cn" "https://microsoftgraph.chinacloudapi.cn") -}}
+{{- $preset := get $presets .Values.cloud.name -}}
+{{- $authority := default (index $preset 0) .Values.cloud.authorityUrl -}}
+{{- $graph := default (index $preset 1) .Values.cloud.graphUrl -}}
+{{- dict "authority" $authority "graph" $graph | toJson -}}
+{{- end }}
+
+{{/*
+Where the chart mounts the projected service account token when the workload identity
+webhook does not (the same path the webhook uses).
+*/}}
+{{- define "mailpoll.federatedTokenDir" -}}
+/var/run/secrets/azure/tokens
+{{- end }}

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod crd_validation;
+pub mod credentials;
 pub mod directory;
 pub mod graph;
 pub mod kube;

@@ -19,7 +19,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
 use crate::cluster;
-use crate::graph::{EmulatorConfig, Faults, GraphEmulator};
+use crate::credentials::{ServiceAccountIssuer, service_account_subject};
+use crate::graph::{
+    AppRegistration, DEFAULT_CLIENT_ID, DEFAULT_TENANT, EmulatorConfig, Faults,
+    FederatedCredential, GraphEmulator, TOKEN_EXCHANGE_AUDIENCE, default_app,
+};
 use crate::kube::KubeEmulator;
 use crate::pg::tempdir::TempDir;
 use crate::pg::{PgServer, free_port};
@@ -36,6 +40,10 @@ pub const EXAMPLES_SIGNING_SECRET: &str = "sandbox-signing-key-change-me";
 
 /// Namespace of the leader-election Lease, as a Helm install would have it.
 pub const OPERATOR_NAMESPACE: &str = "mailpoll-system";
+
+/// The operator's service account, as the chart names it in a release called `mailpoll`:
+/// the subject the emulated app's federated credential trusts.
+pub const OPERATOR_SERVICE_ACCOUNT: &str = "mailpoll";
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -58,6 +66,9 @@ pub struct SandboxOptions {
     /// How long a killed replica's tasks stay claimed before another replica takes them.
     pub task_lease_seconds: f64,
     pub worker_concurrency: usize,
+    /// How often the replicas' federated token file is replaced, as the kubelet rotates a
+    /// projected service account token.
+    pub federated_token_rotation: Duration,
 }
 
 impl SandboxOptions {
@@ -73,6 +84,7 @@ impl SandboxOptions {
             lease_seconds: 15.0,
             task_lease_seconds: 60.0,
             worker_concurrency: 16,
+            federated_token_rotation: Duration::from_secs(60),
         }
     }
 }
@@ -110,7 +122,67 @@ pub struct Sandbox {
     pool: PgPool,
     /// Messages put into each mailbox's inbox through [`Sandbox::add_mail`].
     arrived: Mutex<BTreeMap<String, u64>>,
+    /// The workload identity the replicas get, like pods with the webhook's label.
+    federated: FederatedIdentity,
     dir: TempDir,
+}
+
+/// The replicas' Azure workload identity: a projected service account token file, replaced
+/// on a schedule by a task, and every token it held (for the tests' log checks).
+struct FederatedIdentity {
+    token_file: PathBuf,
+    tokens: std::sync::Arc<Mutex<Vec<String>>>,
+    rotation: tokio::task::JoinHandle<()>,
+}
+
+impl FederatedIdentity {
+    /// Trusts the sandbox issuer in the Graph emulator, gives the default app a federated
+    /// credential for the operator's service account, writes the first token and starts the
+    /// rotation.
+    fn start(graph: &GraphEmulator, dir: &Path, every: Duration) -> anyhow::Result<Self> {
+        let issuer = ServiceAccountIssuer::sandbox()?;
+        let subject = service_account_subject(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT);
+        graph.add_issuer(&issuer.issuer, issuer.public_key());
+        graph.add_app(AppRegistration {
+            federated_credentials: vec![FederatedCredential {
+                issuer: issuer.issuer.clone(),
+                subject: subject.clone(),
+                audience: TOKEN_EXCHANGE_AUDIENCE.into(),
+            }],
+            ..default_app()
+        });
+        let token_file = dir.join("azure-identity-token");
+        let lifetime = Duration::from_secs(3600);
+        let first = issuer.write_token_file(&token_file, &subject, lifetime)?;
+        let tokens = std::sync::Arc::new(Mutex::new(vec![first]));
+        let rotation = tokio::spawn({
+            let tokens = tokens.clone();
+            let path = token_file.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match issuer.write_token_file(&path, &subject, lifetime) {
+                        Ok(token) => tokens
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(token),
+                        Err(error) => tracing::warn!("rotating the token file: {error:#}"),
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            token_file,
+            tokens,
+            rotation,
+        })
+    }
+}
+
+impl Drop for FederatedIdentity {
+    fn drop(&mut self) {
+        self.rotation.abort();
+    }
 }
 
 impl Sandbox {
@@ -148,7 +220,10 @@ impl Sandbox {
         )
         .await?;
         let arrived = options.mailboxes.iter().map(|m| (m.clone(), 0)).collect();
+        let federated =
+            FederatedIdentity::start(&graph, dir.path(), options.federated_token_rotation)?;
         let mut sandbox = Self {
+            federated,
             replicas: Vec::new(),
             receiver,
             graph,
@@ -251,6 +326,11 @@ impl Sandbox {
             )
             .env("MAILPOLL_GRAPH_AUTHORITY_URL", self.graph.base_url())
             .env("MAILPOLL_GRAPH_URL", self.graph.base_url())
+            // What the workload identity webhook injects into a labelled pod.
+            .env("AZURE_FEDERATED_TOKEN_FILE", &self.federated.token_file)
+            .env("AZURE_CLIENT_ID", DEFAULT_CLIENT_ID)
+            .env("AZURE_TENANT_ID", DEFAULT_TENANT)
+            .env("AZURE_AUTHORITY_HOST", self.graph.base_url())
             .env("MAILPOLL_LOG", &options.log_level)
             .env("MAILPOLL_LOG_FORMAT", &options.log_format)
             .env("MAILPOLL_SHUTDOWN_GRACE_SECONDS", "5")
@@ -479,6 +559,15 @@ impl Sandbox {
         }
         self.pool.close().await;
         Ok(())
+    }
+
+    /// Every service account token the replicas' token file has held so far.
+    pub fn federated_tokens(&self) -> Vec<String> {
+        self.federated
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Every line the replicas logged so far.

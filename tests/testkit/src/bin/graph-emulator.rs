@@ -51,6 +51,8 @@ fn parse_app(text: &str) -> anyhow::Result<AppRegistration> {
         client_id: client_id.into(),
         client_secret: secret.into(),
         roles,
+        certificates: Vec::new(),
+        federated_credentials: Vec::new(),
     })
 }
 

@@ -180,6 +180,9 @@ pub struct TokenEndpointFaults {
     pub retry_after_secs: Option<u64>,
     /// Delay before every token answer, good or bad.
     pub delay_ms: u64,
+    /// Certificate assertions are refused (AADSTS700027) as if their certificate were not
+    /// registered on the app: a certificate replaced in Entra but not in the cluster.
+    pub wrong_certificate: bool,
 }
 
 impl Default for TokenEndpointFaults {
@@ -190,6 +193,7 @@ impl Default for TokenEndpointFaults {
             status: 503,
             retry_after_secs: Some(1),
             delay_ms: 0,
+            wrong_certificate: false,
         }
     }
 }
@@ -247,6 +251,13 @@ pub struct Counters {
     /// Calls to the token endpoint, successful or not.
     pub token_requests: u64,
     pub tokens_issued: u64,
+    /// Tokens issued, by the credential that proved the client: `secret`,
+    /// `certificate:<x5t#S256>`, `federated:<subject>`.
+    pub tokens_by_credential: BTreeMap<String, u64>,
+    /// The `jti` of every client assertion accepted (certificate or federated), in order.
+    pub assertion_ids: Vec<String>,
+    /// Graph requests, by the credential behind their token.
+    pub requests_by_credential: BTreeMap<String, u64>,
     /// Token requests answered by an injected fault (`token_endpoint`).
     pub token_faults: u64,
     /// `$batch` envelopes, refused ones included (inner requests count per mailbox).

@@ -6,6 +6,7 @@
 //! (`/v1.0/...`), plus, when enabled, the admin API under `/_admin/`.
 
 mod admin;
+pub mod assertion;
 pub mod faults;
 pub mod query;
 mod routes;
@@ -22,6 +23,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+pub use assertion::{FederatedCredential, TOKEN_EXCHANGE_AUDIENCE};
 pub use faults::{
     BatchFaults, Budget, CONTROL_CHARS, Counters, EarlyRequest, Faults, HUGE_RETRY_AFTER_SECS,
     MailboxCounters, MalformedKind, RetryAfterFormat, TokenEndpointFaults,
@@ -44,6 +46,8 @@ pub fn default_app() -> AppRegistration {
         client_id: DEFAULT_CLIENT_ID.into(),
         client_secret: DEFAULT_CLIENT_SECRET.into(),
         roles: vec!["Mail.ReadWrite".into()],
+        certificates: vec![crate::credentials::APP_CERT_PEM.into()],
+        federated_credentials: Vec::new(),
     }
 }
 
@@ -412,6 +416,12 @@ impl GraphEmulator {
     /// Forgets the mailbox's delta and skip tokens, as Graph's sync-state cache does.
     pub fn evict_delta_tokens(&self, upn: &str) -> anyhow::Result<()> {
         self.shared.evict_delta_tokens(upn)
+    }
+
+    /// Trusts `issuer`'s service account tokens (signed with the key whose PKCS#1 public half
+    /// is given), as Entra trusts a cluster's OIDC issuer through its discovery document.
+    pub fn add_issuer(&self, issuer: &str, public_key: Vec<u8>) {
+        self.shared.world().add_issuer(issuer, public_key);
     }
 
     /// Invalidates every issued access token (the next use answers 401).

@@ -24,7 +24,7 @@ use super::faults::{
     Arrival, BatchFaults, CONTROL_CHARS, Faults, MalformedKind, RetryAfterFormat, ThrottleRecord,
 };
 use super::query::{parse_delta_filter, parse_filter, parse_orderby, parse_select, parse_top};
-use super::state::{ApiError, DeltaBehaviour, DeltaQuery, ListQuery};
+use super::state::{ApiError, DeltaBehaviour, DeltaQuery, ListQuery, ProofCheck};
 
 /// Largest `$batch`, as Graph allows.
 const MAX_BATCH: usize = 20;
@@ -65,12 +65,26 @@ async fn token(
     }
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let lifetime = Duration::from_secs(faults.token_lifetime_secs.max(1));
+    let proof = ProofCheck {
+        endpoint: format!("{}/{tenant}/oauth2/v2.0/token", shared.base_url),
+        unix_now: chrono::Utc::now().timestamp().try_into().unwrap_or(0),
+        wrong_certificate: faults.token_endpoint.wrong_certificate,
+    };
     let outcome = shared
         .world()
-        .issue_token(&form, &tenant, lifetime, Instant::now());
+        .issue_token(&form, &tenant, lifetime, Instant::now(), &proof);
     match outcome {
-        Ok((access_token, _)) => {
-            shared.traffic().counters.tokens_issued += 1;
+        Ok((access_token, grant)) => {
+            {
+                let mut traffic = shared.traffic();
+                traffic.counters.tokens_issued += 1;
+                traffic.counters.assertion_ids.extend(grant.assertion_id);
+                *traffic
+                    .counters
+                    .tokens_by_credential
+                    .entry(grant.credential)
+                    .or_default() += 1;
+            }
             let seconds = lifetime.as_secs();
             axum::Json(json!({
                 "token_type": "Bearer",
@@ -567,6 +581,12 @@ async fn admit(
             "Access token has expired or is not yet valid.",
         ));
     };
+    *shared
+        .traffic()
+        .counters
+        .requests_by_credential
+        .entry(grant.credential.clone())
+        .or_default() += 1;
     {
         let mut world = shared.world();
         let Some(mailbox) = world.find_mailbox(route.user()) else {

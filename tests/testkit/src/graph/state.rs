@@ -13,6 +13,7 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::assertion::{self, FederatedCredential, RegisteredKey};
 use super::query::{Clause, Literal, OrderKey, check_filter_order};
 
 /// Well-known folder names and their display names; every mailbox has them all.
@@ -68,12 +69,22 @@ pub struct AppRegistration {
     pub client_secret: String,
     /// Application roles put into tokens, e.g. `Mail.Read`, `Mail.ReadWrite`.
     pub roles: Vec<String>,
+    /// PEM certificates whose keys may sign client assertions (Certificates & secrets).
+    #[serde(default)]
+    pub certificates: Vec<String>,
+    /// Federated identity credentials (workload identity).
+    #[serde(default)]
+    pub federated_credentials: Vec<FederatedCredential>,
 }
 
 /// What an access token grants.
 #[derive(Clone, Debug)]
 pub struct TokenGrant {
     pub client_id: String,
+    /// What proved the client: `secret`, `certificate:<x5t#S256>` or `federated:<subject>`.
+    pub credential: String,
+    /// The `jti` of the client assertion, when one proved the client.
+    pub assertion_id: Option<String>,
     pub roles: Vec<String>,
     pub expires_at: Instant,
 }
@@ -87,6 +98,16 @@ impl TokenGrant {
     pub fn can_write(&self) -> bool {
         self.roles.iter().any(|role| role == "Mail.ReadWrite")
     }
+}
+
+/// What the token endpoint needs besides the form to check a client assertion.
+#[derive(Clone, Debug)]
+pub struct ProofCheck {
+    /// The token endpoint URL, the audience a certificate assertion must name.
+    pub endpoint: String,
+    pub unix_now: u64,
+    /// Refuse every certificate assertion as signed by an unregistered certificate.
+    pub wrong_certificate: bool,
 }
 
 /// The token endpoint's verdict on a bad request: an OAuth error body, always 400.
@@ -351,6 +372,8 @@ pub struct World {
     clock: DateTime<Utc>,
     apps: Vec<AppRegistration>,
     tokens: HashMap<String, TokenGrant>,
+    /// Signing keys (PKCS#1) of trusted OIDC issuers, by issuer URL.
+    issuers: HashMap<String, Vec<u8>>,
     mailboxes: Vec<Mailbox>,
 }
 
@@ -367,6 +390,7 @@ impl World {
                 .unwrap_or_default(),
             apps: Vec::new(),
             tokens: HashMap::new(),
+            issuers: HashMap::new(),
             mailboxes: Vec::new(),
         }
     }
@@ -402,6 +426,7 @@ impl World {
         tenant: &str,
         lifetime: Duration,
         now: Instant,
+        proof: &ProofCheck,
     ) -> Result<(String, TokenGrant), TokenError> {
         let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
         if field("grant_type") != "client_credentials" {
@@ -442,21 +467,83 @@ impl World {
                 ),
             });
         };
-        if field("client_secret") != app.client_secret {
-            return Err(TokenError {
-                error: "invalid_client",
-                code: 7000215,
-                description: "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.".into(),
-            });
-        }
+        let credential = self.check_proof(form, &app, proof)?;
+        let assertion_id = form
+            .get("client_assertion")
+            .and_then(|text| assertion::Jwt::parse(text).ok())
+            .and_then(|jwt| jwt.claims["jti"].as_str().map(str::to_owned));
         let token = format!("eyJ0eXAiOiJKV1Qi.{}", self.random_text(48));
         let grant = TokenGrant {
             client_id: app.client_id.clone(),
+            credential,
+            assertion_id,
             roles: app.roles.clone(),
             expires_at: now + lifetime,
         };
         self.tokens.insert(token.clone(), grant.clone());
         Ok((token, grant))
+    }
+
+    /// Registers the signing key of an OIDC issuer (a cluster's service account issuer).
+    pub fn add_issuer(&mut self, issuer: &str, public_key: Vec<u8>) {
+        self.issuers.insert(issuer.to_owned(), public_key);
+    }
+
+    /// The client's proof: its secret, or a client assertion (certificate or federated
+    /// token). Returns the label of the credential that matched.
+    fn check_proof(
+        &self,
+        form: &HashMap<String, String>,
+        app: &AppRegistration,
+        proof: &ProofCheck,
+    ) -> Result<String, TokenError> {
+        let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+        let Some(assertion) = form.get("client_assertion") else {
+            if field("client_secret") != app.client_secret {
+                return Err(TokenError {
+                    error: "invalid_client",
+                    code: 7000215,
+                    description: "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.".into(),
+                });
+            }
+            return Ok("secret".into());
+        };
+        if field("client_assertion_type")
+            != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        {
+            return Err(TokenError {
+                error: "invalid_request",
+                code: 700022,
+                description: "AADSTS700022: The provided value for the input parameter client_assertion_type is not valid.".into(),
+            });
+        }
+        let jwt = assertion::Jwt::parse(assertion)?;
+        let issuer = jwt.claims["iss"].as_str().unwrap_or_default();
+        if issuer == app.client_id {
+            let registered: Vec<RegisteredKey> = if proof.wrong_certificate {
+                Vec::new()
+            } else {
+                app.certificates
+                    .iter()
+                    .filter_map(|pem| RegisteredKey::from_certificate_pem(pem).ok())
+                    .collect()
+            };
+            let thumbprint = assertion::check_certificate_assertion(
+                &jwt,
+                &app.client_id,
+                &proof.endpoint,
+                &registered,
+                proof.unix_now,
+            )?;
+            return Ok(format!("certificate:{thumbprint}"));
+        }
+        let subject = assertion::check_federated_token(
+            &jwt,
+            &app.federated_credentials,
+            |issuer| self.issuers.get(issuer).cloned(),
+            proof.unix_now,
+        )?;
+        Ok(format!("federated:{subject}"))
     }
 
     /// The grant behind a bearer token, when it is known and not expired.
