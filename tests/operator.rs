@@ -15,7 +15,7 @@ use mailpoll::queue::WorkerId;
 use mailpoll::resource::{MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION};
 use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
-use mailpoll_testkit::kube::KubeEmulator;
+use mailpoll_testkit::kube::{KubeEmulator, RequestRecord};
 use mailpoll_testkit::pg::{TestDatabase, free_port};
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
 use mailpoll_testkit::{try_wait_for, wait_for, wait_until};
@@ -954,43 +954,17 @@ async fn every_kubernetes_call_of_the_operator_is_recorded_for_the_rbac_check() 
         !operator_records.is_empty(),
         "the operator's calls are recorded"
     );
-    let mut calls: Vec<serde_json::Value> = Vec::new();
-    for record in operator_records {
-        // Placeholders let the chart test map the test's namespaces onto a release's.
-        let lease = record.resource == "leases";
-        let namespace = match &record.namespace {
+    // Placeholders let the chart test map the test's namespaces onto a release's.
+    write_calls(
+        &operator_records,
+        &lease_namespace,
+        "operator-calls.json",
+        "Kubernetes API calls the operator made in tests/operator.rs (written by the test)",
+        |namespace| match namespace {
             None => json!("${watch_scope}"),
-            Some(ns) if lease && *ns == lease_namespace => json!("${release_namespace}"),
             Some(_) => json!("${object_namespace}"),
-        };
-        let name = if lease {
-            record.name.as_ref().map(|_| json!("${lease_name}"))
-        } else {
-            None
-        };
-        let call = json!({
-            "verb": record.verb,
-            "apiGroup": record.group,
-            "resource": record.resource,
-            "subresource": record.subresource.clone().unwrap_or_default(),
-            "namespace": namespace,
-            "name": name,
-        });
-        if !calls.contains(&call) {
-            calls.push(call);
-        }
-    }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rbac");
-    std::fs::create_dir_all(&dir).expect("target/rbac");
-    let body = json!({
-        "description": "Kubernetes API calls the operator made in tests/operator.rs (written by the test)",
-        "calls": calls,
-    });
-    std::fs::write(
-        dir.join("operator-calls.json"),
-        serde_json::to_vec_pretty(&body).expect("JSON"),
-    )
-    .expect("write operator-calls.json");
+        },
+    );
 }
 
 /// With a list of namespaces to handle (`watchNamespaces` in the chart), the operator polls
@@ -1134,47 +1108,21 @@ async fn watched_namespaces_confine_every_call_of_the_operator() {
         }
     }
 
-    let mut calls: Vec<serde_json::Value> = Vec::new();
-    for record in operator_records {
-        // Placeholders let the chart test map the test's namespaces onto a release's; a call
-        // anywhere else keeps its namespace (null: cluster-wide), which the chart refuses.
-        let lease = record.resource == "leases";
-        let namespace = match record.namespace.as_deref() {
-            Some(ns) if lease && ns == lease_namespace => json!("${release_namespace}"),
+    // Placeholders let the chart test map the test's namespaces onto a release's; a call
+    // anywhere else keeps its namespace (null: cluster-wide), which the chart refuses.
+    write_calls(
+        &operator_records,
+        &lease_namespace,
+        "operator-calls-watch-namespaces.json",
+        "Kubernetes API calls the operator made in tests/operator.rs watching two namespaces (written by the test)",
+        |namespace| match namespace {
             Some(ns) => match WATCHED.iter().position(|w| *w == ns) {
                 Some(index) => json!(format!("${{watched_namespace_{}}}", index + 1)),
                 None => json!(ns),
             },
             None => serde_json::Value::Null,
-        };
-        let name = if lease {
-            record.name.as_ref().map(|_| json!("${lease_name}"))
-        } else {
-            None
-        };
-        let call = json!({
-            "verb": record.verb,
-            "apiGroup": record.group,
-            "resource": record.resource,
-            "subresource": record.subresource.clone().unwrap_or_default(),
-            "namespace": namespace,
-            "name": name,
-        });
-        if !calls.contains(&call) {
-            calls.push(call);
-        }
-    }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rbac");
-    std::fs::create_dir_all(&dir).expect("target/rbac");
-    let body = json!({
-        "description": "Kubernetes API calls the operator made in tests/operator.rs watching two namespaces (written by the test)",
-        "calls": calls,
-    });
-    std::fs::write(
-        dir.join("operator-calls-watch-namespaces.json"),
-        serde_json::to_vec_pretty(&body).expect("JSON"),
-    )
-    .expect("write operator-calls-watch-namespaces.json");
+        },
+    );
 }
 
 /// A move to a folder the mailbox does not have parks the after-actions with the reason on the
@@ -1475,4 +1423,48 @@ async fn unusable_credentials_are_invalid_credentials_without_key_material() {
         );
     }
     world.stop().await;
+}
+
+/// Writes the distinct calls of `records`, as the authorizer sees them, to `target/rbac/{file}`
+/// for the chart tests: the Lease's namespace and name become placeholders, every other
+/// namespace what `namespace_of` makes of it.
+fn write_calls(
+    records: &[&RequestRecord],
+    lease_namespace: &str,
+    file: &str,
+    description: &str,
+    namespace_of: impl Fn(Option<&str>) -> serde_json::Value,
+) {
+    let mut calls: Vec<serde_json::Value> = Vec::new();
+    for record in records {
+        let lease = record.resource == "leases";
+        let namespace = match record.namespace.as_deref() {
+            Some(ns) if lease && ns == lease_namespace => json!("${release_namespace}"),
+            other => namespace_of(other),
+        };
+        let name = if lease {
+            record.name.as_ref().map(|_| json!("${lease_name}"))
+        } else {
+            None
+        };
+        let call = json!({
+            "verb": record.verb,
+            "apiGroup": record.group,
+            "resource": record.resource,
+            "subresource": record.subresource.clone().unwrap_or_default(),
+            "namespace": namespace,
+            "name": name,
+        });
+        if !calls.contains(&call) {
+            calls.push(call);
+        }
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rbac");
+    std::fs::create_dir_all(&dir).expect("target/rbac");
+    let body = json!({ "description": description, "calls": calls });
+    std::fs::write(
+        dir.join(file),
+        serde_json::to_vec_pretty(&body).expect("JSON"),
+    )
+    .unwrap_or_else(|e| panic!("write {file}: {e}"));
 }
