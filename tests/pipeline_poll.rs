@@ -32,7 +32,7 @@ use mailpoll_testkit::graph::{
 };
 use mailpoll_testkit::pg::TestDatabase;
 use mailpoll_testkit::webhook_receiver::WebhookReceiver;
-use mailpoll_testkit::{wait_for, wait_until};
+use mailpoll_testkit::{wait_for, wait_for_ok, wait_until};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
@@ -380,10 +380,22 @@ impl World {
     }
 
     async fn settle(&self, expected: i64) {
-        wait_until("every message delivered", Duration::from_secs(120), || async {
-            self.count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'")
-                .await
-                == expected
+        let what = format!("{expected} messages delivered");
+        wait_for_ok(what, Duration::from_secs(120), || async {
+            let delivered = self
+                .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'")
+                .await;
+            if delivered == expected {
+                return Ok(());
+            }
+            // What is in the way, for the failure message.
+            let tasks: Vec<(String, String, i32, Option<String>)> = sqlx::query_as(
+                "SELECT kind, state, attempts, last_error FROM tasks ORDER BY id",
+            )
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap_or_default();
+            Err(format!("{delivered} delivered; tasks (kind, state, attempts, last error): {tasks:?}"))
         })
         .await;
     }

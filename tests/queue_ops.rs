@@ -935,3 +935,50 @@ async fn failure_texts_are_made_storable() {
         Some("rejected: \u{fffd}\u{fffd}[31m")
     );
 }
+
+/// A task that reads whatever work is waiting when it runs: work added while it runs (after it
+/// may have looked) asks it to run once more, so that work never waits without a run. A rerun
+/// is not a failed attempt; with nothing live, the enqueue adds a task as usual.
+#[tokio::test]
+async fn an_enqueue_meeting_a_live_task_asks_it_to_run_once_more() {
+    let db = TestDatabase::create().await.expect("test database");
+    let batch = || NewTask::new("actions", json!({"mailbox": "m"})).dedupe_key("actions:m");
+    let enqueue_or_rerun = |task: NewTask| {
+        let pool = db.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.expect("connection");
+            queue::enqueue_or_rerun_on(&mut conn, &task)
+                .await
+                .expect("enqueue or rerun")
+        }
+    };
+    let first = enqueue_or_rerun(batch()).await;
+    assert!(first.fresh);
+    let running = claim_one(&db.pool, "actions", "w1", Duration::from_secs(30)).await;
+    assert_eq!(running.id, first.id);
+
+    // Work arrives while it runs: no second task, the running one is asked to rerun.
+    let again = enqueue_or_rerun(batch()).await;
+    assert_eq!((again.id, again.fresh), (first.id, false));
+    queue::complete(&db.pool, running.lease())
+        .await
+        .expect("complete");
+    let row = task(&db.pool, first.id).await;
+    assert_eq!(
+        (row.state, row.attempts),
+        (TaskState::Pending, 0),
+        "its success put it back to pending, due now, without counting an attempt"
+    );
+
+    // The rerun finishes for good when nothing arrived meanwhile.
+    let rerun = claim_one(&db.pool, "actions", "w2", Duration::from_secs(30)).await;
+    assert_eq!(rerun.id, first.id);
+    queue::complete(&db.pool, rerun.lease())
+        .await
+        .expect("complete");
+    assert_eq!(task(&db.pool, first.id).await.state, TaskState::Succeeded);
+
+    // With no live task, a new one is added.
+    let next = enqueue_or_rerun(batch()).await;
+    assert!(next.fresh && next.id != first.id);
+}

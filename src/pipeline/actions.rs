@@ -245,10 +245,10 @@ fn plan(config: &MailboxConfig, due: &[String]) -> (Vec<PostAction>, Vec<usize>)
 /// Queues an actions run for every mailbox that has after-actions due and no live actions task.
 /// Returns how many runs were queued.
 ///
-/// A deliver task marks its message due and queues the mailbox's run in one transaction, but
-/// the run is deduplicated against a live one: when the running task has just read an empty
-/// list of due messages and is about to finish, the new message is left with no run to do it.
-/// The leader's periodic sweep calls this to pick such messages up.
+/// A deliver task marks its message due and queues the mailbox's run in one transaction; a
+/// live run is asked to run once more instead ([`queue::enqueue_or_rerun_on`]), so a message
+/// made due while a run finishes is not left behind. This is the safety net for whatever
+/// still is (a run that went dead, say): the leader's periodic sweep calls it.
 pub async fn requeue_stranded(pool: &PgPool) -> Result<u64, QueueError> {
     let ledgers = ledger::owners_with_actions_due(pool)
         .await

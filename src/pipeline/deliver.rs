@@ -90,7 +90,9 @@ impl<D: Directory> Handler for DeliverHandler<D> {
             })
             .map_err(HandlerError::permanent)?
             .max_attempts(config.max_attempts);
-            queue::enqueue_many_on(&mut tx, std::slice::from_ref(&actions))
+            // A run already under way may have read the due list before this commits: it
+            // is asked to run once more rather than leave this message without a run.
+            queue::enqueue_or_rerun_on(&mut tx, &actions)
                 .await
                 .map_err(HandlerError::retryable)?;
             tx.commit().await.map_err(HandlerError::retryable)?;

@@ -42,9 +42,9 @@ pub use backoff::RetryPolicy;
 pub use stats::{QueueCounters, QueueCountersSnapshot, QueueDepth};
 pub use store::{
     FinishOutcome, PruneReport, RescueReport, TaskFilter, cancel_owner, cancel_pending, claim,
-    complete, dead_tasks, depth, enqueue, enqueue_many, enqueue_many_on, fail, finish, finish_on,
-    get, heartbeat, list, live_owners_older_than, live_task, prune, pull_forward, release, rescue,
-    retry_dead, snooze,
+    complete, dead_tasks, depth, enqueue, enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail,
+    finish, finish_on, get, heartbeat, list, live_owners_older_than, live_task, prune,
+    pull_forward, release, rescue, retry_dead, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{

@@ -43,6 +43,48 @@ where
     })
 }
 
+/// Adds `task`, or, when a live task holds its dedupe key, asks that one to run once more
+/// after it finishes: for a task that reads whatever work is waiting when it runs, so work
+/// added while it runs (after it may have looked) still gets a run. Without a dedupe key it is
+/// a plain [`enqueue_many_on`].
+pub async fn enqueue_or_rerun_on(
+    conn: &mut sqlx::PgConnection,
+    task: &NewTask,
+) -> Result<Enqueued, QueueError> {
+    for _ in 0..DEDUPE_ROUNDS {
+        let enqueued = enqueue_many_on(conn, std::slice::from_ref(task))
+            .await?
+            .pop()
+            .ok_or(QueueError::Database {
+                operation: "enqueue",
+                source: sqlx::Error::RowNotFound,
+            })?;
+        if enqueued.fresh || request_rerun(conn, enqueued.id).await? {
+            return Ok(enqueued);
+        }
+        // The live task finished in between: its key is free again.
+    }
+    Err(QueueError::Database {
+        operation: "enqueue or rerun (dedupe keys kept changing hands)",
+        source: sqlx::Error::RowNotFound,
+    })
+}
+
+/// Asks live task `id` to run once more after it finishes; `false` when it is no longer live.
+/// The row lock this takes also keeps a pending task from being claimed until the caller's
+/// transaction ends.
+async fn request_rerun(conn: &mut sqlx::PgConnection, id: i64) -> Result<bool, QueueError> {
+    let updated = sqlx::query(
+        "UPDATE tasks SET rerun_requested = true, updated_at = now()
+         WHERE id = $1 AND state IN ('pending', 'running')",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .map_err(QueueError::db("requesting a rerun"))?;
+    Ok(updated.rows_affected() > 0)
+}
+
 /// Adds tasks in one statement, answering in input order. A task whose dedupe key is held by
 /// a live task (or by an earlier task of the same batch) resolves to that task instead of
 /// failing the batch. At most one notification is sent per transaction.
@@ -496,15 +538,20 @@ async fn finish_statement<'e>(
         errors.push(transition.error());
     }
     let applied: Vec<i64> = sqlx::query_scalar(
+        // A success of a task asked to rerun puts it back to pending, due now.
         "UPDATE tasks t
-         SET state = i.state,
+         SET state = CASE WHEN i.state = 'succeeded' AND t.rerun_requested THEN 'pending'
+                          ELSE i.state END,
              attempts = t.attempts + i.counted,
-             run_at = CASE WHEN i.delay IS NULL THEN t.run_at
+             run_at = CASE WHEN i.state = 'succeeded' AND t.rerun_requested THEN now()
+                           WHEN i.delay IS NULL THEN t.run_at
                            ELSE now() + i.delay * interval '1 microsecond' END,
              last_error = COALESCE(i.error, t.last_error),
              lock_token = NULL,
              lease_expires_at = NULL,
-             finished_at = CASE WHEN i.state IN ('succeeded', 'dead') THEN now() END,
+             finished_at = CASE WHEN i.state = 'dead'
+                                  OR (i.state = 'succeeded' AND NOT t.rerun_requested) THEN now() END,
+             rerun_requested = false,
              updated_at = now()
          FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], $6::text[])
               AS i(id, token, state, counted, delay, error)
