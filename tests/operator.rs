@@ -940,16 +940,7 @@ async fn every_kubernetes_call_of_the_operator_is_recorded_for_the_rbac_check() 
     let lease_namespace = world.namespace.clone();
     let records = world.kube.requests();
     world.stop().await;
-
-    let operator_records: Vec<_> = records
-        .iter()
-        .filter(|r| r.is_resource_request())
-        .filter(|r| {
-            r.user_agent
-                .as_deref()
-                .is_some_and(|ua| ua.starts_with("mailpoll/"))
-        })
-        .collect();
+    let operator_records = operator_calls(&records);
     assert!(
         !operator_records.is_empty(),
         "the operator's calls are recorded"
@@ -1068,15 +1059,7 @@ async fn watched_namespaces_confine_every_call_of_the_operator() {
     let lease_namespace = world.namespace.clone();
     let records = world.kube.requests();
     world.stop().await;
-    let operator_records: Vec<_> = records
-        .iter()
-        .filter(|r| r.is_resource_request())
-        .filter(|r| {
-            r.user_agent
-                .as_deref()
-                .is_some_and(|ua| ua.starts_with("mailpoll/"))
-        })
-        .collect();
+    let operator_records = operator_calls(&records);
     // Confined: MailboxPolls, Secrets and Events in a watched namespace, the Lease in the
     // operator's own namespace, nothing cluster-wide. Which verbs the chart grants there is
     // the chart tests' check, on the file written below.
@@ -1423,6 +1406,19 @@ async fn unusable_credentials_are_invalid_credentials_without_key_material() {
         );
     }
     world.stop().await;
+}
+
+/// The resource requests the operator made (it names itself in its user agent).
+fn operator_calls(records: &[RequestRecord]) -> Vec<&RequestRecord> {
+    records
+        .iter()
+        .filter(|r| r.is_resource_request())
+        .filter(|r| {
+            r.user_agent
+                .as_deref()
+                .is_some_and(|ua| ua.starts_with("mailpoll/"))
+        })
+        .collect()
 }
 
 /// Writes the distinct calls of `records`, as the authorizer sees them, to `target/rbac/{file}`

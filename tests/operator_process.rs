@@ -2,6 +2,7 @@
 //! cleanly on SIGTERM; two of them elect one leader, and when the leader is killed the other
 //! takes over within the lease duration without losing or doubling a scheduled poll.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -9,6 +10,19 @@ use mailpoll_testkit::cluster;
 use mailpoll_testkit::kube::{FaultEffect, KubeEmulator};
 use mailpoll_testkit::pg::{TestDatabase, free_port};
 use mailpoll_testkit::wait_for;
+
+/// `mailpoll operator` on `port`, against `db` and the API server of `kubeconfig`; killed
+/// when dropped.
+fn operator(db: &TestDatabase, kubeconfig: &Path, port: u16) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"));
+    command
+        .args(["operator", "--http-addr", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &db.url)
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
 
 #[tokio::test]
 async fn operator_serves_health_and_stops_on_sigterm() {
@@ -21,14 +35,9 @@ async fn operator_serves_health_and_stops_on_sigterm() {
         .await
         .expect("CRD installed");
     let port = free_port().expect("free port");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
-        .args(["operator", "--http-addr", &format!("127.0.0.1:{port}")])
-        .env("DATABASE_URL", &db.url)
-        .env("KUBECONFIG", kube.kubeconfig_path())
+    let child = operator(&db, kube.kubeconfig_path(), port)
         .env("MAILPOLL_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("start mailpoll operator");
 
@@ -142,17 +151,10 @@ async fn a_list_the_api_server_never_answers_is_retried_and_the_operator_gets_re
         FaultEffect::Stall(Duration::from_secs(600)),
     );
     let port = free_port().expect("free port");
-    let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
-        .args(["operator", "--http-addr", &format!("127.0.0.1:{port}")])
-        .env("DATABASE_URL", &db.url)
-        .env(
-            "KUBECONFIG",
-            kube.kubeconfig_for("stalled").expect("kubeconfig"),
-        )
+    let kubeconfig = kube.kubeconfig_for("stalled").expect("kubeconfig");
+    let _child = operator(&db, &kubeconfig, port)
         .env("MAILPOLL_LOG", "warn")
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start mailpoll operator");
 
