@@ -24,8 +24,8 @@ fn operator(db: &TestDatabase, kubeconfig: &Path, port: u16) -> tokio::process::
     command
 }
 
-#[tokio::test]
-async fn operator_serves_health_and_stops_on_sigterm() {
+/// A database the operator has not migrated yet, and an API server with the CRD installed.
+async fn empty_database_and_cluster() -> (TestDatabase, KubeEmulator) {
     mailpoll::install_crypto_provider();
     let db = TestDatabase::create_empty().await.expect("test database");
     let kube = KubeEmulator::start()
@@ -34,6 +34,12 @@ async fn operator_serves_health_and_stops_on_sigterm() {
     cluster::install_crd(&kube.client().expect("client"))
         .await
         .expect("CRD installed");
+    (db, kube)
+}
+
+#[tokio::test]
+async fn operator_serves_health_and_stops_on_sigterm() {
+    let (db, kube) = empty_database_and_cluster().await;
     let port = free_port().expect("free port");
     let child = operator(&db, kube.kubeconfig_path(), port)
         .env("MAILPOLL_LOG_FORMAT", "json")
@@ -134,14 +140,7 @@ fn crd_command_prints_the_committed_crd() {
 /// ready, within a minute, instead of waiting for good.
 #[tokio::test]
 async fn a_list_the_api_server_never_answers_is_retried_and_the_operator_gets_ready() {
-    mailpoll::install_crypto_provider();
-    let db = TestDatabase::create_empty().await.expect("test database");
-    let kube = KubeEmulator::start()
-        .await
-        .expect("Kubernetes API emulator");
-    cluster::install_crd(&kube.client().expect("client"))
-        .await
-        .expect("CRD installed");
+    let (db, kube) = empty_database_and_cluster().await;
     // The directory's watch and the controller's both list first: stall both.
     kube.inject_fault_for(
         "stalled",
