@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailpoll::cursor::Source;
+use mailpoll::delivery::endpoint::Endpoint;
 use mailpoll::delivery::signing::message_key;
-use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::Credentials;
 use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
@@ -24,7 +24,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const SECRET: &[u8] = b"hook-signing-secret";
+const SECRET: &str = mailpoll_testkit::webhook_receiver::TEST_SIGNING_SECRET;
 
 fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxConfig {
     MailboxConfig {
@@ -38,9 +38,8 @@ fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxCo
         },
         credentials: Credentials::client_secret("contoso", "mailpoll", "not-used-by-deliveries"),
         webhook: Some(Endpoint {
-            url: receiver.url(),
             timeout: Duration::from_secs(5),
-            signing_key: Some(SigningKey::new(SECRET.to_vec())),
+            ..receiver.endpoint(Some(SECRET)).expect("endpoint")
         }),
         include_body: true,
         mark_as_read: false,

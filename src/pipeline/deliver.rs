@@ -145,7 +145,7 @@ impl<D: Directory> DeliverHandler<D> {
             Ok(_) => Ok(()),
             Err(error) => {
                 let last_attempt = task.attempt() >= task.max_attempts;
-                let permanent = matches!(error, WebhookError::Rejected { .. });
+                let permanent = error.is_permanent();
                 if permanent || last_attempt {
                     self.record_failure(ledger_id, &stored.message.message_id, &error)
                         .await;

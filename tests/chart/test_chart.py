@@ -33,6 +33,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "three-replicas": {"replicaCount": 3},
     "database-url": {"database": {"existingSecret": "pg-url", "urlKey": "url", "sslmode": "verify-full"}},
     "national-cloud": {"cloud": {"name": "usGov"}},
+    "secrets-per-namespace": {"rbac": {"secretAccess": "perNamespace", "secretNamespaces": ["team-a"]}},
+    "network-policy": {
+        "networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}, "database": {"cidrs": ["10.1.0.0/16"]}}
+    },
     "workload-identity-webhook": {"workloadIdentity": {"enabled": True, "clientId": "app-id", "tenantId": "tenant-id"}},
     "workload-identity-projected": {
         "workloadIdentity": {"enabled": True, "useWebhook": False, "clientId": "app-id", "tenantId": "tenant-id"}
@@ -112,6 +116,7 @@ API_VERSIONS = {
     "Deployment": "apps/v1",
     "StatefulSet": "apps/v1",
     "PodDisruptionBudget": "policy/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
 }
 
