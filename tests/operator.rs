@@ -444,10 +444,15 @@ async fn first_poll_records_messages_and_reports_ready_with_counts() {
         .expect("metrics body");
     for family in [
         "mailpoll_leader 1",
-        "mailpoll_reconciles_total{outcome=\"Success\"}",
-        "mailpoll_polls_total{outcome=\"Success\"} 1",
+        "mailpoll_reconciles_total{outcome=\"success\"}",
+        "mailpoll_polls_total{outcome=\"success\"} 1",
         "mailpoll_messages_recorded_total 7",
         "mailpoll_graph_requests_total{status=\"200\"}",
+        "mailpoll_graph_request_duration_seconds_count",
+        "mailpoll_poll_duration_seconds_count 1",
+        "mailpoll_mailboxpoll_ready{namespace=",
+        ",name=\"support\",reason=\"Polling\"} 1",
+        "mailpoll_mailboxpoll_messages{",
     ] {
         assert!(
             metrics.contains(family),

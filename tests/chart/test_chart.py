@@ -33,6 +33,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "three-replicas": {"replicaCount": 3},
     "database-url": {"database": {"existingSecret": "pg-url", "urlKey": "url", "sslmode": "verify-full"}},
     "national-cloud": {"cloud": {"name": "usGov"}},
+    "alerts-and-dashboard": {"prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
     "secrets-per-namespace": {"rbac": {"secretAccess": "perNamespace", "secretNamespaces": ["team-a"]}},
     "network-policy": {
         "networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}, "database": {"cidrs": ["10.1.0.0/16"]}}
@@ -117,6 +118,8 @@ API_VERSIONS = {
     "StatefulSet": "apps/v1",
     "PodDisruptionBudget": "policy/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ConfigMap": "v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
 }
 
