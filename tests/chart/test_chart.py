@@ -438,6 +438,38 @@ def test_the_operator_gets_the_environment_it_reads() -> None:
     assert env["X"] == {"name": "X", "value": "y"}
 
 
+def test_the_pool_follows_the_worker_concurrency_unless_set() -> None:
+    _, container = operator_container({"operator": {"workerConcurrency": 32}})
+    # Unset, the binary sizes the pool at workerConcurrency + 4: raising one raises the other.
+    assert "MAILPOLL_DB_MAX_CONNECTIONS" not in container_env(container)
+    _, container = operator_container({"database": {"maxConnections": 40}})
+    assert container_env(container)["MAILPOLL_DB_MAX_CONNECTIONS"]["value"] == "40"
+
+
+def test_extra_volumes_reach_the_pod() -> None:
+    volume = {"name": "db-ca", "secret": {"secretName": "db-ca"}}
+    mount = {"name": "db-ca", "mountPath": "/etc/mailpoll/db-ca", "readOnly": True}
+    deployment, container = operator_container({"extraVolumes": [volume], "extraVolumeMounts": [mount]})
+    assert volume in pod_spec(deployment)["volumes"]
+    assert mount in container["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], "the scratch space stays"
+
+
+def test_lease_timing_reaches_the_operator_and_is_checked() -> None:
+    _, container = operator_container()
+    env = container_env(container)
+    assert (
+        env["MAILPOLL_LEASE_DURATION_SECONDS"]["value"],
+        env["MAILPOLL_LEASE_RENEW_DEADLINE_SECONDS"]["value"],
+        env["MAILPOLL_LEASE_RETRY_PERIOD_SECONDS"]["value"],
+    ) == ("15", "10", "2")
+    timing = {"leaseDurationSeconds": 30, "renewDeadlineSeconds": 20, "retryPeriodSeconds": 4}
+    _, container = operator_container({"operator": {"leaderElection": timing}})
+    assert container_env(container)["MAILPOLL_LEASE_DURATION_SECONDS"]["value"] == "30"
+    with pytest.raises(Exception, match="retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds"):
+        render({"operator": {"leaderElection": {"leaseDurationSeconds": 10, "renewDeadlineSeconds": 10}}})
+
+
 def test_the_image_follows_the_values() -> None:
     _, container = operator_container()
     assert container["image"] == "ghcr.io/mailpoll/mailpoll:0.1.0"
