@@ -29,6 +29,7 @@ pub mod poll_log;
 pub mod queue;
 pub mod reason;
 pub mod resource;
+pub mod retention;
 pub mod storable;
 pub mod tasks_cli;
 pub mod telemetry;

@@ -64,7 +64,7 @@ pub async fn load(pool: &PgPool, uid: Uuid, ledger_id: Uuid) -> Result<Facts, Re
     let last_handled_request = poll_log::last_handled_request(&mut conn, uid).await?;
     let counts = ledger::counts(&mut conn, ledger_id).await?;
     let parked_error = if counts.actions_parked > 0 {
-        ledger::latest_parked_error(&mut conn, uid).await?
+        ledger::latest_parked_error(&mut conn, ledger_id).await?
     } else {
         None
     };

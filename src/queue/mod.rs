@@ -43,7 +43,7 @@ pub use stats::{QueueCounters, QueueCountersSnapshot, QueueDepth};
 pub use store::{
     FinishOutcome, PruneReport, RescueReport, TaskFilter, cancel_owner, cancel_pending, claim,
     complete, dead_tasks, depth, enqueue, enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail,
-    finish, finish_on, get, heartbeat, list, live_owners_older_than, live_task, prune,
+    finish, finish_on, get, heartbeat, list, live_owners_older_than, live_task, prune, prune_dead,
     pull_forward, release, rescue, retry_dead, snooze,
 };
 pub use transition::{HandlerError, Transition};

@@ -303,6 +303,10 @@ INVALID_VALUES = {
     "bad-anti-affinity": {"podAntiAffinity": "sometimes"},
     "bad-digest": {"image": {"digest": "latest"}},
     "crds-install-as-string": {"crds": {"install": "yes"}},
+    "negative-content-retention": {"retention": {"contentDays": -1}},
+    "identity-retention-under-a-day": {"retention": {"identityDays": 0.5}},
+    "retention-interval-as-string": {"retention": {"intervalSeconds": "5m"}},
+    "unknown-retention-value": {"retention": {"messagesDays": 3}},
 }
 
 
@@ -428,6 +432,23 @@ def test_the_operator_gets_the_environment_it_reads() -> None:
     assert env["MAILPOLL_HTTP_ADDR"]["value"] == "0.0.0.0:9090"
     assert container["ports"][0]["containerPort"] == 9090
     assert env["X"] == {"name": "X", "value": "y"}
+
+
+def test_retention_periods_reach_the_operator_with_documented_defaults() -> None:
+    _, container = operator_container({})
+    env = container_env(container)
+    assert env["MAILPOLL_CONTENT_RETENTION_DAYS"]["value"] == "30"
+    assert env["MAILPOLL_IDENTITY_RETENTION_DAYS"]["value"] == "180"
+    assert env["MAILPOLL_POLL_HISTORY_RETENTION_DAYS"]["value"] == "30"
+    assert env["MAILPOLL_FINISHED_TASK_RETENTION_DAYS"]["value"] == "7"
+    assert env["MAILPOLL_DEAD_TASK_RETENTION_DAYS"]["value"] == "30"
+    assert env["MAILPOLL_RETENTION_INTERVAL_SECONDS"]["value"] == "300"
+
+    _, container = operator_container({"retention": {"contentDays": 7, "identityDays": 365, "deadTaskDays": 90}})
+    env = container_env(container)
+    assert env["MAILPOLL_CONTENT_RETENTION_DAYS"]["value"] == "7"
+    assert env["MAILPOLL_IDENTITY_RETENTION_DAYS"]["value"] == "365"
+    assert env["MAILPOLL_DEAD_TASK_RETENTION_DAYS"]["value"] == "90"
 
 
 def test_the_image_follows_the_values() -> None:
