@@ -721,6 +721,10 @@ pub async fn ledgers(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
     .await
 }
 
+// Every bounded purge picks its rows in a MATERIALIZED CTE: as a subquery joined to the
+// table, Postgres may rescan it per outer row, and each rescan (past the rows already
+// deleted) picks a fresh `LIMIT`, so one statement deleted far more than its batch.
+
 /// Clears the personal data of up to `limit` messages recorded more than `older_than` ago:
 /// subject, addresses, recipients, preview, body and the raw Graph object. What "none twice"
 /// needs stays (ids, delivery state, times). Messages still waiting for delivery keep their
@@ -732,20 +736,23 @@ pub async fn purge_content(
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
     let purged = sqlx::query(
-        "UPDATE messages m
+        "WITH due AS MATERIALIZED (
+             SELECT mailbox_uid, message_id FROM messages
+             WHERE content_purged_at IS NULL
+               AND recorded_at < now() - $1 * interval '1 microsecond'
+               AND delivery_state <> 'pending'
+             ORDER BY recorded_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE messages m
             SET internet_message_id = NULL, subject = NULL, from_address = NULL,
                 from_name = NULL, sender_address = NULL, sender_name = NULL,
                 to_recipients = '[]', cc_recipients = '[]', reply_to = '[]',
                 body_preview = NULL, body_content_type = NULL, body = NULL,
                 raw = '{}', conversation_id = NULL, delivery_error = NULL,
                 actions_error = NULL, content_purged_at = now()
-           FROM (SELECT mailbox_uid, message_id FROM messages
-                 WHERE content_purged_at IS NULL
-                   AND recorded_at < now() - $1 * interval '1 microsecond'
-                   AND delivery_state <> 'pending'
-                 ORDER BY recorded_at
-                 LIMIT $2
-                 FOR UPDATE SKIP LOCKED) AS due
+           FROM due
           WHERE m.mailbox_uid = due.mailbox_uid AND m.message_id = due.message_id",
     )
     .bind(micros(older_than))
@@ -790,15 +797,17 @@ pub async fn purge_identities(
         });
     }
     let messages: i64 = sqlx::query_scalar(
-        "WITH gone AS (
-             DELETE FROM messages m
-             USING (SELECT message_id FROM messages
-                    WHERE mailbox_uid = $1
-                      AND received_at < now() - $2 * interval '1 microsecond'
-                      AND delivery_state <> 'pending'
-                    ORDER BY received_at
-                    LIMIT $3
-                    FOR UPDATE) AS due
+        "WITH due AS MATERIALIZED (
+             SELECT message_id FROM messages
+             WHERE mailbox_uid = $1
+               AND received_at < now() - $2 * interval '1 microsecond'
+               AND delivery_state <> 'pending'
+             ORDER BY received_at
+             LIMIT $3
+             FOR UPDATE
+         ),
+         gone AS (
+             DELETE FROM messages m USING due
              WHERE m.mailbox_uid = $1 AND m.message_id = due.message_id
              RETURNING m.received_at
          ),
@@ -819,12 +828,14 @@ pub async fn purge_identities(
     // A tombstone is never delivered: when its message shows up later it is recorded and
     // delivered as new, which is right, so tombstones go without moving the horizon.
     let tombstones = sqlx::query(
-        "DELETE FROM messages m
-         USING (SELECT message_id FROM messages
-                WHERE mailbox_uid = $1 AND received_at IS NULL AND delivery_state = 'skipped'
-                  AND recorded_at < now() - $2 * interval '1 microsecond'
-                LIMIT $3
-                FOR UPDATE) AS due
+        "WITH due AS MATERIALIZED (
+             SELECT message_id FROM messages
+             WHERE mailbox_uid = $1 AND received_at IS NULL AND delivery_state = 'skipped'
+               AND recorded_at < now() - $2 * interval '1 microsecond'
+             LIMIT $3
+             FOR UPDATE
+         )
+         DELETE FROM messages m USING due
          WHERE m.mailbox_uid = $1 AND m.message_id = due.message_id",
     )
     .bind(ledger_id)
@@ -849,8 +860,10 @@ pub async fn delete_ledger(
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
     let deleted = sqlx::query(
-        "DELETE FROM messages m
-         USING (SELECT message_id FROM messages WHERE mailbox_uid = $1 LIMIT $2 FOR UPDATE) AS due
+        "WITH due AS MATERIALIZED (
+             SELECT message_id FROM messages WHERE mailbox_uid = $1 LIMIT $2 FOR UPDATE
+         )
+         DELETE FROM messages m USING due
          WHERE m.mailbox_uid = $1 AND m.message_id = due.message_id",
     )
     .bind(ledger_id)

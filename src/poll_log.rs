@@ -259,7 +259,7 @@ pub async fn prune_polls(
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
     let pruned = sqlx::query(
-        "DELETE FROM polls WHERE id IN (
+        "WITH due AS MATERIALIZED (
              SELECT p.id FROM polls p
              WHERE p.finished_at IS NOT NULL
                AND p.started_at < now() - $1 * interval '1 microsecond'
@@ -280,7 +280,8 @@ pub async fn prune_polls(
              ORDER BY p.id
              LIMIT $2
              FOR UPDATE SKIP LOCKED
-         )",
+         )
+         DELETE FROM polls WHERE id IN (SELECT id FROM due)",
     )
     .bind(micros(older_than))
     .bind(limit)
@@ -299,15 +300,17 @@ pub async fn prune_requests(
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
     let pruned = sqlx::query(
-        "DELETE FROM poll_requests r
-         USING (SELECT p.mailbox_uid, p.value FROM poll_requests p
-                WHERE p.served_at IS NOT NULL
-                  AND p.requested_at < now() - $1 * interval '1 microsecond'
-                  AND EXISTS (SELECT 1 FROM poll_requests n WHERE n.mailbox_uid = p.mailbox_uid
-                              AND n.requested_at > p.requested_at)
-                ORDER BY p.requested_at
-                LIMIT $2
-                FOR UPDATE SKIP LOCKED) AS due
+        "WITH due AS MATERIALIZED (
+             SELECT p.mailbox_uid, p.value FROM poll_requests p
+             WHERE p.served_at IS NOT NULL
+               AND p.requested_at < now() - $1 * interval '1 microsecond'
+               AND EXISTS (SELECT 1 FROM poll_requests n WHERE n.mailbox_uid = p.mailbox_uid
+                           AND n.requested_at > p.requested_at)
+             ORDER BY p.requested_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         DELETE FROM poll_requests r USING due
          WHERE r.mailbox_uid = due.mailbox_uid AND r.value = due.value",
     )
     .bind(micros(older_than))
@@ -326,7 +329,8 @@ pub async fn delete_for(
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
     let polls = sqlx::query(
-        "DELETE FROM polls WHERE id IN (SELECT id FROM polls WHERE mailbox_uid = $1 LIMIT $2)",
+        "WITH due AS MATERIALIZED (SELECT id FROM polls WHERE mailbox_uid = $1 LIMIT $2)
+         DELETE FROM polls WHERE id IN (SELECT id FROM due)",
     )
     .bind(uid)
     .bind(limit)
@@ -334,8 +338,8 @@ pub async fn delete_for(
     .await?
     .rows_affected();
     let requests = sqlx::query(
-        "DELETE FROM poll_requests r
-         USING (SELECT value FROM poll_requests WHERE mailbox_uid = $1 LIMIT $2) AS due
+        "WITH due AS MATERIALIZED (SELECT value FROM poll_requests WHERE mailbox_uid = $1 LIMIT $2)
+         DELETE FROM poll_requests r USING due
          WHERE r.mailbox_uid = $1 AND r.value = due.value",
     )
     .bind(uid)

@@ -787,13 +787,14 @@ pub async fn prune_dead<'e>(
     limit: i64,
 ) -> Result<PruneReport, QueueError> {
     let result = sqlx::query(
-        "DELETE FROM tasks WHERE id IN (
+        "WITH due AS MATERIALIZED (
              SELECT id FROM tasks
              WHERE state = 'dead' AND finished_at < now() - $1 * interval '1 microsecond'
              ORDER BY finished_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED
-         )",
+         )
+         DELETE FROM tasks WHERE id IN (SELECT id FROM due)",
     )
     .bind(micros(older_than))
     .bind(limit)
