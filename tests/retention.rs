@@ -137,7 +137,12 @@ async fn purged_identities_never_come_back_and_newer_mail_still_does() {
     let db = TestDatabase::create().await.expect("test database");
     let ledger_id = Uuid::new_v4();
     let old: Vec<LedgerMessage> = (0..4)
-        .map(|n| message(&format!("old{n}"), days_ago(200) + chrono::Duration::minutes(n)))
+        .map(|n| {
+            message(
+                &format!("old{n}"),
+                days_ago(200) + chrono::Duration::minutes(n),
+            )
+        })
         .collect();
     record(&db.pool, ledger_id, &old).await;
     record(&db.pool, ledger_id, &[message("recent", days_ago(1))]).await;
@@ -289,7 +294,9 @@ async fn status_read_blocks(pool: &PgPool, ledger_id: Uuid) -> (i64, i64) {
     poll_log::latest_decisive(&mut tx, ledger_id)
         .await
         .expect("decisive");
-    poll_log::summary(&mut tx, ledger_id).await.expect("summary");
+    poll_log::summary(&mut tx, ledger_id)
+        .await
+        .expect("summary");
     poll_log::last_handled_request(&mut tx, ledger_id)
         .await
         .expect("request");
@@ -437,7 +444,10 @@ async fn poll_history_is_pruned_but_the_rows_status_reads_stay() {
     // 60 polls, all older than 30 days but the newest... none: all are 40+ days old. Kept:
     // the latest, the latest success, the latest resync, the latest decisive.
     assert_eq!(pruned, 56);
-    assert_eq!(poll_log::summary(&mut conn, uid).await.expect("summary"), before);
+    assert_eq!(
+        poll_log::summary(&mut conn, uid).await.expect("summary"),
+        before
+    );
     assert_eq!(
         poll_log::latest_decisive(&mut conn, uid)
             .await
@@ -458,7 +468,11 @@ async fn poll_history_is_pruned_but_the_rows_status_reads_stay() {
         Some("v5")
     );
     // The kept value still counts as seen: the annotation carrying it causes no new poll.
-    assert!(!poll_log::request(&db.pool, uid, "v5").await.expect("request"));
+    assert!(
+        !poll_log::request(&db.pool, uid, "v5")
+            .await
+            .expect("request")
+    );
 }
 
 #[tokio::test]

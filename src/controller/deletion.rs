@@ -72,7 +72,7 @@ pub async fn ask_api(client: &kube::Client, scope: &Scope) -> ApiView {
     let mut any = false;
     for (_, api) in scope.apis::<MailboxPoll>(client) {
         let api: Api<MailboxPoll> = api;
-        match api.list_metadata(&ListParams::default().limit(1)).await {
+        match api.list(&ListParams::default().limit(1)).await {
             Ok(list) => any |= !list.items.is_empty(),
             Err(kube::Error::Api(status)) if status.code == 404 => return ApiView::Missing,
             Err(error) => {
