@@ -676,31 +676,42 @@ pub struct Counts {
 /// then, never the ledger's size. Deltas another reader is folding right now are skipped
 /// (they are in the counts once it commits), so concurrent readers never wait on each other.
 pub async fn counts(conn: &mut PgConnection, ledger_id: Uuid) -> Result<Counts, sqlx::Error> {
-    let row: (i64, i64, i64, i64, i64) = sqlx::query_as(
+    // Without deltas nothing is written (a ledger purged meanwhile gets no zero row back).
+    let row: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(
         "WITH folded AS (
              DELETE FROM ledger_count_deltas WHERE id IN (
                  SELECT id FROM ledger_count_deltas WHERE ledger_id = $1
                  ORDER BY id FOR UPDATE SKIP LOCKED)
              RETURNING *
+         ),
+         written AS (
+             INSERT INTO ledger_counts AS c
+                 (ledger_id, delivered, pending, failed, recorded_only, skipped, actions_parked)
+             SELECT $1, COALESCE(sum(delivered), 0), COALESCE(sum(pending), 0),
+                    COALESCE(sum(failed), 0), COALESCE(sum(recorded_only), 0),
+                    COALESCE(sum(skipped), 0), COALESCE(sum(actions_parked), 0)
+             FROM folded
+             HAVING count(*) > 0
+             ON CONFLICT (ledger_id) DO UPDATE
+                 SET delivered = c.delivered + EXCLUDED.delivered,
+                     pending = c.pending + EXCLUDED.pending,
+                     failed = c.failed + EXCLUDED.failed,
+                     recorded_only = c.recorded_only + EXCLUDED.recorded_only,
+                     skipped = c.skipped + EXCLUDED.skipped,
+                     actions_parked = c.actions_parked + EXCLUDED.actions_parked
+             RETURNING delivered, pending, failed, recorded_only, actions_parked
          )
-         INSERT INTO ledger_counts AS c
-             (ledger_id, delivered, pending, failed, recorded_only, skipped, actions_parked)
-         SELECT $1, COALESCE(sum(delivered), 0), COALESCE(sum(pending), 0),
-                COALESCE(sum(failed), 0), COALESCE(sum(recorded_only), 0),
-                COALESCE(sum(skipped), 0), COALESCE(sum(actions_parked), 0)
-         FROM folded
-         ON CONFLICT (ledger_id) DO UPDATE
-             SET delivered = c.delivered + EXCLUDED.delivered,
-                 pending = c.pending + EXCLUDED.pending,
-                 failed = c.failed + EXCLUDED.failed,
-                 recorded_only = c.recorded_only + EXCLUDED.recorded_only,
-                 skipped = c.skipped + EXCLUDED.skipped,
-                 actions_parked = c.actions_parked + EXCLUDED.actions_parked
-         RETURNING delivered, pending, failed, recorded_only, actions_parked",
+         SELECT delivered, pending, failed, recorded_only, actions_parked FROM written
+         UNION ALL
+         SELECT delivered, pending, failed, recorded_only, actions_parked FROM ledger_counts
+         WHERE ledger_id = $1 AND NOT EXISTS (SELECT 1 FROM written)",
     )
     .bind(ledger_id)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
+    let Some(row) = row else {
+        return Ok(Counts::default());
+    };
     let (delivered, pending, failed, recorded_only, actions_parked) = row;
     Ok(Counts {
         delivered,

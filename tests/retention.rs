@@ -649,3 +649,42 @@ async fn a_re_created_mailbox_poll_stops_the_delete_purge() {
         "nothing deleted"
     );
 }
+
+/// The counters migration counts the rows written before it, and the triggers it adds keep
+/// counting from there.
+#[tokio::test]
+async fn the_migration_backfills_counters_for_existing_rows() {
+    const COUNTERS: i64 = 20261206000005;
+    let db = TestDatabase::create_empty().await.expect("test database");
+    let apply = |before: bool| {
+        let pool = db.pool.clone();
+        async move {
+            for migration in mailpoll::db::MIGRATOR
+                .iter()
+                .filter(|m| (m.version < COUNTERS) == before && m.version <= COUNTERS)
+            {
+                sqlx::raw_sql(migration.sql.clone())
+                    .execute(&pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("migration {}: {e}", migration.version));
+            }
+        }
+    };
+    apply(true).await;
+    let ledger_id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO messages (mailbox_uid, message_id, delivery_state, actions_parked_at)
+         SELECT $1, 'm' || g, (ARRAY['delivered', 'pending', 'failed', 'none'])[g % 4 + 1],
+                CASE WHEN g % 4 = 2 AND g < 20 THEN now() END
+         FROM generate_series(1, 103) g",
+    )
+    .bind(ledger_id)
+    .execute(&db.pool)
+    .await
+    .expect("rows before the migration");
+    apply(false).await;
+    record(&db.pool, ledger_id, &[message("after", days_ago(1))]).await;
+    let expected = exact_counts(&db.pool, ledger_id).await;
+    assert_eq!(expected, (25, 27, 26, 26, 5));
+    assert_eq!(counters(&db.pool, ledger_id).await, expected);
+}
