@@ -688,3 +688,48 @@ async fn the_migration_backfills_counters_for_existing_rows() {
     assert_eq!(expected, (25, 27, 26, 26, 5));
     assert_eq!(counters(&db.pool, ledger_id).await, expected);
 }
+
+/// One retention round, as the leader runs it: every table purged by its own period, in
+/// batches, each counted in `mailpoll_retention_purged_rows_total`.
+#[tokio::test]
+async fn a_retention_round_purges_every_table_and_counts_it() {
+    let db = TestDatabase::create().await.expect("test database");
+    let ledger_id = Uuid::new_v4();
+    let page: Vec<LedgerMessage> = (0..5)
+        .map(|n| message(&format!("m{n}"), days_ago(if n < 2 { 200 } else { 40 })))
+        .collect();
+    record(&db.pool, ledger_id, &page).await;
+    deliver(&db.pool, ledger_id, &["m0", "m1", "m2", "m3", "m4"]).await;
+    backdate_recording(&db.pool, 40).await;
+    sqlx::query(
+        "INSERT INTO tasks (kind, state, finished_at) VALUES ('deliver', 'dead', now() - interval '40 days')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("dead task");
+    let metrics = std::sync::Arc::new(mailpoll::telemetry::metrics::Metrics::new());
+    let settings = mailpoll::retention::RetentionSettings {
+        batch: 2,
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    mailpoll::retention::round(&db.pool, &metrics, &settings, &stop).await;
+
+    let text = metrics.encode().expect("metrics");
+    for expected in [
+        "mailpoll_retention_purged_rows_total{table=\"messages\",kind=\"content\"} 5",
+        "mailpoll_retention_purged_rows_total{table=\"messages\",kind=\"identity\"} 2",
+        "mailpoll_retention_purged_rows_total{table=\"tasks\",kind=\"dead\"} 1",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+    }
+    assert_eq!(
+        scalar(
+            &db.pool,
+            "SELECT count(*) FROM messages WHERE content_purged_at IS NOT NULL"
+        )
+        .await,
+        3
+    );
+    assert_eq!(counters(&db.pool, ledger_id).await, (3, 0, 0, 0, 0));
+}
