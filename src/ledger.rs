@@ -1,5 +1,10 @@
-//! The message ledger (`messages`; every statement on it is here): every message ever seen,
-//! once per (MailboxPoll uid, immutable Graph id), and where its delivery stands.
+//! The message ledger (`messages`, with its counters `ledger_counts` / `ledger_count_deltas`
+//! and its retention horizon `ledger_horizons`; every statement on them is here): every message
+//! seen, once per (ledger identity, immutable Graph id), and where its delivery stands.
+//!
+//! Retention clears content after a period and deletes rows after a longer one; a row goes
+//! only together with a move of the ledger's horizon, below which a message the ledger does not
+//! hold is never recorded again (see [`purge_identities`]).
 //!
 //! Recording is idempotent, so a replayed page, a resync or a crash between two statements
 //! never creates a second row or a second delivery. Immutable ids survive moves, so a message
