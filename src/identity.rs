@@ -7,8 +7,32 @@
 //! new keys. A different mailbox or folder is a different identity. [`forget`] starts over on
 //! purpose.
 
-use sqlx::PgPool;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
+
+/// What the leader's sweep does with a ledger once its MailboxPoll is gone
+/// (`spec.deletionPolicy`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum DeletionPolicy {
+    /// Keep the ledger: a re-created MailboxPoll continues it (the GitOps case).
+    #[default]
+    Retain,
+    /// Purge the ledger, cursor, poll history and identity.
+    Delete,
+}
+
+impl DeletionPolicy {
+    /// As stored in `mailbox_identities.deletion_policy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retain => "retain",
+            Self::Delete => "delete",
+        }
+    }
+}
 
 /// What an identity belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,4 +149,76 @@ pub async fn names_of(
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().collect())
+}
+
+/// Remembers the deletion policy of the object `uid` on every identity it uses (written only
+/// when it changed). Kept in Postgres while the object exists, so the sweep knows it once the
+/// object is gone, without a finalizer.
+pub async fn set_deletion_policy(
+    pool: &PgPool,
+    uid: Uuid,
+    policy: DeletionPolicy,
+) -> Result<u64, sqlx::Error> {
+    let changed = sqlx::query(
+        "UPDATE mailbox_identities SET deletion_policy = $2
+         WHERE uid = $1 AND deletion_policy <> $2",
+    )
+    .bind(uid)
+    .bind(policy.as_str())
+    .execute(pool)
+    .await?;
+    Ok(changed.rows_affected())
+}
+
+/// An identity whose object asked for its ledger to be deleted with it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Doomed {
+    pub identity: Uuid,
+    /// The object that uses it (deleted, if it is not in the watch cache).
+    pub uid: Uuid,
+    pub namespace: String,
+}
+
+/// Identities with deletion policy `Delete`, unchanged for `min_age` (a younger one may belong
+/// to an object too new for the watch cache), in `namespaces` (all when `None`).
+pub async fn doomed(
+    pool: &PgPool,
+    min_age: std::time::Duration,
+    namespaces: Option<&[String]>,
+) -> Result<Vec<Doomed>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT identity, uid, namespace FROM mailbox_identities
+         WHERE deletion_policy = 'delete'
+           AND updated_at < now() - $1 * interval '1 microsecond'
+           AND ($2::text[] IS NULL OR namespace = ANY($2))",
+    )
+    .bind(i64::try_from(min_age.as_micros()).unwrap_or(i64::MAX))
+    .bind(namespaces)
+    .fetch_all(pool)
+    .await
+}
+
+/// Locks `doomed` for the rest of the caller's transaction if it still belongs to the same
+/// object with policy `Delete`: a MailboxPoll re-created meanwhile (which takes the identity
+/// over in [`resolve`]) waits, and the purge stops. Returns whether it is still doomed.
+pub async fn lock_doomed(conn: &mut PgConnection, doomed: &Doomed) -> Result<bool, sqlx::Error> {
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM mailbox_identities
+         WHERE identity = $1 AND uid = $2 AND deletion_policy = 'delete'
+         FOR UPDATE",
+    )
+    .bind(doomed.identity)
+    .bind(doomed.uid)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.is_some())
+}
+
+/// Deletes an identity (its ledger is gone), in the caller's transaction.
+pub async fn delete(conn: &mut PgConnection, identity: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM mailbox_identities WHERE identity = $1")
+        .bind(identity)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }

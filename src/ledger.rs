@@ -1,5 +1,10 @@
-//! The message ledger (`messages`; every statement on it is here): every message ever seen,
-//! once per (MailboxPoll uid, immutable Graph id), and where its delivery stands.
+//! The message ledger (`messages`, with its counters `ledger_counts` / `ledger_count_deltas`
+//! and its retention horizon `ledger_horizons`; every statement on them is here): every message
+//! seen, once per (ledger identity, immutable Graph id), and where its delivery stands.
+//!
+//! Retention clears content after a period and deletes rows after a longer one; a row goes
+//! only together with a move of the ledger's horizon, below which a message the ledger does not
+//! hold is never recorded again (see [`purge_identities`]).
 //!
 //! Recording is idempotent, so a replayed page, a resync or a crash between two statements
 //! never creates a second row or a second delivery. Immutable ids survive moves, so a message
@@ -182,6 +187,7 @@ pub async fn record_page(
 ) -> Result<Recorded, sqlx::Error> {
     let mut recorded = Recorded::default();
     if !messages.is_empty() {
+        hold_horizon(conn, mailbox_uid).await?;
         let mut new_ids = insert_new(conn, mailbox_uid, messages, state_for_new).await?;
         let distinct: HashSet<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
         if new_ids.len() < distinct.len() {
@@ -229,7 +235,25 @@ pub async fn record_page(
     Ok(recorded)
 }
 
-/// Inserts the messages the ledger does not hold yet; returns their ids and `seq`s.
+/// Advisory lock class of a ledger's horizon (the key's second half is the ledger's hash).
+const HORIZON_LOCK_CLASS: i32 = 0x6d6c_6467;
+
+/// Holds the ledger's horizon for the rest of the caller's transaction (shared: pages of one
+/// round do not wait on each other). [`purge_identities`] takes it exclusively to move the
+/// horizon and delete rows, so a page never reads the old horizon and then finds a purged
+/// row gone: either the page commits first (and the purge deletes after it), or it waits for
+/// the purge and its insert (a later statement, with a later snapshot) sees the new horizon.
+async fn hold_horizon(conn: &mut PgConnection, ledger_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, hashtext($2::text))")
+        .bind(HORIZON_LOCK_CLASS)
+        .bind(ledger_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Inserts the messages the ledger does not hold yet (and that are newer than its horizon);
+/// returns their ids and `seq`s.
 async fn insert_new(
     conn: &mut PgConnection,
     mailbox_uid: Uuid,
@@ -266,6 +290,11 @@ async fn insert_new(
                   received_at, sent_at, is_read, has_attachments, importance,
                   conversation_id, parent_folder_id, body_preview, body_content_type, body,
                   body_truncated, raw)
+        -- Received at or before the horizon and not in the ledger: its row was purged by
+        -- retention (or it is older than anything the ledger may still hold). Never again.
+        WHERE r.received_at IS NULL
+           OR r.received_at > COALESCE(
+                  (SELECT purged_through FROM ledger_horizons WHERE ledger_id = $1), '-infinity')
         ON CONFLICT (mailbox_uid, message_id) DO NOTHING
         RETURNING message_id, seq
         "#,
@@ -333,6 +362,8 @@ pub struct StoredMessage {
     pub delivery_state: String,
     pub webhook_delivered_at: Option<DateTime<Utc>>,
     pub removed_at: Option<DateTime<Utc>>,
+    /// Set when retention cleared the message's content.
+    pub content_purged_at: Option<DateTime<Utc>>,
 }
 
 /// Reads one message, every column.
@@ -370,7 +401,7 @@ async fn fetch_stored(
                   CASE WHEN $3 THEN parent_folder_id END AS parent_folder_id,
                   body_preview, body_content_type, body, body_truncated,
                   CASE WHEN $3 THEN raw ELSE '{}'::jsonb END AS raw,
-                  delivery_state, webhook_delivered_at, removed_at
+                  delivery_state, webhook_delivered_at, removed_at, content_purged_at
            FROM messages WHERE mailbox_uid = $1 AND message_id = $2"#,
     )
     .bind(mailbox_uid)
@@ -649,31 +680,235 @@ pub struct Counts {
     pub actions_parked: i64,
 }
 
-pub async fn counts(conn: &mut PgConnection, mailbox_uid: Uuid) -> Result<Counts, sqlx::Error> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT delivery_state, count(*) FROM messages WHERE mailbox_uid = $1 GROUP BY delivery_state",
+/// The counts of one ledger, from its counters: the deltas its writes left since the last
+/// read are folded into its `ledger_counts` row first, so the cost follows the writes since
+/// then, never the ledger's size. Deltas another reader is folding right now are skipped
+/// (they are in the counts once it commits), so concurrent readers never wait on each other.
+pub async fn counts(conn: &mut PgConnection, ledger_id: Uuid) -> Result<Counts, sqlx::Error> {
+    // Without deltas nothing is written (a ledger purged meanwhile gets no zero row back).
+    let row: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "WITH folded AS (
+             DELETE FROM ledger_count_deltas WHERE id IN (
+                 SELECT id FROM ledger_count_deltas WHERE ledger_id = $1
+                 ORDER BY id FOR UPDATE SKIP LOCKED)
+             RETURNING *
+         ),
+         written AS (
+             INSERT INTO ledger_counts AS c
+                 (ledger_id, delivered, pending, failed, recorded_only, skipped, actions_parked)
+             SELECT $1, COALESCE(sum(delivered), 0), COALESCE(sum(pending), 0),
+                    COALESCE(sum(failed), 0), COALESCE(sum(recorded_only), 0),
+                    COALESCE(sum(skipped), 0), COALESCE(sum(actions_parked), 0)
+             FROM folded
+             HAVING count(*) > 0
+             ON CONFLICT (ledger_id) DO UPDATE
+                 SET delivered = c.delivered + EXCLUDED.delivered,
+                     pending = c.pending + EXCLUDED.pending,
+                     failed = c.failed + EXCLUDED.failed,
+                     recorded_only = c.recorded_only + EXCLUDED.recorded_only,
+                     skipped = c.skipped + EXCLUDED.skipped,
+                     actions_parked = c.actions_parked + EXCLUDED.actions_parked
+             RETURNING delivered, pending, failed, recorded_only, actions_parked
+         )
+         SELECT delivered, pending, failed, recorded_only, actions_parked FROM written
+         UNION ALL
+         SELECT delivered, pending, failed, recorded_only, actions_parked FROM ledger_counts
+         WHERE ledger_id = $1 AND NOT EXISTS (SELECT 1 FROM written)",
     )
-    .bind(mailbox_uid)
-    .fetch_all(&mut *conn)
+    .bind(ledger_id)
+    .fetch_optional(&mut *conn)
     .await?;
-    let mut counts = Counts::default();
-    for (state, n) in rows {
-        match state.as_str() {
-            "delivered" => counts.delivered = n,
-            "pending" => counts.pending = n,
-            "failed" => counts.failed = n,
-            "none" => counts.recorded_only = n,
-            _ => {}
+    let Some(row) = row else {
+        return Ok(Counts::default());
+    };
+    let (delivered, pending, failed, recorded_only, actions_parked) = row;
+    Ok(Counts {
+        delivered,
+        pending,
+        failed,
+        recorded_only,
+        actions_parked,
+    })
+}
+
+/// Every ledger that has rows or had them (its counters say so).
+pub async fn ledgers(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT ledger_id FROM ledger_counts
+         UNION SELECT DISTINCT ledger_id FROM ledger_count_deltas",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+// Every bounded purge picks its rows in a MATERIALIZED CTE: as a subquery joined to the
+// table, Postgres may rescan it per outer row, and each rescan (past the rows already
+// deleted) picks a fresh `LIMIT`, so one statement deleted far more than its batch.
+
+/// Clears the personal data of up to `limit` messages recorded more than `older_than` ago:
+/// subject, addresses, recipients, preview, body and the raw Graph object. What "none twice"
+/// needs stays (ids, delivery state, times). Messages still waiting for delivery keep their
+/// content: their webhook needs it. Concurrent purgers take disjoint rows. Returns how many
+/// were cleared.
+pub async fn purge_content(
+    pool: &PgPool,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let purged = sqlx::query(
+        "WITH due AS MATERIALIZED (
+             SELECT mailbox_uid, message_id FROM messages
+             WHERE content_purged_at IS NULL
+               AND recorded_at < now() - $1 * interval '1 microsecond'
+               AND delivery_state <> 'pending'
+             ORDER BY recorded_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE messages m
+            SET internet_message_id = NULL, subject = NULL, from_address = NULL,
+                from_name = NULL, sender_address = NULL, sender_name = NULL,
+                to_recipients = '[]', cc_recipients = '[]', reply_to = '[]',
+                body_preview = NULL, body_content_type = NULL, body = NULL,
+                raw = '{}', conversation_id = NULL, delivery_error = NULL,
+                actions_error = NULL, content_purged_at = now()
+           FROM due
+          WHERE m.mailbox_uid = due.mailbox_uid AND m.message_id = due.message_id",
+    )
+    .bind(micros(older_than))
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(purged.rows_affected())
+}
+
+/// What one [`purge_identities`] round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdentityPurge {
+    /// Rows deleted (messages and tombstones).
+    pub deleted: u64,
+    /// The ledger was busy (a page being recorded, or another purger): nothing was done.
+    pub busy: bool,
+}
+
+/// Deletes up to `limit` rows of a ledger whose message was received more than `older_than`
+/// ago (oldest first), and tombstones recorded that long ago. Rows still waiting for delivery
+/// stay. In the same transaction the ledger's horizon moves to the newest received time
+/// deleted: from then on a message received at or before it that the ledger does not hold is
+/// never recorded, so a resync replaying the folder delivers nothing twice (see README, "Data
+/// retention"). Never waits for a poll: a ledger whose page is being recorded is skipped.
+pub async fn purge_identities(
+    pool: &PgPool,
+    ledger_id: Uuid,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<IdentityPurge, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2::text))")
+            .bind(HORIZON_LOCK_CLASS)
+            .bind(ledger_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !locked {
+        return Ok(IdentityPurge {
+            deleted: 0,
+            busy: true,
+        });
+    }
+    let messages: i64 = sqlx::query_scalar(
+        "WITH due AS MATERIALIZED (
+             SELECT message_id FROM messages
+             WHERE mailbox_uid = $1
+               AND received_at < now() - $2 * interval '1 microsecond'
+               AND delivery_state <> 'pending'
+             ORDER BY received_at
+             LIMIT $3
+             FOR UPDATE
+         ),
+         gone AS (
+             DELETE FROM messages m USING due
+             WHERE m.mailbox_uid = $1 AND m.message_id = due.message_id
+             RETURNING m.received_at
+         ),
+         horizon AS (
+             INSERT INTO ledger_horizons AS h (ledger_id, purged_through)
+             SELECT $1, max(received_at) FROM gone HAVING count(*) > 0
+             ON CONFLICT (ledger_id) DO UPDATE
+                 SET purged_through = GREATEST(h.purged_through, EXCLUDED.purged_through),
+                     updated_at = now()
+         )
+         SELECT count(*) FROM gone",
+    )
+    .bind(ledger_id)
+    .bind(micros(older_than))
+    .bind(limit)
+    .fetch_one(&mut *tx)
+    .await?;
+    // A tombstone is never delivered: when its message shows up later it is recorded and
+    // delivered as new, which is right, so tombstones go without moving the horizon.
+    let tombstones = sqlx::query(
+        "WITH due AS MATERIALIZED (
+             SELECT message_id FROM messages
+             WHERE mailbox_uid = $1 AND received_at IS NULL AND delivery_state = 'skipped'
+               AND recorded_at < now() - $2 * interval '1 microsecond'
+             LIMIT $3
+             FOR UPDATE
+         )
+         DELETE FROM messages m USING due
+         WHERE m.mailbox_uid = $1 AND m.message_id = due.message_id",
+    )
+    .bind(ledger_id)
+    .bind(micros(older_than))
+    .bind(limit)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(IdentityPurge {
+        deleted: u64::try_from(messages).unwrap_or(0) + tombstones.rows_affected(),
+        busy: false,
+    })
+}
+
+/// Deletes up to `limit` rows of a ledger whatever their age or state (its MailboxPoll is gone
+/// and its deletion policy is `Delete`), in the caller's transaction. Once none is left, its
+/// counters and horizon go too. Returns how many rows were deleted; fewer than `limit` means
+/// the ledger is gone.
+pub async fn delete_ledger(
+    conn: &mut PgConnection,
+    ledger_id: Uuid,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let deleted = sqlx::query(
+        "WITH due AS MATERIALIZED (
+             SELECT message_id FROM messages WHERE mailbox_uid = $1 LIMIT $2 FOR UPDATE
+         )
+         DELETE FROM messages m USING due
+         WHERE m.mailbox_uid = $1 AND m.message_id = due.message_id",
+    )
+    .bind(ledger_id)
+    .bind(limit)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if (deleted as i64) < limit {
+        for statement in [
+            "DELETE FROM ledger_count_deltas WHERE ledger_id = $1",
+            "DELETE FROM ledger_counts WHERE ledger_id = $1",
+            "DELETE FROM ledger_horizons WHERE ledger_id = $1",
+        ] {
+            sqlx::query(statement)
+                .bind(ledger_id)
+                .execute(&mut *conn)
+                .await?;
         }
     }
-    // A partial index holds only parked rows: this stays cheap however long the history.
-    counts.actions_parked = sqlx::query_scalar(
-        "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND actions_parked_at IS NOT NULL",
-    )
-    .bind(mailbox_uid)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(counts)
+    Ok(deleted)
+}
+
+/// A duration as whole microseconds for SQL intervals, saturating.
+fn micros(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 /// One line of `mailpoll messages list`: what a person needs to find a message and see how far
 /// it got. Content columns may be empty once retention purged them.

@@ -30,6 +30,7 @@ pub mod poll_log;
 pub mod queue;
 pub mod reason;
 pub mod resource;
+pub mod retention;
 pub mod storable;
 pub mod telemetry;
 

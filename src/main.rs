@@ -168,6 +168,53 @@ struct OperatorArgs {
         default_value = ""
     )]
     workload_identity_namespaces: String,
+    /// Days a message's content (subject, addresses, body, raw object) is kept after it was
+    /// recorded; messages still waiting for delivery keep it until they are done.
+    #[arg(long, env = "MAILPOLL_CONTENT_RETENTION_DAYS", default_value_t = 30.0)]
+    content_retention_days: f64,
+    /// Days a ledger row (what keeps a message from being delivered twice) is kept after the
+    /// message was received. Older messages the ledger no longer holds are never delivered
+    /// again, nor delivered at all if first seen after that (README, "Data retention").
+    #[arg(
+        long,
+        env = "MAILPOLL_IDENTITY_RETENTION_DAYS",
+        default_value_t = 180.0
+    )]
+    identity_retention_days: f64,
+    /// Days polls and forced-poll requests are kept (the latest ones status needs stay).
+    #[arg(
+        long,
+        env = "MAILPOLL_POLL_HISTORY_RETENTION_DAYS",
+        default_value_t = 30.0
+    )]
+    poll_history_retention_days: f64,
+    /// Days succeeded and cancelled tasks are kept.
+    #[arg(
+        long,
+        env = "MAILPOLL_FINISHED_TASK_RETENTION_DAYS",
+        default_value_t = 7.0
+    )]
+    finished_task_retention_days: f64,
+    /// Days dead tasks are kept for `tasks list --state dead` and `tasks retry`.
+    #[arg(
+        long,
+        env = "MAILPOLL_DEAD_TASK_RETENTION_DAYS",
+        default_value_t = 30.0
+    )]
+    dead_task_retention_days: f64,
+    /// Seconds between retention rounds (run by the leader).
+    #[arg(
+        long,
+        env = "MAILPOLL_RETENTION_INTERVAL_SECONDS",
+        default_value_t = 300.0
+    )]
+    retention_interval_seconds: f64,
+}
+
+/// A duration flag in days; rejects what a Duration cannot hold.
+fn days(name: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value * 86_400.0)
+        .map_err(|_| anyhow::anyhow!("--{name} must be a non-negative number of days, not {value}"))
 }
 
 /// A duration flag in seconds; rejects what a Duration cannot hold.
@@ -206,6 +253,23 @@ impl OperatorArgs {
         config.poll.run_lease = task_lease * 2;
         config.workers.shutdown_grace =
             seconds("shutdown-grace-seconds", self.shutdown_grace_seconds)?;
+        let retention = &mut config.leader_work.retention;
+        retention.content = days("content-retention-days", self.content_retention_days)?;
+        retention.identity = days("identity-retention-days", self.identity_retention_days)?;
+        retention.poll_history = days(
+            "poll-history-retention-days",
+            self.poll_history_retention_days,
+        )?;
+        retention.dead_tasks = days("dead-task-retention-days", self.dead_task_retention_days)?;
+        retention.interval = seconds(
+            "retention-interval-seconds",
+            self.retention_interval_seconds,
+        )?
+        .max(Duration::from_secs(1));
+        config.workers.retention = days(
+            "finished-task-retention-days",
+            self.finished_task_retention_days,
+        )?;
         config.lease_name = self.lease_name;
         config.lease_namespace = self
             .lease_namespace

@@ -192,11 +192,7 @@ pub async fn latest_decisive(
     conn: &mut PgConnection,
     uid: Uuid,
 ) -> Result<Option<FinishedPoll>, sqlx::Error> {
-    let undecisive: Vec<&str> = Reason::ALL
-        .into_iter()
-        .filter(|reason| !reason.decides_readiness())
-        .map(Reason::as_str)
-        .collect();
+    let undecisive = undecisive_reasons();
     let sql = format!(
         "SELECT {FINISHED_POLL} FROM polls
          WHERE mailbox_uid = $1 AND finished_at IS NOT NULL
@@ -221,13 +217,18 @@ pub struct Summary {
     pub latest_open: Option<bool>,
 }
 
+/// Each part reads the latest rows through an index (`polls_latest`, `polls_succeeded`,
+/// `polls_resynced`): the cost does not grow with the poll history.
 pub async fn summary(conn: &mut PgConnection, uid: Uuid) -> Result<Summary, sqlx::Error> {
     sqlx::query_as(
-        "SELECT max(finished_at) FILTER (WHERE outcome = 'succeeded') AS last_success,
-                max(id) FILTER (WHERE resynced) AS last_resync_poll, max(id) AS last_poll_id,
-                (SELECT finished_at IS NULL FROM polls WHERE mailbox_uid = $1
-                 ORDER BY started_at DESC, id DESC LIMIT 1) AS latest_open
-         FROM polls WHERE mailbox_uid = $1",
+        "SELECT (SELECT finished_at FROM polls WHERE mailbox_uid = $1 AND outcome = 'succeeded'
+                 ORDER BY started_at DESC, id DESC LIMIT 1) AS last_success,
+                (SELECT id FROM polls WHERE mailbox_uid = $1 AND resynced
+                 ORDER BY id DESC LIMIT 1) AS last_resync_poll,
+                latest.id AS last_poll_id, latest.finished_at IS NULL AS latest_open
+         FROM (SELECT 1) AS one
+         LEFT JOIN LATERAL (SELECT id, finished_at FROM polls WHERE mailbox_uid = $1
+                            ORDER BY started_at DESC, id DESC LIMIT 1) AS latest ON true",
     )
     .bind(uid)
     .fetch_one(&mut *conn)
@@ -246,4 +247,118 @@ pub async fn last_handled_request(
     .bind(uid)
     .fetch_optional(&mut *conn)
     .await
+}
+
+/// Deletes up to `limit` finished polls that started more than `older_than` ago, oldest
+/// first, except those status still reads: for each MailboxPoll the latest poll, the latest
+/// successful one, the latest resync and the latest [decisive](FinishedPoll::is_decisive)
+/// one. Concurrent pruners take disjoint rows. Returns how many were deleted.
+pub async fn prune_polls(
+    pool: &PgPool,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let pruned = sqlx::query(
+        "WITH due AS MATERIALIZED (
+             SELECT p.id FROM polls p
+             WHERE p.finished_at IS NOT NULL
+               AND p.started_at < now() - $1 * interval '1 microsecond'
+               AND EXISTS (SELECT 1 FROM polls n WHERE n.mailbox_uid = p.mailbox_uid
+                           AND (n.started_at, n.id) > (p.started_at, p.id))
+               AND (p.outcome <> 'succeeded'
+                    OR EXISTS (SELECT 1 FROM polls n WHERE n.mailbox_uid = p.mailbox_uid
+                               AND n.outcome = 'succeeded'
+                               AND (n.started_at, n.id) > (p.started_at, p.id)))
+               AND (NOT p.resynced
+                    OR EXISTS (SELECT 1 FROM polls n WHERE n.mailbox_uid = p.mailbox_uid
+                               AND n.resynced AND n.id > p.id))
+               AND (NOT (p.outcome = 'succeeded' OR NOT (p.error_reason = ANY($3)))
+                    OR EXISTS (SELECT 1 FROM polls n WHERE n.mailbox_uid = p.mailbox_uid
+                               AND n.finished_at IS NOT NULL
+                               AND (n.outcome = 'succeeded' OR NOT (n.error_reason = ANY($3)))
+                               AND (n.started_at, n.id) > (p.started_at, p.id)))
+             ORDER BY p.id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         DELETE FROM polls WHERE id IN (SELECT id FROM due)",
+    )
+    .bind(micros(older_than))
+    .bind(limit)
+    .bind(undecisive_reasons())
+    .execute(pool)
+    .await?;
+    Ok(pruned.rows_affected())
+}
+
+/// Deletes up to `limit` served forced-poll requests made more than `older_than` ago, except
+/// each MailboxPoll's latest one: the value on its annotation, which must not cause a poll
+/// again after a restart. Returns how many were deleted.
+pub async fn prune_requests(
+    pool: &PgPool,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let pruned = sqlx::query(
+        "WITH due AS MATERIALIZED (
+             SELECT p.mailbox_uid, p.value FROM poll_requests p
+             WHERE p.served_at IS NOT NULL
+               AND p.requested_at < now() - $1 * interval '1 microsecond'
+               AND EXISTS (SELECT 1 FROM poll_requests n WHERE n.mailbox_uid = p.mailbox_uid
+                           AND n.requested_at > p.requested_at)
+             ORDER BY p.requested_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         DELETE FROM poll_requests r USING due
+         WHERE r.mailbox_uid = due.mailbox_uid AND r.value = due.value",
+    )
+    .bind(micros(older_than))
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(pruned.rows_affected())
+}
+
+/// Deletes up to `limit` polls and forced-poll requests of a MailboxPoll that is gone (its
+/// deletion policy is `Delete`), in the caller's transaction. Returns how many rows went;
+/// fewer than `limit` means none is left.
+pub async fn delete_for(
+    conn: &mut PgConnection,
+    uid: Uuid,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let polls = sqlx::query(
+        "WITH due AS MATERIALIZED (SELECT id FROM polls WHERE mailbox_uid = $1 LIMIT $2)
+         DELETE FROM polls WHERE id IN (SELECT id FROM due)",
+    )
+    .bind(uid)
+    .bind(limit)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    let requests = sqlx::query(
+        "WITH due AS MATERIALIZED (SELECT value FROM poll_requests WHERE mailbox_uid = $1 LIMIT $2)
+         DELETE FROM poll_requests r USING due
+         WHERE r.mailbox_uid = $1 AND r.value = due.value",
+    )
+    .bind(uid)
+    .bind(limit)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(polls.max(requests))
+}
+
+fn undecisive_reasons() -> Vec<&'static str> {
+    Reason::ALL
+        .into_iter()
+        .filter(|reason| !reason.decides_readiness())
+        .map(Reason::as_str)
+        .collect()
+}
+
+/// A duration as whole microseconds for SQL intervals, saturating.
+fn micros(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }

@@ -140,6 +140,10 @@ pub struct MailboxPollSpec {
     #[serde(default = "default_max_attempts")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("spec.maxAttempts must be between 1 and 100"))]
     pub max_attempts: i32,
+
+    /// What happens to the ledger when this MailboxPoll is deleted. Retain (default): its ledger, poll history and identity stay (until retention purges them), so re-creating the same namespace/name/mailbox/folder continues it and delivers nothing twice. Delete: they are purged once the MailboxPoll is gone; a re-created one starts over and delivers every message in its folder again.
+    #[serde(default)]
+    pub deletion_policy: crate::identity::DeletionPolicy,
 }
 
 /// Reference to the Secret holding the Microsoft Entra app credentials.

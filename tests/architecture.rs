@@ -5,10 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Each table and the one place allowed to name it in SQL (a file, or a folder).
-const OWNERS: [(&str, &str); 6] = [
+const OWNERS: [(&str, &str); 9] = [
     ("tasks", "src/queue/"),
     ("mailbox_cursors", "src/cursor.rs"),
     ("messages", "src/ledger.rs"),
+    ("ledger_counts", "src/ledger.rs"),
+    ("ledger_count_deltas", "src/ledger.rs"),
+    ("ledger_horizons", "src/ledger.rs"),
     ("polls", "src/poll_log.rs"),
     ("poll_requests", "src/poll_log.rs"),
     ("mailbox_identities", "src/identity.rs"),

@@ -10,6 +10,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use mailpoll::directory::{DirectorySettings, Scope};
 use mailpoll::graph::{Certificate, GovernorConfig};
+use mailpoll::identity::DeletionPolicy;
 use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
 use mailpoll::queue::WorkerId;
 use mailpoll::resource::{
@@ -325,6 +326,11 @@ impl World {
 
     /// Reconciles the operator has finished (any outcome), from `/metrics`.
     async fn reconciles(&self) -> u64 {
+        self.metric_sum("mailpoll_reconciles_total{").await
+    }
+
+    /// The sum of the `/metrics` samples whose line starts with `prefix`.
+    async fn metric_sum(&self, prefix: &str) -> u64 {
         let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.http_port))
             .await
             .expect("metrics")
@@ -333,9 +339,41 @@ impl World {
             .expect("metrics body");
         metrics
             .lines()
-            .filter(|line| line.starts_with("mailpoll_reconciles_total{"))
+            .filter(|line| line.starts_with(prefix))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+
+    /// A MailboxPoll with `deletionPolicy: Delete`.
+    async fn create_doomed(&self, name: &str) -> Uuid {
+        let mut poll = cluster::mailbox_poll(name, MAILBOX, "1h", SECRET);
+        poll.spec.deletion_policy = DeletionPolicy::Delete;
+        let created = self
+            .api()
+            .create(&PostParams::default(), &poll)
+            .await
+            .expect("MailboxPoll created");
+        Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
+    }
+
+    /// Rows left of a MailboxPoll `name` with object `uid`: `[ledger, identities, polls,
+    /// ledger counters]`.
+    async fn rows_of(&self, name: &str, uid: Uuid) -> [i64; 4] {
+        sqlx::query_as::<_, (i64, i64, i64, i64)>(
+            "SELECT (SELECT count(*) FROM messages m JOIN mailbox_identities i
+                       ON i.identity = m.mailbox_uid WHERE i.namespace = $1 AND i.name = $2),
+                    (SELECT count(*) FROM mailbox_identities WHERE namespace = $1 AND name = $2),
+                    (SELECT count(*) FROM polls WHERE mailbox_uid = $3),
+                    (SELECT count(*) FROM ledger_counts c JOIN mailbox_identities i
+                       ON i.identity = c.ledger_id WHERE i.namespace = $1 AND i.name = $2)",
+        )
+        .bind(&self.namespace)
+        .bind(name)
+        .bind(uid)
+        .fetch_one(&self.db.pool)
+        .await
+        .map(|(a, b, c, d)| [a, b, c, d])
+        .expect("rows")
     }
 
     async fn live_poll_task(&self, uid: Uuid) -> Option<String> {
@@ -829,6 +867,63 @@ async fn deleting_a_mailbox_poll_sweeps_its_tasks_and_cursor_and_keeps_the_ledge
         2,
         "the ledger outlives the MailboxPoll"
     );
+    world.stop().await;
+}
+
+/// `deletionPolicy: Delete` purges a deleted MailboxPoll's ledger, counters, poll history and
+/// identity, and nothing of its neighbours; removing the CRD (which deletes every MailboxPoll)
+/// makes the sweep refuse, so the remaining `Delete` ledgers survive it.
+#[tokio::test]
+async fn the_delete_policy_purges_a_deleted_mailbox_poll_but_a_removed_crd_purges_nothing() {
+    let world = World::start().await;
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 3)
+        .expect("messages added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let doomed = world.create_doomed("doomed").await;
+    let survivor = world.create_doomed("survivor").await;
+    let kept = world.create("kept", "1h", SECRET).await;
+    for name in ["doomed", "survivor", "kept"] {
+        world
+            .wait_status(name, "the first poll", |s| {
+                is_ready(s) && s.next_poll_time.is_some()
+            })
+            .await;
+    }
+    assert_eq!(world.rows_of("doomed", doomed).await, [3, 1, 1, 1]);
+
+    world
+        .api()
+        .delete("doomed", &Default::default())
+        .await
+        .expect("MailboxPoll deleted");
+    wait_for("the Delete policy's purge", PATIENCE, || async {
+        (world.rows_of("doomed", doomed).await == [0, 0, 0, 0]).then_some(())
+    })
+    .await;
+    assert_eq!(world.rows_of("survivor", survivor).await, [3, 1, 1, 1]);
+    assert_eq!(world.rows_of("kept", kept).await, [3, 1, 1, 1]);
+
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(world.client.clone());
+    crds.delete("mailboxpolls.mailpoll.dev", &Default::default())
+        .await
+        .expect("CRD deleted");
+    // Sweeps run every second: three refusals are three sweeps that purged nothing.
+    wait_until("sweeps refused for the missing CRD", PATIENCE, || async {
+        world
+            .metric_sum("mailpoll_sweep_refusals_total{reason=\"CrdMissing\"}")
+            .await
+            >= 3
+    })
+    .await;
+    assert_eq!(
+        world.rows_of("survivor", survivor).await,
+        [3, 1, 1, 1],
+        "a Delete ledger survives the CRD's removal"
+    );
+    assert_eq!(world.rows_of("kept", kept).await, [3, 1, 1, 1]);
     world.stop().await;
 }
 

@@ -1969,3 +1969,91 @@ async fn a_retry_after_one_replica_receives_pauses_the_other_mid_round() {
         );
     }
 }
+
+/// Retention purges the ledger rows of old delivered messages and moves the ledger's horizon;
+/// a resync then replays the whole folder (purged messages included) and nothing is delivered
+/// again, while new mail still is.
+#[tokio::test]
+async fn a_resync_after_identity_retention_delivers_nothing_again() {
+    let world = World::start(Faults::default()).await;
+    let long_ago = Utc::now() - chrono::Duration::days(200);
+    let mut old = Vec::new();
+    for n in 0..6 {
+        let message = NewMessage {
+            received: Some(long_ago + chrono::Duration::minutes(n)),
+            ..NewMessage::default()
+        };
+        old.push(
+            world
+                .emulator
+                .add_message(MAILBOX, "inbox", message)
+                .expect("old mail")
+                .immutable_id,
+        );
+    }
+    let recent = add_recent(&world, 4);
+    let pool = world.workers("retention", 3);
+    world.poll().await;
+    world.drain().await;
+    let every: Vec<String> = old.iter().chain(&recent).cloned().collect();
+    world.assert_each_delivered_once(&every).await;
+
+    let retention = Duration::from_secs(180 * 24 * 3600);
+    let purge = mailpoll::ledger::purge_identities(&world.db.pool, world.uid, retention, 4)
+        .await
+        .expect("first batch");
+    assert_eq!((purge.deleted, purge.busy), (4, false), "a bounded batch");
+    let purge = mailpoll::ledger::purge_identities(&world.db.pool, world.uid, retention, 4)
+        .await
+        .expect("second batch");
+    assert_eq!(purge.deleted, 2, "the rest of the old rows");
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1")
+            .await,
+        4,
+        "only recent messages stay in the ledger"
+    );
+
+    world
+        .emulator
+        .evict_delta_tokens(MAILBOX)
+        .expect("evict tokens");
+    let newer = add_recent(&world, 2);
+    world.poll().await;
+    world.drain().await;
+    assert!(world.resyncs().await >= 1, "the poll re-read the folder");
+    pool.shutdown().await;
+    let successes = world.receiver.successes();
+    for id in old.iter().chain(&recent).chain(&newer) {
+        assert_eq!(
+            successes.get(&message_key(world.uid, id)),
+            Some(&1),
+            "{id} delivered exactly once"
+        );
+    }
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM tasks WHERE owner_uid = $1 AND kind = 'deliver'")
+            .await,
+        12,
+        "no deliver task for a purged message"
+    );
+}
+
+/// `count` messages received now, in the world's inbox.
+fn add_recent(world: &World, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            let message = NewMessage {
+                received: Some(Utc::now()),
+                ..NewMessage::default()
+            };
+            world
+                .emulator
+                .add_message(MAILBOX, "inbox", message)
+                .expect("recent mail")
+                .immutable_id
+        })
+        .collect()
+}

@@ -7,6 +7,7 @@
 //! of that stops.
 
 pub mod conditions;
+pub mod deletion;
 pub mod reconcile;
 pub mod schedule;
 pub mod status;
@@ -30,11 +31,14 @@ use uuid::Uuid;
 use crate::cursor;
 use crate::db;
 use crate::directory::{KubeDirectory, Scope};
+use crate::identity;
 use crate::ledger::{self, FailedDelivery};
 use crate::pipeline::poll::MAILBOX_CHANGED_CHANNEL;
 use crate::pipeline::{DeliverTask, actions};
 use crate::queue;
 use crate::resource::{MailboxPoll, POLL_REQUESTED_AT_ANNOTATION};
+use crate::retention::{self, RetentionSettings};
+use crate::telemetry::metrics::ReasonLabels;
 use crate::telemetry::metrics::SharedMetrics;
 use reconcile::{Context, ReconcileError, ReconcileSettings};
 
@@ -55,6 +59,8 @@ pub struct LeaderWork {
     /// Cursors and tasks younger than this are never swept: their MailboxPoll may be too new
     /// for the watch cache.
     pub sweep_min_age: Duration,
+    /// Retention periods; the leader runs the rounds.
+    pub retention: RetentionSettings,
 }
 
 impl LeaderWork {
@@ -66,6 +72,7 @@ impl LeaderWork {
             concurrency: 32,
             sweep_interval: Duration::from_secs(60),
             sweep_min_age: Duration::from_secs(120),
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -165,6 +172,12 @@ fn start_term(
         routes,
         term.clone(),
     )));
+    tasks.push(tokio::spawn(retention::run(
+        pool.clone(),
+        metrics.clone(),
+        work.retention.clone(),
+        term.clone(),
+    )));
     tasks.push(tokio::spawn(sweep_loop(
         pool.clone(),
         directory.clone(),
@@ -231,7 +244,7 @@ async fn sweep_loop(
         () = directory.polls().wait_synced() => {}
     }
     loop {
-        match sweep(&pool, &directory, &work).await {
+        match guarded_sweep(&pool, &directory, &ctx, &work).await {
             Ok(swept) => {
                 for uid in &swept {
                     ctx.forget(*uid);
@@ -281,8 +294,56 @@ pub async fn fail_abandoned_deliveries(pool: &PgPool) -> Result<u64, ReconcileEr
     Ok(ledger::fail_pending(pool, &failures).await?)
 }
 
+/// The sweep, when [`deletion::judge`] trusts the watch cache: the state of deleted
+/// MailboxPolls ([`sweep`]), then the ledgers of those whose deletion policy was `Delete`.
+/// A refused sweep deletes nothing; why is logged and counted.
+pub async fn guarded_sweep(
+    pool: &PgPool,
+    directory: &KubeDirectory,
+    ctx: &Context,
+    work: &LeaderWork,
+) -> Result<Vec<Uuid>, ReconcileError> {
+    let view = deletion::ask_api(&ctx.client, &work.scope).await;
+    let cached = directory.polls().uids().len();
+    if let Err(refusal) = deletion::judge(directory.polls().is_synced(), cached, view) {
+        tracing::warn!(reason = refusal.as_str(), %refusal, "sweep of deleted MailboxPolls refused");
+        ctx.metrics
+            .sweep_refusals
+            .get_or_create(&ReasonLabels {
+                reason: refusal.as_str().to_owned(),
+            })
+            .inc();
+        return Ok(Vec::new());
+    }
+    let swept = sweep(pool, directory, work).await?;
+    let namespaces: Option<&[String]> = match &work.scope {
+        Scope::All => None,
+        Scope::Namespaces(list) => Some(list),
+    };
+    let doomed = identity::doomed(pool, work.sweep_min_age, namespaces).await?;
+    if !doomed.is_empty() {
+        let existing = directory.polls().uids().into_iter().collect();
+        let settings = &work.retention;
+        let purged = deletion::purge(
+            pool,
+            &doomed,
+            &existing,
+            settings.batch,
+            settings.max_batches,
+        )
+        .await?;
+        ctx.metrics
+            .purged("messages", "deletion_policy", purged.messages);
+        ctx.metrics
+            .purged("polls", "deletion_policy", purged.history);
+        ctx.metrics
+            .purged("mailbox_identities", "deletion_policy", purged.identities);
+    }
+    Ok(swept)
+}
+
 /// Cancels the live tasks and deletes the cursors of MailboxPolls that no longer exist. The
-/// ledger is kept. Returns the uids swept.
+/// ledger is kept (its deletion policy decides, see [`guarded_sweep`]). Returns the uids swept.
 pub async fn sweep(
     pool: &PgPool,
     directory: &KubeDirectory,

@@ -165,6 +165,7 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
         return Ok(Action::await_change());
     };
     let config_error = check_config(poll, ctx).await?;
+    remember_deletion_policy(poll, ctx, uid).await?;
     let poll_requested = record_poll_request(poll, ctx, uid).await?;
     retry_parked_actions(poll, ctx, uid, poll_requested).await?;
     if let Some(wait) = schedule(poll, ctx, uid, config_error.as_ref()).await? {
@@ -211,6 +212,21 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
         config_error.is_some(),
         now,
     )))
+}
+
+/// Keeps the MailboxPoll's deletion policy in Postgres, where the sweep finds it once the
+/// object is gone. Its identity must exist first; without one (a source the directory cannot
+/// resolve) there is no ledger to delete yet, and the next reconcile tries again.
+async fn remember_deletion_policy(
+    poll: &MailboxPoll,
+    ctx: &Context,
+    uid: Uuid,
+) -> Result<(), ReconcileError> {
+    if ctx.directory.ledger_id_of(poll).await.is_err() {
+        return Ok(());
+    }
+    crate::identity::set_deletion_policy(&ctx.pool, uid, poll.spec.deletion_policy).await?;
+    Ok(())
 }
 
 /// The MailboxPoll's ledger identity (its status counts come from that ledger).

@@ -139,6 +139,11 @@ impl MailboxPolls {
         }
     }
 
+    /// Whether every watch has listed its objects once (without waiting).
+    pub fn is_synced(&self) -> bool {
+        self.synced.iter().all(|synced| *synced.borrow())
+    }
+
     pub fn find(&self, uid: Uuid) -> Option<Arc<MailboxPoll>> {
         let uid = uid.to_string();
         self.stores

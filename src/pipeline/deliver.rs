@@ -65,6 +65,14 @@ impl<D: Directory> Handler for DeliverHandler<D> {
         if stored.delivery_state == "delivered" {
             return Ok(());
         }
+        if stored.content_purged_at.is_some() {
+            // A failed delivery retried after its content's retention period: posting an
+            // empty message would look like a delivery; say what happened instead.
+            return Err(HandlerError::permanent(format!(
+                "message {} outlived its content retention period; its content was purged",
+                job.message_id
+            )));
+        }
         drop(conn);
         let posted = match &config.webhook {
             Some(endpoint) if stored.webhook_delivered_at.is_none() => {

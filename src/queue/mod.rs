@@ -45,8 +45,8 @@ pub use store::{
     FinishOutcome, PruneReport, RescueReport, RetryReport, TaskFilter, TaskSelection,
     cancel_matching, cancel_owner, cancel_pending, claim, complete, dead_tasks, depth, enqueue,
     enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail, finish, finish_on, get, heartbeat,
-    list, live_owners_older_than, live_task, prune, pull_forward, release, rescue, retry_dead,
-    retry_dead_matching, snooze,
+    list, live_owners_older_than, live_task, prune, prune_dead, pull_forward, release, rescue,
+    retry_dead, retry_dead_matching, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{

@@ -778,6 +778,34 @@ pub async fn prune<'e>(
     })
 }
 
+/// Deletes up to `limit` dead tasks that died more than `older_than` ago, oldest first. Dead
+/// tasks wait for people (`tasks list --state dead`, `tasks retry`) for their own period,
+/// longer than finished tasks'. Returns what was deleted.
+pub async fn prune_dead<'e>(
+    executor: impl PgExecutor<'e>,
+    older_than: Duration,
+    limit: i64,
+) -> Result<PruneReport, QueueError> {
+    let result = sqlx::query(
+        "WITH due AS MATERIALIZED (
+             SELECT id FROM tasks
+             WHERE state = 'dead' AND finished_at < now() - $1 * interval '1 microsecond'
+             ORDER BY finished_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         DELETE FROM tasks WHERE id IN (SELECT id FROM due)",
+    )
+    .bind(micros(older_than))
+    .bind(limit)
+    .execute(executor)
+    .await
+    .map_err(QueueError::db("pruning dead tasks"))?;
+    Ok(PruneReport {
+        deleted: result.rows_affected(),
+    })
+}
+
 /// Brings a dead task back: pending now, with a full set of attempts. Its last error stays
 /// until a new one replaces it.
 pub async fn retry_dead<'c, A>(conn: A, id: i64) -> Result<(), QueueError>

@@ -237,6 +237,14 @@ impl ObjectSeries {
     }
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PurgeLabels {
+    /// The table rows were deleted from or cleared in.
+    pub table: String,
+    /// What removed them: `content`, `identity`, `history`, `dead`, `deletion_policy`.
+    pub kind: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
@@ -258,6 +266,9 @@ pub struct Metrics {
     pub poll_duration: Histogram,
     pub graph_request_duration: Histogram,
     objects: ObjectSeries,
+    pub retention_purged_rows: Family<PurgeLabels, Counter>,
+    pub retention_errors: Family<PurgeLabels, Counter>,
+    pub sweep_refusals: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -383,6 +394,24 @@ impl Metrics {
         );
         let objects = ObjectSeries::default();
         objects.register(&mut registry);
+        let retention_purged_rows = Family::<PurgeLabels, Counter>::default();
+        registry.register(
+            "retention_purged_rows",
+            "Rows deleted or cleared by retention and deletion policies, by table and kind",
+            retention_purged_rows.clone(),
+        );
+        let retention_errors = Family::<PurgeLabels, Counter>::default();
+        registry.register(
+            "retention_errors",
+            "Retention rounds that failed, by table and kind",
+            retention_errors.clone(),
+        );
+        let sweep_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "sweep_refusals",
+            "Sweeps of deleted MailboxPolls refused, by reason",
+            sweep_refusals.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -403,7 +432,30 @@ impl Metrics {
             poll_duration,
             graph_request_duration,
             objects,
+            retention_purged_rows,
+            retention_errors,
+            sweep_refusals,
         }
+    }
+
+    /// Counts rows a retention round purged.
+    pub fn purged(&self, table: &str, kind: &str, rows: u64) {
+        self.retention_purged_rows
+            .get_or_create(&PurgeLabels {
+                table: table.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc_by(rows);
+    }
+
+    /// Counts a retention round that failed.
+    pub fn purge_failed(&self, table: &str, kind: &str) {
+        self.retention_errors
+            .get_or_create(&PurgeLabels {
+                table: table.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
     }
 
     pub fn reconciled(&self, elapsed: Duration, error_reason: Option<&str>) {

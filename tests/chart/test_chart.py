@@ -311,6 +311,10 @@ INVALID_VALUES = {
     "bad-anti-affinity": {"podAntiAffinity": "sometimes"},
     "bad-digest": {"image": {"digest": "latest"}},
     "crds-install-as-string": {"crds": {"install": "yes"}},
+    "negative-content-retention": {"retention": {"contentDays": -1}},
+    "identity-retention-under-a-day": {"retention": {"identityDays": 0.5}},
+    "retention-interval-as-string": {"retention": {"intervalSeconds": "5m"}},
+    "unknown-retention-value": {"retention": {"messagesDays": 3}},
 }
 
 
@@ -468,6 +472,23 @@ def test_lease_timing_reaches_the_operator_and_is_checked() -> None:
     assert container_env(container)["MAILPOLL_LEASE_DURATION_SECONDS"]["value"] == "30"
     with pytest.raises(Exception, match="retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds"):
         render({"operator": {"leaderElection": {"leaseDurationSeconds": 10, "renewDeadlineSeconds": 10}}})
+
+
+def test_retention_periods_reach_the_operator_with_documented_defaults() -> None:
+    _, container = operator_container({})
+    env = container_env(container)
+    assert env["MAILPOLL_CONTENT_RETENTION_DAYS"]["value"] == "30"
+    assert env["MAILPOLL_IDENTITY_RETENTION_DAYS"]["value"] == "180"
+    assert env["MAILPOLL_POLL_HISTORY_RETENTION_DAYS"]["value"] == "30"
+    assert env["MAILPOLL_FINISHED_TASK_RETENTION_DAYS"]["value"] == "7"
+    assert env["MAILPOLL_DEAD_TASK_RETENTION_DAYS"]["value"] == "30"
+    assert env["MAILPOLL_RETENTION_INTERVAL_SECONDS"]["value"] == "300"
+
+    _, container = operator_container({"retention": {"contentDays": 7, "identityDays": 365, "deadTaskDays": 90}})
+    env = container_env(container)
+    assert env["MAILPOLL_CONTENT_RETENTION_DAYS"]["value"] == "7"
+    assert env["MAILPOLL_IDENTITY_RETENTION_DAYS"]["value"] == "365"
+    assert env["MAILPOLL_DEAD_TASK_RETENTION_DAYS"]["value"] == "90"
 
 
 def test_the_image_follows_the_values() -> None:
