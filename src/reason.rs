@@ -31,12 +31,14 @@ pub enum Reason {
     AfterActionsFailed,
     /// The move destination of the after-delivery actions does not exist in the mailbox.
     MoveDestinationNotFound,
+    /// The operator's egress policy refuses the webhook's destination.
+    WebhookForbidden,
     /// A reason this version does not know (written by another version).
     PollFailed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
         Reason::InvalidCredentials,
@@ -52,6 +54,7 @@ impl Reason {
         Reason::ShuttingDown,
         Reason::AfterActionsFailed,
         Reason::MoveDestinationNotFound,
+        Reason::WebhookForbidden,
         Reason::PollFailed,
     ];
 
@@ -73,6 +76,7 @@ impl Reason {
             Reason::ShuttingDown => "ShuttingDown",
             Reason::AfterActionsFailed => "AfterActionsFailed",
             Reason::MoveDestinationNotFound => "MoveDestinationNotFound",
+            Reason::WebhookForbidden => "WebhookForbidden",
             Reason::PollFailed => "PollFailed",
         }
     }
@@ -94,8 +98,9 @@ impl Reason {
         )
     }
 
-    /// The failure comes from the configuration (the Secrets), which the reconciler checks
-    /// itself: a failed poll with it says nothing once that check passes.
+    /// The failure comes from the configuration (the Secrets, the webhook's destination),
+    /// which the reconciler checks itself: a failed poll with it says nothing once that check
+    /// passes.
     pub fn from_configuration(self) -> bool {
         matches!(
             self,
@@ -103,6 +108,7 @@ impl Reason {
                 | Reason::SecretKeyMissing
                 | Reason::InvalidCredentials
                 | Reason::KubernetesUnavailable
+                | Reason::WebhookForbidden
         )
     }
 
@@ -161,12 +167,15 @@ mod tests {
                 "Throttled",
                 "ResyncRequired",
                 "Transient",
-                "ShuttingDown"
+                "ShuttingDown",
+                "WebhookForbidden"
             ]
         );
         assert!(Reason::AuthenticationFailed.needs_person());
         assert!(!Reason::Throttled.needs_person());
         assert_eq!(Reason::SecretNotFound.event_reason(), "SecretNotFound");
         assert_eq!(Reason::AccessDenied.event_reason(), "PollFailed");
+        assert_eq!(Reason::WebhookForbidden.event_reason(), "WebhookForbidden");
+        assert!(Reason::WebhookForbidden.needs_person());
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use mailpoll::delivery::egress::{EgressGuard, EgressPolicy};
 use mailpoll::directory::{DirectorySettings, Scope};
 use mailpoll::graph::{Certificate, GovernorConfig};
 use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
@@ -48,6 +49,12 @@ impl World {
     /// The world's own namespace holds the Lease, as a release namespace does; it is watched
     /// only when `scope` is all namespaces.
     async fn start_in(scope: Scope) -> Self {
+        // The test receivers listen on loopback.
+        Self::start_with(scope, EgressGuard::new(EgressPolicy::allowing_loopback())).await
+    }
+
+    /// The operator with the webhook egress policy `egress`.
+    async fn start_with(scope: Scope, egress: EgressGuard) -> Self {
         mailpoll::install_crypto_provider();
         let db = TestDatabase::create().await.expect("test database");
         let kube = KubeEmulator::start()
@@ -79,6 +86,7 @@ impl World {
             KubeSource::Config(Box::new(kube.config().expect("emulator config"))),
         );
         config.scope = scope;
+        config.webhook_egress = egress;
         config.pool.max_connections = 8;
         config.workers.worker_id = WorkerId::named("operator-test");
         config.workers.poll_interval = Duration::from_millis(200);

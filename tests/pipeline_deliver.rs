@@ -121,7 +121,7 @@ fn handler(db: &TestDatabase, directory: &StaticDirectory) -> DeliverHandler<Sta
     DeliverHandler::new(
         db.pool.clone(),
         Arc::new(directory.clone()),
-        reqwest::Client::new(),
+        mailpoll_testkit::webhook_receiver::loopback_webhook_client(),
         Arc::new(Metrics::new()),
     )
 }

@@ -301,7 +301,7 @@ impl World {
             DeliverHandler::new(
                 self.db.pool.clone(),
                 directory.clone(),
-                reqwest::Client::new(),
+                mailpoll_testkit::webhook_receiver::loopback_webhook_client(),
                 metrics.clone(),
             ),
         )

@@ -66,6 +66,10 @@ pub enum ConfigError {
     Unavailable(String),
     #[error("cannot read the MailboxPoll's ledger identity: {0}")]
     Database(String),
+    /// The operator's egress policy refuses the webhook's destination (the text names the
+    /// rule and the host, never the rest of the URL).
+    #[error("{0}")]
+    WebhookForbidden(String),
 }
 
 impl ConfigError {
@@ -77,6 +81,7 @@ impl ConfigError {
             Self::InvalidCredentials { .. } => Reason::InvalidCredentials,
             Self::Unavailable(_) => Reason::KubernetesUnavailable,
             Self::Database(_) => Reason::Transient,
+            Self::WebhookForbidden(_) => Reason::WebhookForbidden,
         }
     }
 
