@@ -1,18 +1,13 @@
 //! The webhook POST against the test receiver: signature, idempotency key, verdicts, the egress
 //! policy, and receivers that misbehave.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailpoll::delivery::egress::{
-    self, EgressGuard, EgressPolicy, GuardedClient, Lookup, LookupFuture,
-};
+use mailpoll::delivery::egress::{self, EgressPolicy, GuardedClient};
 use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{self, Endpoint, SigningKey, WebhookError};
 use mailpoll_testkit::webhook_receiver::{
-    HOSTILE_BODY_FILL, Hostile, WebhookReceiver, loopback_webhook_client,
+    FixedLookup, HOSTILE_BODY_FILL, Hostile, WebhookReceiver, loopback_webhook_client,
 };
 use uuid::Uuid;
 
@@ -126,30 +121,9 @@ async fn timeouts_and_refused_connections_are_retryable() {
 
 // ---- The egress policy: what a webhook may reach ----
 
-/// Names resolved by a table instead of DNS, as a hostile DNS server could answer them.
-struct FixedLookup(HashMap<String, Vec<IpAddr>>);
-
-impl Lookup for FixedLookup {
-    fn lookup(&self, name: &str) -> LookupFuture {
-        let found = self.0.get(name).cloned();
-        let name = name.to_owned();
-        Box::pin(async move {
-            found.ok_or_else(|| std::io::Error::other(format!("{name} is not in the table")))
-        })
-    }
-}
-
 /// A webhook client with `policy` whose lookups answer from `names` (absolute names).
 fn guarded(policy: EgressPolicy, names: &[(&str, &str)]) -> GuardedClient {
-    mailpoll::install_crypto_provider();
-    let table = names
-        .iter()
-        .map(|(name, address)| {
-            let address: IpAddr = address.parse().expect("test address");
-            ((*name).to_owned(), vec![address])
-        })
-        .collect();
-    let guard = EgressGuard::with_lookup(policy, Arc::new(FixedLookup(table)));
+    let guard = FixedLookup::guard(policy, names).expect("lookup table");
     GuardedClient::new(guard, "mailpoll-test").expect("webhook client")
 }
 

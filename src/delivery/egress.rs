@@ -691,6 +691,8 @@ impl EgressGuard {
     /// no redirect and uses no proxy (through a proxy the policy would check the proxy, not
     /// the receiver).
     pub fn client(&self, user_agent: &str) -> reqwest::Result<reqwest::Client> {
+        // Building a client without a TLS provider panics.
+        crate::install_crypto_provider();
         reqwest::Client::builder()
             .dns_resolver(Arc::new(EgressResolver {
                 guard: self.clone(),

@@ -2,7 +2,7 @@
 //! signatures, and fails on demand: the witness that no message is lost or delivered twice.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use hmac::{Hmac, KeyInit, Mac};
-use mailpoll::delivery::egress::{EgressGuard, EgressPolicy, GuardedClient};
+use mailpoll::delivery::egress::{EgressGuard, EgressPolicy, GuardedClient, Lookup, LookupFuture};
 use serde_json::Value;
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,6 +42,39 @@ pub fn loopback_webhook_client() -> GuardedClient {
         "mailpoll-test",
     )
     .unwrap_or_else(|error| panic!("cannot build the webhook client: {error}"))
+}
+
+/// Name lookups answered from a table instead of DNS, as a hostile DNS server could answer
+/// them: the egress policy's resolver sees what it would see in a cluster.
+pub struct FixedLookup(HashMap<String, Vec<IpAddr>>);
+
+impl FixedLookup {
+    /// `names` are absolute names (with their trailing dot) and the address each resolves to.
+    pub fn new(names: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut table = HashMap::new();
+        for (name, address) in names {
+            let address: IpAddr = address
+                .parse()
+                .with_context(|| format!("{address} is not an IP address"))?;
+            table.insert((*name).to_owned(), vec![address]);
+        }
+        Ok(Self(table))
+    }
+
+    /// A guard with `policy` whose lookups answer from `names`.
+    pub fn guard(policy: EgressPolicy, names: &[(&str, &str)]) -> anyhow::Result<EgressGuard> {
+        Ok(EgressGuard::with_lookup(policy, Arc::new(Self::new(names)?)))
+    }
+}
+
+impl Lookup for FixedLookup {
+    fn lookup(&self, name: &str) -> LookupFuture {
+        let found = self.0.get(name).cloned();
+        let name = name.to_owned();
+        Box::pin(async move {
+            found.ok_or_else(|| std::io::Error::other(format!("{name} is not in the table")))
+        })
+    }
 }
 
 /// How the receiver answers.
