@@ -304,7 +304,11 @@ impl OperatorArgs {
     }
 
     fn egress_policy(&self) -> anyhow::Result<EgressPolicy> {
-        let cluster_domain = self.cluster_domain.trim().trim_matches('.').to_ascii_lowercase();
+        let cluster_domain = self
+            .cluster_domain
+            .trim()
+            .trim_matches('.')
+            .to_ascii_lowercase();
         if cluster_domain.is_empty() {
             anyhow::bail!("--cluster-domain must not be empty");
         }

@@ -394,12 +394,7 @@ fn start_workers(
         )
         .register(
             DELIVER,
-            DeliverHandler::new(
-                pool.clone(),
-                directory.clone(),
-                webhook,
-                metrics.clone(),
-            ),
+            DeliverHandler::new(pool.clone(), directory.clone(), webhook, metrics.clone()),
         )
         .register(
             ACTIONS,

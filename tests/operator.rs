@@ -930,8 +930,17 @@ async fn a_refused_webhook_destination_is_a_condition_and_nothing_reaches_it() {
     let receiver = WebhookReceiver::start(None)
         .await
         .expect("webhook receiver");
-    let port = receiver.url().split(':').nth(2).and_then(|rest| rest.split('/').next()).expect("port").to_owned();
-    let names = [("hooks.rebind.example.", "127.0.0.1"), ("hooks.public.example.", "203.0.113.7")];
+    let port = receiver
+        .url()
+        .split(':')
+        .nth(2)
+        .and_then(|rest| rest.split('/').next())
+        .expect("port")
+        .to_owned();
+    let names = [
+        ("hooks.rebind.example.", "127.0.0.1"),
+        ("hooks.public.example.", "203.0.113.7"),
+    ];
     let egress = FixedLookup::guard(EgressPolicy::default(), &names).expect("lookup table");
     let world = World::start_with(Scope::All, egress).await;
     world
@@ -940,7 +949,10 @@ async fn a_refused_webhook_destination_is_a_condition_and_nothing_reaches_it() {
         .expect("messages added");
     world.credentials(cluster::valid_client_secret()).await;
     let uid = world
-        .create_delivering("refused", &format!("https://hooks.rebind.example:{port}/hook?sig=s3cret"))
+        .create_delivering(
+            "refused",
+            &format!("https://hooks.rebind.example:{port}/hook?sig=s3cret"),
+        )
         .await;
     let expected = "webhook host hooks.rebind.example resolves to 127.0.0.1, a loopback address; \
                     the operator does not allow loopback destinations (--webhook-allow-loopback)";
@@ -949,7 +961,11 @@ async fn a_refused_webhook_destination_is_a_condition_and_nothing_reaches_it() {
             condition(s, "Ready") == Some(("False", "WebhookForbidden"))
         })
         .await;
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
     assert_eq!(ready.message, expected);
     let events = world.events("refused").await;
     let warning = events
@@ -957,15 +973,27 @@ async fn a_refused_webhook_destination_is_a_condition_and_nothing_reaches_it() {
         .find(|e| e.reason.as_deref() == Some("WebhookForbidden"))
         .unwrap_or_else(|| panic!("a WebhookForbidden Event: {events:?}"));
     assert_eq!(warning.type_.as_deref(), Some("Warning"));
-    assert_eq!(warning.note.as_deref(), Some(format!("WebhookForbidden: {expected}").as_str()));
-    assert_eq!(world.polls(uid).await, 0, "scheduled polls wait for a usable destination");
+    assert_eq!(
+        warning.note.as_deref(),
+        Some(format!("WebhookForbidden: {expected}").as_str())
+    );
+    assert_eq!(
+        world.polls(uid).await,
+        0,
+        "scheduled polls wait for a usable destination"
+    );
 
     // A forced poll still runs; each of its deliveries fails at its first attempt.
     world.request_poll("refused", "1").await;
     let status = world
-        .wait_status("refused", "the failed deliveries", |s| s.messages_failed == Some(2))
+        .wait_status("refused", "the failed deliveries", |s| {
+            s.messages_failed == Some(2)
+        })
         .await;
-    assert_eq!(condition(&status, "Ready"), Some(("False", "WebhookForbidden")));
+    assert_eq!(
+        condition(&status, "Ready"),
+        Some(("False", "WebhookForbidden"))
+    );
     let tasks: Vec<(String, i32, Option<String>)> = sqlx::query_as(
         "SELECT state, attempts, last_error FROM tasks WHERE kind = 'deliver' AND owner_uid = $1",
     )
@@ -973,16 +1001,24 @@ async fn a_refused_webhook_destination_is_a_condition_and_nothing_reaches_it() {
     .fetch_all(&world.db.pool)
     .await
     .expect("deliver tasks");
-    assert_eq!(tasks, vec![("dead".to_owned(), 1, Some(expected.to_owned())); 2]);
+    assert_eq!(
+        tasks,
+        vec![("dead".to_owned(), 1, Some(expected.to_owned())); 2]
+    );
     assert_eq!(receiver.connections(), 0, "nothing reached the receiver");
     let events = world.events("refused").await;
     assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("DeliveryFailed")),
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DeliveryFailed")),
         "{events:?}"
     );
     for event in events {
         let note = event.note.unwrap_or_default();
-        assert!(!note.contains("s3cret") && !note.contains("/hook"), "{note}");
+        assert!(
+            !note.contains("s3cret") && !note.contains("/hook"),
+            "{note}"
+        );
     }
 
     // A destination the policy allows clears the condition.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailpoll::cursor::Source;
+use mailpoll::delivery::egress::{EgressGuard, EgressPolicy, GuardedClient};
 use mailpoll::delivery::signing::message_key;
 use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
@@ -19,7 +20,6 @@ use mailpoll::telemetry::metrics::Metrics;
 use mailpoll_testkit::directory::StaticDirectory;
 use mailpoll_testkit::pg::TestDatabase;
 use mailpoll_testkit::wait_until;
-use mailpoll::delivery::egress::{EgressGuard, EgressPolicy, GuardedClient};
 use mailpoll_testkit::webhook_receiver::{Hostile, WebhookReceiver, loopback_webhook_client};
 use serde_json::json;
 use sqlx::PgPool;
@@ -151,7 +151,10 @@ async fn deliver_tasks(pool: &PgPool, uid: Uuid) -> Vec<(String, i32, Option<Str
 async fn settled(pool: &PgPool, uid: Uuid, within: Duration) -> Vec<(String, i32, Option<String>)> {
     wait_until("the deliveries to settle", within, || async {
         let tasks = deliver_tasks(pool, uid).await;
-        !tasks.is_empty() && tasks.iter().all(|(state, _, _)| state == "dead" || state == "succeeded")
+        !tasks.is_empty()
+            && tasks
+                .iter()
+                .all(|(state, _, _)| state == "dead" || state == "succeeded")
     })
     .await;
     deliver_tasks(pool, uid).await
@@ -607,13 +610,12 @@ async fn a_refused_destination_fails_every_delivery_at_once_without_sending() {
         "dead at the first attempt"
     );
     assert_eq!(ledger_count(&db.pool, uid, "failed").await, 3);
-    let reasons: Vec<String> = sqlx::query_scalar(
-        "SELECT delivery_error FROM messages WHERE mailbox_uid = $1",
-    )
-    .bind(uid)
-    .fetch_all(&db.pool)
-    .await
-    .expect("ledger reasons");
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT delivery_error FROM messages WHERE mailbox_uid = $1")
+            .bind(uid)
+            .fetch_all(&db.pool)
+            .await
+            .expect("ledger reasons");
     assert!(reasons.iter().all(|r| r == expected), "{reasons:?}");
     assert_eq!(receiver.connections(), 0, "nothing reached the receiver");
 }
@@ -634,7 +636,10 @@ async fn hostile_receivers_end_each_delivery_in_a_bounded_verdict() {
     // (behaviour, final task state, failed attempts, last error)
     let cases: Vec<(Hostile, &str, i32, String)> = vec![
         (
-            Hostile::Redirect { status: 302, location: "https://elsewhere.example/in?sig=s3cret".into() },
+            Hostile::Redirect {
+                status: 302,
+                location: "https://elsewhere.example/in?sig=s3cret".into(),
+            },
             "dead",
             1,
             "webhook answered HTTP 302, a redirect to elsewhere.example; redirects are not \
@@ -642,32 +647,56 @@ async fn hostile_receivers_end_each_delivery_in_a_bounded_verdict() {
                 .into(),
         ),
         (
-            Hostile::HugeBody { status: 413, bytes: 50 * 1024 * 1024 },
+            Hostile::HugeBody {
+                status: 413,
+                bytes: 50 * 1024 * 1024,
+            },
             "dead",
             1,
             format!(
                 "webhook rejected the message with HTTP 413: {}…",
-                "hostile receiver body ".repeat(10).chars().take(200).collect::<String>()
+                "hostile receiver body "
+                    .repeat(10)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
             ),
         ),
-        (Hostile::HugeBody { status: 200, bytes: 50 * 1024 * 1024 }, "succeeded", 0, String::new()),
         (
-            Hostile::TrickleHead { every: Duration::from_millis(100) },
+            Hostile::HugeBody {
+                status: 200,
+                bytes: 50 * 1024 * 1024,
+            },
+            "succeeded",
+            0,
+            String::new(),
+        ),
+        (
+            Hostile::TrickleHead {
+                every: Duration::from_millis(100),
+            },
             "dead",
             3,
             format!("{retry}timed out: operation timed out"),
         ),
         (
-            Hostile::ResetMidResponse { status: 200, after: 10 },
+            Hostile::ResetMidResponse {
+                status: 200,
+                after: 10,
+            },
             "dead",
             3,
-            format!("{retry}request failed: client error (SendRequest): connection error: Connection reset by peer (os error 104)"),
+            format!(
+                "{retry}request failed: client error (SendRequest): connection error: Connection reset by peer (os error 104)"
+            ),
         ),
         (
             Hostile::GarbageStatusLine { status: 400 },
             "dead",
             3,
-            format!("{retry}request failed: client error (SendRequest): invalid HTTP status-code parsed"),
+            format!(
+                "{retry}request failed: client error (SendRequest): invalid HTTP status-code parsed"
+            ),
         ),
     ];
     for (hostile, state, attempts, error) in cases {
@@ -688,9 +717,21 @@ async fn hostile_receivers_end_each_delivery_in_a_bounded_verdict() {
             vec![(state.to_owned(), attempts, expected_error)],
             "{hostile:?}"
         );
-        let ledger_state = if state == "succeeded" { "delivered" } else { "failed" };
-        assert_eq!(ledger_count(&db.pool, uid, ledger_state).await, 1, "{hostile:?}");
+        let ledger_state = if state == "succeeded" {
+            "delivered"
+        } else {
+            "failed"
+        };
+        assert_eq!(
+            ledger_count(&db.pool, uid, ledger_state).await,
+            1,
+            "{hostile:?}"
+        );
     }
     pool.shutdown().await;
-    assert_eq!(receiver.successes().len(), 0, "the regular receiver never answered");
+    assert_eq!(
+        receiver.successes().len(),
+        0,
+        "the regular receiver never answered"
+    );
 }

@@ -65,7 +65,8 @@ fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     }
     let segments = ip.segments();
     let low = || Ipv4Addr::from(((segments[6] as u32) << 16) | segments[7] as u32);
-    let compatible = segments[..6].iter().all(|s| *s == 0) && !ip.is_loopback() && !ip.is_unspecified();
+    let compatible =
+        segments[..6].iter().all(|s| *s == 0) && !ip.is_loopback() && !ip.is_unspecified();
     let nat64 = segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
     (compatible || nat64).then(low)
 }
@@ -185,9 +186,9 @@ impl FromStr for HostPattern {
         let bare = name.trim_start_matches("*.");
         let valid = !bare.is_empty()
             && !bare.contains('*')
-            && bare
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']'));
+            && bare.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')
+            });
         if valid { Ok(pattern) } else { Err(invalid()) }
     }
 }
@@ -338,7 +339,9 @@ impl fmt::Display for Refusal {
                 "webhook host {host} is a single-label name, which would resolve in the \
                  operator's own namespace; name a service as <service>.<namespace>.svc"
             ),
-            Self::InvalidUrl => f.write_str("webhook URL is not an absolute http(s) URL with a host"),
+            Self::InvalidUrl => {
+                f.write_str("webhook URL is not an absolute http(s) URL with a host")
+            }
         }
     }
 }
@@ -450,7 +453,11 @@ impl EgressPolicy {
     /// The rule on an address `host` leads to. `host` is a normalized name, or the address
     /// itself for an IP literal.
     pub fn check_address(&self, host: &str, address: IpAddr) -> Result<(), Refusal> {
-        if self.allowed_cidrs.iter().any(|range| range.contains(address)) {
+        if self
+            .allowed_cidrs
+            .iter()
+            .any(|range| range.contains(address))
+        {
             return Ok(());
         }
         if let Some(kind) = special(address)
@@ -499,7 +506,9 @@ impl EgressPolicy {
         }
         match cluster_name(name, &self.cluster_domain) {
             ClusterName::External => Ok(()),
-            ClusterName::InNamespace(other) if other != namespace && !self.allow_other_namespaces => {
+            ClusterName::InNamespace(other)
+                if other != namespace && !self.allow_other_namespaces =>
+            {
                 Err(Refusal::OtherNamespace {
                     host: name.clone(),
                     namespace: other.to_owned(),
@@ -811,7 +820,14 @@ mod tests {
         ] {
             assert_eq!(special(ip(address)), Some(kind), "{address}");
         }
-        for address in ["10.1.2.3", "192.168.1.1", "8.8.8.8", "fd00::1", "2001:db8::1", "fec0::1"] {
+        for address in [
+            "10.1.2.3",
+            "192.168.1.1",
+            "8.8.8.8",
+            "fd00::1",
+            "2001:db8::1",
+            "fec0::1",
+        ] {
             assert_eq!(special(ip(address)), None, "{address}");
         }
     }
@@ -822,14 +838,23 @@ mod tests {
         assert!(range.contains(ip("10.96.0.10")));
         assert!(range.contains(ip("10.111.255.255")));
         assert!(!range.contains(ip("10.112.0.0")));
-        assert!(range.contains(ip("::ffff:10.96.0.1")), "mapped forms are the same address");
+        assert!(
+            range.contains(ip("::ffff:10.96.0.1")),
+            "mapped forms are the same address"
+        );
         let one: Cidr = "169.254.169.254".parse().expect("single address");
         assert_eq!(one.to_string(), "169.254.169.254/32");
         let v6: Cidr = "fd00::/8".parse().expect("v6 range");
         assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
         let all: Cidr = "0.0.0.0/0".parse().expect("everything");
         assert!(all.contains(ip("1.2.3.4")) && !all.contains(ip("::1")));
-        for bad in ["10.0.0.0/33", "10.0.0/8", "fd00::/129", "hooks.example.com", "1.2.3.4/x"] {
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "fd00::/129",
+            "hooks.example.com",
+            "1.2.3.4/x",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }
@@ -852,7 +877,10 @@ mod tests {
     #[test]
     fn cluster_names_know_their_namespace() {
         let domain = DEFAULT_CLUSTER_DOMAIN;
-        assert_eq!(cluster_name("hooks.team-a.svc", domain), ClusterName::InNamespace("team-a"));
+        assert_eq!(
+            cluster_name("hooks.team-a.svc", domain),
+            ClusterName::InNamespace("team-a")
+        );
         assert_eq!(
             cluster_name("hooks.team-a.svc.cluster.local", domain),
             ClusterName::InNamespace("team-a")
@@ -867,7 +895,10 @@ mod tests {
         );
         assert_eq!(cluster_name("team-a.svc", domain), ClusterName::Other);
         assert_eq!(cluster_name("x.cluster.local", domain), ClusterName::Other);
-        assert_eq!(cluster_name("hooks.example.com", domain), ClusterName::External);
+        assert_eq!(
+            cluster_name("hooks.example.com", domain),
+            ClusterName::External
+        );
         assert_eq!(cluster_name("hooks.team-a", domain), ClusterName::External);
         assert_eq!(
             cluster_name("hooks.team-a.svc.corp.internal", "corp.internal"),
@@ -884,10 +915,34 @@ mod tests {
             "webhook address 127.0.0.1 is a loopback address; the operator does not allow \
              loopback destinations (--webhook-allow-loopback)"
         );
-        assert!(matches!(refused("http://2130706433/"), Refusal::Special { kind: SpecialAddress::Loopback, .. }));
-        assert!(matches!(refused("http://[::ffff:127.0.0.1]/"), Refusal::Special { kind: SpecialAddress::Loopback, .. }));
-        assert!(matches!(refused("http://[::1]:9/"), Refusal::Special { kind: SpecialAddress::Loopback, .. }));
-        assert!(matches!(refused("http://0.0.0.0/"), Refusal::Special { kind: SpecialAddress::Unspecified, .. }));
+        assert!(matches!(
+            refused("http://2130706433/"),
+            Refusal::Special {
+                kind: SpecialAddress::Loopback,
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused("http://[::ffff:127.0.0.1]/"),
+            Refusal::Special {
+                kind: SpecialAddress::Loopback,
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused("http://[::1]:9/"),
+            Refusal::Special {
+                kind: SpecialAddress::Loopback,
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused("http://0.0.0.0/"),
+            Refusal::Special {
+                kind: SpecialAddress::Unspecified,
+                ..
+            }
+        ));
         let metadata = refused("http://169.254.169.254/latest/meta-data/");
         assert_eq!(
             metadata.to_string(),
@@ -895,16 +950,39 @@ mod tests {
              services answer); the operator does not allow link-local destinations \
              (--webhook-allow-link-local)"
         );
-        assert!(matches!(refused("http://[fe80::1]/"), Refusal::Special { kind: SpecialAddress::LinkLocal, .. }));
-        assert!(policy().check_host(&host("https://203.0.113.7/hook"), "support").is_ok());
-        assert!(policy().check_host(&host("http://10.20.30.40/hook"), "support").is_ok());
+        assert!(matches!(
+            refused("http://[fe80::1]/"),
+            Refusal::Special {
+                kind: SpecialAddress::LinkLocal,
+                ..
+            }
+        ));
+        assert!(
+            policy()
+                .check_host(&host("https://203.0.113.7/hook"), "support")
+                .is_ok()
+        );
+        assert!(
+            policy()
+                .check_host(&host("http://10.20.30.40/hook"), "support")
+                .is_ok()
+        );
     }
 
     #[test]
     fn services_are_allowed_in_the_own_namespace_only() {
         let p = policy();
-        assert!(p.check_host(&host("http://hooks.support.svc:8080/x"), "support").is_ok());
-        assert!(p.check_host(&host("http://hooks.support.svc.cluster.local./x"), "support").is_ok());
+        assert!(
+            p.check_host(&host("http://hooks.support.svc:8080/x"), "support")
+                .is_ok()
+        );
+        assert!(
+            p.check_host(
+                &host("http://hooks.support.svc.cluster.local./x"),
+                "support"
+            )
+            .is_ok()
+        );
         let other = p
             .check_host(&host("http://hooks.billing.svc.cluster.local/x"), "support")
             .expect_err("another namespace");
@@ -915,7 +993,10 @@ mod tests {
              operator allows the host (--webhook-allowed-hosts)"
         );
         assert!(matches!(
-            p.check_host(&host("http://10-0-0-1.billing.pod.cluster.local/"), "support"),
+            p.check_host(
+                &host("http://10-0-0-1.billing.pod.cluster.local/"),
+                "support"
+            ),
             Err(Refusal::OtherNamespace { .. })
         ));
         assert!(matches!(
@@ -937,12 +1018,27 @@ mod tests {
             ..policy()
         };
         // Any spelling of an allowed service.
-        assert!(p.check_host(&host("http://hooks.shared.svc/"), "support").is_ok());
-        assert!(p.check_host(&host("http://a.tools.svc.cluster.local/"), "support").is_ok());
-        assert!(p.check_host(&host("http://a.other.svc/"), "support").is_err());
+        assert!(
+            p.check_host(&host("http://hooks.shared.svc/"), "support")
+                .is_ok()
+        );
+        assert!(
+            p.check_host(&host("http://a.tools.svc.cluster.local/"), "support")
+                .is_ok()
+        );
+        assert!(
+            p.check_host(&host("http://a.other.svc/"), "support")
+                .is_err()
+        );
         // The allowed range lifts loopback for its addresses only.
-        assert!(p.check_host(&host("http://127.0.0.1:9/"), "support").is_ok());
-        assert!(p.check_host(&host("http://127.0.0.2:9/"), "support").is_err());
+        assert!(
+            p.check_host(&host("http://127.0.0.1:9/"), "support")
+                .is_ok()
+        );
+        assert!(
+            p.check_host(&host("http://127.0.0.2:9/"), "support")
+                .is_err()
+        );
         // An allowed host does not vouch for special addresses it resolves to.
         assert!(matches!(
             p.check_address("hooks.shared.svc.cluster.local", ip("169.254.169.254")),
@@ -955,8 +1051,14 @@ mod tests {
             ..policy()
         };
         assert!(open.check_host(&host("http://[::1]/"), "support").is_ok());
-        assert!(open.check_host(&host("http://169.254.169.254/"), "support").is_ok());
-        assert!(open.check_host(&host("http://hooks.billing.svc/"), "support").is_ok());
+        assert!(
+            open.check_host(&host("http://169.254.169.254/"), "support")
+                .is_ok()
+        );
+        assert!(
+            open.check_host(&host("http://hooks.billing.svc/"), "support")
+                .is_ok()
+        );
     }
 
     #[test]
@@ -975,18 +1077,39 @@ mod tests {
              the operator denies to webhooks (--webhook-denied-cidrs; --webhook-allowed-hosts \
              or --webhook-allowed-cidrs make exceptions)"
         );
-        assert!(p.check_host(&host("http://10.100.0.1/"), "support").is_err());
-        assert!(p.check_address("hooks.support.svc", ip("10.96.0.1")).is_ok());
-        assert!(p.check_address("partner.example.com", ip("10.96.0.1")).is_ok());
-        assert!(p.check_address("evil.example.com", ip("10.200.0.1")).is_ok());
+        assert!(
+            p.check_host(&host("http://10.100.0.1/"), "support")
+                .is_err()
+        );
+        assert!(
+            p.check_address("hooks.support.svc", ip("10.96.0.1"))
+                .is_ok()
+        );
+        assert!(
+            p.check_address("partner.example.com", ip("10.96.0.1"))
+                .is_ok()
+        );
+        assert!(
+            p.check_address("evil.example.com", ip("10.200.0.1"))
+                .is_ok()
+        );
     }
 
     #[test]
     fn lookups_use_absolute_names() {
         let p = policy();
-        assert_eq!(p.lookup_plan("hooks.example.com"), Some("hooks.example.com.".into()));
-        assert_eq!(p.lookup_plan("Hooks.Example.COM."), Some("hooks.example.com.".into()));
-        assert_eq!(p.lookup_plan("hooks.team.svc"), Some("hooks.team.svc.cluster.local.".into()));
+        assert_eq!(
+            p.lookup_plan("hooks.example.com"),
+            Some("hooks.example.com.".into())
+        );
+        assert_eq!(
+            p.lookup_plan("Hooks.Example.COM."),
+            Some("hooks.example.com.".into())
+        );
+        assert_eq!(
+            p.lookup_plan("hooks.team.svc"),
+            Some("hooks.team.svc.cluster.local.".into())
+        );
         assert_eq!(p.lookup_plan("localhost"), None);
         assert_eq!(p.lookup_plan("app.localhost"), None);
     }
@@ -995,7 +1118,10 @@ mod tests {
     fn some_allowed_addresses_are_kept_and_none_is_a_refusal() {
         let p = policy();
         let mixed = [ip("127.0.0.1"), ip("203.0.113.7")];
-        assert_eq!(p.filter_addresses("h.example", &mixed), Ok(vec![ip("203.0.113.7")]));
+        assert_eq!(
+            p.filter_addresses("h.example", &mixed),
+            Ok(vec![ip("203.0.113.7")])
+        );
         let refused = p
             .filter_addresses("rebind.example.", &[ip("::ffff:127.0.0.1")])
             .expect_err("only loopback");
@@ -1011,7 +1137,10 @@ mod tests {
 
     #[test]
     fn displayed_hosts_never_carry_the_rest_of_the_url() {
-        assert_eq!(host_for_display("https://user:pw@hooks.example.com/p?sig=s3cret"), "hooks.example.com");
+        assert_eq!(
+            host_for_display("https://user:pw@hooks.example.com/p?sig=s3cret"),
+            "hooks.example.com"
+        );
         assert_eq!(host_for_display("not a url sig=s3cret"), "(unparsable URL)");
     }
 }

@@ -236,16 +236,17 @@ pub async fn post(
     if let Some(SigningKey(secret)) = &endpoint.signing_key {
         request = request.header(SIGNATURE_HEADER, signing::sign(secret, timestamp, &body));
     }
-    let response = request
-        .body(body)
-        .send()
-        .await
-        .map_err(|error| match egress::refusal_in(&error) {
-            Some(refusal) => WebhookError::Forbidden(refusal),
-            None => WebhookError::Retryable {
-                reason: describe_transport_error(&error),
-            },
-        })?;
+    let response =
+        request
+            .body(body)
+            .send()
+            .await
+            .map_err(|error| match egress::refusal_in(&error) {
+                Some(refusal) => WebhookError::Forbidden(refusal),
+                None => WebhookError::Retryable {
+                    reason: describe_transport_error(&error),
+                },
+            })?;
     let status = response.status();
     match classify(status) {
         // The body is never read: a receiver's answer to a success means nothing here.
@@ -304,7 +305,9 @@ async fn body_prefix(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
 fn location_host(headers: &reqwest::header::HeaderMap) -> Option<String> {
     let location = headers.get(reqwest::header::LOCATION)?.to_str().ok()?;
     match reqwest::Url::parse(location) {
-        Ok(url) => url.host_str().map(|host| storable::text(host, 253).into_owned()),
+        Ok(url) => url
+            .host_str()
+            .map(|host| storable::text(host, 253).into_owned()),
         Err(_) if location.starts_with('/') && !location.starts_with("//") => {
             Some("the same host".into())
         }

@@ -63,7 +63,10 @@ impl FixedLookup {
 
     /// A guard with `policy` whose lookups answer from `names`.
     pub fn guard(policy: EgressPolicy, names: &[(&str, &str)]) -> anyhow::Result<EgressGuard> {
-        Ok(EgressGuard::with_lookup(policy, Arc::new(Self::new(names)?)))
+        Ok(EgressGuard::with_lookup(
+            policy,
+            Arc::new(Self::new(names)?),
+        ))
     }
 }
 
@@ -412,7 +415,12 @@ async fn answer_hostile(
 
 /// The head of a `status` answer with a 1,000-byte body, and the body.
 fn answer_with_body(status: u16) -> (Vec<u8>, Vec<u8>) {
-    let body: Vec<u8> = HOSTILE_BODY_FILL.iter().copied().cycle().take(1000).collect();
+    let body: Vec<u8> = HOSTILE_BODY_FILL
+        .iter()
+        .copied()
+        .cycle()
+        .take(1000)
+        .collect();
     let head = format!(
         "HTTP/1.1 {status} Hostile\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
