@@ -187,7 +187,7 @@ impl FromStr for HostPattern {
         let valid = !bare.is_empty()
             && !bare.contains('*')
             && bare.chars().all(|c| {
-                c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']')
+                c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')
             });
         if valid { Ok(pattern) } else { Err(invalid()) }
     }
@@ -773,10 +773,6 @@ impl GuardedClient {
 
     pub fn http(&self) -> &reqwest::Client {
         &self.http
-    }
-
-    pub fn guard(&self) -> &EgressGuard {
-        &self.guard
     }
 
     /// The rules that depend on the MailboxPoll, checked before sending.
