@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailpoll::cursor::Source;
-use mailpoll::delivery::webhook::{Endpoint, SigningKey};
+use mailpoll::delivery::endpoint::Endpoint;
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
     Credentials, DeltaOptions, DeltaStart, Governor, GovernorConfig, GraphClient, GraphConfig,
@@ -43,7 +43,7 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 const MAILBOX: &str = "bench@contoso.com";
 
 /// Deliveries are signed as in production, and the receiver verifies every signature.
-const SIGNING_SECRET: &[u8] = b"bench-signing-secret";
+const SIGNING_SECRET: &str = mailpoll_testkit::webhook_receiver::TEST_SIGNING_SECRET;
 
 /// Worker concurrency of the delivery case (`MAILPOLL_BENCH_CONCURRENCY`, default 64).
 fn delivery_concurrency() -> usize {
@@ -252,11 +252,7 @@ async fn main() -> BenchResult<()> {
     };
     let deliver = Case {
         label: format!("ingest + webhook delivery (concurrency {delivery_concurrency})"),
-        webhook: Some(Endpoint {
-            url: receiver.url(),
-            timeout: Duration::from_secs(10),
-            signing_key: Some(SigningKey::new(SIGNING_SECRET.to_vec())),
-        }),
+        webhook: Some(receiver.endpoint(Some(SIGNING_SECRET)).expect("endpoint")),
         concurrency: delivery_concurrency,
         done_when: "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
     };

@@ -4,13 +4,24 @@ mod listen;
 
 pub use listen::{Heard, listen};
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 /// The schema, embedded in the binary so an operator image needs no migration files.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+///
+/// Migrations applied by a newer release that this one does not know are accepted, so a
+/// rollback (`helm rollback` to the previous image) starts instead of crash-looping. That is
+/// safe because migrations follow expand/contract: a release only adds (tables, nullable or
+/// defaulted columns, indexes); what an older release still reads is dropped only in a later
+/// release than the one that stopped reading it.
+pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+});
 
 /// A failure to reach or prepare the database.
 #[derive(Debug, thiserror::Error)]

@@ -366,7 +366,7 @@ fn graph_client(
     )?;
     {
         let metrics = metrics.clone();
-        graph.on_response(move |status| metrics.graph_response(status));
+        graph.on_response(move |status, took| metrics.graph_response(status, took));
     }
     Ok(graph)
 }
@@ -410,8 +410,8 @@ fn start_workers(
         .start()?)
 }
 
-/// Keeps the queue gauges current. Every replica reports the same numbers (they describe
-/// the shared queue); dashboards take the max.
+/// Keeps the queue gauges current on the leader, the one replica that exports them (they
+/// describe the shared queue, so a `sum` over replicas must count them once).
 async fn refresh_queue_gauges(
     pool: sqlx::PgPool,
     metrics: SharedMetrics,
@@ -419,7 +419,12 @@ async fn refresh_queue_gauges(
     stop: CancellationToken,
 ) {
     loop {
+        let leading = metrics.leader.get() == 1;
         match queue::depth(&pool).await {
+            Ok(_) if !leading => {
+                metrics.queue_tasks.clear();
+                metrics.queue_oldest_pending_seconds.clear();
+            }
             Ok(depth) => {
                 metrics.queue_tasks.clear();
                 metrics.queue_oldest_pending_seconds.clear();

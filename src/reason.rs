@@ -14,6 +14,10 @@ pub enum Reason {
     /// The credentials are there but cannot work (a certificate that does not parse or match
     /// its key, a workload identity the operator lacks or may not lend to the namespace).
     InvalidCredentials,
+    /// The operator may not read a referenced Secret (namespaced Secret access not granted).
+    SecretForbidden,
+    /// A webhook URL, header or signing secret that cannot be used (from the spec or a Secret).
+    InvalidWebhook,
     /// The MailboxPoll or its Secrets could not be read from the API server.
     KubernetesUnavailable,
     AuthenticationFailed,
@@ -38,10 +42,12 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 19] = [
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
         Reason::InvalidCredentials,
+        Reason::SecretForbidden,
+        Reason::InvalidWebhook,
         Reason::KubernetesUnavailable,
         Reason::AuthenticationFailed,
         Reason::AccessDenied,
@@ -64,6 +70,8 @@ impl Reason {
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyMissing => "SecretKeyMissing",
             Reason::InvalidCredentials => "InvalidCredentials",
+            Reason::SecretForbidden => "SecretForbidden",
+            Reason::InvalidWebhook => "InvalidWebhook",
             Reason::KubernetesUnavailable => "KubernetesUnavailable",
             Reason::AuthenticationFailed => "AuthenticationFailed",
             Reason::AccessDenied => "AccessDenied",
@@ -107,6 +115,8 @@ impl Reason {
             Reason::SecretNotFound
                 | Reason::SecretKeyMissing
                 | Reason::InvalidCredentials
+                | Reason::SecretForbidden
+                | Reason::InvalidWebhook
                 | Reason::KubernetesUnavailable
                 | Reason::WebhookForbidden
         )
@@ -163,6 +173,8 @@ mod tests {
                 "SecretNotFound",
                 "SecretKeyMissing",
                 "InvalidCredentials",
+                "SecretForbidden",
+                "InvalidWebhook",
                 "KubernetesUnavailable",
                 "Throttled",
                 "ResyncRequired",

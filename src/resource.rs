@@ -203,12 +203,20 @@ pub struct Delivery {
 /// A webhook receiving one signed POST per message.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.urlSecretRef) ? 1 : 0) == 1").message("spec.delivery.webhook needs exactly one of url and urlSecretRef (use urlSecretRef when the URL carries a credential, such as a Logic Apps sig= parameter)"))]
 pub struct Webhook {
-    /// https:// endpoint; http:// only for loopback or in-cluster service hosts (*.svc, *.svc.cluster.local).
+    /// https:// endpoint; http:// only for loopback or in-cluster service hosts (*.svc, *.svc.cluster.local). Exactly one of url and urlSecretRef. A URL that carries a credential (a sig= or code= parameter, a key) belongs in urlSecretRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^https://[^/?#@]+') || self.matches('^http://(localhost|127\\\\.[0-9]+\\\\.[0-9]+\\\\.[0-9]+|\\\\[::1\\\\]|[A-Za-z0-9.-]+\\\\.svc|[A-Za-z0-9.-]+\\\\.svc\\\\.cluster\\\\.local)(:[0-9]+)?([/?#].*)?$')").message("spec.delivery.webhook.url must be an https:// URL, or http:// only for loopback or in-cluster service hosts (*.svc, *.svc.cluster.local)"))]
     #[schemars(length(max = 2048))]
-    pub url: String,
-    /// Secret key used to sign each request body with HMAC-SHA256.
+    pub url: Option<String>,
+    /// The whole URL from a key of a Secret in this namespace (default key: url), for URLs that carry a credential. Checked by the same rules as url when a delivery runs; never logged or shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_secret_ref: Option<UrlSecretRef>,
+    /// A Secret in this namespace whose every key is an extra request header and its value the header value (for example Authorization or x-api-key). Never logged or shown. Headers mailpoll sets itself (content-type, webhook-*, idempotency-key, mailpoll-*, hop-by-hop headers) cannot be replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret_ref: Option<SecretRef>,
+    /// Standard Webhooks signing secret (whsec_ followed by base64 of 24 to 64 random bytes, as `openssl rand -base64 32` prints with whsec_ in front; the prefix is optional). Each request is signed in the webhook-signature header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_secret_ref: Option<SecretKeyRef>,
     /// Time allowed for one request, such as 10s.
@@ -217,6 +225,30 @@ pub struct Webhook {
     #[x_kube(validation = Rule::new("self == '' || !self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$') || (duration(self) >= duration('1s') && duration(self) <= duration('5m'))").message("spec.delivery.webhook.timeout must be between 1s and 5m"))]
     #[schemars(length(max = 32))]
     pub timeout: String,
+}
+
+/// The key of a Secret in the MailboxPoll's namespace that holds the webhook URL.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UrlSecretRef {
+    /// Name of the Secret.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.delivery.webhook.urlSecretRef.name must not be empty"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[serde(default = "default_url_secret_key")]
+    #[schemars(length(max = 253))]
+    pub key: String,
+}
+
+/// A whole Secret in the MailboxPoll's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("secret reference name must not be empty"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
 }
 
 /// A key in a Secret of the MailboxPoll's namespace.
@@ -304,6 +336,9 @@ fn default_private_key_key() -> String {
 }
 fn default_signing_secret_key() -> String {
     "signingSecret".into()
+}
+fn default_url_secret_key() -> String {
+    "url".into()
 }
 fn default_webhook_timeout() -> String {
     "10s".into()

@@ -1,7 +1,8 @@
 //! The webhook wire contract, as literals a receiver would hard-code.
 //!
-//! Every expected value here is written out, or recomputed with this file's own HMAC and
-//! SHA-256 from README's description, never taken from mailpoll's functions or constants.
+//! Every expected value here is written out, recomputed with this file's own SHA-256 from
+//! README's description, or checked with the Standard Webhooks reference crate as a receiver
+//! would, never taken from mailpoll's functions or constants.
 //! Receivers in the field store idempotency keys and check signatures: a changed key
 //! derivation would make them process every message again after an upgrade, a changed header
 //! or field name would break them, and the other tests, which compare mailpoll with itself,
@@ -15,10 +16,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use chrono::{TimeZone, Utc};
-use hmac::{Hmac, KeyInit, Mac};
 use mailpoll::cursor::Source;
+use mailpoll::delivery::endpoint::{Endpoint, WebhookUrl};
 use mailpoll::delivery::signing;
-use mailpoll::delivery::webhook::{self, Endpoint, SigningKey, WebhookError};
+use mailpoll::delivery::signing::SigningSecret;
+use mailpoll::delivery::webhook::{self, WebhookError};
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::Credentials;
 use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
@@ -42,12 +44,8 @@ const MESSAGE_ID: &str = "AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0AAIc1zcKcjUSk5tU4GI
 /// [`derived_key`] restates).
 const MESSAGE_KEY: &str = "4fdf26ee0ed96779f05fad6d0adeeb13fa8ab71f560ae1e1484cfec2f52233d7";
 
-const SECRET: &[u8] = b"whsec-contract";
-const TIMESTAMP: i64 = 1_764_498_000;
-const SIGNED_BODY: &str = r#"{"type":"mailpoll.message.received.v1","key":"k"}"#;
-/// `Mailpoll-Signature` of `SIGNED_BODY` sent at `TIMESTAMP` with `SECRET`, computed with
-/// Python's `hmac` module as README's receiver does.
-const SIGNATURE: &str = "v1=ee89d94bc2b54271780439e4a0a31e3d415d2069ed3e1e43289117121c126cee";
+/// The signing secret as a user stores it in the Secret: `whsec_` and base64 of 32 bytes.
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw5bXv8cV9Zw4=";
 
 /// Room for retries, so that a refusal retried by mistake would show.
 const MAX_ATTEMPTS: i32 = 3;
@@ -65,14 +63,6 @@ fn derived_key(ledger_identity: Uuid, message_id: &str) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// README's signature: `v1=` and the hex HMAC-SHA256 of `"<Mailpoll-Timestamp>.<raw body>"`.
-fn readme_signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("any key length");
-    mac.update(format!("{timestamp}.").as_bytes());
-    mac.update(body);
-    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 #[test]
 fn the_idempotency_key_of_a_known_message_never_changes() {
     assert_eq!(
@@ -83,21 +73,19 @@ fn the_idempotency_key_of_a_known_message_never_changes() {
 }
 
 #[test]
-fn the_signature_of_a_known_request_never_changes() {
+fn the_signature_of_a_known_request_is_the_standards() {
+    // The Standard Webhooks specification's own test vector.
+    let secret = SigningSecret::parse(b"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").expect("secret");
     assert_eq!(
-        signing::sign(SECRET, TIMESTAMP, SIGNED_BODY.as_bytes()),
-        SIGNATURE
+        secret
+            .sign(
+                "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+                1649367553,
+                br#"{"email":"test@example.com","username":"test_user"}"#
+            )
+            .as_deref(),
+        Some("v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=")
     );
-    assert_eq!(
-        readme_signature(SECRET, "1764498000", SIGNED_BODY.as_bytes()),
-        SIGNATURE
-    );
-    assert!(signing::verify(
-        SECRET,
-        TIMESTAMP,
-        SIGNED_BODY.as_bytes(),
-        SIGNATURE
-    ));
 }
 
 /// A receiver standing in for a customer's: keeps every request as it came and answers
@@ -164,9 +152,9 @@ fn config(url: String) -> MailboxConfig {
         },
         credentials: Credentials::client_secret("contoso", "mailpoll", "not-used-by-deliveries"),
         webhook: Some(Endpoint {
-            url,
             timeout: Duration::from_secs(5),
-            signing_key: Some(SigningKey::new(SECRET.to_vec())),
+            signing_secret: Some(SigningSecret::parse(SECRET.as_bytes()).expect("secret")),
+            ..Endpoint::new(WebhookUrl::parse(&url).expect("url"))
         }),
         include_body: true,
         mark_as_read: false,
@@ -314,30 +302,36 @@ async fn a_delivery_is_what_readme_shows() {
     let (headers, body) = &requests[0];
     assert_eq!(header(headers, "Content-Type"), "application/json");
     assert_eq!(header(headers, "Idempotency-Key"), MESSAGE_KEY);
+    assert_eq!(header(headers, "webhook-id"), MESSAGE_KEY);
     assert_eq!(header(headers, "Mailpoll-Delivery-Attempt"), "1");
-    let timestamp = header(headers, "Mailpoll-Timestamp");
+    let timestamp = header(headers, "webhook-timestamp");
     let sent_at: i64 = timestamp.parse().expect("Unix seconds");
     assert!(
         (Utc::now().timestamp() - sent_at).abs() < 300,
         "the timestamp is the sending time: {timestamp}"
     );
-    assert_eq!(
-        header(headers, "Mailpoll-Signature"),
-        readme_signature(SECRET, timestamp, body),
-        "signed over the raw body as sent"
+    assert!(
+        header(headers, "webhook-signature").starts_with("v1,"),
+        "a Standard Webhooks v1 signature"
     );
+    // What a receiver does: the reference library, the secret as stored, the raw body.
+    standardwebhooks::Webhook::new(SECRET)
+        .expect("a Standard Webhooks secret")
+        .verify(body, headers)
+        .expect("the signature verifies over the raw body as sent");
     let mut ours: Vec<&str> = headers
         .keys()
         .map(|name| name.as_str())
-        .filter(|name| name.starts_with("mailpoll-"))
+        .filter(|name| name.starts_with("mailpoll-") || name.starts_with("webhook-"))
         .collect();
     ours.sort_unstable();
     assert_eq!(
         ours,
         [
             "mailpoll-delivery-attempt",
-            "mailpoll-signature",
-            "mailpoll-timestamp"
+            "webhook-id",
+            "webhook-signature",
+            "webhook-timestamp"
         ]
     );
     let payload: Value = serde_json::from_slice(body).expect("JSON body");
@@ -406,11 +400,7 @@ fn long_answer_excerpt() -> String {
 #[tokio::test]
 async fn a_refusal_keeps_the_first_200_characters_of_the_answer() {
     let (_capture, url) = Capture::start(StatusCode::UNPROCESSABLE_ENTITY, long_answer()).await;
-    let endpoint = Endpoint {
-        url,
-        timeout: Duration::from_secs(5),
-        signing_key: None,
-    };
+    let endpoint = Endpoint::new(WebhookUrl::parse(&url).expect("url"));
     mailpoll::install_crypto_provider();
     let result = webhook::post(&reqwest::Client::new(), &endpoint, "k", 1, b"{}".to_vec()).await;
     let Err(WebhookError::Rejected { status, excerpt }) = result else {

@@ -239,6 +239,49 @@ fn invalid_specs_are_rejected_with_a_message_naming_the_field() {
 }
 
 #[test]
+fn a_webhook_takes_its_url_from_the_spec_or_a_secret_never_both() {
+    let v = validator();
+    let with_webhook = |webhook: Value| {
+        let mut spec = valid_spec();
+        spec["delivery"]["webhook"] = webhook;
+        v.validate(&object(spec), None, true)
+            .err()
+            .map(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())
+    };
+    let exactly_one = "spec.delivery.webhook needs exactly one of url and urlSecretRef";
+    assert_eq!(
+        with_webhook(json!({
+            "urlSecretRef": {"name": "logic-app"},
+            "headersSecretRef": {"name": "hook-headers"},
+            "signingSecretRef": {"name": "hook"}
+        })),
+        None
+    );
+    for (case, webhook) in [
+        (
+            "both",
+            json!({"url": "https://hooks.example.com/mail", "urlSecretRef": {"name": "logic-app"}}),
+        ),
+        ("neither", json!({"signingSecretRef": {"name": "hook"}})),
+    ] {
+        let errors = with_webhook(webhook).unwrap_or_else(|| panic!("{case}: rejected"));
+        assert!(
+            errors.iter().any(|e| e.contains(exactly_one)),
+            "{case}: {errors:?}"
+        );
+    }
+    let errors =
+        with_webhook(json!({"url": "https://h.example.com", "headersSecretRef": {"name": ""}}))
+            .expect("an empty Secret name is rejected");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("secret reference name must not be empty")),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn each_credential_kind_is_valid_alone_and_defaults_its_keys() {
     let v = validator();
     let with = |field: &str, value: Value| {

@@ -4,18 +4,22 @@
 use std::time::{Duration, Instant};
 
 use mailpoll::delivery::egress::{self, EgressPolicy, GuardedClient};
+use mailpoll::delivery::endpoint::{Endpoint, ExtraHeaders, WebhookUrl};
 use mailpoll::delivery::signing::message_key;
-use mailpoll::delivery::webhook::{self, Endpoint, SigningKey, WebhookError};
+use mailpoll::delivery::webhook::{self, WebhookError};
 use mailpoll_testkit::webhook_receiver::{
-    FixedLookup, HOSTILE_BODY_FILL, Hostile, WebhookReceiver, loopback_webhook_client,
+    FixedLookup, HOSTILE_BODY_FILL, Hostile, TEST_SIGNING_SECRET, WebhookReceiver,
+    loopback_webhook_client,
 };
 use uuid::Uuid;
 
-fn endpoint(receiver: &WebhookReceiver, secret: Option<&[u8]>) -> Endpoint {
+/// Another valid Standard Webhooks secret.
+const OTHER_SECRET: &str = "whsec_3q2+7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+fn endpoint(receiver: &WebhookReceiver, secret: Option<&str>) -> Endpoint {
     Endpoint {
-        url: receiver.url(),
         timeout: Duration::from_secs(2),
-        signing_key: secret.map(|s| SigningKey::new(s.to_vec())),
+        ..receiver.endpoint(secret).expect("endpoint")
     }
 }
 
@@ -26,11 +30,11 @@ fn client() -> reqwest::Client {
 
 #[tokio::test]
 async fn signed_delivery_is_counted_once_per_key() {
-    let receiver = WebhookReceiver::start(Some(b"hook-secret"))
+    let receiver = WebhookReceiver::start(Some(TEST_SIGNING_SECRET))
         .await
         .expect("receiver");
     let key = message_key(Uuid::new_v4(), "AAk=");
-    let endpoint = endpoint(&receiver, Some(b"hook-secret"));
+    let endpoint = endpoint(&receiver, Some(TEST_SIGNING_SECRET));
     let status = webhook::post(&client(), &endpoint, &key, 1, br#"{"n":1}"#.to_vec())
         .await
         .expect("delivered");
@@ -40,13 +44,38 @@ async fn signed_delivery_is_counted_once_per_key() {
 }
 
 #[tokio::test]
+async fn extra_headers_from_a_secret_are_sent_and_cannot_replace_the_contract() {
+    let receiver = WebhookReceiver::start(Some(TEST_SIGNING_SECRET))
+        .await
+        .expect("receiver");
+    let mut endpoint = endpoint(&receiver, Some(TEST_SIGNING_SECRET));
+    endpoint.headers = ExtraHeaders::from_secret_data([
+        ("Authorization", b"Bearer s3cr3t\n".as_slice()),
+        ("x-api-key", b"k3y".as_slice()),
+    ])
+    .expect("headers");
+    webhook::post(&client(), &endpoint, "k", 1, br#"{"n":1}"#.to_vec())
+        .await
+        .expect("delivered");
+    let headers = receiver.headers_of("k").expect("delivered once");
+    assert_eq!(headers["authorization"], "Bearer s3cr3t");
+    assert_eq!(headers["x-api-key"], "k3y");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers.get_all("webhook-id").iter().count(), 1);
+    assert!(
+        ExtraHeaders::from_secret_data([("webhook-id", b"forged".as_slice())]).is_err(),
+        "a Secret cannot forge the contract's headers"
+    );
+}
+
+#[tokio::test]
 async fn wrong_signing_key_is_refused_permanently() {
-    let receiver = WebhookReceiver::start(Some(b"hook-secret"))
+    let receiver = WebhookReceiver::start(Some(TEST_SIGNING_SECRET))
         .await
         .expect("receiver");
     let result = webhook::post(
         &client(),
-        &endpoint(&receiver, Some(b"wrong")),
+        &endpoint(&receiver, Some(OTHER_SECRET)),
         "k",
         1,
         b"{}".to_vec(),
@@ -98,14 +127,13 @@ async fn timeouts_and_refused_connections_are_retryable() {
         }
         other => panic!("expected a retryable timeout, got {other:?}"),
     }
-    let closed = Endpoint {
-        url: format!(
+    let closed = Endpoint::new(
+        WebhookUrl::parse(&format!(
             "http://127.0.0.1:{}/hook",
             mailpoll_testkit::pg::free_port().expect("port")
-        ),
-        timeout: Duration::from_secs(2),
-        signing_key: None,
-    };
+        ))
+        .expect("url"),
+    );
     let result = webhook::post(&client(), &closed, "k", 1, b"{}".to_vec()).await;
     match result {
         Err(WebhookError::Retryable { reason }) => {
@@ -129,9 +157,8 @@ fn guarded(policy: EgressPolicy, names: &[(&str, &str)]) -> GuardedClient {
 
 fn endpoint_at(url: String) -> Endpoint {
     Endpoint {
-        url,
         timeout: Duration::from_secs(2),
-        signing_key: None,
+        ..Endpoint::new(WebhookUrl::parse(&url).expect("a webhook URL the CRD accepts"))
     }
 }
 
@@ -178,23 +205,23 @@ async fn refused_destinations_are_never_connected_to() {
         ),
         // Only the resolver sees this one: the name looks external.
         (
-            format!("http://hooks.rebind.example:{port}/hook?sig=s3cret"),
+            format!("https://hooks.rebind.example:{port}/hook?sig=s3cret"),
             "webhook host hooks.rebind.example resolves to 127.0.0.1, a loopback address; the \
              operator does not allow loopback destinations (--webhook-allow-loopback)",
         ),
         (
-            format!("http://hooks.mapped.example:{port}/hook"),
+            format!("https://hooks.mapped.example:{port}/hook"),
             "webhook host hooks.mapped.example resolves to ::ffff:127.0.0.1, a loopback \
              address; the operator does not allow loopback destinations \
              (--webhook-allow-loopback)",
         ),
         (
-            format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+            format!("https://[::ffff:127.0.0.1]:{port}/hook"),
             "webhook address ::ffff:127.0.0.1 is a loopback address; the operator does not \
              allow loopback destinations (--webhook-allow-loopback)",
         ),
         (
-            "http://169.254.169.254/latest/meta-data/?sig=s3cret".to_owned(),
+            "https://169.254.169.254/latest/meta-data/?sig=s3cret".to_owned(),
             "webhook address 169.254.169.254 is a link-local address (where cloud metadata \
              services answer); the operator does not allow link-local destinations \
              (--webhook-allow-link-local)",
@@ -269,7 +296,7 @@ async fn allow_lists_and_flags_open_what_they_name() {
                 .await;
         assert_eq!(sent.expect(host).as_u16(), 204, "{host}");
     }
-    let denied = refused(&open, format!("http://evil.example:{port}/hook")).await;
+    let denied = refused(&open, format!("https://evil.example:{port}/hook")).await;
     assert!(
         denied.contains("inside 127.0.0.0/8, a range the operator denies"),
         "{denied}"

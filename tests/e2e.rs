@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use mailpoll::delivery::signing::message_key;
 use mailpoll_testkit::graph::{DEFAULT_CLIENT_SECRET, Faults};
 use mailpoll_testkit::sandbox::{
-    self, EXAMPLES_SIGNING_SECRET, EXAMPLES_WEBHOOK_BASE, Sandbox, SandboxOptions,
+    self, EXAMPLES_AUTHORIZATION, EXAMPLES_SIGNING_SECRET, EXAMPLES_URL_CREDENTIAL,
+    EXAMPLES_WEBHOOK_BASE, Sandbox, SandboxOptions,
 };
 use mailpoll_testkit::{Patience, wait_for_ok};
 use rand::RngExt;
@@ -194,6 +195,32 @@ fn credential_secrets(sandbox: &Sandbox) -> Vec<String> {
         .collect()
 }
 
+/// support-inbox's deliveries carry the Authorization header of its headers Secret, and
+/// billing-inbox's went to the URL of its URL Secret, credential included.
+fn assert_webhook_secrets_were_sent(sandbox: &Sandbox) {
+    let mut seen = BTreeMap::<String, usize>::new();
+    for (key, payload) in sandbox.receiver.payloads() {
+        let name = payload["mailboxPoll"]["name"].as_str().unwrap_or_default();
+        match name {
+            "support-inbox" => {
+                let headers = sandbox.receiver.headers_of(&key).expect("delivered");
+                assert_eq!(headers["authorization"], EXAMPLES_AUTHORIZATION, "{key}");
+            }
+            "billing-inbox" => assert_eq!(
+                sandbox.receiver.query_of(&key).as_deref(),
+                Some(EXAMPLES_URL_CREDENTIAL),
+                "{key}"
+            ),
+            _ => continue,
+        }
+        *seen.entry(name.to_owned()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2, "both kinds delivered: {seen:?}");
+}
+
+/// The secret parts of the webhook Secrets in `examples/`.
+const EXAMPLES_WEBHOOK_SECRETS: [&str; 2] = ["sandbox-token-change-me", "sandbox-sig-change-me"];
+
 /// No log line holds a secret value or an access token; the logs are not empty.
 fn assert_no_secrets_in_logs(sandbox: &Sandbox, extra: &[&str]) {
     let logs = sandbox.logs().expect("replica logs");
@@ -201,6 +228,7 @@ fn assert_no_secrets_in_logs(sandbox: &Sandbox, extra: &[&str]) {
     assert!(lines > 50, "the replicas logged only {lines} lines");
     for secret in [DEFAULT_CLIENT_SECRET, EXAMPLES_SIGNING_SECRET, TOKEN_PREFIX]
         .iter()
+        .chain(&EXAMPLES_WEBHOOK_SECRETS)
         .chain(extra)
     {
         if let Some(line) = logs.lines().find(|line| line.contains(secret)) {
@@ -354,6 +382,7 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
     )
     .await;
     status_matches_ledger(&sandbox, Duration::from_secs(60)).await;
+    assert_webhook_secrets_were_sent(&sandbox);
 
     let table = sandbox
         .kubectl(&["get", "mbp", "-n", "mail"])
@@ -397,6 +426,7 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
     ] {
         for secret in [DEFAULT_CLIENT_SECRET, EXAMPLES_SIGNING_SECRET]
             .iter()
+            .chain(&EXAMPLES_WEBHOOK_SECRETS)
             .chain(&credential_secrets)
         {
             assert!(!text.contains(secret), "{secret} in kubectl output: {text}");

@@ -42,7 +42,6 @@ use std::time::{Duration, Instant};
 use chrono::{TimeZone, Utc};
 use mailpoll::cursor::Source;
 use mailpoll::delivery::signing::message_key;
-use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{Credentials, Governor, GovernorConfig, GraphClient, GraphConfig};
 use mailpoll::pipeline::actions::ActionsHandler;
@@ -73,7 +72,7 @@ const WATCHED: &str = "inbox";
 /// Folders mail is moved out to and in from (`archive` is also the after-action's target).
 const OTHER_FOLDERS: [&str; 3] = ["archive", "junkemail", "deleteditems"];
 const AFTER_ACTION_FOLDER: &str = "archive";
-const SECRET: &[u8] = b"hunt-signing-secret";
+const SECRET: &str = mailpoll_testkit::webhook_receiver::TEST_SIGNING_SECRET;
 /// Worker concurrency: also the most webhook calls one crash can leave unrecorded.
 const CONCURRENCY: usize = 4;
 const PAGE_SIZE: u32 = 4;
@@ -319,11 +318,7 @@ impl Hunt {
                 DEFAULT_CLIENT_ID,
                 DEFAULT_CLIENT_SECRET,
             ),
-            webhook: Some(Endpoint {
-                url: self.receiver.url(),
-                timeout: Duration::from_secs(10),
-                signing_key: Some(SigningKey::new(SECRET.to_vec())),
-            }),
+            webhook: Some(self.receiver.endpoint(Some(SECRET)).expect("endpoint")),
             include_body: true,
             mark_as_read: mailbox.mark_as_read,
             move_to_folder: mailbox.move_to.map(str::to_owned),

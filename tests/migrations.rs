@@ -168,3 +168,45 @@ async fn running_tasks_must_hold_a_lease() {
         "a running task without a lease is refused by the schema"
     );
 }
+
+/// After `helm rollback`, the older binary meets migrations of the newer one: it starts (and
+/// works) instead of refusing the schema.
+#[tokio::test]
+async fn a_schema_migrated_by_a_newer_release_is_accepted() {
+    let db = TestDatabase::create_empty().await.expect("test database");
+    let pool = mailpoll::db::connect(&db.url, &mailpoll::db::PoolConfig::default())
+        .await
+        .expect("pool");
+    mailpoll::db::migrate(&pool)
+        .await
+        .expect("this release's schema");
+    // What a newer release would have applied: an added table, recorded as sqlx records it.
+    sqlx::query("CREATE TABLE from_a_newer_release (id bigint PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .expect("newer table");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000000, 'from a newer release', true, '\\x00', 1)",
+    )
+    .execute(&pool)
+    .await
+    .expect("newer migration recorded");
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailpoll"))
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .expect("run mailpoll migrate");
+    assert!(
+        output.status.success(),
+        "the older binary refused the newer schema: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // And the schema it knows still works.
+    let task = mailpoll::queue::NewTask::new("poll", serde_json::json!({}));
+    mailpoll::queue::enqueue(&pool, &task)
+        .await
+        .expect("the queue works on the newer schema");
+}

@@ -18,7 +18,7 @@ use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
 use mailpoll_testkit::kube::{KubeEmulator, RequestRecord};
 use mailpoll_testkit::pg::{TestDatabase, free_port};
-use mailpoll_testkit::webhook_receiver::{FixedLookup, WebhookReceiver};
+use mailpoll_testkit::webhook_receiver::{FixedLookup, TEST_SIGNING_SECRET, WebhookReceiver};
 use mailpoll_testkit::{try_wait_for, wait_for, wait_until};
 use serde_json::json;
 use uuid::Uuid;
@@ -27,6 +27,8 @@ const MAILBOX: &str = "support@contoso.com";
 const SECRET: &str = "graph-credentials";
 /// Upper bound of waits for things that normally take well under a second.
 const PATIENCE: Duration = Duration::from_secs(30);
+/// How long the operator reuses a Secret it read.
+const SECRET_TTL: Duration = Duration::from_millis(500);
 
 struct World {
     db: TestDatabase,
@@ -104,7 +106,7 @@ impl World {
             ..GovernorConfig::default()
         };
         config.directory = DirectorySettings {
-            secret_ttl: Duration::from_millis(500),
+            secret_ttl: SECRET_TTL,
             miss_grace: Duration::from_secs(3),
             sync_timeout: Duration::from_secs(30),
             ..DirectorySettings::default()
@@ -450,10 +452,15 @@ async fn first_poll_records_messages_and_reports_ready_with_counts() {
         .expect("metrics body");
     for family in [
         "mailpoll_leader 1",
-        "mailpoll_reconciles_total{outcome=\"Success\"}",
-        "mailpoll_polls_total{outcome=\"Success\"} 1",
+        "mailpoll_reconciles_total{outcome=\"success\"}",
+        "mailpoll_polls_total{outcome=\"success\"} 1",
         "mailpoll_messages_recorded_total 7",
         "mailpoll_graph_requests_total{status=\"200\"}",
+        "mailpoll_graph_request_duration_seconds_count",
+        "mailpoll_poll_duration_seconds_count 1",
+        "mailpoll_mailboxpoll_ready{namespace=",
+        ",name=\"support\",reason=\"Polling\"} 1",
+        "mailpoll_mailboxpoll_messages{",
     ] {
         assert!(
             metrics.contains(family),
@@ -922,6 +929,138 @@ async fn a_recreated_mailbox_poll_continues_its_ledger_and_keys() {
     world.stop().await;
 }
 
+/// A webhook whose URL, extra headers and signing secret all come from Secrets: deliveries
+/// carry them, and a value that cannot work (binary junk in a header, a Secret the operator
+/// may not read) is a condition naming the Secret and key, never showing a value.
+#[tokio::test]
+async fn webhook_credentials_come_from_secrets_and_bad_ones_are_explained() {
+    let world = World::start().await;
+    let receiver = WebhookReceiver::start(Some(TEST_SIGNING_SECRET))
+        .await
+        .expect("webhook receiver");
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 2)
+        .expect("messages added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let url = format!("{}?sig=s3cr3t-sig", receiver.url());
+    put_secret(&world, "hook-url", &[("url", &url)]).await;
+    put_secret(&world, "hook-headers", &[("Authorization", "Bearer t0k3n")]).await;
+    put_secret(
+        &world,
+        "hook-signing",
+        &[("signingSecret", TEST_SIGNING_SECRET)],
+    )
+    .await;
+    let mut poll = cluster::mailbox_poll("hooked", MAILBOX, "1h", SECRET);
+    poll.spec.delivery = Some(
+        serde_json::from_value(json!({"webhook": {
+            "urlSecretRef": {"name": "hook-url"},
+            "headersSecretRef": {"name": "hook-headers"},
+            "signingSecretRef": {"name": "hook-signing"}
+        }}))
+        .expect("delivery spec"),
+    );
+    world
+        .api()
+        .create(&PostParams::default(), &poll)
+        .await
+        .expect("MailboxPoll created");
+    world
+        .wait_status("hooked", "both messages delivered", |s| {
+            s.messages_delivered == Some(2)
+        })
+        .await;
+    let keys: Vec<String> = receiver.successes().into_keys().collect();
+    assert_eq!(keys.len(), 2);
+    for key in &keys {
+        let headers = receiver.headers_of(key).expect("delivered");
+        assert_eq!(headers["authorization"], "Bearer t0k3n");
+        assert_eq!(receiver.query_of(key).as_deref(), Some("sig=s3cr3t-sig"));
+    }
+    assert_eq!(receiver.bad_signatures(), 0, "signed with the Secret's key");
+
+    put_secret_bytes(
+        &world,
+        "hook-headers",
+        &[(
+            "Authorization",
+            b"Bearer t0k3n\x00\xff\x1b[31m\r\nX-Injected: 1",
+        )],
+    )
+    .await;
+    // Secrets are not watched: the next poll reads them again, once the cached read is stale.
+    tokio::time::sleep(SECRET_TTL).await;
+    world.request_poll("hooked", "after-junk").await;
+    let status = world
+        .wait_status("hooked", "Ready=False InvalidWebhook", |s| {
+            condition(s, "Ready") == Some(("False", "InvalidWebhook"))
+        })
+        .await;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert!(
+        ready.message.contains("hook-headers") && ready.message.contains("\"Authorization\""),
+        "the message names the Secret and key: {}",
+        ready.message
+    );
+
+    put_secret(&world, "hook-headers", &[("Authorization", "Bearer t0k3n")]).await;
+    world
+        .kube
+        .inject_failure(Some("get"), Some("secrets"), 100_000, 403);
+    tokio::time::sleep(SECRET_TTL).await;
+    world.request_poll("hooked", "after-forbidden").await;
+    let status = world
+        .wait_status("hooked", "Ready=False SecretForbidden", |s| {
+            condition(s, "Ready") == Some(("False", "SecretForbidden"))
+        })
+        .await;
+    let forbidden = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert!(
+        forbidden.message.contains("RoleBinding"),
+        "the message says what to grant: {}",
+        forbidden.message
+    );
+    world.kube.clear_faults();
+    world
+        .wait_status(
+            "hooked",
+            "Ready=True once the Secrets are readable",
+            is_ready,
+        )
+        .await;
+
+    let shown = format!(
+        "{} {:?}",
+        serde_json::to_string(&world.api().get("hooked").await.expect("MailboxPoll"))
+            .expect("JSON"),
+        world.events("hooked").await
+    );
+    for secret in ["t0k3n", "s3cr3t-sig", TEST_SIGNING_SECRET] {
+        assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+    }
+    let reasons: Vec<String> = world
+        .events("hooked")
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "InvalidWebhook")
+            && reasons.iter().any(|r| r == "SecretForbidden"),
+        "{reasons:?}"
+    );
+    world.stop().await;
+}
+
 /// A webhook whose host resolves to a loopback address: the Ready condition and an Event say
 /// which rule refuses it (never the URL's secret), scheduled polls pause, a forced poll's
 /// deliveries fail at once without reaching the receiver, and a new URL clears it.
@@ -1288,6 +1427,11 @@ async fn parked_after_actions_are_retried_once_the_spec_is_fixed() {
 /// A Secret's data, written whole (created, or replaced in place by a merge patch so the
 /// Secret never goes missing between two values).
 async fn put_secret(world: &World, name: &str, values: &[(&str, &str)]) {
+    let values: Vec<(&str, &[u8])> = values.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    put_secret_bytes(world, name, &values).await;
+}
+
+async fn put_secret_bytes(world: &World, name: &str, values: &[(&str, &[u8])]) {
     use base64::Engine as _;
     let data: serde_json::Map<String, serde_json::Value> = values
         .iter()

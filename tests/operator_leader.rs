@@ -14,7 +14,7 @@ use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
 use mailpoll_testkit::kube::{ApiError, FaultEffect, KubeEmulator, RequestRecord};
 use mailpoll_testkit::pg::{TestDatabase, free_port};
-use mailpoll_testkit::wait_for;
+use mailpoll_testkit::{wait_for, wait_until};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -263,12 +263,29 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
     cluster.polled(2).await;
     let leader_port = cluster.replicas[leader].port;
     let follower_port = cluster.replicas[follower].port;
-    assert_eq!(metric(leader_port, "mailpoll_leader").await, Some(1.0));
-    assert_eq!(metric(follower_port, "mailpoll_leader").await, Some(0.0));
+    assert_eq!(metric(leader_port, "mailpoll_leader ").await, Some(1.0));
+    assert_eq!(metric(follower_port, "mailpoll_leader ").await, Some(0.0));
     assert!(
         metric(leader_port, "mailpoll_reconciles_total").await > Some(0.0),
         "the leader reconciles"
     );
+    // What describes shared state is exported once, by the leader: a sum over replicas is right.
+    wait_until(
+        "the leader exports the queue and MailboxPoll gauges",
+        Duration::from_secs(30),
+        || async {
+            metric(leader_port, "mailpoll_queue_tasks{").await > Some(0.0)
+                && metric(leader_port, "mailpoll_mailboxpoll_ready{").await >= Some(1.0)
+        },
+    )
+    .await;
+    for family in ["mailpoll_queue_tasks{", "mailpoll_mailboxpoll_ready{"] {
+        assert_eq!(
+            metric(follower_port, family).await,
+            Some(0.0),
+            "the follower exports no {family}"
+        );
+    }
     assert_eq!(
         metric(follower_port, "mailpoll_reconciles_total").await,
         Some(0.0),
@@ -304,7 +321,7 @@ async fn only_the_leader_schedules_and_a_killed_leader_is_replaced_without_losin
     wait_for(
         "the follower to report leadership",
         Duration::from_secs(5),
-        || async { (metric(follower_port, "mailpoll_leader").await == Some(1.0)).then_some(()) },
+        || async { (metric(follower_port, "mailpoll_leader ").await == Some(1.0)).then_some(()) },
     )
     .await;
 
@@ -367,7 +384,7 @@ async fn a_leader_whose_renewals_fail_stops_writing_before_the_other_takes_over(
     wait_for(
         "the old leader to report it follows",
         Duration::from_secs(5),
-        || async { (metric(old_port, "mailpoll_leader").await == Some(0.0)).then_some(()) },
+        || async { (metric(old_port, "mailpoll_leader ").await == Some(0.0)).then_some(()) },
     )
     .await;
     let reconciles = metric(old_port, "mailpoll_reconciles_total").await;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use mailpoll::cursor::Source;
 use mailpoll::delivery::egress::{EgressGuard, EgressPolicy, GuardedClient};
+use mailpoll::delivery::endpoint::{Endpoint, WebhookUrl};
 use mailpoll::delivery::signing::message_key;
-use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::Credentials;
 use mailpoll::ledger::{self, DeliveryState, LedgerMessage};
@@ -25,7 +25,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const SECRET: &[u8] = b"hook-signing-secret";
+const SECRET: &str = mailpoll_testkit::webhook_receiver::TEST_SIGNING_SECRET;
 
 fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxConfig {
     MailboxConfig {
@@ -39,9 +39,8 @@ fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxCo
         },
         credentials: Credentials::client_secret("contoso", "mailpoll", "not-used-by-deliveries"),
         webhook: Some(Endpoint {
-            url: receiver.url(),
             timeout: Duration::from_secs(5),
-            signing_key: Some(SigningKey::new(SECRET.to_vec())),
+            ..receiver.endpoint(Some(SECRET)).expect("endpoint")
         }),
         include_body: true,
         mark_as_read: false,
@@ -588,7 +587,7 @@ async fn a_refused_destination_fails_every_delivery_at_once_without_sending() {
     let uid = Uuid::new_v4();
     let mut refused = config(uid, &receiver, 5);
     if let Some(webhook) = &mut refused.webhook {
-        webhook.url = format!("{}?sig=s3cret", receiver.url());
+        webhook.url = WebhookUrl::parse(&format!("{}?sig=s3cret", receiver.url())).expect("URL");
     }
     directory.insert(refused);
     record(&db.pool, uid, 3, 5).await;
@@ -703,9 +702,10 @@ async fn hostile_receivers_end_each_delivery_in_a_bounded_verdict() {
         let uid = Uuid::new_v4();
         let mut hostile_config = config(uid, &receiver, 3);
         if let Some(webhook) = &mut hostile_config.webhook {
-            webhook.url = format!("{}?sig=s3cret", receiver.url());
+            webhook.url =
+                WebhookUrl::parse(&format!("{}?sig=s3cret", receiver.url())).expect("URL");
             webhook.timeout = Duration::from_millis(600);
-            webhook.signing_key = None;
+            webhook.signing_secret = None;
         }
         directory.insert(hostile_config);
         receiver.set_hostile(Some(hostile.clone()));

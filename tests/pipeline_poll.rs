@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use mailpoll::cursor::Source;
+use mailpoll::delivery::endpoint::Endpoint;
 use mailpoll::delivery::signing::message_key;
-use mailpoll::delivery::webhook::{Endpoint, SigningKey};
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
     ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig, Proof,
@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const MAILBOX: &str = "orders@contoso.com";
-const SECRET: &[u8] = b"hook-signing-secret";
+const SECRET: &str = mailpoll_testkit::webhook_receiver::TEST_SIGNING_SECRET;
 
 fn big() -> bool {
     std::env::var("MAILPOLL_BIG").is_ok_and(|v| v == "1")
@@ -120,9 +120,8 @@ impl World {
                 DEFAULT_CLIENT_SECRET,
             ),
             webhook: Some(Endpoint {
-                url: self.receiver.url(),
                 timeout: Duration::from_secs(5),
-                signing_key: Some(SigningKey::new(SECRET.to_vec())),
+                ..self.receiver.endpoint(Some(SECRET)).expect("endpoint")
             }),
             include_body: true,
             mark_as_read,

@@ -86,7 +86,7 @@ pub async fn lead(
             changed = leading.wait_for(|l| *l) => if changed.is_err() { return },
         }
         tracing::info!(identity = %work.identity, "became leader: scheduling starts");
-        metrics.leader.set(1);
+        metrics.leading(true);
         let term = stop.child_token();
         let tasks = start_term(&pool, &client, &directory, &metrics, &work, term.clone());
         tokio::select! {
@@ -103,7 +103,7 @@ pub async fn lead(
         for task in tasks {
             let _ = task.await;
         }
-        metrics.leader.set(0);
+        metrics.leading(false);
         if stop.is_cancelled() {
             return;
         }
@@ -235,6 +235,7 @@ async fn sweep_loop(
             Ok(swept) => {
                 for uid in &swept {
                     ctx.forget(*uid);
+                    ctx.metrics.forget_mailbox_poll(*uid);
                 }
                 if !swept.is_empty() {
                     tracing::info!(

@@ -23,7 +23,7 @@ use crate::pipeline::ActionsTask;
 use crate::poll_log;
 use crate::queue::{self, NewTask, QueueError};
 use crate::resource::{MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION};
-use crate::telemetry::metrics::SharedMetrics;
+use crate::telemetry::metrics::{MailboxPollSample, SharedMetrics};
 
 /// Field manager of the status writes.
 pub const FIELD_MANAGER: &str = "mailpoll-controller";
@@ -191,7 +191,16 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
         config_error: config_error.as_ref(),
         remembered: remembered.as_ref(),
     };
-    let written = write_status(ctx, &view).await?;
+    let desired = status::desired_status(
+        poll.status.as_ref(),
+        poll.metadata.generation,
+        view.config_error,
+        &facts,
+        now,
+    );
+    ctx.metrics
+        .observe_mailbox_poll(uid, &metrics_sample(poll, &desired));
+    let written = write_status(ctx, &view, desired).await?;
     let seen = publish_events(ctx, &view).await;
     let written = written.or_else(|| remembered.and_then(|m| m.written));
     ctx.memory().insert(uid, Memory { seen, written });
@@ -230,7 +239,7 @@ async fn check_config(
     match ctx
         .settings
         .egress
-        .check_destination(&endpoint.url, &config.source.namespace)
+        .check_destination(endpoint.url.as_url().as_str(), &config.source.namespace)
         .await
     {
         Ok(()) => Ok(None),
@@ -317,19 +326,35 @@ struct View<'a> {
     remembered: Option<&'a Memory>,
 }
 
+/// What the metrics show of a MailboxPoll: the status it is about to have.
+fn metrics_sample(poll: &MailboxPoll, status: &MailboxPollStatus) -> MailboxPollSample {
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    MailboxPollSample {
+        namespace: poll.namespace().unwrap_or_default(),
+        name: poll.name_any(),
+        ready: ready.is_some_and(|c| c.status == "True"),
+        reason: ready.map(|c| c.reason.clone()).unwrap_or_default(),
+        suspended: poll.spec.suspend,
+        interval: poll.spec.interval().unwrap_or_default(),
+        last_success: status.last_successful_poll_time.as_ref().map(time_of),
+        last_poll: status.last_poll_time.as_ref().map(time_of),
+        delivered: status.messages_delivered.unwrap_or_default(),
+        pending: status.messages_pending.unwrap_or_default(),
+        failed: status.messages_failed.unwrap_or_default(),
+    }
+}
+
+fn time_of(time: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> chrono::DateTime<Utc> {
+    chrono::DateTime::from_timestamp_micros(time.0.as_microsecond()).unwrap_or_default()
+}
+
 /// Writes the status when it changed; returns what was written (`None`: nothing was sent).
 async fn write_status(
     ctx: &Context,
     view: &View<'_>,
+    desired: MailboxPollStatus,
 ) -> Result<Option<MailboxPollStatus>, ReconcileError> {
-    let (poll, facts) = (view.poll, view.facts);
-    let desired = status::desired_status(
-        poll.status.as_ref(),
-        poll.metadata.generation,
-        view.config_error,
-        facts,
-        Utc::now(),
-    );
+    let poll = view.poll;
     let unchanged = poll
         .status
         .as_ref()

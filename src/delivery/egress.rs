@@ -186,9 +186,9 @@ impl FromStr for HostPattern {
         let bare = name.trim_start_matches("*.");
         let valid = !bare.is_empty()
             && !bare.contains('*')
-            && bare.chars().all(|c| {
-                c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')
-            });
+            && bare
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
         if valid { Ok(pattern) } else { Err(invalid()) }
     }
 }

@@ -1,45 +1,80 @@
-//! The webhook signature scheme, shared by the sender and by receivers that verify it.
+//! Webhook signatures per the Standard Webhooks specification (<https://www.standardwebhooks.com>),
+//! so receivers verify with a maintained library in their language instead of code of their own.
 //!
-//! `Mailpoll-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>` with the Unix
-//! timestamp in `Mailpoll-Timestamp`. Signing the timestamp with the body lets a receiver
-//! reject replays of old requests.
+//! Each request carries `webhook-id` (the message's idempotency key, the same for every retry),
+//! `webhook-timestamp` (Unix seconds when this attempt was signed) and, with a signing secret,
+//! `webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`. The signing
+//! itself is the specification's reference crate.
 
-use hmac::{Hmac, KeyInit, Mac};
+use std::fmt;
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+pub use standardwebhooks::{
+    HEADER_WEBHOOK_ID as ID_HEADER, HEADER_WEBHOOK_SIGNATURE as SIGNATURE_HEADER,
+    HEADER_WEBHOOK_TIMESTAMP as TIMESTAMP_HEADER,
+};
+
+/// The idempotency key again, under the name most HTTP APIs use for it.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
-pub const TIMESTAMP_HEADER: &str = "Mailpoll-Timestamp";
-pub const SIGNATURE_HEADER: &str = "Mailpoll-Signature";
+/// 1 for the first request of a message, 2 for its first retry, and so on.
 pub const ATTEMPT_HEADER: &str = "Mailpoll-Delivery-Attempt";
 
-const VERSION_PREFIX: &str = "v1=";
+/// The prefix Standard Webhooks libraries accept (and strip) in front of the base64 secret.
+const SECRET_PREFIX: &str = "whsec_";
+/// The specification asks for secrets of 24 to 64 random bytes.
+const MIN_SECRET_BYTES: usize = 24;
+const MAX_SECRET_BYTES: usize = 64;
 
-fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
-    // HMAC takes keys of any length, so this cannot fail.
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac
+/// A signing secret read from a Secret. Its `Debug` never shows the key.
+#[derive(Clone)]
+pub struct SigningSecret(Arc<standardwebhooks::Webhook>);
+
+/// Why a Secret's value is not a usable signing secret. Never includes the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidSigningSecret {
+    #[error("the value is not text")]
+    NotText,
+    #[error(
+        "the value is not base64 (Standard Webhooks secrets are whsec_ followed by base64, for example what `openssl rand -base64 32` prints)"
+    )]
+    NotBase64,
+    #[error(
+        "the key is {0} bytes; Standard Webhooks secrets are {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} random bytes"
+    )]
+    WrongLength(usize),
 }
 
-/// The `Mailpoll-Signature` header value for a request.
-pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
-    let tag = mac(secret, timestamp, body).finalize().into_bytes();
-    format!("{VERSION_PREFIX}{}", hex::encode(tag))
+impl SigningSecret {
+    /// Parses the value as receivers' libraries do: an optional `whsec_` prefix, then base64.
+    /// Surrounding whitespace (a value written with `echo`) is ignored.
+    pub fn parse(value: &[u8]) -> Result<Self, InvalidSigningSecret> {
+        let text = std::str::from_utf8(value).map_err(|_| InvalidSigningSecret::NotText)?;
+        let encoded = text.trim();
+        let encoded = encoded.strip_prefix(SECRET_PREFIX).unwrap_or(encoded);
+        let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded)
+            .map_err(|_| InvalidSigningSecret::NotBase64)?;
+        if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
+            return Err(InvalidSigningSecret::WrongLength(key.len()));
+        }
+        let webhook = standardwebhooks::Webhook::from_bytes(key)
+            .map_err(|_| InvalidSigningSecret::NotBase64)?;
+        Ok(Self(Arc::new(webhook)))
+    }
+
+    /// The `webhook-signature` value of one request. `None` when the body is not UTF-8,
+    /// which the specification's libraries cannot sign or verify (JSON always is).
+    pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
+        self.0.sign(id, timestamp, body).ok()
+    }
 }
 
-/// Checks a `Mailpoll-Signature` header in constant time.
-pub fn verify(secret: &[u8], timestamp: i64, body: &[u8], header: &str) -> bool {
-    let Some(hex_tag) = header.trim().strip_prefix(VERSION_PREFIX) else {
-        return false;
-    };
-    let Ok(tag) = hex::decode(hex_tag) else {
-        return false;
-    };
-    mac(secret, timestamp, body).verify_slice(&tag).is_ok()
+impl fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningSecret(<redacted>)")
+    }
 }
 
 /// The idempotency key of a message: stable across retries, replays and resyncs, and safe in
@@ -56,24 +91,58 @@ pub fn message_key(mailbox_uid: Uuid, message_id: &str) -> String {
 mod tests {
     use super::*;
 
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
     #[test]
-    fn signature_round_trips_and_binds_timestamp_and_body() {
-        let header = sign(b"s3cret", 1_700_000_000, b"{\"a\":1}");
-        assert!(header.starts_with("v1="));
-        assert!(verify(b"s3cret", 1_700_000_000, b"{\"a\":1}", &header));
-        assert!(!verify(b"other", 1_700_000_000, b"{\"a\":1}", &header));
-        assert!(!verify(b"s3cret", 1_700_000_001, b"{\"a\":1}", &header));
-        assert!(!verify(b"s3cret", 1_700_000_000, b"{\"a\":2}", &header));
-        assert!(!verify(b"s3cret", 1_700_000_000, b"{\"a\":1}", "v2=00"));
-        assert!(!verify(b"s3cret", 1_700_000_000, b"{\"a\":1}", "v1=zz"));
+    fn the_specifications_test_vector() {
+        // From the Standard Webhooks specification's own test suite.
+        let secret = SigningSecret::parse(b"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD")
+            .expect("the specification's secret");
+        assert_eq!(
+            secret
+                .sign(
+                    "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+                    1649367553,
+                    br#"{"email":"test@example.com","username":"test_user"}"#
+                )
+                .as_deref(),
+            Some("v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=")
+        );
     }
 
     #[test]
-    fn known_vector() {
-        // HMAC-SHA256("key", "0.body"), computed independently with openssl.
+    fn secrets_are_read_as_receivers_libraries_read_them() {
+        let prefixed = SigningSecret::parse(SECRET.as_bytes()).expect("prefixed");
+        let bare = SigningSecret::parse(SECRET.trim_start_matches("whsec_").as_bytes())
+            .expect("bare base64");
+        let echoed = SigningSecret::parse(format!("{SECRET}\n").as_bytes()).expect("newline");
+        let signature = |secret: &SigningSecret| secret.sign("k", 1, b"{}");
+        assert_eq!(signature(&prefixed), signature(&bare));
+        assert_eq!(signature(&prefixed), signature(&echoed));
+    }
+
+    #[test]
+    fn unusable_secrets_say_why_without_the_value() {
         assert_eq!(
-            sign(b"key", 0, b"body"),
-            "v1=e0af04d5c83b24373ff89f540d0c8fd9a4e097e2b3ee8318ab5541047697626d"
+            SigningSecret::parse(b"\xff\x00junk").err(),
+            Some(InvalidSigningSecret::NotText)
+        );
+        assert_eq!(
+            SigningSecret::parse(b"hunter2 is my password").err(),
+            Some(InvalidSigningSecret::NotBase64)
+        );
+        assert_eq!(
+            SigningSecret::parse(b"whsec_c2hvcnQ=").err(),
+            Some(InvalidSigningSecret::WrongLength(5))
+        );
+        let error = SigningSecret::parse(b"hunter2 is my password")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!error.contains("hunter2"), "{error}");
+        assert_eq!(
+            format!("{:?}", SigningSecret::parse(SECRET.as_bytes())),
+            "Ok(SigningSecret(<redacted>))"
         );
     }
 

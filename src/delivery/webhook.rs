@@ -1,7 +1,6 @@
 //! The webhook POST: payload, headers, and what each response means.
 
 use std::fmt;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
@@ -10,8 +9,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::egress::{self, GuardedClient, Refusal};
+pub use super::endpoint::Endpoint;
 use super::signing::{
-    self, ATTEMPT_HEADER, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+    ATTEMPT_HEADER, ID_HEADER, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use crate::ledger::LedgerMessage;
 use crate::storable;
@@ -120,30 +120,6 @@ impl<'a> MessageView<'a> {
     }
 }
 
-/// A signing key read from a Secret. Its `Debug` never shows the bytes.
-#[derive(Clone)]
-pub struct SigningKey(Vec<u8>);
-
-impl SigningKey {
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Self(bytes)
-    }
-}
-
-impl fmt::Debug for SigningKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SigningKey(<redacted>)")
-    }
-}
-
-/// Where and how to POST.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub url: String,
-    pub timeout: Duration,
-    pub signing_key: Option<SigningKey>,
-}
-
 /// What a response (or its absence) means for the delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WebhookError {
@@ -151,6 +127,8 @@ pub enum WebhookError {
     Retryable { reason: String },
     /// Any other non-2xx: the receiver refuses this message; retrying will not help.
     Rejected { status: u16, excerpt: String },
+    /// The body is not UTF-8, which Standard Webhooks signatures cannot cover.
+    Unsignable,
     /// A 3xx: redirects are not followed (the new address would escape the egress policy
     /// and the signature's intent); the URL must name the final address.
     Redirected {
@@ -181,6 +159,9 @@ impl fmt::Display for WebhookError {
                     "webhook rejected the message with HTTP {status}: {excerpt}"
                 )
             }
+            Self::Unsignable => f.write_str(
+                "the payload is not UTF-8 text, which a Standard Webhooks signature cannot cover",
+            ),
             Self::Redirected {
                 status,
                 location_host,
@@ -226,15 +207,22 @@ pub async fn post(
     body: Vec<u8>,
 ) -> Result<StatusCode, WebhookError> {
     let timestamp = Utc::now().timestamp();
+    // Extra headers first: the schema and `ExtraHeaders` keep them off mailpoll's own names,
+    // and the ones set after them would win anyway.
     let mut request = client
-        .post(&endpoint.url)
+        .post(endpoint.url.as_url().clone())
         .timeout(endpoint.timeout)
+        .headers(endpoint.headers.map().clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(IDEMPOTENCY_KEY_HEADER, key)
+        .header(ID_HEADER, key)
         .header(TIMESTAMP_HEADER, timestamp.to_string())
+        .header(IDEMPOTENCY_KEY_HEADER, key)
         .header(ATTEMPT_HEADER, attempt.to_string());
-    if let Some(SigningKey(secret)) = &endpoint.signing_key {
-        request = request.header(SIGNATURE_HEADER, signing::sign(secret, timestamp, &body));
+    if let Some(secret) = &endpoint.signing_secret {
+        let signature = secret
+            .sign(key, timestamp, &body)
+            .ok_or(WebhookError::Unsignable)?;
+        request = request.header(SIGNATURE_HEADER, signature);
     }
     let response =
         request
@@ -280,7 +268,7 @@ pub async fn post_checked(
     body: Vec<u8>,
 ) -> Result<StatusCode, WebhookError> {
     client
-        .check(&endpoint.url, namespace)
+        .check(endpoint.url.as_url().as_str(), namespace)
         .map_err(WebhookError::Forbidden)?;
     post(client.http(), endpoint, key, attempt, body).await
 }

@@ -1,8 +1,9 @@
 //! The Kubernetes-backed [`Directory`]: MailboxPolls from a watch cache (every replica keeps
 //! one), their Secrets read on demand through a short-lived cache.
 //!
-//! Secret values only ever live in [`Credentials`] and [`SigningKey`], whose `Debug` output
-//! is redacted; errors name Secrets and keys, never values.
+//! Secret values only ever live in [`Credentials`], [`SigningSecret`], [`WebhookUrl`] and
+//! [`ExtraHeaders`], whose `Debug` output is redacted; errors name Secrets and keys, never
+//! values.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -22,7 +23,8 @@ use uuid::Uuid;
 
 use super::{ConfigError, Directory, MailboxConfig};
 use crate::cursor::Source;
-use crate::delivery::webhook::{Endpoint, SigningKey};
+use crate::delivery::endpoint::{Endpoint, ExtraHeaders, WebhookUrl};
+use crate::delivery::signing::SigningSecret;
 use crate::graph::{Certificate, Credentials, Proof};
 use crate::identity;
 use crate::resource::{CertificateCredentials, MailboxPoll, WorkloadIdentity, parse_duration};
@@ -338,8 +340,14 @@ impl KubeDirectory {
             return Ok(data.clone());
         }
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let secret = api.get_opt(name).await.map_err(|error| {
-            ConfigError::Unavailable(format!("reading Secret {namespace}/{name}: {error}"))
+        let secret = api.get_opt(name).await.map_err(|error| match error {
+            kube::Error::Api(status) if status.code == 403 => ConfigError::SecretForbidden {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            },
+            error => {
+                ConfigError::Unavailable(format!("reading Secret {namespace}/{name}: {error}"))
+            }
         })?;
         let data = Arc::new(secret.map(|s| s.data.unwrap_or_default()));
         self.secrets
@@ -539,7 +547,8 @@ impl KubeDirectory {
         Ok(parsed)
     }
 
-    /// The webhook endpoint, its signing key read from its Secret.
+    /// The webhook endpoint: its URL, extra headers and signing secret, the ones that come
+    /// from Secrets read and checked here so a bad value is a condition, not a failed POST.
     async fn webhook(
         &self,
         namespace: &str,
@@ -548,18 +557,85 @@ impl KubeDirectory {
         let Some(hook) = hook else {
             return Ok(None);
         };
-        let signing_key = match &hook.signing_secret_ref {
+        let url = match (&hook.url, &hook.url_secret_ref) {
+            (Some(url), _) => {
+                WebhookUrl::parse(url).map_err(|error| ConfigError::InvalidWebhook {
+                    field: "spec.delivery.webhook.url".into(),
+                    detail: error.to_string(),
+                })?
+            }
+            (None, Some(reference)) => {
+                let value = self
+                    .secret_value(namespace, &reference.name, &reference.key)
+                    .await?;
+                WebhookUrl::from_secret_value(&value).map_err(|error| {
+                    invalid_secret_value(namespace, &reference.name, &reference.key, error)
+                })?
+            }
+            (None, None) => {
+                return Err(ConfigError::InvalidWebhook {
+                    field: "spec.delivery.webhook".into(),
+                    detail: "needs url or urlSecretRef".into(),
+                });
+            }
+        };
+        let headers = match &hook.headers_secret_ref {
+            None => ExtraHeaders::default(),
+            Some(reference) => self.extra_headers(namespace, &reference.name).await?,
+        };
+        let signing_secret = match &hook.signing_secret_ref {
             None => None,
-            Some(reference) => Some(SigningKey::new(
-                self.secret_value(namespace, &reference.name, &reference.key)
-                    .await?,
-            )),
+            Some(reference) => {
+                let value = self
+                    .secret_value(namespace, &reference.name, &reference.key)
+                    .await?;
+                Some(SigningSecret::parse(&value).map_err(|error| {
+                    invalid_secret_value(namespace, &reference.name, &reference.key, error)
+                })?)
+            }
         };
         Ok(Some(Endpoint {
-            url: hook.url.clone(),
-            timeout: parse_duration(&hook.timeout).unwrap_or(Duration::from_secs(10)),
-            signing_key,
+            url,
+            timeout: parse_duration(&hook.timeout).unwrap_or(Endpoint::DEFAULT_TIMEOUT),
+            signing_secret,
+            headers,
         }))
+    }
+
+    /// Every key of a Secret as a request header.
+    async fn extra_headers(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<ExtraHeaders, ConfigError> {
+        let data = self.secret(namespace, name).await?;
+        let Some(data) = data.as_ref() else {
+            return Err(ConfigError::SecretNotFound {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            });
+        };
+        ExtraHeaders::from_secret_data(
+            data.iter()
+                .map(|(key, value)| (key.as_str(), value.0.as_slice())),
+        )
+        .map_err(|error| ConfigError::InvalidWebhook {
+            field: format!("Secret {namespace}/{name}"),
+            detail: error.to_string(),
+        })
+    }
+}
+
+/// A Secret value the webhook cannot use; the error says why, never what the value is.
+fn invalid_secret_value(
+    namespace: &str,
+    name: &str,
+    key: &str,
+    error: impl std::fmt::Display,
+) -> ConfigError {
+    ConfigError::InvalidWebhook {
+        field: format!("Secret {namespace}/{name} key {key:?}"),
+        detail: error.to_string(),
     }
 }
 

@@ -11,7 +11,7 @@ use std::future::Future;
 use uuid::Uuid;
 
 use crate::cursor::Source;
-use crate::delivery::webhook::Endpoint;
+use crate::delivery::endpoint::Endpoint;
 use crate::graph::Credentials;
 use crate::reason::Reason;
 
@@ -62,6 +62,15 @@ pub enum ConfigError {
     /// not match its key, a workload identity the operator does not have or may not lend.
     #[error("{field}: {detail}")]
     InvalidCredentials { field: String, detail: String },
+    /// The operator may not read Secrets in the namespace: with the chart's namespaced Secret
+    /// access, the namespace's owners have not bound the reader role yet.
+    #[error(
+        "the operator may not read Secret {namespace}/{name}: grant it with a RoleBinding of the operator's Secret reader ClusterRole in namespace {namespace} (see README, \"Secrets per namespace\")"
+    )]
+    SecretForbidden { namespace: String, name: String },
+    /// A webhook URL, header or signing secret that cannot be used as it is.
+    #[error("{field}: {detail}")]
+    InvalidWebhook { field: String, detail: String },
     #[error("cannot read the MailboxPoll or its Secrets: {0}")]
     Unavailable(String),
     #[error("cannot read the MailboxPoll's ledger identity: {0}")]
@@ -79,6 +88,8 @@ impl ConfigError {
             Self::SecretNotFound { .. } => Reason::SecretNotFound,
             Self::SecretKeyMissing { .. } => Reason::SecretKeyMissing,
             Self::InvalidCredentials { .. } => Reason::InvalidCredentials,
+            Self::SecretForbidden { .. } => Reason::SecretForbidden,
+            Self::InvalidWebhook { .. } => Reason::InvalidWebhook,
             Self::Unavailable(_) => Reason::KubernetesUnavailable,
             Self::Database(_) => Reason::Transient,
             Self::WebhookForbidden(_) => Reason::WebhookForbidden,

@@ -109,7 +109,7 @@ struct Inner {
 }
 
 /// Told of every Graph response status (`None` when no response arrived), for metrics.
-type ResponseHook = Arc<dyn Fn(Option<u16>) + Send + Sync>;
+type ResponseHook = Arc<dyn Fn(Option<u16>, Duration) + Send + Sync>;
 
 /// The process's Graph client; cheap to clone.
 #[derive(Clone)]
@@ -166,9 +166,9 @@ impl GraphClient {
         &self.inner.config
     }
 
-    /// Sets the function told of every response status (`None`: no response arrived). It runs
-    /// on the request's task: keep it quick.
-    pub fn on_response(&self, hook: impl Fn(Option<u16>) + Send + Sync + 'static) {
+    /// Sets the function told of every response status (`None`: no response arrived) and how
+    /// long the request took. It runs on the request's task: keep it quick.
+    pub fn on_response(&self, hook: impl Fn(Option<u16>, Duration) + Send + Sync + 'static) {
         *self
             .inner
             .response_hook
@@ -176,7 +176,7 @@ impl GraphClient {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(hook));
     }
 
-    fn report_response(&self, status: Option<u16>) {
+    fn report_response(&self, status: Option<u16>, took: Duration) {
         let hook = self
             .inner
             .response_hook
@@ -184,7 +184,7 @@ impl GraphClient {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         if let Some(hook) = hook {
-            hook(status);
+            hook(status, took);
         }
     }
 
@@ -403,6 +403,7 @@ impl MailboxClient {
             request = request.json(body);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = std::time::Instant::now();
         let outcome = match request.send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -420,8 +421,10 @@ impl MailboxClient {
             Err(error) => Err(describe(error)),
         };
         drop(permit);
-        self.client
-            .report_response(outcome.as_ref().ok().map(|answer| answer.status));
+        self.client.report_response(
+            outcome.as_ref().ok().map(|answer| answer.status),
+            sent.elapsed(),
+        );
         Ok(outcome)
     }
 

@@ -33,6 +33,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "three-replicas": {"replicaCount": 3},
     "database-url": {"database": {"existingSecret": "pg-url", "urlKey": "url", "sslmode": "verify-full"}},
     "national-cloud": {"cloud": {"name": "usGov"}},
+    "alerts-and-dashboard": {"prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
+    "secrets-per-namespace": {"rbac": {"secretAccess": "perNamespace", "secretNamespaces": ["team-a"]}},
+    "network-policy": {
+        "networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}, "database": {"cidrs": ["10.1.0.0/16"]}}
+    },
     "workload-identity-webhook": {"workloadIdentity": {"enabled": True, "clientId": "app-id", "tenantId": "tenant-id"}},
     "workload-identity-projected": {
         "workloadIdentity": {"enabled": True, "useWebhook": False, "clientId": "app-id", "tenantId": "tenant-id"}
@@ -112,6 +117,9 @@ API_VERSIONS = {
     "Deployment": "apps/v1",
     "StatefulSet": "apps/v1",
     "PodDisruptionBudget": "policy/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ConfigMap": "v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
 }
 
@@ -464,6 +472,38 @@ def test_the_webhook_egress_policy_reaches_the_operator() -> None:
     assert env["MAILPOLL_WEBHOOK_ALLOWED_CIDRS"]["value"] == "10.0.5.0/24,fd00:5::/64"
     assert env["MAILPOLL_WEBHOOK_DENIED_CIDRS"]["value"] == "10.244.0.0/16,10.96.0.0/12"
     assert env["MAILPOLL_CLUSTER_DOMAIN"]["value"] == "corp.internal"
+
+
+def test_the_pool_follows_the_worker_concurrency_unless_set() -> None:
+    _, container = operator_container({"operator": {"workerConcurrency": 32}})
+    # Unset, the binary sizes the pool at workerConcurrency + 4: raising one raises the other.
+    assert "MAILPOLL_DB_MAX_CONNECTIONS" not in container_env(container)
+    _, container = operator_container({"database": {"maxConnections": 40}})
+    assert container_env(container)["MAILPOLL_DB_MAX_CONNECTIONS"]["value"] == "40"
+
+
+def test_extra_volumes_reach_the_pod() -> None:
+    volume = {"name": "db-ca", "secret": {"secretName": "db-ca"}}
+    mount = {"name": "db-ca", "mountPath": "/etc/mailpoll/db-ca", "readOnly": True}
+    deployment, container = operator_container({"extraVolumes": [volume], "extraVolumeMounts": [mount]})
+    assert volume in pod_spec(deployment)["volumes"]
+    assert mount in container["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], "the scratch space stays"
+
+
+def test_lease_timing_reaches_the_operator_and_is_checked() -> None:
+    _, container = operator_container()
+    env = container_env(container)
+    assert (
+        env["MAILPOLL_LEASE_DURATION_SECONDS"]["value"],
+        env["MAILPOLL_LEASE_RENEW_DEADLINE_SECONDS"]["value"],
+        env["MAILPOLL_LEASE_RETRY_PERIOD_SECONDS"]["value"],
+    ) == ("15", "10", "2")
+    timing = {"leaseDurationSeconds": 30, "renewDeadlineSeconds": 20, "retryPeriodSeconds": 4}
+    _, container = operator_container({"operator": {"leaderElection": timing}})
+    assert container_env(container)["MAILPOLL_LEASE_DURATION_SECONDS"]["value"] == "30"
+    with pytest.raises(Exception, match="retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds"):
+        render({"operator": {"leaderElection": {"leaseDurationSeconds": 10, "renewDeadlineSeconds": 10}}})
 
 
 def test_the_image_follows_the_values() -> None:

@@ -13,26 +13,47 @@ import yaml
 from chartkit import CHART_DIR, REPO_ROOT
 
 
-def stages() -> list[list[tuple[str, str]]]:
-    """The Dockerfile's instructions, grouped by stage, continuation lines joined."""
+def instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions, continuation lines joined."""
     text = (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
-    result: list[list[tuple[str, str]]] = []
+    result = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         instruction, _, argument = line.partition(" ")
-        instruction = instruction.upper()
+        result.append((instruction.upper(), " ".join(argument.split())))
+    return result
+
+
+def global_args() -> dict[str, str]:
+    """The ARGs before the first FROM (the base image choices) with their defaults."""
+    args = {}
+    for instruction, argument in instructions():
         if instruction == "FROM":
+            break
+        name, _, default = argument.partition("=")
+        args[name] = default
+    return args
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    """The instructions grouped by stage, base image ARGs substituted in FROM."""
+    base = global_args()
+    result: list[list[tuple[str, str]]] = []
+    for instruction, argument in instructions():
+        if instruction == "FROM":
+            for name, value in base.items():
+                argument = argument.replace("${" + name + "}", value)
             result.append([])
-        assert result, f"instruction before the first FROM: {line}"
-        result[-1].append((instruction, " ".join(argument.split())))
+        if result:
+            result[-1].append((instruction, argument))
     return result
 
 
 def test_the_builder_compiles_a_locked_release_build() -> None:
     builder, _ = stages()
-    assert builder[0] == ("FROM", "rust:1.95-bookworm AS builder")
+    assert builder[0] == ("FROM", "rust:1.95.0-bookworm AS builder"), "an exact toolchain release"
     runs = [argument for instruction, argument in builder if instruction == "RUN"]
     assert any("cargo build --release --locked" in run for run in runs), runs
 
@@ -40,8 +61,8 @@ def test_the_builder_compiles_a_locked_release_build() -> None:
 def test_the_runtime_image_holds_only_the_binary_and_runs_as_non_root() -> None:
     _, runtime = stages()
     assert runtime[0] == ("FROM", "gcr.io/distroless/cc-debian12:nonroot")
-    instructions = [instruction for instruction, _ in runtime]
-    assert "RUN" not in instructions, "the runtime stage must not run anything (no shell there)"
+    kinds = [instruction for instruction, _ in runtime]
+    assert "RUN" not in kinds, "the runtime stage must not run anything (no shell there)"
     copies = [argument for instruction, argument in runtime if instruction in ("COPY", "ADD")]
     assert copies == ["--from=builder /out/mailpoll /usr/local/bin/mailpoll"]
     user = dict(runtime)["USER"]
@@ -58,3 +79,11 @@ def test_the_build_context_leaves_out_build_output() -> None:
     assert "target/" in ignored and ".git/" in ignored
     for needed in ("src", "migrations", "Cargo.toml", "Cargo.lock", "tests"):
         assert not any(pattern.rstrip("/") == needed for pattern in ignored), f"{needed} is needed to build"
+
+
+def test_the_image_carries_oci_labels() -> None:
+    _, runtime = stages()
+    labels = " ".join(argument for instruction, argument in runtime if instruction == "LABEL")
+    for key in ("title", "source", "licenses", "version", "revision"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in labels

@@ -261,3 +261,55 @@ def test_unknown_keys_and_unresolved_placeholders_in_a_calls_file_are_errors(tmp
         load_calls(calls_file)
     with pytest.raises(KeyError, match="watch_scope"):
         load_calls(DECLARED_CALLS, {})
+
+
+# --- Secrets per namespace ---------------------------------------------------------------------------
+
+
+def documented_secret_binding(namespace: str) -> dict:
+    """The RoleBinding README tells a namespace's owners to create."""
+    return {
+        "kind": "RoleBinding",
+        "metadata": {"name": "mailpoll-secret-reader", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{RELEASE}-mailpoll-secret-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT[1], "namespace": SERVICE_ACCOUNT[0]}],
+    }
+
+
+def secret_reads(namespace: str) -> ApiCall:
+    return ApiCall("get", "", "secrets", namespace=namespace, name="graph-credentials")
+
+
+@pytest.mark.parametrize("watch_namespaces", [[], ["team-a", "team-b"]])
+def test_per_namespace_secret_access_grants_secrets_only_where_bound(watch_namespaces: list[str]) -> None:
+    rendered = render({"watchNamespaces": watch_namespaces, "rbac": {"secretAccess": "perNamespace"}})
+    reader = rendered.one("ClusterRole", f"{RELEASE}-mailpoll-secret-reader")
+    assert reader["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    for role in rendered.of_kind("ClusterRole") + rendered.of_kind("Role"):
+        if role is reader:
+            continue
+        granted = {resource for rule in role["rules"] for resource in rule["resources"]}
+        assert "secrets" not in granted, f"{role['metadata']['name']} still grants Secrets"
+    # Everything but Secrets is granted as before.
+    others = [c for c in declared_calls(watch_namespaces) if c.resource != "secrets"]
+    assert [p for p in check_rbac(others, rendered.objects, SERVICE_ACCOUNT) if p.startswith("not granted")] == []
+    # No Secret anywhere until a namespace's owners bind the reader, then only there.
+    assert check_rbac([secret_reads("team-a")], rendered.objects, SERVICE_ACCOUNT)[0].startswith("not granted")
+    bound = rendered.objects + [documented_secret_binding("team-a")]
+    assert not [p for p in check_rbac([secret_reads("team-a")], bound, SERVICE_ACCOUNT) if p.startswith("not granted")]
+    assert check_rbac([secret_reads("team-b")], bound, SERVICE_ACCOUNT)[0].startswith("not granted")
+
+
+def test_the_chart_can_bind_the_secret_reader_in_listed_namespaces() -> None:
+    rendered = render({"rbac": {"secretAccess": "perNamespace", "secretNamespaces": ["team-a"]}})
+    bindings = [b for b in rendered.of_kind("RoleBinding") if b["roleRef"]["name"].endswith("secret-reader")]
+    assert [(b["metadata"]["namespace"], b["roleRef"]["kind"]) for b in bindings] == [("team-a", "ClusterRole")]
+    problems = check_rbac([secret_reads("team-a"), secret_reads("team-b")], rendered.objects, SERVICE_ACCOUNT)
+    assert [p for p in problems if p.startswith("not granted")] == [f"not granted: {secret_reads('team-b').describe()}"]
+
+
+def test_the_documented_binding_matches_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "kubectl create rolebinding mailpoll-secret-reader" in readme
+    assert "--clusterrole=<release>-mailpoll-secret-reader" in readme
+    assert "secretAccess: perNamespace" in readme

@@ -86,6 +86,10 @@ The Secret holding the Postgres connection: the user's, or the bundled Postgres'
 {{- end }}
 {{- end }}
 
+{{- define "mailpoll.secretReaderName" -}}
+{{- printf "%s-secret-reader" (include "mailpoll.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{/*
 Rules the operator needs wherever it handles MailboxPolls. Keep them equal to what the operator
 calls: tests/chart checks the rendered rules against the recorded calls, both ways.
@@ -99,9 +103,11 @@ core/v1 Events are not used.
 - apiGroups: ["mailpoll.dev"]
   resources: ["mailboxpolls/status"]
   verbs: ["patch"]
+{{- if eq .Values.rbac.secretAccess "cluster" }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- end }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -176,7 +176,12 @@ impl<D: Directory> PollHandler<D> {
                 lease,
                 poll_id,
             };
-            match self.round(&input, &cursor).await {
+            let round_started = std::time::Instant::now();
+            let outcome = self.round(&input, &cursor).await;
+            self.metrics
+                .poll_duration
+                .observe(round_started.elapsed().as_secs_f64());
+            match outcome {
                 Ok(_) => {
                     finish_poll(&self.pool, poll_id, None)
                         .await

@@ -36,7 +36,11 @@ pub const EXAMPLES_WEBHOOK_BASE: &str = "http://127.0.0.1:18080";
 
 /// The signing key of the `webhook-signing` Secret in `examples/`: the receiver checks every
 /// request's signature with it.
-pub const EXAMPLES_SIGNING_SECRET: &str = "sandbox-signing-key-change-me";
+pub const EXAMPLES_SIGNING_SECRET: &str = "whsec_c2FuZGJveC1zaWduaW5nLWtleS1jaGFuZ2UtbWUhIQ==";
+/// The Authorization header support-inbox sends, from the `support-webhook-headers` Secret.
+pub const EXAMPLES_AUTHORIZATION: &str = "Bearer sandbox-token-change-me";
+/// The credential in billing-inbox's webhook URL, from the `billing-webhook` Secret.
+pub const EXAMPLES_URL_CREDENTIAL: &str = "sig=sandbox-sig-change-me";
 
 /// Namespace of the leader-election Lease, as a Helm install would have it.
 pub const OPERATOR_NAMESPACE: &str = "mailpoll-system";
@@ -214,11 +218,9 @@ impl Sandbox {
             ..EmulatorConfig::default()
         })
         .await?;
-        let receiver = WebhookReceiver::start_on(
-            options.webhook_listen,
-            Some(EXAMPLES_SIGNING_SECRET.as_bytes()),
-        )
-        .await?;
+        let receiver =
+            WebhookReceiver::start_on(options.webhook_listen, Some(EXAMPLES_SIGNING_SECRET))
+                .await?;
         let arrived = options.mailboxes.iter().map(|m| (m.clone(), 0)).collect();
         let federated =
             FederatedIdentity::start(&graph, dir.path(), options.federated_token_rotation)?;

@@ -1,5 +1,6 @@
 //! A webhook receiver that counts successful deliveries per idempotency key, verifies
-//! signatures, and fails on demand: the witness that no message is lost or delivered twice.
+//! Standard Webhooks signatures with the specification's reference crate, and fails on
+//! demand: the witness that no message is lost or delivered twice.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -9,23 +10,25 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use hmac::{Hmac, KeyInit, Mac};
 use mailpoll::delivery::egress::{EgressGuard, EgressPolicy, GuardedClient, Lookup, LookupFuture};
+use mailpoll::delivery::endpoint::{Endpoint, WebhookUrl};
+use mailpoll::delivery::signing::SigningSecret;
 use serde_json::Value;
-use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 // The contract as README states it, written out: this receiver witnesses what mailpoll sends,
 // so it takes nothing from mailpoll's own signing code, or a change there would go unseen.
+// Signatures are checked by `standardwebhooks`, as a receiver in Rust would check them.
 const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
-const TIMESTAMP_HEADER: &str = "Mailpoll-Timestamp";
-const SIGNATURE_HEADER: &str = "Mailpoll-Signature";
-const SIGNATURE_PREFIX: &str = "v1=";
+const WEBHOOK_ID_HEADER: &str = "webhook-id";
+
+/// A Standard Webhooks signing secret for tests (32 random bytes), as a Secret holds it.
+pub const TEST_SIGNING_SECRET: &str = "whsec_nCmA4jGJgpMJobbmyIx9Qp/gJ3I58QXwccLNzcBbq9o=";
 
 /// The body of a "garbage" rejection: NUL bytes, control characters, a terminal escape
 /// sequence and bytes that are not UTF-8, though labelled UTF-8 text. A client that stores
@@ -136,6 +139,8 @@ struct Ledger {
     /// Raw bodies, parsed only when a test asks: keeping a parsed tree per delivery made
     /// the receiver a noticeable cost in delivery benchmarks.
     payloads: HashMap<String, Bytes>,
+    /// Request headers and query of the last successful delivery of each key.
+    headers: HashMap<String, (HeaderMap, Option<String>)>,
     failed_attempts: u64,
     bad_signatures: u64,
     requests: u64,
@@ -146,7 +151,7 @@ struct Ledger {
 }
 
 struct Shared {
-    signing_secret: Option<Vec<u8>>,
+    verifier: Option<standardwebhooks::Webhook>,
     faults: Mutex<Faults>,
     ledger: Mutex<Ledger>,
 }
@@ -164,19 +169,23 @@ pub struct WebhookReceiver {
 }
 
 impl WebhookReceiver {
-    /// Starts on 127.0.0.1 with a free port. With a secret, unsigned or badly signed
-    /// requests are answered 401 and counted.
-    pub async fn start(signing_secret: Option<&[u8]>) -> anyhow::Result<Self> {
+    /// Starts on 127.0.0.1 with a free port. With a secret (`whsec_…`, as the Secret holds
+    /// it), unsigned or badly signed requests are answered 401 and counted.
+    pub async fn start(signing_secret: Option<&str>) -> anyhow::Result<Self> {
         Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), signing_secret).await
     }
 
     /// Starts on `listen` (port 0 picks a free one); deliveries go to `/hook`.
     pub async fn start_on(
         listen: SocketAddr,
-        signing_secret: Option<&[u8]>,
+        signing_secret: Option<&str>,
     ) -> anyhow::Result<Self> {
+        let verifier = signing_secret
+            .map(standardwebhooks::Webhook::new)
+            .transpose()
+            .context("the receiver's signing secret is not a Standard Webhooks secret")?;
         let shared = Arc::new(Shared {
-            signing_secret: signing_secret.map(<[u8]>::to_vec),
+            verifier,
             faults: Mutex::new(Faults {
                 rng: 0x9E37_79B9_7F4A_7C15,
                 ..Faults::default()
@@ -211,6 +220,31 @@ impl WebhookReceiver {
 
     pub fn url(&self) -> String {
         format!("http://{}/hook", self.addr)
+    }
+
+    /// An endpoint for this receiver, signed with `signing_secret` when given.
+    pub fn endpoint(&self, signing_secret: Option<&str>) -> anyhow::Result<Endpoint> {
+        let mut endpoint = Endpoint::new(WebhookUrl::parse(&self.url())?);
+        if let Some(secret) = signing_secret {
+            endpoint.signing_secret = Some(SigningSecret::parse(secret.as_bytes())?);
+        }
+        Ok(endpoint)
+    }
+
+    /// The request headers of the last successful delivery of `key`.
+    pub fn headers_of(&self, key: &str) -> Option<HeaderMap> {
+        lock(&self.shared.ledger)
+            .headers
+            .get(key)
+            .map(|(headers, _)| headers.clone())
+    }
+
+    /// The query string of the last successful delivery of `key`.
+    pub fn query_of(&self, key: &str) -> Option<String> {
+        lock(&self.shared.ledger)
+            .headers
+            .get(key)
+            .and_then(|(_, query)| query.clone())
     }
 
     /// Successful deliveries per idempotency key.
@@ -475,24 +509,6 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-/// README's check: the header is `v1=` and the hex HMAC-SHA256, keyed with the secret, of
-/// `"<Mailpoll-Timestamp>.<raw body>"`; compared in constant time.
-fn signature_is_valid(secret: &[u8], timestamp: &str, body: &[u8], header: &str) -> bool {
-    let Some(tag) = header
-        .strip_prefix(SIGNATURE_PREFIX)
-        .and_then(|hex_tag| hex::decode(hex_tag).ok())
-    else {
-        return false;
-    };
-    let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(secret) else {
-        return false;
-    };
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&tag).is_ok()
-}
-
 /// xorshift64*: deterministic, good enough to spread injected failures.
 fn next_unit(state: &mut u64) -> f64 {
     *state ^= *state >> 12;
@@ -536,7 +552,12 @@ fn injected_failure(faults: &mut Faults, key: &str) -> Option<Failure> {
     }
 }
 
-async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let header = |name: &str| {
         headers
             .get(name)
@@ -544,21 +565,25 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             .map(str::to_owned)
     };
     lock(&shared.ledger).requests += 1;
-    let Some(key) = header(IDEMPOTENCY_KEY_HEADER) else {
+    let Some(key) = header(WEBHOOK_ID_HEADER) else {
         lock(&shared.ledger).failed_attempts += 1;
-        return (StatusCode::BAD_REQUEST, "missing Idempotency-Key").into_response();
+        return (StatusCode::BAD_REQUEST, "missing webhook-id").into_response();
     };
-    if let Some(secret) = &shared.signing_secret {
-        // README's receiver reads the timestamp as an integer to reject old requests.
-        let timestamp = header(TIMESTAMP_HEADER).filter(|t| t.parse::<i64>().is_ok());
-        let signature = header(SIGNATURE_HEADER);
-        let valid = matches!((timestamp, signature), (Some(t), Some(s)) if signature_is_valid(secret, &t, &body, &s));
-        if !valid {
-            let mut ledger = lock(&shared.ledger);
-            ledger.bad_signatures += 1;
-            ledger.failed_attempts += 1;
-            return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
-        }
+    if header(IDEMPOTENCY_KEY_HEADER).as_deref() != Some(key.as_str()) {
+        lock(&shared.ledger).failed_attempts += 1;
+        return (
+            StatusCode::BAD_REQUEST,
+            "Idempotency-Key differs from webhook-id",
+        )
+            .into_response();
+    }
+    if let Some(verifier) = &shared.verifier
+        && verifier.verify(&body, &headers).is_err()
+    {
+        let mut ledger = lock(&shared.ledger);
+        ledger.bad_signatures += 1;
+        ledger.failed_attempts += 1;
+        return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
     }
     // Validated without building a tree; `payloads` parses on demand.
     if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
@@ -578,6 +603,9 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     }
     let mut ledger = lock(&shared.ledger);
     *ledger.successes.entry(key.clone()).or_default() += 1;
+    ledger
+        .headers
+        .insert(key.clone(), (headers, uri.query().map(str::to_owned)));
     ledger.payloads.insert(key, body);
     StatusCode::NO_CONTENT.into_response()
 }
@@ -589,6 +617,7 @@ mod tests {
     async fn deliver(receiver: &WebhookReceiver, key: &str) -> (StatusCode, Bytes) {
         let response = reqwest::Client::new()
             .post(receiver.url())
+            .header(WEBHOOK_ID_HEADER, key)
             .header(IDEMPOTENCY_KEY_HEADER, key)
             .header("content-type", "application/json")
             .body(r#"{"subject":"Invoice 4471"}"#)
@@ -601,50 +630,76 @@ mod tests {
 
     async fn deliver_signed(
         receiver: &WebhookReceiver,
-        timestamp: &str,
+        id: &str,
+        timestamp: i64,
         signature: &str,
-        body: &'static str,
+        body: &str,
     ) -> StatusCode {
         let response = reqwest::Client::new()
             .post(receiver.url())
-            .header(IDEMPOTENCY_KEY_HEADER, "k")
-            .header(TIMESTAMP_HEADER, timestamp)
-            .header(SIGNATURE_HEADER, signature)
-            .body(body)
+            .header(WEBHOOK_ID_HEADER, id)
+            .header(IDEMPOTENCY_KEY_HEADER, id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body.to_owned())
             .send()
             .await
             .expect("delivery");
         StatusCode::from_u16(response.status().as_u16()).expect("status")
     }
 
+    /// HMAC-SHA256 of "id.timestamp.body", base64: the specification written out, so this
+    /// test does not lean on the crate it checks the receiver with.
+    fn standard_signature(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
+        use base64::Engine;
+        use hmac::{Hmac, KeyInit, Mac};
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(secret.trim_start_matches("whsec_"))
+            .expect("test secret");
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key).expect("key");
+        mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+        let tag = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        format!("v1,{tag}")
+    }
+
     #[tokio::test]
-    async fn signatures_are_checked_as_readme_documents_them() {
+    async fn signatures_are_checked_as_the_standard_defines_them() {
         mailpoll::install_crypto_provider();
-        let receiver = WebhookReceiver::start(Some(b"whsec-contract"))
+        let receiver = WebhookReceiver::start(Some(TEST_SIGNING_SECRET))
             .await
             .expect("receiver");
         let body = r#"{"type":"mailpoll.message.received.v1","key":"k"}"#;
-        // Python's hmac.new(b"whsec-contract", b"1764498000." + body, sha256).hexdigest().
-        let signature = "v1=ee89d94bc2b54271780439e4a0a31e3d415d2069ed3e1e43289117121c126cee";
-        let status = deliver_signed(&receiver, "1764498000", signature, body).await;
+        let now = chrono::Utc::now().timestamp();
+        let signature = standard_signature(TEST_SIGNING_SECRET, "k", now, body);
+        let status = deliver_signed(&receiver, "k", now, &signature, body).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
-        let other_version = signature.replacen("v1=", "v2=", 1);
+        // Several signatures, one of them right (a key rotation), verify too.
+        let rotated = format!("v1,bm90IHRoZSByaWdodCBvbmU= {signature}");
+        assert_eq!(
+            deliver_signed(&receiver, "k", now, &rotated, body).await,
+            StatusCode::NO_CONTENT
+        );
         let other_body = r#"{"type":"mailpoll.message.received.v1","key":"K"}"#;
-        for (timestamp, signature, body) in [
-            ("1764498001", signature, body),
-            ("1764498000", signature, other_body),
-            ("1764498000", other_version.as_str(), body),
-            ("1764498000", &signature[..signature.len() - 2], body),
+        let stale = now - 600;
+        let stale_signature = standard_signature(TEST_SIGNING_SECRET, "k", stale, body);
+        let other_version = signature.replacen("v1,", "v2,", 1);
+        for (id, timestamp, signature, body) in [
+            ("k", now + 1, signature.as_str(), body),
+            ("k", now, signature.as_str(), other_body),
+            ("k2", now, signature.as_str(), body),
+            ("k", now, other_version.as_str(), body),
+            ("k", now, &signature[..signature.len() - 2], body),
+            ("k", stale, stale_signature.as_str(), body),
         ] {
-            let status = deliver_signed(&receiver, timestamp, signature, body).await;
+            let status = deliver_signed(&receiver, id, timestamp, signature, body).await;
             assert_eq!(
                 status,
                 StatusCode::UNAUTHORIZED,
-                "{timestamp} {signature} {body}"
+                "{id} {timestamp} {signature} {body}"
             );
         }
-        assert_eq!(receiver.bad_signatures(), 4);
-        assert_eq!(receiver.successes().get("k"), Some(&1));
+        assert_eq!(receiver.bad_signatures(), 6);
+        assert_eq!(receiver.successes().get("k"), Some(&2));
     }
 
     fn is_garbage(body: &[u8]) -> bool {
