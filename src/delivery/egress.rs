@@ -406,14 +406,6 @@ impl UrlHost {
     }
 }
 
-/// A URL's host for messages and logs: never its path, query or credentials.
-pub fn host_for_display(url: &str) -> String {
-    reqwest::Url::parse(url)
-        .ok()
-        .and_then(|url| url.host_str().map(str::to_owned))
-        .unwrap_or_else(|| "(unparsable URL)".into())
-}
-
 impl EgressPolicy {
     /// A policy that also allows loopback destinations (local development and tests).
     pub fn allowing_loopback() -> Self {
@@ -654,10 +646,6 @@ impl EgressGuard {
             policy: Arc::new(policy),
             lookup,
         }
-    }
-
-    pub fn policy(&self) -> &EgressPolicy {
-        &self.policy
     }
 
     /// The allowed addresses of `host`.
@@ -1129,14 +1117,5 @@ mod tests {
             )
         );
         assert_eq!(p.filter_addresses("empty.example", &[]), Err(None));
-    }
-
-    #[test]
-    fn displayed_hosts_never_carry_the_rest_of_the_url() {
-        assert_eq!(
-            host_for_display("https://user:pw@hooks.example.com/p?sig=s3cret"),
-            "hooks.example.com"
-        );
-        assert_eq!(host_for_display("not a url sig=s3cret"), "(unparsable URL)");
     }
 }
