@@ -1118,4 +1118,64 @@ mod tests {
         );
         assert_eq!(p.filter_addresses("empty.example", &[]), Err(None));
     }
+
+    /// Answers `rebind.example.` with loopback, `public.example.` with a public address, and
+    /// fails every other name.
+    struct TableLookup;
+
+    impl Lookup for TableLookup {
+        fn lookup(&self, name: &str) -> LookupFuture {
+            let answer = match name {
+                "rebind.example." => Ok(vec![ip("127.0.0.1")]),
+                "public.example." => Ok(vec![ip("203.0.113.7")]),
+                "hooks.support.svc.cluster.local." => Ok(vec![ip("10.96.0.20")]),
+                other => Err(io::Error::other(format!("{other}: no such name"))),
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    #[tokio::test]
+    async fn destinations_are_checked_through_the_lookup() {
+        let guard = EgressGuard::with_lookup(policy(), Arc::new(TableLookup));
+        let refused = guard
+            .check_destination("https://rebind.example/hook?sig=s3cret", "support")
+            .await
+            .expect_err("resolves to loopback");
+        assert!(matches!(
+            refused,
+            Refusal::Special {
+                kind: SpecialAddress::Loopback,
+                ..
+            }
+        ));
+        assert!(
+            guard
+                .check_destination("https://public.example/h", "support")
+                .await
+                .is_ok()
+        );
+        // A lookup that fails is the delivery's to report, not a refusal.
+        assert!(
+            guard
+                .check_destination("https://gone.example/h", "support")
+                .await
+                .is_ok()
+        );
+        // `.svc` names are looked up with the cluster domain, absolutely.
+        assert_eq!(
+            guard.resolve("hooks.support.svc").await.expect("service"),
+            vec![ip("10.96.0.20")]
+        );
+        assert!(matches!(
+            guard.resolve("localhost").await,
+            Err(ResolveError::Refused(Refusal::Special { .. }))
+        ));
+        assert!(matches!(
+            guard
+                .check_destination("http://hooks.billing.svc/h", "support")
+                .await,
+            Err(Refusal::OtherNamespace { .. })
+        ));
+    }
 }
