@@ -425,3 +425,51 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn operator_args(extra: &[&str]) -> OperatorArgs {
+        let mut argv = vec![
+            "mailpoll",
+            "operator",
+            "--database-url",
+            "postgres://db/mailpoll",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map(|cli| cli.command) {
+            Ok(Command::Operator(args)) => *args,
+            other => panic!("expected operator arguments, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn webhook_egress_flags_make_the_policy() {
+        let strict = operator_args(&[]).egress_policy().expect("default policy");
+        assert_eq!(strict, EgressPolicy::default());
+        let open = operator_args(&[
+            "--webhook-allow-loopback",
+            "--webhook-allowed-hosts",
+            "hooks.example.com, *.tools.svc",
+            "--webhook-allowed-cidrs",
+            "10.0.5.0/24",
+            "--webhook-denied-cidrs",
+            "10.96.0.0/12,10.244.0.0/16",
+            "--cluster-domain",
+            "Corp.Internal.",
+        ])
+        .egress_policy()
+        .expect("policy");
+        assert!(open.allow_loopback && !open.allow_link_local && !open.allow_other_namespaces);
+        assert_eq!(open.allowed_hosts.len(), 2);
+        assert_eq!(open.allowed_cidrs.len(), 1);
+        assert_eq!(open.denied_cidrs.len(), 2);
+        assert_eq!(open.cluster_domain, "corp.internal");
+        let bad = operator_args(&["--webhook-denied-cidrs", "pods"]).egress_policy();
+        assert_eq!(
+            bad.map_err(|e| e.to_string()).expect_err("not a range"),
+            "--webhook-denied-cidrs: \"pods\" is not an address range such as 10.0.0.0/8 or fd00::/8"
+        );
+    }
+}
