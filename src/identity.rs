@@ -83,3 +83,46 @@ pub async fn forget(pool: &PgPool, namespace: &str, name: &str) -> Result<u64, s
             .await?;
     Ok(forgotten.rows_affected())
 }
+
+/// A MailboxPoll's ledger as the identities table knows it, for people looking it up by name.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct KnownLedger {
+    pub identity: Uuid,
+    /// The object that uses it now (the latest seen).
+    pub uid: Uuid,
+    pub mailbox: String,
+    pub folder: String,
+}
+
+/// The ledgers of the MailboxPoll `namespace/name` (one per mailbox and folder it has had).
+pub async fn ledgers_of(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<KnownLedger>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT identity, uid, mailbox, folder FROM mailbox_identities
+         WHERE namespace = $1 AND name = $2
+         ORDER BY updated_at DESC",
+    )
+    .bind(namespace)
+    .bind(name)
+    .fetch_all(pool)
+    .await
+}
+
+/// `namespace/name` of the MailboxPolls whose object uid is in `uids` (those the table knows).
+pub async fn names_of(
+    pool: &PgPool,
+    uids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, String>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT DISTINCT ON (uid) uid, namespace || '/' || name FROM mailbox_identities
+         WHERE uid = ANY($1)
+         ORDER BY uid, updated_at DESC",
+    )
+    .bind(uids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

@@ -33,6 +33,9 @@ pub enum DeliveryState {
     Delivered,
     /// The deliver task is dead; `tasks retry` can bring it back.
     Failed,
+    /// A tombstone, or a message removed from the folder before it was delivered: never
+    /// delivered.
+    Skipped,
 }
 
 impl DeliveryState {
@@ -42,6 +45,7 @@ impl DeliveryState {
             Self::Pending => "pending",
             Self::Delivered => "delivered",
             Self::Failed => "failed",
+            Self::Skipped => "skipped",
         }
     }
 }
@@ -670,4 +674,41 @@ pub async fn counts(conn: &mut PgConnection, mailbox_uid: Uuid) -> Result<Counts
     .fetch_one(&mut *conn)
     .await?;
     Ok(counts)
+}
+/// One line of `mailpoll messages list`: what a person needs to find a message and see how far
+/// it got. Content columns may be empty once retention purged them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageListing {
+    pub seq: i64,
+    pub message_id: String,
+    pub received_at: Option<DateTime<Utc>>,
+    pub from_address: Option<String>,
+    pub subject: Option<String>,
+    pub delivery_state: String,
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// Why the delivery failed, or why the after-actions were parked.
+    pub error: Option<String>,
+}
+
+/// Messages of the ledgers `identities`, newest first, optionally in one delivery state.
+pub async fn list(
+    pool: &PgPool,
+    identities: &[Uuid],
+    state: Option<DeliveryState>,
+    limit: i64,
+) -> Result<Vec<MessageListing>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT seq, message_id, received_at, from_address, subject, delivery_state, delivered_at,
+                COALESCE(delivery_error, actions_error) AS error
+         FROM messages
+         WHERE mailbox_uid = ANY($1) AND ($2::text IS NULL OR delivery_state = $2)
+         ORDER BY seq DESC
+         LIMIT $3",
+    )
+    .bind(identities)
+    .bind(state.map(DeliveryState::as_str))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
 }

@@ -13,6 +13,7 @@
 //! - leadership: `controller` (what only the leader runs), `leader` (the election);
 //! - process: `http`, `operator`, `tasks_cli`.
 
+pub mod cli;
 pub mod controller;
 pub mod cursor;
 pub mod db;
@@ -30,7 +31,6 @@ pub mod queue;
 pub mod reason;
 pub mod resource;
 pub mod storable;
-pub mod tasks_cli;
 pub mod telemetry;
 
 /// Installs the process-wide TLS crypto provider (ring). reqwest and kube are built without a

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use mailpoll::cli::commands::{self, MessagesCommand, TasksCommand};
 use mailpoll::delivery::egress::{self, EgressGuard, EgressPolicy};
 use mailpoll::directory::{Scope, WorkloadIdentityEnv};
-use mailpoll::queue::{self, TaskFilter, TaskState};
 use mailpoll::telemetry::{self, LogFormat};
-use mailpoll::{db, identity, operator, resource, tasks_cli};
+use mailpoll::{db, identity, operator, resource};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,9 +38,10 @@ enum Command {
     Crd,
     /// Apply the database migrations and exit (safe to run from several places at once).
     Migrate(DatabaseArgs),
-    /// Look at the task queue and bring dead tasks back.
-    #[command(subcommand)]
-    Tasks(TasksCommand),
+    /// Look at the task queue: list, show, retry and cancel tasks.
+    Tasks(TasksArgs),
+    /// Look at a MailboxPoll's ledger.
+    Messages(MessagesArgs),
     /// Manage MailboxPolls' ledgers.
     #[command(subcommand)]
     Ledger(LedgerCommand),
@@ -65,44 +66,20 @@ struct ForgetArgs {
     name: String,
 }
 
-#[derive(Debug, Subcommand)]
-enum TasksCommand {
-    /// List tasks, newest first.
-    List(ListArgs),
-    /// Bring a dead task back to pending with a full set of attempts.
-    Retry(RetryArgs),
+#[derive(Debug, Args)]
+struct TasksArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(subcommand)]
+    command: TasksCommand,
 }
 
 #[derive(Debug, Args)]
-struct ListArgs {
+struct MessagesArgs {
     #[command(flatten)]
     database: DatabaseArgs,
-    /// Only tasks in this state: pending, running, succeeded, dead or cancelled.
-    #[arg(long)]
-    state: Option<TaskState>,
-    /// Only tasks of this kind (poll, deliver, ...).
-    #[arg(long)]
-    kind: Option<String>,
-    /// Show at most this many tasks.
-    #[arg(long, default_value_t = 50)]
-    limit: i64,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
-    output: OutputFormat,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum OutputFormat {
-    Table,
-    Json,
-}
-
-#[derive(Debug, Args)]
-struct RetryArgs {
-    #[command(flatten)]
-    database: DatabaseArgs,
-    /// The id of the dead task, as `mailpoll tasks list --state dead` shows it.
-    id: i64,
+    #[command(subcommand)]
+    command: MessagesCommand,
 }
 
 #[derive(Debug, Args)]
@@ -383,26 +360,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             pool.close().await;
             Ok(())
         }
-        Command::Tasks(TasksCommand::List(args)) => {
+        Command::Tasks(args) => {
             let pool = db::connect(&args.database.database_url, &cli_pool_config()).await?;
-            let filter = TaskFilter {
-                state: args.state,
-                kind: args.kind,
-                limit: args.limit,
-            };
-            let tasks = queue::list(&pool, &filter).await?;
-            match args.output {
-                OutputFormat::Table => print!("{}", tasks_cli::render_table(&tasks)),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&tasks)?),
-            }
+            let result = commands::tasks(&pool, args.command).await;
             pool.close().await;
+            print!("{}", result?);
             Ok(())
         }
-        Command::Tasks(TasksCommand::Retry(args)) => {
+        Command::Messages(args) => {
             let pool = db::connect(&args.database.database_url, &cli_pool_config()).await?;
-            queue::retry_dead(&pool, args.id).await?;
-            println!("task {} is pending again", args.id);
+            let result = commands::messages(&pool, args.command).await;
             pool.close().await;
+            print!("{}", result?);
             Ok(())
         }
         Command::Ledger(LedgerCommand::Forget(args)) => {
@@ -428,7 +397,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // clap's own checks (conflicting names, a global argument that is required, ...),
+        // which otherwise only fire when someone runs the command.
+        Cli::command().debug_assert();
+    }
 
     fn operator_args(extra: &[&str]) -> OperatorArgs {
         let mut argv = vec![

@@ -131,15 +131,6 @@ impl Reason {
     pub fn decides_readiness(self) -> bool {
         !self.passes_by_itself() && !self.from_configuration()
     }
-
-    /// The reason of the warning Event a failure with this reason publishes.
-    pub fn event_reason(self) -> &'static str {
-        if self.from_configuration() {
-            self.as_str()
-        } else {
-            "PollFailed"
-        }
-    }
 }
 
 impl fmt::Display for Reason {
@@ -185,9 +176,6 @@ mod tests {
         );
         assert!(Reason::AuthenticationFailed.needs_person());
         assert!(!Reason::Throttled.needs_person());
-        assert_eq!(Reason::SecretNotFound.event_reason(), "SecretNotFound");
-        assert_eq!(Reason::AccessDenied.event_reason(), "PollFailed");
-        assert_eq!(Reason::WebhookForbidden.event_reason(), "WebhookForbidden");
         assert!(Reason::WebhookForbidden.needs_person());
     }
 }

@@ -41,6 +41,12 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(name = "Suspended", type_ = "boolean", json_path = ".spec.suspend"),
     printcolumn(name = "Last Poll", type_ = "date", json_path = ".status.lastPollTime"),
     printcolumn(
         name = "Delivered",
@@ -51,6 +57,36 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Folder",
+        type_ = "string",
+        json_path = ".spec.folder",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Next Poll",
+        type_ = "date",
+        json_path = ".status.nextPollTime",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Pending",
+        type_ = "integer",
+        json_path = ".status.messagesPending",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.messagesFailed",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Degraded",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Degraded\")].reason",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -286,23 +322,29 @@ pub struct MailboxPollStatus {
     /// Generation of the spec the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Degraded, ...; keyed by type so each writer owns its own conditions.
+    /// Ready (mail is being picked up: True, False with the reason to fix, or Unknown until the first poll), Degraded (passing trouble such as throttling, or after-delivery actions parked with their reason) and Stalled (True while progress waits for a person); keyed by type so each writer owns its own conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// When the last poll finished, successful or not (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_poll_time: Option<Time>,
+    /// When the last successful poll finished (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_successful_poll_time: Option<Time>,
+    /// When the next scheduled poll is due (RFC 3339); absent while suspended or while the configuration is broken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_poll_time: Option<Time>,
     /// Messages newly recorded by the last poll.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_poll_messages: Option<i64>,
+    /// Messages of the ledger with every configured step done: the webhook answered 2xx (when there is one) and the after-delivery actions are done (when there are any). A message whose webhook succeeded but whose actions are still due is pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_delivered: Option<i64>,
+    /// Messages recorded with a step still to do (the webhook, or the after-delivery actions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_pending: Option<i64>,
+    /// Messages given up on: the receiver refused them, they ran out of attempts, or their after-delivery actions were parked. `mailpoll tasks list --state dead` and `mailpoll messages list --state failed` show them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_failed: Option<i64>,
     /// The last `mailpoll.dev/poll-requested-at` value that caused a poll.

@@ -52,23 +52,42 @@ fn committed_crd_is_structural_and_complete() {
     let version = &crd["spec"]["versions"][0];
     assert_eq!(version["name"], "v1alpha1");
     assert_eq!(version["subresources"]["status"], json!({}));
-    let columns: Vec<&str> = version["additionalPrinterColumns"]
-        .as_array()
-        .expect("printer columns")
-        .iter()
-        .filter_map(|c| c["name"].as_str())
-        .collect();
+    let columns = |wide: bool| -> Vec<&str> {
+        version["additionalPrinterColumns"]
+            .as_array()
+            .expect("printer columns")
+            .iter()
+            .filter(|c| (c["priority"].as_i64().unwrap_or(0) > 0) == wide)
+            .filter_map(|c| c["name"].as_str())
+            .collect()
+    };
     assert_eq!(
-        columns,
+        columns(false),
         [
             "Mailbox",
             "Interval",
             "Ready",
+            "Reason",
+            "Suspended",
             "Last Poll",
             "Delivered",
             "Age"
         ]
     );
+    assert_eq!(
+        columns(true),
+        ["Folder", "Next Poll", "Pending", "Failed", "Degraded"],
+        "shown with -o wide"
+    );
+    // `kubectl explain` describes every status field in mailpoll's words.
+    let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+    for (field, schema) in status.as_object().expect("status fields") {
+        let description = schema["description"].as_str().unwrap_or_default();
+        assert!(
+            !description.is_empty() && !description.contains("Time is a wrapper"),
+            "status.{field} needs a description of its own: {description:?}"
+        );
+    }
     let conditions =
         &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");

@@ -707,7 +707,8 @@ async fn invalid_mailbox_polls_are_rejected_and_a_wrong_secret_is_explained() {
                 .await
                 .map_err(|e| format!("{e:#}"))?;
             let text = output.stdout;
-            (text.contains("AuthenticationFailed") && text.contains("PollFailed"))
+            // The condition, the Stalled condition and the Event all say AuthenticationFailed.
+            (text.matches("AuthenticationFailed").count() >= 3 && text.contains("Stalled"))
                 .then_some(text.clone())
                 .ok_or(text)
         },
@@ -734,7 +735,11 @@ async fn invalid_mailbox_polls_are_rejected_and_a_wrong_secret_is_explained() {
         .kubectl(&["get", "events", "-n", "mail"])
         .await
         .expect("events");
-    assert!(events.stdout.contains("PollFailed"), "{}", events.stdout);
+    assert!(
+        events.stdout.contains("AuthenticationFailed"),
+        "the Event has Graph's reason: {}",
+        events.stdout
+    );
     assert!(!events.stdout.contains(wrong_secret));
     assert_no_secrets_in_logs(&sandbox, &[wrong_secret]);
     sandbox.shutdown().await.expect("graceful stop");

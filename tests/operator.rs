@@ -13,9 +13,13 @@ use mailpoll::directory::{DirectorySettings, Scope};
 use mailpoll::graph::{Certificate, GovernorConfig};
 use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
 use mailpoll::queue::WorkerId;
-use mailpoll::resource::{MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION};
+use mailpoll::resource::{
+    AfterDelivery, MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION,
+};
 use mailpoll_testkit::cluster;
-use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
+use mailpoll_testkit::graph::{
+    AppRegistration, BatchFaults, EmulatorConfig, GraphEmulator, default_app,
+};
 use mailpoll_testkit::kube::{KubeEmulator, RequestRecord};
 use mailpoll_testkit::pg::{TestDatabase, free_port};
 use mailpoll_testkit::webhook_receiver::{FixedLookup, TEST_SIGNING_SECRET, WebhookReceiver};
@@ -713,11 +717,11 @@ async fn wrong_client_secret_is_authentication_failed() {
         !text.contains("not-the-secret"),
         "no secret in the status: {text}"
     );
-    wait_for("the PollFailed Event", PATIENCE, || async {
+    wait_for("the AuthenticationFailed Event", PATIENCE, || async {
         let events = world.events("badauth").await;
         events
             .iter()
-            .any(|e| e.reason.as_deref() == Some("PollFailed"))
+            .any(|e| e.reason.as_deref() == Some("AuthenticationFailed"))
             .then_some(())
     })
     .await;
@@ -1061,6 +1065,137 @@ async fn webhook_credentials_come_from_secrets_and_bad_ones_are_explained() {
     world.stop().await;
 }
 
+/// A new MailboxPoll is observed at once (`Ready=Unknown`, reason `Reconciling`, its
+/// generation observed), not only when its first poll has finished: `kubectl wait` and GitOps
+/// health checks see it.
+#[tokio::test]
+async fn a_new_mailbox_poll_is_observed_at_once_as_reconciling() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 2)
+        .expect("messages added");
+    // A slow first poll, so its end cannot be what writes the first status.
+    world
+        .graph
+        .update_faults(|faults| faults.slow_page_ms = 4000);
+    world.create("fresh", "1h", SECRET).await;
+    let status = world
+        .wait_status("fresh", "Ready=Unknown Reconciling", |s| {
+            condition(s, "Ready") == Some(("Unknown", "Reconciling"))
+        })
+        .await;
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(
+        condition(&status, "Stalled"),
+        Some(("False", "Progressing"))
+    );
+    assert!(status.last_poll_time.is_none(), "no poll has finished yet");
+    world.graph.update_faults(|faults| faults.slow_page_ms = 0);
+    world.wait_status("fresh", "Ready=True", is_ready).await;
+    world.stop().await;
+}
+
+/// An app without Mail.ReadWrite: mail is polled and delivered, but Graph refuses the
+/// after-actions with 403. The refusal shows at once (Degraded and Stalled with Graph's
+/// reason, a warning Event of the after-delivery step), the messages are not tried one by one
+/// until each runs out, and once the permission is granted a forced poll brings them back. A
+/// `$batch` refused whole by a tenant policy shows the same way.
+#[tokio::test]
+async fn after_actions_refused_by_graph_are_shown_with_graphs_reason() {
+    let world = World::start().await;
+    // Tokens short-lived, so a permission granted in Entra reaches the operator soon (a real
+    // token keeps its roles for about an hour).
+    world
+        .graph
+        .update_faults(|faults| faults.token_lifetime_secs = 2);
+    world.graph.add_app(AppRegistration {
+        roles: vec!["Mail.Read".into()],
+        ..default_app()
+    });
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 3)
+        .expect("messages added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let mut poll = cluster::mailbox_poll("readonly", MAILBOX, "1h", SECRET);
+    poll.spec.after_delivery = Some(AfterDelivery {
+        mark_as_read: true,
+        move_to_folder: None,
+    });
+    world
+        .api()
+        .create(&PostParams::default(), &poll)
+        .await
+        .expect("MailboxPoll created");
+    let refused = |s: &MailboxPollStatus| {
+        condition(s, "Degraded") == Some(("True", "AccessDenied"))
+            && condition(s, "Stalled") == Some(("True", "AccessDenied"))
+    };
+    let status = world
+        .wait_status("readonly", "Degraded and Stalled AccessDenied", refused)
+        .await;
+    assert!(is_ready(&status), "polling itself works: {status:?}");
+    assert_eq!(status.messages_failed, Some(3), "all three parked at once");
+    let batches_before = world.graph.counters().batches;
+    let event = wait_for("the AccessDenied Event", PATIENCE, || async {
+        world
+            .events("readonly")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("AccessDenied"))
+    })
+    .await;
+    assert_eq!(event.action.as_deref(), Some("AfterDelivery"));
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(
+        event
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("3 message(s)"),
+        "{event:?}"
+    );
+
+    // Granted; a forced poll retries the parked actions, with a token that has the role.
+    world.graph.add_app(default_app());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    world.request_poll("readonly", "after-grant").await;
+    let status = world
+        .wait_status("readonly", "the actions done", |s| {
+            s.messages_delivered == Some(3)
+                && condition(s, "Stalled") == Some(("False", "Progressing"))
+        })
+        .await;
+    assert_eq!(condition(&status, "Degraded"), Some(("False", "Healthy")));
+    assert_eq!(status.messages_failed, Some(0));
+    assert!(
+        world.graph.counters().batches > batches_before,
+        "the actions ran again"
+    );
+
+    // A tenant policy refuses every $batch envelope.
+    world.graph.update_faults(|faults| {
+        faults.batch = BatchFaults {
+            fail_next: 1000,
+            status: 403,
+            ..BatchFaults::default()
+        }
+    });
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 2)
+        .expect("more mail");
+    world.request_poll("readonly", "under-policy").await;
+    world
+        .wait_status("readonly", "both new messages parked AccessDenied", |s| {
+            refused(s) && s.messages_failed == Some(2)
+        })
+        .await;
+    world.stop().await;
+}
+
 /// A webhook whose host resolves to a loopback address: the Ready condition and an Event say
 /// which rule refuses it (never the URL's secret), scheduled polls pause, a forced poll's
 /// deliveries fail at once without reaching the receiver, and a new URL clears it.
@@ -1106,6 +1241,11 @@ async fn a_refused_webhook_destination_is_a_condition_and_nothing_reaches_it() {
         .find(|c| c.type_ == "Ready")
         .expect("Ready");
     assert_eq!(ready.message, expected);
+    assert_eq!(
+        condition(&status, "Stalled"),
+        Some(("True", "WebhookForbidden")),
+        "progress waits for a person"
+    );
     let events = world.events("refused").await;
     let warning = events
         .iter()
@@ -1390,7 +1530,8 @@ async fn parked_after_actions_are_retried_once_the_spec_is_fixed() {
         .expect("MailboxPoll created");
     let status = world
         .wait_status("filing", "the parked after-actions on the status", |s| {
-            condition(s, "Degraded").is_some_and(|(_, reason)| reason == "AfterActionsFailed")
+            condition(s, "Degraded") == Some(("True", "MoveDestinationNotFound"))
+                && condition(s, "Stalled") == Some(("True", "MoveDestinationNotFound"))
         })
         .await;
     assert_eq!(status.messages_delivered, Some(0));
@@ -1400,8 +1541,8 @@ async fn parked_after_actions_are_retried_once_the_spec_is_fixed() {
             .events("filing")
             .await
             .iter()
-            .any(|e| e.reason.as_deref() == Some("AfterActionsFailed")),
-        "an Event names the parked after-actions"
+            .any(|e| e.reason.as_deref() == Some("MoveDestinationNotFound")),
+        "an Event names why the after-actions were parked"
     );
 
     world

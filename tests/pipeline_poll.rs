@@ -1311,12 +1311,17 @@ async fn a_move_to_a_missing_folder_is_a_configuration_error() {
     let facts = mailpoll::controller::status::load(&world.db.pool, world.uid, world.uid)
         .await
         .expect("facts");
-    let [_, degraded] = mailpoll::controller::status::desired_conditions(None, &facts);
+    let [_, degraded, stalled] = mailpoll::controller::status::desired_conditions(None, &facts);
     assert_eq!(
-        (degraded.status, degraded.reason.as_str()),
-        (true, "AfterActionsFailed")
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "MoveDestinationNotFound")
     );
-    assert!(degraded.message.contains("MoveDestinationNotFound"));
+    assert!(degraded.message.contains("no-such-folder"));
+    assert_eq!(
+        stalled.status.as_str(),
+        "True",
+        "a missing folder waits for a person"
+    );
 }
 
 /// Asserts each of `ids` of the MailboxPoll `uid` was delivered exactly once, with one

@@ -3,14 +3,47 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+/// Mail is being picked up: the last poll that says so succeeded.
 pub const READY: &str = "Ready";
+/// Something passing is wrong (throttling, an outage, parked after-actions); mail still flows.
 pub const DEGRADED: &str = "Degraded";
+/// Progress stopped until a person fixes something (credentials, permissions, the spec).
+pub const STALLED: &str = "Stalled";
+
+/// A condition's status, as Kubernetes API conventions spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    True,
+    False,
+    /// Not known yet (a new MailboxPoll before its first poll).
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::True => "True",
+            Status::False => "False",
+            Status::Unknown => "Unknown",
+        }
+    }
+
+    pub fn is_true(self) -> bool {
+        self == Status::True
+    }
+}
+
+impl From<bool> for Status {
+    fn from(status: bool) -> Self {
+        if status { Status::True } else { Status::False }
+    }
+}
 
 /// A condition as the reconciler wants it, before timestamps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
     pub type_: &'static str,
-    pub status: bool,
+    pub status: Status,
     pub reason: String,
     pub message: String,
 }
@@ -18,21 +51,17 @@ pub struct Desired {
 impl Desired {
     pub fn new(
         type_: &'static str,
-        status: bool,
+        status: impl Into<Status>,
         reason: impl Into<String>,
         message: impl Into<String>,
     ) -> Self {
         Self {
             type_,
-            status,
+            status: status.into(),
             reason: reason.into(),
             message: message.into(),
         }
     }
-}
-
-fn status_str(status: bool) -> &'static str {
-    if status { "True" } else { "False" }
 }
 
 /// The new condition list: desired conditions replace those of the same type, keeping
@@ -52,12 +81,12 @@ pub fn merge(
     for want in desired {
         let previous = existing.iter().find(|c| c.type_ == want.type_);
         let transition = match previous {
-            Some(p) if p.status == status_str(want.status) => p.last_transition_time.clone(),
+            Some(p) if p.status == want.status.as_str() => p.last_transition_time.clone(),
             _ => Time(now),
         };
         merged.push(Condition {
             type_: want.type_.to_owned(),
-            status: status_str(want.status).to_owned(),
+            status: want.status.as_str().to_owned(),
             reason: want.reason.clone(),
             message: want.message.clone(),
             observed_generation: generation,

@@ -170,15 +170,20 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
         return Ok(Action::await_change());
     };
     let config_error = check_config(poll, ctx).await?;
-    record_poll_request(poll, ctx, uid).await?;
-    retry_parked_after_spec_change(poll, ctx, uid).await?;
+    let poll_requested = record_poll_request(poll, ctx, uid).await?;
+    retry_parked_actions(poll, ctx, uid, poll_requested).await?;
     if let Some(wait) = schedule(poll, ctx, uid, config_error.as_ref()).await? {
         return Ok(wait);
     }
-    // A poll about to start writes its status when it has finished: one write per poll.
+    // A poll about to start writes its status when it has finished: one write per poll. A new
+    // generation (a new object, a spec change) is written at once, so `kubectl wait` and GitOps
+    // health checks see it observed (Ready=Unknown until the first poll says more).
     let facts = status::load(&ctx.pool, uid, ledger_id(poll, ctx).await?).await?;
     let now = Utc::now();
-    if let Some(next) = facts.next_poll
+    let observed = poll.status.as_ref().and_then(|s| s.observed_generation);
+    if observed.is_some()
+        && observed == poll.metadata.generation
+        && let Some(next) = facts.next_poll
         && next <= now + chrono::Duration::seconds(1)
         && next >= now - chrono::Duration::from_std(ctx.settings.overdue).unwrap_or_default()
     {
@@ -247,12 +252,13 @@ async fn check_config(
     }
 }
 
-/// A forced poll: each annotation value is accepted once, ever.
+/// A forced poll: each annotation value is accepted once, ever. Returns whether this
+/// reconcile accepted a new one.
 async fn record_poll_request(
     poll: &MailboxPoll,
     ctx: &Context,
     uid: Uuid,
-) -> Result<(), ReconcileError> {
+) -> Result<bool, ReconcileError> {
     if let Some(value) = poll
         .annotations()
         .get(POLL_REQUESTED_AT_ANNOTATION)
@@ -261,20 +267,25 @@ async fn record_poll_request(
         && poll_log::request(&ctx.pool, uid, value).await?
     {
         tracing::info!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), value, "poll requested");
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
-/// After-actions parked for good (a move destination that does not exist, actions that kept
-/// failing) are tried again once the spec changes: the change may be the fix. The spec changed
-/// when its generation is not the one the status last observed.
-async fn retry_parked_after_spec_change(
+/// After-actions parked for good (a move destination that does not exist, permissions Graph
+/// refused, actions that kept failing) are tried again once the spec changes or a poll is
+/// forced: either may follow the fix (a spec edit; a permission granted in Entra, then a
+/// forced poll). The spec changed when its generation is not the one the status last
+/// observed.
+async fn retry_parked_actions(
     poll: &MailboxPoll,
     ctx: &Context,
     uid: Uuid,
+    poll_requested: bool,
 ) -> Result<(), ReconcileError> {
     let observed = poll.status.as_ref().and_then(|s| s.observed_generation);
-    if observed.is_none() || observed == poll.metadata.generation {
+    let spec_changed = observed.is_some() && observed != poll.metadata.generation;
+    if !spec_changed && !poll_requested {
         return Ok(());
     }
     let unparked = ledger::unpark_actions(&ctx.pool, ledger_id(poll, ctx).await?).await?;
@@ -282,7 +293,7 @@ async fn retry_parked_after_spec_change(
         let task =
             NewTask::of(&ActionsTask { mailbox_uid: uid })?.max_attempts(poll.spec.max_attempts);
         queue::enqueue(&ctx.pool, &task).await?;
-        tracing::info!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), unparked, "the spec changed: parked after-actions are tried again");
+        tracing::info!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), unparked, spec_changed, poll_requested, "parked after-actions are tried again");
     }
     Ok(())
 }
@@ -398,7 +409,7 @@ async fn publish_events(ctx: &Context, view: &View<'_>) -> Seen {
             },
             reason: notice.reason.into(),
             note: Some(notice.note),
-            action: "Poll".into(),
+            action: notice.action.into(),
             secondary: None,
         };
         if let Err(error) = ctx.recorder.publish(&event, &poll.object_ref(&())).await {

@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::conditions::{self, DEGRADED, Desired, READY};
+use super::conditions::{self, DEGRADED, Desired, READY, STALLED, Status};
 use super::reconcile::ReconcileError;
 use crate::directory::ConfigError;
 use crate::ledger;
@@ -17,12 +17,14 @@ use crate::queue::{self, TaskState};
 use crate::reason::Reason;
 use crate::resource::MailboxPollStatus;
 
-/// Reason of `Ready=False` before the first poll finished.
-pub const AWAITING_FIRST_POLL: &str = "AwaitingFirstPoll";
+/// Reason of `Ready=Unknown` from the first reconcile until the first poll finished.
+pub const RECONCILING: &str = "Reconciling";
 /// Reason of `Ready=True`.
 pub const POLLING: &str = "Polling";
 /// Reason of `Degraded=False`.
 pub const HEALTHY: &str = "Healthy";
+/// Reason of `Stalled=False`.
+pub const PROGRESSING: &str = "Progressing";
 
 /// Longest condition message kept; Graph messages can be long.
 const MAX_MESSAGE_CHARS: usize = 1024;
@@ -64,7 +66,7 @@ pub async fn load(pool: &PgPool, uid: Uuid, ledger_id: Uuid) -> Result<Facts, Re
     let last_handled_request = poll_log::last_handled_request(&mut conn, uid).await?;
     let counts = ledger::counts(&mut conn, ledger_id).await?;
     let parked_error = if counts.actions_parked > 0 {
-        ledger::latest_parked_error(&mut conn, uid).await?
+        ledger::latest_parked_error(&mut conn, ledger_id).await?
     } else {
         None
     };
@@ -95,8 +97,8 @@ fn short(message: &str) -> String {
     message.chars().take(MAX_MESSAGE_CHARS).collect()
 }
 
-/// The Ready and Degraded conditions.
-pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> [Desired; 2] {
+/// The Ready, Degraded and Stalled conditions.
+pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> [Desired; 3] {
     let ready = match (config_error, &facts.decisive) {
         (Some(error), _) => Desired::new(
             READY,
@@ -106,8 +108,8 @@ pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> 
         ),
         (None, None) => Desired::new(
             READY,
-            false,
-            AWAITING_FIRST_POLL,
+            Status::Unknown,
+            RECONCILING,
             "waiting for the first poll to finish",
         ),
         (None, Some(poll)) if poll.succeeded => {
@@ -144,11 +146,35 @@ pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> 
         }
         _ => healthy_or_parked(facts),
     };
-    [ready, degraded]
+    let stalled = stalled(&ready, &degraded);
+    [ready, degraded, stalled]
+}
+
+/// Stalled when what is wrong waits for a person (credentials, permissions, the mailbox, the
+/// spec), whether it stops polling (Ready) or only the after-actions (Degraded): passing
+/// trouble (throttling, outages) is never a stall.
+fn stalled(ready: &Desired, degraded: &Desired) -> Desired {
+    let needs_person = |condition: &Desired, failing: Status| {
+        condition.status == failing && Reason::parse(&condition.reason).needs_person()
+    };
+    let stuck = [(ready, Status::False), (degraded, Status::True)]
+        .into_iter()
+        .find(|(condition, failing)| needs_person(condition, *failing));
+    match stuck {
+        Some((condition, _)) => Desired::new(
+            STALLED,
+            true,
+            condition.reason.clone(),
+            condition.message.clone(),
+        ),
+        None => Desired::new(STALLED, false, PROGRESSING, "nothing waits for a person"),
+    }
 }
 
 /// Degraded for parked after-actions (mail is recorded and delivered, but some messages'
-/// mark-read or move keeps failing), else healthy.
+/// mark-read or move keeps failing), else healthy. The reason is Graph's when the parking
+/// error names one (`AccessDenied` for an app without Mail.ReadWrite), else
+/// `AfterActionsFailed`.
 fn healthy_or_parked(facts: &Facts) -> Desired {
     let parked = facts.counts.actions_parked;
     if parked == 0 {
@@ -157,9 +183,18 @@ fn healthy_or_parked(facts: &Facts) -> Desired {
     Desired::new(
         DEGRADED,
         true,
-        Reason::AfterActionsFailed.as_str(),
+        parked_reason(facts.parked_error.as_deref()).as_str(),
         short(&parked_note(parked, facts.parked_error.as_deref())),
     )
+}
+
+/// The reason a parking error starts with (`AccessDenied: …`), if it is a known one.
+fn parked_reason(error: Option<&str>) -> Reason {
+    error
+        .and_then(|error| error.split_once(':'))
+        .map(|(reason, _)| Reason::parse(reason.trim()))
+        .filter(|reason| *reason != Reason::PollFailed)
+        .unwrap_or(Reason::AfterActionsFailed)
 }
 
 fn parked_note(parked: i64, latest: Option<&str>) -> String {
@@ -256,7 +291,7 @@ impl Seen {
         // they were reported already.
         let parked_reported = status
             .and_then(|s| conditions::find(&s.conditions, DEGRADED))
-            .is_some_and(|c| c.reason == Reason::AfterActionsFailed.as_str());
+            .is_some_and(|c| c.status == "True" && !Reason::parse(&c.reason).passes_by_itself());
         Self {
             ready,
             last_poll_id: facts.last_poll_id,
@@ -275,6 +310,8 @@ impl Seen {
 pub struct Notice {
     pub warning: bool,
     pub reason: &'static str,
+    /// What mailpoll was doing (the Event's action).
+    pub action: &'static str,
     pub note: String,
 }
 
@@ -285,11 +322,11 @@ pub fn transitions(
     facts: &Facts,
     config_error: Option<&ConfigError>,
 ) -> (Vec<Notice>, Seen) {
-    let now_ready = (ready.status, ready.reason.clone());
+    let now_ready = (ready.status.is_true(), ready.reason.clone());
     let was_failing = seen
         .ready
         .as_ref()
-        .is_some_and(|(status, reason)| !status && reason != AWAITING_FIRST_POLL);
+        .is_some_and(|(status, reason)| !status && reason != RECONCILING);
     let mut notices = Vec::new();
     if seen.ready.as_ref() != Some(&now_ready) {
         notices.extend(readiness_notice(ready, was_failing, config_error));
@@ -297,7 +334,7 @@ pub fn transitions(
     notices.extend(ledger_notices(seen, facts));
     // Waiting for the first poll after a failure is not a recovery yet: keep the failure,
     // so the success that follows reports one.
-    let awaiting = !ready.status && ready.reason == AWAITING_FIRST_POLL;
+    let awaiting = ready.status == Status::Unknown;
     let next = Seen {
         ready: if awaiting && was_failing {
             seen.ready.clone()
@@ -317,18 +354,20 @@ fn readiness_notice(
     was_failing: bool,
     config_error: Option<&ConfigError>,
 ) -> Option<Notice> {
-    if ready.status {
+    if ready.status.is_true() {
         return was_failing.then(|| Notice {
+            action: "Poll",
             warning: false,
             reason: "Recovered",
             note: "polling works again".into(),
         });
     }
-    (ready.reason != AWAITING_FIRST_POLL).then(|| Notice {
+    (ready.status == Status::False).then(|| Notice {
+        action: "Poll",
         warning: true,
         reason: match config_error {
-            Some(error) => error.reason().event_reason(),
-            None => Reason::PollFailed.event_reason(),
+            Some(error) => error.reason().as_str(),
+            None => Reason::parse(&ready.reason).as_str(),
         },
         note: format!("{}: {}", ready.reason, ready.message),
     })
@@ -342,6 +381,7 @@ fn ledger_notices(seen: &Seen, facts: &Facts) -> Vec<Notice> {
         && seen.last_poll_id.is_none_or(|seen| resync > seen)
     {
         notices.push(Notice {
+            action: "Poll",
             warning: false,
             reason: "ResyncStarted",
             note: "the delta cursor expired or its query changed: re-reading the whole folder \
@@ -351,6 +391,7 @@ fn ledger_notices(seen: &Seen, facts: &Facts) -> Vec<Notice> {
     }
     if facts.counts.failed > seen.messages_failed {
         notices.push(Notice {
+            action: "Deliver",
             warning: true,
             reason: "DeliveryFailed",
             note: format!(
@@ -361,8 +402,9 @@ fn ledger_notices(seen: &Seen, facts: &Facts) -> Vec<Notice> {
     }
     if facts.counts.actions_parked > seen.actions_parked {
         notices.push(Notice {
+            action: "AfterDelivery",
             warning: true,
-            reason: Reason::AfterActionsFailed.as_str(),
+            reason: parked_reason(facts.parked_error.as_deref()).as_str(),
             note: parked_note(
                 facts.counts.actions_parked - seen.actions_parked,
                 facts.parked_error.as_deref(),
@@ -408,23 +450,36 @@ mod tests {
     fn config_errors_win_over_poll_outcomes() {
         let ok = poll(1, true, None);
         let f = facts(ok.clone(), Some(ok));
-        let [ready, degraded] = desired_conditions(Some(&missing_secret()), &f);
+        let [ready, degraded, stalled] = desired_conditions(Some(&missing_secret()), &f);
         assert_eq!(
             (ready.status, ready.reason.as_str()),
-            (false, "SecretNotFound")
+            (Status::False, "SecretNotFound")
         );
-        assert!(!degraded.status);
+        assert_eq!(degraded.status, Status::False);
+        assert_eq!(
+            (stalled.status, stalled.reason.as_str()),
+            (Status::True, "SecretNotFound"),
+            "a missing Secret waits for a person"
+        );
     }
 
     #[test]
     fn throttling_degrades_without_unreadying() {
         let ok = poll(1, true, None);
         let f = facts(poll(2, false, Some("Throttled")), Some(ok));
-        let [ready, degraded] = desired_conditions(None, &f);
-        assert_eq!((ready.status, ready.reason.as_str()), (true, POLLING));
+        let [ready, degraded, stalled] = desired_conditions(None, &f);
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (Status::True, POLLING)
+        );
         assert_eq!(
             (degraded.status, degraded.reason.as_str()),
-            (true, "Throttled")
+            (Status::True, "Throttled")
+        );
+        assert_eq!(
+            (stalled.status, stalled.reason.as_str()),
+            (Status::False, PROGRESSING),
+            "throttling passes by itself"
         );
     }
 
@@ -432,22 +487,27 @@ mod tests {
     fn graph_errors_that_need_a_person_unready() {
         let bad = poll(2, false, Some("AuthenticationFailed"));
         let f = facts(bad.clone(), Some(bad));
-        let [ready, degraded] = desired_conditions(None, &f);
+        let [ready, degraded, stalled] = desired_conditions(None, &f);
         assert_eq!(
             (ready.status, ready.reason.as_str()),
-            (false, "AuthenticationFailed")
+            (Status::False, "AuthenticationFailed")
         );
         assert_eq!(ready.message, "AuthenticationFailed happened");
-        assert!(!degraded.status);
+        assert_eq!(degraded.status, Status::False);
+        assert_eq!(
+            (stalled.status, stalled.message.as_str()),
+            (Status::True, "AuthenticationFailed happened")
+        );
     }
 
     #[test]
-    fn nothing_decisive_yet_awaits_the_first_poll() {
-        let [ready, _] = desired_conditions(None, &Facts::default());
+    fn nothing_decisive_yet_is_unknown_while_reconciling() {
+        let [ready, _, stalled] = desired_conditions(None, &Facts::default());
         assert_eq!(
             (ready.status, ready.reason.as_str()),
-            (false, AWAITING_FIRST_POLL)
+            (Status::Unknown, RECONCILING)
         );
+        assert_eq!(stalled.status, Status::False);
     }
 
     #[test]
@@ -483,7 +543,7 @@ mod tests {
     fn events_fire_on_transitions_only() {
         let error = missing_secret();
         let f = Facts::default();
-        let [ready, _] = desired_conditions(Some(&error), &f);
+        let [ready, ..] = desired_conditions(Some(&error), &f);
         let fresh = Seen::from_status(None, &f);
         let (notices, seen) = transitions(&fresh, &ready, &f, Some(&error));
         assert_eq!(notices.len(), 1);
@@ -494,12 +554,12 @@ mod tests {
 
         // The Secret appears: the first poll is awaited, then succeeds.
         let empty = Facts::default();
-        let [awaiting, _] = desired_conditions(None, &empty);
+        let [awaiting, ..] = desired_conditions(None, &empty);
         let (notices, seen) = transitions(&seen, &awaiting, &empty, None);
         assert!(notices.is_empty());
         let ok = poll(1, true, None);
         let f = facts(ok.clone(), Some(ok));
-        let [ready, _] = desired_conditions(None, &f);
+        let [ready, ..] = desired_conditions(None, &f);
         let (notices, seen) = transitions(&seen, &ready, &f, None);
         assert_eq!(
             notices.iter().map(|n| n.reason).collect::<Vec<_>>(),
@@ -516,23 +576,36 @@ mod tests {
         f.counts.failed = 2;
         f.counts.actions_parked = 2;
         f.parked_error = Some("MoveDestinationNotFound: the move destination folder".into());
-        let [ready, degraded] = desired_conditions(None, &f);
-        assert!(ready.status, "mail is still polled and delivered");
+        let [ready, degraded, stalled] = desired_conditions(None, &f);
+        assert!(ready.status.is_true(), "mail is still polled and delivered");
         assert_eq!(
             (degraded.status, degraded.reason.as_str()),
-            (true, "AfterActionsFailed")
+            (Status::True, "MoveDestinationNotFound"),
+            "the reason the actions were parked for"
         );
-        assert!(degraded.message.contains("MoveDestinationNotFound"));
+        assert!(degraded.message.contains("the move destination folder"));
+        assert_eq!(
+            (stalled.status, stalled.reason.as_str()),
+            (Status::True, "MoveDestinationNotFound"),
+            "a missing folder waits for a person"
+        );
         let seen = Seen::from_status(None, &f);
         let (notices, seen) = transitions(&seen, &ready, &f, None);
         assert!(
-            notices
-                .iter()
-                .any(|n| n.warning && n.reason == "AfterActionsFailed"),
+            notices.iter().any(|n| n.warning
+                && n.reason == "MoveDestinationNotFound"
+                && n.action == "AfterDelivery"),
             "{notices:?}"
         );
         let (again, _) = transitions(&seen, &ready, &f, None);
         assert!(again.is_empty(), "reported once");
+        // Graph's own reason, when the actions were refused.
+        f.parked_error = Some("AccessDenied: after-delivery actions refused".into());
+        let [_, degraded, _] = desired_conditions(None, &f);
+        assert_eq!(degraded.reason, "AccessDenied");
+        f.parked_error = Some("something unforeseen".into());
+        let [_, degraded, _] = desired_conditions(None, &f);
+        assert_eq!(degraded.reason, "AfterActionsFailed");
     }
 
     #[test]
@@ -542,19 +615,43 @@ mod tests {
         let mut f = facts(ok.clone(), Some(ok));
         f.last_resync_poll = Some(4);
         f.counts.failed = 2;
-        let [ready, _] = desired_conditions(None, &f);
+        let [ready, ..] = desired_conditions(None, &f);
         let seen = Seen {
-            ready: Some((false, AWAITING_FIRST_POLL.into())),
+            ready: Some((false, RECONCILING.into())),
             last_poll_id: Some(3),
             messages_failed: 1,
             actions_parked: 0,
         };
         let (notices, seen) = transitions(&seen, &ready, &f, None);
         assert_eq!(
-            notices.iter().map(|n| n.reason).collect::<Vec<_>>(),
-            ["ResyncStarted", "DeliveryFailed"]
+            notices
+                .iter()
+                .map(|n| (n.reason, n.action))
+                .collect::<Vec<_>>(),
+            [("ResyncStarted", "Poll"), ("DeliveryFailed", "Deliver")]
         );
         let (notices, _) = transitions(&seen, &ready, &f, None);
         assert!(notices.is_empty());
+    }
+
+    #[test]
+    fn a_failed_poll_publishes_its_own_reason() {
+        let bad = poll(2, false, Some("AccessDenied"));
+        let f = facts(bad.clone(), Some(bad));
+        let [ready, ..] = desired_conditions(None, &f);
+        let seen = Seen {
+            ready: Some((true, POLLING.into())),
+            last_poll_id: Some(2),
+            messages_failed: 0,
+            actions_parked: 0,
+        };
+        let (notices, _) = transitions(&seen, &ready, &f, None);
+        assert_eq!(
+            notices
+                .iter()
+                .map(|n| (n.reason, n.action, n.warning))
+                .collect::<Vec<_>>(),
+            [("AccessDenied", "Poll", true)]
+        );
     }
 }

@@ -177,6 +177,25 @@ impl<D: Directory> ActionsHandler<D> {
         Ok(())
     }
 
+    /// Graph refused the actions for a reason every due message would meet and only a person
+    /// can fix (an app without Mail.ReadWrite: 403 `AccessDenied`, a `$batch` refused by
+    /// policy, credentials that stopped working): all due messages are parked at once with
+    /// Graph's reason, which the status and an Event show, instead of each failing its way to
+    /// the limit with a request per try. A spec change or a forced poll brings them back.
+    async fn refused(
+        &self,
+        config: &MailboxConfig,
+        reason: Reason,
+        error: &GraphError,
+    ) -> Result<(), HandlerError> {
+        let text = format!("{reason}: after-delivery actions refused by Microsoft Graph: {error}");
+        let parked = ledger::park_all_due_actions(&self.pool, config.ledger_id, &text)
+            .await
+            .map_err(HandlerError::retryable)?;
+        self.metrics.messages_failed.inc_by(parked);
+        Ok(())
+    }
+
     /// After a Graph error for `ids`: a throttled mailbox snoozes the task; any other error
     /// counts one failure for each message, parking those that reached the limit (all of
     /// them on the task's last attempt, so a dead task leaves nothing for the sweep to bring
@@ -197,21 +216,24 @@ impl<D: Directory> ActionsHandler<D> {
             .await);
         }
         tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, %error, "after-delivery actions failed");
+        let reason = error.reason();
+        // About the app or the mailbox, not the message: every other message meets it too.
+        if matches!(
+            reason,
+            Reason::AccessDenied | Reason::AuthenticationFailed | Reason::MailboxNotFound
+        ) {
+            return self.refused(config, reason, &error).await;
+        }
         let park_after = if task.attempt() >= task.max_attempts {
             1
         } else {
             MAX_ACTION_FAILURES
         };
-        let text = format!("{}: {error}", error.reason());
-        let parked = ledger::record_action_failures(
-            &self.pool,
-            config.ledger_id,
-            ids,
-            &format!("after-delivery actions failed: {text}"),
-            park_after,
-        )
-        .await
-        .map_err(HandlerError::retryable)?;
+        let text = format!("{reason}: after-delivery actions failed: {error}");
+        let parked =
+            ledger::record_action_failures(&self.pool, config.ledger_id, ids, &text, park_after)
+                .await
+                .map_err(HandlerError::retryable)?;
         self.metrics.messages_failed.inc_by(parked.len() as u64);
         if parked.len() == ids.len() {
             return Ok(());

@@ -10,10 +10,11 @@
 //! | [`heartbeat`] | `running` (own lease) | `running`, lease extended |
 //! | [`finish`] ([`complete`], [`fail`], [`snooze`], [`release`]) | `running` (own lease) | `succeeded`, `pending` or `dead` |
 //! | [`rescue`] | `running`, lease expired | `pending` (an attempt counted) or `dead` |
-//! | [`retry_dead`] | `dead` | `pending`, attempts reset |
+//! | [`retry_dead`] / [`retry_dead_matching`] | `dead` | `pending`, attempts reset (in bulk, `cancelled` when another task holds or takes its dedupe key) |
 //! | [`pull_forward`] | `pending`, due later | `pending`, due sooner |
 //! | [`cancel_owner`] | `pending` / `running` | `cancelled` |
 //! | [`cancel_pending`] | `pending` (by dedupe key) | `cancelled` |
+//! | [`cancel_matching`] | `pending` / `dead` (by id, kind, owner) | `cancelled` |
 //! | [`prune`] | `succeeded` / `cancelled`, old | deleted |
 //!
 //! Operations on a held task are fenced by its [`Lease`] (task id and the lock token of the
@@ -41,10 +42,11 @@ pub use args::TaskArgs;
 pub use backoff::RetryPolicy;
 pub use stats::{QueueCounters, QueueCountersSnapshot, QueueDepth};
 pub use store::{
-    FinishOutcome, PruneReport, RescueReport, TaskFilter, cancel_owner, cancel_pending, claim,
-    complete, dead_tasks, depth, enqueue, enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail,
-    finish, finish_on, get, heartbeat, list, live_owners_older_than, live_task, prune,
-    pull_forward, release, rescue, retry_dead, snooze,
+    FinishOutcome, PruneReport, RescueReport, RetryReport, TaskFilter, TaskSelection,
+    cancel_matching, cancel_owner, cancel_pending, claim, complete, dead_tasks, depth, enqueue,
+    enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail, finish, finish_on, get, heartbeat,
+    list, live_owners_older_than, live_task, prune, pull_forward, release, rescue, retry_dead,
+    retry_dead_matching, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{

@@ -952,6 +952,8 @@ pub async fn dead_tasks<'e, A: TaskArgs>(
 pub struct TaskFilter {
     pub state: Option<TaskState>,
     pub kind: Option<String>,
+    /// Only tasks of these owners (MailboxPoll uids).
+    pub owners: Option<Vec<Uuid>>,
     pub limit: i64,
 }
 
@@ -960,6 +962,7 @@ impl Default for TaskFilter {
         Self {
             state: None,
             kind: None,
+            owners: None,
             limit: 50,
         }
     }
@@ -973,6 +976,7 @@ pub async fn list<'e>(
     let sql = format!(
         "SELECT {TASK_COLUMNS} FROM tasks
          WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR kind = $2)
+           AND ($4::uuid[] IS NULL OR owner_uid = ANY($4))
          ORDER BY id DESC
          LIMIT $3"
     );
@@ -980,9 +984,120 @@ pub async fn list<'e>(
         .bind(filter.state.map(TaskState::as_str))
         .bind(filter.kind.as_deref())
         .bind(filter.limit)
+        .bind(filter.owners.as_deref())
         .fetch_all(executor)
         .await
         .map_err(QueueError::db("listing tasks"))
+}
+
+/// Which tasks a bulk [`retry_dead_matching`] or [`cancel_matching`] touches; every field
+/// that is set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskSelection {
+    pub ids: Option<Vec<i64>>,
+    pub kind: Option<String>,
+    pub owners: Option<Vec<Uuid>>,
+}
+
+/// What a bulk retry did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryReport {
+    /// Dead tasks now pending again, attempts reset.
+    pub revived: Vec<i64>,
+    /// Dead tasks cancelled instead: another task with the same dedupe key is live (or was
+    /// revived by this call), and one live task per key is the rule.
+    pub superseded: Vec<i64>,
+}
+
+/// Brings every selected dead task back to pending with a full set of attempts. Tasks in
+/// other states are left alone. Of several selected dead tasks sharing a dedupe key (a
+/// mailbox's after-actions, say) the newest is revived and the others cancelled, as is one
+/// whose key a live task already holds: one live task per key.
+pub async fn retry_dead_matching<'c, A>(
+    conn: A,
+    selection: &TaskSelection,
+) -> Result<RetryReport, QueueError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    let mut tx = conn.begin().await.map_err(QueueError::db("bulk retry"))?;
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "WITH selected AS (
+             SELECT id, dedupe_key FROM tasks
+             WHERE state = 'dead'
+               AND ($1::bigint[] IS NULL OR id = ANY($1))
+               AND ($2::text IS NULL OR kind = $2)
+               AND ($3::uuid[] IS NULL OR owner_uid = ANY($3))
+             FOR UPDATE
+         ), revivable AS (
+             SELECT id FROM selected WHERE dedupe_key IS NULL
+             UNION ALL
+             SELECT * FROM (
+                 SELECT DISTINCT ON (s.dedupe_key) s.id FROM selected s
+                 WHERE s.dedupe_key IS NOT NULL AND NOT EXISTS (
+                     SELECT 1 FROM tasks live
+                     WHERE live.dedupe_key = s.dedupe_key AND live.state IN ('pending', 'running'))
+                 ORDER BY s.dedupe_key, s.id DESC
+             ) newest
+         )
+         UPDATE tasks t
+         SET state = CASE WHEN t.id IN (SELECT id FROM revivable) THEN 'pending' ELSE 'cancelled' END,
+             attempts = CASE WHEN t.id IN (SELECT id FROM revivable) THEN 0 ELSE t.attempts END,
+             run_at = now(),
+             finished_at = CASE WHEN t.id IN (SELECT id FROM revivable) THEN NULL ELSE now() END,
+             lock_token = NULL, lease_expires_at = NULL, updated_at = now()
+         FROM selected
+         WHERE t.id = selected.id
+         RETURNING t.id, t.state",
+    )
+    .bind(selection.ids.as_deref())
+    .bind(selection.kind.as_deref())
+    .bind(selection.owners.as_deref())
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(QueueError::db("bulk retry"))?;
+    let mut report = RetryReport::default();
+    for (id, state) in rows {
+        if state == TaskState::Pending.as_str() {
+            report.revived.push(id);
+        } else {
+            report.superseded.push(id);
+        }
+    }
+    report.revived.sort_unstable();
+    report.superseded.sort_unstable();
+    if !report.revived.is_empty() {
+        sqlx::query("SELECT pg_notify('mailpoll_tasks', '')")
+            .execute(&mut *tx)
+            .await
+            .map_err(QueueError::db("bulk retry (waking workers)"))?;
+    }
+    tx.commit().await.map_err(QueueError::db("bulk retry"))?;
+    Ok(report)
+}
+
+/// Cancels every selected pending or dead task (a person gives up on it); returns their
+/// ids. A running task is left to finish: its worker holds it.
+pub async fn cancel_matching<'e>(
+    executor: impl PgExecutor<'e>,
+    selection: &TaskSelection,
+) -> Result<Vec<i64>, QueueError> {
+    sqlx::query_scalar(
+        "UPDATE tasks
+         SET state = 'cancelled', lock_token = NULL, lease_expires_at = NULL,
+             finished_at = now(), updated_at = now()
+         WHERE state IN ('pending', 'dead')
+           AND ($1::bigint[] IS NULL OR id = ANY($1))
+           AND ($2::text IS NULL OR kind = $2)
+           AND ($3::uuid[] IS NULL OR owner_uid = ANY($3))
+         RETURNING id",
+    )
+    .bind(selection.ids.as_deref())
+    .bind(selection.kind.as_deref())
+    .bind(selection.owners.as_deref())
+    .fetch_all(executor)
+    .await
+    .map_err(QueueError::db("cancelling tasks"))
 }
 
 /// One task by id.

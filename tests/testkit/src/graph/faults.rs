@@ -204,7 +204,8 @@ impl Default for TokenEndpointFaults {
 pub struct BatchFaults {
     /// The next this many envelopes are refused whole with `status`, no inner request run.
     pub fail_next: u32,
-    /// 429 (`TooManyRequests`) or 503 (`serviceNotAvailable`).
+    /// 429 (`TooManyRequests`), 503 (`serviceNotAvailable`) or 403 (`Forbidden`, refused by
+    /// a tenant policy, without `Retry-After`).
     pub status: u16,
     /// `Retry-After` seconds on refused envelopes.
     pub retry_after_secs: u64,

@@ -1081,6 +1081,14 @@ async fn batch(
 fn envelope_refusal(batch: &BatchFaults) -> ApiError {
     let error = if batch.status == 429 {
         ApiError::new(429, "TooManyRequests", "Please retry again later.")
+    } else if batch.status == 403 {
+        // A tenant policy (Conditional Access for workload identities, an application access
+        // policy) refusing the whole request: no Retry-After, nothing passes by itself.
+        return ApiError::new(
+            403,
+            "Forbidden",
+            "Access is denied. Check credentials and try again.",
+        );
     } else {
         ApiError::new(
             batch.status,
