@@ -178,7 +178,8 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     // A poll about to start writes its status when it has finished: one write per poll. A new
     // generation (a new object, a spec change) is written at once, so `kubectl wait` and GitOps
     // health checks see it observed (Ready=Unknown until the first poll says more).
-    let facts = status::load(&ctx.pool, uid, ledger_id(poll, ctx).await?).await?;
+    let mut facts = status::load(&ctx.pool, uid, ledger_id(poll, ctx).await?).await?;
+    facts.suspended = poll.spec.suspend;
     let now = Utc::now();
     let observed = poll.status.as_ref().and_then(|s| s.observed_generation);
     if observed.is_some()

@@ -19,6 +19,8 @@ use crate::resource::MailboxPollStatus;
 
 /// Reason of `Ready=Unknown` from the first reconcile until the first poll finished.
 pub const RECONCILING: &str = "Reconciling";
+/// Reason of `Ready=Unknown` for a suspended MailboxPoll that has never polled.
+pub const SUSPENDED: &str = "Suspended";
 /// Reason of `Ready=True`.
 pub const POLLING: &str = "Polling";
 /// Reason of `Degraded=False`.
@@ -51,6 +53,8 @@ pub struct Facts {
     pub last_poll_id: Option<i64>,
     /// Why after-actions were parked most recently, when some are.
     pub parked_error: Option<String>,
+    /// The spec suspends scheduled polls (from the object, not the database).
+    pub suspended: bool,
 }
 
 /// Reads the facts of one MailboxPoll: `uid` is the object's, `ledger_id` its ledger's.
@@ -84,6 +88,7 @@ pub async fn load(pool: &PgPool, uid: Uuid, ledger_id: Uuid) -> Result<Facts, Re
         last_resync_poll: summary.last_resync_poll,
         last_poll_id: summary.last_poll_id,
         parked_error,
+        suspended: false,
     })
 }
 
@@ -105,6 +110,12 @@ pub fn desired_conditions(config_error: Option<&ConfigError>, facts: &Facts) -> 
             false,
             error.reason().as_str(),
             short(&error.to_string()),
+        ),
+        (None, None) if facts.suspended => Desired::new(
+            READY,
+            Status::Unknown,
+            SUSPENDED,
+            "scheduled polls are suspended and none has run yet; a forced poll still runs",
         ),
         (None, None) => Desired::new(
             READY,
@@ -326,7 +337,7 @@ pub fn transitions(
     let was_failing = seen
         .ready
         .as_ref()
-        .is_some_and(|(status, reason)| !status && reason != RECONCILING);
+        .is_some_and(|(status, reason)| !status && reason != RECONCILING && reason != SUSPENDED);
     let mut notices = Vec::new();
     if seen.ready.as_ref() != Some(&now_ready) {
         notices.extend(readiness_notice(ready, was_failing, config_error));
@@ -508,6 +519,15 @@ mod tests {
             (Status::Unknown, RECONCILING)
         );
         assert_eq!(stalled.status, Status::False);
+        let suspended = Facts {
+            suspended: true,
+            ..Facts::default()
+        };
+        let [ready, ..] = desired_conditions(None, &suspended);
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (Status::Unknown, SUSPENDED)
+        );
     }
 
     #[test]

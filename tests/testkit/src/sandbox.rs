@@ -29,6 +29,7 @@ use crate::pg::tempdir::TempDir;
 use crate::pg::{PgServer, free_port};
 use crate::wait::{Patience, try_wait_for};
 use crate::webhook_receiver::WebhookReceiver;
+use mailpoll::resource::MailboxPoll;
 
 /// The webhook address the files in `examples/` name; the sandbox listens there by default
 /// and rewrites it to the receiver's real address when it applies them elsewhere.
@@ -102,16 +103,22 @@ struct Replica {
 }
 
 /// Ledger figures of one MailboxPoll.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct MailboxProgress {
     pub namespace: String,
     pub name: String,
     pub mailbox: String,
-    /// Messages in the ledger (tombstones excluded).
+    /// Messages in the ledger, also those moved out of the folder since:
+    /// `delivered + pending + failed + skipped`.
     pub recorded: i64,
+    /// Every configured step done (the webhook, and the after-actions when there are any).
     pub delivered: i64,
     pub pending: i64,
     pub failed: i64,
+    /// Never to be delivered: removed from the folder before delivery, or nothing to do.
+    pub skipped: i64,
+    /// Of the delivered, those whose after-actions (mark read, move) ran.
+    pub actions_done: i64,
 }
 
 /// A running sandbox. Dropping it kills the replicas and removes every temporary file;
@@ -522,12 +529,15 @@ impl Sandbox {
 
     /// Ledger figures per MailboxPoll that has polled at least once.
     pub async fn progress(&self) -> anyhow::Result<Vec<MailboxProgress>> {
-        let rows: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        sqlx::query_as(
             "SELECT c.namespace, c.name, c.mailbox,
-                    count(m.message_id) FILTER (WHERE m.removed_at IS NULL),
-                    count(m.message_id) FILTER (WHERE m.delivery_state = 'delivered'),
-                    count(m.message_id) FILTER (WHERE m.delivery_state = 'pending'),
-                    count(m.message_id) FILTER (WHERE m.delivery_state = 'failed')
+                    count(m.message_id) AS recorded,
+                    count(m.message_id) FILTER (WHERE m.delivery_state = 'delivered') AS delivered,
+                    count(m.message_id) FILTER (WHERE m.delivery_state = 'pending') AS pending,
+                    count(m.message_id) FILTER (WHERE m.delivery_state = 'failed') AS failed,
+                    count(m.message_id) FILTER (WHERE m.delivery_state IN ('skipped', 'none'))
+                        AS skipped,
+                    count(m.message_id) FILTER (WHERE m.actions_done_at IS NOT NULL) AS actions_done
                FROM mailbox_cursors c
                LEFT JOIN mailbox_identities i
                       ON i.uid = c.mailbox_uid AND i.mailbox = lower(c.mailbox) AND i.folder = c.folder
@@ -537,22 +547,67 @@ impl Sandbox {
         )
         .fetch_all(&self.pool)
         .await
-        .context("reading ledger figures")?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(namespace, name, mailbox, recorded, delivered, pending, failed)| {
-                    MailboxProgress {
-                        namespace,
-                        name,
-                        mailbox,
-                        recorded,
-                        delivered,
-                        pending,
-                        failed,
+        .context("reading ledger figures")
+    }
+
+    /// One line per MailboxPoll with its conditions (`Ready=True Polling` …), as the leader
+    /// wrote them.
+    pub async fn conditions(&self) -> anyhow::Result<Vec<String>> {
+        let api: kube::Api<MailboxPoll> = kube::Api::all(self.kube.client()?);
+        let polls = api.list(&Default::default()).await?;
+        Ok(polls
+            .items
+            .iter()
+            .map(|poll| {
+                let conditions: Vec<String> = poll
+                    .status
+                    .iter()
+                    .flat_map(|status| &status.conditions)
+                    .map(|c| format!("{}={} {}", c.type_, c.status, c.reason))
+                    .collect();
+                format!(
+                    "{}/{}: {}",
+                    poll.metadata.namespace.as_deref().unwrap_or_default(),
+                    poll.metadata.name.as_deref().unwrap_or_default(),
+                    if conditions.is_empty() {
+                        "no status yet".to_owned()
+                    } else {
+                        conditions.join(", ")
                     }
-                },
-            )
+                )
+            })
+            .collect())
+    }
+
+    /// Events of MailboxPolls, oldest first, as `uid: line` (the uid tells them apart).
+    pub async fn events(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let api: kube::Api<k8s_openapi::api::events::v1::Event> =
+            kube::Api::all(self.kube.client()?);
+        let mut events = api.list(&Default::default()).await?.items;
+        events.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+        Ok(events
+            .into_iter()
+            .map(|event| {
+                let object = event
+                    .regarding
+                    .as_ref()
+                    .map(|r| {
+                        format!(
+                            "{}/{}",
+                            r.namespace.as_deref().unwrap_or_default(),
+                            r.name.as_deref().unwrap_or_default()
+                        )
+                    })
+                    .unwrap_or_default();
+                let line = format!(
+                    "Event {} {} {object} ({}): {}",
+                    event.type_.as_deref().unwrap_or_default(),
+                    event.reason.as_deref().unwrap_or_default(),
+                    event.action.as_deref().unwrap_or_default(),
+                    event.note.as_deref().unwrap_or_default()
+                );
+                (event.metadata.uid.unwrap_or_default(), line)
+            })
             .collect())
     }
 

@@ -179,6 +179,7 @@ async fn watch(
     let trickle = (trickle_seconds > 0.0).then(|| Duration::from_secs_f64(trickle_seconds));
     let mut next_mail = trickle.map(|every| tokio::time::Instant::now() + every);
     let mut last_lines: Vec<String> = Vec::new();
+    let mut seen_events = std::collections::HashSet::new();
     let mut first_delivery_shown = false;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -204,17 +205,25 @@ async fn watch(
         let Ok(progress) = sandbox.progress().await else {
             continue;
         };
-        let lines = progress_lines(&sandbox.arrived(), &progress);
+        let mut lines = progress_lines(&sandbox.arrived(), &progress);
+        // The API server may be briefly away too; conditions and Events show when it answers.
+        lines.extend(sandbox.conditions().await.unwrap_or_default());
         for (index, line) in lines.iter().enumerate() {
             if last_lines.get(index) != Some(line) {
                 println!("[{:>5.0}s] {line}", began.elapsed().as_secs_f64());
             }
         }
         last_lines = lines;
+        for (uid, line) in sandbox.events().await.unwrap_or_default() {
+            if seen_events.insert(uid) {
+                println!("[{:>5.0}s] {line}", began.elapsed().as_secs_f64());
+            }
+        }
     }
 }
 
-/// One line per mailbox: what arrived in Graph, what the ledger recorded and delivered.
+/// One line per mailbox: what arrived in Graph, and where the ledger's messages stand, in
+/// columns that add up (recorded = delivered + pending + failed + skipped).
 fn progress_lines(
     arrived: &std::collections::BTreeMap<String, u64>,
     progress: &[MailboxProgress],
@@ -230,14 +239,10 @@ fn progress_lines(
             polls
                 .iter()
                 .map(|p| {
-                    let mut line = format!(
-                        "{mailbox:<24} arrived {arrived:>5}   recorded {:>5}   delivered {:>5}   ({}/{})",
-                        p.recorded, p.delivered, p.namespace, p.name
-                    );
-                    if p.failed > 0 {
-                        line.push_str(&format!("   FAILED {}", p.failed));
-                    }
-                    line
+                    format!(
+                        "{mailbox:<24} arrived {arrived:>5}   recorded {:>5} = delivered {:>5} + pending {:>4} + failed {:>3} + skipped {:>3}   actions done {:>5}   ({}/{})",
+                        p.recorded, p.delivered, p.pending, p.failed, p.skipped, p.actions_done, p.namespace, p.name
+                    )
                 })
                 .collect::<Vec<_>>()
                 .join("\n")
