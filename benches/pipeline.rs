@@ -139,7 +139,7 @@ impl Case {
             DeliverHandler::new(
                 pool.clone(),
                 directory,
-                reqwest::Client::new(),
+                mailpoll_testkit::webhook_receiver::loopback_webhook_client(),
                 metrics.clone(),
             ),
         )

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use mailpoll::cli::commands::{self, MessagesCommand, TasksCommand};
+use mailpoll::delivery::egress::{self, EgressGuard, EgressPolicy};
 use mailpoll::directory::{Scope, WorkloadIdentityEnv};
 use mailpoll::telemetry::{self, LogFormat};
 use mailpoll::{db, identity, operator, resource};
@@ -209,6 +210,34 @@ struct OperatorArgs {
         default_value_t = 300.0
     )]
     retention_interval_seconds: f64,
+    /// Let webhooks reach loopback addresses (127.0.0.0/8, ::1, and 0.0.0.0/::, which reach
+    /// the host too). Off: a MailboxPoll must not make the operator call its own pod.
+    #[arg(long, env = "MAILPOLL_WEBHOOK_ALLOW_LOOPBACK")]
+    webhook_allow_loopback: bool,
+    /// Let webhooks reach link-local addresses (169.254.0.0/16 with the cloud metadata
+    /// service, fe80::/10).
+    #[arg(long, env = "MAILPOLL_WEBHOOK_ALLOW_LINK_LOCAL")]
+    webhook_allow_link_local: bool,
+    /// Let a MailboxPoll's webhook reach cluster services of every namespace, not only its own.
+    #[arg(long, env = "MAILPOLL_WEBHOOK_ALLOW_OTHER_NAMESPACES")]
+    webhook_allow_other_namespaces: bool,
+    /// Webhook hosts allowed whatever their namespace or denied range, comma-separated:
+    /// `hooks.example.com`, `*.example.com`, `hooks.shared.svc.cluster.local`.
+    #[arg(long, env = "MAILPOLL_WEBHOOK_ALLOWED_HOSTS", default_value = "")]
+    webhook_allowed_hosts: String,
+    /// Address ranges webhooks may always reach, loopback and link-local included,
+    /// comma-separated: `10.0.5.0/24,fd00:5::/64`.
+    #[arg(long, env = "MAILPOLL_WEBHOOK_ALLOWED_CIDRS", default_value = "")]
+    webhook_allowed_cidrs: String,
+    /// Address ranges webhooks may not reach, except through an allowed host or a service
+    /// name of the MailboxPoll's own namespace, comma-separated (for example the cluster's
+    /// pod and service ranges: `10.244.0.0/16,10.96.0.0/12`).
+    #[arg(long, env = "MAILPOLL_WEBHOOK_DENIED_CIDRS", default_value = "")]
+    webhook_denied_cidrs: String,
+    /// The cluster's DNS domain, which tells service names (`<service>.<namespace>.svc.<domain>`)
+    /// apart from other names.
+    #[arg(long, env = "MAILPOLL_CLUSTER_DOMAIN", default_value = egress::DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
 }
 
 /// A duration flag in days; rejects what a Duration cannot hold.
@@ -236,6 +265,7 @@ impl OperatorArgs {
             .database
             .pool_config(worker_connections.saturating_add(4));
         config.scope = Scope::parse(&self.watch_namespaces);
+        config.webhook_egress = EgressGuard::new(self.egress_policy()?);
         config.workers.concurrency = self.worker_concurrency.max(1);
         config.workers.poll_interval = seconds(
             "worker-poll-interval-seconds",
@@ -312,6 +342,29 @@ impl OperatorArgs {
             namespaces: Scope::parse(&self.workload_identity_namespaces),
         };
         Ok(config)
+    }
+
+    fn egress_policy(&self) -> anyhow::Result<EgressPolicy> {
+        let cluster_domain = self
+            .cluster_domain
+            .trim()
+            .trim_matches('.')
+            .to_ascii_lowercase();
+        if cluster_domain.is_empty() {
+            anyhow::bail!("--cluster-domain must not be empty");
+        }
+        Ok(EgressPolicy {
+            allow_loopback: self.webhook_allow_loopback,
+            allow_link_local: self.webhook_allow_link_local,
+            allow_other_namespaces: self.webhook_allow_other_namespaces,
+            allowed_hosts: egress::parse_list(&self.webhook_allowed_hosts)
+                .map_err(|e| anyhow::anyhow!("--webhook-allowed-hosts: {e}"))?,
+            allowed_cidrs: egress::parse_list(&self.webhook_allowed_cidrs)
+                .map_err(|e| anyhow::anyhow!("--webhook-allowed-cidrs: {e}"))?,
+            denied_cidrs: egress::parse_list(&self.webhook_denied_cidrs)
+                .map_err(|e| anyhow::anyhow!("--webhook-denied-cidrs: {e}"))?,
+            cluster_domain,
+        })
     }
 }
 
@@ -410,12 +463,55 @@ async fn run(command: Command) -> anyhow::Result<()> {
 mod tests {
     use clap::CommandFactory;
 
-    use super::Cli;
+    use super::*;
 
     #[test]
     fn the_command_line_is_consistent() {
         // clap's own checks (conflicting names, a global argument that is required, ...),
         // which otherwise only fire when someone runs the command.
         Cli::command().debug_assert();
+    }
+
+    fn operator_args(extra: &[&str]) -> OperatorArgs {
+        let mut argv = vec![
+            "mailpoll",
+            "operator",
+            "--database-url",
+            "postgres://db/mailpoll",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map(|cli| cli.command) {
+            Ok(Command::Operator(args)) => *args,
+            other => panic!("expected operator arguments, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn webhook_egress_flags_make_the_policy() {
+        let strict = operator_args(&[]).egress_policy().expect("default policy");
+        assert_eq!(strict, EgressPolicy::default());
+        let open = operator_args(&[
+            "--webhook-allow-loopback",
+            "--webhook-allowed-hosts",
+            "hooks.example.com, *.tools.svc",
+            "--webhook-allowed-cidrs",
+            "10.0.5.0/24",
+            "--webhook-denied-cidrs",
+            "10.96.0.0/12,10.244.0.0/16",
+            "--cluster-domain",
+            "Corp.Internal.",
+        ])
+        .egress_policy()
+        .expect("policy");
+        assert!(open.allow_loopback && !open.allow_link_local && !open.allow_other_namespaces);
+        assert_eq!(open.allowed_hosts.len(), 2);
+        assert_eq!(open.allowed_cidrs.len(), 1);
+        assert_eq!(open.denied_cidrs.len(), 2);
+        assert_eq!(open.cluster_domain, "corp.internal");
+        let bad = operator_args(&["--webhook-denied-cidrs", "pods"]).egress_policy();
+        assert_eq!(
+            bad.map_err(|e| e.to_string()).expect_err("not a range"),
+            "--webhook-denied-cidrs: \"pods\" is not an address range such as 10.0.0.0/8 or fd00::/8"
+        );
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{self, LeaderWork};
+use crate::delivery::egress::{EgressGuard, GuardedClient};
 use crate::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 use crate::graph::{Governor, GovernorConfig, GraphClient, GraphConfig, GraphError};
 use crate::leader::{self, LeaderConfig};
@@ -68,6 +69,8 @@ pub struct OperatorConfig {
     pub leader_work: LeaderWork,
     /// How often queue depth gauges are refreshed.
     pub metrics_interval: Duration,
+    /// Where webhooks may go: enforced by the webhook client, reported by the reconciler.
+    pub webhook_egress: EgressGuard,
 }
 
 impl OperatorConfig {
@@ -99,6 +102,7 @@ impl OperatorConfig {
             directory: DirectorySettings::default(),
             leader_work: LeaderWork::new(Scope::All, identity),
             metrics_interval: Duration::from_secs(10),
+            webhook_egress: EgressGuard::default(),
         }
     }
 }
@@ -321,6 +325,7 @@ impl Leadership {
         );
         let mut leader_work = config.leader_work.clone();
         leader_work.scope = config.scope.clone();
+        leader_work.reconcile.egress = config.webhook_egress.clone();
         leader_work.identity = config.workers.worker_id.to_string();
         let controller_stop = CancellationToken::new();
         let controller = tokio::spawn(controller::lead(
@@ -373,13 +378,9 @@ fn start_workers(
     graph: &GraphClient,
     metrics: &SharedMetrics,
 ) -> Result<queue::RunningPool, OperatorError> {
-    let webhook_http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(USER_AGENT)
-        .build()
-        .map_err(|e| {
-            OperatorError::Graph(GraphError::Config(format!("webhook HTTP client: {e}")))
-        })?;
+    let webhook = GuardedClient::new(config.webhook_egress.clone(), USER_AGENT).map_err(|e| {
+        OperatorError::Graph(GraphError::Config(format!("webhook HTTP client: {e}")))
+    })?;
     Ok(WorkerPool::new(pool.clone(), config.workers.clone())
         .register(
             POLL,
@@ -393,12 +394,7 @@ fn start_workers(
         )
         .register(
             DELIVER,
-            DeliverHandler::new(
-                pool.clone(),
-                directory.clone(),
-                webhook_http,
-                metrics.clone(),
-            ),
+            DeliverHandler::new(pool.clone(), directory.clone(), webhook, metrics.clone()),
         )
         .register(
             ACTIONS,

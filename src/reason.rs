@@ -35,12 +35,14 @@ pub enum Reason {
     AfterActionsFailed,
     /// The move destination of the after-delivery actions does not exist in the mailbox.
     MoveDestinationNotFound,
+    /// The operator's egress policy refuses the webhook's destination.
+    WebhookForbidden,
     /// A reason this version does not know (written by another version).
     PollFailed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
         Reason::InvalidCredentials,
@@ -58,6 +60,7 @@ impl Reason {
         Reason::ShuttingDown,
         Reason::AfterActionsFailed,
         Reason::MoveDestinationNotFound,
+        Reason::WebhookForbidden,
         Reason::PollFailed,
     ];
 
@@ -81,6 +84,7 @@ impl Reason {
             Reason::ShuttingDown => "ShuttingDown",
             Reason::AfterActionsFailed => "AfterActionsFailed",
             Reason::MoveDestinationNotFound => "MoveDestinationNotFound",
+            Reason::WebhookForbidden => "WebhookForbidden",
             Reason::PollFailed => "PollFailed",
         }
     }
@@ -102,8 +106,9 @@ impl Reason {
         )
     }
 
-    /// The failure comes from the configuration (the Secrets), which the reconciler checks
-    /// itself: a failed poll with it says nothing once that check passes.
+    /// The failure comes from the configuration (the Secrets, the webhook's destination),
+    /// which the reconciler checks itself: a failed poll with it says nothing once that check
+    /// passes.
     pub fn from_configuration(self) -> bool {
         matches!(
             self,
@@ -113,6 +118,7 @@ impl Reason {
                 | Reason::SecretForbidden
                 | Reason::InvalidWebhook
                 | Reason::KubernetesUnavailable
+                | Reason::WebhookForbidden
         )
     }
 
@@ -164,10 +170,12 @@ mod tests {
                 "Throttled",
                 "ResyncRequired",
                 "Transient",
-                "ShuttingDown"
+                "ShuttingDown",
+                "WebhookForbidden"
             ]
         );
         assert!(Reason::AuthenticationFailed.needs_person());
         assert!(!Reason::Throttled.needs_person());
+        assert!(Reason::WebhookForbidden.needs_person());
     }
 }

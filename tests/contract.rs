@@ -260,7 +260,7 @@ async fn deliver_all(db: &TestDatabase, url: String) {
     let handler = DeliverHandler::new(
         db.pool.clone(),
         Arc::new(directory),
-        reqwest::Client::new(),
+        mailpoll_testkit::webhook_receiver::loopback_webhook_client(),
         Arc::new(Metrics::new()),
     );
     let pool = WorkerPool::new(

@@ -382,7 +382,7 @@ impl Hunt {
             DeliverHandler::new(
                 self.db.pool.clone(),
                 directory.clone(),
-                reqwest::Client::new(),
+                mailpoll_testkit::webhook_receiver::loopback_webhook_client(),
                 metrics.clone(),
             ),
         )

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use mailpoll::delivery::egress::{EgressGuard, EgressPolicy};
 use mailpoll::directory::{DirectorySettings, Scope};
 use mailpoll::graph::{Certificate, GovernorConfig};
 use mailpoll::identity::DeletionPolicy;
@@ -22,7 +23,7 @@ use mailpoll_testkit::graph::{
 };
 use mailpoll_testkit::kube::{KubeEmulator, RequestRecord};
 use mailpoll_testkit::pg::{TestDatabase, free_port};
-use mailpoll_testkit::webhook_receiver::{TEST_SIGNING_SECRET, WebhookReceiver};
+use mailpoll_testkit::webhook_receiver::{FixedLookup, TEST_SIGNING_SECRET, WebhookReceiver};
 use mailpoll_testkit::{try_wait_for, wait_for, wait_until};
 use serde_json::json;
 use uuid::Uuid;
@@ -55,6 +56,12 @@ impl World {
     /// The world's own namespace holds the Lease, as a release namespace does; it is watched
     /// only when `scope` is all namespaces.
     async fn start_in(scope: Scope) -> Self {
+        // The test receivers listen on loopback.
+        Self::start_with(scope, EgressGuard::new(EgressPolicy::allowing_loopback())).await
+    }
+
+    /// The operator with the webhook egress policy `egress`.
+    async fn start_with(scope: Scope, egress: EgressGuard) -> Self {
         mailpoll::install_crypto_provider();
         let db = TestDatabase::create().await.expect("test database");
         let kube = KubeEmulator::start()
@@ -86,6 +93,7 @@ impl World {
             KubeSource::Config(Box::new(kube.config().expect("emulator config"))),
         );
         config.scope = scope;
+        config.webhook_egress = egress;
         config.pool.max_connections = 8;
         config.workers.worker_id = WorkerId::named("operator-test");
         config.workers.poll_interval = Duration::from_millis(200);
@@ -1278,6 +1286,125 @@ async fn after_actions_refused_by_graph_are_shown_with_graphs_reason() {
     world
         .wait_status("readonly", "both new messages parked AccessDenied", |s| {
             refused(s) && s.messages_failed == Some(2)
+        })
+        .await;
+    world.stop().await;
+}
+
+/// A webhook whose host resolves to a loopback address: the Ready condition and an Event say
+/// which rule refuses it (never the URL's secret), scheduled polls pause, a forced poll's
+/// deliveries fail at once without reaching the receiver, and a new URL clears it.
+#[tokio::test]
+async fn a_refused_webhook_destination_is_a_condition_and_nothing_reaches_it() {
+    let receiver = WebhookReceiver::start(None)
+        .await
+        .expect("webhook receiver");
+    let port = receiver
+        .url()
+        .split(':')
+        .nth(2)
+        .and_then(|rest| rest.split('/').next())
+        .expect("port")
+        .to_owned();
+    let names = [
+        ("hooks.rebind.example.", "127.0.0.1"),
+        ("hooks.public.example.", "203.0.113.7"),
+    ];
+    let egress = FixedLookup::guard(EgressPolicy::default(), &names).expect("lookup table");
+    let world = World::start_with(Scope::All, egress).await;
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 2)
+        .expect("messages added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world
+        .create_delivering(
+            "refused",
+            &format!("https://hooks.rebind.example:{port}/hook?sig=s3cret"),
+        )
+        .await;
+    let expected = "webhook host hooks.rebind.example resolves to 127.0.0.1, a loopback address; \
+                    the operator does not allow loopback destinations (--webhook-allow-loopback)";
+    let status = world
+        .wait_status("refused", "the refused destination", |s| {
+            condition(s, "Ready") == Some(("False", "WebhookForbidden"))
+        })
+        .await;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(ready.message, expected);
+    assert_eq!(
+        condition(&status, "Stalled"),
+        Some(("True", "WebhookForbidden")),
+        "progress waits for a person"
+    );
+    let events = world.events("refused").await;
+    let warning = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("WebhookForbidden"))
+        .unwrap_or_else(|| panic!("a WebhookForbidden Event: {events:?}"));
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        warning.note.as_deref(),
+        Some(format!("WebhookForbidden: {expected}").as_str())
+    );
+    assert_eq!(
+        world.polls(uid).await,
+        0,
+        "scheduled polls wait for a usable destination"
+    );
+
+    // A forced poll still runs; each of its deliveries fails at its first attempt.
+    world.request_poll("refused", "1").await;
+    let status = world
+        .wait_status("refused", "the failed deliveries", |s| {
+            s.messages_failed == Some(2)
+        })
+        .await;
+    assert_eq!(
+        condition(&status, "Ready"),
+        Some(("False", "WebhookForbidden"))
+    );
+    let tasks: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT state, attempts, last_error FROM tasks WHERE kind = 'deliver' AND owner_uid = $1",
+    )
+    .bind(uid)
+    .fetch_all(&world.db.pool)
+    .await
+    .expect("deliver tasks");
+    assert_eq!(
+        tasks,
+        vec![("dead".to_owned(), 1, Some(expected.to_owned())); 2]
+    );
+    assert_eq!(receiver.connections(), 0, "nothing reached the receiver");
+    let events = world.events("refused").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DeliveryFailed")),
+        "{events:?}"
+    );
+    for event in events {
+        let note = event.note.unwrap_or_default();
+        assert!(
+            !note.contains("s3cret") && !note.contains("/hook"),
+            "{note}"
+        );
+    }
+
+    // A destination the policy allows clears the condition.
+    world
+        .patch(
+            "refused",
+            json!({"spec": {"delivery": {"webhook": {"url": format!("https://hooks.public.example:{port}/hook")}}}}),
+        )
+        .await;
+    world
+        .wait_status("refused", "the refusal to clear", |s| {
+            condition(s, "Ready").is_some_and(|(_, reason)| reason != "WebhookForbidden")
         })
         .await;
     world.stop().await;

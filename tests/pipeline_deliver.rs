@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailpoll::cursor::Source;
-use mailpoll::delivery::endpoint::Endpoint;
+use mailpoll::delivery::egress::{EgressGuard, EgressPolicy, GuardedClient};
+use mailpoll::delivery::endpoint::{Endpoint, WebhookUrl};
 use mailpoll::delivery::signing::message_key;
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::Credentials;
@@ -19,7 +20,7 @@ use mailpoll::telemetry::metrics::Metrics;
 use mailpoll_testkit::directory::StaticDirectory;
 use mailpoll_testkit::pg::TestDatabase;
 use mailpoll_testkit::wait_until;
-use mailpoll_testkit::webhook_receiver::WebhookReceiver;
+use mailpoll_testkit::webhook_receiver::{Hostile, WebhookReceiver, loopback_webhook_client};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -116,13 +117,46 @@ async fn ledger_count(pool: &PgPool, uid: Uuid, state: &str) -> i64 {
 }
 
 fn handler(db: &TestDatabase, directory: &StaticDirectory) -> DeliverHandler<StaticDirectory> {
+    handler_with(db, directory, loopback_webhook_client())
+}
+
+fn handler_with(
+    db: &TestDatabase,
+    directory: &StaticDirectory,
+    webhook: GuardedClient,
+) -> DeliverHandler<StaticDirectory> {
     mailpoll::install_crypto_provider();
     DeliverHandler::new(
         db.pool.clone(),
         Arc::new(directory.clone()),
-        reqwest::Client::new(),
+        webhook,
         Arc::new(Metrics::new()),
     )
+}
+
+/// The state, attempts and last error of every deliver task of `uid`.
+async fn deliver_tasks(pool: &PgPool, uid: Uuid) -> Vec<(String, i32, Option<String>)> {
+    sqlx::query_as(
+        "SELECT state, attempts, last_error FROM tasks WHERE kind = 'deliver' AND owner_uid = $1
+         ORDER BY id",
+    )
+    .bind(uid)
+    .fetch_all(pool)
+    .await
+    .expect("deliver tasks")
+}
+
+/// Waits until no deliver task of `uid` is pending or running.
+async fn settled(pool: &PgPool, uid: Uuid, within: Duration) -> Vec<(String, i32, Option<String>)> {
+    wait_until("the deliveries to settle", within, || async {
+        let tasks = deliver_tasks(pool, uid).await;
+        !tasks.is_empty()
+            && tasks
+                .iter()
+                .all(|(state, _, _)| state == "dead" || state == "succeeded")
+    })
+    .await;
+    deliver_tasks(pool, uid).await
 }
 
 #[tokio::test]
@@ -539,4 +573,165 @@ async fn parked_after_actions_are_left_alone_by_the_sweep() {
         1
     );
     assert_eq!(actions::requeue_stranded(&db.pool).await.expect("sweep"), 1);
+}
+
+/// A destination the egress policy refuses fails each of its deliveries at the first attempt,
+/// with the rule in the error and not a byte sent: a refusal is never retried.
+#[tokio::test]
+async fn a_refused_destination_fails_every_delivery_at_once_without_sending() {
+    let db = TestDatabase::create().await.expect("test database");
+    let receiver = WebhookReceiver::start(Some(SECRET))
+        .await
+        .expect("receiver");
+    let directory = StaticDirectory::default();
+    let uid = Uuid::new_v4();
+    let mut refused = config(uid, &receiver, 5);
+    if let Some(webhook) = &mut refused.webhook {
+        webhook.url = WebhookUrl::parse(&format!("{}?sig=s3cret", receiver.url())).expect("URL");
+    }
+    directory.insert(refused);
+    record(&db.pool, uid, 3, 5).await;
+    // The operator's default policy: no loopback.
+    let strict = GuardedClient::new(EgressGuard::new(EgressPolicy::default()), "mailpoll-test")
+        .expect("webhook client");
+    let pool = WorkerPool::new(db.pool.clone(), pool_config("refused"))
+        .register(DELIVER, handler_with(&db, &directory, strict))
+        .start()
+        .expect("pool starts");
+    let tasks = settled(&db.pool, uid, Duration::from_secs(30)).await;
+    pool.shutdown().await;
+
+    let expected = "webhook address 127.0.0.1 is a loopback address; the operator does not allow \
+                    loopback destinations (--webhook-allow-loopback)";
+    assert_eq!(
+        tasks,
+        vec![("dead".to_owned(), 1, Some(expected.to_owned())); 3],
+        "dead at the first attempt"
+    );
+    assert_eq!(ledger_count(&db.pool, uid, "failed").await, 3);
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT delivery_error FROM messages WHERE mailbox_uid = $1")
+            .bind(uid)
+            .fetch_all(&db.pool)
+            .await
+            .expect("ledger reasons");
+    assert!(reasons.iter().all(|r| r == expected), "{reasons:?}");
+    assert_eq!(receiver.connections(), 0, "nothing reached the receiver");
+}
+
+/// Each hostile receiver behaviour, through the worker pool: the delivery ends in a verdict
+/// (delivered, failed at once, or failed after its bounded attempts), with an error that
+/// names what happened and never the URL's secret.
+#[tokio::test]
+async fn hostile_receivers_end_each_delivery_in_a_bounded_verdict() {
+    let db = TestDatabase::create().await.expect("test database");
+    let receiver = WebhookReceiver::start(None).await.expect("receiver");
+    let directory = StaticDirectory::default();
+    let pool = WorkerPool::new(db.pool.clone(), pool_config("hostile"))
+        .register(DELIVER, handler(&db, &directory))
+        .start()
+        .expect("pool starts");
+    let retry = "webhook delivery failed, will retry: ";
+    // (behaviour, final task state, failed attempts, last error)
+    let cases: Vec<(Hostile, &str, i32, String)> = vec![
+        (
+            Hostile::Redirect {
+                status: 302,
+                location: "https://elsewhere.example/in?sig=s3cret".into(),
+            },
+            "dead",
+            1,
+            "webhook answered HTTP 302, a redirect to elsewhere.example; redirects are not \
+             followed: set the webhook URL to the final address"
+                .into(),
+        ),
+        (
+            Hostile::HugeBody {
+                status: 413,
+                bytes: 50 * 1024 * 1024,
+            },
+            "dead",
+            1,
+            format!(
+                "webhook rejected the message with HTTP 413: {}…",
+                "hostile receiver body "
+                    .repeat(10)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ),
+        ),
+        (
+            Hostile::HugeBody {
+                status: 200,
+                bytes: 50 * 1024 * 1024,
+            },
+            "succeeded",
+            0,
+            String::new(),
+        ),
+        (
+            Hostile::TrickleHead {
+                every: Duration::from_millis(100),
+            },
+            "dead",
+            3,
+            format!("{retry}timed out: operation timed out"),
+        ),
+        (
+            Hostile::ResetMidResponse {
+                status: 200,
+                after: 10,
+            },
+            "dead",
+            3,
+            format!(
+                "{retry}request failed: client error (SendRequest): connection error: Connection reset by peer (os error 104)"
+            ),
+        ),
+        (
+            Hostile::GarbageStatusLine { status: 400 },
+            "dead",
+            3,
+            format!(
+                "{retry}request failed: client error (SendRequest): invalid HTTP status-code parsed"
+            ),
+        ),
+    ];
+    for (hostile, state, attempts, error) in cases {
+        let uid = Uuid::new_v4();
+        let mut hostile_config = config(uid, &receiver, 3);
+        if let Some(webhook) = &mut hostile_config.webhook {
+            webhook.url =
+                WebhookUrl::parse(&format!("{}?sig=s3cret", receiver.url())).expect("URL");
+            webhook.timeout = Duration::from_millis(600);
+            webhook.signing_secret = None;
+        }
+        directory.insert(hostile_config);
+        receiver.set_hostile(Some(hostile.clone()));
+        record(&db.pool, uid, 1, 3).await;
+        let tasks = settled(&db.pool, uid, Duration::from_secs(30)).await;
+        let expected_error = (!error.is_empty()).then_some(error);
+        assert_eq!(
+            tasks,
+            vec![(state.to_owned(), attempts, expected_error)],
+            "{hostile:?}"
+        );
+        let ledger_state = if state == "succeeded" {
+            "delivered"
+        } else {
+            "failed"
+        };
+        assert_eq!(
+            ledger_count(&db.pool, uid, ledger_state).await,
+            1,
+            "{hostile:?}"
+        );
+    }
+    pool.shutdown().await;
+    assert_eq!(
+        receiver.successes().len(),
+        0,
+        "the regular receiver never answered"
+    );
 }

@@ -300,7 +300,7 @@ impl World {
             DeliverHandler::new(
                 self.db.pool.clone(),
                 directory.clone(),
-                reqwest::Client::new(),
+                mailpoll_testkit::webhook_receiver::loopback_webhook_client(),
                 metrics.clone(),
             ),
         )
@@ -2056,4 +2056,65 @@ fn add_recent(world: &World, count: usize) -> Vec<String> {
                 .immutable_id
         })
         .collect()
+}
+
+/// A message with a 10 MB subject: the poll records it whole and the messages around it go on;
+/// its delivery posts it once and takes the receiver's verdict (the test receiver, like most,
+/// refuses bodies over 2 MB) at once: one failed attempt, a clear error, nothing retried.
+#[tokio::test]
+async fn a_ten_megabyte_subject_is_recorded_and_its_delivery_gets_one_verdict() {
+    const SUBJECT_BYTES: usize = 10 * 1024 * 1024;
+    let world = World::start(Faults::default()).await;
+    let huge = world
+        .emulator
+        .add_message(
+            MAILBOX,
+            "inbox",
+            NewMessage {
+                subject: Some("S".repeat(SUBJECT_BYTES)),
+                ..NewMessage::default()
+            },
+        )
+        .expect("huge mail")
+        .immutable_id;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 3)
+        .expect("plain mail");
+    let pool = world.workers("huge", 10);
+    world.poll().await;
+    world.settle(3).await;
+    world.drain().await;
+    pool.shutdown().await;
+
+    let (length, state): (i32, String) = sqlx::query_as(
+        "SELECT length(subject), delivery_state FROM messages
+         WHERE mailbox_uid = $1 AND message_id = $2",
+    )
+    .bind(world.uid)
+    .bind(&huge)
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("recorded");
+    assert_eq!(length as usize, SUBJECT_BYTES, "recorded whole");
+    assert_eq!(state, "failed");
+    let unfinished: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT state, attempts, last_error FROM tasks WHERE state <> 'succeeded' ORDER BY id",
+    )
+    .fetch_all(&world.db.pool)
+    .await
+    .expect("tasks");
+    assert_eq!(
+        unfinished,
+        vec![(
+            "dead".to_owned(),
+            1,
+            Some(
+                "webhook rejected the message with HTTP 413: Failed to buffer the request body: \
+                 length limit exceeded"
+                    .to_owned()
+            )
+        )]
+    );
+    assert_eq!(world.receiver.successes().len(), 3);
 }

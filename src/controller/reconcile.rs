@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::schedule::{self, LiveTask, Schedule};
 use super::status::{self, Facts, Seen};
+use crate::delivery::egress::EgressGuard;
 use crate::directory::{ConfigError, KubeDirectory};
 use crate::ledger;
 use crate::pipeline::ActionsTask;
@@ -45,6 +46,9 @@ pub struct ReconcileSettings {
     /// A due poll task not claimed for this long no longer defers status writes (the status
     /// then shows the overdue nextPollTime).
     pub overdue: Duration,
+    /// The webhook egress policy, checked on each MailboxPoll's webhook URL so a refused
+    /// destination is reported before (and whether or not) a delivery meets it.
+    pub egress: EgressGuard,
 }
 
 impl Default for ReconcileSettings {
@@ -57,6 +61,7 @@ impl Default for ReconcileSettings {
             settle_requeue: Duration::from_millis(300),
             running_requeue: Duration::from_secs(10),
             overdue: Duration::from_secs(10),
+            egress: EgressGuard::default(),
         }
     }
 }
@@ -237,15 +242,30 @@ async fn ledger_id(poll: &MailboxPoll, ctx: &Context) -> Result<Uuid, ReconcileE
         .map_err(ReconcileError::Config)
 }
 
-/// What the schema cannot check (the Secrets); `Ok(None)` when the configuration is usable.
+/// What the schema cannot check (the Secrets, the webhook's destination); `Ok(None)` when the
+/// configuration is usable.
 async fn check_config(
     poll: &MailboxPoll,
     ctx: &Context,
 ) -> Result<Option<ConfigError>, ReconcileError> {
-    match ctx.directory.resolve(poll).await {
-        Ok(_) => Ok(None),
-        Err(error) if error.is_transient() => Err(ReconcileError::Config(error)),
-        Err(error) => Ok(Some(error)),
+    let config = match ctx.directory.resolve(poll).await {
+        Ok(config) => config,
+        Err(error) if error.is_transient() => return Err(ReconcileError::Config(error)),
+        Err(error) => return Ok(Some(error)),
+    };
+    let Some(endpoint) = &config.webhook else {
+        return Ok(None);
+    };
+    // Deliveries check the same rules when they connect; this reports a refused destination
+    // as a condition, and pauses scheduled polls whose every message would be refused.
+    match ctx
+        .settings
+        .egress
+        .check_destination(endpoint.url.as_url().as_str(), &config.source.namespace)
+        .await
+    {
+        Ok(()) => Ok(None),
+        Err(refusal) => Ok(Some(ConfigError::WebhookForbidden(refusal.to_string()))),
     }
 }
 

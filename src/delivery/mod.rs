@@ -4,6 +4,7 @@
 //! for a message carries the same idempotency key, and once the ledger says delivered the
 //! message is never sent again.
 
+pub mod egress;
 pub mod endpoint;
 pub mod signing;
 pub mod webhook;

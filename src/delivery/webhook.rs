@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::egress::{self, GuardedClient, Refusal};
 pub use super::endpoint::Endpoint;
 use super::signing::{
     ATTEMPT_HEADER, ID_HEADER, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
@@ -20,6 +21,10 @@ pub const EVENT_TYPE: &str = "mailpoll.message.received.v1";
 
 /// Longest excerpt of a receiver's response body kept as an error reason.
 const EXCERPT_CHARS: usize = 200;
+
+/// Most bytes of a response body ever read: enough for the excerpt (at most 4 bytes per
+/// character), so a receiver answering gigabytes costs a few kilobytes.
+const BODY_PREFIX_BYTES: usize = 4 * EXCERPT_CHARS;
 
 /// The JSON body POSTed for one message.
 #[derive(Debug, Serialize)]
@@ -124,10 +129,19 @@ pub enum WebhookError {
     Rejected { status: u16, excerpt: String },
     /// The body is not UTF-8, which Standard Webhooks signatures cannot cover.
     Unsignable,
+    /// A 3xx: redirects are not followed (the new address would escape the egress policy
+    /// and the signature's intent); the URL must name the final address.
+    Redirected {
+        status: u16,
+        /// The host of the `Location`, never its path or query.
+        location_host: Option<String>,
+    },
+    /// The operator's egress policy refuses the destination; nothing was sent.
+    Forbidden(Refusal),
 }
 
 impl WebhookError {
-    /// Whether retrying the same request can help.
+    /// Whether trying again cannot help: the delivery fails for good at once.
     pub fn is_permanent(&self) -> bool {
         !matches!(self, Self::Retryable { .. })
     }
@@ -148,6 +162,18 @@ impl fmt::Display for WebhookError {
             Self::Unsignable => f.write_str(
                 "the payload is not UTF-8 text, which a Standard Webhooks signature cannot cover",
             ),
+            Self::Redirected {
+                status,
+                location_host,
+            } => {
+                let target = location_host.as_deref().unwrap_or("an unreadable location");
+                write!(
+                    f,
+                    "webhook answered HTTP {status}, a redirect to {target}; redirects are not \
+                     followed: set the webhook URL to the final address"
+                )
+            }
+            Self::Forbidden(refusal) => write!(f, "{refusal}"),
         }
     }
 }
@@ -159,12 +185,14 @@ impl std::error::Error for WebhookError {}
 pub enum Verdict {
     Delivered,
     Retry,
+    Redirect,
     Reject,
 }
 
 pub fn classify(status: StatusCode) -> Verdict {
     match status.as_u16() {
         200..=299 => Verdict::Delivered,
+        300..=399 => Verdict::Redirect,
         408 | 425 | 429 | 500..=599 => Verdict::Retry,
         _ => Verdict::Reject,
     }
@@ -196,26 +224,82 @@ pub async fn post(
             .ok_or(WebhookError::Unsignable)?;
         request = request.header(SIGNATURE_HEADER, signature);
     }
-    let response = request
-        .body(body)
-        .send()
-        .await
-        .map_err(|error| WebhookError::Retryable {
-            reason: describe_transport_error(&error),
-        })?;
+    let response =
+        request
+            .body(body)
+            .send()
+            .await
+            .map_err(|error| match egress::refusal_in(&error) {
+                Some(refusal) => WebhookError::Forbidden(refusal),
+                None => WebhookError::Retryable {
+                    reason: describe_transport_error(&error),
+                },
+            })?;
     let status = response.status();
     match classify(status) {
+        // The body is never read: a receiver's answer to a success means nothing here.
         Verdict::Delivered => Ok(status),
         Verdict::Retry => Err(WebhookError::Retryable {
             reason: format!("HTTP {}", status.as_u16()),
         }),
+        Verdict::Redirect => Err(WebhookError::Redirected {
+            status: status.as_u16(),
+            location_host: location_host(response.headers()),
+        }),
         Verdict::Reject => {
-            let text = response.text().await.unwrap_or_default();
+            let prefix = body_prefix(response, BODY_PREFIX_BYTES).await;
             Err(WebhookError::Rejected {
                 status: status.as_u16(),
-                excerpt: excerpt(&text),
+                excerpt: excerpt(&String::from_utf8_lossy(&prefix)),
             })
         }
+    }
+}
+
+/// [`post`] within the egress policy, for a MailboxPoll in `namespace`: the rules that depend
+/// on the namespace (and IP literals, which no resolver sees) are checked before sending, the
+/// addresses by the client's resolver when it connects.
+pub async fn post_checked(
+    client: &GuardedClient,
+    namespace: &str,
+    endpoint: &Endpoint,
+    key: &str,
+    attempt: i32,
+    body: Vec<u8>,
+) -> Result<StatusCode, WebhookError> {
+    client
+        .check(endpoint.url.as_url().as_str(), namespace)
+        .map_err(WebhookError::Forbidden)?;
+    post(client.http(), endpoint, key, attempt, body).await
+}
+
+/// At most `limit` bytes of a response body; whatever arrived when the body ends, breaks or
+/// times out (the request's timeout covers the body). Dropping the rest closes the connection.
+async fn body_prefix(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut prefix = Vec::new();
+    while prefix.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(limit - prefix.len());
+                prefix.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    prefix
+}
+
+/// The host a redirect points to; a relative `Location` stays on the webhook's host.
+fn location_host(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let location = headers.get(reqwest::header::LOCATION)?.to_str().ok()?;
+    match reqwest::Url::parse(location) {
+        Ok(url) => url
+            .host_str()
+            .map(|host| storable::text(host, 253).into_owned()),
+        Err(_) if location.starts_with('/') && !location.starts_with("//") => {
+            Some("the same host".into())
+        }
+        Err(_) => None,
     }
 }
 
@@ -230,11 +314,16 @@ fn describe_transport_error(error: &reqwest::Error) -> String {
     } else {
         "transport error"
     };
-    // Only the source chain: reqwest's own message repeats the URL.
-    let detail = std::error::Error::source(error)
-        .map(|source| format!(": {source}"))
-        .unwrap_or_default();
-    format!("{kind}{detail}")
+    // Only the source chain: reqwest's own message repeats the URL. The whole chain, since
+    // its last link says what happened ("connection reset by peer", "invalid status-line").
+    let mut detail = String::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        detail.push_str(": ");
+        detail.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    storable::text(&format!("{kind}{detail}"), 1024).into_owned()
 }
 
 /// First characters of a response body on one line, for an error reason. Made storable
@@ -271,7 +360,10 @@ mod tests {
             (404, Verdict::Reject),
             (410, Verdict::Reject),
             (422, Verdict::Reject),
-            (301, Verdict::Reject),
+            (301, Verdict::Redirect),
+            (302, Verdict::Redirect),
+            (307, Verdict::Redirect),
+            (308, Verdict::Redirect),
         ] {
             let status = StatusCode::from_u16(code).expect("valid status");
             assert_eq!(classify(status), verdict, "HTTP {code}");

@@ -75,6 +75,10 @@ pub enum ConfigError {
     Unavailable(String),
     #[error("cannot read the MailboxPoll's ledger identity: {0}")]
     Database(String),
+    /// The operator's egress policy refuses the webhook's destination (the text names the
+    /// rule and the host, never the rest of the URL).
+    #[error("{0}")]
+    WebhookForbidden(String),
 }
 
 impl ConfigError {
@@ -88,6 +92,7 @@ impl ConfigError {
             Self::InvalidWebhook { .. } => Reason::InvalidWebhook,
             Self::Unavailable(_) => Reason::KubernetesUnavailable,
             Self::Database(_) => Reason::Transient,
+            Self::WebhookForbidden(_) => Reason::WebhookForbidden,
         }
     }
 

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::delivered::DeliveredMarks;
 use super::tasks::{ActionsTask, DeliverTask};
+use crate::delivery::egress::GuardedClient;
 use crate::delivery::signing::message_key;
 use crate::delivery::webhook::{self, MessageView, Payload, Source, WebhookError};
 use crate::directory::{Directory, MailboxConfig};
@@ -20,7 +21,7 @@ use crate::telemetry::metrics::SharedMetrics;
 pub struct DeliverHandler<D> {
     pool: PgPool,
     directory: Arc<D>,
-    http: reqwest::Client,
+    webhook: GuardedClient,
     metrics: SharedMetrics,
     marks: DeliveredMarks,
 }
@@ -30,14 +31,14 @@ impl<D> DeliverHandler<D> {
     pub fn new(
         pool: PgPool,
         directory: Arc<D>,
-        http: reqwest::Client,
+        webhook: GuardedClient,
         metrics: SharedMetrics,
     ) -> Self {
         let marks = DeliveredMarks::start(pool.clone());
         Self {
             pool,
             directory,
-            http,
+            webhook,
             metrics,
             marks,
         }
@@ -149,7 +150,16 @@ impl<D: Directory> DeliverHandler<D> {
             message: MessageView::new(&stored.message),
         };
         let body = serde_json::to_vec(&payload).map_err(HandlerError::permanent)?;
-        match webhook::post(&self.http, endpoint, &key, task.attempt(), body).await {
+        let sent = webhook::post_checked(
+            &self.webhook,
+            &source.namespace,
+            endpoint,
+            &key,
+            task.attempt(),
+            body,
+        )
+        .await;
+        match sent {
             Ok(_) => Ok(()),
             Err(error) => {
                 let last_attempt = task.attempt() >= task.max_attempts;
@@ -157,6 +167,11 @@ impl<D: Directory> DeliverHandler<D> {
                 if permanent || last_attempt {
                     self.record_failure(ledger_id, &stored.message.message_id, &error)
                         .await;
+                }
+                if matches!(error, WebhookError::Forbidden(_)) {
+                    // The leader reports the refused destination on the MailboxPoll now
+                    // rather than at its next periodic look.
+                    announce(&self.pool, config).await;
                 }
                 tracing::warn!(
                     namespace = %source.namespace,
@@ -190,5 +205,13 @@ impl<D: Directory> DeliverHandler<D> {
                 tracing::warn!(%db_error, "cannot record a delivery failure in the ledger")
             }
         }
+    }
+}
+
+/// Asks the leader to look at a MailboxPoll again. Best effort: it also looks periodically.
+async fn announce(pool: &PgPool, config: &MailboxConfig) {
+    let key = format!("{}/{}", config.source.namespace, config.source.name);
+    if let Err(error) = crate::db::notify(pool, super::poll::MAILBOX_CHANGED_CHANNEL, &key).await {
+        tracing::debug!(%error, "cannot announce a refused webhook destination");
     }
 }

@@ -315,6 +315,11 @@ INVALID_VALUES = {
     "identity-retention-under-a-day": {"retention": {"identityDays": 0.5}},
     "retention-interval-as-string": {"retention": {"intervalSeconds": "5m"}},
     "unknown-retention-value": {"retention": {"messagesDays": 3}},
+    "egress-flag-as-string": {"webhookEgress": {"allowLoopback": "yes"}},
+    "egress-host-with-a-scheme": {"webhookEgress": {"allowedHosts": ["https://hooks.example.com"]}},
+    "egress-host-wildcard-inside": {"webhookEgress": {"allowedHosts": ["hooks.*.example.com"]}},
+    "egress-cidr-not-an-address": {"webhookEgress": {"deniedCidrs": ["pods"]}},
+    "egress-unknown-key": {"webhookEgress": {"allowPrivate": True}},
 }
 
 
@@ -440,6 +445,37 @@ def test_the_operator_gets_the_environment_it_reads() -> None:
     assert env["MAILPOLL_HTTP_ADDR"]["value"] == "0.0.0.0:9090"
     assert container["ports"][0]["containerPort"] == 9090
     assert env["X"] == {"name": "X", "value": "y"}
+
+
+def test_the_webhook_egress_policy_reaches_the_operator() -> None:
+    _, container = operator_container()
+    env = container_env(container)
+    # Shared-cluster defaults: nothing special allowed, no lists.
+    assert env["MAILPOLL_WEBHOOK_ALLOW_LOOPBACK"]["value"] == "false"
+    assert env["MAILPOLL_WEBHOOK_ALLOW_LINK_LOCAL"]["value"] == "false"
+    assert env["MAILPOLL_WEBHOOK_ALLOW_OTHER_NAMESPACES"]["value"] == "false"
+    assert env["MAILPOLL_CLUSTER_DOMAIN"]["value"] == "cluster.local"
+    for name in ["MAILPOLL_WEBHOOK_ALLOWED_HOSTS", "MAILPOLL_WEBHOOK_ALLOWED_CIDRS", "MAILPOLL_WEBHOOK_DENIED_CIDRS"]:
+        assert name not in env, name
+
+    _, container = operator_container(
+        {
+            "webhookEgress": {
+                "allowLoopback": True,
+                "allowedHosts": ["hooks.example.com", "*.shared.svc.cluster.local"],
+                "allowedCidrs": ["10.0.5.0/24", "fd00:5::/64"],
+                "deniedCidrs": ["10.244.0.0/16", "10.96.0.0/12"],
+                "clusterDomain": "corp.internal",
+            }
+        }
+    )
+    env = container_env(container)
+    assert env["MAILPOLL_WEBHOOK_ALLOW_LOOPBACK"]["value"] == "true"
+    assert env["MAILPOLL_WEBHOOK_ALLOW_LINK_LOCAL"]["value"] == "false"
+    assert env["MAILPOLL_WEBHOOK_ALLOWED_HOSTS"]["value"] == "hooks.example.com,*.shared.svc.cluster.local"
+    assert env["MAILPOLL_WEBHOOK_ALLOWED_CIDRS"]["value"] == "10.0.5.0/24,fd00:5::/64"
+    assert env["MAILPOLL_WEBHOOK_DENIED_CIDRS"]["value"] == "10.244.0.0/16,10.96.0.0/12"
+    assert env["MAILPOLL_CLUSTER_DOMAIN"]["value"] == "corp.internal"
 
 
 def test_the_pool_follows_the_worker_concurrency_unless_set() -> None:

@@ -335,6 +335,8 @@ impl Sandbox {
             )
             .env("MAILPOLL_GRAPH_AUTHORITY_URL", self.graph.base_url())
             .env("MAILPOLL_GRAPH_URL", self.graph.base_url())
+            // The sandbox's webhook receiver listens on loopback.
+            .env("MAILPOLL_WEBHOOK_ALLOW_LOOPBACK", "true")
             // What the workload identity webhook injects into a labelled pod.
             .env("AZURE_FEDERATED_TOKEN_FILE", &self.federated.token_file)
             .env("AZURE_CLIENT_ID", DEFAULT_CLIENT_ID)

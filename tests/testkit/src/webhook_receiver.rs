@@ -3,7 +3,7 @@
 //! demand: the witness that no message is lost or delivered twice.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -13,9 +13,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use mailpoll::delivery::egress::{EgressGuard, EgressPolicy, GuardedClient, Lookup, LookupFuture};
 use mailpoll::delivery::endpoint::{Endpoint, WebhookUrl};
 use mailpoll::delivery::signing::SigningSecret;
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 // The contract as README states it, written out: this receiver witnesses what mailpoll sends,
@@ -33,6 +36,53 @@ pub const TEST_SIGNING_SECRET: &str = "whsec_nCmA4jGJgpMJobbmyIx9Qp/gJ3I58QXwccL
 pub const GARBAGE_BODY: &[u8] =
     b"refused\x00 by\x01 the\x07 receiver\x1b[31m red\x7f \xff\xfe\xc3\x28 \xed\xa0\x80 end\x00";
 
+/// A webhook client whose egress policy allows loopback, where test receivers listen;
+/// otherwise the operator's default policy.
+pub fn loopback_webhook_client() -> GuardedClient {
+    mailpoll::install_crypto_provider();
+    GuardedClient::new(
+        EgressGuard::new(EgressPolicy::allowing_loopback()),
+        "mailpoll-test",
+    )
+    .unwrap_or_else(|error| panic!("cannot build the webhook client: {error}"))
+}
+
+/// Name lookups answered from a table instead of DNS, as a hostile DNS server could answer
+/// them: the egress policy's resolver sees what it would see in a cluster.
+pub struct FixedLookup(HashMap<String, Vec<IpAddr>>);
+
+impl FixedLookup {
+    /// `names` are absolute names (with their trailing dot) and the address each resolves to.
+    pub fn new(names: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut table = HashMap::new();
+        for (name, address) in names {
+            let address: IpAddr = address
+                .parse()
+                .with_context(|| format!("{address} is not an IP address"))?;
+            table.insert((*name).to_owned(), vec![address]);
+        }
+        Ok(Self(table))
+    }
+
+    /// A guard with `policy` whose lookups answer from `names`.
+    pub fn guard(policy: EgressPolicy, names: &[(&str, &str)]) -> anyhow::Result<EgressGuard> {
+        Ok(EgressGuard::with_lookup(
+            policy,
+            Arc::new(Self::new(names)?),
+        ))
+    }
+}
+
+impl Lookup for FixedLookup {
+    fn lookup(&self, name: &str) -> LookupFuture {
+        let found = self.0.get(name).cloned();
+        let name = name.to_owned();
+        Box::pin(async move {
+            found.ok_or_else(|| std::io::Error::other(format!("{name} is not in the table")))
+        })
+    }
+}
+
 /// How the receiver answers.
 #[derive(Default)]
 struct Faults {
@@ -48,8 +98,40 @@ struct Faults {
     failure_rate: f64,
     /// Requests that succeed but whose answer is delayed (to provoke client timeouts).
     delay: Option<Duration>,
+    /// A misbehaving answer for every connection accepted while set.
+    hostile: Option<Hostile>,
     rng: u64,
 }
+
+/// A receiver that misbehaves below HTTP's rules or at their edges. While one is set, every
+/// new connection gets it instead of the regular receiver: the request is read (and counted
+/// in `requests` and `hostile_requests`), then answered as described, then the connection
+/// is closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hostile {
+    /// Answer `status` with a body of `bytes` bytes (a `Content-Length` that large), written
+    /// as fast as the client reads; `hostile_body_bytes` counts what was written.
+    HugeBody { status: u16, bytes: u64 },
+    /// Write a whole `204` answer one byte every `every`, status line and headers included.
+    TrickleHead { every: Duration },
+    /// Write the status line and headers of `status` at once, then its 1,000-byte body one
+    /// byte every `every`.
+    TrickleBody { status: u16, every: Duration },
+    /// Answer `status` with this `Location`.
+    Redirect { status: u16, location: String },
+    /// Write the first `after` bytes of a `status` answer with a 1,000-byte body, then reset
+    /// the connection (TCP RST).
+    ResetMidResponse { status: u16, after: usize },
+    /// Answer `status` with NUL, BEL and a terminal escape sequence in the reason phrase, and
+    /// [`GARBAGE_BODY`] as the body.
+    GarbageStatusLine { status: u16 },
+}
+
+/// The body of a hostile answer's first bytes: easy to find in an error's excerpt.
+pub const HOSTILE_BODY_FILL: &[u8] = b"hostile receiver body ";
+
+/// Longest time a hostile answer keeps writing (a client that never hangs up).
+const HOSTILE_WRITE_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Ledger {
@@ -62,6 +144,10 @@ struct Ledger {
     failed_attempts: u64,
     bad_signatures: u64,
     requests: u64,
+    /// TCP connections accepted, whatever was sent on them.
+    connections: u64,
+    hostile_requests: u64,
+    hostile_body_bytes: u64,
 }
 
 struct Shared {
@@ -113,6 +199,10 @@ impl WebhookReceiver {
             .await
             .with_context(|| format!("webhook receiver cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
+        let listener = SwitchingListener {
+            inner: listener,
+            shared: shared.clone(),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -183,6 +273,27 @@ impl WebhookReceiver {
         lock(&self.shared.ledger).requests
     }
 
+    /// TCP connections accepted: zero means nothing reached the receiver at all.
+    pub fn connections(&self) -> u64 {
+        lock(&self.shared.ledger).connections
+    }
+
+    /// Requests answered by a hostile behaviour.
+    pub fn hostile_requests(&self) -> u64 {
+        lock(&self.shared.ledger).hostile_requests
+    }
+
+    /// Body bytes a [`Hostile::HugeBody`] answer managed to write (the client's reading and
+    /// the socket buffers bound it).
+    pub fn hostile_body_bytes(&self) -> u64 {
+        lock(&self.shared.ledger).hostile_body_bytes
+    }
+
+    /// Answer every new connection this way until `clear_faults` (or `None`).
+    pub fn set_hostile(&self, hostile: Option<Hostile>) {
+        lock(&self.shared.faults).hostile = hostile;
+    }
+
     /// Answer 400 to this key until `clear_faults`.
     pub fn reject(&self, key: &str) {
         lock(&self.shared.faults).rejected.insert(key.to_owned());
@@ -223,7 +334,179 @@ impl WebhookReceiver {
         faults.garbage_next = 0;
         faults.failure_rate = 0.0;
         faults.delay = None;
+        faults.hostile = None;
     }
+}
+
+/// The receiver's listener: hands connections to the HTTP server, or to the hostile
+/// behaviour set when they arrive.
+struct SwitchingListener {
+    inner: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl axum::serve::Listener for SwitchingListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    // Out of file descriptors and the like: pass, as axum's own listener does.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            lock(&self.shared.ledger).connections += 1;
+            let hostile = lock(&self.shared.faults).hostile.clone();
+            match hostile {
+                None => return (stream, peer),
+                Some(hostile) => {
+                    let shared = self.shared.clone();
+                    tokio::spawn(async move {
+                        let answer = answer_hostile(stream, hostile, shared);
+                        let _ = tokio::time::timeout(HOSTILE_WRITE_LIMIT, answer).await;
+                    });
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Reads one request (head and `Content-Length` body) and answers it the hostile way.
+async fn answer_hostile(
+    mut stream: TcpStream,
+    hostile: Hostile,
+    shared: Arc<Shared>,
+) -> std::io::Result<()> {
+    read_request(&mut stream).await?;
+    {
+        let mut ledger = lock(&shared.ledger);
+        ledger.requests += 1;
+        ledger.hostile_requests += 1;
+    }
+    match hostile {
+        Hostile::HugeBody { status, bytes } => {
+            let head = format!(
+                "HTTP/1.1 {status} Hostile\r\ncontent-type: text/plain\r\ncontent-length: {bytes}\r\nconnection: close\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await?;
+            let chunk = HOSTILE_BODY_FILL.repeat(64 * 1024 / HOSTILE_BODY_FILL.len());
+            let mut left = bytes;
+            while left > 0 {
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                stream.write_all(&chunk[..n]).await?;
+                lock(&shared.ledger).hostile_body_bytes += n as u64;
+                left -= n as u64;
+            }
+            stream.flush().await
+        }
+        Hostile::TrickleHead { every } => {
+            let answer = b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n";
+            trickle(&mut stream, answer, every).await
+        }
+        Hostile::TrickleBody { status, every } => {
+            let (head, body) = answer_with_body(status);
+            stream.write_all(&head).await?;
+            trickle(&mut stream, &body, every).await
+        }
+        Hostile::Redirect { status, location } => {
+            let head = format!(
+                "HTTP/1.1 {status} Redirect\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await?;
+            stream.flush().await
+        }
+        Hostile::ResetMidResponse { status, after } => {
+            let (mut answer, body) = answer_with_body(status);
+            answer.extend_from_slice(&body);
+            stream.write_all(&answer[..after.min(answer.len())]).await?;
+            stream.flush().await?;
+            // Give the client the bytes before the reset discards what it has not read.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.set_zero_linger()?;
+            drop(stream);
+            Ok(())
+        }
+        Hostile::GarbageStatusLine { status } => {
+            let mut answer = format!(
+                "HTTP/1.1 {status} Bad\x1b[2J\x00Request\x07\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                GARBAGE_BODY.len()
+            )
+            .into_bytes();
+            answer.extend_from_slice(GARBAGE_BODY);
+            stream.write_all(&answer).await?;
+            stream.flush().await
+        }
+    }
+}
+
+/// The head of a `status` answer with a 1,000-byte body, and the body.
+fn answer_with_body(status: u16) -> (Vec<u8>, Vec<u8>) {
+    let body: Vec<u8> = HOSTILE_BODY_FILL
+        .iter()
+        .copied()
+        .cycle()
+        .take(1000)
+        .collect();
+    let head = format!(
+        "HTTP/1.1 {status} Hostile\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    (head.into_bytes(), body)
+}
+
+async fn trickle(stream: &mut TcpStream, bytes: &[u8], every: Duration) -> std::io::Result<()> {
+    for byte in bytes {
+        stream.write_all(std::slice::from_ref(byte)).await?;
+        stream.flush().await?;
+        tokio::time::sleep(every).await;
+    }
+    Ok(())
+}
+
+/// Longest request a hostile answer reads (a webhook payload with a 10 MB subject fits).
+const MAX_HOSTILE_REQUEST: usize = 64 * 1024 * 1024;
+
+/// Reads a request's head and its `Content-Length` body.
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<()> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if buffer.len() > 64 * 1024 {
+            return Err(std::io::Error::other("request head too long"));
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_HOSTILE_REQUEST);
+    let mut have = buffer.len() - head_end;
+    while have < length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        have += n;
+    }
+    Ok(())
 }
 
 /// xorshift64*: deterministic, good enough to spread injected failures.

@@ -336,10 +336,27 @@ mod tests {
                 "Mailbox",
                 "Interval",
                 "Ready",
+                "Reason",
+                "Suspended",
                 "Last Poll",
                 "Delivered",
-                "Age"
+                "Age",
+                "Folder",
+                "Next Poll",
+                "Pending",
+                "Failed",
+                "Degraded"
             ]
+        );
+        let wide: Vec<&str> = rt
+            .columns
+            .iter()
+            .filter(|c| c.priority > 0)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            wide,
+            ["Folder", "Next Poll", "Pending", "Failed", "Degraded"]
         );
         assert_eq!(
             rt.list_type(&["status".into(), "conditions".into()]),
