@@ -821,6 +821,9 @@ pub async fn purge_identities(
              SELECT message_id FROM messages
              WHERE mailbox_uid = $1
                AND received_at < now() - $2 * interval '1 microsecond'
+               -- Held for the period too: a message received long ago but recorded lately
+               -- (a first poll of an old inbox, old mail moved in) keeps its row as long.
+               AND recorded_at < now() - $2 * interval '1 microsecond'
                AND delivery_state <> 'pending'
              ORDER BY received_at
              LIMIT $3

@@ -122,7 +122,7 @@ async fn timeouts_and_refused_connections_are_retryable() {
     slow.timeout = Duration::from_millis(200);
     let result = webhook::post(&client(), &slow, "k", 1, b"{}".to_vec()).await;
     match result {
-        Err(WebhookError::Retryable { reason }) => {
+        Err(WebhookError::Retryable { reason, .. }) => {
             assert!(reason.contains("timed out"), "{reason}")
         }
         other => panic!("expected a retryable timeout, got {other:?}"),
@@ -136,7 +136,7 @@ async fn timeouts_and_refused_connections_are_retryable() {
     );
     let result = webhook::post(&client(), &closed, "k", 1, b"{}".to_vec()).await;
     match result {
-        Err(WebhookError::Retryable { reason }) => {
+        Err(WebhookError::Retryable { reason, .. }) => {
             assert!(reason.contains("connection failed"), "{reason}");
             assert!(
                 !reason.contains("127.0.0.1"),
@@ -391,7 +391,7 @@ async fn a_trickled_answer_times_out_within_the_webhook_timeout() {
     }));
     let (result, took) = post_to(&receiver, Duration::from_millis(700)).await;
     match result {
-        Err(WebhookError::Retryable { reason }) => {
+        Err(WebhookError::Retryable { reason, .. }) => {
             assert!(reason.starts_with("timed out"), "{reason}");
             assert!(
                 !reason.contains("s3cret") && !reason.contains("127.0.0.1"),
@@ -484,7 +484,7 @@ async fn a_connection_reset_mid_answer_is_retryable_or_keeps_the_status() {
     }));
     let (result, took) = post_to(&receiver, Duration::from_secs(5)).await;
     match result {
-        Err(WebhookError::Retryable { reason }) => {
+        Err(WebhookError::Retryable { reason, .. }) => {
             assert_eq!(
                 reason,
                 "request failed: client error (SendRequest): connection error: Connection reset \
@@ -517,7 +517,7 @@ async fn control_characters_in_the_status_line_are_a_retryable_protocol_error() 
     receiver.set_hostile(Some(Hostile::GarbageStatusLine { status: 400 }));
     let (result, took) = post_to(&receiver, Duration::from_secs(2)).await;
     match result {
-        Err(WebhookError::Retryable { reason }) => {
+        Err(WebhookError::Retryable { reason, .. }) => {
             assert!(
                 !reason.contains('\u{0}')
                     && !reason.contains('\u{1b}')

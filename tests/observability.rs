@@ -18,6 +18,7 @@ fn exported() -> BTreeSet<String> {
     metrics.reconciled(Duration::from_millis(5), Some("SecretNotFound"));
     metrics.poll_finished(Some("AccessDenied"));
     metrics.graph_response(Some(200), Duration::from_millis(40));
+    metrics.webhook_posted("2xx", Some(Duration::from_millis(30)));
     let queue = QueueLabels {
         kind: "poll".into(),
         state: "dead".into(),

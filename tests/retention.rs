@@ -42,6 +42,16 @@ async fn record(pool: &PgPool, ledger_id: Uuid, messages: &[LedgerMessage]) -> V
     let recorded = ledger::record_page(&mut tx, ledger_id, messages, &[], DeliveryState::Pending)
         .await
         .expect("record");
+    // As if recorded when received: identity retention counts both.
+    sqlx::query(
+        "UPDATE messages SET recorded_at = LEAST(recorded_at, received_at)
+         WHERE mailbox_uid = $1 AND message_id = ANY($2)",
+    )
+    .bind(ledger_id)
+    .bind(&recorded.new_ids)
+    .execute(&mut *tx)
+    .await
+    .expect("recording times");
     tx.commit().await.expect("commit");
     recorded.new_ids
 }
@@ -702,7 +712,11 @@ async fn a_retention_round_purges_every_table_and_counts_it() {
         .collect();
     record(&db.pool, ledger_id, &page).await;
     deliver(&db.pool, ledger_id, &["m0", "m1", "m2", "m3", "m4"]).await;
-    backdate_recording(&db.pool, 40).await;
+    // Recorded 40 days ago, or when received if earlier (the two 200-day-old ones).
+    sqlx::query("UPDATE messages SET recorded_at = LEAST(received_at, now() - interval '40 days')")
+        .execute(&db.pool)
+        .await
+        .expect("recording times");
     sqlx::query(
         "INSERT INTO tasks (kind, state, finished_at) VALUES ('deliver', 'dead', now() - interval '40 days')",
     )
@@ -734,4 +748,33 @@ async fn a_retention_round_purges_every_table_and_counts_it() {
         3
     );
     assert_eq!(counters(&db.pool, ledger_id).await, (3, 0, 0, 0, 0));
+}
+
+/// Old mail recorded today (the first poll of a years-old inbox, or old mail moved into the
+/// folder before the horizon covers it) keeps its rows for the whole period: identity
+/// retention counts from recording as well as from receipt. Purging such rows at once would
+/// move the horizon past mail still arriving with old dates.
+#[tokio::test]
+async fn old_mail_recorded_lately_keeps_its_identity_for_the_period() {
+    let db = TestDatabase::create().await.expect("test database");
+    let ledger_id = Uuid::new_v4();
+    let old: Vec<LedgerMessage> = (0..3)
+        .map(|n| message(&format!("old{n}"), days_ago(400 + n)))
+        .collect();
+    let mut tx = db.pool.begin().await.expect("transaction");
+    ledger::record_page(&mut tx, ledger_id, &old, &[], DeliveryState::Pending)
+        .await
+        .expect("record");
+    tx.commit().await.expect("commit");
+    deliver(&db.pool, ledger_id, &["old0", "old1", "old2"]).await;
+
+    let purge = ledger::purge_identities(&db.pool, ledger_id, 180 * DAY, 1000)
+        .await
+        .expect("purge");
+    assert_eq!(purge.deleted, 0, "recorded today: kept");
+    assert_eq!(
+        scalar(&db.pool, "SELECT count(*) FROM ledger_horizons").await,
+        0,
+        "no horizon, so older mail still arriving is recorded"
+    );
 }

@@ -154,6 +154,14 @@ pub enum CommandError {
     Encode(#[from] serde_json::Error),
     #[error("no task {0}")]
     NoSuchTask(i64),
+    #[error("task {id} is {state}: {rule} ({done} other task(s) done)")]
+    WrongState {
+        id: i64,
+        state: TaskState,
+        rule: &'static str,
+        /// What the same command did to the other tasks.
+        done: usize,
+    },
     #[error("no MailboxPoll {0} is known to the database (it has never been polled)")]
     UnknownMailboxPoll(String),
     #[error("name task ids, or filter with --kind or --mailboxpoll, or pass --all")]
@@ -192,7 +200,15 @@ pub async fn tasks(pool: &PgPool, command: TasksCommand) -> Result<String, Comma
             }
         }
         TasksCommand::Retry(args) => {
+            let named = args.ids.clone();
             let report = queue::retry_dead_matching(pool, &selection(pool, args).await?).await?;
+            let touched: Vec<i64> = report
+                .revived
+                .iter()
+                .chain(&report.superseded)
+                .copied()
+                .collect();
+            untouched(pool, &named, &touched, "only dead tasks can be retried").await?;
             let mut out = format!("{} dead task(s) pending again", report.revived.len());
             if !report.superseded.is_empty() {
                 out.push_str(&format!(
@@ -204,7 +220,15 @@ pub async fn tasks(pool: &PgPool, command: TasksCommand) -> Result<String, Comma
             Ok(out + "\n")
         }
         TasksCommand::Cancel(args) => {
+            let named = args.ids.clone();
             let cancelled = queue::cancel_matching(pool, &selection(pool, args).await?).await?;
+            untouched(
+                pool,
+                &named,
+                &cancelled,
+                "only pending or dead tasks can be cancelled",
+            )
+            .await?;
             Ok(format!("{} task(s) cancelled\n", cancelled.len()))
         }
     }
@@ -224,6 +248,28 @@ pub async fn messages(pool: &PgPool, command: MessagesCommand) -> Result<String,
         OutputFormat::Table => Ok(messages::render_table(&found)),
         OutputFormat::Json => Ok(serde_json::to_string_pretty(&found)? + "\n"),
     }
+}
+
+/// Tasks named on the command line that the command left alone are an error: saying why
+/// (no such task, or its state) beats a silent "0 done".
+async fn untouched(
+    pool: &PgPool,
+    named: &[i64],
+    touched: &[i64],
+    rule: &'static str,
+) -> Result<(), CommandError> {
+    let Some(&id) = named.iter().find(|id| !touched.contains(id)) else {
+        return Ok(());
+    };
+    let Some(task) = queue::get(pool, id).await? else {
+        return Err(CommandError::NoSuchTask(id));
+    };
+    Err(CommandError::WrongState {
+        id,
+        state: task.state,
+        rule,
+        done: touched.len(),
+    })
 }
 
 async fn selection(pool: &PgPool, args: TaskBulkArgs) -> Result<TaskSelection, CommandError> {

@@ -124,7 +124,11 @@ impl<'a> MessageView<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WebhookError {
     /// 408, 429, 5xx, a timeout or a connection failure: try again later.
-    Retryable { reason: String },
+    Retryable {
+        /// The HTTP status, when an answer came (408, 425, 429, 5xx).
+        status: Option<u16>,
+        reason: String,
+    },
     /// Any other non-2xx: the receiver refuses this message; retrying will not help.
     Rejected { status: u16, excerpt: String },
     /// The body is not UTF-8, which Standard Webhooks signatures cannot cover.
@@ -147,10 +151,34 @@ impl WebhookError {
     }
 }
 
+/// How a POST ended, as the `class` label of the webhook metrics: `2xx` to `5xx` by the
+/// status of an answer, `error` when none came (timeout, reset, refused connection),
+/// `forbidden` when the egress policy stopped it and `unsent` when it could not be signed.
+pub fn outcome_class(result: &Result<StatusCode, WebhookError>) -> &'static str {
+    let by_status = |status: u16| match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    match result {
+        Ok(status) => by_status(status.as_u16()),
+        Err(WebhookError::Retryable {
+            status: Some(status),
+            ..
+        })
+        | Err(WebhookError::Rejected { status, .. })
+        | Err(WebhookError::Redirected { status, .. }) => by_status(*status),
+        Err(WebhookError::Retryable { status: None, .. }) => "error",
+        Err(WebhookError::Forbidden(_)) => "forbidden",
+        Err(WebhookError::Unsignable) => "unsent",
+    }
+}
+
 impl fmt::Display for WebhookError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Retryable { reason } => {
+            Self::Retryable { reason, .. } => {
                 write!(f, "webhook delivery failed, will retry: {reason}")
             }
             Self::Rejected { status, excerpt } => {
@@ -232,6 +260,7 @@ pub async fn post(
             .map_err(|error| match egress::refusal_in(&error) {
                 Some(refusal) => WebhookError::Forbidden(refusal),
                 None => WebhookError::Retryable {
+                    status: None,
                     reason: describe_transport_error(&error),
                 },
             })?;
@@ -240,6 +269,7 @@ pub async fn post(
         // The body is never read: a receiver's answer to a success means nothing here.
         Verdict::Delivered => Ok(status),
         Verdict::Retry => Err(WebhookError::Retryable {
+            status: Some(status.as_u16()),
             reason: format!("HTTP {}", status.as_u16()),
         }),
         Verdict::Redirect => Err(WebhookError::Redirected {
@@ -344,6 +374,38 @@ pub fn excerpt(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_fall_into_the_metric_classes() {
+        let status = |code| StatusCode::from_u16(code).expect("valid status");
+        let retry = |status| WebhookError::Retryable {
+            status,
+            reason: String::new(),
+        };
+        for (result, class) in [
+            (Ok(status(204)), "2xx"),
+            (Err(retry(Some(503))), "5xx"),
+            (Err(retry(Some(429))), "4xx"),
+            (Err(retry(None)), "error"),
+            (
+                Err(WebhookError::Rejected {
+                    status: 422,
+                    excerpt: String::new(),
+                }),
+                "4xx",
+            ),
+            (
+                Err(WebhookError::Redirected {
+                    status: 302,
+                    location_host: None,
+                }),
+                "3xx",
+            ),
+            (Err(WebhookError::Unsignable), "unsent"),
+        ] {
+            assert_eq!(outcome_class(&result), class, "{result:?}");
+        }
+    }
 
     #[test]
     fn statuses_map_to_the_documented_verdicts() {

@@ -150,6 +150,7 @@ impl<D: Directory> DeliverHandler<D> {
             message: MessageView::new(&stored.message),
         };
         let body = serde_json::to_vec(&payload).map_err(HandlerError::permanent)?;
+        let started = std::time::Instant::now();
         let sent = webhook::post_checked(
             &self.webhook,
             &source.namespace,
@@ -159,6 +160,10 @@ impl<D: Directory> DeliverHandler<D> {
             body,
         )
         .await;
+        let class = webhook::outcome_class(&sent);
+        let posted = !matches!(class, "forbidden" | "unsent");
+        self.metrics
+            .webhook_posted(class, posted.then(|| started.elapsed()));
         match sent {
             Ok(_) => Ok(()),
             Err(error) => {

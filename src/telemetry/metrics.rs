@@ -51,6 +51,12 @@ pub struct QueueLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// `2xx` … `5xx`, `error` (no answer), `forbidden` (egress policy), `unsent`.
+    pub class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -265,6 +271,8 @@ pub struct Metrics {
     pub leader_changes: Counter,
     pub poll_duration: Histogram,
     pub graph_request_duration: Histogram,
+    pub webhook_responses: Family<ClassLabels, Counter>,
+    pub webhook_request_duration: Histogram,
     objects: ObjectSeries,
     pub retention_purged_rows: Family<PurgeLabels, Counter>,
     pub retention_errors: Family<PurgeLabels, Counter>,
@@ -381,6 +389,18 @@ impl Metrics {
             "Time one Microsoft Graph request took, until its body was read",
             graph_request_duration.clone(),
         );
+        let webhook_responses = Family::<ClassLabels, Counter>::default();
+        registry.register(
+            "webhook_responses",
+            "Webhook POSTs by how they ended: status class, error (no answer), forbidden, unsent",
+            webhook_responses.clone(),
+        );
+        let webhook_request_duration = Histogram::new(exponential_buckets(0.005, 2.0, 16));
+        registry.register(
+            "webhook_request_duration_seconds",
+            "Time one webhook POST took, until its answer (or its failure)",
+            webhook_request_duration.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -431,6 +451,8 @@ impl Metrics {
             leader_changes,
             poll_duration,
             graph_request_duration,
+            webhook_responses,
+            webhook_request_duration,
             objects,
             retention_purged_rows,
             retention_errors,
@@ -500,6 +522,17 @@ impl Metrics {
             .get_or_create(&StatusLabels { status })
             .inc();
         self.graph_request_duration.observe(took.as_secs_f64());
+    }
+
+    /// A webhook POST ended with `class` (see `delivery::webhook::outcome_class`); `took` is
+    /// `None` when nothing was sent.
+    pub fn webhook_posted(&self, class: &'static str, took: Option<Duration>) {
+        self.webhook_responses
+            .get_or_create(&ClassLabels { class })
+            .inc();
+        if let Some(took) = took {
+            self.webhook_request_duration.observe(took.as_secs_f64());
+        }
     }
 
     /// This replica became (`true`) or stopped being the leader. Stepping down clears what

@@ -1130,9 +1130,16 @@ async fn raw_http_answers_like_an_api_server() {
             "Mailbox",
             "Interval",
             "Ready",
+            "Reason",
+            "Suspended",
             "Last Poll",
             "Delivered",
-            "Age"
+            "Age",
+            "Folder",
+            "Next Poll",
+            "Pending",
+            "Failed",
+            "Degraded"
         ]
     );
     assert_eq!(table["rows"][0]["cells"][1], "raw@contoso.com");
@@ -1226,11 +1233,21 @@ async fn a_kubectl_session() {
             "MAILBOX",
             "INTERVAL",
             "READY",
+            "REASON",
+            "SUSPENDED",
             "LAST",
             "POLL",
             "DELIVERED",
             "AGE"
         ],
+        "{out}"
+    );
+    // -o wide adds the columns of priority 1.
+    let (ok, out) = run(&["get", "mbp", "-o", "wide"]);
+    assert!(ok, "get -o wide: {out}");
+    let header = out.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("FOLDER") && header.contains("NEXT POLL") && header.contains("DEGRADED"),
         "{out}"
     );
     assert!(
@@ -1338,7 +1355,8 @@ async fn a_kubectl_session() {
         ["support-inbox", "support@contoso.com", "1m", "True"],
         "{out}"
     );
-    assert_eq!(row[4], "5", "Delivered column: {out}");
+    // Reason and Suspended follow Ready; Last Poll is empty, so Delivered is the seventh word.
+    assert_eq!(row[6], "5", "Delivered column: {out}");
 
     let ssa = write(
         "ssa.yaml",
