@@ -178,13 +178,7 @@ async fn refused(client: &GuardedClient, url: String) -> String {
 #[tokio::test]
 async fn refused_destinations_are_never_connected_to() {
     let receiver = WebhookReceiver::start(None).await.expect("receiver");
-    let port = receiver
-        .url()
-        .split(':')
-        .nth(2)
-        .and_then(|rest| rest.split('/').next())
-        .expect("port")
-        .to_owned();
+    let port = receiver.port();
     let client = guarded(
         EgressPolicy::default(),
         &[
@@ -247,13 +241,7 @@ async fn refused_destinations_are_never_connected_to() {
 #[tokio::test]
 async fn allow_lists_and_flags_open_what_they_name() {
     let receiver = WebhookReceiver::start(None).await.expect("receiver");
-    let port = receiver
-        .url()
-        .split(':')
-        .nth(2)
-        .and_then(|rest| rest.split('/').next())
-        .expect("port")
-        .to_owned();
+    let port = receiver.port();
     let names = [
         ("hooks.billing.svc.cluster.local.", "127.0.0.1"),
         ("hooks.support.svc.cluster.local.", "127.0.0.1"),
@@ -359,13 +347,24 @@ async fn a_huge_rejection_body_is_read_only_as_far_as_its_excerpt() {
         other => panic!("expected a rejection, got {other:?}"),
     }
     assert!(took < Duration::from_secs(5), "took {took:?}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    answer_ended(&receiver).await;
     let written = receiver.hostile_body_bytes();
     assert!(
         written < BUFFERED_AT_MOST,
         "the client stopped reading: {written} bytes written"
     );
     assert_eq!(receiver.hostile_requests(), 1);
+}
+
+/// Waits until the receiver's hostile answer has ended: the client closed the connection
+/// (or it was written out), so the bytes it wrote are final.
+async fn answer_ended(receiver: &WebhookReceiver) {
+    mailpoll_testkit::wait_until(
+        "the hostile answer to end",
+        Duration::from_secs(30),
+        || async { receiver.hostile_answers_ended() >= 1 },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -378,7 +377,7 @@ async fn a_huge_success_body_is_not_read_at_all() {
     let (result, took) = post_to(&receiver, Duration::from_secs(10)).await;
     assert_eq!(result.expect("delivered"), 200);
     assert!(took < Duration::from_secs(5), "took {took:?}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    answer_ended(&receiver).await;
     let written = receiver.hostile_body_bytes();
     assert!(written < BUFFERED_AT_MOST, "{written} bytes written");
 }

@@ -15,7 +15,8 @@ use mailpoll::identity::DeletionPolicy;
 use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
 use mailpoll::queue::WorkerId;
 use mailpoll::resource::{
-    AfterDelivery, MailboxPoll, MailboxPollStatus, POLL_REQUESTED_AT_ANNOTATION,
+    AfterDelivery, Delivery, MailboxPoll, MailboxPollSpec, MailboxPollStatus,
+    POLL_REQUESTED_AT_ANNOTATION,
 };
 use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{
@@ -182,17 +183,25 @@ impl World {
         Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
     }
 
-    /// A MailboxPoll delivering to `url` (no signing key).
-    async fn create_delivering(&self, name: &str, url: &str) -> Uuid {
+    /// A MailboxPoll of [`MAILBOX`] every hour with credentials from [`SECRET`], its spec
+    /// changed by `shape` first.
+    async fn create_with(&self, name: &str, shape: impl FnOnce(&mut MailboxPollSpec)) -> Uuid {
         let mut poll = cluster::mailbox_poll(name, MAILBOX, "1h", SECRET);
-        poll.spec.delivery =
-            Some(serde_json::from_value(json!({"webhook": {"url": url}})).expect("delivery spec"));
+        shape(&mut poll.spec);
         let created = self
             .api()
             .create(&PostParams::default(), &poll)
             .await
             .expect("MailboxPoll created");
         Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
+    }
+
+    /// A MailboxPoll delivering to `url` (no signing key).
+    async fn create_delivering(&self, name: &str, url: &str) -> Uuid {
+        self.create_with(name, |spec| {
+            spec.delivery = Some(delivery(json!({"url": url})))
+        })
+        .await
     }
 
     /// Ledger rows of the MailboxPoll `name` (through its ledger identity).
@@ -354,14 +363,8 @@ impl World {
 
     /// A MailboxPoll with `deletionPolicy: Delete`.
     async fn create_doomed(&self, name: &str) -> Uuid {
-        let mut poll = cluster::mailbox_poll(name, MAILBOX, "1h", SECRET);
-        poll.spec.deletion_policy = DeletionPolicy::Delete;
-        let created = self
-            .api()
-            .create(&PostParams::default(), &poll)
+        self.create_with(name, |spec| spec.deletion_policy = DeletionPolicy::Delete)
             .await
-            .expect("MailboxPoll created");
-        Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
     }
 
     /// Rows left of a MailboxPoll `name` with object `uid`: `[ledger, identities, polls,
@@ -423,6 +426,11 @@ impl World {
                 .expect("operator stops cleanly");
         }
     }
+}
+
+/// `spec.delivery` with this webhook.
+fn delivery(webhook: serde_json::Value) -> Delivery {
+    serde_json::from_value(json!({ "webhook": webhook })).expect("delivery spec")
 }
 
 fn condition<'a>(status: &'a MailboxPollStatus, type_: &str) -> Option<(&'a str, &'a str)> {
@@ -1051,20 +1059,15 @@ async fn webhook_credentials_come_from_secrets_and_bad_ones_are_explained() {
         &[("signingSecret", TEST_SIGNING_SECRET)],
     )
     .await;
-    let mut poll = cluster::mailbox_poll("hooked", MAILBOX, "1h", SECRET);
-    poll.spec.delivery = Some(
-        serde_json::from_value(json!({"webhook": {
-            "urlSecretRef": {"name": "hook-url"},
-            "headersSecretRef": {"name": "hook-headers"},
-            "signingSecretRef": {"name": "hook-signing"}
-        }}))
-        .expect("delivery spec"),
-    );
     world
-        .api()
-        .create(&PostParams::default(), &poll)
-        .await
-        .expect("MailboxPoll created");
+        .create_with("hooked", |spec| {
+            spec.delivery = Some(delivery(json!({
+                "urlSecretRef": {"name": "hook-url"},
+                "headersSecretRef": {"name": "hook-headers"},
+                "signingSecretRef": {"name": "hook-signing"}
+            })))
+        })
+        .await;
     world
         .wait_status("hooked", "both messages delivered", |s| {
             s.messages_delivered == Some(2)
@@ -1214,16 +1217,14 @@ async fn after_actions_refused_by_graph_are_shown_with_graphs_reason() {
         .add_messages(MAILBOX, "inbox", 3)
         .expect("messages added");
     world.credentials(cluster::valid_client_secret()).await;
-    let mut poll = cluster::mailbox_poll("readonly", MAILBOX, "1h", SECRET);
-    poll.spec.after_delivery = Some(AfterDelivery {
-        mark_as_read: true,
-        move_to_folder: None,
-    });
     world
-        .api()
-        .create(&PostParams::default(), &poll)
-        .await
-        .expect("MailboxPoll created");
+        .create_with("readonly", |spec| {
+            spec.after_delivery = Some(AfterDelivery {
+                mark_as_read: true,
+                move_to_folder: None,
+            })
+        })
+        .await;
     let refused = |s: &MailboxPollStatus| {
         condition(s, "Degraded") == Some(("True", "AccessDenied"))
             && condition(s, "Stalled") == Some(("True", "AccessDenied"))
@@ -1299,13 +1300,7 @@ async fn a_refused_webhook_destination_is_a_condition_and_nothing_reaches_it() {
     let receiver = WebhookReceiver::start(None)
         .await
         .expect("webhook receiver");
-    let port = receiver
-        .url()
-        .split(':')
-        .nth(2)
-        .and_then(|rest| rest.split('/').next())
-        .expect("port")
-        .to_owned();
+    let port = receiver.port();
     let names = [
         ("hooks.rebind.example.", "127.0.0.1"),
         ("hooks.public.example.", "203.0.113.7"),
@@ -1614,15 +1609,14 @@ async fn parked_after_actions_are_retried_once_the_spec_is_fixed() {
         .add_messages(MAILBOX, "inbox", 2)
         .expect("messages added");
     world.credentials(cluster::valid_client_secret()).await;
-    let mut poll = cluster::mailbox_poll("filing", MAILBOX, "1h", SECRET);
-    poll.spec.after_delivery = Some(
-        serde_json::from_value(json!({"moveToFolder": "no-such-folder"})).expect("after spec"),
-    );
     world
-        .api()
-        .create(&PostParams::default(), &poll)
-        .await
-        .expect("MailboxPoll created");
+        .create_with("filing", |spec| {
+            spec.after_delivery = Some(AfterDelivery {
+                mark_as_read: false,
+                move_to_folder: Some("no-such-folder".into()),
+            })
+        })
+        .await;
     let status = world
         .wait_status("filing", "the parked after-actions on the status", |s| {
             condition(s, "Degraded") == Some(("True", "MoveDestinationNotFound"))
@@ -1703,22 +1697,19 @@ async fn put_secret_bytes(world: &World, name: &str, values: &[(&str, &[u8])]) {
 
 /// A MailboxPoll with certificate credentials from the Secret `secret`.
 async fn create_with_certificate(world: &World, name: &str, secret: &str) -> Uuid {
-    let mut poll = cluster::mailbox_poll(name, MAILBOX, "1h", secret);
-    poll.spec.credentials_secret_ref = None;
-    poll.spec.certificate = Some(
-        serde_json::from_value(json!({
-            "tenantId": mailpoll_testkit::graph::DEFAULT_TENANT,
-            "clientId": mailpoll_testkit::graph::DEFAULT_CLIENT_ID,
-            "secretRef": {"name": secret}
-        }))
-        .expect("certificate spec"),
-    );
-    let created = world
-        .api()
-        .create(&PostParams::default(), &poll)
+    world
+        .create_with(name, |spec| {
+            spec.credentials_secret_ref = None;
+            spec.certificate = Some(
+                serde_json::from_value(json!({
+                    "tenantId": mailpoll_testkit::graph::DEFAULT_TENANT,
+                    "clientId": mailpoll_testkit::graph::DEFAULT_CLIENT_ID,
+                    "secretRef": {"name": secret}
+                }))
+                .expect("certificate spec"),
+            );
+        })
         .await
-        .expect("MailboxPoll created");
-    Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
 }
 
 fn credential_count(world: &World, label: &str) -> (u64, u64) {
@@ -1879,14 +1870,12 @@ async fn unusable_credentials_are_invalid_credentials_without_key_material() {
     );
     assert!(!text.contains(pem_body_line(OTHER_KEY_PEM)), "{text}");
 
-    let mut poll = cluster::mailbox_poll("federated", MAILBOX, "1h", SECRET);
-    poll.spec.credentials_secret_ref = None;
-    poll.spec.workload_identity = Some(Default::default());
     world
-        .api()
-        .create(&PostParams::default(), &poll)
-        .await
-        .expect("MailboxPoll created");
+        .create_with("federated", |spec| {
+            spec.credentials_secret_ref = None;
+            spec.workload_identity = Some(Default::default());
+        })
+        .await;
     let status = world
         .wait_status("federated", "Ready=False InvalidCredentials", |s| {
             condition(s, "Ready") == Some(("False", "InvalidCredentials"))

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use mailpoll::queue::{
-    self, ClaimedTask, Lease, NewTask, QueueError, RetryPolicy, TaskState, Transition,
+    self, ClaimedTask, Lease, NewTask, QueueError, RetryPolicy, RetryReport, TaskSelection,
+    TaskState, Transition,
 };
 use mailpoll_testkit::pg::TestDatabase;
 use mailpoll_testkit::wait_until;
@@ -372,12 +373,24 @@ async fn failures_follow_the_backoff_schedule_then_die_with_the_error_kept() {
             assert!(row.finished_at.is_some());
         }
     }
-    let error = queue::retry_dead(&db.pool, id + 1000)
-        .await
-        .expect_err("unknown task");
-    assert!(matches!(error, QueueError::NotFound { .. }), "{error}");
-
-    queue::retry_dead(&db.pool, id).await.expect("retry");
+    let retry = |ids: Vec<i64>| {
+        let pool = db.pool.clone();
+        async move {
+            let selection = TaskSelection {
+                ids: Some(ids),
+                ..TaskSelection::default()
+            };
+            queue::retry_dead_matching(&pool, &selection)
+                .await
+                .expect("retry")
+        }
+    };
+    assert_eq!(
+        retry(vec![id + 1000]).await,
+        RetryReport::default(),
+        "an unknown task: nothing"
+    );
+    assert_eq!(retry(vec![id]).await.revived, [id]);
     let row = task(&db.pool, id).await;
     assert_eq!(
         (row.state, row.attempts),
@@ -385,18 +398,10 @@ async fn failures_follow_the_backoff_schedule_then_die_with_the_error_kept() {
         "a retried task starts over"
     );
     assert!(row.finished_at.is_none());
-    let error = queue::retry_dead(&db.pool, id)
-        .await
-        .expect_err("not dead any more");
-    assert!(
-        matches!(
-            error,
-            QueueError::NotDead {
-                state: TaskState::Pending,
-                ..
-            }
-        ),
-        "{error}"
+    assert_eq!(
+        retry(vec![id]).await,
+        RetryReport::default(),
+        "not dead any more: left alone"
     );
 }
 
@@ -813,7 +818,7 @@ async fn cancelling_an_owner_cancels_its_live_tasks() {
 }
 
 #[tokio::test]
-async fn retrying_a_dead_task_whose_key_is_live_again_is_refused() {
+async fn retrying_a_dead_task_whose_key_is_live_again_cancels_it() {
     let db = TestDatabase::create().await.expect("test database");
     let task = NewTask::new("poll", json!({}))
         .dedupe_key("poll:mailbox-9")
@@ -834,14 +839,23 @@ async fn retrying_a_dead_task_whose_key_is_live_again_is_refused() {
         .await
         .expect("enqueue again");
     assert!(live.fresh);
-    let error = queue::retry_dead(&db.pool, dead)
+    let selection = TaskSelection {
+        ids: Some(vec![dead]),
+        ..TaskSelection::default()
+    };
+    let report = queue::retry_dead_matching(&db.pool, &selection)
         .await
-        .expect_err("two live tasks with one key");
-    assert!(
-        matches!(error, QueueError::DedupeKeyTaken { id, live_id } if id == dead && live_id == live.id),
-        "{error}"
+        .expect("retry");
+    assert_eq!(
+        (report.revived, report.superseded),
+        (vec![], vec![dead]),
+        "never two live tasks with one key: the dead one is cancelled instead"
     );
-    assert_eq!(self::task(&db.pool, dead).await.state, TaskState::Dead);
+    assert_eq!(self::task(&db.pool, dead).await.state, TaskState::Cancelled);
+    assert_eq!(
+        self::task(&db.pool, live.id).await.state,
+        TaskState::Pending
+    );
 }
 
 /// One result whose error text Postgres refuses (a NUL, as a receiver's body can carry) fails

@@ -10,7 +10,7 @@
 //! | [`heartbeat`] | `running` (own lease) | `running`, lease extended |
 //! | [`finish`] ([`complete`], [`fail`], [`snooze`], [`release`]) | `running` (own lease) | `succeeded`, `pending` or `dead` |
 //! | [`rescue`] | `running`, lease expired | `pending` (an attempt counted) or `dead` |
-//! | [`retry_dead`] / [`retry_dead_matching`] | `dead` | `pending`, attempts reset (in bulk, `cancelled` when another task holds or takes its dedupe key) |
+//! | [`retry_dead_matching`] | `dead` (by id, kind, owner) | `pending`, attempts reset (`cancelled` when another task holds or takes its dedupe key) |
 //! | [`pull_forward`] | `pending`, due later | `pending`, due sooner |
 //! | [`cancel_owner`] | `pending` / `running` | `cancelled` |
 //! | [`cancel_pending`] | `pending` (by dedupe key) | `cancelled` |
@@ -46,7 +46,7 @@ pub use store::{
     cancel_matching, cancel_owner, cancel_pending, claim, complete, dead_tasks, depth, enqueue,
     enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail, finish, finish_on, get, heartbeat,
     list, live_owners_older_than, live_task, prune, prune_dead, pull_forward, release, rescue,
-    retry_dead, retry_dead_matching, snooze,
+    retry_dead_matching, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{
@@ -266,14 +266,6 @@ pub enum QueueError {
     /// the caller no longer holds the task and changed nothing.
     #[error("task {id} is no longer held under this lease; nothing was changed")]
     LeaseLost { id: i64 },
-    #[error("task {id} does not exist")]
-    NotFound { id: i64 },
-    #[error("task {id} is {state}; only dead tasks can be retried")]
-    NotDead { id: i64, state: TaskState },
-    #[error(
-        "task {id} cannot be retried: task {live_id} with the same dedupe key is pending or running"
-    )]
-    DedupeKeyTaken { id: i64, live_id: i64 },
     #[error("invalid task: {0}")]
     Invalid(String),
     #[error("task queue: {operation} failed: {source}")]

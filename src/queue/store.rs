@@ -806,60 +806,6 @@ pub async fn prune_dead<'e>(
     })
 }
 
-/// Brings a dead task back: pending now, with a full set of attempts. Its last error stays
-/// until a new one replaces it.
-pub async fn retry_dead<'c, A>(conn: A, id: i64) -> Result<(), QueueError>
-where
-    A: Acquire<'c, Database = Postgres>,
-{
-    let mut conn = conn.acquire().await.map_err(QueueError::db("retry"))?;
-    let updated = sqlx::query_scalar::<_, i64>(
-        "UPDATE tasks
-         SET state = 'pending', attempts = 0, run_at = now(), finished_at = NULL,
-             lock_token = NULL, lease_expires_at = NULL, updated_at = now()
-         WHERE id = $1 AND state = 'dead'
-         RETURNING id",
-    )
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await;
-    match updated {
-        Ok(Some(_)) => {
-            sqlx::query("SELECT pg_notify('mailpoll_tasks', '')")
-                .execute(&mut *conn)
-                .await
-                .map_err(QueueError::db("retry (waking workers)"))?;
-            Ok(())
-        }
-        Ok(None) => match get(&mut *conn, id).await? {
-            None => Err(QueueError::NotFound { id }),
-            Some(task) => Err(QueueError::NotDead {
-                id,
-                state: task.state,
-            }),
-        },
-        Err(sqlx::Error::Database(error))
-            if error.constraint() == Some("tasks_live_dedupe_key") =>
-        {
-            let live_id: Option<i64> = sqlx::query_scalar(
-                "SELECT live.id FROM tasks dead
-                 JOIN tasks live ON live.dedupe_key = dead.dedupe_key
-                                AND live.state IN ('pending', 'running')
-                 WHERE dead.id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(QueueError::db("retry (finding the live task)"))?;
-            Err(QueueError::DedupeKeyTaken {
-                id,
-                live_id: live_id.unwrap_or_default(),
-            })
-        }
-        Err(error) => Err(QueueError::db("retry")(error)),
-    }
-}
-
 /// Cancels the pending and running tasks of an owner (its MailboxPoll was deleted); a running
 /// task's worker loses its lease. Returns how many were cancelled.
 pub async fn cancel_owner<'e>(

@@ -148,6 +148,8 @@ struct Ledger {
     connections: u64,
     hostile_requests: u64,
     hostile_body_bytes: u64,
+    /// Hostile answers that ended (written out, or cut off by the client or the time limit).
+    hostile_ended: u64,
 }
 
 struct Shared {
@@ -222,6 +224,11 @@ impl WebhookReceiver {
         format!("http://{}/hook", self.addr)
     }
 
+    /// The port it listens on (for URLs with other host names that resolve to it).
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// An endpoint for this receiver, signed with `signing_secret` when given.
     pub fn endpoint(&self, signing_secret: Option<&str>) -> anyhow::Result<Endpoint> {
         let mut endpoint = Endpoint::new(WebhookUrl::parse(&self.url())?);
@@ -287,6 +294,12 @@ impl WebhookReceiver {
     /// the socket buffers bound it).
     pub fn hostile_body_bytes(&self) -> u64 {
         lock(&self.shared.ledger).hostile_body_bytes
+    }
+
+    /// Hostile answers that have ended: written out, or cut off because the client closed the
+    /// connection (or after a minute). After it, `hostile_body_bytes` no longer moves.
+    pub fn hostile_answers_ended(&self) -> u64 {
+        lock(&self.shared.ledger).hostile_ended
     }
 
     /// Answer every new connection this way until `clear_faults` (or `None`).
@@ -366,8 +379,9 @@ impl axum::serve::Listener for SwitchingListener {
                 Some(hostile) => {
                     let shared = self.shared.clone();
                     tokio::spawn(async move {
-                        let answer = answer_hostile(stream, hostile, shared);
+                        let answer = answer_hostile(stream, hostile, shared.clone());
                         let _ = tokio::time::timeout(HOSTILE_WRITE_LIMIT, answer).await;
+                        lock(&shared.ledger).hostile_ended += 1;
                     });
                 }
             }
