@@ -210,7 +210,7 @@ fn parked_reason(error: Option<&str>) -> Reason {
 
 fn parked_note(parked: i64, latest: Option<&str>) -> String {
     format!(
-        "after-delivery actions of {parked} message(s) failed repeatedly and are parked; latest: {}",
+        "after-delivery actions of {parked} message(s) are parked (tried again when the spec changes or a poll is forced); latest: {}",
         latest.unwrap_or("unknown")
     )
 }
