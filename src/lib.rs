@@ -24,6 +24,7 @@ pub mod http;
 pub mod identity;
 pub mod leader;
 pub mod ledger;
+pub mod mailbox_slots;
 pub mod operator;
 pub mod pipeline;
 pub mod poll_log;

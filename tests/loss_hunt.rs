@@ -393,7 +393,6 @@ impl Hunt {
                 directory,
                 graph,
                 metrics,
-                run_lease: RUN_LEASE,
                 run_budget: Duration::from_secs(2),
             },
         )

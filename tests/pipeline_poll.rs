@@ -14,8 +14,9 @@ use mailpoll::delivery::endpoint::Endpoint;
 use mailpoll::delivery::signing::message_key;
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
-    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig, Proof,
+    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig, Proof, SlotKey,
 };
+use mailpoll::mailbox_slots::MailboxSlots;
 use mailpoll::pipeline::actions::ActionsHandler;
 use mailpoll::pipeline::deliver::DeliverHandler;
 use mailpoll::pipeline::poll::{PollHandler, PollSettings};
@@ -147,11 +148,15 @@ impl World {
         })
     }
 
+    /// A Graph client of its own (a replica's), holding the mailbox's shared slots in the
+    /// test database as the operator's does.
     fn graph_with(&self, governor: GovernorConfig) -> GraphClient {
         let base = self.emulator.base_url();
+        let governor = Governor::new(governor);
+        governor.share_slots(Arc::new(MailboxSlots::new(self.db.pool.clone())));
         GraphClient::new(
             GraphConfig::with_urls(&base, &base).expect("Graph config"),
-            Governor::new(governor),
+            governor,
         )
         .expect("Graph client")
     }
@@ -311,7 +316,6 @@ impl World {
                 directory,
                 graph,
                 metrics,
-                run_lease,
                 run_budget: Duration::from_secs(5),
             },
         )
@@ -2124,4 +2128,143 @@ async fn a_ten_megabyte_subject_is_recorded_and_its_delivery_gets_one_verdict() 
         )]
     );
     assert_eq!(world.receiver.successes().len(), 3);
+}
+
+/// Graph allows 4 concurrent requests per application and mailbox, whoever sends them. Two
+/// replicas (each a Graph client and governor of its own) work two MailboxPolls of one mailbox
+/// (two folders), polls, deliveries and batched mark-reads at once: together they never have
+/// more than 4 requests in flight at Graph, and Graph never refuses one for concurrency.
+#[tokio::test]
+async fn two_replicas_on_two_folders_of_one_mailbox_stay_within_four_concurrent_requests() {
+    let world = World::start(Faults {
+        slow_page_ms: 20,
+        slow_change_ms: 50,
+        ..Faults::default()
+    })
+    .await;
+    world.directory.insert(world.config(true, None));
+    let archive = Uuid::new_v4();
+    let mut archive_config = world.config(true, None);
+    archive_config.ledger_id = archive;
+    archive_config.source.uid = archive;
+    archive_config.source.name = "archive".into();
+    archive_config.source.folder = "archive".into();
+    world.directory.insert(archive_config);
+    let per_folder = 100;
+    for folder in ["inbox", "archive"] {
+        world
+            .emulator
+            .add_messages(MAILBOX, folder, per_folder)
+            .expect("mail");
+    }
+    let replica_a = world.workers_on_graph("replica-a", 10, world.graph());
+    let replica_b = world.workers_on_graph("replica-b", 10, world.graph());
+    let polls = [
+        world.enqueue_poll(world.uid, 50).await,
+        world.enqueue_poll(archive, 50).await,
+    ];
+    for poll in polls {
+        assert_eq!(world.finished(poll).await.0, "succeeded");
+    }
+    for uid in [world.uid, archive] {
+        let what = format!("{per_folder} messages of {uid} delivered and marked read");
+        wait_for_ok(what, Duration::from_secs(120), || async {
+            let done = count(
+                &world.db.pool,
+                uid,
+                "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
+            )
+            .await;
+            if done == per_folder as i64 { Ok(()) } else { Err(done) }
+        })
+        .await;
+    }
+    replica_a.shutdown().await;
+    replica_b.shutdown().await;
+
+    let counters = world.emulator.counters();
+    let marked = counters.endpoint(MAILBOX, "patch");
+    assert!(
+        marked >= 2 * per_folder as u64,
+        "{marked} mark-read requests for {} messages",
+        2 * per_folder
+    );
+    let peak = counters.peak_concurrency(MAILBOX);
+    assert!(peak <= 4, "{peak} requests in flight at once at Graph");
+    assert!(
+        counters.throttles.is_empty(),
+        "Graph refused requests: {:?}",
+        counters.throttles
+    );
+    let held = MailboxSlots::new(world.db.pool.clone())
+        .held(&SlotKey::new(DEFAULT_TENANT, DEFAULT_CLIENT_ID, MAILBOX))
+        .await
+        .expect("slots");
+    assert_eq!(held, 0, "slots still held after every request ended");
+}
+
+/// A MailboxPoll's polls do not wait behind its own after-actions: while a backlog of slow
+/// mark-reads drains in one actions run, a poll of the same MailboxPoll starts and finishes.
+#[tokio::test]
+async fn a_poll_does_not_wait_behind_the_same_mailboxs_after_actions() {
+    let world = World::start(Faults {
+        slow_change_ms: 400,
+        ..Faults::default()
+    })
+    .await;
+    world.directory.insert(world.config(true, None));
+    // Mark-reads go 10 to a `$batch`, run 4 at a time, 400 ms each: about 3 s for 24, inside
+    // the actions run's budget (5 s), so the run is not ended for others' sake meanwhile.
+    let total = 24;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", total)
+        .expect("mail");
+    let pool = world.workers("busy", 100);
+    world.poll().await;
+    // Once every webhook is in, the running actions run is the last: it ends when no
+    // after-action is left.
+    let run = wait_for(
+        "every webhook delivered and the after-actions under way",
+        Duration::from_secs(60),
+        || async {
+            if world.receiver.successes().len() < total {
+                return None;
+            }
+            let due = world
+                .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state <> 'delivered'")
+                .await;
+            if due < 10 {
+                panic!("only {due} after-actions left: the mailbox is too quick for this test");
+            }
+            sqlx::query_as::<_, (i64, Uuid)>(
+                "SELECT id, lock_token FROM tasks
+                  WHERE owner_uid = $1 AND kind = 'actions' AND state = 'running'",
+            )
+            .bind(world.uid)
+            .fetch_optional(&world.db.pool)
+            .await
+            .expect("tasks")
+        },
+    )
+    .await;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 1)
+        .expect("mail");
+    let poll = world.enqueue_poll(world.uid, 5).await;
+    assert_eq!(world.finished(poll).await.0, "succeeded");
+    let still_running: Option<(String, Uuid)> =
+        sqlx::query_as("SELECT state, lock_token FROM tasks WHERE id = $1")
+            .bind(run.0)
+            .fetch_optional(&world.db.pool)
+            .await
+            .expect("task");
+    assert_eq!(
+        still_running,
+        Some(("running".to_owned(), run.1)),
+        "the poll finished only after the actions run it found under way had ended"
+    );
+    world.settle(total as i64 + 1).await;
+    pool.shutdown().await;
 }

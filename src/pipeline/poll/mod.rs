@@ -230,6 +230,9 @@ impl<D: Directory> PollHandler<D> {
             RoundError::Graph(GraphError::Throttled { retry_after, .. }) => {
                 Err(run_lease::share_throttle(&self.pool, &source.mailbox, retry_after).await)
             }
+            RoundError::Graph(ref busy @ GraphError::MailboxBusy { .. }) => {
+                Err(run_lease::busy(busy))
+            }
             RoundError::Graph(ref graph) if graph.is_transient() => {
                 Err(HandlerError::retryable(error))
             }
