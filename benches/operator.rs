@@ -317,7 +317,18 @@ async fn overdue_at_end(
     Ok((count, most.unwrap_or(0.0)))
 }
 
-/// Recorded-to-delivered latency of the quiet MailboxPolls' messages recorded in the window.
+/// The ledger identity a MailboxPoll's messages are recorded under.
+async fn ledger_of(pool: &PgPool, uid: uuid::Uuid) -> anyhow::Result<uuid::Uuid> {
+    Ok(
+        sqlx::query_scalar("SELECT identity FROM mailbox_identities WHERE uid = $1")
+            .bind(uid)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Recorded-to-delivered latency of the quiet MailboxPolls' messages recorded in the window
+/// (`noisy`: the neighbour's ledger identity).
 async fn delivery_latencies(
     pool: &PgPool,
     window: &Window,
@@ -623,7 +634,11 @@ async fn report(
         window.postgres_cpu_seconds,
         window.postgres_cpu_seconds * 1000.0 / polls_in_window.max(1) as f64
     );
-    let (latencies, undelivered) = delivery_latencies(pool, window, noisy).await?;
+    let noisy_ledger = match noisy {
+        Some(uid) => Some(ledger_of(pool, uid).await?),
+        None => None,
+    };
+    let (latencies, undelivered) = delivery_latencies(pool, window, noisy_ledger).await?;
     println!(
         "deliveries of mail arriving in the window (recorded to delivered): {} delivered, p50 \
          {:.3} s, p99 {:.3} s, max {:.3} s; {undelivered} not delivered by the end",
@@ -632,7 +647,7 @@ async fn report(
         percentile(&latencies, 0.99),
         latencies.last().copied().unwrap_or(f64::NAN)
     );
-    if let Some(uid) = noisy {
+    if let Some(uid) = noisy_ledger {
         let delivered: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND webhook_delivered_at IS NOT NULL",
         )
