@@ -31,6 +31,7 @@ pub mod queue;
 pub mod reason;
 pub mod resource;
 pub mod retention;
+pub mod selection;
 pub mod storable;
 pub mod telemetry;
 
