@@ -240,6 +240,9 @@ pub fn desired_status(
         messages_delivered: Some(facts.counts.delivered + facts.counts.recorded_only),
         messages_pending: Some(facts.counts.pending),
         messages_failed: Some(facts.counts.failed),
+        // Absent while zero: MailboxPolls without startFrom or filter show nothing new.
+        messages_filtered: (facts.counts.filtered > 0).then_some(facts.counts.filtered),
+        messages_skipped: (facts.counts.before_start > 0).then_some(facts.counts.before_start),
         last_handled_poll_request: facts.last_handled_request.clone(),
     }
 }
