@@ -1,6 +1,6 @@
 //! `spec.startFrom`: `all`, `now`, or an RFC 3339 time.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 /// The start a MailboxPoll's spec asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,9 +47,12 @@ impl Start {
     /// Whether a message received at `received_at` is delivered. A message without a received
     /// time (Graph always sends one; a hostile page might not) is admitted: skipping it could
     /// lose mail, delivering it cannot.
+    ///
+    /// Graph gives received times in whole seconds, so the start counts in whole seconds too:
+    /// a message received in the same second as the start is delivered.
     pub fn admits(self, received_at: Option<DateTime<Utc>>) -> bool {
         match (self.0, received_at) {
-            (Some(start), Some(received)) => received >= start,
+            (Some(start), Some(received)) => received >= start.trunc_subsecs(0),
             _ => true,
         }
     }
@@ -108,6 +111,11 @@ mod tests {
         assert!(start.admits(Some(at("2026-12-01T09:00:00Z"))));
         assert!(start.admits(Some(at("2026-12-02T00:00:00Z"))));
         assert!(!start.admits(Some(at("2026-12-01T08:59:59Z"))));
+        let within_a_second = Start(Some(at("2026-12-01T09:00:00.700Z")));
+        assert!(
+            within_a_second.admits(Some(at("2026-12-01T09:00:00Z"))),
+            "Graph's whole seconds: the start's own second is delivered"
+        );
         assert!(
             start.admits(None),
             "no received time: delivered, never lost"
