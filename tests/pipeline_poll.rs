@@ -2458,3 +2458,51 @@ impl World {
         assert_eq!(successes.len(), delivered.len(), "nothing else delivered");
     }
 }
+
+/// A filter on Outlook categories: polls then select `categories` from Graph (only then: a
+/// changed `$select` costs a resync), and the filter sees them.
+#[tokio::test]
+async fn a_filter_on_categories_selects_them_and_decides_by_them() {
+    let world = World::start(Faults::default()).await;
+    let mut config = world.config(false, None);
+    config.filter = Some(
+        mailpoll::selection::Filter::compile(r#""Finance" in message.categories"#)
+            .expect("filter compiles"),
+    );
+    world.directory.insert(config);
+    let categorized = |categories: &[&str]| NewMessage {
+        received: Some(Utc::now()),
+        categories: categories.iter().map(|c| (*c).to_owned()).collect(),
+        ..NewMessage::default()
+    };
+    let add = |categories: &[&str]| {
+        world
+            .emulator
+            .add_message(MAILBOX, "inbox", categorized(categories))
+            .expect("mail")
+            .immutable_id
+    };
+    let wanted = vec![add(&["Finance"]), add(&["Urgent", "Finance"])];
+    let unwanted = vec![add(&[]), add(&["Urgent"])];
+    let pool = world.workers("categories", 10);
+    world.poll().await;
+    world.settle(2).await;
+    world.drain().await;
+    pool.shutdown().await;
+    world
+        .assert_each_delivered_once_or_skipped(&wanted, &unwanted)
+        .await;
+    let filtered: Vec<String> = in_state(&world, world.uid, "filtered")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(filtered, sorted(unwanted));
+    let query: String =
+        sqlx::query_scalar("SELECT query_fingerprint FROM mailbox_cursors WHERE mailbox_uid = $1")
+            .bind(world.uid)
+            .fetch_one(&world.db.pool)
+            .await
+            .expect("cursor");
+    assert!(query.contains(",categories"), "{query}");
+}

@@ -116,6 +116,21 @@ impl Filter {
         &self.source
     }
 
+    /// Whether the expression reads `message.categories`, which polls then select from Graph.
+    pub fn reads_categories(&self) -> bool {
+        let mut stack = vec![self.program.expression()];
+        while let Some(node) = stack.pop() {
+            if let Expr::Select(select) = &node.expr
+                && select.field == "categories"
+                && matches!(&select.operand.expr, Expr::Ident(name) if name == MESSAGE)
+            {
+                return true;
+            }
+            stack.extend(children(node));
+        }
+        false
+    }
+
     /// Decides whether `message` is delivered.
     pub fn verdict(&self, message: &LedgerMessage) -> Verdict {
         match self.evaluate(message_value(message)) {

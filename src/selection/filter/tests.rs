@@ -139,3 +139,18 @@ fn missing_fields_read_as_empty_values() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(filter.verdict(&empty), Verdict::Deliver);
 }
+
+#[test]
+fn knows_whether_it_reads_categories() {
+    let reads = |source: &str| {
+        Filter::compile(source)
+            .unwrap_or_else(|e| panic!("{source}: {e}"))
+            .reads_categories()
+    };
+    assert!(reads(r#""Finance" in message.categories"#));
+    assert!(reads(
+        r#"message.isRead || message.categories.exists(c, c == "Finance")"#
+    ));
+    assert!(!reads(r#"message.subject.contains("categories")"#));
+    assert!(!reads("message.hasAttachments"));
+}
