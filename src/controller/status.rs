@@ -478,6 +478,48 @@ mod tests {
     }
 
     #[test]
+    fn filtered_and_skipped_counts_show_once_there_are_any() {
+        let mut f = facts(poll(1, true, None), None);
+        let status = desired_status(None, Some(1), None, &f, Utc::now());
+        assert_eq!(
+            (status.messages_filtered, status.messages_skipped),
+            (None, None)
+        );
+        f.counts.filtered = 9;
+        f.counts.before_start = 5;
+        f.counts.delivered = 6;
+        let status = desired_status(None, Some(1), None, &f, Utc::now());
+        assert_eq!(
+            (
+                status.messages_delivered,
+                status.messages_filtered,
+                status.messages_skipped
+            ),
+            (Some(6), Some(9), Some(5))
+        );
+    }
+
+    #[test]
+    fn an_invalid_filter_stalls_naming_the_field() {
+        let error = ConfigError::InvalidFilter {
+            detail: "spec.filter: unknown variable \"msg\"".into(),
+        };
+        let [ready, _, stalled] = desired_conditions(Some(&error), &Facts::default());
+        assert_eq!(
+            (ready.status, ready.reason.as_str(), ready.message.as_str()),
+            (
+                Status::False,
+                "InvalidFilter",
+                "spec.filter: unknown variable \"msg\""
+            )
+        );
+        assert_eq!(
+            (stalled.status, stalled.reason.as_str()),
+            (Status::True, "InvalidFilter")
+        );
+    }
+
+    #[test]
     fn throttling_degrades_without_unreadying() {
         let ok = poll(1, true, None);
         let f = facts(poll(2, false, Some("Throttled")), Some(ok));
