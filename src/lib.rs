@@ -32,6 +32,7 @@ pub mod queue;
 pub mod reason;
 pub mod resource;
 pub mod retention;
+pub mod selection;
 pub mod storable;
 pub mod telemetry;
 

@@ -282,6 +282,10 @@ impl<D: Directory> PollHandler<D> {
         );
         options.page_size = self.settings.page_size;
         options.include_body = config.include_body;
+        options.include_categories = config
+            .filter
+            .as_ref()
+            .is_some_and(|filter| filter.reads_categories());
         options
     }
 
