@@ -9,11 +9,16 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::delivered::DeliveredMarks;
+use super::run_lease;
 use super::tasks::{ActionsTask, DeliverTask};
+use crate::delivery::content::{self, Format};
 use crate::delivery::egress::GuardedClient;
+use crate::delivery::fetch::{self, MimeError};
+use crate::delivery::format::{EventContext, Outgoing};
 use crate::delivery::signing::message_key;
 use crate::delivery::webhook::{self, MessageView, Payload, Source, WebhookError};
 use crate::directory::{Directory, MailboxConfig};
+use crate::graph::{GraphClient, GraphError, MailboxClient};
 use crate::ledger::{self, DeliveredMark, StoredMessage};
 use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
 use crate::telemetry::metrics::SharedMetrics;
@@ -24,6 +29,8 @@ pub struct DeliverHandler<D> {
     webhook: GuardedClient,
     metrics: SharedMetrics,
     marks: DeliveredMarks,
+    /// Fetches attachments and raw MIME when a webhook asks for them.
+    graph: Option<GraphClient>,
 }
 
 impl<D> DeliverHandler<D> {
@@ -41,7 +48,15 @@ impl<D> DeliverHandler<D> {
             webhook,
             metrics,
             marks,
+            graph: None,
         }
+    }
+
+    /// Lets deliveries read from Graph (attachments, raw MIME), through the process's client
+    /// and so its governor.
+    pub fn with_graph(mut self, graph: GraphClient) -> Self {
+        self.graph = Some(graph);
+        self
     }
 }
 
@@ -137,27 +152,17 @@ impl<D: Directory> DeliverHandler<D> {
     ) -> Result<(), HandlerError> {
         let source = &config.source;
         let key = message_key(ledger_id, &stored.message.message_id);
-        let payload = Payload {
-            event_type: webhook::EVENT_TYPE,
-            key: &key,
-            mailbox_poll: Source {
-                namespace: &source.namespace,
-                name: &source.name,
-                uid: source.uid,
-                mailbox: &source.mailbox,
-                folder: &source.folder,
-            },
-            message: MessageView::new(&stored.message),
-        };
-        let body = serde_json::to_vec(&payload).map_err(HandlerError::permanent)?;
+        let outgoing = self
+            .outgoing(task, config, endpoint, ledger_id, &key, stored)
+            .await?;
         let started = std::time::Instant::now();
-        let sent = webhook::post_checked(
+        let sent = webhook::send_checked(
             &self.webhook,
             &source.namespace,
             endpoint,
             &key,
             task.attempt(),
-            body,
+            outgoing,
         )
         .await;
         let class = webhook::outcome_class(&sent);
@@ -170,7 +175,7 @@ impl<D: Directory> DeliverHandler<D> {
                 let last_attempt = task.attempt() >= task.max_attempts;
                 let permanent = error.is_permanent();
                 if permanent || last_attempt {
-                    self.record_failure(ledger_id, &stored.message.message_id, &error)
+                    self.record_failure(ledger_id, &stored.message.message_id, &error.to_string())
                         .await;
                 }
                 if matches!(error, WebhookError::Forbidden(_)) {
@@ -195,11 +200,136 @@ impl<D: Directory> DeliverHandler<D> {
         }
     }
 
+    /// The request's body and format headers: the JSON payload (with the attachments the
+    /// webhook asks for) as JSON or as a CloudEvent, or the raw MIME.
+    async fn outgoing(
+        &self,
+        task: &ClaimedTask,
+        config: &MailboxConfig,
+        endpoint: &webhook::Endpoint,
+        ledger_id: Uuid,
+        key: &str,
+        stored: &StoredMessage,
+    ) -> Result<Outgoing, HandlerError> {
+        let source = &config.source;
+        let message = &stored.message;
+        let event = EventContext {
+            key,
+            namespace: &source.namespace,
+            name: &source.name,
+            message_id: &message.message_id,
+            received: message.received_at,
+        };
+        let options = &endpoint.content;
+        if options.format == Format::Mime {
+            let mailbox = self.mailbox(config)?;
+            return match fetch::raw_mime(&mailbox, &message.message_id, options.max_message_bytes)
+                .await
+            {
+                Ok(raw) => Ok(Outgoing::mime(raw, &event)),
+                Err(MimeError::Graph(error)) => Err(self
+                    .graph_failure(task, config, ledger_id, stored, error)
+                    .await),
+                Err(error) => Err(self
+                    .content_failure(config, ledger_id, stored, &error.to_string())
+                    .await),
+            };
+        }
+        let mut view = MessageView::new(message);
+        if options.lists_attachments() {
+            let fetched =
+                if content::worth_listing(message.has_attachments, message.body.as_deref()) {
+                    let mailbox = self.mailbox(config)?;
+                    match fetch::attachments(&mailbox, &message.message_id, options).await {
+                        Ok(fetched) => fetched,
+                        Err(error) => {
+                            return Err(self
+                                .graph_failure(task, config, ledger_id, stored, error)
+                                .await);
+                        }
+                    }
+                } else {
+                    fetch::FetchedAttachments::default()
+                };
+            view.attachments = Some(fetched.views);
+            view.attachments_unavailable = fetched.unavailable;
+        }
+        let payload = Payload {
+            event_type: webhook::EVENT_TYPE,
+            key,
+            mailbox_poll: Source {
+                namespace: &source.namespace,
+                name: &source.name,
+                uid: source.uid,
+                mailbox: &source.mailbox,
+                folder: &source.folder,
+            },
+            message: view,
+        };
+        let body = serde_json::to_vec(&payload).map_err(HandlerError::permanent)?;
+        Ok(match options.format {
+            Format::Cloudevents => Outgoing::cloudevent(body, &event),
+            Format::Json | Format::Mime => Outgoing::json(body),
+        })
+    }
+
+    /// The Graph client of the MailboxPoll's mailbox.
+    fn mailbox(&self, config: &MailboxConfig) -> Result<MailboxClient, HandlerError> {
+        let graph = self.graph.as_ref().ok_or_else(|| {
+            HandlerError::permanent(
+                "this worker has no Graph client to fetch attachments or MIME with",
+            )
+        })?;
+        Ok(graph.mailbox(config.credentials.clone(), config.source.mailbox.clone()))
+    }
+
+    /// A Graph request of the delivery failed. A throttled mailbox snoozes the task (every
+    /// replica leaves the mailbox alone until the wait is over; not a failed attempt); any
+    /// other error is a failed attempt, and on the last one the ledger says why.
+    async fn graph_failure(
+        &self,
+        task: &ClaimedTask,
+        config: &MailboxConfig,
+        ledger_id: Uuid,
+        stored: &StoredMessage,
+        error: GraphError,
+    ) -> HandlerError {
+        if let GraphError::Throttled { retry_after, .. } = &error {
+            return run_lease::share_throttle(&self.pool, &config.source.mailbox, *retry_after)
+                .await;
+        }
+        let text = format!(
+            "{}: cannot read the message's content from Microsoft Graph: {error}",
+            error.reason()
+        );
+        tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, attempt = task.attempt(), %error, "delivery content unavailable");
+        if task.attempt() >= task.max_attempts {
+            self.record_failure(ledger_id, &stored.message.message_id, &text)
+                .await;
+        }
+        HandlerError::retryable(text)
+    }
+
+    /// The content cannot be delivered as the webhook asks and retrying will not change that
+    /// (the raw MIME over the limit, the message gone): the delivery fails for good, saying why.
+    async fn content_failure(
+        &self,
+        config: &MailboxConfig,
+        ledger_id: Uuid,
+        stored: &StoredMessage,
+        text: &str,
+    ) -> HandlerError {
+        tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, error = text, "delivery impossible");
+        self.record_failure(ledger_id, &stored.message.message_id, text)
+            .await;
+        HandlerError::permanent(text.to_string())
+    }
+
     /// Marks the ledger failed; best effort, since the task's own state already tells.
-    async fn record_failure(&self, uid: Uuid, message_id: &str, error: &WebhookError) {
+    async fn record_failure(&self, uid: Uuid, message_id: &str, error: &str) {
         let result = async {
             let mut conn = self.pool.acquire().await?;
-            ledger::mark_failed(&mut conn, uid, message_id, &error.to_string()).await
+            ledger::mark_failed(&mut conn, uid, message_id, error).await
         }
         .await;
         match result {
