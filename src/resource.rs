@@ -249,7 +249,6 @@ pub struct Delivery {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.urlSecretRef) ? 1 : 0) == 1").message("spec.delivery.webhook needs exactly one of url and urlSecretRef (use urlSecretRef when the URL carries a credential, such as a Logic Apps sig= parameter)"))]
 #[x_kube(validation = Rule::new("!has(self.format) || self.format != 'mime' || !has(self.attachments) || self.attachments == 'none'").message("spec.delivery.webhook.attachments must be none with format mime: the raw message carries its attachments itself"))]
-#[x_kube(validation = Rule::new("!has(self.maxAttachmentBytes) || !has(self.maxMessageBytes) || self.maxAttachmentBytes <= self.maxMessageBytes").message("spec.delivery.webhook.maxAttachmentBytes must not be larger than maxMessageBytes"))]
 pub struct Webhook {
     /// https:// endpoint; http:// only for loopback or in-cluster service hosts (*.svc, *.svc.cluster.local). Exactly one of url and urlSecretRef. A URL that carries a credential (a sig= or code= parameter, a key) belongs in urlSecretRef.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,7 +276,7 @@ pub struct Webhook {
     /// Attachments in the JSON payload: none (the default), metadata (name, content type, size, inline image marks), or inline (also the content, base64, within maxAttachmentBytes and maxMessageBytes; larger ones as metadata with contentOmitted). Each listing and content fetch is a Graph request of the mailbox. Must be none with format mime.
     #[serde(default)]
     pub attachments: AttachmentMode,
-    /// Largest attachment, in bytes, whose content is put in the payload (default 10 MiB, at most 50 MiB).
+    /// Largest attachment, in bytes, whose content is put in the payload (default 10 MiB, at most 50 MiB); maxMessageBytes bounds each one too.
     #[serde(default = "default_max_attachment_bytes")]
     #[schemars(range(min = 1, max = 52_428_800))]
     pub max_attachment_bytes: i64,
