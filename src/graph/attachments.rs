@@ -115,7 +115,7 @@ impl MailboxClient {
         }
         entries
             .iter()
-            .map(|entry| Attachment::from_value(entry).map_err(|reason| malformed(reason.into())))
+            .map(|entry| Attachment::from_value(entry).map_err(malformed))
             .collect()
     }
 
