@@ -11,9 +11,9 @@ use uuid::Uuid;
 use super::delivered::DeliveredMarks;
 use super::run_lease;
 use super::tasks::{ActionsTask, DeliverTask};
-use crate::delivery::content::{self, Format};
+use crate::delivery::content::{self, ContentOptions, Format};
 use crate::delivery::egress::GuardedClient;
-use crate::delivery::fetch::{self, MimeError};
+use crate::delivery::fetch::{self, FetchedAttachments, MimeError};
 use crate::delivery::format::{EventContext, Outgoing};
 use crate::delivery::signing::message_key;
 use crate::delivery::webhook::{self, MessageView, Payload, Source, WebhookError};
@@ -152,9 +152,13 @@ impl<D: Directory> DeliverHandler<D> {
     ) -> Result<(), HandlerError> {
         let source = &config.source;
         let key = message_key(ledger_id, &stored.message.message_id);
-        let outgoing = self
-            .outgoing(task, config, endpoint, ledger_id, &key, stored)
-            .await?;
+        let delivery = Delivery {
+            task,
+            config,
+            ledger_id,
+            stored,
+        };
+        let outgoing = self.outgoing(&delivery, endpoint, &key).await?;
         let started = std::time::Instant::now();
         let sent = webhook::send_checked(
             &self.webhook,
@@ -204,15 +208,12 @@ impl<D: Directory> DeliverHandler<D> {
     /// webhook asks for) as JSON or as a CloudEvent, or the raw MIME.
     async fn outgoing(
         &self,
-        task: &ClaimedTask,
-        config: &MailboxConfig,
+        delivery: &Delivery<'_>,
         endpoint: &webhook::Endpoint,
-        ledger_id: Uuid,
         key: &str,
-        stored: &StoredMessage,
     ) -> Result<Outgoing, HandlerError> {
-        let source = &config.source;
-        let message = &stored.message;
+        let source = &delivery.config.source;
+        let message = &delivery.stored.message;
         let event = EventContext {
             key,
             namespace: &source.namespace,
@@ -222,35 +223,12 @@ impl<D: Directory> DeliverHandler<D> {
         };
         let options = &endpoint.content;
         if options.format == Format::Mime {
-            let mailbox = self.mailbox(config)?;
-            return match fetch::raw_mime(&mailbox, &message.message_id, options.max_message_bytes)
-                .await
-            {
-                Ok(raw) => Ok(Outgoing::mime(raw, &event)),
-                Err(MimeError::Graph(error)) => Err(self
-                    .graph_failure(task, config, ledger_id, stored, error)
-                    .await),
-                Err(error) => Err(self
-                    .content_failure(config, ledger_id, stored, &error.to_string())
-                    .await),
-            };
+            let raw = self.raw_mime(delivery, options).await?;
+            return Ok(Outgoing::mime(raw, &event));
         }
         let mut view = MessageView::new(message);
         if options.lists_attachments() {
-            let fetched =
-                if content::worth_listing(message.has_attachments, message.body.as_deref()) {
-                    let mailbox = self.mailbox(config)?;
-                    match fetch::attachments(&mailbox, &message.message_id, options).await {
-                        Ok(fetched) => fetched,
-                        Err(error) => {
-                            return Err(self
-                                .graph_failure(task, config, ledger_id, stored, error)
-                                .await);
-                        }
-                    }
-                } else {
-                    fetch::FetchedAttachments::default()
-                };
+            let fetched = self.attachments(delivery, options).await?;
             view.attachments = Some(fetched.views);
             view.attachments_unavailable = fetched.unavailable;
         }
@@ -273,6 +251,38 @@ impl<D: Directory> DeliverHandler<D> {
         })
     }
 
+    /// The message's attachments as the webhook asks for them; none listed when Graph says
+    /// there are none (and the body references no inline image).
+    async fn attachments(
+        &self,
+        delivery: &Delivery<'_>,
+        options: &ContentOptions,
+    ) -> Result<FetchedAttachments, HandlerError> {
+        let message = &delivery.stored.message;
+        if !content::worth_listing(message.has_attachments, message.body.as_deref()) {
+            return Ok(FetchedAttachments::default());
+        }
+        let mailbox = self.mailbox(delivery.config)?;
+        match fetch::attachments(&mailbox, &message.message_id, options).await {
+            Ok(fetched) => Ok(fetched),
+            Err(error) => Err(self.graph_failure(delivery, error).await),
+        }
+    }
+
+    async fn raw_mime(
+        &self,
+        delivery: &Delivery<'_>,
+        options: &ContentOptions,
+    ) -> Result<Vec<u8>, HandlerError> {
+        let mailbox = self.mailbox(delivery.config)?;
+        let message_id = &delivery.stored.message.message_id;
+        match fetch::raw_mime(&mailbox, message_id, options.max_message_bytes).await {
+            Ok(raw) => Ok(raw),
+            Err(MimeError::Graph(error)) => Err(self.graph_failure(delivery, error).await),
+            Err(error) => Err(self.content_failure(delivery, &error.to_string()).await),
+        }
+    }
+
     /// The Graph client of the MailboxPoll's mailbox.
     fn mailbox(&self, config: &MailboxConfig) -> Result<MailboxClient, HandlerError> {
         let graph = self.graph.as_ref().ok_or_else(|| {
@@ -286,14 +296,8 @@ impl<D: Directory> DeliverHandler<D> {
     /// A Graph request of the delivery failed. A throttled mailbox snoozes the task (every
     /// replica leaves the mailbox alone until the wait is over; not a failed attempt); any
     /// other error is a failed attempt, and on the last one the ledger says why.
-    async fn graph_failure(
-        &self,
-        task: &ClaimedTask,
-        config: &MailboxConfig,
-        ledger_id: Uuid,
-        stored: &StoredMessage,
-        error: GraphError,
-    ) -> HandlerError {
+    async fn graph_failure(&self, delivery: &Delivery<'_>, error: GraphError) -> HandlerError {
+        let (task, config) = (delivery.task, delivery.config);
         if let GraphError::Throttled { retry_after, .. } = &error {
             return run_lease::share_throttle(&self.pool, &config.source.mailbox, *retry_after)
                 .await;
@@ -304,24 +308,27 @@ impl<D: Directory> DeliverHandler<D> {
         );
         tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, attempt = task.attempt(), %error, "delivery content unavailable");
         if task.attempt() >= task.max_attempts {
-            self.record_failure(ledger_id, &stored.message.message_id, &text)
-                .await;
+            self.record_failure(
+                delivery.ledger_id,
+                &delivery.stored.message.message_id,
+                &text,
+            )
+            .await;
         }
         HandlerError::retryable(text)
     }
 
     /// The content cannot be delivered as the webhook asks and retrying will not change that
     /// (the raw MIME over the limit, the message gone): the delivery fails for good, saying why.
-    async fn content_failure(
-        &self,
-        config: &MailboxConfig,
-        ledger_id: Uuid,
-        stored: &StoredMessage,
-        text: &str,
-    ) -> HandlerError {
-        tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, error = text, "delivery impossible");
-        self.record_failure(ledger_id, &stored.message.message_id, text)
-            .await;
+    async fn content_failure(&self, delivery: &Delivery<'_>, text: &str) -> HandlerError {
+        let source = &delivery.config.source;
+        tracing::warn!(namespace = %source.namespace, name = %source.name, error = text, "delivery impossible");
+        self.record_failure(
+            delivery.ledger_id,
+            &delivery.stored.message.message_id,
+            text,
+        )
+        .await;
         HandlerError::permanent(text.to_string())
     }
 
@@ -341,6 +348,14 @@ impl<D: Directory> DeliverHandler<D> {
             }
         }
     }
+}
+
+/// The delivery under way: its task, its MailboxPoll, and the message from the ledger.
+struct Delivery<'a> {
+    task: &'a ClaimedTask,
+    config: &'a MailboxConfig,
+    ledger_id: Uuid,
+    stored: &'a StoredMessage,
 }
 
 /// Asks the leader to look at a MailboxPoll again. Best effort: it also looks periodically.
