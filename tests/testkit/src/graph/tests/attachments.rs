@@ -265,3 +265,43 @@ async fn attachment_endpoints_meet_the_storm_switch_and_the_mailbox_hold() {
         3
     );
 }
+
+#[tokio::test]
+async fn a_large_attachment_is_served_whole_by_value_and_its_size_listed() {
+    let probe = Probe::start(EmulatorConfig::default()).await;
+    let large = pdf(6 * 1024 * 1024);
+    let id = add(
+        &probe,
+        NewMessage {
+            attachments: vec![NewAttachment::file(
+                "scan.pdf",
+                "application/pdf",
+                large.clone(),
+            )],
+            ..NewMessage::default()
+        },
+    );
+    let (_, _, listing) = probe
+        .get(
+            &format!("/users/{MAILBOX}/messages/{id}/attachments?$select=id,size"),
+            "",
+        )
+        .await;
+    let entry = &listing["value"][0];
+    assert_eq!(entry["size"], 6 * 1024 * 1024);
+    let aid = entry["id"].as_str().expect("id");
+    let response = probe
+        .http
+        .get(probe.url(&format!(
+            "/users/{MAILBOX}/messages/{id}/attachments/{aid}/$value"
+        )))
+        .bearer_auth(&probe.token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.bytes().await.expect("body").as_ref(),
+        large.as_slice()
+    );
+}
