@@ -399,7 +399,8 @@ fn start_workers(
         )
         .register(
             DELIVER,
-            DeliverHandler::new(pool.clone(), directory.clone(), webhook, metrics.clone()),
+            DeliverHandler::new(pool.clone(), directory.clone(), webhook, metrics.clone())
+                .with_graph(graph.clone()),
         )
         .register(
             ACTIONS,

@@ -13,6 +13,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::content::{
+    AttachmentMode, DEFAULT_MAX_ATTACHMENT_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Format,
+};
+
 /// Annotation whose every new value forces exactly one poll.
 pub const POLL_REQUESTED_AT_ANNOTATION: &str = "mailpoll.dev/poll-requested-at";
 
@@ -256,6 +260,7 @@ pub struct Delivery {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.urlSecretRef) ? 1 : 0) == 1").message("spec.delivery.webhook needs exactly one of url and urlSecretRef (use urlSecretRef when the URL carries a credential, such as a Logic Apps sig= parameter)"))]
+#[x_kube(validation = Rule::new("!has(self.format) || self.format != 'mime' || !has(self.attachments) || self.attachments == 'none'").message("spec.delivery.webhook.attachments must be none with format mime: the raw message carries its attachments itself"))]
 pub struct Webhook {
     /// https:// endpoint; http:// only for loopback or in-cluster service hosts (*.svc, *.svc.cluster.local). Exactly one of url and urlSecretRef. A URL that carries a credential (a sig= or code= parameter, a key) belongs in urlSecretRef.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,6 +282,20 @@ pub struct Webhook {
     #[x_kube(validation = Rule::new("self == '' || !self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$') || (duration(self) >= duration('1s') && duration(self) <= duration('5m'))").message("spec.delivery.webhook.timeout must be between 1s and 5m"))]
     #[schemars(length(max = 32))]
     pub timeout: String,
+    /// The request body: json (the message as JSON, the default), cloudevents (the same JSON as a CloudEvents 1.0 event in HTTP binary mode, ce-id being the idempotency key), or mime (the raw RFC 5322 message as Microsoft Graph has it, content-type message/rfc822, at most maxMessageBytes).
+    #[serde(default)]
+    pub format: Format,
+    /// Attachments in the JSON payload: none (the default), metadata (name, content type, size, inline image marks), or inline (also the content, base64, within maxAttachmentBytes and maxMessageBytes; larger ones as metadata with contentOmitted). Each listing and content fetch is a Graph request of the mailbox. Must be none with format mime.
+    #[serde(default)]
+    pub attachments: AttachmentMode,
+    /// Largest attachment, in bytes, whose content is put in the payload (default 10 MiB, at most 50 MiB); maxMessageBytes bounds each one too.
+    #[serde(default = "default_max_attachment_bytes")]
+    #[schemars(range(min = 1, max = 52_428_800))]
+    pub max_attachment_bytes: i64,
+    /// Most bytes per message: the attachment content put in one payload, or the raw MIME of format mime (default 25 MiB, at most 50 MiB).
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 1, max = 52_428_800))]
+    pub max_message_bytes: i64,
 }
 
 /// The key of a Secret in the MailboxPoll's namespace that holds the webhook URL.
@@ -406,6 +425,13 @@ fn default_url_secret_key() -> String {
 }
 fn default_webhook_timeout() -> String {
     "10s".into()
+}
+// Signed in the schema (Kubernetes knows int64, not uint64); the bounds keep them positive.
+fn default_max_attachment_bytes() -> i64 {
+    DEFAULT_MAX_ATTACHMENT_BYTES as i64
+}
+fn default_max_message_bytes() -> i64 {
+    DEFAULT_MAX_MESSAGE_BYTES as i64
 }
 
 /// A duration string outside the grammar the CRD accepts.

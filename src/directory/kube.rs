@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::{ConfigError, Directory, MailboxConfig};
 use crate::cursor::Source;
+use crate::delivery::content::ContentOptions;
 use crate::delivery::endpoint::{Endpoint, ExtraHeaders, WebhookUrl};
 use crate::delivery::signing::SigningSecret;
 use crate::graph::{Certificate, Credentials, Proof};
@@ -614,6 +615,14 @@ impl KubeDirectory {
             timeout: parse_duration(&hook.timeout).unwrap_or(Endpoint::DEFAULT_TIMEOUT),
             signing_secret,
             headers,
+            content: ContentOptions {
+                format: hook.format,
+                attachments: hook.attachments,
+                // The schema bounds them to 1..=50 MiB; a value it let through anyway is
+                // read as the smallest limit rather than none.
+                max_attachment_bytes: u64::try_from(hook.max_attachment_bytes).unwrap_or(1),
+                max_message_bytes: u64::try_from(hook.max_message_bytes).unwrap_or(1),
+            },
         }))
     }
 

@@ -5,12 +5,14 @@
 //! GraphClient (one per process: HTTP pool, token cache, governor)
 //!   └─ MailboxClient (credentials + mailbox)
 //!        ├─ delta_round / received_since_round → Round::next_page → Page
-//!        └─ mark_read, move_message, get_mime, post_actions (batched)
+//!        ├─ mark_read, move_message, get_mime, post_actions (batched)
+//!        └─ list_attachments, attachment_content
 //! ```
 //!
 //! Secrets and tokens are never logged; message bodies only at trace level.
 
 mod actions;
+mod attachments;
 mod auth;
 mod delta;
 mod error;
@@ -27,6 +29,7 @@ use reqwest::{Method, Url};
 use serde_json::Value;
 
 pub use actions::{MAX_BATCH, PostAction};
+pub use attachments::{Attachment, AttachmentKind};
 pub use auth::{
     ASSERTION_LIFETIME, Certificate, CertificateError, ClientSecret, Credentials, Proof,
 };

@@ -22,7 +22,8 @@ use crate::cluster;
 use crate::credentials::{ServiceAccountIssuer, service_account_subject};
 use crate::graph::{
     AppRegistration, DEFAULT_CLIENT_ID, DEFAULT_TENANT, EmulatorConfig, Faults,
-    FederatedCredential, GraphEmulator, TOKEN_EXCHANGE_AUDIENCE, default_app,
+    FederatedCredential, GraphEmulator, NewAttachment, NewMessage, TOKEN_EXCHANGE_AUDIENCE,
+    default_app,
 };
 use crate::kube::KubeEmulator;
 use crate::pg::tempdir::TempDir;
@@ -437,9 +438,36 @@ impl Sandbox {
         tokio::task::block_in_place(|| self.postgres.restart())
     }
 
-    /// Puts `count` new messages into `mailbox`'s inbox and counts them as arrived.
+    /// Puts `count` new messages into `mailbox`'s inbox and counts them as arrived. Every third
+    /// one carries a PDF invoice (named in two scripts) and an inline logo, for MailboxPolls
+    /// that deliver attachments.
     pub fn add_mail(&self, mailbox: &str, count: usize) -> anyhow::Result<()> {
-        self.graph.add_messages(mailbox, "inbox", count)?;
+        for number in 0..count {
+            let attachments = if number % 3 == 0 {
+                vec![
+                    NewAttachment::file(
+                        &format!("Rechnung-счёт-{number}.pdf"),
+                        "application/pdf",
+                        format!("%PDF-1.7\ninvoice {number}\n%%EOF\n").into_bytes(),
+                    ),
+                    NewAttachment::inline_image(
+                        "logo.png",
+                        "logo@fabrikam",
+                        vec![0x89, b'P', b'N', b'G'],
+                    ),
+                ]
+            } else {
+                Vec::new()
+            };
+            self.graph.add_message(
+                mailbox,
+                "inbox",
+                NewMessage {
+                    attachments,
+                    ..NewMessage::default()
+                },
+            )?;
+        }
         let mut arrived = self.arrived.lock().unwrap_or_else(|p| p.into_inner());
         *arrived.entry(mailbox.to_owned()).or_default() += count as u64;
         Ok(())

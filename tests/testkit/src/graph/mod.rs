@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod assertion;
+pub mod attachments;
 pub mod faults;
 pub mod query;
 mod routes;
@@ -24,6 +25,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 pub use assertion::{FederatedCredential, TOKEN_EXCHANGE_AUDIENCE};
+pub use attachments::{AttachmentKind, NewAttachment};
 pub use faults::{
     BatchFaults, Budget, CONTROL_CHARS, Counters, EarlyRequest, Faults, HUGE_RETRY_AFTER_SECS,
     MailboxCounters, MalformedKind, RetryAfterFormat, TokenEndpointFaults,
@@ -140,6 +142,16 @@ impl Shared {
             token.fail_ratio
         };
         ratio > 0.0 && self.traffic().rng.random::<f64>() < ratio
+    }
+
+    /// Consumes one "throttle the next attachment request" order, if any is pending.
+    fn take_attachment_storm(&self) -> bool {
+        let mut faults = lock(&self.faults);
+        let pending = faults.attachment_storm > 0;
+        if pending {
+            faults.attachment_storm -= 1;
+        }
+        pending
     }
 
     /// Consumes one "refuse the next `$batch` envelope" order, if any is pending.
