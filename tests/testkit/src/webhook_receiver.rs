@@ -104,6 +104,9 @@ struct Faults {
     delay: Option<Duration>,
     /// A misbehaving answer for every connection accepted while set.
     hostile: Option<Hostile>,
+    /// Bodies over this many bytes answered 413, as most receivers do (the framework
+    /// default is 2 MB); `None` takes up to [`MAX_BODY_BYTES`].
+    body_limit: Option<usize>,
     rng: u64,
 }
 
@@ -361,6 +364,11 @@ impl WebhookReceiver {
     }
 
     /// Delay every successful answer (to make a client time out).
+    /// Answers bodies over `bytes` with 413 (`None`: up to the receiver's own maximum).
+    pub fn limit_bodies(&self, bytes: Option<usize>) {
+        lock(&self.shared.faults).body_limit = bytes;
+    }
+
     pub fn set_delay(&self, delay: Option<Duration>) {
         lock(&self.shared.faults).delay = delay;
     }
@@ -374,6 +382,7 @@ impl WebhookReceiver {
         faults.failure_rate = 0.0;
         faults.delay = None;
         faults.hostile = None;
+        faults.body_limit = None;
     }
 }
 
@@ -605,6 +614,13 @@ async fn receive(
             .map(str::to_owned)
     };
     lock(&shared.ledger).requests += 1;
+    if lock(&shared.faults)
+        .body_limit
+        .is_some_and(|limit| body.len() > limit)
+    {
+        lock(&shared.ledger).failed_attempts += 1;
+        return (StatusCode::PAYLOAD_TOO_LARGE, "payload too large").into_response();
+    }
     let Some(key) = header(WEBHOOK_ID_HEADER) else {
         lock(&shared.ledger).failed_attempts += 1;
         return (StatusCode::BAD_REQUEST, "missing webhook-id").into_response();
