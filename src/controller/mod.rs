@@ -6,6 +6,7 @@
 //! reconciles, and sweeps the state of deleted MailboxPolls; the moment leadership is lost all
 //! of that stops.
 
+pub mod backoff;
 pub mod conditions;
 pub mod deletion;
 pub mod reconcile;
