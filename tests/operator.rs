@@ -63,6 +63,15 @@ impl World {
 
     /// The operator with the webhook egress policy `egress`.
     async fn start_with(scope: Scope, egress: EgressGuard) -> Self {
+        Self::start_tuned(scope, egress, |_| {}).await
+    }
+
+    /// The operator of [`Self::start_with`], its configuration changed by `tune` last.
+    async fn start_tuned(
+        scope: Scope,
+        egress: EgressGuard,
+        tune: impl FnOnce(&mut OperatorConfig),
+    ) -> Self {
         mailpoll::install_crypto_provider();
         let db = TestDatabase::create().await.expect("test database");
         let kube = KubeEmulator::start()
@@ -120,6 +129,7 @@ impl World {
         config.leader_work.reconcile.config_requeue = Duration::from_secs(1);
         config.leader_work.sweep_interval = Duration::from_secs(1);
         config.leader_work.sweep_min_age = Duration::from_secs(2);
+        tune(&mut config);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let operator = tokio::spawn(operator::run(config, async move {
             let _ = stopped.await;
@@ -1192,6 +1202,101 @@ async fn a_new_mailbox_poll_is_observed_at_once_as_reconciling() {
     assert!(status.last_poll_time.is_none(), "no poll has finished yet");
     world.graph.update_faults(|faults| faults.slow_page_ms = 0);
     world.wait_status("fresh", "Ready=True", is_ready).await;
+    world.stop().await;
+}
+
+/// A spec change is observed at once, even while a poll runs: `observedGeneration` reaches
+/// the new generation before that poll has finished.
+#[tokio::test]
+async fn a_spec_change_is_observed_at_once_while_a_poll_runs() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("busy", "1h", SECRET).await;
+    world.wait_status("busy", "Ready=True", is_ready).await;
+    assert_eq!(world.finished_polls(uid).await, 1);
+    // A forced poll that stays running while the spec changes.
+    world
+        .graph
+        .update_faults(|faults| faults.slow_page_ms = 8000);
+    world.request_poll("busy", "slow-one").await;
+    wait_until("the forced poll to run", PATIENCE, || async {
+        world.live_poll_task(uid).await.as_deref() == Some("running")
+    })
+    .await;
+    world.patch("busy", json!({"spec": {"interval": "2h"}})).await;
+    let status = world
+        .wait_status("busy", "observedGeneration 2", |s| {
+            s.observed_generation == Some(2)
+        })
+        .await;
+    assert_eq!(
+        world.finished_polls(uid).await,
+        1,
+        "the running poll has not finished: it is not what wrote the new generation"
+    );
+    assert_eq!(world.live_poll_task(uid).await.as_deref(), Some("running"));
+    assert!(is_ready(&status), "readiness still shows the last poll");
+    world.graph.update_faults(|faults| faults.slow_page_ms = 0);
+    wait_until("the forced poll to finish", PATIENCE, || async {
+        world.finished_polls(uid).await == 2
+    })
+    .await;
+    world.stop().await;
+}
+
+/// Workers saturated (one worker, held by a slow poll): the MailboxPolls whose polls are due
+/// wait, and the controller looks at each after a delay that grows with its lateness rather
+/// than every second. Over the window each overdue MailboxPoll is reconciled when created and
+/// then at lateness 1, 2, 4 and 8 s (the wait doubles as the lateness does), at most 6 times;
+/// a look every second would be 15 or more.
+#[tokio::test]
+async fn overdue_polls_under_saturated_workers_are_not_reconciled_in_a_hot_loop() {
+    let world = World::start_tuned(
+        Scope::All,
+        EgressGuard::new(EgressPolicy::allowing_loopback()),
+        |config| {
+            config.workers.concurrency = 1;
+            config.workers.prefetch = 0;
+            config.leader_work.reconcile.overdue = Duration::from_secs(1);
+        },
+    )
+    .await;
+    world.credentials(cluster::valid_client_secret()).await;
+    world
+        .graph
+        .update_faults(|faults| faults.slow_page_ms = 30_000);
+    let blocker = world.create("blocker", "1h", SECRET).await;
+    wait_until("the blocking poll to run", PATIENCE, || async {
+        world.live_poll_task(blocker).await.as_deref() == Some("running")
+    })
+    .await;
+    let before = world.reconciles().await;
+    const WAITING: u64 = 4;
+    let mut waiting = Vec::new();
+    for n in 0..WAITING {
+        waiting.push(world.create(&format!("waiting-{n}"), "1h", SECRET).await);
+    }
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let reconciles = world.reconciles().await - before;
+    for uid in &waiting {
+        assert_eq!(
+            world.live_poll_task(*uid).await.as_deref(),
+            Some("pending"),
+            "the workers stayed saturated for the whole window"
+        );
+    }
+    // Each waiting MailboxPoll: its creation and at most five looks; the blocker: at most two
+    // fallback looks while it runs (every 10 s).
+    let bound = WAITING * 6 + 2;
+    assert!(
+        reconciles <= bound,
+        "{reconciles} reconciles in 15 s for {WAITING} overdue MailboxPolls (at most {bound})"
+    );
+    assert!(
+        reconciles >= WAITING,
+        "every new MailboxPoll was reconciled ({reconciles})"
+    );
+    world.graph.update_faults(|faults| faults.slow_page_ms = 0);
     world.stop().await;
 }
 
