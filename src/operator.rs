@@ -325,6 +325,7 @@ impl Leadership {
         );
         let mut leader_work = config.leader_work.clone();
         leader_work.scope = config.scope.clone();
+        leader_work.lease = config.lease_name.clone();
         leader_work.reconcile.egress = config.webhook_egress.clone();
         leader_work.identity = config.workers.worker_id.to_string();
         let controller_stop = CancellationToken::new();

@@ -1223,7 +1223,9 @@ async fn a_spec_change_is_observed_at_once_while_a_poll_runs() {
         world.live_poll_task(uid).await.as_deref() == Some("running")
     })
     .await;
-    world.patch("busy", json!({"spec": {"interval": "2h"}})).await;
+    world
+        .patch("busy", json!({"spec": {"interval": "2h"}}))
+        .await;
     let status = world
         .wait_status("busy", "observedGeneration 2", |s| {
             s.observed_generation == Some(2)

@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod conditions;
 pub mod deletion;
+pub mod fence;
 pub mod reconcile;
 pub mod schedule;
 pub mod status;
@@ -50,6 +51,8 @@ pub const CONTROLLER_NAME: &str = "mailpoll.dev/controller";
 #[derive(Debug, Clone)]
 pub struct LeaderWork {
     pub scope: Scope,
+    /// The Lease whose holder does this work; names its terms in Postgres ([`fence`]).
+    pub lease: String,
     /// Identity in Events (pod name plus process id).
     pub identity: String,
     pub reconcile: ReconcileSettings,
@@ -68,6 +71,7 @@ impl LeaderWork {
     pub fn new(scope: Scope, identity: impl Into<String>) -> Self {
         Self {
             scope,
+            lease: "mailpoll-leader".into(),
             identity: identity.into(),
             reconcile: ReconcileSettings::default(),
             concurrency: 32,
@@ -93,10 +97,21 @@ pub async fn lead(
             () = stop.cancelled() => return,
             changed = leading.wait_for(|l| *l) => if changed.is_err() { return },
         }
-        tracing::info!(identity = %work.identity, "became leader: scheduling starts");
+        let Some(leader_term) = record_term(&pool, &work, &mut leading, &stop).await else {
+            continue;
+        };
+        tracing::info!(identity = %work.identity, term = leader_term.term, "became leader: scheduling starts");
         metrics.leading(true);
         let term = stop.child_token();
-        let tasks = start_term(&pool, &client, &directory, &metrics, &work, term.clone());
+        let tasks = start_term(
+            &pool,
+            &client,
+            &directory,
+            &metrics,
+            &work,
+            leader_term,
+            term.clone(),
+        );
         tokio::select! {
             () = stop.cancelled() => {}
             _ = leading.wait_for(|l| !*l) => {
@@ -118,12 +133,34 @@ pub async fn lead(
     }
 }
 
+/// Records a new term in Postgres before any leader-only work starts (retrying while the
+/// database is unreachable); `None` when leadership was lost or the operator stops first.
+async fn record_term(
+    pool: &PgPool,
+    work: &LeaderWork,
+    leading: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
+) -> Option<fence::LeaderTerm> {
+    loop {
+        match fence::begin_term(pool, &work.lease, &work.identity).await {
+            Ok(term) => return Some(term),
+            Err(error) => tracing::warn!(%error, "cannot record the leadership term; retrying"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            _ = leading.wait_for(|l| !*l) => return None,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 fn start_term(
     pool: &PgPool,
     client: &kube::Client,
     directory: &Arc<KubeDirectory>,
     metrics: &SharedMetrics,
     work: &LeaderWork,
+    leader_term: fence::LeaderTerm,
     term: CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let recorder = Recorder::new(
@@ -184,6 +221,7 @@ fn start_term(
         directory.clone(),
         ctx,
         work.clone(),
+        leader_term,
         term,
     )));
     tasks
@@ -238,6 +276,7 @@ async fn sweep_loop(
     directory: Arc<KubeDirectory>,
     ctx: Arc<Context>,
     work: LeaderWork,
+    leader_term: fence::LeaderTerm,
     stop: CancellationToken,
 ) {
     tokio::select! {
@@ -245,7 +284,7 @@ async fn sweep_loop(
         () = directory.polls().wait_synced() => {}
     }
     loop {
-        match guarded_sweep(&pool, &directory, &ctx, &work).await {
+        match guarded_sweep(&pool, &directory, &ctx, &work, &leader_term).await {
             Ok(swept) => {
                 for uid in &swept {
                     ctx.forget(*uid);
@@ -303,6 +342,7 @@ pub async fn guarded_sweep(
     directory: &KubeDirectory,
     ctx: &Context,
     work: &LeaderWork,
+    leader_term: &fence::LeaderTerm,
 ) -> Result<Vec<Uuid>, ReconcileError> {
     let view = deletion::ask_api(&ctx.client, &work.scope).await;
     let cached = directory.polls().uids().len();
@@ -316,7 +356,7 @@ pub async fn guarded_sweep(
             .inc();
         return Ok(Vec::new());
     }
-    let swept = sweep(pool, directory, work).await?;
+    let swept = sweep(pool, directory, work, leader_term).await?;
     let namespaces: Option<&[String]> = match &work.scope {
         Scope::All => None,
         Scope::Namespaces(list) => Some(list),
@@ -327,6 +367,7 @@ pub async fn guarded_sweep(
         let settings = &work.retention;
         let purged = deletion::purge(
             pool,
+            leader_term,
             &doomed,
             &existing,
             settings.batch,
@@ -345,10 +386,13 @@ pub async fn guarded_sweep(
 
 /// Cancels the live tasks and deletes the cursors of MailboxPolls that no longer exist. The
 /// ledger is kept (its deletion policy decides, see [`guarded_sweep`]). Returns the uids swept.
+/// Each MailboxPoll's state goes in one transaction fenced by `leader_term`: once another term
+/// began, nothing more is swept.
 pub async fn sweep(
     pool: &PgPool,
     directory: &KubeDirectory,
     work: &LeaderWork,
+    leader_term: &fence::LeaderTerm,
 ) -> Result<Vec<Uuid>, ReconcileError> {
     let namespaces: Option<&[String]> = match &work.scope {
         Scope::All => None,
@@ -368,8 +412,11 @@ pub async fn sweep(
         if existing.contains(&uid) {
             continue;
         }
-        queue::cancel_owner(pool, uid).await?;
-        cursor::delete(pool, uid).await?;
+        let mut tx = pool.begin().await?;
+        leader_term.check(&mut tx).await?;
+        queue::cancel_owner(&mut *tx, uid).await?;
+        cursor::delete(&mut *tx, uid).await?;
+        tx.commit().await?;
         swept.push(uid);
     }
     Ok(swept)

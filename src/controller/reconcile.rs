@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::backoff::{BackoffPolicy, ErrorBackoff};
+use super::fence::FenceError;
 use super::schedule::{self, LiveTask, Schedule};
 use super::status::{self, Facts, Seen};
 use crate::delivery::egress::EgressGuard;
@@ -138,6 +139,8 @@ pub enum ReconcileError {
     Config(ConfigError),
     #[error("cannot encode the status: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Fence(#[from] FenceError),
 }
 
 impl ReconcileError {
@@ -148,6 +151,8 @@ impl ReconcileError {
             Self::Kube(_) => "KubernetesApi",
             Self::Config(error) => error.reason().as_str(),
             Self::Encode(_) => "Encode",
+            Self::Fence(FenceError::Deposed { .. }) => "Deposed",
+            Self::Fence(FenceError::Db(_)) => "Database",
         }
     }
 }
@@ -228,7 +233,9 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     let written = written.or_else(|| remembered.and_then(|m| m.written));
     ctx.memory().insert(uid, Memory { seen, written });
     let look = next_look(&ctx.settings, &facts, config_error.is_some(), now);
-    Ok(Action::requeue(running_wait.map_or(look, |wait| wait.min(look))))
+    Ok(Action::requeue(
+        running_wait.map_or(look, |wait| wait.min(look)),
+    ))
 }
 
 /// Whether the status already describes the current spec.
