@@ -1302,6 +1302,24 @@ async fn overdue_polls_under_saturated_workers_are_not_reconciled_in_a_hot_loop(
     world.stop().await;
 }
 
+/// The leader's controller and the workers' directory share the replica's one watch of
+/// MailboxPolls: one LIST and one WATCH of them, not one each.
+#[tokio::test]
+async fn the_leader_keeps_one_watch_of_mailbox_polls() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    world.create("shared", "1h", SECRET).await;
+    // Ready: the controller (leader only) has reconciled it, so both users of the watch run.
+    world.wait_status("shared", "Ready=True", is_ready).await;
+    let records = world.kube.requests();
+    let watches = records
+        .iter()
+        .filter(|r| r.resource == "mailboxpolls" && r.verb == "watch")
+        .count();
+    assert_eq!(watches, 1, "one watch of MailboxPolls");
+    world.stop().await;
+}
+
 /// An app without Mail.ReadWrite: mail is polled and delivered, but Graph refuses the
 /// after-actions with 403. The refusal shows at once (Degraded and Stalled with Graph's
 /// reason, a warning Event of the after-delivery step), the messages are not tried one by one

@@ -23,8 +23,8 @@ use futures::StreamExt;
 use kube::ResourceExt;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::runtime::predicates;
+use kube::runtime::reflector::ObjectRef;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -180,20 +180,21 @@ fn start_term(
     ));
     let mut tasks = Vec::new();
     let mut routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>> = HashMap::new();
-    for (namespace, api) in work.scope.apis::<MailboxPoll>(client) {
+    // The replica's one watch of MailboxPolls feeds the controller too: its cache, and its
+    // changes from now on.
+    for (namespace, reader, applied) in directory.polls().subscribe(1024) {
         let (tx, rx) = mpsc::channel(1024);
         routes.insert(namespace.clone(), tx);
-        let (reader, writer) = reflector::store();
-        // Reconciles follow spec changes and new forced-poll values, never status writes.
-        let changes = watcher(api, crate::directory::kube::watch_config())
-            .default_backoff()
-            .reflect(writer)
-            .applied_objects()
-            .predicate_filter(spec_or_request, Default::default());
-        let triggers = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|object| (object, rx))
-        });
-        let controller = Controller::for_stream(changes, reader)
+        let changes = spec_or_request_changes(received(applied));
+        // Everything cached now is reconciled once at the start of the term; the changes
+        // cover what comes after (and a re-list brings every object again).
+        let cached: Vec<ObjectRef<MailboxPoll>> = reader
+            .state()
+            .iter()
+            .map(|poll| ObjectRef::from_obj(&**poll))
+            .collect();
+        let triggers = futures::stream::iter(cached).chain(received(rx));
+        let controller = Controller::for_shared_stream(changes, reader)
             .with_config(ControllerConfig::default().concurrency(work.concurrency))
             .reconcile_on(triggers)
             .graceful_shutdown_on(term.clone().cancelled_owned())
@@ -227,10 +228,34 @@ fn start_term(
     tasks
 }
 
-/// Hash of what should trigger a reconcile: the spec (its generation) and the forced-poll
+/// What a channel receives, as a stream.
+fn received<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// The objects whose spec or forced-poll request changed since they were last seen: status
+/// writes (which change neither) cause no reconcile.
+fn spec_or_request_changes(
+    applied: impl futures::Stream<Item = Arc<MailboxPoll>> + Send + 'static,
+) -> impl futures::Stream<Item = Arc<MailboxPoll>> + Send + 'static {
+    let mut seen: HashMap<ObjectRef<MailboxPoll>, u64> = HashMap::new();
+    applied.filter(move |poll| {
+        let changed = match spec_or_request(poll) {
+            Some(hash) => seen.insert(ObjectRef::from_obj(&**poll), hash) != Some(hash),
+            None => true,
+        };
+        futures::future::ready(changed)
+    })
+}
+
+/// Hash of what should trigger a reconcile: the object (its uid: one re-created under the
+/// same name starts again at generation 1), its spec (its generation) and the forced-poll
 /// annotation.
 fn spec_or_request(poll: &MailboxPoll) -> Option<u64> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    poll.metadata.uid.hash(&mut hasher);
     predicates::generation(poll).hash(&mut hasher);
     poll.annotations()
         .get(POLL_REQUESTED_AT_ANNOTATION)
