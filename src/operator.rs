@@ -71,6 +71,11 @@ pub struct OperatorConfig {
     pub metrics_interval: Duration,
     /// Where webhooks may go: enforced by the webhook client, reported by the reconciler.
     pub webhook_egress: EgressGuard,
+    /// Longest wait for an answer (or the next bytes of one) from the Kubernetes API: a silent
+    /// API server (a LIST never answered, a watch that stopped sending) is given up on after
+    /// this and the request retried. Longer than the emulator's and the API server's bookmark
+    /// interval, so a quiet healthy watch is not cut.
+    pub kube_read_timeout: Duration,
 }
 
 impl OperatorConfig {
@@ -103,6 +108,7 @@ impl OperatorConfig {
             leader_work: LeaderWork::new(Scope::All, identity),
             metrics_interval: Duration::from_secs(10),
             webhook_egress: EgressGuard::default(),
+            kube_read_timeout: KUBE_READ_TIMEOUT,
         }
     }
 }
@@ -129,8 +135,8 @@ pub enum OperatorError {
     Workers(#[from] QueueError),
 }
 
-/// Longest wait for an answer (or the next bytes of one) from the Kubernetes API.
-const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`OperatorConfig::kube_read_timeout`].
+pub const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the operator introduces itself to the Kubernetes API and to webhooks.
 pub const USER_AGENT: &str = concat!("mailpoll/", env!("CARGO_PKG_VERSION"));
@@ -202,7 +208,7 @@ async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorEr
     // A request the API server never answers (a stalled initial LIST once kept a replica
     // unready for good) fails after this and is retried; watches end sooner on the server's
     // side (WATCH_TIMEOUT_SECONDS), so a quiet watch is never cut by it.
-    kube_config.read_timeout = Some(KUBE_READ_TIMEOUT);
+    kube_config.read_timeout = Some(config.kube_read_timeout);
     kube_config.reset_reader_on_write = true;
     // Names the operator in API server audit logs (and in the emulator's request record).
     kube_config.headers.push((

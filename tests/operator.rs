@@ -1320,6 +1320,53 @@ async fn the_leader_keeps_one_watch_of_mailbox_polls() {
     world.stop().await;
 }
 
+/// The API server goes silent: the replica's watch of MailboxPolls stays open and sends
+/// nothing. The client's read timeout gives up on it and the watch resumes, so a MailboxPoll
+/// created during the silence is seen and polled within the timeout (12 s here, longer than
+/// the emulator's 10 s bookmarks) plus the watcher's backoff.
+#[tokio::test]
+async fn a_silent_watch_is_given_up_and_a_mailbox_poll_created_meanwhile_is_polled() {
+    let world = World::start_tuned(
+        Scope::All,
+        EgressGuard::new(EgressPolicy::allowing_loopback()),
+        |config| config.kube_read_timeout = Duration::from_secs(12),
+    )
+    .await;
+    world.credentials(cluster::valid_client_secret()).await;
+    world.create("before", "1h", SECRET).await;
+    world.wait_status("before", "Ready=True", is_ready).await;
+    let watches_before = mailbox_poll_watches(&world);
+
+    world.kube.silence_watches(true);
+    let after = world.create("after", "1h", SECRET).await;
+    // The open watch stays silent; the ones the operator opens next are answered.
+    world.kube.silence_watches(false);
+    let polled = try_wait_for(
+        "the MailboxPoll created during the silence to be polled",
+        Duration::from_secs(60),
+        || async { (world.finished_polls(after).await == 1).then_some(()) },
+    )
+    .await;
+    assert!(polled.is_ok(), "{polled:?}");
+    assert_eq!(
+        mailbox_poll_watches(&world),
+        watches_before + 1,
+        "the silent watch was replaced by one new watch"
+    );
+    world.wait_status("after", "Ready=True", is_ready).await;
+    world.stop().await;
+}
+
+/// WATCH requests of MailboxPolls the emulator has served.
+fn mailbox_poll_watches(world: &World) -> usize {
+    world
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| r.resource == "mailboxpolls" && r.verb == "watch")
+        .count()
+}
+
 /// An app without Mail.ReadWrite: mail is polled and delivered, but Graph refuses the
 /// after-actions with 403. The refusal shows at once (Degraded and Stalled with Graph's
 /// reason, a warning Event of the after-delivery step), the messages are not tried one by one
