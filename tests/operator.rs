@@ -1367,6 +1367,72 @@ fn mailbox_poll_watches(world: &World) -> usize {
         .count()
 }
 
+/// The status is written by server-side apply with the controller's field manager: a
+/// condition another manager applies stays through the controller's later writes.
+#[tokio::test]
+async fn the_status_is_applied_and_other_managers_conditions_stay() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("shared-status", "1h", SECRET).await;
+    world
+        .wait_status("shared-status", "Ready=True", is_ready)
+        .await;
+    let applied = json!({
+        "apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll",
+        "metadata": {"name": "shared-status"},
+        "status": {"conditions": [{
+            "type": "Synced", "status": "True", "reason": "InGit", "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"
+        }]},
+    });
+    world
+        .api()
+        .patch_status(
+            "shared-status",
+            &PatchParams::apply("gitops-agent"),
+            &Patch::Apply(&applied),
+        )
+        .await
+        .expect("another manager's condition");
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 1)
+        .expect("messages added");
+    world.request_poll("shared-status", "again").await;
+    let status = world
+        .wait_status("shared-status", "the second poll's status", |s| {
+            s.last_poll_messages == Some(1)
+        })
+        .await;
+    assert_eq!(world.finished_polls(uid).await, 2);
+    assert_eq!(condition(&status, "Synced"), Some(("True", "InGit")));
+    assert!(is_ready(&status));
+    let poll = world.api().get("shared-status").await.expect("get");
+    let managers: Vec<(String, String, String)> = poll
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .map(|m| {
+            (
+                m.manager.unwrap_or_default(),
+                m.operation.unwrap_or_default(),
+                m.subresource.unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        managers.contains(&(
+            "mailpoll-controller".into(),
+            "Apply".into(),
+            "status".into()
+        )),
+        "{managers:?}"
+    );
+    world.stop().await;
+}
+
 /// An app without Mail.ReadWrite: mail is polled and delivered, but Graph refuses the
 /// after-actions with 403. The refusal shows at once (Degraded and Stalled with Graph's
 /// reason, a warning Event of the after-delivery step), the messages are not tried one by one

@@ -401,7 +401,8 @@ fn time_of(time: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> chron
     chrono::DateTime::from_timestamp_micros(time.0.as_microsecond()).unwrap_or_default()
 }
 
-/// Writes the status when it changed; returns what was written (`None`: nothing was sent).
+/// Writes the status when it changed (a no-op write is not sent); returns what was written
+/// (`None`: nothing was sent).
 async fn write_status(
     ctx: &Context,
     view: &View<'_>,
@@ -421,13 +422,13 @@ async fn write_status(
     }
     let api: Api<MailboxPoll> =
         Api::namespaced(ctx.client.clone(), &poll.namespace().unwrap_or_default());
+    // Server-side apply, forced as controllers do: the status is the controller's to write,
+    // and a field written by an older release's merge patch moves over to this manager.
+    let name = poll.name_any();
     api.patch_status(
-        &poll.name_any(),
-        &PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        },
-        &Patch::Merge(status::patch_body(&desired)?),
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(status::apply_body(&name, &desired)?),
     )
     .await?;
     Ok(Some(desired))
