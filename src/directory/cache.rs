@@ -77,6 +77,14 @@ impl UidIndex {
     }
 }
 
+/// One watched scope as a subscriber sees it: its namespace (`None`: all), its cache, and the
+/// objects its watch applies from the moment of subscribing.
+pub type Subscription = (
+    Option<String>,
+    Store<MailboxPoll>,
+    mpsc::Receiver<Arc<MailboxPoll>>,
+);
+
 /// Where changed MailboxPolls of one watch go (the controller's subscriptions).
 type Subscribers = Arc<Mutex<Vec<mpsc::Sender<Arc<MailboxPoll>>>>>;
 
@@ -171,14 +179,7 @@ impl MailboxPolls {
     /// its watch applies (changed, created, or listed again), until the receiver is dropped.
     /// A subscriber that falls `capacity` objects behind holds the watch up: it must keep
     /// reading.
-    pub fn subscribe(
-        &self,
-        capacity: usize,
-    ) -> Vec<(
-        Option<String>,
-        Store<MailboxPoll>,
-        mpsc::Receiver<Arc<MailboxPoll>>,
-    )> {
+    pub fn subscribe(&self, capacity: usize) -> Vec<Subscription> {
         self.watched
             .iter()
             .map(|watched| {
