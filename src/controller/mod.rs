@@ -185,11 +185,11 @@ fn start_term(
     for (namespace, reader, applied) in directory.polls().subscribe(1024) {
         let (tx, rx) = mpsc::channel(1024);
         routes.insert(namespace.clone(), tx);
-        let changes = spec_or_request_changes(received(applied));
         // Everything cached now is reconciled once at the start of the term; the changes
         // cover what comes after (and a re-list brings every object again).
-        let cached: Vec<ObjectRef<MailboxPoll>> = reader
-            .state()
+        let cached = reader.state();
+        let changes = spec_or_request_changes(received(applied), &cached);
+        let cached: Vec<ObjectRef<MailboxPoll>> = cached
             .iter()
             .map(|poll| ObjectRef::from_obj(&**poll))
             .collect();
@@ -237,10 +237,16 @@ fn received<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl futures::Stream<It
 
 /// The objects whose spec or forced-poll request changed since they were last seen: status
 /// writes (which change neither) cause no reconcile.
+/// `known` are the objects already reconciled for (their status writes must not count as
+/// changes either).
 fn spec_or_request_changes(
     applied: impl futures::Stream<Item = Arc<MailboxPoll>> + Send + 'static,
+    known: &[Arc<MailboxPoll>],
 ) -> impl futures::Stream<Item = Arc<MailboxPoll>> + Send + 'static {
-    let mut seen: HashMap<ObjectRef<MailboxPoll>, u64> = HashMap::new();
+    let mut seen: HashMap<ObjectRef<MailboxPoll>, u64> = known
+        .iter()
+        .filter_map(|poll| Some((ObjectRef::from_obj(&**poll), spec_or_request(poll)?)))
+        .collect();
     applied.filter(move |poll| {
         let changed = match spec_or_request(poll) {
             Some(hash) => seen.insert(ObjectRef::from_obj(&**poll), hash) != Some(hash),
@@ -445,4 +451,63 @@ pub async fn sweep(
         swept.push(uid);
     }
     Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll(name: &str, uid: &str, generation: i64, request: Option<&str>) -> Arc<MailboxPoll> {
+        let mut poll = MailboxPoll::new(
+            name,
+            serde_json::from_value(serde_json::json!({
+                "mailbox": "a@contoso.com",
+                "credentialsSecretRef": {"name": "s"}
+            }))
+            .expect("spec"),
+        );
+        poll.metadata.namespace = Some("mail".into());
+        poll.metadata.uid = Some(uid.into());
+        poll.metadata.generation = Some(generation);
+        if let Some(value) = request {
+            poll.annotations_mut()
+                .insert(POLL_REQUESTED_AT_ANNOTATION.into(), value.into());
+        }
+        Arc::new(poll)
+    }
+
+    #[tokio::test]
+    async fn only_spec_request_and_object_changes_pass() {
+        let known = [poll("a", "u1", 1, None)];
+        let applied = vec![
+            // A status write of a known object: same generation, same request.
+            poll("a", "u1", 1, None),
+            poll("b", "u2", 1, None),
+            poll("b", "u2", 1, None),
+            poll("a", "u1", 2, None),
+            poll("a", "u1", 2, Some("now")),
+            poll("a", "u1", 2, Some("now")),
+            // Deleted and created again under the same name.
+            poll("a", "u3", 1, None),
+        ];
+        let passed: Vec<(String, i64)> =
+            spec_or_request_changes(futures::stream::iter(applied), &known)
+                .map(|p| {
+                    (
+                        p.metadata.uid.clone().unwrap_or_default(),
+                        p.metadata.generation.unwrap_or_default(),
+                    )
+                })
+                .collect()
+                .await;
+        assert_eq!(
+            passed,
+            [
+                ("u2".to_owned(), 1),
+                ("u1".to_owned(), 2),
+                ("u1".to_owned(), 2),
+                ("u3".to_owned(), 1)
+            ]
+        );
+    }
 }
