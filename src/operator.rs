@@ -218,28 +218,23 @@ async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorEr
     kube::Client::try_from(kube_config).map_err(OperatorError::Kube)
 }
 
-/// The workers' directory of MailboxPolls, and a flag raised once its watch cache has listed
-/// every MailboxPoll (readiness waits for it).
+/// The workers' directory of MailboxPolls, and the readiness flag it keeps: raised once its
+/// watch cache has listed every MailboxPoll, lowered while a watch is stalled (it keeps failing,
+/// nothing heard: the API server stopped answering) and raised again when it recovers.
 fn start_directory(
     config: &OperatorConfig,
     client: &kube::Client,
     pool: &sqlx::PgPool,
     stop: CancellationToken,
 ) -> (Arc<KubeDirectory>, Arc<AtomicBool>) {
-    let polls = MailboxPolls::start(client, &config.scope, stop);
+    let polls = MailboxPolls::start(client, &config.scope, stop.clone());
     let watch_synced = Arc::new(AtomicBool::new(false));
-    {
-        let polls = polls.clone();
-        let watch_synced = watch_synced.clone();
-        tokio::spawn(async move {
-            polls.wait_synced().await;
-            watch_synced.store(true, Ordering::Release);
-            tracing::info!(
-                mailbox_polls = polls.len(),
-                "MailboxPoll watch cache synced"
-            );
-        });
-    }
+    tokio::spawn(follow_watch_health(
+        polls.clone(),
+        watch_synced.clone(),
+        config.kube_read_timeout * 2,
+        stop,
+    ));
     let directory = Arc::new(KubeDirectory::new(
         client.clone(),
         pool.clone(),
@@ -247,6 +242,37 @@ fn start_directory(
         config.directory.clone(),
     ));
     (directory, watch_synced)
+}
+
+/// Keeps `ready` in step with the watch cache: synced, and not stalled over `window`.
+async fn follow_watch_health(
+    polls: MailboxPolls,
+    ready: Arc<AtomicBool>,
+    window: Duration,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = polls.wait_synced() => {}
+    }
+    tracing::info!(
+        mailbox_polls = polls.len(),
+        "MailboxPoll watch cache synced"
+    );
+    loop {
+        let healthy = !polls.is_stalled(window);
+        if ready.swap(healthy, Ordering::AcqRel) != healthy {
+            if healthy {
+                tracing::info!("the MailboxPoll watch answers: ready");
+            } else {
+                tracing::warn!("the MailboxPoll watch keeps failing without an answer: not ready");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// The HTTP server of `/healthz`, `/readyz` and `/metrics`.

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -85,6 +86,34 @@ pub type Subscription = (
     mpsc::Receiver<Arc<MailboxPoll>>,
 );
 
+/// How a watch has fared since it last delivered an event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchHealth {
+    failures_since_event: u32,
+    last_failure: Option<Instant>,
+}
+
+impl WatchHealth {
+    pub fn event(&mut self) {
+        self.failures_since_event = 0;
+    }
+
+    pub fn failure(&mut self, at: Instant) {
+        self.failures_since_event = self.failures_since_event.saturating_add(1);
+        self.last_failure = Some(at);
+    }
+
+    /// Stalled: it failed again and again with nothing heard in between, the latest failure
+    /// within `window`. One failure is a watch the API server ended badly and the watcher
+    /// resumed; a quiet watch that works again is healthy once `window` has passed.
+    pub fn stalled(&self, now: Instant, window: Duration) -> bool {
+        self.failures_since_event >= 2
+            && self
+                .last_failure
+                .is_some_and(|at| now.saturating_duration_since(at) < window)
+    }
+}
+
 /// Where changed MailboxPolls of one watch go (the controller's subscriptions).
 type Subscribers = Arc<Mutex<Vec<mpsc::Sender<Arc<MailboxPoll>>>>>;
 
@@ -99,6 +128,7 @@ struct Watched {
     /// once (readiness and a worker's lookup), one of them was never woken and the replica
     /// stayed unready for good.
     synced: watch::Receiver<bool>,
+    health: Arc<Mutex<WatchHealth>>,
     subscribers: Subscribers,
 }
 
@@ -122,6 +152,7 @@ impl MailboxPolls {
                     store,
                     index: Arc::default(),
                     synced,
+                    health: Arc::default(),
                     subscribers: Arc::default(),
                 };
                 let events = watcher(api, watch_config()).default_backoff();
@@ -149,6 +180,15 @@ impl MailboxPolls {
     /// Whether every watch has listed its objects once (without waiting).
     pub fn is_synced(&self) -> bool {
         self.watched.iter().all(|w| *w.synced.borrow())
+    }
+
+    /// Whether a watch keeps failing without delivering anything (an API server that stopped
+    /// answering): see [`WatchHealth::stalled`].
+    pub fn is_stalled(&self, window: Duration) -> bool {
+        let now = Instant::now();
+        self.watched
+            .iter()
+            .any(|watched| lock(&watched.health).stalled(now, window))
     }
 
     /// The MailboxPoll with this uid, through the uid index.
@@ -218,10 +258,12 @@ async fn follow(
         let event = match event {
             Ok(event) => event,
             Err(error) => {
+                lock(&watched.health).failure(Instant::now());
                 tracing::warn!(namespace = %scope, %error, "MailboxPoll watch error; retrying");
                 continue;
             }
         };
+        lock(&watched.health).event();
         watched
             .index
             .write()
@@ -270,6 +312,31 @@ mod tests {
         poll.metadata.namespace = Some("mail".into());
         poll.metadata.uid = Some(uid.to_string());
         poll
+    }
+
+    #[test]
+    fn a_watch_is_stalled_after_failures_in_a_row_until_an_event_or_the_window_passes() {
+        let window = Duration::from_secs(60);
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        let mut health = WatchHealth::default();
+        assert!(!health.stalled(at(0), window));
+        health.failure(at(30));
+        assert!(
+            !health.stalled(at(31), window),
+            "one failure is not a stall"
+        );
+        health.failure(at(61));
+        assert!(health.stalled(at(62), window));
+        assert!(health.stalled(at(120), window));
+        assert!(
+            !health.stalled(at(121), window),
+            "a quiet watch that stopped failing is healthy again"
+        );
+        health.failure(at(130));
+        assert!(health.stalled(at(131), window));
+        health.event();
+        assert!(!health.stalled(at(132), window), "an event ends the stall");
     }
 
     #[test]
