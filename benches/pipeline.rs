@@ -81,6 +81,8 @@ fn config(uid: Uuid, webhook: Option<Endpoint>) -> MailboxConfig {
         mark_as_read: false,
         move_to_folder: None,
         max_attempts: 8,
+        start: Default::default(),
+        filter: None,
     }
 }
 

@@ -26,7 +26,7 @@ pub struct Source {
 }
 
 /// Where the next request of a poll starts.
-#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub struct Cursor {
     /// Delta link of the last finished round.
     pub delta_link: Option<String>,
@@ -38,8 +38,25 @@ pub struct Cursor {
     /// Highest receivedDateTime recorded (for operations and the received-time fallback;
     /// resyncs are never bounded by it).
     pub watermark: Option<DateTime<Utc>>,
-    /// Retry-After from Graph, shared by every replica.
+    /// Retry-After from Graph, shared by every replica (the database's clock).
     pub throttled_until: Option<DateTime<Utc>>,
+    /// How long the mailbox's Retry-After still runs, by the database's clock: replicas'
+    /// clocks may disagree, so the wait is measured where it was recorded.
+    #[sqlx(default)]
+    pub throttle_left_ms: Option<f64>,
+}
+
+impl Cursor {
+    /// The rest of the mailbox's Retry-After, if one is running.
+    pub fn throttle_left(&self) -> Option<Duration> {
+        positive_millis(self.throttle_left_ms)
+    }
+}
+
+fn positive_millis(millis: Option<f64>) -> Option<Duration> {
+    millis
+        .filter(|ms| ms.is_finite() && *ms > 0.0)
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
 }
 
 /// Proof of holding a mailbox's run lease.
@@ -97,9 +114,9 @@ pub enum CursorError {
 #[derive(Debug)]
 pub enum Acquired {
     Held(RunLease, Cursor),
-    /// Another run holds the mailbox until about this time.
+    /// Another run holds the mailbox for about this long still (the database's clock).
     Busy {
-        until: DateTime<Utc>,
+        left: Duration,
     },
 }
 
@@ -140,7 +157,10 @@ pub async fn acquire(
            RETURNING c.delta_link, c.round_next_link, c.query_fingerprint, c.watermark,
                      -- Graph throttles per mailbox: any MailboxPoll of the same mailbox counts.
                      (SELECT max(o.throttled_until) FROM mailbox_cursors o
-                      WHERE lower(o.mailbox) = lower(c.mailbox)) AS throttled_until"#,
+                      WHERE lower(o.mailbox) = lower(c.mailbox)) AS throttled_until,
+                     (SELECT EXTRACT(EPOCH FROM max(o.throttled_until) - now())::float8 * 1000
+                      FROM mailbox_cursors o
+                      WHERE lower(o.mailbox) = lower(c.mailbox)) AS throttle_left_ms"#,
     )
     .bind(source.uid)
     .bind(token)
@@ -160,14 +180,15 @@ pub async fn acquire(
             cursor,
         ),
         None => {
-            let until: Option<DateTime<Utc>> = sqlx::query_scalar(
-                "SELECT run_lease_until FROM mailbox_cursors WHERE mailbox_uid = $1",
+            let left: Option<f64> = sqlx::query_scalar(
+                "SELECT EXTRACT(EPOCH FROM run_lease_until - now())::float8 * 1000
+                 FROM mailbox_cursors WHERE mailbox_uid = $1",
             )
             .bind(source.uid)
             .fetch_one(&mut *tx)
             .await?;
             Acquired::Busy {
-                until: until.unwrap_or_else(Utc::now),
+                left: positive_millis(left).unwrap_or_default(),
             }
         }
     };
@@ -289,12 +310,14 @@ pub async fn release(pool: &PgPool, lease: RunLease) -> Result<(), sqlx::Error> 
 /// as JSON), so replicas in the middle of a run pause at once instead of at their next run.
 pub const THROTTLED_CHANNEL: &str = "mailpoll_mailbox_throttled";
 
-/// A mailbox's requests must wait until `until` (a Retry-After some replica received).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+/// A mailbox's requests must wait `wait_ms` from now (a Retry-After some replica received).
+/// A duration rather than a time: the replicas' clocks need not agree, and the announcement
+/// arrives within milliseconds.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct ThrottleAnnouncement {
     /// Lower-cased.
     pub mailbox: String,
-    pub until: DateTime<Utc>,
+    pub wait_ms: f64,
 }
 
 impl ThrottleAnnouncement {
@@ -302,29 +325,48 @@ impl ThrottleAnnouncement {
     pub fn parse(payload: &str) -> Option<Self> {
         serde_json::from_str(payload).ok()
     }
+
+    /// The announced wait; `None` for a wait that is not a positive number.
+    pub fn wait(&self) -> Option<Duration> {
+        positive_millis(Some(self.wait_ms))
+    }
 }
 
-/// Records a Retry-After so every replica waits it out before talking to this mailbox (all
-/// MailboxPolls of the mailbox: Graph counts per mailbox, not per folder), and announces it
-/// on [`THROTTLED_CHANNEL`] for runs already under way.
-pub async fn set_throttled_until(
+/// Records a Retry-After of `wait` from now, by the database's clock, so every replica waits
+/// it out before talking to this mailbox (all MailboxPolls of the mailbox: Graph counts per
+/// mailbox, not per folder), and announces it on [`THROTTLED_CHANNEL`] for runs already under
+/// way. A longer wait already recorded is kept.
+pub async fn set_throttled_for(
     pool: &PgPool,
     mailbox: &str,
-    until: DateTime<Utc>,
+    wait: Duration,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH recorded AS (
-             UPDATE mailbox_cursors SET throttled_until = GREATEST(throttled_until, $2)
+             UPDATE mailbox_cursors
+             SET throttled_until = GREATEST(throttled_until, now() + $2 * interval '1 millisecond')
              WHERE lower(mailbox) = lower($1)
          )
-         SELECT pg_notify($3, json_build_object('mailbox', lower($1), 'until', $2)::text)",
+         SELECT pg_notify($3, json_build_object('mailbox', lower($1), 'wait_ms', $2)::text)",
     )
     .bind(mailbox)
-    .bind(until)
+    .bind(millis(wait))
     .bind(THROTTLED_CHANNEL)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// The rest of the mailbox's Retry-After (any MailboxPoll of it), by the database's clock.
+pub async fn throttle_left(pool: &PgPool, mailbox: &str) -> Result<Option<Duration>, sqlx::Error> {
+    let left: Option<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM max(throttled_until) - now())::float8 * 1000
+         FROM mailbox_cursors WHERE lower(mailbox) = lower($1)",
+    )
+    .bind(mailbox)
+    .fetch_one(pool)
+    .await?;
+    Ok(positive_millis(left))
 }
 
 /// Forgets the cursor of a MailboxPoll (its mailbox or folder changed, or it was deleted).

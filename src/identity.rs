@@ -43,6 +43,23 @@ pub struct Owner<'a> {
     pub folder: &'a str,
 }
 
+/// The instant `spec.startFrom: now` stands for in ledger `identity`: fixed by the first call
+/// (the first time the operator resolves the MailboxPoll with `now`), the same for every later
+/// poll, resync and replica. `None` when the identity does not exist.
+pub async fn start_now_at(
+    pool: &PgPool,
+    identity: Uuid,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE mailbox_identities SET start_now_at = COALESCE(start_now_at, now())
+         WHERE identity = $1
+         RETURNING start_now_at",
+    )
+    .bind(identity)
+    .fetch_optional(pool)
+    .await
+}
+
 /// The identity of `owner`, created on first sight; `uid` (the Kubernetes object's) is noted
 /// as the one using it now.
 pub async fn resolve(pool: &PgPool, owner: &Owner<'_>, uid: Uuid) -> Result<Uuid, sqlx::Error> {

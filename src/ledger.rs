@@ -38,9 +38,12 @@ pub enum DeliveryState {
     Delivered,
     /// The deliver task is dead; `tasks retry` can bring it back.
     Failed,
-    /// A tombstone, or a message removed from the folder before it was delivered: never
-    /// delivered.
+    /// A tombstone, or a message removed from the folder before it was delivered, or (with
+    /// a `skip_reason`) received before `spec.startFrom`: never delivered.
     Skipped,
+    /// `spec.filter` rejected it before delivery (`skip_reason` says why): never delivered,
+    /// no after-actions.
+    Filtered,
 }
 
 impl DeliveryState {
@@ -51,6 +54,7 @@ impl DeliveryState {
             Self::Delivered => "delivered",
             Self::Failed => "failed",
             Self::Skipped => "skipped",
+            Self::Filtered => "filtered",
         }
     }
 }
@@ -188,7 +192,7 @@ pub async fn record_page(
     let mut recorded = Recorded::default();
     if !messages.is_empty() {
         hold_horizon(conn, mailbox_uid).await?;
-        let mut new_ids = insert_new(conn, mailbox_uid, messages, state_for_new).await?;
+        let mut new_ids = insert_new(conn, mailbox_uid, messages, state_for_new, None).await?;
         let distinct: HashSet<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
         if new_ids.len() < distinct.len() {
             let inserted: HashSet<&str> = new_ids.iter().map(|(id, _)| id.as_str()).collect();
@@ -201,7 +205,7 @@ pub async fn record_page(
                     .filter(|m| returned.contains(&m.message_id))
                     .cloned()
                     .collect();
-                new_ids.extend(insert_new(conn, mailbox_uid, &revived, state_for_new).await?);
+                new_ids.extend(insert_new(conn, mailbox_uid, &revived, state_for_new, None).await?);
             }
         }
         new_ids.sort_by_key(|(_, seq)| *seq);
@@ -235,6 +239,31 @@ pub async fn record_page(
     Ok(recorded)
 }
 
+/// Records messages received before `spec.startFrom`, in the caller's transaction: new ones
+/// as `skipped` with `reason`, never delivered; messages the ledger already holds are left as
+/// they are (a resync replaying them changes nothing). Returns how many were new.
+pub async fn record_before_start(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    messages: &[LedgerMessage],
+    reason: &str,
+) -> Result<usize, sqlx::Error> {
+    if messages.is_empty() {
+        return Ok(0);
+    }
+    hold_horizon(conn, mailbox_uid).await?;
+    let reason = storable::text(reason, MAX_DELIVERY_ERROR_BYTES);
+    let new = insert_new(
+        conn,
+        mailbox_uid,
+        messages,
+        DeliveryState::Skipped,
+        Some(&reason),
+    )
+    .await?;
+    Ok(new.len())
+}
+
 /// Advisory lock class of a ledger's horizon (the key's second half is the ledger's hash).
 const HORIZON_LOCK_CLASS: i32 = 0x6d6c_6467;
 
@@ -259,6 +288,7 @@ async fn insert_new(
     mailbox_uid: Uuid,
     messages: &[LedgerMessage],
     state_for_new: DeliveryState,
+    skip_reason: Option<&str>,
 ) -> Result<Vec<(String, i64)>, sqlx::Error> {
     let columns = PageColumns::of(messages);
     // One array per column, unnested server-side. Text columns travel as plain binary
@@ -270,7 +300,8 @@ async fn insert_new(
             mailbox_uid, message_id, internet_message_id, subject, from_address, from_name,
             sender_address, sender_name, to_recipients, cc_recipients, reply_to, received_at,
             sent_at, is_read, has_attachments, importance, conversation_id, parent_folder_id,
-            body_preview, body_content_type, body, body_truncated, raw, delivery_state
+            body_preview, body_content_type, body, body_truncated, raw, delivery_state,
+            skip_reason
         )
         SELECT $1, r.message_id, r.internet_message_id, r.subject, r.from_address,
                r.from_name, r.sender_address, r.sender_name,
@@ -279,7 +310,7 @@ async fn insert_new(
                COALESCE(NULLIF(r.reply_to, 'null'), '[]'), r.received_at, r.sent_at,
                r.is_read, r.has_attachments, r.importance, r.conversation_id,
                r.parent_folder_id, r.body_preview, r.body_content_type, r.body,
-               r.body_truncated, COALESCE(NULLIF(r.raw, 'null'), '{}'), $24
+               r.body_truncated, COALESCE(NULLIF(r.raw, 'null'), '{}'), $24, $25
         FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                     $8::text[], $9::jsonb[], $10::jsonb[], $11::jsonb[], $12::timestamptz[],
                     $13::timestamptz[], $14::boolean[], $15::boolean[], $16::text[],
@@ -323,6 +354,7 @@ async fn insert_new(
     .bind(&columns.body_truncated)
     .bind(&columns.raw)
     .bind(state_for_new.as_str())
+    .bind(skip_reason)
     .fetch_all(&mut *conn)
     .await
 }
@@ -335,16 +367,18 @@ async fn take_back(
     mailbox_uid: Uuid,
     ids: &[&str],
 ) -> Result<Vec<String>, sqlx::Error> {
-    // The two parts touch disjoint rows ('skipped' is only ever a tombstone's state).
+    // The two parts touch disjoint rows: a tombstone is 'skipped' without a skip_reason. A
+    // message skipped for spec.startFrom stays as it is: replacing it would deliver it.
     sqlx::query_scalar(
         r#"
         WITH back AS (
             UPDATE messages SET removed_at = NULL, removed_reason = NULL
             WHERE mailbox_uid = $1 AND message_id = ANY($2) AND removed_at IS NOT NULL
-              AND delivery_state <> 'skipped'
+              AND (delivery_state <> 'skipped' OR skip_reason IS NOT NULL)
         )
         DELETE FROM messages
         WHERE mailbox_uid = $1 AND message_id = ANY($2) AND delivery_state = 'skipped'
+          AND skip_reason IS NULL
         RETURNING message_id
         "#,
     )
@@ -500,6 +534,28 @@ pub async fn mark_failed(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Records that `spec.filter` rejected a message before delivery: it is never delivered and
+/// gets no after-actions. Only a message still waiting for delivery changes (a retried dead
+/// task included); returns whether it did.
+pub async fn mark_filtered(
+    conn: &mut PgConnection,
+    mailbox_uid: Uuid,
+    message_id: &str,
+    reason: &str,
+) -> Result<bool, sqlx::Error> {
+    let changed = sqlx::query(
+        "UPDATE messages SET delivery_state = 'filtered', skip_reason = $3, delivery_error = NULL
+         WHERE mailbox_uid = $1 AND message_id = $2 AND delivery_state IN ('pending', 'failed')
+           AND webhook_delivered_at IS NULL AND NOT actions_due",
+    )
+    .bind(mailbox_uid)
+    .bind(message_id)
+    .bind(storable::text(reason, MAX_DELIVERY_ERROR_BYTES))
+    .execute(&mut *conn)
+    .await?;
+    Ok(changed.rows_affected() == 1)
 }
 
 /// A message whose delivery failed for good, with the reason.
@@ -678,6 +734,10 @@ pub struct Counts {
     pub recorded_only: i64,
     /// Of those failed, the ones whose after-actions are parked after repeated failures.
     pub actions_parked: i64,
+    /// Rejected by `spec.filter`.
+    pub filtered: i64,
+    /// Received before `spec.startFrom`.
+    pub before_start: i64,
 }
 
 /// The counts of one ledger, from its counters: the deltas its writes left since the last
@@ -686,7 +746,7 @@ pub struct Counts {
 /// (they are in the counts once it commits), so concurrent readers never wait on each other.
 pub async fn counts(conn: &mut PgConnection, ledger_id: Uuid) -> Result<Counts, sqlx::Error> {
     // Without deltas nothing is written (a ledger purged meanwhile gets no zero row back).
-    let row: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+    let row: Option<(i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
         "WITH folded AS (
              DELETE FROM ledger_count_deltas WHERE id IN (
                  SELECT id FROM ledger_count_deltas WHERE ledger_id = $1
@@ -695,10 +755,12 @@ pub async fn counts(conn: &mut PgConnection, ledger_id: Uuid) -> Result<Counts, 
          ),
          written AS (
              INSERT INTO ledger_counts AS c
-                 (ledger_id, delivered, pending, failed, recorded_only, skipped, actions_parked)
+                 (ledger_id, delivered, pending, failed, recorded_only, skipped, actions_parked,
+                  filtered, before_start)
              SELECT $1, COALESCE(sum(delivered), 0), COALESCE(sum(pending), 0),
                     COALESCE(sum(failed), 0), COALESCE(sum(recorded_only), 0),
-                    COALESCE(sum(skipped), 0), COALESCE(sum(actions_parked), 0)
+                    COALESCE(sum(skipped), 0), COALESCE(sum(actions_parked), 0),
+                    COALESCE(sum(filtered), 0), COALESCE(sum(before_start), 0)
              FROM folded
              HAVING count(*) > 0
              ON CONFLICT (ledger_id) DO UPDATE
@@ -707,12 +769,17 @@ pub async fn counts(conn: &mut PgConnection, ledger_id: Uuid) -> Result<Counts, 
                      failed = c.failed + EXCLUDED.failed,
                      recorded_only = c.recorded_only + EXCLUDED.recorded_only,
                      skipped = c.skipped + EXCLUDED.skipped,
-                     actions_parked = c.actions_parked + EXCLUDED.actions_parked
-             RETURNING delivered, pending, failed, recorded_only, actions_parked
+                     actions_parked = c.actions_parked + EXCLUDED.actions_parked,
+                     filtered = c.filtered + EXCLUDED.filtered,
+                     before_start = c.before_start + EXCLUDED.before_start
+             RETURNING delivered, pending, failed, recorded_only, actions_parked, filtered,
+                       before_start
          )
-         SELECT delivered, pending, failed, recorded_only, actions_parked FROM written
+         SELECT delivered, pending, failed, recorded_only, actions_parked, filtered, before_start
+         FROM written
          UNION ALL
-         SELECT delivered, pending, failed, recorded_only, actions_parked FROM ledger_counts
+         SELECT delivered, pending, failed, recorded_only, actions_parked, filtered, before_start
+         FROM ledger_counts
          WHERE ledger_id = $1 AND NOT EXISTS (SELECT 1 FROM written)",
     )
     .bind(ledger_id)
@@ -721,13 +788,15 @@ pub async fn counts(conn: &mut PgConnection, ledger_id: Uuid) -> Result<Counts, 
     let Some(row) = row else {
         return Ok(Counts::default());
     };
-    let (delivered, pending, failed, recorded_only, actions_parked) = row;
+    let (delivered, pending, failed, recorded_only, actions_parked, filtered, before_start) = row;
     Ok(Counts {
         delivered,
         pending,
         failed,
         recorded_only,
         actions_parked,
+        filtered,
+        before_start,
     })
 }
 
@@ -925,7 +994,8 @@ pub struct MessageListing {
     pub subject: Option<String>,
     pub delivery_state: String,
     pub delivered_at: Option<DateTime<Utc>>,
-    /// Why the delivery failed, or why the after-actions were parked.
+    /// Why the delivery failed, why the after-actions were parked, or why the message was
+    /// skipped or filtered.
     pub error: Option<String>,
 }
 
@@ -938,7 +1008,7 @@ pub async fn list(
 ) -> Result<Vec<MessageListing>, sqlx::Error> {
     sqlx::query_as(
         "SELECT seq, message_id, received_at, from_address, subject, delivery_state, delivered_at,
-                COALESCE(delivery_error, actions_error) AS error
+                COALESCE(delivery_error, actions_error, skip_reason) AS error
          FROM messages
          WHERE mailbox_uid = ANY($1) AND ($2::text IS NULL OR delivery_state = $2)
          ORDER BY seq DESC

@@ -24,6 +24,7 @@ pub mod http;
 pub mod identity;
 pub mod leader;
 pub mod ledger;
+pub mod mailbox_slots;
 pub mod operator;
 pub mod pipeline;
 pub mod poll_log;
@@ -31,6 +32,7 @@ pub mod queue;
 pub mod reason;
 pub mod resource;
 pub mod retention;
+pub mod selection;
 pub mod storable;
 pub mod telemetry;
 

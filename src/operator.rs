@@ -20,6 +20,7 @@ use crate::delivery::egress::{EgressGuard, GuardedClient};
 use crate::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 use crate::graph::{Governor, GovernorConfig, GraphClient, GraphConfig, GraphError};
 use crate::leader::{self, LeaderConfig};
+use crate::mailbox_slots::MailboxSlots;
 use crate::pipeline::actions::ActionsHandler;
 use crate::pipeline::deliver::DeliverHandler;
 use crate::pipeline::poll::{PollHandler, PollSettings};
@@ -151,7 +152,7 @@ pub async fn run(
     tracing::info!("database schema is up to date");
     let client = kube_client(&config).await?;
     let metrics: SharedMetrics = Arc::new(Metrics::new());
-    let graph = graph_client(&config, &metrics)?;
+    let graph = graph_client(&config, &pool, &metrics)?;
 
     let stop = CancellationToken::new();
     let sharing = run_lease::share_retry_afters(
@@ -391,11 +392,15 @@ impl Leadership {
 /// The Graph client, with its response statuses counted.
 fn graph_client(
     config: &OperatorConfig,
+    pool: &sqlx::PgPool,
     metrics: &SharedMetrics,
 ) -> Result<GraphClient, OperatorError> {
+    let governor = Governor::new(config.governor.clone());
+    // Graph's per-mailbox concurrency cap counts every replica's requests.
+    governor.share_slots(Arc::new(MailboxSlots::new(pool.clone())));
     let graph = GraphClient::new(
         GraphConfig::with_urls(&config.graph_authority_url, &config.graph_url)?,
-        Governor::new(config.governor.clone()),
+        governor,
     )?;
     {
         let metrics = metrics.clone();
@@ -436,7 +441,6 @@ fn start_workers(
                 directory: directory.clone(),
                 graph: graph.clone(),
                 metrics: metrics.clone(),
-                run_lease: config.poll.run_lease,
                 run_budget: Duration::from_secs(30),
             },
         )

@@ -18,6 +18,10 @@ pub enum Reason {
     SecretForbidden,
     /// A webhook URL, header or signing secret that cannot be used (from the spec or a Secret).
     InvalidWebhook,
+    /// `spec.filter` does not compile or check.
+    InvalidFilter,
+    /// `spec.startFrom` is not all, now or an RFC 3339 time.
+    InvalidStartFrom,
     /// The MailboxPoll or its Secrets could not be read from the API server.
     KubernetesUnavailable,
     AuthenticationFailed,
@@ -42,12 +46,14 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 21] = [
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
         Reason::InvalidCredentials,
         Reason::SecretForbidden,
         Reason::InvalidWebhook,
+        Reason::InvalidFilter,
+        Reason::InvalidStartFrom,
         Reason::KubernetesUnavailable,
         Reason::AuthenticationFailed,
         Reason::AccessDenied,
@@ -72,6 +78,8 @@ impl Reason {
             Reason::InvalidCredentials => "InvalidCredentials",
             Reason::SecretForbidden => "SecretForbidden",
             Reason::InvalidWebhook => "InvalidWebhook",
+            Reason::InvalidFilter => "InvalidFilter",
+            Reason::InvalidStartFrom => "InvalidStartFrom",
             Reason::KubernetesUnavailable => "KubernetesUnavailable",
             Reason::AuthenticationFailed => "AuthenticationFailed",
             Reason::AccessDenied => "AccessDenied",
@@ -117,6 +125,8 @@ impl Reason {
                 | Reason::InvalidCredentials
                 | Reason::SecretForbidden
                 | Reason::InvalidWebhook
+                | Reason::InvalidFilter
+                | Reason::InvalidStartFrom
                 | Reason::KubernetesUnavailable
                 | Reason::WebhookForbidden
         )
@@ -166,6 +176,8 @@ mod tests {
                 "InvalidCredentials",
                 "SecretForbidden",
                 "InvalidWebhook",
+                "InvalidFilter",
+                "InvalidStartFrom",
                 "KubernetesUnavailable",
                 "Throttled",
                 "ResyncRequired",

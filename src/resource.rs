@@ -132,6 +132,18 @@ pub struct MailboxPollSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_delivery: Option<AfterDelivery>,
 
+    /// Where delivery starts: all (default: every message of the folder, however old), now (messages received from the moment the operator first saw this MailboxPoll with startFrom now; that instant is kept and never moves) or an RFC 3339 time such as 2026-12-01T00:00:00Z. Older messages are recorded as skipped and never delivered or acted on, not even after a resync. Changing it affects only messages not recorded yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == 'all' || self == 'now' || self.matches('^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$')").message("spec.startFrom must be all, now or an RFC 3339 time such as 2026-12-01T00:00:00Z"))]
+    #[schemars(length(max = 64))]
+    pub start_from: Option<String>,
+
+    /// A CEL expression over the message, true to deliver it, such as message.from.address.endsWith("@contoso.com") && message.hasAttachments. Variables: message.id, subject, bodyPreview, importance (low, normal, high), isRead, hasAttachments, categories, from and sender ({address, name}), toRecipients, ccRecipients and replyTo (lists of {address, name}), receivedDateTime and sentDateTime (timestamps), internetMessageId, conversationId. Addresses are lower-case. Messages it rejects are recorded as filtered, never delivered or acted on. Checked by the operator (condition InvalidFilter) before any poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.trim().size() > 0").message("spec.filter must not be empty when set (leave it out to deliver every message)"))]
+    #[schemars(length(max = 4096))]
+    pub filter: Option<String>,
+
     /// Stop scheduled polls; a poll forced with the poll-requested-at annotation still runs.
     #[serde(default)]
     pub suspend: bool,
@@ -351,6 +363,12 @@ pub struct MailboxPollStatus {
     /// Messages given up on: the receiver refused them, they ran out of attempts, or their after-delivery actions were parked. `mailpoll tasks list --state dead` and `mailpoll messages list --state failed` show them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_failed: Option<i64>,
+    /// Messages spec.filter rejected: recorded, never delivered or acted on (`mailpoll messages list --state filtered`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_filtered: Option<i64>,
+    /// Messages received before spec.startFrom: recorded as skipped, never delivered or acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_skipped: Option<i64>,
     /// The last `mailpoll.dev/poll-requested-at` value that caused a poll.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_poll_request: Option<String>,

@@ -160,6 +160,8 @@ fn config(url: String) -> MailboxConfig {
         mark_as_read: false,
         move_to_folder: None,
         max_attempts: MAX_ATTEMPTS,
+        start: Default::default(),
+        filter: None,
     }
 }
 

@@ -257,6 +257,67 @@ fn invalid_specs_are_rejected_with_a_message_naming_the_field() {
     }
 }
 
+/// spec.startFrom takes all, now or an RFC 3339 time; spec.filter is bounded and not blank
+/// (its syntax and types are checked by the operator: condition InvalidFilter).
+#[test]
+fn start_from_and_filter_are_checked_by_the_schema() {
+    let v = validator();
+    let with = |field: &str, value: Value| {
+        let mut spec = valid_spec();
+        spec[field] = value;
+        v.validate(&object(spec), None, true)
+    };
+    for start in [
+        "all",
+        "now",
+        "2026-12-01T00:00:00Z",
+        "2026-12-01t09:30:00.250+01:00",
+        "1999-12-31T23:59:59-08:00",
+    ] {
+        with("startFrom", json!(start))
+            .unwrap_or_else(|e| panic!("startFrom {start} should be accepted: {e:?}"));
+    }
+    for start in [
+        "",
+        "Now",
+        "yesterday",
+        "2026-12-01",
+        "2026-12-01T00:00:00",
+        "2026-13-01T00:00:00Z",
+        "2026-12-01T24:00:00Z",
+        "2026-12-01 00:00:00Z",
+    ] {
+        let errors = with("startFrom", json!(start))
+            .err()
+            .unwrap_or_else(|| panic!("startFrom {start:?} should be rejected"));
+        let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            rendered.iter().any(|m| m.contains(
+                "spec.startFrom must be all, now or an RFC 3339 time such as 2026-12-01T00:00:00Z"
+            )),
+            "startFrom {start:?}: {rendered:?}"
+        );
+    }
+    with(
+        "filter",
+        json!("message.hasAttachments && message.importance == 'high'"),
+    )
+    .expect("a filter is accepted");
+    for (filter, expected) in [
+        (json!("   "), "spec.filter must not be empty when set"),
+        (json!("x".repeat(4097)), "spec.filter"),
+    ] {
+        let errors = with("filter", filter)
+            .err()
+            .unwrap_or_else(|| panic!("{expected}: should be rejected"));
+        let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            rendered.iter().any(|m| m.contains(expected)),
+            "{expected}: {rendered:?}"
+        );
+    }
+}
+
 #[test]
 fn a_webhook_takes_its_url_from_the_spec_or_a_secret_never_both() {
     let v = validator();

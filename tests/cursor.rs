@@ -262,7 +262,7 @@ async fn a_folder_change_waits_for_the_lease_and_stale_writes_are_refused() {
 }
 
 /// A recorded Retry-After holds every MailboxPoll of the mailbox, whatever the case of its
-/// address, and is announced with the mailbox and the exact time to wait for.
+/// address, measured by the database's clock, and is announced with the mailbox and the wait.
 #[tokio::test]
 async fn a_retry_after_is_recorded_for_the_whole_mailbox_and_announced() {
     let db = TestDatabase::create().await.expect("test database");
@@ -286,10 +286,8 @@ async fn a_retry_after_is_recorded_for_the_whole_mailbox_and_announced() {
         .listen(cursor::THROTTLED_CHANNEL)
         .await
         .expect("listen");
-    let until = chrono::DateTime::parse_from_rfc3339("2031-05-04T03:02:01.123456Z")
-        .expect("time")
-        .to_utc();
-    cursor::set_throttled_until(&db.pool, "Support@Contoso.com", until)
+    let wait = Duration::from_secs(90);
+    cursor::set_throttled_for(&db.pool, "Support@Contoso.com", wait)
         .await
         .expect("record");
 
@@ -297,15 +295,19 @@ async fn a_retry_after_is_recorded_for_the_whole_mailbox_and_announced() {
         .await
         .expect("announced within 10 s")
         .expect("notification");
+    let announced =
+        cursor::ThrottleAnnouncement::parse(notification.payload()).expect("an announcement");
+    assert_eq!(announced.mailbox, "support@contoso.com");
     assert_eq!(
-        cursor::ThrottleAnnouncement::parse(notification.payload()),
-        Some(cursor::ThrottleAnnouncement {
-            mailbox: "support@contoso.com".into(),
-            until,
-        }),
+        announced.wait(),
+        Some(wait),
         "payload {}",
         notification.payload()
     );
+    // A shorter wait recorded later does not shorten the recorded one.
+    cursor::set_throttled_for(&db.pool, "support@contoso.com", Duration::from_secs(1))
+        .await
+        .expect("record");
     for source in [&inbox, &archive] {
         let Acquired::Held(_, cursor) = cursor::acquire(&db.pool, source, Duration::from_secs(10))
             .await
@@ -313,7 +315,25 @@ async fn a_retry_after_is_recorded_for_the_whole_mailbox_and_announced() {
         else {
             panic!("the cursor is free");
         };
-        assert_eq!(cursor.throttled_until, Some(until), "{}", source.folder);
+        // Measured by the database's clock from when it was recorded: a replica whose clock
+        // is off still waits the same.
+        let left = cursor.throttle_left().expect("throttled");
+        assert!(
+            left > Duration::from_secs(80) && left <= wait,
+            "{}: {left:?} left of a {wait:?} Retry-After",
+            source.folder
+        );
     }
+    let left = cursor::throttle_left(&db.pool, "SUPPORT@contoso.com")
+        .await
+        .expect("throttle left")
+        .expect("throttled");
+    assert!(left > Duration::from_secs(80) && left <= wait, "{left:?}");
+    assert_eq!(
+        cursor::throttle_left(&db.pool, "other@contoso.com")
+            .await
+            .expect("throttle left"),
+        None
+    );
     assert_eq!(cursor::ThrottleAnnouncement::parse("not json"), None);
 }

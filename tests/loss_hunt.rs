@@ -323,6 +323,8 @@ impl Hunt {
             mark_as_read: mailbox.mark_as_read,
             move_to_folder: mailbox.move_to.map(str::to_owned),
             max_attempts: MAX_ATTEMPTS,
+            start: Default::default(),
+            filter: None,
         }
     }
 
@@ -393,7 +395,6 @@ impl Hunt {
                 directory,
                 graph,
                 metrics,
-                run_lease: RUN_LEASE,
                 run_budget: Duration::from_secs(2),
             },
         )

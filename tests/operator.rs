@@ -20,7 +20,7 @@ use mailpoll::resource::{
 };
 use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{
-    AppRegistration, BatchFaults, EmulatorConfig, GraphEmulator, default_app,
+    AppRegistration, BatchFaults, EmulatorConfig, GraphEmulator, NewMessage, default_app,
 };
 use mailpoll_testkit::kube::{KubeEmulator, RequestRecord};
 use mailpoll_testkit::pg::{TestDatabase, free_port};
@@ -2197,4 +2197,105 @@ fn write_calls(
         serde_json::to_vec_pretty(&body).expect("JSON"),
     )
     .unwrap_or_else(|e| panic!("write {file}: {e}"));
+}
+
+/// A filter the operator cannot use stops the MailboxPoll with reason InvalidFilter (a message
+/// naming spec.filter, an Event, no poll); once fixed, mail is polled and the filter decides:
+/// the status counts the filtered and the delivered mail exactly, and the receiver gets only
+/// what the filter let through. Older mail than spec.startFrom is counted as skipped.
+#[tokio::test]
+async fn an_invalid_filter_stops_the_mailbox_poll_and_a_fixed_one_filters_with_exact_counts() {
+    let world = World::start().await;
+    let receiver = WebhookReceiver::start(None)
+        .await
+        .expect("webhook receiver");
+    let recent = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let from = |address: &str, received: chrono::DateTime<chrono::Utc>| NewMessage {
+        from: Some(address.into()),
+        received: Some(received),
+        ..NewMessage::default()
+    };
+    for _ in 0..2 {
+        world
+            .graph
+            .add_message(MAILBOX, "inbox", from("invoices@fabrikam.com", recent))
+            .expect("message added");
+    }
+    for _ in 0..3 {
+        world
+            .graph
+            .add_message(MAILBOX, "inbox", from("news@contoso.com", recent))
+            .expect("message added");
+    }
+    let old = recent - chrono::Duration::days(30);
+    world
+        .graph
+        .add_message(MAILBOX, "inbox", from("invoices@fabrikam.com", old))
+        .expect("message added");
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world
+        .create_with("filtered", |spec| {
+            spec.delivery = Some(delivery(json!({"url": receiver.url()})));
+            spec.filter = Some("message.sujbect.contains('Invoice')".into());
+            spec.start_from = Some("2026-01-01T00:00:00Z".into());
+        })
+        .await;
+    let expected = "spec.filter: message has no field \"sujbect\"; its fields are id, \
+                    internetMessageId, conversationId, subject, bodyPreview, importance, isRead, \
+                    hasAttachments, categories, from, sender, toRecipients, ccRecipients, \
+                    replyTo, receivedDateTime, sentDateTime";
+    let status = world
+        .wait_status("filtered", "Ready=False InvalidFilter", |s| {
+            condition(s, "Ready") == Some(("False", "InvalidFilter"))
+        })
+        .await;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(ready.message, expected);
+    assert_eq!(
+        condition(&status, "Stalled"),
+        Some(("True", "InvalidFilter")),
+        "progress waits for a person"
+    );
+    let events = world.events("filtered").await;
+    let warning = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("InvalidFilter"))
+        .unwrap_or_else(|| panic!("an InvalidFilter Event: {events:?}"));
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        world.polls(uid).await,
+        0,
+        "no poll until the filter is fixed"
+    );
+
+    let start = recent - chrono::Duration::days(1);
+    world
+        .patch(
+            "filtered",
+            json!({"spec": {
+                "filter": "message.from.address.endsWith('@fabrikam.com')",
+                "startFrom": start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            }}),
+        )
+        .await;
+    let status = world
+        .wait_status("filtered", "2 delivered, 3 filtered, 1 skipped", |s| {
+            s.messages_delivered == Some(2)
+                && s.messages_filtered == Some(3)
+                && s.messages_skipped == Some(1)
+        })
+        .await;
+    assert_eq!(status.messages_pending, Some(0));
+    assert_eq!(status.messages_failed, Some(0));
+    assert_eq!(condition(&status, "Ready").map(|(s, _)| s), Some("True"));
+    let ledger = world.ledger_rows("filtered").await;
+    assert_eq!(ledger, 6, "every message is recorded once");
+    let successes = receiver.successes();
+    assert_eq!(successes.len(), 2, "only the filter's matches are posted");
+    assert!(successes.values().all(|posts| *posts == 1), "{successes:?}");
+    world.stop().await;
 }

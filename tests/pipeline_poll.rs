@@ -14,8 +14,9 @@ use mailpoll::delivery::endpoint::Endpoint;
 use mailpoll::delivery::signing::message_key;
 use mailpoll::directory::MailboxConfig;
 use mailpoll::graph::{
-    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig, Proof,
+    ClientSecret, Credentials, Governor, GovernorConfig, GraphClient, GraphConfig, Proof, SlotKey,
 };
+use mailpoll::mailbox_slots::MailboxSlots;
 use mailpoll::pipeline::actions::ActionsHandler;
 use mailpoll::pipeline::deliver::DeliverHandler;
 use mailpoll::pipeline::poll::{PollHandler, PollSettings};
@@ -127,6 +128,8 @@ impl World {
             mark_as_read,
             move_to_folder: move_to_folder.map(str::to_owned),
             max_attempts: 50,
+            start: Default::default(),
+            filter: None,
         }
     }
 
@@ -147,11 +150,15 @@ impl World {
         })
     }
 
+    /// A Graph client of its own (a replica's), holding the mailbox's shared slots in the
+    /// test database as the operator's does.
     fn graph_with(&self, governor: GovernorConfig) -> GraphClient {
         let base = self.emulator.base_url();
+        let governor = Governor::new(governor);
+        governor.share_slots(Arc::new(MailboxSlots::new(self.db.pool.clone())));
         GraphClient::new(
             GraphConfig::with_urls(&base, &base).expect("Graph config"),
-            Governor::new(governor),
+            governor,
         )
         .expect("Graph client")
     }
@@ -311,7 +318,6 @@ impl World {
                 directory,
                 graph,
                 metrics,
-                run_lease,
                 run_budget: Duration::from_secs(5),
             },
         )
@@ -2124,4 +2130,522 @@ async fn a_ten_megabyte_subject_is_recorded_and_its_delivery_gets_one_verdict() 
         )]
     );
     assert_eq!(world.receiver.successes().len(), 3);
+}
+
+/// Graph allows 4 concurrent requests per application and mailbox, whoever sends them. Two
+/// replicas (each a Graph client and governor of its own) work two MailboxPolls of one mailbox
+/// (two folders), polls, deliveries and batched mark-reads at once: together they never have
+/// more than 4 requests in flight at Graph, and Graph never refuses one for concurrency.
+#[tokio::test]
+async fn two_replicas_on_two_folders_of_one_mailbox_stay_within_four_concurrent_requests() {
+    let world = World::start(Faults {
+        slow_page_ms: 20,
+        slow_change_ms: 50,
+        ..Faults::default()
+    })
+    .await;
+    world.directory.insert(world.config(true, None));
+    let archive = Uuid::new_v4();
+    let mut archive_config = world.config(true, None);
+    archive_config.ledger_id = archive;
+    archive_config.source.uid = archive;
+    archive_config.source.name = "archive".into();
+    archive_config.source.folder = "archive".into();
+    world.directory.insert(archive_config);
+    let per_folder = 100;
+    for folder in ["inbox", "archive"] {
+        world
+            .emulator
+            .add_messages(MAILBOX, folder, per_folder)
+            .expect("mail");
+    }
+    let replica_a = world.workers_on_graph("replica-a", 10, world.graph());
+    let replica_b = world.workers_on_graph("replica-b", 10, world.graph());
+    let polls = [
+        world.enqueue_poll(world.uid, 50).await,
+        world.enqueue_poll(archive, 50).await,
+    ];
+    for poll in polls {
+        assert_eq!(world.finished(poll).await.0, "succeeded");
+    }
+    for uid in [world.uid, archive] {
+        let what = format!("{per_folder} messages of {uid} delivered and marked read");
+        wait_for_ok(what, Duration::from_secs(120), || async {
+            let done = count(
+                &world.db.pool,
+                uid,
+                "SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state = 'delivered'",
+            )
+            .await;
+            if done == per_folder as i64 { Ok(()) } else { Err(done) }
+        })
+        .await;
+    }
+    replica_a.shutdown().await;
+    replica_b.shutdown().await;
+
+    let counters = world.emulator.counters();
+    let marked = counters.endpoint(MAILBOX, "patch");
+    assert!(
+        marked >= 2 * per_folder as u64,
+        "{marked} mark-read requests for {} messages",
+        2 * per_folder
+    );
+    let peak = counters.peak_concurrency(MAILBOX);
+    assert!(peak <= 4, "{peak} requests in flight at once at Graph");
+    assert!(
+        counters.throttles.is_empty(),
+        "Graph refused requests: {:?}",
+        counters.throttles
+    );
+    let held = MailboxSlots::new(world.db.pool.clone())
+        .held(&SlotKey::new(DEFAULT_TENANT, DEFAULT_CLIENT_ID, MAILBOX))
+        .await
+        .expect("slots");
+    assert_eq!(held, 0, "slots still held after every request ended");
+}
+
+/// A MailboxPoll's polls do not wait behind its own after-actions: while a backlog of slow
+/// mark-reads drains in one actions run, a poll of the same MailboxPoll starts and finishes.
+#[tokio::test]
+async fn a_poll_does_not_wait_behind_the_same_mailboxs_after_actions() {
+    let world = World::start(Faults {
+        slow_change_ms: 400,
+        ..Faults::default()
+    })
+    .await;
+    world.directory.insert(world.config(true, None));
+    // Mark-reads go 10 to a `$batch`, run 4 at a time, 400 ms each: about 3 s for 24, inside
+    // the actions run's budget (5 s), so the run is not ended for others' sake meanwhile.
+    let total = 24;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", total)
+        .expect("mail");
+    let pool = world.workers("busy", 100);
+    world.poll().await;
+    // Once every webhook is in, the running actions run is the last: it ends when no
+    // after-action is left.
+    let run = wait_for(
+        "every webhook delivered and the after-actions under way",
+        Duration::from_secs(60),
+        || async {
+            if world.receiver.successes().len() < total {
+                return None;
+            }
+            let due = world
+                .count("SELECT count(*) FROM messages WHERE mailbox_uid = $1 AND delivery_state <> 'delivered'")
+                .await;
+            if due < 10 {
+                panic!("only {due} after-actions left: the mailbox is too quick for this test");
+            }
+            sqlx::query_as::<_, (i64, Uuid)>(
+                "SELECT id, lock_token FROM tasks
+                  WHERE owner_uid = $1 AND kind = 'actions' AND state = 'running'",
+            )
+            .bind(world.uid)
+            .fetch_optional(&world.db.pool)
+            .await
+            .expect("tasks")
+        },
+    )
+    .await;
+    world
+        .emulator
+        .add_messages(MAILBOX, "inbox", 1)
+        .expect("mail");
+    let poll = world.enqueue_poll(world.uid, 5).await;
+    assert_eq!(world.finished(poll).await.0, "succeeded");
+    let still_running: Option<(String, Uuid)> =
+        sqlx::query_as("SELECT state, lock_token FROM tasks WHERE id = $1")
+            .bind(run.0)
+            .fetch_optional(&world.db.pool)
+            .await
+            .expect("task");
+    assert_eq!(
+        still_running,
+        Some(("running".to_owned(), run.1)),
+        "the poll finished only after the actions run it found under way had ended"
+    );
+    world.settle(total as i64 + 1).await;
+    pool.shutdown().await;
+}
+
+/// A message for the selection tests, received at `received`.
+fn mail(world: &World, received: DateTime<Utc>, from: &str, importance: &str) -> String {
+    let message = NewMessage {
+        received: Some(received),
+        from: Some(from.into()),
+        importance: Some(importance.into()),
+        subject: Some(format!("from {from}")),
+        ..NewMessage::default()
+    };
+    world
+        .emulator
+        .add_message(MAILBOX, "inbox", message)
+        .expect("mail")
+        .immutable_id
+}
+
+/// The ids of a ledger in one state, with their skip reasons.
+async fn in_state(world: &World, uid: Uuid, state: &str) -> Vec<(String, Option<String>)> {
+    sqlx::query_as(
+        "SELECT message_id, skip_reason FROM messages
+         WHERE mailbox_uid = $1 AND delivery_state = $2 ORDER BY message_id",
+    )
+    .bind(uid)
+    .bind(state)
+    .fetch_all(&world.db.pool)
+    .await
+    .expect("ledger rows")
+}
+
+/// Asserts each of `ids` is in `inbox`, unread: no after-action touched it.
+fn assert_untouched(world: &World, ids: &[String]) {
+    let inbox = world.emulator.folder_id(MAILBOX, "inbox").expect("inbox");
+    for id in ids {
+        let message = world
+            .emulator
+            .message(MAILBOX, id)
+            .expect("emulator lookup")
+            .unwrap_or_else(|| panic!("{id} still exists"));
+        assert_eq!(message["isRead"], false, "{id}: left unread");
+        assert_eq!(
+            message["parentFolderId"],
+            inbox.as_str(),
+            "{id}: left in the inbox"
+        );
+    }
+}
+
+fn sorted(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids
+}
+
+/// `startFrom` as a time: older mail is recorded as skipped with the reason, never delivered
+/// or acted on; an expired delta token replays the whole folder and the skipped mail stays
+/// skipped, while mail received since is delivered exactly once.
+#[tokio::test]
+async fn start_from_a_time_skips_older_mail_for_good_through_a_resync() {
+    let world = World::start(Faults::default()).await;
+    let start = Utc::now() - chrono::Duration::hours(1);
+    let mut config = world.config(true, Some("archive"));
+    config.start = mailpoll::selection::start::Start(Some(start));
+    world.directory.insert(config);
+    let old: Vec<String> = (0..5)
+        .map(|i| {
+            mail(
+                &world,
+                start - chrono::Duration::days(i + 1),
+                "old@contoso.com",
+                "normal",
+            )
+        })
+        .collect();
+    let mut new: Vec<String> = (0..4)
+        .map(|i| {
+            mail(
+                &world,
+                start + chrono::Duration::seconds(i),
+                "new@contoso.com",
+                "normal",
+            )
+        })
+        .collect();
+    let pool = world.workers("start-time", 3);
+    world.poll().await;
+    world.settle(4).await;
+
+    world
+        .emulator
+        .evict_delta_tokens(MAILBOX)
+        .expect("evict tokens");
+    new.extend((0..3).map(|_| mail(&world, Utc::now(), "later@contoso.com", "normal")));
+    world.poll().await;
+    world.settle(7).await;
+    world.drain().await;
+    pool.shutdown().await;
+
+    assert!(world.resyncs().await >= 1, "the eviction forced a resync");
+    let reason = format!(
+        "received before spec.startFrom ({})",
+        start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let skipped = in_state(&world, world.uid, "skipped").await;
+    assert_eq!(
+        skipped,
+        sorted(old.clone())
+            .into_iter()
+            .map(|id| (id, Some(reason.clone())))
+            .collect::<Vec<_>>(),
+        "exactly the older mail is skipped, with the reason"
+    );
+    world
+        .assert_each_delivered_once_or_skipped(&new, &old)
+        .await;
+    assert_untouched(&world, &old);
+    let counts = counts(&world).await;
+    assert_eq!(
+        (counts.delivered, counts.before_start, counts.filtered),
+        (7, 5, 0)
+    );
+}
+
+/// `startFrom: now` is fixed once, in Postgres, the first time it is resolved: resolving it
+/// again (another replica, a restart, a later poll) gives the same instant, so a resync after
+/// it skips exactly what the first poll skipped.
+#[tokio::test]
+async fn start_from_now_is_fixed_once_and_a_resync_after_it_resurrects_nothing() {
+    let world = World::start(Faults::default()).await;
+    let owner = mailpoll::identity::Owner {
+        namespace: "sales",
+        name: "orders",
+        mailbox: MAILBOX,
+        folder: "inbox",
+    };
+    let ledger = mailpoll::identity::resolve(&world.db.pool, &owner, world.uid)
+        .await
+        .expect("identity");
+    let before: Vec<String> = (0..3)
+        .map(|i| {
+            let received = Utc::now() - chrono::Duration::minutes(i + 1);
+            mail(&world, received, "before@contoso.com", "normal")
+        })
+        .collect();
+    let resolve = || async {
+        mailpoll::directory::selection::SelectionCache::default()
+            .start(&world.db.pool, ledger, Some("now"))
+            .await
+            .expect("start resolves")
+    };
+    let start = resolve().await;
+    let fixed = start.0.expect("now is an instant");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        resolve().await,
+        start,
+        "a second resolution keeps the instant"
+    );
+    let all = mailpoll::directory::selection::SelectionCache::default()
+        .start(&world.db.pool, ledger, Some("all"))
+        .await
+        .expect("all resolves");
+    assert_eq!(all.0, None, "all admits everything");
+
+    let mut config = world.config(false, None);
+    config.ledger_id = ledger;
+    config.start = start;
+    world.directory.insert(config);
+    let mut after: Vec<String> = (0..2)
+        .map(|i| {
+            mail(
+                &world,
+                fixed + chrono::Duration::seconds(i + 1),
+                "after@contoso.com",
+                "normal",
+            )
+        })
+        .collect();
+    let pool = world.workers("start-now", 2);
+    world.poll().await;
+    wait_for_ok("2 deliveries", Duration::from_secs(60), || async {
+        let delivered = world.receiver.successes().len();
+        if delivered == 2 {
+            Ok(())
+        } else {
+            Err(format!("{delivered} delivered"))
+        }
+    })
+    .await;
+
+    world
+        .emulator
+        .evict_delta_tokens(MAILBOX)
+        .expect("evict tokens");
+    let mut config = world.config(false, None);
+    config.ledger_id = ledger;
+    config.start = resolve().await;
+    world.directory.insert(config);
+    after.push(mail(
+        &world,
+        Utc::now() + chrono::Duration::seconds(5),
+        "after@contoso.com",
+        "normal",
+    ));
+    world.poll().await;
+    wait_for_ok("3 deliveries", Duration::from_secs(60), || async {
+        let delivered = world.receiver.successes().len();
+        if delivered == 3 {
+            Ok(())
+        } else {
+            Err(format!("{delivered} delivered"))
+        }
+    })
+    .await;
+    world.drain().await;
+    pool.shutdown().await;
+
+    assert!(world.resyncs().await >= 1, "the eviction forced a resync");
+    let skipped: Vec<String> = in_state(&world, ledger, "skipped")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        skipped,
+        sorted(before),
+        "the mail from before stays skipped"
+    );
+    let successes = world.receiver.successes();
+    for id in &after {
+        assert_eq!(
+            successes.get(&message_key(ledger, id)),
+            Some(&1),
+            "{id} delivered once"
+        );
+    }
+    assert_eq!(successes.len(), 3, "nothing else delivered");
+}
+
+/// `spec.filter` decides before delivery: the messages it rejects are recorded as filtered with
+/// the reason, counted, never posted and never marked read or moved; the others are delivered
+/// and acted on once.
+#[tokio::test]
+async fn a_filter_decides_before_delivery_and_filtered_mail_gets_no_after_actions() {
+    let world = World::start(Faults::default()).await;
+    let mut config = world.config(true, Some("archive"));
+    config.filter = Some(
+        mailpoll::selection::Filter::compile(
+            r#"message.from.address.endsWith("@fabrikam.com") && message.importance == "high""#,
+        )
+        .expect("filter compiles"),
+    );
+    world.directory.insert(config);
+    let now = Utc::now();
+    let wanted: Vec<String> = (0..6)
+        .map(|_| mail(&world, now, "Billing@Fabrikam.com", "high"))
+        .collect();
+    let mut unwanted: Vec<String> = (0..5)
+        .map(|_| mail(&world, now, "billing@fabrikam.com", "normal"))
+        .collect();
+    unwanted.extend((0..4).map(|_| mail(&world, now, "someone@contoso.com", "high")));
+    let pool = world.workers("filter", 4);
+    world.poll().await;
+    world.settle(6).await;
+    world.drain().await;
+    pool.shutdown().await;
+
+    let filtered = in_state(&world, world.uid, "filtered").await;
+    assert_eq!(
+        filtered,
+        sorted(unwanted.clone())
+            .into_iter()
+            .map(|id| (id, Some("spec.filter did not match".to_owned())))
+            .collect::<Vec<_>>()
+    );
+    world
+        .assert_each_delivered_once_or_skipped(&wanted, &unwanted)
+        .await;
+    assert_untouched(&world, &unwanted);
+    let archive = world
+        .emulator
+        .folder_id(MAILBOX, "archive")
+        .expect("archive");
+    for id in &wanted {
+        let message = world
+            .emulator
+            .message(MAILBOX, id)
+            .expect("emulator lookup")
+            .unwrap_or_else(|| panic!("{id} still exists"));
+        assert_eq!(message["isRead"], true, "{id}: marked read");
+        assert_eq!(message["parentFolderId"], archive.as_str(), "{id}: moved");
+    }
+    let counts = counts(&world).await;
+    assert_eq!(
+        (counts.delivered, counts.filtered, counts.before_start),
+        (6, 9, 0)
+    );
+}
+
+async fn counts(world: &World) -> mailpoll::ledger::Counts {
+    let mut conn = world.db.pool.acquire().await.expect("connection");
+    mailpoll::ledger::counts(&mut conn, world.uid)
+        .await
+        .expect("counts")
+}
+
+impl World {
+    /// Asserts that exactly `delivered` were posted, once each, and that `held_back` (skipped
+    /// or filtered) got no post.
+    async fn assert_each_delivered_once_or_skipped(
+        &self,
+        delivered: &[String],
+        held_back: &[String],
+    ) {
+        let successes = self.receiver.successes();
+        for id in delivered {
+            assert_eq!(
+                successes.get(&message_key(self.uid, id)),
+                Some(&1),
+                "{id} delivered once"
+            );
+        }
+        for id in held_back {
+            assert_eq!(
+                successes.get(&message_key(self.uid, id)),
+                None,
+                "{id} never posted"
+            );
+        }
+        assert_eq!(successes.len(), delivered.len(), "nothing else delivered");
+    }
+}
+
+/// A filter on Outlook categories: polls then select `categories` from Graph (only then: a
+/// changed `$select` costs a resync), and the filter sees them.
+#[tokio::test]
+async fn a_filter_on_categories_selects_them_and_decides_by_them() {
+    let world = World::start(Faults::default()).await;
+    let mut config = world.config(false, None);
+    config.filter = Some(
+        mailpoll::selection::Filter::compile(r#""Finance" in message.categories"#)
+            .expect("filter compiles"),
+    );
+    world.directory.insert(config);
+    let categorized = |categories: &[&str]| NewMessage {
+        received: Some(Utc::now()),
+        categories: categories.iter().map(|c| (*c).to_owned()).collect(),
+        ..NewMessage::default()
+    };
+    let add = |categories: &[&str]| {
+        world
+            .emulator
+            .add_message(MAILBOX, "inbox", categorized(categories))
+            .expect("mail")
+            .immutable_id
+    };
+    let wanted = vec![add(&["Finance"]), add(&["Urgent", "Finance"])];
+    let unwanted = vec![add(&[]), add(&["Urgent"])];
+    let pool = world.workers("categories", 10);
+    world.poll().await;
+    world.settle(2).await;
+    world.drain().await;
+    pool.shutdown().await;
+    world
+        .assert_each_delivered_once_or_skipped(&wanted, &unwanted)
+        .await;
+    let filtered: Vec<String> = in_state(&world, world.uid, "filtered")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(filtered, sorted(unwanted));
+    let query: String =
+        sqlx::query_scalar("SELECT query_fingerprint FROM mailbox_cursors WHERE mailbox_uid = $1")
+            .bind(world.uid)
+            .fetch_one(&world.db.pool)
+            .await
+            .expect("cursor");
+    assert!(query.contains(",categories"), "{query}");
 }

@@ -104,6 +104,7 @@ pub enum MessageState {
     Delivered,
     Failed,
     Skipped,
+    Filtered,
 }
 
 impl From<MessageState> for DeliveryState {
@@ -114,6 +115,7 @@ impl From<MessageState> for DeliveryState {
             MessageState::Delivered => DeliveryState::Delivered,
             MessageState::Failed => DeliveryState::Failed,
             MessageState::Skipped => DeliveryState::Skipped,
+            MessageState::Filtered => DeliveryState::Filtered,
         }
     }
 }

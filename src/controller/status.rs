@@ -240,6 +240,9 @@ pub fn desired_status(
         messages_delivered: Some(facts.counts.delivered + facts.counts.recorded_only),
         messages_pending: Some(facts.counts.pending),
         messages_failed: Some(facts.counts.failed),
+        // Absent while zero: MailboxPolls without startFrom or filter show nothing new.
+        messages_filtered: (facts.counts.filtered > 0).then_some(facts.counts.filtered),
+        messages_skipped: (facts.counts.before_start > 0).then_some(facts.counts.before_start),
         last_handled_poll_request: facts.last_handled_request.clone(),
     }
 }
@@ -465,6 +468,48 @@ mod tests {
             (stalled.status, stalled.reason.as_str()),
             (Status::True, "SecretNotFound"),
             "a missing Secret waits for a person"
+        );
+    }
+
+    #[test]
+    fn filtered_and_skipped_counts_show_once_there_are_any() {
+        let mut f = facts(poll(1, true, None), None);
+        let status = desired_status(None, Some(1), None, &f, Utc::now());
+        assert_eq!(
+            (status.messages_filtered, status.messages_skipped),
+            (None, None)
+        );
+        f.counts.filtered = 9;
+        f.counts.before_start = 5;
+        f.counts.delivered = 6;
+        let status = desired_status(None, Some(1), None, &f, Utc::now());
+        assert_eq!(
+            (
+                status.messages_delivered,
+                status.messages_filtered,
+                status.messages_skipped
+            ),
+            (Some(6), Some(9), Some(5))
+        );
+    }
+
+    #[test]
+    fn an_invalid_filter_stalls_naming_the_field() {
+        let error = ConfigError::InvalidFilter {
+            detail: "spec.filter: unknown variable \"msg\"".into(),
+        };
+        let [ready, _, stalled] = desired_conditions(Some(&error), &Facts::default());
+        assert_eq!(
+            (ready.status, ready.reason.as_str(), ready.message.as_str()),
+            (
+                Status::False,
+                "InvalidFilter",
+                "spec.filter: unknown variable \"msg\""
+            )
+        );
+        assert_eq!(
+            (stalled.status, stalled.reason.as_str()),
+            (Status::True, "InvalidFilter")
         );
     }
 

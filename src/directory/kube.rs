@@ -177,6 +177,7 @@ pub struct KubeDirectory {
     secrets: Mutex<SecretCache>,
     identities: Mutex<IdentityCache>,
     certificates: Mutex<CertificateCache>,
+    selections: super::selection::SelectionCache,
 }
 
 impl KubeDirectory {
@@ -194,6 +195,7 @@ impl KubeDirectory {
             secrets: Mutex::new(HashMap::new()),
             identities: Mutex::new(HashMap::new()),
             certificates: Mutex::new(HashMap::new()),
+            selections: Default::default(),
         }
     }
 
@@ -340,8 +342,14 @@ impl KubeDirectory {
         let delivery = spec.delivery.clone().unwrap_or_default();
         let webhook = self.webhook(namespace, delivery.webhook.as_ref()).await?;
         let after = spec.after_delivery.clone().unwrap_or_default();
+        let filter = self.selections.filter(spec.filter.as_deref())?;
+        let ledger_id = self.ledger_id(&source).await?;
+        let start = self
+            .selections
+            .start(&self.db, ledger_id, spec.start_from.as_deref())
+            .await?;
         Ok(MailboxConfig {
-            ledger_id: self.ledger_id(&source).await?,
+            ledger_id,
             source,
             credentials,
             webhook,
@@ -349,6 +357,8 @@ impl KubeDirectory {
             mark_as_read: after.mark_as_read,
             move_to_folder: after.move_to_folder,
             max_attempts: spec.max_attempts,
+            start,
+            filter,
         })
     }
 

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod kube;
+pub mod selection;
 
 use std::future::Future;
 
@@ -34,6 +35,10 @@ pub struct MailboxConfig {
     pub mark_as_read: bool,
     pub move_to_folder: Option<String>,
     pub max_attempts: i32,
+    /// `spec.startFrom` resolved: messages received earlier are recorded as skipped.
+    pub start: crate::selection::start::Start,
+    /// `spec.filter`, compiled: messages it rejects are recorded as filtered.
+    pub filter: Option<crate::selection::Filter>,
 }
 
 impl MailboxConfig {
@@ -72,6 +77,12 @@ pub enum ConfigError {
     /// A webhook URL, header or signing secret that cannot be used as it is.
     #[error("{field}: {detail}")]
     InvalidWebhook { field: String, detail: String },
+    /// `spec.filter` does not compile or check (the text names the field).
+    #[error("{detail}")]
+    InvalidFilter { detail: String },
+    /// `spec.startFrom` is not all, now or an RFC 3339 time (the text names the field).
+    #[error("{detail}")]
+    InvalidStartFrom { detail: String },
     #[error("cannot read the MailboxPoll or its Secrets: {0}")]
     Unavailable(String),
     #[error("cannot read the MailboxPoll's ledger identity: {0}")]
@@ -91,6 +102,8 @@ impl ConfigError {
             Self::InvalidCredentials { .. } => Reason::InvalidCredentials,
             Self::SecretForbidden { .. } => Reason::SecretForbidden,
             Self::InvalidWebhook { .. } => Reason::InvalidWebhook,
+            Self::InvalidFilter { .. } => Reason::InvalidFilter,
+            Self::InvalidStartFrom { .. } => Reason::InvalidStartFrom,
             Self::Unavailable(_) => Reason::KubernetesUnavailable,
             Self::Database(_) => Reason::Transient,
             Self::WebhookForbidden(_) => Reason::WebhookForbidden,

@@ -42,6 +42,9 @@ pub struct DeltaOptions {
     pub page_size: u32,
     /// Select `body` too (only when delivery needs it: bodies make pages heavy).
     pub include_body: bool,
+    /// Select `categories` too (only when `spec.filter` reads them: changing `$select`
+    /// costs a resync, so MailboxPolls without such a filter keep their tokens).
+    pub include_categories: bool,
 }
 
 impl DeltaOptions {
@@ -51,6 +54,7 @@ impl DeltaOptions {
             start,
             page_size: 100,
             include_body: false,
+            include_categories: false,
         }
     }
 
@@ -68,7 +72,7 @@ impl DeltaOptions {
         format!(
             "delta/v1 folder={} $select={} $filter={filter}",
             self.folder,
-            select_fields(self.include_body)
+            select_fields(self.include_body, self.include_categories)
         )
     }
 }
@@ -123,6 +127,7 @@ pub struct Round {
     folder: String,
     page_size: u32,
     include_body: bool,
+    include_categories: bool,
     /// The bound of the round's initial query, kept by its resync (`None`: the whole folder).
     received_since: Option<DateTime<Utc>>,
     /// The next request, `None` once the round is done.
@@ -144,6 +149,7 @@ impl MailboxClient {
             folder: options.folder,
             page_size: options.page_size.clamp(1, 1000),
             include_body: options.include_body,
+            include_categories: options.include_categories,
             received_since: None,
             next: None,
             resynced: false,
@@ -175,7 +181,7 @@ impl MailboxClient {
         let mut url = self.url(&["mailFolders", &options.folder, "messages"])?;
         {
             let mut query = url.query_pairs_mut();
-            query.append_pair("$select", &select_fields(options.include_body));
+            query.append_pair("$select", &select_fields(options.include_body, false));
             if let Some(since) = options.since {
                 // The ordered property leads the filter, as Graph requires.
                 query.append_pair(
@@ -192,6 +198,7 @@ impl MailboxClient {
             folder: options.folder,
             page_size,
             include_body: options.include_body,
+            include_categories: false,
             received_since: None,
             next: Some(url),
             resynced: false,
@@ -208,7 +215,10 @@ impl Round {
             .url(&["mailFolders", &self.folder, "messages", "delta"])?;
         {
             let mut query = url.query_pairs_mut();
-            query.append_pair("$select", &select_fields(self.include_body));
+            query.append_pair(
+                "$select",
+                &select_fields(self.include_body, self.include_categories),
+            );
             if let Some(since) = self.received_since {
                 query.append_pair(
                     "$filter",

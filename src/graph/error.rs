@@ -49,6 +49,11 @@ pub enum GraphError {
         retry_after: Option<Duration>,
         request_id: Option<String>,
     },
+    /// Every one of the mailbox's shared Graph slots stayed taken (by other replicas, or other
+    /// MailboxPolls of the same mailbox) for as long as the governor waits: no request was sent.
+    /// Try again soon; nothing is wrong with the mailbox.
+    #[error("the mailbox's {cap} concurrent Graph requests stayed taken for {}s by other replicas or MailboxPolls of the same mailbox", waited.as_secs())]
+    MailboxBusy { cap: u32, waited: Duration },
     /// The delta cursor is no longer valid: drop it and re-read the whole folder.
     #[error("delta cursor expired ({code}), resync required{}", rid(request_id))]
     ResyncRequired {
@@ -99,7 +104,7 @@ impl GraphError {
             GraphError::AccessDenied { .. } => Reason::AccessDenied,
             GraphError::MailboxNotFound { .. } => Reason::MailboxNotFound,
             GraphError::ItemNotFound { .. } => Reason::ItemNotFound,
-            GraphError::Throttled { .. } => Reason::Throttled,
+            GraphError::Throttled { .. } | GraphError::MailboxBusy { .. } => Reason::Throttled,
             GraphError::ResyncRequired { .. } => Reason::ResyncRequired,
             GraphError::InvalidQuery { .. } | GraphError::Config(_) => Reason::InvalidQuery,
             GraphError::Transient { .. } | GraphError::MalformedResponse { .. } => {
@@ -120,7 +125,7 @@ impl GraphError {
             | GraphError::InvalidQuery { request_id, .. }
             | GraphError::Transient { request_id, .. }
             | GraphError::MalformedResponse { request_id, .. } => request_id.as_deref(),
-            GraphError::Config(_) => None,
+            GraphError::Config(_) | GraphError::MailboxBusy { .. } => None,
         }
     }
 
@@ -137,6 +142,7 @@ impl GraphError {
         matches!(
             self,
             GraphError::Throttled { .. }
+                | GraphError::MailboxBusy { .. }
                 | GraphError::Transient { .. }
                 | GraphError::MalformedResponse { .. }
         )

@@ -7,6 +7,11 @@
 //! - a per-mailbox request budget over a sliding window keeps the process under Graph's quota;
 //! - full-jitter exponential backoff for retries.
 //!
+//! The in-process gate alone caps one process. Graph's 4 are per application and mailbox,
+//! whoever sends: with [`Governor::share_slots`] every request also holds one of the mailbox's
+//! [`SharedSlots`] (kept in Postgres by the operator), so the cap holds across replicas and
+//! across the MailboxPolls of one mailbox.
+//!
 //! Pauses longer than `max_wait` are not slept through: `acquire` returns
 //! [`GraphError::Throttled`] so the caller can reschedule its task rather than hold a worker.
 //! Other replicas' pauses come in through [`Governor::pause_until`]; pauses this process sees
@@ -17,9 +22,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use rand::RngExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use super::error::GraphError;
 
@@ -46,6 +53,9 @@ pub struct GovernorConfig {
     pub max_retries: u32,
     /// Longest pause `acquire` waits out; longer ones return `Throttled` at once.
     pub max_wait: Duration,
+    /// How long a shared slot (see [`SharedSlots`]) stays held when its holder dies without
+    /// giving it back; longer than any request may take.
+    pub slot_hold: Duration,
 }
 
 impl Default for GovernorConfig {
@@ -62,6 +72,8 @@ impl Default for GovernorConfig {
             backoff_cap: Duration::from_secs(60),
             max_retries: 6,
             max_wait: Duration::from_secs(60),
+            // The client's whole-request timeout (120 s) and a margin.
+            slot_hold: Duration::from_secs(150),
         }
     }
 }
@@ -77,6 +89,75 @@ pub struct ThrottleNotice {
 }
 
 type Listener = Arc<dyn Fn(&ThrottleNotice) + Send + Sync>;
+
+/// Whose requests a shared slot counts: Graph limits each application per mailbox.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    /// `<tenant id>/<client id>`, lower-cased.
+    pub app: String,
+    /// Lower-cased.
+    pub mailbox: String,
+}
+
+impl SlotKey {
+    pub fn new(tenant_id: &str, client_id: &str, mailbox: &str) -> Self {
+        Self {
+            app: format!("{tenant_id}/{client_id}").to_lowercase(),
+            mailbox: mailbox.to_lowercase(),
+        }
+    }
+}
+
+/// One ask for shared slots; repeated with the same `waiter` until it is granted.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotAsk<'a> {
+    pub key: &'a SlotKey,
+    /// Slots of the key (Graph: 4).
+    pub cap: u32,
+    /// Slots wanted, all or none (a `$batch` wants up to `cap`).
+    pub count: u32,
+    /// Longest the slots stay held if never given back (their holder died).
+    pub hold: Duration,
+    /// The same for every ask of one request, so the store can tell a request that has been
+    /// waiting.
+    pub waiter: Uuid,
+    /// Whether this request asked before and was refused.
+    pub waited: bool,
+}
+
+/// Concurrency slots per [`SlotKey`] shared with every other process that talks to Graph for
+/// the same application (the operator keeps them in Postgres). Requests for one slot go
+/// before `$batch`es: while one waits, a batch gets none, so a mailbox's polls never wait
+/// behind a backlog of batched after-actions for longer than one batch.
+pub trait SharedSlots: Send + Sync + 'static {
+    /// Takes the asked slots, all or none. `Ok(None)`: not enough are free now (or a batch
+    /// gives way to a waiting single request).
+    fn try_take<'a>(&'a self, ask: SlotAsk<'a>) -> BoxFuture<'a, Result<Option<Uuid>, String>>;
+
+    /// Gives back what `holder` took. Called from `Drop`: must not block (spawn the write).
+    fn give_back(&self, key: &SlotKey, holder: Uuid);
+}
+
+/// Slots of a [`SharedSlots`] held by one permit; given back when dropped.
+struct HeldSlots {
+    slots: Arc<dyn SharedSlots>,
+    key: SlotKey,
+    holder: Uuid,
+}
+
+impl Drop for HeldSlots {
+    fn drop(&mut self) {
+        self.slots.give_back(&self.key, self.holder);
+    }
+}
+
+impl std::fmt::Debug for HeldSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldSlots")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
 
 struct Gate {
     slots: Arc<Semaphore>,
@@ -95,6 +176,7 @@ struct GateState {
 pub struct Permit {
     _mailbox: OwnedSemaphorePermit,
     _global: Option<OwnedSemaphorePermit>,
+    _shared: Option<HeldSlots>,
 }
 
 /// See the module documentation.
@@ -103,6 +185,7 @@ pub struct Governor {
     gates: Mutex<HashMap<String, Arc<Gate>>>,
     global: Option<Arc<Semaphore>>,
     listener: Mutex<Option<Listener>>,
+    shared: Mutex<Option<Arc<dyn SharedSlots>>>,
 }
 
 impl std::fmt::Debug for Governor {
@@ -152,6 +235,17 @@ pub fn full_jitter_from(floor: Duration, base: Duration, cap: Duration, attempt:
     Duration::from_millis(rand::rng().random_range(low..=high))
 }
 
+/// Pause before asking for a free shared slot again: quick at first (a slot is usually free
+/// again within one Graph round trip), jittered so waiting replicas do not ask in step.
+fn slot_retry_pause(attempt: u32) -> Duration {
+    full_jitter_from(
+        Duration::from_millis(5),
+        Duration::from_millis(20),
+        Duration::from_millis(250),
+        attempt,
+    )
+}
+
 /// Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^attempt)].
 pub fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
     let ceiling = base
@@ -172,6 +266,7 @@ impl Governor {
             gates: Mutex::new(HashMap::new()),
             global,
             listener: Mutex::new(None),
+            shared: Mutex::new(None),
         })
     }
 
@@ -235,7 +330,66 @@ impl Governor {
             return Ok(Permit {
                 _mailbox: permit,
                 _global: global,
+                _shared: None,
             });
+        }
+    }
+
+    /// Makes every [`Governor::acquire_for`] also hold slots of `slots`, so that the
+    /// per-mailbox cap holds for all processes sharing them.
+    pub fn share_slots(&self, slots: Arc<dyn SharedSlots>) {
+        *lock(&self.shared) = Some(slots);
+    }
+
+    /// [`Governor::acquire`], plus as many of the key's shared slots (see
+    /// [`Governor::share_slots`]) as the request stands for, up to the cap. Waits for shared
+    /// slots up to `max_wait`, then gives up with [`GraphError::MailboxBusy`]; a failure to
+    /// reach the shared store is [`GraphError::Transient`].
+    pub async fn acquire_for(&self, key: &SlotKey, requests: u32) -> Result<Permit, GraphError> {
+        let shared = lock(&self.shared).clone();
+        let Some(shared) = shared else {
+            return self.acquire(&key.mailbox, requests).await;
+        };
+        let cap = u32::try_from(self.config.per_mailbox_concurrency.max(1)).unwrap_or(u32::MAX);
+        let count = requests.clamp(1, cap);
+        let started = Instant::now();
+        let waiter = Uuid::new_v4();
+        let mut attempt = 0u32;
+        loop {
+            let mut permit = self.acquire(&key.mailbox, requests).await?;
+            let ask = SlotAsk {
+                key,
+                cap,
+                count,
+                hold: self.config.slot_hold,
+                waiter,
+                waited: attempt > 0,
+            };
+            let holder = shared
+                .try_take(ask)
+                .await
+                .map_err(|message| GraphError::Transient {
+                    status: None,
+                    message: format!("cannot take a shared Graph slot of the mailbox: {message}"),
+                    request_id: None,
+                })?;
+            if let Some(holder) = holder {
+                permit._shared = Some(HeldSlots {
+                    slots: shared,
+                    key: key.clone(),
+                    holder,
+                });
+                return Ok(permit);
+            }
+            // The local slots go back while waiting: the next try starts from `acquire`
+            // again, which also waits out a Retry-After that came in meanwhile.
+            drop(permit);
+            let waited = started.elapsed();
+            if waited >= self.config.max_wait {
+                return Err(GraphError::MailboxBusy { cap, waited });
+            }
+            tokio::time::sleep(slot_retry_pause(attempt)).await;
+            attempt = attempt.saturating_add(1);
         }
     }
 
@@ -312,8 +466,14 @@ impl Governor {
     /// Feeds a pause learned elsewhere (e.g. another replica, through Postgres).
     pub fn pause_until(&self, mailbox: &str, until: DateTime<Utc>) {
         if let Ok(left) = (until - Utc::now()).to_std() {
-            self.extend_pause(mailbox, Instant::now() + left.min(RETRY_AFTER_CEILING));
+            self.pause_for(mailbox, left);
         }
+    }
+
+    /// Feeds a pause of `left` from now learned elsewhere (another replica's Retry-After, as
+    /// the database measured it).
+    pub fn pause_for(&self, mailbox: &str, left: Duration) {
+        self.extend_pause(mailbox, Instant::now() + left.min(RETRY_AFTER_CEILING));
     }
 
     /// When requests to `mailbox` may resume, if it is paused now.

@@ -25,10 +25,13 @@ pub const LEDGER_FIELDS: &[&str] = &[
 ];
 
 /// The `$select` value for a round.
-pub fn select_fields(include_body: bool) -> String {
+pub fn select_fields(include_body: bool, include_categories: bool) -> String {
     let mut fields = LEDGER_FIELDS.join(",");
     if include_body {
         fields.push_str(",body");
+    }
+    if include_categories {
+        fields.push_str(",categories");
     }
     fields
 }

@@ -33,8 +33,8 @@ pub use auth::{
 pub use delta::{DeltaOptions, DeltaStart, ListOptions, Page, PageLink, Round};
 pub use error::GraphError;
 pub use governor::{
-    Governor, GovernorConfig, RETRY_AFTER_CEILING, RETRY_AFTER_FLOOR, RequestBudget,
-    ThrottleNotice, full_jitter,
+    Governor, GovernorConfig, RETRY_AFTER_CEILING, RETRY_AFTER_FLOOR, RequestBudget, SharedSlots,
+    SlotAsk, SlotKey, ThrottleNotice, full_jitter,
 };
 pub use message::{
     Body, EmailAddress, LEDGER_FIELDS, Message, RemovedReason, SkippedItem, select_fields,
@@ -389,7 +389,12 @@ impl MailboxClient {
         token: &auth::AccessToken,
     ) -> Result<Result<Answer, String>, GraphError> {
         let inner = &self.client.inner;
-        let permit = inner.governor.acquire(&self.mailbox, call.weight).await?;
+        let key = SlotKey::new(
+            &self.credentials.tenant_id,
+            &self.credentials.client_id,
+            &self.mailbox,
+        );
+        let permit = inner.governor.acquire_for(&key, call.weight).await?;
         let mut request = inner
             .http
             .request(call.method.clone(), call.url.clone())

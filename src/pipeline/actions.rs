@@ -1,8 +1,11 @@
 //! The `actions` task: after-delivery actions (mark read, move) of one mailbox, batched.
 //!
-//! Post-actions cost one Graph request per message, so they are sent through `$batch` and run
-//! under the mailbox run lease (one Graph-talking run per mailbox, cluster-wide). They run as
-//! their own task so that a throttled mailbox never holds up the recording of new mail.
+//! Post-actions cost one Graph request per message, so they are sent through `$batch`. They
+//! run as their own task (one live per MailboxPoll, its task lease making the run exclusive)
+//! so that a throttled mailbox never holds up the recording of new mail, and without the
+//! cursor's run lease, so that a backlog of them never holds up the mailbox's polls: Graph's
+//! per-mailbox limit is kept by the shared slots every request holds
+//! ([`crate::mailbox_slots`]), and a `Retry-After` of the mailbox is waited out first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +38,6 @@ pub struct ActionsHandler<D> {
     pub directory: Arc<D>,
     pub graph: GraphClient,
     pub metrics: SharedMetrics,
-    /// The mailbox run lease.
-    pub run_lease: Duration,
     /// Longest one run keeps the mailbox before giving other work a turn.
     pub run_budget: Duration,
 }
@@ -47,18 +48,8 @@ impl<D: Directory> Handler for ActionsHandler<D> {
         let Some(config) = super::lookup(self.directory.as_ref(), job.mailbox_uid).await? else {
             return Ok(());
         };
-        let (lease, _) = run_lease::take(
-            &self.pool,
-            &self.graph,
-            &config.source,
-            self.run_lease,
-            Duration::from_secs(2),
-        )
-        .await?;
-        let keep_alive = run_lease::KeepAlive::start(self.pool.clone(), lease, self.run_lease);
-        let result = keep_alive.guard(self.run(task, ctx, &config)).await;
-        run_lease::give_back(&self.pool, lease).await;
-        result
+        run_lease::check_throttle(&self.pool, &self.graph, &config.source.mailbox).await?;
+        self.run(task, ctx, &config).await
     }
 }
 
@@ -207,13 +198,18 @@ impl<D: Directory> ActionsHandler<D> {
         ids: &[String],
         error: GraphError,
     ) -> Result<(), HandlerError> {
-        if let GraphError::Throttled { retry_after, .. } = &error {
-            return Err(run_lease::share_throttle(
-                &self.pool,
-                &config.source.mailbox,
-                *retry_after,
-            )
-            .await);
+        match &error {
+            GraphError::Throttled { retry_after, .. } => {
+                return Err(run_lease::share_throttle(
+                    &self.pool,
+                    &config.source.mailbox,
+                    *retry_after,
+                )
+                .await);
+            }
+            // Others had the mailbox's slots all along: not the messages' fault.
+            GraphError::MailboxBusy { .. } => return Err(run_lease::busy(&error)),
+            _ => {}
         }
         tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, %error, "after-delivery actions failed");
         let reason = error.reason();

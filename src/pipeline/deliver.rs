@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::delivered::DeliveredMarks;
+use super::selection;
 use super::tasks::{ActionsTask, DeliverTask};
 use crate::delivery::egress::GuardedClient;
 use crate::delivery::signing::message_key;
@@ -54,10 +55,13 @@ impl<D: Directory> Handler for DeliverHandler<D> {
         };
         let mut conn = self.pool.acquire().await.map_err(HandlerError::retryable)?;
         let ledger_id = job.ledger();
-        let Some(stored) = ledger::get_for_delivery(&mut conn, ledger_id, &job.message_id)
-            .await
-            .map_err(HandlerError::retryable)?
-        else {
+        // A filter may read categories, which only the full row carries.
+        let stored = if config.filter.is_some() {
+            ledger::get(&mut conn, ledger_id, &job.message_id).await
+        } else {
+            ledger::get_for_delivery(&mut conn, ledger_id, &job.message_id).await
+        };
+        let Some(stored) = stored.map_err(HandlerError::retryable)? else {
             return Err(HandlerError::permanent(format!(
                 "message {} is not in the ledger",
                 job.message_id
@@ -73,6 +77,9 @@ impl<D: Directory> Handler for DeliverHandler<D> {
                 "message {} outlived its content retention period; its content was purged",
                 job.message_id
             )));
+        }
+        if selection::filter_out(&mut conn, &config, ledger_id, &stored).await? {
+            return Ok(());
         }
         drop(conn);
         let posted = match &config.webhook {

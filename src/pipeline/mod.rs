@@ -11,6 +11,7 @@ pub mod deliver;
 pub mod delivered;
 pub mod poll;
 pub mod run_lease;
+pub mod selection;
 pub mod tasks;
 
 use uuid::Uuid;

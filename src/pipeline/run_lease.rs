@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -18,18 +17,15 @@ use crate::graph::ThrottleNotice;
 use crate::queue::HandlerError;
 use crate::telemetry::metrics::SharedMetrics;
 
-/// How long until `until`, at least a short pause so a snooze never spins.
-pub fn wait_until(until: DateTime<Utc>) -> Duration {
-    (until - Utc::now())
-        .to_std()
-        .unwrap_or_default()
-        .max(Duration::from_millis(200))
+/// A snooze of `wait`, at least a short pause so a snooze never spins.
+fn snooze_for(wait: Duration) -> HandlerError {
+    HandlerError::snooze(wait.max(Duration::from_millis(200)))
 }
 
-/// Takes the mailbox's run lease. Another live run, or a `Retry-After` of the mailbox that
-/// has not run out (any replica may have received it), snoozes the task instead: the busy
-/// wait is capped at `busy_wait`, a throttled mailbox is waited out in full and this
-/// process's governor learns of it.
+/// Takes the mailbox's run lease (a poll's: one round per cursor at a time). Another live
+/// run, or a `Retry-After` of the mailbox that has not run out (any replica may have received
+/// it), snoozes the task instead: the busy wait is capped at `busy_wait`, a throttled mailbox
+/// is waited out in full and this process's governor learns of it.
 pub async fn take(
     pool: &PgPool,
     graph: &GraphClient,
@@ -42,16 +38,34 @@ pub async fn take(
         .map_err(HandlerError::retryable)?
     {
         Acquired::Held(lease, cursor) => (lease, cursor),
-        Acquired::Busy { until } => {
-            return Err(HandlerError::snooze(wait_until(until).min(busy_wait)));
-        }
+        Acquired::Busy { left } => return Err(snooze_for(left.min(busy_wait))),
     };
-    if let Some(until) = cursor.throttled_until.filter(|t| *t > Utc::now()) {
+    if let Some(left) = cursor.throttle_left() {
         give_back(pool, lease).await;
-        graph.governor().pause_until(&source.mailbox, until);
-        return Err(HandlerError::snooze(wait_until(until)));
+        graph.governor().pause_for(&source.mailbox, left);
+        return Err(snooze_for(left));
     }
     Ok((lease, cursor))
+}
+
+/// Waits out a `Retry-After` of the mailbox that any replica received, before a run that
+/// needs no cursor (after-actions): snoozes the task for the rest of it and tells this
+/// process's governor.
+pub async fn check_throttle(
+    pool: &PgPool,
+    graph: &GraphClient,
+    mailbox: &str,
+) -> Result<(), HandlerError> {
+    let left = cursor::throttle_left(pool, mailbox)
+        .await
+        .map_err(HandlerError::retryable)?;
+    match left {
+        Some(left) => {
+            graph.governor().pause_for(mailbox, left);
+            Err(snooze_for(left))
+        }
+        None => Ok(()),
+    }
 }
 
 /// The mailbox was throttled past what the Graph client waits out itself: every replica is
@@ -64,15 +78,24 @@ pub async fn share_throttle(
     retry_after: Option<Duration>,
 ) -> HandlerError {
     let wait = retry_after.unwrap_or(DEFAULT_THROTTLE_WAIT);
-    let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-    if let Err(error) = cursor::set_throttled_until(pool, mailbox, until).await {
+    if let Err(error) = cursor::set_throttled_for(pool, mailbox, wait).await {
         tracing::warn!(%error, "cannot share a Retry-After with other replicas");
     }
     HandlerError::snooze(wait)
 }
 
+/// The mailbox's shared Graph slots stayed taken by others ([`crate::graph::GraphError::MailboxBusy`]):
+/// the task snoozes a few seconds, which is not a failed attempt.
+pub fn busy(error: &crate::graph::GraphError) -> HandlerError {
+    tracing::info!(%error, "mailbox busy; trying again shortly");
+    HandlerError::snooze(MAILBOX_BUSY_WAIT)
+}
+
+/// The snooze of a run that found the mailbox's shared slots taken for too long.
+const MAILBOX_BUSY_WAIT: Duration = Duration::from_secs(5);
+
 /// Makes every `Retry-After` this process's Graph client learns a pause of every replica:
-/// each is recorded on the mailbox's cursors and announced ([`cursor::set_throttled_until`]),
+/// each is recorded on the mailbox's cursors and announced ([`cursor::set_throttled_for`]),
 /// and announcements from any replica pause this client at once, also in the middle of a
 /// run. Without `listen` (behind a proxy that drops notifications) the others learn of it when
 /// their next run takes the mailbox ([`take`]). Runs until `stop`.
@@ -101,7 +124,11 @@ pub fn share_retry_afters(
                 return;
             };
             match cursor::ThrottleAnnouncement::parse(payload) {
-                Some(announced) => governor.pause_until(&announced.mailbox, announced.until),
+                Some(announced) => {
+                    if let Some(wait) = announced.wait() {
+                        governor.pause_for(&announced.mailbox, wait);
+                    }
+                }
                 None => tracing::debug!(payload, "ignoring a malformed throttle announcement"),
             }
         };
@@ -134,7 +161,8 @@ async fn record_retry_afters(
             },
         };
         metrics.throttled_for(notice.retry_after);
-        if let Err(error) = cursor::set_throttled_until(&pool, &notice.mailbox, notice.until).await
+        if let Err(error) =
+            cursor::set_throttled_for(&pool, &notice.mailbox, notice.retry_after).await
         {
             tracing::warn!(%error, mailbox = %notice.mailbox, "cannot share a Graph Retry-After with other replicas");
         }

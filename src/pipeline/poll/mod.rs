@@ -230,6 +230,9 @@ impl<D: Directory> PollHandler<D> {
             RoundError::Graph(GraphError::Throttled { retry_after, .. }) => {
                 Err(run_lease::share_throttle(&self.pool, &source.mailbox, retry_after).await)
             }
+            RoundError::Graph(ref busy @ GraphError::MailboxBusy { .. }) => {
+                Err(run_lease::busy(busy))
+            }
             RoundError::Graph(ref graph) if graph.is_transient() => {
                 Err(HandlerError::retryable(error))
             }
@@ -279,6 +282,10 @@ impl<D: Directory> PollHandler<D> {
         );
         options.page_size = self.settings.page_size;
         options.include_body = config.include_body;
+        options.include_categories = config
+            .filter
+            .as_ref()
+            .is_some_and(|filter| filter.reads_categories());
         options
     }
 

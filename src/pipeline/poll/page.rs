@@ -218,6 +218,16 @@ impl PageContext<'_> {
         } else {
             DeliveryState::None
         };
+        // Received before spec.startFrom: recorded as skipped, so that no later poll or resync
+        // records (and delivers) them.
+        let (messages, before_start) = config.start.split(messages, |m| m.received_at);
+        ledger::record_before_start(
+            &mut *tx,
+            config.ledger_id,
+            &before_start,
+            &config.start.skip_reason(),
+        )
+        .await?;
         let recorded = ledger::record_page(
             &mut *tx,
             config.ledger_id,

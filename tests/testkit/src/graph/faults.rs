@@ -30,6 +30,9 @@ pub struct Faults {
     pub server_error_retry_after_secs: Option<u64>,
     /// Delay before a list or delta page is answered (the slot stays taken meanwhile).
     pub slow_page_ms: u64,
+    /// Delay before a mark-read (PATCH) or a move is answered, inside a `$batch` too (the slot
+    /// stays taken meanwhile): a busy mailbox's writes are slow.
+    pub slow_change_ms: u64,
     /// The next this many list or delta pages are answered with a malformed body.
     pub malformed_pages: u32,
     pub malformed_kind: MalformedKind,
@@ -80,6 +83,7 @@ impl Default for Faults {
             server_error_ratio: 0.0,
             server_error_retry_after_secs: None,
             slow_page_ms: 0,
+            slow_change_ms: 0,
             malformed_pages: 0,
             malformed_kind: MalformedKind::TruncatedJson,
             replay_ratio: 0.0,

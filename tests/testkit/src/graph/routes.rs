@@ -928,6 +928,11 @@ async fn answer(
         (response, poison)
     };
 
+    let is_change = matches!(route, Route::Move { .. })
+        || matches!(route, Route::Message { .. } if request.method == Method::PATCH);
+    if is_change && faults.slow_change_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.slow_change_ms)).await;
+    }
     if matches!(route, Route::List { .. } | Route::Delta { .. }) {
         if faults.slow_page_ms > 0 {
             tokio::time::sleep(Duration::from_millis(faults.slow_page_ms)).await;

@@ -161,6 +161,8 @@ pub struct NewMessage {
     pub is_read: bool,
     pub has_attachments: bool,
     pub importance: Option<String>,
+    /// Outlook categories (Graph sends them only when `$select` names them).
+    pub categories: Vec<String>,
 }
 
 /// The two ids of a message: the immutable one and the default one (changes on move).
@@ -193,6 +195,7 @@ struct Msg {
     is_read: bool,
     has_attachments: bool,
     importance: String,
+    categories: Vec<String>,
     conversation_id: String,
     body: String,
     body_is_html: bool,
@@ -700,6 +703,7 @@ impl World {
             is_read: new.is_read,
             has_attachments: new.has_attachments,
             importance: new.importance.unwrap_or_else(|| "normal".into()),
+            categories: new.categories,
             conversation_id: conversation,
             body: new
                 .body
@@ -902,7 +906,7 @@ impl World {
                 "parentFolderId" => json!(mailbox_ref.folders[msg.folder].id),
                 "conversationId" => json!(msg.conversation_id),
                 "isRead" => json!(msg.is_read),
-                "categories" => json!([]),
+                "categories" => json!(msg.categories),
                 "webLink" => json!(format!(
                     "https://outlook.office365.com/owa/?ItemID={}&exvsurl=1&viewmodel=ReadMessageItem",
                     msg.ids.rest_id

@@ -1,0 +1,211 @@
+//! Graph's per-mailbox concurrency slots, shared by every replica, against real Postgres.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailpoll::graph::{Governor, GovernorConfig, GraphError, SlotAsk, SlotKey};
+use mailpoll::mailbox_slots::MailboxSlots;
+use mailpoll_testkit::pg::TestDatabase;
+use uuid::Uuid;
+
+const HOLD: Duration = Duration::from_secs(60);
+
+fn key() -> SlotKey {
+    SlotKey::new("Tenant-1", "App-1", "Support@Contoso.com")
+}
+
+fn ask(key: &SlotKey, count: u32, hold: Duration) -> SlotAsk<'_> {
+    SlotAsk {
+        key,
+        cap: 4,
+        count,
+        hold,
+        waiter: Uuid::new_v4(),
+        waited: false,
+    }
+}
+
+/// Four slots per (application, mailbox), whatever case the address is written in; a batch
+/// gets all it asks for or nothing; another application or mailbox has slots of its own.
+#[tokio::test]
+async fn four_slots_per_application_and_mailbox_taken_all_or_none() {
+    let db = TestDatabase::create().await.expect("test database");
+    let slots = MailboxSlots::new(db.pool.clone());
+    let key = key();
+    let batch = slots.take(ask(&key, 3, HOLD)).await.expect("take");
+    assert!(batch.is_some(), "three of four free slots");
+    let same_mailbox = SlotKey::new("tenant-1", "app-1", "support@contoso.com");
+    assert!(
+        slots
+            .take(ask(&same_mailbox, 2, HOLD))
+            .await
+            .expect("take")
+            .is_none(),
+        "two asked, one free: none taken"
+    );
+    let single = slots.take(ask(&same_mailbox, 1, HOLD)).await.expect("take");
+    assert!(single.is_some(), "the fourth slot");
+    assert_eq!(slots.held(&key).await.expect("held"), 4);
+    assert!(
+        slots
+            .take(ask(&key, 2, HOLD))
+            .await
+            .expect("take")
+            .is_none()
+    );
+    for other in [
+        SlotKey::new("tenant-1", "app-2", "support@contoso.com"),
+        SlotKey::new("tenant-1", "app-1", "sales@contoso.com"),
+    ] {
+        assert!(
+            slots
+                .take(ask(&other, 4, HOLD))
+                .await
+                .expect("take")
+                .is_some(),
+            "{other:?} has slots of its own"
+        );
+    }
+    slots
+        .give_back_now(&key, batch.expect("held"))
+        .await
+        .expect("give back");
+    assert_eq!(slots.held(&key).await.expect("held"), 1);
+    assert!(
+        slots
+            .take(ask(&key, 3, HOLD))
+            .await
+            .expect("take")
+            .is_some(),
+        "three given back, three free"
+    );
+}
+
+/// A holder that dies without giving its slots back loses them when its hold runs out.
+#[tokio::test]
+async fn slots_of_a_holder_that_died_free_themselves_when_the_hold_runs_out() {
+    let db = TestDatabase::create().await.expect("test database");
+    let slots = MailboxSlots::new(db.pool.clone());
+    let key = key();
+    let short = Duration::from_millis(300);
+    assert!(
+        slots
+            .take(ask(&key, 4, short))
+            .await
+            .expect("take")
+            .is_some()
+    );
+    assert!(
+        slots
+            .take(ask(&key, 2, HOLD))
+            .await
+            .expect("take")
+            .is_none()
+    );
+    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    assert!(
+        slots
+            .take(ask(&key, 4, HOLD))
+            .await
+            .expect("take")
+            .is_some(),
+        "the dead holder's slots are free again"
+    );
+}
+
+/// While a request for one slot waits, a batch takes none, even with slots free: a mailbox's
+/// polls never queue behind a stream of batched after-actions. A waiter that stopped asking
+/// no longer holds batches back.
+#[tokio::test]
+async fn a_waiting_single_request_goes_before_batches() {
+    let db = TestDatabase::create().await.expect("test database");
+    let slots = MailboxSlots::new(db.pool.clone());
+    let key = key();
+    let running = slots
+        .take(ask(&key, 4, HOLD))
+        .await
+        .expect("take")
+        .expect("a batch runs");
+    let poll = ask(&key, 1, HOLD);
+    assert!(slots.take(poll).await.expect("take").is_none(), "all taken");
+    slots.give_back_now(&key, running).await.expect("give back");
+    assert!(
+        slots
+            .take(ask(&key, 2, HOLD))
+            .await
+            .expect("take")
+            .is_none(),
+        "a batch waits while the single request does"
+    );
+    let granted = slots
+        .take(SlotAsk {
+            waited: true,
+            ..poll
+        })
+        .await
+        .expect("take");
+    assert!(granted.is_some(), "the waiting request's turn");
+    assert!(
+        slots
+            .take(ask(&key, 2, HOLD))
+            .await
+            .expect("take")
+            .is_some(),
+        "nobody waits: batches go on"
+    );
+
+    let gone = ask(&key, 1, HOLD);
+    let full = slots.take(ask(&key, 1, HOLD)).await.expect("take");
+    assert!(full.is_some(), "the fourth slot");
+    assert!(slots.take(gone).await.expect("take").is_none());
+    slots
+        .give_back_now(&key, full.expect("held"))
+        .await
+        .expect("give back");
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    assert!(
+        slots
+            .take(ask(&key, 1, HOLD))
+            .await
+            .expect("take")
+            .is_some(),
+        "a waiter not heard from for 2 s no longer counts"
+    );
+}
+
+/// Two governors (two replicas) sharing the slots: requests beyond four wait for a slot; a
+/// wait longer than the governor's patience ends in `MailboxBusy`, with nothing sent.
+#[tokio::test]
+async fn governors_sharing_slots_wait_for_each_other_and_give_up_busy() {
+    let db = TestDatabase::create().await.expect("test database");
+    let governor = |max_wait: Duration| {
+        let governor = Governor::new(GovernorConfig {
+            max_wait,
+            ..GovernorConfig::default()
+        });
+        governor.share_slots(Arc::new(MailboxSlots::new(db.pool.clone())));
+        governor
+    };
+    let (a, b) = (
+        governor(Duration::from_secs(30)),
+        governor(Duration::from_millis(300)),
+    );
+    let key = key();
+    let held = a.acquire_for(&key, 20).await.expect("a batch on replica a");
+    match b.acquire_for(&key, 1).await {
+        Err(GraphError::MailboxBusy { cap: 4, .. }) => {}
+        other => panic!("expected MailboxBusy, got {other:?}"),
+    }
+    let waiting = tokio::spawn({
+        let (a, key) = (a.clone(), key.clone());
+        async move { a.acquire_for(&key, 1).await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "no slot was free");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("a slot within 10 s of the batch's end")
+        .expect("task")
+        .expect("permit");
+}
