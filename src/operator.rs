@@ -72,6 +72,11 @@ pub struct OperatorConfig {
     pub metrics_interval: Duration,
     /// Where webhooks may go: enforced by the webhook client, reported by the reconciler.
     pub webhook_egress: EgressGuard,
+    /// Longest wait for an answer (or the next bytes of one) from the Kubernetes API: a silent
+    /// API server (a LIST never answered, a watch that stopped sending) is given up on after
+    /// this and the request retried. Longer than the emulator's and the API server's bookmark
+    /// interval, so a quiet healthy watch is not cut.
+    pub kube_read_timeout: Duration,
 }
 
 impl OperatorConfig {
@@ -104,6 +109,7 @@ impl OperatorConfig {
             leader_work: LeaderWork::new(Scope::All, identity),
             metrics_interval: Duration::from_secs(10),
             webhook_egress: EgressGuard::default(),
+            kube_read_timeout: KUBE_READ_TIMEOUT,
         }
     }
 }
@@ -130,8 +136,8 @@ pub enum OperatorError {
     Workers(#[from] QueueError),
 }
 
-/// Longest wait for an answer (or the next bytes of one) from the Kubernetes API.
-const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`OperatorConfig::kube_read_timeout`].
+pub const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the operator introduces itself to the Kubernetes API and to webhooks.
 pub const USER_AGENT: &str = concat!("mailpoll/", env!("CARGO_PKG_VERSION"));
@@ -203,7 +209,7 @@ async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorEr
     // A request the API server never answers (a stalled initial LIST once kept a replica
     // unready for good) fails after this and is retried; watches end sooner on the server's
     // side (WATCH_TIMEOUT_SECONDS), so a quiet watch is never cut by it.
-    kube_config.read_timeout = Some(KUBE_READ_TIMEOUT);
+    kube_config.read_timeout = Some(config.kube_read_timeout);
     kube_config.reset_reader_on_write = true;
     // Names the operator in API server audit logs (and in the emulator's request record).
     kube_config.headers.push((
@@ -213,28 +219,23 @@ async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorEr
     kube::Client::try_from(kube_config).map_err(OperatorError::Kube)
 }
 
-/// The workers' directory of MailboxPolls, and a flag raised once its watch cache has listed
-/// every MailboxPoll (readiness waits for it).
+/// The workers' directory of MailboxPolls, and the readiness flag it keeps: raised once its
+/// watch cache has listed every MailboxPoll, lowered while a watch is stalled (it keeps failing,
+/// nothing heard: the API server stopped answering) and raised again when it recovers.
 fn start_directory(
     config: &OperatorConfig,
     client: &kube::Client,
     pool: &sqlx::PgPool,
     stop: CancellationToken,
 ) -> (Arc<KubeDirectory>, Arc<AtomicBool>) {
-    let polls = MailboxPolls::start(client, &config.scope, stop);
+    let polls = MailboxPolls::start(client, &config.scope, stop.clone());
     let watch_synced = Arc::new(AtomicBool::new(false));
-    {
-        let polls = polls.clone();
-        let watch_synced = watch_synced.clone();
-        tokio::spawn(async move {
-            polls.wait_synced().await;
-            watch_synced.store(true, Ordering::Release);
-            tracing::info!(
-                mailbox_polls = polls.len(),
-                "MailboxPoll watch cache synced"
-            );
-        });
-    }
+    tokio::spawn(follow_watch_health(
+        polls.clone(),
+        watch_synced.clone(),
+        config.kube_read_timeout * 2,
+        stop,
+    ));
     let directory = Arc::new(KubeDirectory::new(
         client.clone(),
         pool.clone(),
@@ -242,6 +243,37 @@ fn start_directory(
         config.directory.clone(),
     ));
     (directory, watch_synced)
+}
+
+/// Keeps `ready` in step with the watch cache: synced, and not stalled over `window`.
+async fn follow_watch_health(
+    polls: MailboxPolls,
+    ready: Arc<AtomicBool>,
+    window: Duration,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = polls.wait_synced() => {}
+    }
+    tracing::info!(
+        mailbox_polls = polls.len(),
+        "MailboxPoll watch cache synced"
+    );
+    loop {
+        let healthy = !polls.is_stalled(window);
+        if ready.swap(healthy, Ordering::AcqRel) != healthy {
+            if healthy {
+                tracing::info!("the MailboxPoll watch answers: ready");
+            } else {
+                tracing::warn!("the MailboxPoll watch keeps failing without an answer: not ready");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// The HTTP server of `/healthz`, `/readyz` and `/metrics`.
@@ -326,6 +358,7 @@ impl Leadership {
         );
         let mut leader_work = config.leader_work.clone();
         leader_work.scope = config.scope.clone();
+        leader_work.lease = config.lease_name.clone();
         leader_work.reconcile.egress = config.webhook_egress.clone();
         leader_work.identity = config.workers.worker_id.to_string();
         let controller_stop = CancellationToken::new();

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use mailpoll::controller::deletion;
+use mailpoll::controller::{deletion, fence};
 use mailpoll::identity::{self, DeletionPolicy, Owner};
 use mailpoll::ledger::{self, DeliveredMark, DeliveryState, LedgerMessage};
 use mailpoll::poll_log;
@@ -602,6 +602,13 @@ async fn rows(pool: &PgPool, object: &Object) -> [i64; 5] {
     ]
 }
 
+/// The purge is the leader's: it runs in a recorded leadership term.
+async fn leader_term(pool: &PgPool) -> fence::LeaderTerm {
+    fence::begin_term(pool, "mailpoll-leader", "retention-test")
+        .await
+        .expect("leadership term")
+}
+
 /// `Delete` purges exactly the gone object's ledger, history and identity, batch by batch;
 /// `Retain` keeps everything; an object that still exists is left alone.
 #[tokio::test]
@@ -617,13 +624,14 @@ async fn the_delete_policy_purges_exactly_the_gone_mailbox_polls_rows() {
         .expect("doomed");
     assert_eq!(candidates.len(), 2, "the two Delete identities");
     let existing: HashSet<Uuid> = [kept.uid, alive.uid].into();
+    let term = leader_term(&db.pool).await;
     // A budget of two batches of 10 leaves some for the next sweep.
-    let first = deletion::purge(&db.pool, &candidates, &existing, 10, 2)
+    let first = deletion::purge(&db.pool, &term, &candidates, &existing, 10, 2)
         .await
         .expect("purge");
     assert_eq!((first.messages, first.identities), (20, 0));
     assert_eq!(rows(&db.pool, &doomed).await, [5, 5, 5, 1, 1]);
-    let second = deletion::purge(&db.pool, &candidates, &existing, 10, 2)
+    let second = deletion::purge(&db.pool, &term, &candidates, &existing, 10, 2)
         .await
         .expect("purge");
     assert_eq!((second.messages, second.identities), (5, 1));
@@ -657,7 +665,8 @@ async fn a_re_created_mailbox_poll_stops_the_delete_purge() {
         .await
         .expect("identity");
     assert_eq!(ledger_id, gone.ledger_id, "the ledger continues");
-    let purged = deletion::purge(&db.pool, &candidates, &HashSet::new(), 10, 10)
+    let term = leader_term(&db.pool).await;
+    let purged = deletion::purge(&db.pool, &term, &candidates, &HashSet::new(), 10, 10)
         .await
         .expect("purge");
     assert_eq!(purged, deletion::Purged::default());

@@ -15,7 +15,7 @@ use crate::pipeline::poll_dedupe_key;
 use crate::poll_log::{self, FinishedPoll};
 use crate::queue::{self, TaskState};
 use crate::reason::Reason;
-use crate::resource::MailboxPollStatus;
+use crate::resource::{MailboxPoll, MailboxPollStatus};
 
 /// Reason of `Ready=Unknown` from the first reconcile until the first poll finished.
 pub const RECONCILING: &str = "Reconciling";
@@ -260,26 +260,20 @@ pub fn same(a: &MailboxPollStatus, b: &MailboxPollStatus) -> bool {
         }
 }
 
-/// The merge patch body that makes the status `status`: fields it leaves empty are removed.
-pub fn patch_body(status: &MailboxPollStatus) -> Result<serde_json::Value, serde_json::Error> {
-    let mut value = serde_json::to_value(status)?;
-    if let serde_json::Value::Object(map) = &mut value {
-        for key in [
-            "observedGeneration",
-            "conditions",
-            "lastPollTime",
-            "lastSuccessfulPollTime",
-            "nextPollTime",
-            "lastPollMessages",
-            "messagesDelivered",
-            "messagesPending",
-            "messagesFailed",
-            "lastHandledPollRequest",
-        ] {
-            map.entry(key).or_insert(serde_json::Value::Null);
-        }
-    }
-    Ok(serde_json::json!({ "status": value }))
+/// The server-side apply body that makes the status `status`: the fields it leaves empty are
+/// left out, so the apply removes them (they were the controller's own), and the conditions
+/// merge by type with other managers' (the schema marks them a map keyed by type).
+pub fn apply_body(
+    name: &str,
+    status: &MailboxPollStatus,
+) -> Result<serde_json::Value, serde_json::Error> {
+    use kube::Resource;
+    Ok(serde_json::json!({
+        "apiVersion": MailboxPoll::api_version(&()),
+        "kind": MailboxPoll::kind(&()),
+        "metadata": {"name": name},
+        "status": serde_json::to_value(status)?,
+    }))
 }
 
 /// What the Events of one MailboxPoll were last based on; kept by the leader so an Event is
@@ -593,14 +587,19 @@ mod tests {
     }
 
     #[test]
-    fn patch_removes_fields_that_went_away() {
-        let body = patch_body(&MailboxPollStatus::default()).expect("patch");
-        assert_eq!(body["status"]["nextPollTime"], serde_json::Value::Null);
-        assert!(
-            body["status"]
-                .as_object()
-                .expect("object")
-                .contains_key("nextPollTime")
+    fn the_apply_body_names_the_object_and_leaves_empty_fields_out() {
+        let status = MailboxPollStatus {
+            observed_generation: Some(3),
+            messages_pending: Some(0),
+            ..MailboxPollStatus::default()
+        };
+        let body = apply_body("orders", &status).expect("body");
+        assert_eq!(body["apiVersion"], "mailpoll.dev/v1alpha1");
+        assert_eq!(body["kind"], "MailboxPoll");
+        assert_eq!(body["metadata"], serde_json::json!({"name": "orders"}));
+        assert_eq!(
+            body["status"],
+            serde_json::json!({"observedGeneration": 3, "messagesPending": 0})
         );
     }
 

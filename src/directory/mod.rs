@@ -4,6 +4,7 @@
 //! [`Directory`] is what the pipeline asks ("what is MailboxPoll `uid` now?"); [`kube`] answers
 //! it from the Kubernetes API. Tests answer it from a fixed table.
 
+pub mod cache;
 pub mod kube;
 pub mod selection;
 
