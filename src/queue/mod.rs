@@ -80,8 +80,9 @@ pub struct KindClaim {
     /// This many of them (at most `room`) go before other kinds' tasks: places the kind has
     /// reserved and not filled yet.
     pub reserved: usize,
-    /// Tasks of one owner of this kind running at once, cluster-wide, unless a task carries
-    /// its own `max_running`; `None`: no cap.
+    /// Whether tasks of this kind are capped per owner, cluster-wide, and at how many running
+    /// at once: at a task's own `max_running`, else this. `None`: not capped (and a claim with
+    /// no capped kind is cheaper).
     pub owner_cap: Option<i32>,
 }
 
@@ -150,7 +151,7 @@ pub struct NewTask {
     /// Attempts (failures or lost leases) before the task is kept as `dead`.
     pub max_attempts: i32,
     /// At most this many tasks of its owner and kind run at once, cluster-wide (deliveries of
-    /// one MailboxPoll); `None`: the claiming pool's cap for the kind, if any.
+    /// one MailboxPoll), when the claiming pools cap the kind; `None`: their default cap.
     pub max_running: Option<i32>,
 }
 

@@ -349,15 +349,21 @@ pub async fn claim<'e>(
 /// within their cap. See [`claim_kinds`].
 const CLAIM_SQL: &str = "
 WITH budget AS (
-    SELECT * FROM unnest((SELECT $1::text[]), (SELECT $2::bigint[]), (SELECT $3::bigint[]),
-                         (SELECT $4::int[])) AS b(kind, room, reserved, owner_cap)
+    -- A kind capped per owner looks at twice its room, so the tasks of owners at their cap
+    -- (moved out of the way below) leave room for others in the same claim. Every row looked
+    -- at is locked while the statement runs, which costs a WAL record each: uncapped kinds look
+    -- at no more than they take, and a task with a cap of its own among them only makes that
+    -- claim take fewer.
+    SELECT b.*, CASE WHEN b.owner_cap IS NULL THEN b.room ELSE b.room * 2 END AS scan_limit
+    FROM unnest((SELECT $1::text[]), (SELECT $2::bigint[]), (SELECT $3::bigint[]),
+                (SELECT $4::int[])) AS b(kind, room, reserved, owner_cap)
 ), due_rows AS MATERIALIZED (
     -- fair_at <= now() implies run_at <= now(): this index range ends at now.
     SELECT c.id, c.kind FROM budget b CROSS JOIN LATERAL (
         SELECT id, kind FROM tasks
         WHERE state = 'pending' AND kind = b.kind AND fair_at <= now()
         ORDER BY fair_at, id
-        LIMIT b.room * 2
+        LIMIT b.scan_limit
         FOR UPDATE SKIP LOCKED
     ) c
 ), delayed_rows AS MATERIALIZED (
@@ -367,14 +373,15 @@ WITH budget AS (
         WHERE state = 'pending' AND kind = b.kind AND fair_delay_us > 0 AND fair_at > now()
           AND run_at <= now()
         ORDER BY fair_at, id
-        LIMIT GREATEST(0, b.room * 2 - (SELECT count(*) FROM due_rows d WHERE d.kind = b.kind))
+        LIMIT GREATEST(0, b.scan_limit - (SELECT count(*) FROM due_rows d WHERE d.kind = b.kind))
         FOR UPDATE SKIP LOCKED
     ) c
 ), window_rows AS (
     -- Read again by id: the planner then expects a handful of rows, as there are, instead of
     -- a tenth of the table for each unknown LIMIT, which put the plan above the JIT threshold.
     SELECT w.id, w.kind, w.owner_uid, w.run_at, w.fair_at, b.room, b.reserved,
-           CASE WHEN w.owner_uid IS NOT NULL THEN COALESCE(w.max_running, b.owner_cap) END AS cap
+           CASE WHEN w.owner_uid IS NOT NULL AND b.owner_cap IS NOT NULL
+                THEN COALESCE(w.max_running, b.owner_cap) END AS cap
     FROM tasks w JOIN budget b ON b.kind = w.kind
     WHERE w.id = ANY(ARRAY(SELECT id FROM due_rows UNION ALL SELECT id FROM delayed_rows))
 ), ranked AS (
@@ -432,6 +439,51 @@ WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING t.id, t.kind, t.payload, t.owner_uid, t.dedupe_key, t.attempts,
           t.max_attempts, t.lock_token, t.lease_expires_at, t.created_at";
 
+/// The claim when no kind is capped per owner: fair order per kind, kinds within their room,
+/// reserved places first. It looks at no more rows than it may take, and costs about what a
+/// plain claim in `run_at` order does.
+const CLAIM_UNCAPPED_SQL: &str = "
+WITH budget AS (
+    SELECT * FROM unnest((SELECT $1::text[]), (SELECT $2::bigint[]), (SELECT $3::bigint[]))
+        AS b(kind, room, reserved)
+), due_rows AS MATERIALIZED (
+    -- fair_at <= now() implies run_at <= now(): this index range ends at now.
+    SELECT c.id, c.fair_at, b.kind, b.reserved FROM budget b CROSS JOIN LATERAL (
+        SELECT id, fair_at FROM tasks
+        WHERE state = 'pending' AND kind = b.kind AND fair_at <= now()
+        ORDER BY fair_at, id
+        LIMIT b.room
+        FOR UPDATE SKIP LOCKED
+    ) c
+), delayed_rows AS MATERIALIZED (
+    -- Then due backlogs whose fair time is still ahead, only when the first range fell short.
+    SELECT c.id, c.fair_at, b.kind, b.reserved FROM budget b CROSS JOIN LATERAL (
+        SELECT id, fair_at FROM tasks
+        WHERE state = 'pending' AND kind = b.kind AND fair_delay_us > 0 AND fair_at > now()
+          AND run_at <= now()
+        ORDER BY fair_at, id
+        LIMIT GREATEST(0, b.room - (SELECT count(*) FROM due_rows d WHERE d.kind = b.kind))
+        FOR UPDATE SKIP LOCKED
+    ) c
+), picked AS (
+    SELECT id FROM (
+        SELECT w.*, row_number() OVER (PARTITION BY w.kind ORDER BY w.fair_at, w.id) AS kind_rank
+        FROM (SELECT * FROM due_rows UNION ALL SELECT * FROM delayed_rows) w
+    ) ranked
+    ORDER BY kind_rank <= reserved DESC, fair_at, id
+    LIMIT (SELECT $4::bigint)
+)
+UPDATE tasks t
+SET state = 'running',
+    locked_by = $5,
+    lock_token = gen_random_uuid(),
+    lease_expires_at = now() + $6 * interval '1 microsecond',
+    owner_slot = NULL,
+    updated_at = now()
+WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+RETURNING t.id, t.kind, t.payload, t.owner_uid, t.dedupe_key, t.attempts,
+          t.max_attempts, t.lock_token, t.lease_expires_at, t.created_at";
+
 /// Claims up to `limit` due pending tasks in one statement. Each gets the state `running`, a
 /// lease of `lease` held by `worker_id` and a fresh lock token. Rows locked by a concurrent
 /// claim are skipped, never waited for.
@@ -443,15 +495,16 @@ RETURNING t.id, t.kind, t.payload, t.owner_uid, t.dedupe_key, t.attempts,
 ///   order.
 /// - *Room and reservations per kind*: a kind takes at most its `room`; places up to a kind's
 ///   `reserved` count are filled before the rest, which go by fair order across kinds.
-/// - *Owner caps*: a task whose owner already runs its cap (`max_running` of the task, else
-///   the kind's `owner_cap`) of tasks of its kind is left pending, and moved behind the owner's
+/// - *Owner caps*, for kinds with an `owner_cap`: a task whose owner already runs its cap
+///   (`max_running` of the task, else the kind's `owner_cap`) of tasks of its kind is left
+///   pending, and moved behind the owner's
 ///   backlog so it does not hold the head of the order. A running capped task holds one of
 ///   the owner's numbered slots (`owner_slot`); a unique index keeps two claims on two
 ///   replicas from filling the same slot: the later one fails with
 ///   [`QueueError::is_slot_conflict`] and is simply retried.
 ///
-/// Each kind looks at a window of twice its room (the rows are locked while the statement
-/// runs). The statement is shaped so that its cached generic plan is a good one and gets
+/// Each kind looks at a window of its room, twice that when it has an `owner_cap` (the rows
+/// are locked while the statement runs). The statement is shaped so that its cached generic plan is a good one and gets
 /// used: the claim runs many times a second, and planning it afresh each time cost about a
 /// fifth of its time. Postgres uses the generic plan only when it looks no more expensive than
 /// the plans made for the actual parameters. Behind scalar subqueries the limit and the kinds
@@ -472,6 +525,18 @@ pub async fn claim_kinds<'e>(
     let names: Vec<&str> = kinds.iter().map(|kind| kind.kind.as_str()).collect();
     let rooms: Vec<i64> = kinds.iter().map(|kind| count(kind.room)).collect();
     let reserved: Vec<i64> = kinds.iter().map(|kind| count(kind.reserved)).collect();
+    if kinds.iter().all(|kind| kind.owner_cap.is_none()) {
+        return sqlx::query_as(CLAIM_UNCAPPED_SQL)
+            .bind(&names)
+            .bind(&rooms)
+            .bind(&reserved)
+            .bind(count(limit))
+            .bind(worker_id)
+            .bind(micros(lease))
+            .fetch_all(executor)
+            .await
+            .map_err(QueueError::db("claim"));
+    }
     let caps: Vec<Option<i32>> = kinds.iter().map(|kind| kind.owner_cap).collect();
     sqlx::query_as(CLAIM_SQL)
         .bind(&names)

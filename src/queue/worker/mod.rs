@@ -108,8 +108,9 @@ pub struct WorkerPoolConfig {
     /// slots no kind has reserved. A reservation counts against `concurrency` too: that many
     /// handlers of the kind can always run.
     pub budgets: HashMap<String, SlotBudget>,
-    /// By task kind: tasks of one owner (MailboxPoll) running at once across every pool on the
-    /// database, unless the task carries its own `max_running`.
+    /// By task kind: the kinds capped per owner (MailboxPoll), and how many of an owner's
+    /// tasks run at once across every pool on the database unless a task carries its own
+    /// `max_running`. Pools sharing a database should agree on which kinds are capped.
     pub owner_caps: HashMap<String, i32>,
     /// Backoff of failed tasks.
     pub retry: RetryPolicy,
