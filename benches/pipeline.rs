@@ -81,6 +81,7 @@ fn config(uid: Uuid, webhook: Option<Endpoint>) -> MailboxConfig {
         mark_as_read: false,
         move_to_folder: None,
         max_attempts: 8,
+        max_concurrent_deliveries: None,
     }
 }
 

@@ -160,6 +160,7 @@ fn config(url: String) -> MailboxConfig {
         mark_as_read: false,
         move_to_folder: None,
         max_attempts: MAX_ATTEMPTS,
+        max_concurrent_deliveries: None,
     }
 }
 

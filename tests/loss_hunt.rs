@@ -323,6 +323,7 @@ impl Hunt {
             mark_as_read: mailbox.mark_as_read,
             move_to_folder: mailbox.move_to.map(str::to_owned),
             max_attempts: MAX_ATTEMPTS,
+            max_concurrent_deliveries: None,
         }
     }
 

@@ -46,6 +46,7 @@ fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxCo
         mark_as_read: false,
         move_to_folder: None,
         max_attempts,
+        max_concurrent_deliveries: None,
     }
 }
 

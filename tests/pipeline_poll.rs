@@ -127,6 +127,7 @@ impl World {
             mark_as_read,
             move_to_folder: move_to_folder.map(str::to_owned),
             max_attempts: 50,
+            max_concurrent_deliveries: None,
         }
     }
 

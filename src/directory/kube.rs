@@ -448,6 +448,7 @@ impl KubeDirectory {
             mark_as_read: after.mark_as_read,
             move_to_folder: after.move_to_folder,
             max_attempts: spec.max_attempts,
+            max_concurrent_deliveries: delivery.max_concurrent,
         })
     }
 

@@ -33,6 +33,9 @@ pub struct MailboxConfig {
     pub mark_as_read: bool,
     pub move_to_folder: Option<String>,
     pub max_attempts: i32,
+    /// Deliveries running at once, cluster-wide (`spec.delivery.maxConcurrent`); `None`: the
+    /// operator's default.
+    pub max_concurrent_deliveries: Option<i32>,
 }
 
 impl MailboxConfig {

@@ -293,7 +293,12 @@ fn deliver_tasks(config: &MailboxConfig, new_ids: &[String]) -> Result<Vec<NewTa
                 // Left out when it adds nothing (the ledger is keyed by the object's uid).
                 ledger_id: (config.ledger_id != config.source.uid).then_some(config.ledger_id),
             })?;
-            Ok(task.max_attempts(config.max_attempts))
+            let task = task.max_attempts(config.max_attempts);
+            // Honoured by pools that cap deliveries per MailboxPoll (the operator's do).
+            Ok(match config.max_concurrent_deliveries {
+                Some(cap) => task.max_running(cap),
+                None => task,
+            })
         })
         .collect()
 }
