@@ -307,6 +307,40 @@ fn deliver_tasks(config: &MailboxConfig, new_ids: &[String]) -> Result<Vec<NewTa
 mod tests {
     use super::*;
 
+    fn config(max_concurrent_deliveries: Option<i32>) -> MailboxConfig {
+        let uid = uuid::Uuid::new_v4();
+        MailboxConfig {
+            ledger_id: uid,
+            source: crate::cursor::Source {
+                uid,
+                namespace: "support".into(),
+                name: "inbox".into(),
+                mailbox: "support@contoso.com".into(),
+                folder: "inbox".into(),
+            },
+            credentials: crate::graph::Credentials::client_secret("t", "c", "s"),
+            webhook: None,
+            include_body: false,
+            mark_as_read: true,
+            move_to_folder: None,
+            max_attempts: 5,
+            max_concurrent_deliveries,
+        }
+    }
+
+    #[test]
+    fn deliveries_carry_the_mailbox_polls_cap_of_running_deliveries() {
+        let ids = ["m1".to_owned(), "m2".to_owned()];
+        let capped = deliver_tasks(&config(Some(3)), &ids).expect("tasks");
+        assert_eq!(
+            capped.iter().map(|task| task.max_running).collect::<Vec<_>>(),
+            vec![Some(3), Some(3)]
+        );
+        assert!(capped.iter().all(|task| task.max_attempts == 5));
+        let by_default = deliver_tasks(&config(None), &ids).expect("tasks");
+        assert!(by_default.iter().all(|task| task.max_running.is_none()));
+    }
+
     fn item(id: &str, removed: bool) -> Message {
         let value = if removed {
             serde_json::json!({"id": id, "@removed": {"reason": "changed"}})
