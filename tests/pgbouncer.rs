@@ -1,7 +1,7 @@
 //! mailpoll behind a real PgBouncer (the Debian package), as managed Postgres setups put one in
-//! front: migrations run by a role that is not a superuser, and the task queue (enqueue, claims
-//! by several pools, completions, failures, rescue) with notifications off, all through the
-//! pooler. Skipped with a message when the pgbouncer binary is missing, except in CI
+//! front: migrations run by a role that is not a superuser, the task queue (enqueue, claims
+//! by several pools, completions, failures, rescue) and a poll with its deliveries, with
+//! notifications off, all through the pooler. Skipped with a message when the pgbouncer binary is missing, except in CI
 //! (`CI=true`), where that fails.
 //!
 //! Session pooling works. Transaction pooling with PgBouncer 1.18 (Debian 12's) does not: sqlx
@@ -13,13 +13,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use mailpoll::cursor::Source;
+use mailpoll::directory::MailboxConfig;
+use mailpoll::graph::{Credentials, Governor, GovernorConfig, GraphClient, GraphConfig};
+use mailpoll::pipeline::deliver::DeliverHandler;
+use mailpoll::pipeline::poll::{PollHandler, PollSettings};
+use mailpoll::pipeline::{DELIVER, POLL, PollTask};
 use mailpoll::queue::{
     self, ClaimedTask, HandlerError, NewTask, RetryPolicy, TaskContext, TaskState, WorkerId,
     WorkerPool, WorkerPoolConfig, handler_fn,
 };
+use mailpoll::telemetry::metrics::Metrics;
+use mailpoll_testkit::directory::StaticDirectory;
+use mailpoll_testkit::graph::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, EmulatorConfig, GraphEmulator,
+};
 use mailpoll_testkit::pg::admin_url;
 use mailpoll_testkit::pgbouncer::{self, PgBouncer, PoolMode};
 use mailpoll_testkit::wait_until;
+use mailpoll_testkit::webhook_receiver::{TEST_SIGNING_SECRET, WebhookReceiver};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -209,6 +221,149 @@ async fn the_queue_runs_behind_pgbouncer_with_a_role_that_is_not_superuser() {
         202,
         "every task handled once"
     );
+    pool.close().await;
+    drop(bouncer);
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE \"{database}\" WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE \"{role}\"")))
+        .execute(&admin)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poll_and_its_deliveries_run_behind_pgbouncer() {
+    let Some(binary) = pgbouncer_binary() else {
+        return;
+    };
+    mailpoll::install_crypto_provider();
+    let admin_url = admin_url().expect("DATABASE_URL");
+    let admin = PgPool::connect(&admin_url).await.expect("admin pool");
+    let (role, database) = role_and_database(&admin).await;
+    let bouncer = PgBouncer::start(
+        &binary,
+        upstream_port(&admin_url),
+        PoolMode::Session,
+        &[role.as_str()],
+    )
+    .expect("start pgbouncer");
+    mailpoll::db::disable_listening();
+    let pool = mailpoll::db::connect(
+        &bouncer.url(&role, &database),
+        &mailpoll::db::PoolConfig::default(),
+    )
+    .await
+    .expect("pool through pgbouncer");
+    mailpoll::db::migrate(&pool).await.expect("migrations");
+
+    const MAILBOX: &str = "orders@contoso.com";
+    let emulator = GraphEmulator::start(EmulatorConfig {
+        mailboxes: vec![MAILBOX.into()],
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("Graph emulator");
+    emulator
+        .add_messages(MAILBOX, "inbox", 30)
+        .expect("seed mail");
+    let receiver = WebhookReceiver::start(Some(TEST_SIGNING_SECRET))
+        .await
+        .expect("receiver");
+    let uid = Uuid::new_v4();
+    let directory = StaticDirectory::default();
+    directory.insert(MailboxConfig {
+        ledger_id: uid,
+        source: Source {
+            uid,
+            namespace: "sales".into(),
+            name: "orders".into(),
+            mailbox: MAILBOX.into(),
+            folder: "inbox".into(),
+        },
+        credentials: Credentials::client_secret(
+            DEFAULT_TENANT,
+            DEFAULT_CLIENT_ID,
+            DEFAULT_CLIENT_SECRET,
+        ),
+        webhook: Some(
+            receiver
+                .endpoint(Some(TEST_SIGNING_SECRET))
+                .expect("endpoint"),
+        ),
+        include_body: false,
+        mark_as_read: false,
+        move_to_folder: None,
+        max_attempts: 10,
+        max_concurrent_deliveries: Some(2),
+    });
+    let directory = Arc::new(directory);
+    let base = emulator.base_url();
+    let graph = GraphClient::new(
+        GraphConfig::with_urls(&base, &base).expect("Graph config"),
+        Governor::new(GovernorConfig::default()),
+    )
+    .expect("Graph client");
+    let metrics = Arc::new(Metrics::new());
+    let workers = WorkerPool::new(
+        pool.clone(),
+        WorkerPoolConfig {
+            owner_caps: std::collections::HashMap::from([(DELIVER.to_owned(), 8)]),
+            ..worker_config("pipeline")
+        },
+    )
+    .register(
+        POLL,
+        PollHandler {
+            pool: pool.clone(),
+            directory: directory.clone(),
+            graph,
+            metrics: metrics.clone(),
+            settings: PollSettings {
+                page_size: 10,
+                ..PollSettings::default()
+            },
+        },
+    )
+    .register(
+        DELIVER,
+        DeliverHandler::new(
+            pool.clone(),
+            directory,
+            mailpoll_testkit::webhook_receiver::loopback_webhook_client(),
+            metrics,
+        ),
+    )
+    .start()
+    .expect("worker pool");
+    let poll = NewTask::of(&PollTask { mailbox_uid: uid }).expect("poll task");
+    queue::enqueue(&pool, &poll)
+        .await
+        .expect("enqueue the poll");
+    wait_until(
+        "the 30 messages to be delivered through pgbouncer",
+        Duration::from_secs(60),
+        || async { receiver.successes().len() == 30 },
+    )
+    .await;
+    wait_until("every task to succeed", Duration::from_secs(30), || async {
+        count(&pool, TaskState::Succeeded).await == 31
+    })
+    .await;
+    workers.shutdown().await;
+    let successes = receiver.successes();
+    assert_eq!(successes.len(), 30, "each message delivered");
+    assert!(
+        successes.values().all(|&n| n == 1),
+        "each message delivered once: {successes:?}"
+    );
+    let capped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE kind = 'deliver' AND max_running = 2")
+            .fetch_one(&pool)
+            .await
+            .expect("count deliver tasks");
+    assert_eq!(capped, 30, "deliveries carry the MailboxPoll's cap");
     pool.close().await;
     drop(bouncer);
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(

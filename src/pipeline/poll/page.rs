@@ -333,7 +333,10 @@ mod tests {
         let ids = ["m1".to_owned(), "m2".to_owned()];
         let capped = deliver_tasks(&config(Some(3)), &ids).expect("tasks");
         assert_eq!(
-            capped.iter().map(|task| task.max_running).collect::<Vec<_>>(),
+            capped
+                .iter()
+                .map(|task| task.max_running)
+                .collect::<Vec<_>>(),
             vec![Some(3), Some(3)]
         );
         assert!(capped.iter().all(|task| task.max_attempts == 5));
