@@ -263,13 +263,15 @@ fn days(name: &str, value: f64) -> anyhow::Result<Duration> {
 }
 
 /// A duration flag in seconds; rejects what a Duration cannot hold.
-/// Polls' reserved slots: a quarter of the handlers unless given; at least one other slot
-/// stays for deliveries and after-actions.
+/// Polls' reserved slots: a quarter of the handlers unless given (none with a single handler);
+/// at least one other slot stays for deliveries and after-actions.
 fn worker_budgets(
     concurrency: usize,
     reserved_poll_slots: Option<usize>,
 ) -> anyhow::Result<HashMap<String, SlotBudget>> {
-    let reserved = reserved_poll_slots.unwrap_or((concurrency / 4).max(1));
+    let quarter = (concurrency / 4).max(1);
+    let default = if quarter < concurrency { quarter } else { 0 };
+    let reserved = reserved_poll_slots.unwrap_or(default);
     if reserved >= concurrency {
         anyhow::bail!(
             "--reserved-poll-slots ({reserved}) must be less than --worker-concurrency ({concurrency}): deliveries and after-actions need a slot too"
@@ -511,6 +513,26 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn polls_keep_a_quarter_of_the_slots_unless_told_otherwise() {
+        let reserved = |concurrency, given| {
+            worker_budgets(concurrency, given)
+                .map(|budgets| budgets[mailpoll::pipeline::POLL].reserved)
+                .map_err(|error| error.to_string())
+        };
+        assert_eq!(reserved(16, None), Ok(4));
+        assert_eq!(reserved(2, None), Ok(1));
+        assert_eq!(
+            reserved(1, None),
+            Ok(0),
+            "a single handler reserves nothing"
+        );
+        assert_eq!(reserved(16, Some(0)), Ok(0));
+        assert_eq!(reserved(16, Some(15)), Ok(15));
+        let refused = reserved(16, Some(16)).expect_err("no slot left for deliveries");
+        assert!(refused.contains("--reserved-poll-slots (16) must be less than"));
+    }
 
     #[test]
     fn the_command_line_is_consistent() {
