@@ -87,6 +87,7 @@ async fn run_case(
         max_attempts: 8,
         start: Default::default(),
         filter: None,
+        max_concurrent_deliveries: None,
     });
     let mut rows = Vec::with_capacity(ids.len());
     for id in ids {

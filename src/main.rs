@@ -1,5 +1,6 @@
 //! The `mailpoll` command line.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use mailpoll::cli::commands::{self, MessagesCommand, TasksCommand};
 use mailpoll::delivery::egress::{self, EgressGuard, EgressPolicy};
 use mailpoll::directory::{Scope, WorkloadIdentityEnv};
+use mailpoll::queue::SlotBudget;
 use mailpoll::telemetry::{self, LogFormat};
 use mailpoll::{db, identity, operator, resource};
 
@@ -111,6 +113,20 @@ struct OperatorArgs {
         default_value_t = 0.5
     )]
     worker_poll_interval_seconds: f64,
+    /// Worker slots only polls may use, so a backlog of deliveries or after-actions never
+    /// delays a poll (default: a quarter of the worker concurrency, at least 1).
+    #[arg(long, env = "MAILPOLL_RESERVED_POLL_SLOTS")]
+    reserved_poll_slots: Option<usize>,
+    /// Deliveries of one MailboxPoll running at once across all replicas, unless its
+    /// spec.delivery.maxConcurrent says otherwise: a slow receiver holds at most this many
+    /// worker slots.
+    #[arg(long, env = "MAILPOLL_MAX_CONCURRENT_DELIVERIES", default_value_t = 8,
+          value_parser = clap::value_parser!(i32).range(1..=1000))]
+    max_concurrent_deliveries: i32,
+    /// Never LISTEN: workers and every other listener poll instead. For Postgres behind a
+    /// pooler in transaction mode (PgBouncer), which does not deliver notifications.
+    #[arg(long, env = "MAILPOLL_NO_LISTEN")]
+    no_listen: bool,
     /// Seconds a claimed task stays with a replica that stops heartbeating (a killed pod)
     /// before another replica takes it over. A mailbox's poll run lease is twice this.
     #[arg(long, env = "MAILPOLL_TASK_LEASE_SECONDS", default_value_t = 60.0)]
@@ -247,6 +263,29 @@ fn days(name: &str, value: f64) -> anyhow::Result<Duration> {
 }
 
 /// A duration flag in seconds; rejects what a Duration cannot hold.
+/// Polls' reserved slots: a quarter of the handlers unless given (none with a single handler);
+/// at least one other slot stays for deliveries and after-actions.
+fn worker_budgets(
+    concurrency: usize,
+    reserved_poll_slots: Option<usize>,
+) -> anyhow::Result<HashMap<String, SlotBudget>> {
+    let quarter = (concurrency / 4).max(1);
+    let default = if quarter < concurrency { quarter } else { 0 };
+    let reserved = reserved_poll_slots.unwrap_or(default);
+    if reserved >= concurrency {
+        anyhow::bail!(
+            "--reserved-poll-slots ({reserved}) must be less than --worker-concurrency ({concurrency}): deliveries and after-actions need a slot too"
+        );
+    }
+    Ok(HashMap::from([(
+        mailpoll::pipeline::POLL.to_owned(),
+        SlotBudget {
+            reserved,
+            max: None,
+        },
+    )]))
+}
+
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value).map_err(|_| {
         anyhow::anyhow!("--{name} must be a non-negative number of seconds, not {value}")
@@ -267,6 +306,16 @@ impl OperatorArgs {
         config.scope = Scope::parse(&self.watch_namespaces);
         config.webhook_egress = EgressGuard::new(self.egress_policy()?);
         config.workers.concurrency = self.worker_concurrency.max(1);
+        config.workers.budgets =
+            worker_budgets(config.workers.concurrency, self.reserved_poll_slots)?;
+        config.workers.owner_caps = HashMap::from([(
+            mailpoll::pipeline::DELIVER.to_owned(),
+            self.max_concurrent_deliveries,
+        )]);
+        if self.no_listen {
+            db::disable_listening();
+            config.workers.listen = false;
+        }
         config.workers.poll_interval = seconds(
             "worker-poll-interval-seconds",
             self.worker_poll_interval_seconds,
@@ -464,6 +513,26 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn polls_keep_a_quarter_of_the_slots_unless_told_otherwise() {
+        let reserved = |concurrency, given| {
+            worker_budgets(concurrency, given)
+                .map(|budgets| budgets[mailpoll::pipeline::POLL].reserved)
+                .map_err(|error| error.to_string())
+        };
+        assert_eq!(reserved(16, None), Ok(4));
+        assert_eq!(reserved(2, None), Ok(1));
+        assert_eq!(
+            reserved(1, None),
+            Ok(0),
+            "a single handler reserves nothing"
+        );
+        assert_eq!(reserved(16, Some(0)), Ok(0));
+        assert_eq!(reserved(16, Some(15)), Ok(15));
+        let refused = reserved(16, Some(16)).expect_err("no slot left for deliveries");
+        assert!(refused.contains("--reserved-poll-slots (16) must be less than"));
+    }
 
     #[test]
     fn the_command_line_is_consistent() {

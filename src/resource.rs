@@ -254,6 +254,10 @@ pub struct Delivery {
     /// Include the message body in the ledger and the webhook payload.
     #[serde(default)]
     pub include_body: bool,
+    /// Deliveries of this MailboxPoll running at once across all replicas (default: the operator's --max-concurrent-deliveries, 8 unless set). A receiver that answers slowly then holds at most this many worker slots, and other MailboxPolls' deliveries go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("spec.delivery.maxConcurrent must be between 1 and 1000"))]
+    pub max_concurrent: Option<i32>,
 }
 
 /// A webhook receiving one signed POST per message.

@@ -210,6 +210,18 @@ fn invalid_specs_are_rejected_with_a_message_naming_the_field() {
             "spec.maxAttempts in body must be of type integer",
         ),
         (
+            "delivery.maxConcurrent 0",
+            "/delivery",
+            Some(json!({"maxConcurrent": 0})),
+            "spec.delivery.maxConcurrent must be between 1 and 1000",
+        ),
+        (
+            "delivery.maxConcurrent 1001",
+            "/delivery",
+            Some(json!({"maxConcurrent": 1001})),
+            "spec.delivery.maxConcurrent must be between 1 and 1000",
+        ),
+        (
             "no credentials",
             "/credentialsSecretRef",
             None,

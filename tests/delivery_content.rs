@@ -88,6 +88,7 @@ impl World {
             max_attempts: 20,
             start: Default::default(),
             filter: None,
+            max_concurrent_deliveries: None,
         });
         Self {
             db,

@@ -130,6 +130,7 @@ impl World {
             max_attempts: 50,
             start: Default::default(),
             filter: None,
+            max_concurrent_deliveries: None,
         }
     }
 

@@ -360,6 +360,7 @@ impl KubeDirectory {
             max_attempts: spec.max_attempts,
             start,
             filter,
+            max_concurrent_deliveries: delivery.max_concurrent,
         })
     }
 
