@@ -17,6 +17,8 @@
 //! | POST | `/_admin/mailboxes/{upn}/messages/{id}/move` | `{"destination"}` | `MessageIds` |
 //! | PUT | `/_admin/mailboxes/{upn}/messages/{id}/read` | `{"isRead"}` | 204 |
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -79,14 +81,19 @@ fn done(result: anyhow::Result<()>) -> Response {
     }
 }
 
-pub(crate) fn handle(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response {
+pub(crate) fn handle(shared: &Arc<Shared>, method: &Method, path: &str, body: &[u8]) -> Response {
     match route(shared, method, path, body) {
         Ok(response) => response,
         Err(error) => bad_request(error),
     }
 }
 
-fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Result<Response, String> {
+fn route(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Result<Response, String> {
     let segments: Vec<String> = path
         .trim_start_matches("/_admin/")
         .split('/')

@@ -961,3 +961,4 @@ async fn the_admin_api_drives_mail_faults_and_counters() {
 
 mod credentials;
 mod hazards;
+mod notifications;
