@@ -20,6 +20,7 @@ use crate::delivery::egress::{EgressGuard, GuardedClient};
 use crate::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 use crate::graph::{Governor, GovernorConfig, GraphClient, GraphConfig, GraphError};
 use crate::leader::{self, LeaderConfig};
+use crate::notifications::{self, NotificationSettings};
 use crate::pipeline::actions::ActionsHandler;
 use crate::pipeline::deliver::DeliverHandler;
 use crate::pipeline::poll::{PollHandler, PollSettings};
@@ -71,6 +72,8 @@ pub struct OperatorConfig {
     pub metrics_interval: Duration,
     /// Where webhooks may go: enforced by the webhook client, reported by the reconciler.
     pub webhook_egress: EgressGuard,
+    /// Graph change notifications: the public URL and how subscriptions are kept.
+    pub notifications: NotificationSettings,
 }
 
 impl OperatorConfig {
@@ -103,6 +106,7 @@ impl OperatorConfig {
             leader_work: LeaderWork::new(Scope::All, identity),
             metrics_interval: Duration::from_secs(10),
             webhook_egress: EgressGuard::default(),
+            notifications: NotificationSettings::default(),
         }
     }
 }
@@ -156,9 +160,21 @@ pub async fn run(
         stop.child_token(),
     );
     let (directory, watch_synced) = start_directory(&config, &client, &pool, stop.child_token());
-    let mut server = Server::start(config.http_addr, &pool, &metrics, watch_synced).await?;
+    let (notification_routes, notification_processor) = notifications::endpoint::router(
+        pool.clone(),
+        config.notifications.coalesce,
+        stop.child_token(),
+    );
+    let mut server = Server::start(
+        config.http_addr,
+        &pool,
+        &metrics,
+        watch_synced,
+        notification_routes,
+    )
+    .await?;
     let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
-    let leadership = Leadership::start(&config, &pool, &client, &directory, &metrics);
+    let leadership = Leadership::start(&config, &pool, &client, &directory, &graph, &metrics);
     let gauges = tokio::spawn(refresh_queue_gauges(
         pool.clone(),
         metrics.clone(),
@@ -182,6 +198,7 @@ pub async fn run(
     );
     stop.cancel();
     let _ = gauges.await;
+    let _ = notification_processor.await;
     for task in sharing {
         let _ = task.await;
     }
@@ -243,7 +260,7 @@ fn start_directory(
     (directory, watch_synced)
 }
 
-/// The HTTP server of `/healthz`, `/readyz` and `/metrics`.
+/// The HTTP server of `/healthz`, `/readyz`, `/metrics` and the notification endpoint.
 struct Server {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     stop: CancellationToken,
@@ -255,6 +272,7 @@ impl Server {
         pool: &sqlx::PgPool,
         metrics: &SharedMetrics,
         watch_synced: Arc<AtomicBool>,
+        notification_routes: axum::Router,
     ) -> Result<Self, OperatorError> {
         let listener = http::bind(addr)
             .await
@@ -265,12 +283,15 @@ impl Server {
         let task = tokio::spawn({
             let stop = stop.clone();
             async move {
-                axum::serve(listener, http::router(state))
+                axum::serve(listener, http::router(state).merge(notification_routes))
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
             }
         });
-        tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+        tracing::info!(
+            addr = %local,
+            "serving /healthz, /readyz, /metrics and /notifications"
+        );
         Ok(Self { task, stop })
     }
 
@@ -300,6 +321,7 @@ struct Leadership {
     elector_stop: CancellationToken,
     controller: tokio::task::JoinHandle<()>,
     controller_stop: CancellationToken,
+    subscriptions: tokio::task::JoinHandle<()>,
 }
 
 impl Leadership {
@@ -308,6 +330,7 @@ impl Leadership {
         pool: &sqlx::PgPool,
         client: &kube::Client,
         directory: &Arc<KubeDirectory>,
+        graph: &GraphClient,
         metrics: &SharedMetrics,
     ) -> Self {
         let elector_stop = CancellationToken::new();
@@ -328,6 +351,15 @@ impl Leadership {
         leader_work.reconcile.egress = config.webhook_egress.clone();
         leader_work.identity = config.workers.worker_id.to_string();
         let controller_stop = CancellationToken::new();
+        let subscriptions = tokio::spawn(
+            notifications::manager::Manager::new(
+                pool.clone(),
+                directory.clone(),
+                graph.clone(),
+                config.notifications.clone(),
+            )
+            .run(leading.clone(), controller_stop.clone()),
+        );
         let controller = tokio::spawn(controller::lead(
             pool.clone(),
             client.clone(),
@@ -342,6 +374,7 @@ impl Leadership {
             elector_stop,
             controller,
             controller_stop,
+            subscriptions,
         }
     }
 
@@ -349,6 +382,7 @@ impl Leadership {
     async fn stop(self) {
         self.controller_stop.cancel();
         let _ = self.controller.await;
+        let _ = self.subscriptions.await;
         self.elector_stop.cancel();
         let _ = self.elector.await;
         tracing::info!("leadership released");

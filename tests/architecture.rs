@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Each table and the one place allowed to name it in SQL (a file, or a folder).
-const OWNERS: [(&str, &str); 9] = [
+const OWNERS: [(&str, &str); 10] = [
     ("tasks", "src/queue/"),
     ("mailbox_cursors", "src/cursor.rs"),
     ("messages", "src/ledger.rs"),
@@ -15,6 +15,7 @@ const OWNERS: [(&str, &str); 9] = [
     ("polls", "src/poll_log.rs"),
     ("poll_requests", "src/poll_log.rs"),
     ("mailbox_identities", "src/identity.rs"),
+    ("notification_subscriptions", "src/notifications/store.rs"),
 ];
 
 /// SQL words that put a table name right after them.
