@@ -395,3 +395,115 @@ pub fn endpoint_url(base: &reqwest::Url, path: &str) -> String {
 fn chrono_duration(duration: Duration) -> chrono::Duration {
     chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + seconds, 0).expect("valid time")
+    }
+
+    fn row(id: Option<&str>, folder: &str, expires: Option<i64>) -> SubscriptionRow {
+        SubscriptionRow {
+            mailbox_uid: Uuid::nil(),
+            namespace: "ns".into(),
+            name: "support".into(),
+            subscription_id: id.map(str::to_string),
+            client_state: "state".into(),
+            folder: folder.into(),
+            expires_at: expires.map(at),
+            renew_requested: false,
+            last_notification_at: None,
+            last_error: None,
+        }
+    }
+
+    fn inbox() -> Wanted {
+        Wanted {
+            folder: "inbox".into(),
+        }
+    }
+
+    #[test]
+    fn wanted_without_a_subscription_creates_one() {
+        assert_eq!(plan(Some(&inbox()), None, at(0), LIFETIME), Action::Create);
+        let failed = row(None, "inbox", None);
+        assert_eq!(
+            plan(Some(&inbox()), Some(&failed), at(0), LIFETIME),
+            Action::Create
+        );
+    }
+
+    #[test]
+    fn renewal_once_half_the_lifetime_is_gone_or_when_graph_asks() {
+        let half = 7 * 24 * 3600 / 2;
+        let fresh = row(Some("s"), "inbox", Some(half + 60));
+        assert_eq!(
+            plan(Some(&inbox()), Some(&fresh), at(0), LIFETIME),
+            Action::Nothing
+        );
+        let aging = row(Some("s"), "inbox", Some(half - 60));
+        assert_eq!(
+            plan(Some(&inbox()), Some(&aging), at(0), LIFETIME),
+            Action::Renew { id: "s".into() }
+        );
+        let asked = SubscriptionRow {
+            renew_requested: true,
+            ..fresh
+        };
+        assert_eq!(
+            plan(Some(&inbox()), Some(&asked), at(0), LIFETIME),
+            Action::Renew { id: "s".into() }
+        );
+        let expired = row(Some("s"), "inbox", Some(-1));
+        assert_eq!(
+            plan(Some(&inbox()), Some(&expired), at(0), LIFETIME),
+            Action::Create
+        );
+    }
+
+    #[test]
+    fn a_new_folder_replaces_and_unwanted_subscriptions_go() {
+        let other = row(Some("s"), "archive", Some(3600 * 24 * 6));
+        assert_eq!(
+            plan(Some(&inbox()), Some(&other), at(0), LIFETIME),
+            Action::Replace { old: "s".into() }
+        );
+        assert_eq!(
+            plan(None, Some(&other), at(0), LIFETIME),
+            Action::Delete { id: "s".into() }
+        );
+        assert_eq!(
+            plan(None, Some(&row(None, "inbox", None)), at(0), LIFETIME),
+            Action::Forget
+        );
+        assert_eq!(plan(None, None, at(0), LIFETIME), Action::Nothing);
+    }
+
+    #[test]
+    fn endpoint_urls_keep_the_host_and_prefix() {
+        let base: reqwest::Url = "https://mail.example.com/notifications"
+            .parse()
+            .expect("URL");
+        assert_eq!(
+            endpoint_url(&base, endpoint::LIFECYCLE_PATH),
+            "https://mail.example.com/notifications/lifecycle"
+        );
+        let prefixed: reqwest::Url = "https://example.com/mailpoll/".parse().expect("URL");
+        assert_eq!(
+            endpoint_url(&prefixed, endpoint::NOTIFICATION_PATH),
+            "https://example.com/mailpoll/notifications"
+        );
+    }
+
+    #[test]
+    fn client_states_are_random_and_long() {
+        let a = new_client_state().expect("random");
+        let b = new_client_state().expect("random");
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+    }
+}
