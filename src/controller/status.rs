@@ -546,6 +546,63 @@ mod tests {
     }
 
     #[test]
+    fn notifications_show_while_on_and_their_condition_goes_when_off() {
+        let row = notifications::store::SubscriptionRow {
+            mailbox_uid: Uuid::nil(),
+            namespace: "ns".into(),
+            name: "support".into(),
+            subscription_id: None,
+            client_state: "never shown".into(),
+            folder: "inbox".into(),
+            expires_at: None,
+            renew_requested: false,
+            last_notification_at: None,
+            last_error: Some("ValidationError: the URL did not answer".into()),
+        };
+        let now = Utc::now();
+        let failing = Facts {
+            notifications: Some(row.clone()),
+            ..Facts::default()
+        };
+        let status = desired_status(None, Some(1), None, &failing, now);
+        let condition = conditions::find(&status.conditions, notifications::NOTIFICATIONS_READY)
+            .expect("NotificationsReady");
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "SubscriptionFailed")
+        );
+        assert!(condition.message.contains("polling every interval"));
+        let text = serde_json::to_string(&status).expect("JSON");
+        assert!(!text.contains("never shown"), "no clientState in status");
+
+        let subscribed = Facts {
+            notifications: Some(notifications::store::SubscriptionRow {
+                subscription_id: Some("sub-1".into()),
+                last_error: None,
+                ..row
+            }),
+            ..Facts::default()
+        };
+        let status = desired_status(Some(&status), Some(1), None, &subscribed, now);
+        let shown = status.notifications.clone().expect("notifications status");
+        assert_eq!(shown.subscription_id.as_deref(), Some("sub-1"));
+        assert_eq!(
+            conditions::find(&status.conditions, notifications::NOTIFICATIONS_READY)
+                .map(|c| c.reason.as_str()),
+            Some("Subscribed")
+        );
+
+        let off = desired_status(Some(&status), Some(2), None, &Facts::default(), now);
+        assert!(off.notifications.is_none());
+        assert!(conditions::find(&off.conditions, notifications::NOTIFICATIONS_READY).is_none());
+        let patch = patch_body(&off).expect("patch");
+        assert!(
+            patch["status"]["notifications"].is_null(),
+            "removed by the patch"
+        );
+    }
+
+    #[test]
     fn nothing_decisive_yet_is_unknown_while_reconciling() {
         let [ready, _, stalled] = desired_conditions(None, &Facts::default());
         assert_eq!(

@@ -30,6 +30,7 @@ use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::state::ApiError;
 use super::{Shared, lock};
 
 /// Longest lifetime of a subscription to Outlook messages, in minutes (Microsoft Graph's
@@ -262,14 +263,15 @@ async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         Ok(target) => finish_creation(shared, body, target).await,
         Err(refusal) => {
             lock(&shared.subscriptions).counters.refused += 1;
-            refusal
+            let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+            error(status, &refusal.code, &refusal.message)
         }
     }
 }
 
 /// Checks what can be checked without calling out: change type, resource, expiration.
-fn admit_creation(shared: &Shared, body: &CreateBody) -> Result<(String, String), Response> {
-    let bad = |message: &str| error(StatusCode::BAD_REQUEST, "ExtensionError", message);
+fn admit_creation(shared: &Shared, body: &CreateBody) -> Result<(String, String), ApiError> {
+    let bad = |message: &str| ApiError::new(400, "ExtensionError", message);
     if !body
         .change_type
         .split(',')
@@ -278,8 +280,8 @@ fn admit_creation(shared: &Shared, body: &CreateBody) -> Result<(String, String)
         return Err(bad("Invalid changeType."));
     }
     let Some((user, folder)) = parse_resource(&body.resource) else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
+        return Err(ApiError::new(
+            400,
             "InvalidRequest",
             "Resource is not supported.",
         ));
@@ -291,8 +293,8 @@ fn admit_creation(shared: &Shared, body: &CreateBody) -> Result<(String, String)
         folder.map(|(m, f)| (world.mailbox_key(m), world.folder_id(m, f)))
     };
     let Some(target) = target else {
-        return Err(error(
-            StatusCode::NOT_FOUND,
+        return Err(ApiError::new(
+            404,
             "ResourceNotFound",
             "Resource could not be discovered.",
         ));
