@@ -500,6 +500,14 @@ mod tests {
     }
 
     #[test]
+    fn rows_never_print_their_client_state() {
+        let row = row(Some("s"), "inbox", None);
+        assert!(!format!("{row:?}").contains("state\""));
+        assert!(!format!("{row:?} {row}").contains("\"state\""));
+        assert!(format!("{row:?}").contains("<redacted>"));
+    }
+
+    #[test]
     fn client_states_are_random_and_long() {
         let a = new_client_state().expect("random");
         let b = new_client_state().expect("random");

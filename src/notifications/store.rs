@@ -11,8 +11,8 @@ use crate::storable;
 /// Longest error text kept for the condition.
 const MAX_ERROR_BYTES: usize = 1024;
 
-/// One MailboxPoll's subscription.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// One MailboxPoll's subscription. Its Debug and Display never show the clientState.
+#[derive(Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SubscriptionRow {
     pub mailbox_uid: Uuid,
     pub namespace: String,
@@ -24,6 +24,23 @@ pub struct SubscriptionRow {
     pub renew_requested: bool,
     pub last_notification_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+}
+
+impl std::fmt::Debug for SubscriptionRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionRow")
+            .field("mailbox_uid", &self.mailbox_uid)
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("subscription_id", &self.subscription_id)
+            .field("client_state", &"<redacted>")
+            .field("folder", &self.folder)
+            .field("expires_at", &self.expires_at)
+            .field("renew_requested", &self.renew_requested)
+            .field("last_notification_at", &self.last_notification_at)
+            .field("last_error", &self.last_error)
+            .finish()
+    }
 }
 
 impl std::fmt::Display for SubscriptionRow {
