@@ -16,6 +16,9 @@
 //! | DELETE | `/_admin/mailboxes/{upn}/messages/{id}` | | 204 |
 //! | POST | `/_admin/mailboxes/{upn}/messages/{id}/move` | `{"destination"}` | `MessageIds` |
 //! | PUT | `/_admin/mailboxes/{upn}/messages/{id}/read` | `{"isRead"}` | 204 |
+//! | GET, PUT | `/_admin/notification-faults` | `NotificationFaults` (PUT) | `NotificationFaults` |
+//! | GET | `/_admin/subscriptions` | | the live subscriptions |
+//! | POST | `/_admin/subscriptions/{id}/lifecycle/{event}` | | 204 (404: no such subscription) |
 
 use std::sync::Arc;
 
@@ -27,6 +30,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use super::subscriptions::{LifecycleEvent, NotificationFaults};
 use super::{AppRegistration, Faults, MailboxState, NewMessage, Shared};
 
 #[derive(Deserialize)]
@@ -160,6 +164,22 @@ fn route(
         ("PUT", ["mailboxes", upn, "messages", id, "read"]) => {
             let flag: ReadFlag = parse(body)?;
             done(shared.set_read(upn, id, flag.is_read))
+        }
+        ("GET", ["notification-faults"]) => Json(shared.notification_faults()).into_response(),
+        ("PUT", ["notification-faults"]) => {
+            let faults: NotificationFaults = parse(body)?;
+            shared.set_notification_faults(faults.clone());
+            Json(faults).into_response()
+        }
+        ("GET", ["subscriptions"]) => Json(shared.subscription_list()).into_response(),
+        ("POST", ["subscriptions", id, "lifecycle", event]) => {
+            let event = LifecycleEvent::parse(event)
+                .ok_or_else(|| format!("unknown lifecycle event {event:?}"))?;
+            if shared.lifecycle_event(id, event) {
+                StatusCode::NO_CONTENT.into_response()
+            } else {
+                failed(anyhow::anyhow!("no subscription {id}"))
+            }
         }
         _ => (
             StatusCode::NOT_FOUND,

@@ -81,6 +81,17 @@ pub enum LifecycleEvent {
 }
 
 impl LifecycleEvent {
+    /// Graph's name of the event (also what the admin API takes).
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::ReauthorizationRequired,
+            Self::SubscriptionRemoved,
+            Self::Missed,
+        ]
+        .into_iter()
+        .find(|event| event.as_str().eq_ignore_ascii_case(name))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ReauthorizationRequired => "reauthorizationRequired",
@@ -528,6 +539,53 @@ impl Shared {
         }
     }
 
+    /// See [`super::GraphEmulator::lifecycle_event`].
+    pub(crate) fn lifecycle_event(
+        self: &Arc<Self>,
+        subscription_id: &str,
+        event: LifecycleEvent,
+    ) -> bool {
+        let subscription = {
+            let mut registry = lock(&self.subscriptions);
+            let Some(found) = registry.find(subscription_id).cloned() else {
+                return false;
+            };
+            if event == LifecycleEvent::SubscriptionRemoved {
+                registry.subscriptions.retain(|s| s.id != subscription_id);
+            }
+            found
+        };
+        let url = subscription
+            .lifecycle_notification_url
+            .clone()
+            .unwrap_or_else(|| subscription.notification_url.clone());
+        self.send_later(
+            Outgoing {
+                url,
+                body: lifecycle_body(&subscription, event),
+                wait: Duration::ZERO,
+            },
+            true,
+        );
+        true
+    }
+
+    /// The switches, for the admin API.
+    pub(crate) fn notification_faults(&self) -> NotificationFaults {
+        lock(&self.subscriptions).faults.clone()
+    }
+
+    pub(crate) fn set_notification_faults(&self, faults: NotificationFaults) {
+        lock(&self.subscriptions).faults = faults;
+    }
+
+    /// The live subscriptions' ids, resources and expirations, for the admin API.
+    pub(crate) fn subscription_list(&self) -> Value {
+        let mut registry = lock(&self.subscriptions);
+        registry.expire_due();
+        Value::Array(registry.subscriptions.iter().map(render).collect())
+    }
+
     fn send_later(self: &Arc<Self>, item: Outgoing, lifecycle: bool) {
         let shared = self.clone();
         tokio::spawn(async move {
@@ -622,29 +680,7 @@ impl super::GraphEmulator {
     /// when it has none). `subscriptionRemoved` removes the subscription first. Returns
     /// whether the subscription existed.
     pub fn lifecycle_event(&self, subscription_id: &str, event: LifecycleEvent) -> bool {
-        let subscription = {
-            let mut registry = lock(&self.shared.subscriptions);
-            let Some(found) = registry.find(subscription_id).cloned() else {
-                return false;
-            };
-            if event == LifecycleEvent::SubscriptionRemoved {
-                registry.subscriptions.retain(|s| s.id != subscription_id);
-            }
-            found
-        };
-        let url = subscription
-            .lifecycle_notification_url
-            .clone()
-            .unwrap_or_else(|| subscription.notification_url.clone());
-        self.shared.send_later(
-            Outgoing {
-                url,
-                body: lifecycle_body(&subscription, event),
-                wait: Duration::ZERO,
-            },
-            true,
-        );
-        true
+        self.shared.lifecycle_event(subscription_id, event)
     }
 
     /// Sends any JSON body to a subscription's notification URL, as a forger would (a wrong

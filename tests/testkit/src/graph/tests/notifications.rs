@@ -265,3 +265,57 @@ async fn lifecycle_events_go_to_the_lifecycle_url_and_removal_removes() {
     assert!(probe.emulator.subscriptions().is_empty());
     assert!(!probe.emulator.lifecycle_event(&id, LifecycleEvent::Missed));
 }
+
+#[tokio::test]
+async fn the_admin_api_drives_notification_switches_and_lifecycle_events() {
+    let probe = Probe::start(EmulatorConfig {
+        admin_api: true,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let receiver = Receiver::default();
+    let url = receiver.clone().serve().await;
+    let (_, body) = subscribe(&probe, &url, 60).await;
+    let id = body["id"].as_str().expect("id").to_string();
+    let admin = |path: &str| format!("{}/_admin/{path}", probe.emulator.base_url());
+
+    let answer = probe
+        .http
+        .put(admin("notification-faults"))
+        .json(&json!({"lossRatio": 1.0}))
+        .send()
+        .await
+        .expect("PUT faults");
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(probe.emulator.notification_faults().loss_ratio, 1.0);
+
+    let listed: Value = probe
+        .http
+        .get(admin("subscriptions"))
+        .send()
+        .await
+        .expect("GET subscriptions")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(listed[0]["id"], id.as_str());
+
+    let answer = probe
+        .http
+        .post(admin(&format!("subscriptions/{id}/lifecycle/missed")))
+        .send()
+        .await
+        .expect("POST lifecycle");
+    assert_eq!(answer.status(), StatusCode::NO_CONTENT);
+    wait_until("the missed event", Duration::from_secs(5), || async {
+        receiver.bodies().len() == 1
+    })
+    .await;
+    let answer = probe
+        .http
+        .post(admin("subscriptions/nobody/lifecycle/missed"))
+        .send()
+        .await
+        .expect("POST lifecycle");
+    assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+}
