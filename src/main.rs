@@ -254,6 +254,19 @@ struct OperatorArgs {
     /// apart from other names.
     #[arg(long, env = "MAILPOLL_CLUSTER_DOMAIN", default_value = egress::DEFAULT_CLUSTER_DOMAIN)]
     cluster_domain: String,
+    /// Public HTTPS URL at which Microsoft Graph reaches this operator's notification
+    /// endpoint (`https://mailpoll.example.com/notifications`, served on --http-addr under
+    /// /notifications). Without it, MailboxPolls asking for notifications are polled only.
+    #[arg(long, env = "MAILPOLL_NOTIFICATION_URL")]
+    notification_url: Option<String>,
+    /// Lifetime asked for each Graph subscription, in minutes (Graph's maximum for Outlook
+    /// messages is 10080); renewed once half of it has passed.
+    #[arg(
+        long,
+        env = "MAILPOLL_SUBSCRIPTION_LIFETIME_MINUTES",
+        default_value_t = 10_000.0
+    )]
+    subscription_lifetime_minutes: f64,
 }
 
 /// A duration flag in days; rejects what a Duration cannot hold.
@@ -293,6 +306,19 @@ fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
 }
 
 impl OperatorArgs {
+    /// The public notification URL: absolute, http(s), no credentials.
+    fn notification_url(&self) -> anyhow::Result<Option<reqwest::Url>> {
+        let Some(text) = self.notification_url.as_deref().filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        let url = reqwest::Url::parse(text)
+            .map_err(|e| anyhow::anyhow!("--notification-url is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "https" | "http") || !url.username().is_empty() {
+            anyhow::bail!("--notification-url must be an https:// URL without credentials");
+        }
+        Ok(Some(url))
+    }
+
     fn config(self) -> anyhow::Result<operator::OperatorConfig> {
         let mut config = operator::OperatorConfig::new(
             self.database.database_url.clone(),
@@ -305,6 +331,15 @@ impl OperatorArgs {
             .pool_config(worker_connections.saturating_add(4));
         config.scope = Scope::parse(&self.watch_namespaces);
         config.webhook_egress = EgressGuard::new(self.egress_policy()?);
+        config.notifications.public_url = self.notification_url()?;
+        let lifetime = seconds(
+            "subscription-lifetime-minutes",
+            self.subscription_lifetime_minutes * 60.0,
+        )?;
+        if !(Duration::from_secs(60)..=Duration::from_secs(10_080 * 60)).contains(&lifetime) {
+            anyhow::bail!("--subscription-lifetime-minutes must be between 1 and 10080");
+        }
+        config.notifications.lifetime = lifetime;
         config.workers.concurrency = self.worker_concurrency.max(1);
         config.workers.budgets =
             worker_budgets(config.workers.concurrency, self.reserved_poll_slots)?;

@@ -21,6 +21,7 @@ use crate::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 use crate::graph::{Governor, GovernorConfig, GraphClient, GraphConfig, GraphError};
 use crate::leader::{self, LeaderConfig};
 use crate::mailbox_slots::MailboxSlots;
+use crate::notifications::{self, NotificationSettings};
 use crate::pipeline::actions::ActionsHandler;
 use crate::pipeline::deliver::DeliverHandler;
 use crate::pipeline::poll::{PollHandler, PollSettings};
@@ -77,6 +78,8 @@ pub struct OperatorConfig {
     /// this and the request retried. Longer than the emulator's and the API server's bookmark
     /// interval, so a quiet healthy watch is not cut.
     pub kube_read_timeout: Duration,
+    /// Graph change notifications: the public URL and how subscriptions are kept.
+    pub notifications: NotificationSettings,
 }
 
 impl OperatorConfig {
@@ -110,6 +113,7 @@ impl OperatorConfig {
             metrics_interval: Duration::from_secs(10),
             webhook_egress: EgressGuard::default(),
             kube_read_timeout: KUBE_READ_TIMEOUT,
+            notifications: NotificationSettings::default(),
         }
     }
 }
@@ -163,9 +167,21 @@ pub async fn run(
         stop.child_token(),
     );
     let (directory, watch_synced) = start_directory(&config, &client, &pool, stop.child_token());
-    let mut server = Server::start(config.http_addr, &pool, &metrics, watch_synced).await?;
+    let (notification_routes, notification_processor) = notifications::endpoint::router(
+        pool.clone(),
+        config.notifications.coalesce,
+        stop.child_token(),
+    );
+    let mut server = Server::start(
+        config.http_addr,
+        &pool,
+        &metrics,
+        watch_synced,
+        notification_routes,
+    )
+    .await?;
     let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
-    let leadership = Leadership::start(&config, &pool, &client, &directory, &metrics);
+    let leadership = Leadership::start(&config, &pool, &client, &directory, &graph, &metrics);
     let gauges = tokio::spawn(refresh_queue_gauges(
         pool.clone(),
         metrics.clone(),
@@ -189,6 +205,7 @@ pub async fn run(
     );
     stop.cancel();
     let _ = gauges.await;
+    let _ = notification_processor.await;
     for task in sharing {
         let _ = task.await;
     }
@@ -276,7 +293,7 @@ async fn follow_watch_health(
     }
 }
 
-/// The HTTP server of `/healthz`, `/readyz` and `/metrics`.
+/// The HTTP server of `/healthz`, `/readyz`, `/metrics` and the notification endpoint.
 struct Server {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     stop: CancellationToken,
@@ -288,6 +305,7 @@ impl Server {
         pool: &sqlx::PgPool,
         metrics: &SharedMetrics,
         watch_synced: Arc<AtomicBool>,
+        notification_routes: axum::Router,
     ) -> Result<Self, OperatorError> {
         let listener = http::bind(addr)
             .await
@@ -298,12 +316,15 @@ impl Server {
         let task = tokio::spawn({
             let stop = stop.clone();
             async move {
-                axum::serve(listener, http::router(state))
+                axum::serve(listener, http::router(state).merge(notification_routes))
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
             }
         });
-        tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+        tracing::info!(
+            addr = %local,
+            "serving /healthz, /readyz, /metrics and /notifications"
+        );
         Ok(Self { task, stop })
     }
 
@@ -333,6 +354,7 @@ struct Leadership {
     elector_stop: CancellationToken,
     controller: tokio::task::JoinHandle<()>,
     controller_stop: CancellationToken,
+    subscriptions: tokio::task::JoinHandle<()>,
 }
 
 impl Leadership {
@@ -341,6 +363,7 @@ impl Leadership {
         pool: &sqlx::PgPool,
         client: &kube::Client,
         directory: &Arc<KubeDirectory>,
+        graph: &GraphClient,
         metrics: &SharedMetrics,
     ) -> Self {
         let elector_stop = CancellationToken::new();
@@ -362,6 +385,15 @@ impl Leadership {
         leader_work.reconcile.egress = config.webhook_egress.clone();
         leader_work.identity = config.workers.worker_id.to_string();
         let controller_stop = CancellationToken::new();
+        let subscriptions = tokio::spawn(
+            notifications::manager::Manager::new(
+                pool.clone(),
+                directory.clone(),
+                graph.clone(),
+                config.notifications.clone(),
+            )
+            .run(leading.clone(), controller_stop.clone()),
+        );
         let controller = tokio::spawn(controller::lead(
             pool.clone(),
             client.clone(),
@@ -376,6 +408,7 @@ impl Leadership {
             elector_stop,
             controller,
             controller_stop,
+            subscriptions,
         }
     }
 
@@ -383,6 +416,7 @@ impl Leadership {
     async fn stop(self) {
         self.controller_stop.cancel();
         let _ = self.controller.await;
+        let _ = self.subscriptions.await;
         self.elector_stop.cancel();
         let _ = self.elector.await;
         tracing::info!("leadership released");

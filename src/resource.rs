@@ -160,6 +160,19 @@ pub struct MailboxPollSpec {
     /// What happens to the ledger when this MailboxPoll is deleted. Retain (default): its ledger, poll history and identity stay (until retention purges them), so re-creating the same namespace/name/mailbox/folder continues it and delivers nothing twice. Delete: they are purged once the MailboxPoll is gone; a re-created one starts over and delivers every message in its folder again.
     #[serde(default)]
     pub deletion_policy: crate::identity::DeletionPolicy,
+
+    /// Microsoft Graph change notifications as wake-ups: a new message in the folder starts a poll within seconds, and the interval stays as the safety net for notifications Graph loses. Needs the operator's public notification URL (Helm value notifications.publicUrl).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<Notifications>,
+}
+
+/// Change notifications of a MailboxPoll.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Notifications {
+    /// Keep a Graph subscription to the folder's new messages and poll when one arrives (default false).
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 /// Reference to the Secret holding the Microsoft Entra app credentials.
@@ -395,6 +408,24 @@ pub struct MailboxPollStatus {
     /// The last `mailpoll.dev/poll-requested-at` value that caused a poll.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_poll_request: Option<String>,
+    /// The Graph change-notification subscription, while spec.notifications.enabled is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<NotificationsStatus>,
+}
+
+/// The Graph subscription behind spec.notifications.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationsStatus {
+    /// Graph's subscription id; absent while none could be created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription_id: Option<String>,
+    /// When Graph drops the subscription unless renewed (the operator renews it well before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiration_time: Option<Time>,
+    /// When the last notification from Graph arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_notification_time: Option<Time>,
 }
 
 fn default_folder() -> String {
@@ -486,6 +517,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, InvalidDuration> {
 }
 
 impl MailboxPollSpec {
+    /// Whether change notifications are on.
+    pub fn notifications_enabled(&self) -> bool {
+        self.notifications.as_ref().is_some_and(|n| n.enabled)
+    }
+
     /// The polling interval, clamped to the bounds the CRD enforces (an object stored before a
     /// schema change could carry anything).
     pub fn interval(&self) -> Result<Duration, InvalidDuration> {

@@ -494,6 +494,49 @@ async fn poll_history_is_pruned_but_the_rows_status_reads_stay() {
 }
 
 #[tokio::test]
+async fn notification_wake_ups_are_pruned_and_never_displace_the_annotation_value() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    // The annotation's value, then three served wake-ups after it, all older than 30 days.
+    sqlx::query(
+        "INSERT INTO poll_requests (mailbox_uid, value, requested_at, served_at)
+         VALUES ($1, 'v1', now() - interval '50 days', now() - interval '50 days'),
+                ($1, 'notification:a', now() - interval '45 days', now() - interval '45 days'),
+                ($1, 'notification:b', now() - interval '44 days', now() - interval '44 days'),
+                ($1, 'notification:c', now() - interval '43 days', now() - interval '43 days')",
+    )
+    .bind(uid)
+    .execute(&db.pool)
+    .await
+    .expect("requests");
+    poll_log::request_wakeup(&db.pool, uid)
+        .await
+        .expect("a fresh wake-up");
+    assert_eq!(
+        poll_log::prune_requests(&db.pool, 30 * DAY, 100)
+            .await
+            .expect("prune requests"),
+        3,
+        "the old wake-ups go; the annotation value and the fresh wake-up stay"
+    );
+    let mut conn = db.pool.acquire().await.expect("connection");
+    assert_eq!(
+        poll_log::last_handled_request(&mut conn, uid)
+            .await
+            .expect("request")
+            .as_deref(),
+        Some("v1"),
+        "wake-ups never show as the last handled annotation value"
+    );
+    assert!(
+        !poll_log::request(&db.pool, uid, "v1")
+            .await
+            .expect("request"),
+        "the annotation value still counts as seen"
+    );
+}
+
+#[tokio::test]
 async fn dead_tasks_are_pruned_after_their_own_period() {
     let db = TestDatabase::create().await.expect("test database");
     sqlx::query(

@@ -18,6 +18,7 @@ mod delta;
 mod error;
 mod governor;
 mod message;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,7 @@ pub use governor::{
 pub use message::{
     Body, EmailAddress, LEDGER_FIELDS, Message, RemovedReason, SkippedItem, select_fields,
 };
+pub use subscriptions::{Subscription, SubscriptionRequest, is_subscription_gone};
 
 use auth::TokenCache;
 use error::FailedResponse;

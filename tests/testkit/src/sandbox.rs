@@ -295,6 +295,7 @@ impl Sandbox {
     /// Starts (or restarts) replica `index` from the mailpoll binary.
     pub fn start_replica(&mut self, index: usize) -> anyhow::Result<()> {
         let options = &self.options;
+        let notification_port = self.replicas.first().map_or(0, |first| first.port);
         let replica = &mut self.replicas[index];
         if replica.child.is_some() {
             bail!("replica {} is already running", replica.name);
@@ -338,6 +339,12 @@ impl Sandbox {
             .env("MAILPOLL_GRAPH_URL", self.graph.base_url())
             // The sandbox's webhook receiver listens on loopback.
             .env("MAILPOLL_WEBHOOK_ALLOW_LOOPBACK", "true")
+            // Graph's change notifications (spec.notifications.enabled) reach the first
+            // replica, standing in for the Service every replica is behind.
+            .env(
+                "MAILPOLL_NOTIFICATION_URL",
+                format!("http://127.0.0.1:{notification_port}/notifications"),
+            )
             // What the workload identity webhook injects into a labelled pod.
             .env("AZURE_FEDERATED_TOKEN_FILE", &self.federated.token_file)
             .env("AZURE_CLIENT_ID", DEFAULT_CLIENT_ID)

@@ -41,6 +41,7 @@ const DEFAULT_LIST_PAGE: usize = 10;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .merge(super::subscriptions::routes())
         .fallback(graph)
         .with_state(shared)
 }

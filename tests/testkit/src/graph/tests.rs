@@ -962,3 +962,4 @@ async fn the_admin_api_drives_mail_faults_and_counters() {
 mod attachments;
 mod credentials;
 mod hazards;
+mod notifications;
