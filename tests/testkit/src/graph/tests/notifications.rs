@@ -227,6 +227,11 @@ async fn arrivals_notify_with_the_client_state_and_switches_lose_and_duplicate()
         || async { receiver.bodies().len() == 3 + 4 },
     )
     .await;
+    // A send is counted once its answer is in, a moment after the receiver has the body.
+    wait_until("seven sends counted", Duration::from_secs(5), || async {
+        probe.emulator.notification_counters().sent == 7
+    })
+    .await;
     let counters = probe.emulator.notification_counters();
     assert_eq!(counters.duplicated, 2);
     assert_eq!(counters.sent, 7);
