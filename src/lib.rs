@@ -13,6 +13,7 @@
 //! - leadership: `controller` (what only the leader runs), `leader` (the election);
 //! - process: `http`, `operator`, `tasks_cli`.
 
+pub mod admission;
 pub mod cli;
 pub mod controller;
 pub mod cursor;

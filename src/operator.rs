@@ -72,6 +72,8 @@ pub struct OperatorConfig {
     pub metrics_interval: Duration,
     /// Where webhooks may go: enforced by the webhook client, reported by the reconciler.
     pub webhook_egress: EgressGuard,
+    /// The validating admission webhook's TLS listener; None serves none.
+    pub admission: Option<crate::admission::AdmissionConfig>,
 }
 
 impl OperatorConfig {
@@ -104,6 +106,7 @@ impl OperatorConfig {
             leader_work: LeaderWork::new(Scope::All, identity),
             metrics_interval: Duration::from_secs(10),
             webhook_egress: EgressGuard::default(),
+            admission: None,
         }
     }
 }
@@ -128,6 +131,8 @@ pub enum OperatorError {
     Graph(#[from] GraphError),
     #[error("worker pool: {0}")]
     Workers(#[from] QueueError),
+    #[error("admission webhook: {0}")]
+    Admission(#[from] crate::admission::tls::TlsError),
 }
 
 /// Longest wait for an answer (or the next bytes of one) from the Kubernetes API.
@@ -158,6 +163,10 @@ pub async fn run(
     );
     let (directory, watch_synced) = start_directory(&config, &client, &pool, stop.child_token());
     let mut server = Server::start(config.http_addr, &pool, &metrics, watch_synced).await?;
+    if let Some(admission) = &config.admission {
+        // Serves until `stop`; it needs neither Postgres nor the API server.
+        crate::admission::start(admission, stop.child_token()).await?;
+    }
     let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
     let leadership = Leadership::start(&config, &pool, &client, &directory, &metrics);
     let gauges = tokio::spawn(refresh_queue_gauges(
