@@ -16,6 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::Listener;
+use kube::core::response::{StatusCause, StatusDetails};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde_json::Value;
@@ -103,37 +104,80 @@ fn read_request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> 
         .map_err(|error| format!("the AdmissionReview has no request: {error}"))
 }
 
-/// Allowed, or denied with 422 and the first invalid field's message.
+/// Allowed, or denied with 422 and the first invalid field: in the message and as the cause
+/// kubectl prints (`The MailboxPoll "x" is invalid: spec.filter: ...`).
 pub fn verdict(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     let response = AdmissionResponse::from(request);
     if !matches!(request.operation, Operation::Create | Operation::Update) {
         return response;
     }
     let Some(object) = &request.object else {
-        return deny(response, 400, "BadRequest", "request.object is missing");
+        let mut response = response.deny("request.object is missing");
+        response.result.code = 400;
+        response.result.reason = "BadRequest".into();
+        return response;
     };
     match check_spec(object.data.get("spec")) {
         Ok(()) => response,
-        Err(message) => deny(response, INVALID_CODE, "Invalid", &message),
+        Err(invalid) => deny_invalid(response, request, &invalid),
     }
 }
 
-fn deny(response: AdmissionResponse, code: u16, reason: &str, message: &str) -> AdmissionResponse {
-    let mut response = response.deny(message);
-    response.result.code = code;
-    response.result.reason = reason.to_owned();
+fn deny_invalid(
+    response: AdmissionResponse,
+    request: &AdmissionRequest<DynamicObject>,
+    invalid: &InvalidField,
+) -> AdmissionResponse {
+    let mut response = response.deny(invalid);
+    response.result.code = INVALID_CODE;
+    response.result.reason = "Invalid".into();
+    response.result.details = Some(StatusDetails {
+        name: request.name.clone(),
+        group: request.kind.group.clone(),
+        kind: request.kind.kind.clone(),
+        uid: String::new(),
+        causes: vec![StatusCause {
+            reason: "FieldValueInvalid".into(),
+            message: invalid.detail.clone(),
+            field: invalid.field.into(),
+        }],
+        retry_after_seconds: 0,
+    });
     response
+}
+
+/// A spec field the schema let through and mailpoll cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {detail}")]
+pub struct InvalidField {
+    pub field: &'static str,
+    pub detail: String,
 }
 
 /// The checks the CRD schema cannot make: the filter compiles and type-checks, the start is
 /// `all`, `now` or an RFC 3339 time. Fields of another type are the schema's to refuse.
-pub fn check_spec(spec: Option<&Value>) -> Result<(), String> {
+pub fn check_spec(spec: Option<&Value>) -> Result<(), InvalidField> {
     let text = |field: &str| spec.and_then(|s| s.get(field)).and_then(Value::as_str);
-    StartFrom::parse(text("startFrom")).map_err(|error| error.to_string())?;
+    StartFrom::parse(text("startFrom")).map_err(|error| InvalidField {
+        field: "spec.startFrom",
+        detail: strip_field("spec.startFrom", &error.to_string()),
+    })?;
     if let Some(source) = text("filter") {
-        Filter::compile(source).map_err(|error| error.to_string())?;
+        Filter::compile(source).map_err(|error| InvalidField {
+            field: "spec.filter",
+            detail: error.detail,
+        })?;
     }
     Ok(())
+}
+
+/// `detail` of a message that reads `field: detail`.
+fn strip_field(field: &str, message: &str) -> String {
+    message
+        .strip_prefix(field)
+        .and_then(|rest| rest.strip_prefix(": "))
+        .unwrap_or(message)
+        .to_owned()
 }
 
 #[cfg(test)]
@@ -203,6 +247,12 @@ mod tests {
             "{}",
             response.result.message
         );
+        let details = response.result.details.expect("details name the field");
+        assert_eq!(details.kind, "MailboxPoll");
+        assert_eq!(details.name, "inbox");
+        assert_eq!(details.causes.len(), 1);
+        assert_eq!(details.causes[0].field, "spec.filter");
+        assert!(!details.causes[0].message.starts_with("spec.filter"));
     }
 
     #[test]

@@ -235,13 +235,16 @@ fn denial(webhook: &str, attempt: &Attempt<'_>, status: Option<&Value>) -> ApiEr
         )
     };
     let mut error = ApiError::with_code(code, format!("{prefix}: {why}"));
-    if code != 500 {
-        error.details = Some(json!({
+    // The webhook's own details (the causes kubectl prints) are kept as they are.
+    error.details = match status.and_then(|s| s.get("details")) {
+        Some(details) if details.is_object() => Some(details.clone()),
+        _ if code == 500 => Some(json!({"causes": [{"message": error.message}]})),
+        _ => Some(json!({
             "name": attempt.name(),
             "group": attempt.rt.group,
             "kind": attempt.rt.plural,
-        }));
-    }
+        })),
+    };
     error
 }
 

@@ -1,0 +1,238 @@
+//! The apply-time check of a MailboxPoll: the operator's admission webhook (its TLS listener
+//! with the test certificate) registered in the Kubernetes API emulator as the chart
+//! registers it, and the real kubectl applying manifests. An invalid filter is refused with a
+//! message naming spec.filter and nothing is stored; with the operator down, `failurePolicy:
+//! Ignore` lets the apply through and the reconcile-time condition reports the filter.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::Api;
+use mailpoll::admission::{AdmissionConfig, VALIDATE_PATH};
+use mailpoll::operator::{self, KubeSource, OperatorConfig, OperatorError};
+use mailpoll::queue::WorkerId;
+use mailpoll::resource::MailboxPoll;
+use mailpoll_testkit::admission::{register, webhook_configuration, write_test_cert};
+use mailpoll_testkit::cluster;
+use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
+use mailpoll_testkit::kube::KubeEmulator;
+use mailpoll_testkit::pg::{TestDatabase, free_port};
+use mailpoll_testkit::wait_for;
+use uuid::Uuid;
+
+const MAILBOX: &str = "support@contoso.com";
+const SECRET: &str = "graph-credentials";
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct World {
+    db: TestDatabase,
+    kube: KubeEmulator,
+    graph: GraphEmulator,
+    client: Client,
+    namespace: String,
+    dir: PathBuf,
+    admission: AdmissionConfig,
+    operator: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), OperatorError>>,
+    )>,
+}
+
+impl World {
+    /// Postgres, both emulators, the CRD, a namespace with credentials and the webhook
+    /// configuration (failurePolicy Ignore, as the chart installs it); no operator yet.
+    async fn new() -> Self {
+        mailpoll::install_crypto_provider();
+        let db = TestDatabase::create().await.expect("test database");
+        let kube = KubeEmulator::start().await.expect("Kubernetes API emulator");
+        let client = kube.client().expect("client");
+        cluster::install_crd(&client).await.expect("CRD");
+        let namespace = format!("adm-{}", &Uuid::new_v4().simple().to_string()[..8]);
+        cluster::create_namespace(&client, &namespace)
+            .await
+            .expect("namespace");
+        cluster::create_credentials(&client, &namespace, SECRET, cluster::valid_client_secret())
+            .await
+            .expect("credentials");
+        let graph = GraphEmulator::start(EmulatorConfig {
+            mailboxes: vec![MAILBOX.into()],
+            ..EmulatorConfig::default()
+        })
+        .await
+        .expect("Graph emulator");
+        let dir = std::env::temp_dir().join(format!("admission-{}", Uuid::new_v4().simple()));
+        let (cert, key) = write_test_cert(&dir).expect("test certificate");
+        let port = free_port().expect("free port");
+        let admission = AdmissionConfig {
+            addr: format!("127.0.0.1:{port}").parse().expect("address"),
+            cert,
+            key,
+        };
+        let url = format!("https://localhost:{port}{VALIDATE_PATH}");
+        register(&client, &webhook_configuration("mailpoll", &url, "Ignore", 5))
+            .await
+            .expect("webhook configuration");
+        Self {
+            db,
+            kube,
+            graph,
+            client,
+            namespace,
+            dir,
+            admission,
+            operator: None,
+        }
+    }
+
+    /// Runs the operator, its admission listener included, and waits until it is ready.
+    async fn start_operator(&mut self) {
+        let http_port = free_port().expect("free port");
+        let mut config = OperatorConfig::new(
+            self.db.url.clone(),
+            format!("127.0.0.1:{http_port}").parse().expect("address"),
+            KubeSource::Config(Box::new(self.kube.config().expect("emulator config"))),
+        );
+        config.admission = Some(self.admission.clone());
+        config.pool.max_connections = 8;
+        config.workers.worker_id = WorkerId::named("admission-test");
+        config.workers.poll_interval = Duration::from_millis(200);
+        config.workers.concurrency = 2;
+        config.workers.shutdown_grace = Duration::from_secs(2);
+        config.lease_namespace = self.namespace.clone();
+        config.lease_duration = Duration::from_secs(3);
+        config.lease_renew_deadline = Duration::from_secs(2);
+        config.lease_retry_period = Duration::from_millis(500);
+        config.graph_authority_url = self.graph.base_url();
+        config.graph_url = self.graph.base_url();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(operator::run(config, async move {
+            let _ = stopped.await;
+        }));
+        self.operator = Some((stop, task));
+        let url = format!("http://127.0.0.1:{http_port}/readyz");
+        let http = reqwest::Client::new();
+        wait_for("the operator to be ready", PATIENCE, || async {
+            let response = http.get(&url).send().await.ok()?;
+            response.status().is_success().then_some(())
+        })
+        .await;
+    }
+
+    fn api(&self) -> Api<MailboxPoll> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// `kubectl apply -f` of a MailboxPoll with `filter`: success and kubectl's output.
+    async fn apply(&self, name: &str, filter: &str) -> (bool, String) {
+        let manifest = self.dir.join(format!("{name}.yaml"));
+        let text = format!(
+            "apiVersion: mailpoll.dev/v1alpha1
+kind: MailboxPoll
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  mailbox: {MAILBOX}
+  interval: 1h
+  credentialsSecretRef:
+    name: {SECRET}
+  filter: {filter:?}
+",
+            namespace = self.namespace
+        );
+        std::fs::write(&manifest, text).expect("manifest written");
+        kubectl(self.kube.kubeconfig_path(), &self.dir, &manifest).await
+    }
+
+    async fn stored_filter(&self, name: &str) -> Option<String> {
+        self.api()
+            .get_opt(name)
+            .await
+            .expect("get")
+            .and_then(|p| p.spec.filter)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.operator.take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn kubectl(kubeconfig: &Path, cache: &Path, manifest: &Path) -> (bool, String) {
+    let output = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(cache.join("kubectl-cache"))
+        .arg("--request-timeout=20s")
+        .arg("apply")
+        .arg("-f")
+        .arg(manifest)
+        .output()
+        .await
+        .expect("kubectl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_of_an_invalid_filter_is_refused_naming_the_field() {
+    let mut world = World::new().await;
+    world.start_operator().await;
+
+    let (applied, output) = world.apply("typo", "mesage.isRead == false").await;
+    assert!(!applied, "an invalid filter is refused: {output}");
+    // kubectl prints the cause the webhook names, as for the API server's own validation.
+    let denied = "The MailboxPoll \"typo\" is invalid: spec.filter: ";
+    assert!(output.contains(denied), "{output}");
+    assert!(output.contains("mesage"), "{output}");
+    assert_eq!(world.stored_filter("typo").await, None, "nothing stored");
+
+    let (applied, output) = world.apply("invoices", "message.hasAttachments").await;
+    assert!(applied, "a valid filter is accepted: {output}");
+    assert_eq!(
+        world.stored_filter("invoices").await.as_deref(),
+        Some("message.hasAttachments")
+    );
+
+    let (applied, output) = world
+        .apply("invoices", "message.subject + 1 == 2")
+        .await;
+    assert!(!applied, "an update to a mistyped filter is refused: {output}");
+    assert!(
+        output.contains("The MailboxPoll \"invoices\" is invalid: spec.filter: "),
+        "{output}"
+    );
+    assert_eq!(
+        world.stored_filter("invoices").await.as_deref(),
+        Some("message.hasAttachments"),
+        "the valid filter stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_operator_down_the_apply_passes_and_the_condition_reports_the_filter() {
+    let mut world = World::new().await;
+
+    let (applied, output) = world.apply("typo", "mesage.isRead == false").await;
+    assert!(applied, "failurePolicy Ignore lets the apply through: {output}");
+
+    world.start_operator().await;
+    let api = world.api();
+    let message = wait_for("Ready=False InvalidFilter", PATIENCE, || async {
+        let status = api.get("typo").await.ok()?.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False" && ready.reason == "InvalidFilter").then(|| ready.message.clone())
+    })
+    .await;
+    assert!(message.starts_with("spec.filter: "), "{message}");
+}
