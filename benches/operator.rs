@@ -239,7 +239,7 @@ async fn measure(
         if let Some(mailbox) = next_mailbox.next() {
             graph.add_messages(mailbox, "inbox", 1)?;
         }
-        if let Some(uid) = noisy.filter(|_| tick % 10 == 0) {
+        if let Some(uid) = noisy.filter(|_| tick.is_multiple_of(10)) {
             let running: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM tasks
                   WHERE owner_uid = $1 AND kind = 'deliver' AND state = 'running'",

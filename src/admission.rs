@@ -16,9 +16,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::Listener;
-use kube::core::response::{StatusCause, StatusDetails};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::response::{StatusCause, StatusDetails};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -55,10 +55,12 @@ pub async fn start(
     let listener =
         tls::TlsListener::bind(config.addr, tls::server_config(cert.clone())?, stop.clone())
             .await?;
-    let local = listener.local_addr().map_err(|source| tls::TlsError::Bind {
-        addr: config.addr,
-        source,
-    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| tls::TlsError::Bind {
+            addr: config.addr,
+            source,
+        })?;
     tokio::spawn(cert.watch(stop.clone()));
     let task = tokio::spawn(async move {
         axum::serve(listener, router())

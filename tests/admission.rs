@@ -4,7 +4,7 @@
 //! message naming spec.filter and nothing is stored; with the operator down, `failurePolicy:
 //! Ignore` lets the apply through and the reconcile-time condition reports the filter.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use kube::Client;
@@ -17,6 +17,7 @@ use mailpoll_testkit::admission::{register, webhook_configuration, write_test_ce
 use mailpoll_testkit::cluster;
 use mailpoll_testkit::graph::{EmulatorConfig, GraphEmulator};
 use mailpoll_testkit::kube::KubeEmulator;
+use mailpoll_testkit::pg::tempdir::TempDir;
 use mailpoll_testkit::pg::{TestDatabase, free_port};
 use mailpoll_testkit::wait_for;
 use uuid::Uuid;
@@ -31,12 +32,15 @@ struct World {
     graph: GraphEmulator,
     client: Client,
     namespace: String,
-    dir: PathBuf,
+    dir: TempDir,
     admission: AdmissionConfig,
-    operator: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<Result<(), OperatorError>>,
-    )>,
+    operator: Option<RunningOperator>,
+}
+
+/// The operator's task, and the sender whose drop would stop it gracefully.
+struct RunningOperator {
+    _stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), OperatorError>>,
 }
 
 impl World {
@@ -45,7 +49,9 @@ impl World {
     async fn new() -> Self {
         mailpoll::install_crypto_provider();
         let db = TestDatabase::create().await.expect("test database");
-        let kube = KubeEmulator::start().await.expect("Kubernetes API emulator");
+        let kube = KubeEmulator::start()
+            .await
+            .expect("Kubernetes API emulator");
         let client = kube.client().expect("client");
         cluster::install_crd(&client).await.expect("CRD");
         let namespace = format!("adm-{}", &Uuid::new_v4().simple().to_string()[..8]);
@@ -61,8 +67,8 @@ impl World {
         })
         .await
         .expect("Graph emulator");
-        let dir = std::env::temp_dir().join(format!("admission-{}", Uuid::new_v4().simple()));
-        let (cert, key) = write_test_cert(&dir).expect("test certificate");
+        let dir = TempDir::new("admission").expect("temporary directory");
+        let (cert, key) = write_test_cert(dir.path()).expect("test certificate");
         let port = free_port().expect("free port");
         let admission = AdmissionConfig {
             addr: format!("127.0.0.1:{port}").parse().expect("address"),
@@ -70,9 +76,12 @@ impl World {
             key,
         };
         let url = format!("https://localhost:{port}{VALIDATE_PATH}");
-        register(&client, &webhook_configuration("mailpoll", &url, "Ignore", 5))
-            .await
-            .expect("webhook configuration");
+        register(
+            &client,
+            &webhook_configuration("mailpoll", &url, "Ignore", 5),
+        )
+        .await
+        .expect("webhook configuration");
         Self {
             db,
             kube,
@@ -109,7 +118,7 @@ impl World {
         let task = tokio::spawn(operator::run(config, async move {
             let _ = stopped.await;
         }));
-        self.operator = Some((stop, task));
+        self.operator = Some(RunningOperator { _stop: stop, task });
         let url = format!("http://127.0.0.1:{http_port}/readyz");
         let http = reqwest::Client::new();
         wait_for("the operator to be ready", PATIENCE, || async {
@@ -125,7 +134,7 @@ impl World {
 
     /// `kubectl apply -f` of a MailboxPoll with `filter`: success and kubectl's output.
     async fn apply(&self, name: &str, filter: &str) -> (bool, String) {
-        let manifest = self.dir.join(format!("{name}.yaml"));
+        let manifest = self.dir.path().join(format!("{name}.yaml"));
         let text = format!(
             "apiVersion: mailpoll.dev/v1alpha1
 kind: MailboxPoll
@@ -142,7 +151,7 @@ spec:
             namespace = self.namespace
         );
         std::fs::write(&manifest, text).expect("manifest written");
-        kubectl(self.kube.kubeconfig_path(), &self.dir, &manifest).await
+        kubectl(self.kube.kubeconfig_path(), self.dir.path(), &manifest).await
     }
 
     async fn stored_filter(&self, name: &str) -> Option<String> {
@@ -156,10 +165,9 @@ spec:
 
 impl Drop for World {
     fn drop(&mut self) {
-        if let Some((_, task)) = self.operator.take() {
-            task.abort();
+        if let Some(operator) = self.operator.take() {
+            operator.task.abort();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -204,10 +212,11 @@ async fn kubectl_apply_of_an_invalid_filter_is_refused_naming_the_field() {
         Some("message.hasAttachments")
     );
 
-    let (applied, output) = world
-        .apply("invoices", "message.subject + 1 == 2")
-        .await;
-    assert!(!applied, "an update to a mistyped filter is refused: {output}");
+    let (applied, output) = world.apply("invoices", "message.subject + 1 == 2").await;
+    assert!(
+        !applied,
+        "an update to a mistyped filter is refused: {output}"
+    );
     assert!(
         output.contains("The MailboxPoll \"invoices\" is invalid: spec.filter: "),
         "{output}"
@@ -224,7 +233,10 @@ async fn with_the_operator_down_the_apply_passes_and_the_condition_reports_the_f
     let mut world = World::new().await;
 
     let (applied, output) = world.apply("typo", "mesage.isRead == false").await;
-    assert!(applied, "failurePolicy Ignore lets the apply through: {output}");
+    assert!(
+        applied,
+        "failurePolicy Ignore lets the apply through: {output}"
+    );
 
     world.start_operator().await;
     let api = world.api();

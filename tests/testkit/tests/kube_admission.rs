@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use mailpoll::admission::tls::{ReloadingCert, TlsListener, server_config};
 use mailpoll::resource::MailboxPoll;
 use mailpoll_testkit::admission::{register, webhook_configuration, write_test_cert};
 use mailpoll_testkit::cluster;
 use mailpoll_testkit::kube::KubeEmulator;
 use mailpoll_testkit::pg::free_port;
+use mailpoll_testkit::pg::tempdir::TempDir;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +26,10 @@ const NAMESPACE: &str = "mail";
 #[derive(Clone)]
 enum Script {
     Allow,
-    Deny { code: u16, message: &'static str },
+    Deny {
+        code: u16,
+        message: &'static str,
+    },
     /// Answers (allowing) only after this long.
     Slow(Duration),
 }
@@ -35,17 +39,7 @@ struct ScriptedWebhook {
     url: String,
     reviews: Arc<Mutex<Vec<Value>>>,
     stop: CancellationToken,
-    _dir: tempdir::Dir,
-}
-
-mod tempdir {
-    /// A directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    _dir: TempDir,
 }
 
 impl Drop for ScriptedWebhook {
@@ -83,8 +77,8 @@ async fn answer(State((script, reviews)): State<Shared>, Json(review): Json<Valu
 
 impl ScriptedWebhook {
     async fn start(script: Script) -> Self {
-        let dir = std::env::temp_dir().join(format!("webhook-{}", uuid::Uuid::new_v4().simple()));
-        let (cert, key) = write_test_cert(&dir).expect("test certificate written");
+        let dir = TempDir::new("scripted-webhook").expect("temporary directory");
+        let (cert, key) = write_test_cert(dir.path()).expect("test certificate written");
         let resolver = ReloadingCert::load(cert, key).expect("test certificate loads");
         let stop = CancellationToken::new();
         let listener = TlsListener::bind(
@@ -113,7 +107,7 @@ impl ScriptedWebhook {
             url: format!("https://localhost:{port}/validate"),
             reviews,
             stop,
-            _dir: tempdir::Dir(dir),
+            _dir: dir,
         }
     }
 
@@ -134,9 +128,12 @@ async fn cluster_with_webhook(url: &str, policy: &str, timeout: u32) -> (KubeEmu
     cluster::create_namespace(&client, NAMESPACE)
         .await
         .expect("namespace");
-    register(&client, &webhook_configuration("mailpoll", url, policy, timeout))
-        .await
-        .expect("webhook configuration registered");
+    register(
+        &client,
+        &webhook_configuration("mailpoll", url, policy, timeout),
+    )
+    .await
+    .expect("webhook configuration registered");
     (emulator, client)
 }
 

@@ -89,7 +89,11 @@ pub fn configured(store: &Store) -> Vec<Webhook> {
 }
 
 fn webhook(hook: &Value) -> Webhook {
-    let text = |pointer: &str| hook.pointer(pointer).and_then(Value::as_str).map(str::to_owned);
+    let text = |pointer: &str| {
+        hook.pointer(pointer)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     let seconds = hook
         .get("timeoutSeconds")
         .and_then(Value::as_u64)
@@ -176,8 +180,7 @@ impl Webhook {
                 "failed to call webhook: the server responded with status {status}"
             ));
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| format!("received invalid webhook response: {e}"))
+        serde_json::from_slice(&body).map_err(|e| format!("received invalid webhook response: {e}"))
     }
 
     /// kube-apiserver's reading of an answer: the uid must match; a denial is a Status
@@ -190,7 +193,11 @@ impl Webhook {
             )))
         };
         let Some(response) = answer.get("response") else {
-            return if self.ignore_failures { Ok(()) } else { invalid("response is missing") };
+            return if self.ignore_failures {
+                Ok(())
+            } else {
+                invalid("response is missing")
+            };
         };
         if response.get("uid").and_then(Value::as_str) != Some(uid) {
             return if self.ignore_failures {
@@ -252,7 +259,11 @@ fn review(attempt: &Attempt<'_>, uid: &str) -> Value {
     let rt = attempt.rt;
     let kind = json!({"group": rt.group, "version": rt.version, "kind": rt.kind});
     let resource = json!({"group": rt.group, "version": rt.version, "resource": rt.plural});
-    let options_kind = if attempt.create { "CreateOptions" } else { "UpdateOptions" };
+    let options_kind = if attempt.create {
+        "CreateOptions"
+    } else {
+        "UpdateOptions"
+    };
     let mut request = json!({
         "uid": uid,
         "kind": kind,

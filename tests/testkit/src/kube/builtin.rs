@@ -224,7 +224,11 @@ pub fn builtin_types() -> Vec<ResourceType> {
         false,
         vec![
             column("Webhooks", "integer", "The number of webhooks", |o| {
-                json!(o.get("webhooks").and_then(Value::as_array).map_or(0, Vec::len))
+                json!(
+                    o.get("webhooks")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len)
+                )
             }),
             age_column(),
         ],
