@@ -248,3 +248,121 @@ async fn with_the_operator_down_the_apply_passes_and_the_condition_reports_the_f
     .await;
     assert!(message.starts_with("spec.filter: "), "{message}");
 }
+
+/// A review of a CREATE of MailboxPoll `mail/inbox` with `filter`.
+fn review(filter: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "e911857d-c318-11e8-bbad-025000000001",
+            "kind": {"group": "mailpoll.dev", "version": "v1alpha1", "kind": "MailboxPoll"},
+            "resource": {"group": "mailpoll.dev", "version": "v1alpha1", "resource": "mailboxpolls"},
+            "name": "inbox",
+            "namespace": "mail",
+            "operation": "CREATE",
+            "userInfo": {"username": "admin"},
+            "object": {
+                "apiVersion": "mailpoll.dev/v1alpha1",
+                "kind": "MailboxPoll",
+                "metadata": {"name": "inbox", "namespace": "mail"},
+                "spec": {"mailbox": MAILBOX, "filter": filter}
+            }
+        }
+    })
+}
+
+/// The listener alone, as the API server reaches it: over TLS, a huge body, a malformed one, a
+/// client that never finishes its handshake and one that speaks plain HTTP are each refused on
+/// their own, and the next review is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_refuses_hostile_requests_one_by_one() {
+    mailpoll::install_crypto_provider();
+    let dir = TempDir::new("admission-listener").expect("temporary directory");
+    let (cert, key) = write_test_cert(dir.path()).expect("test certificate");
+    let port = free_port().expect("free port");
+    let config = AdmissionConfig {
+        addr: format!("127.0.0.1:{port}").parse().expect("address"),
+        cert,
+        key,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (addr, _task) = mailpoll::admission::start(&config, stop.clone())
+        .await
+        .expect("the listener starts");
+    let url = format!("https://localhost:{}{VALIDATE_PATH}", addr.port());
+    let ca = reqwest::Certificate::from_pem(mailpoll_testkit::admission::TEST_CA_PEM.as_bytes())
+        .expect("test CA");
+    let http = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+
+    // Opened and left silent: its handshake never completes.
+    let _stalled = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    let plain = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}{VALIDATE_PATH}", addr.port()))
+        .body("{}")
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP gets no answer: {plain:?}");
+
+    let huge = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(vec![b' '; mailpoll::admission::MAX_REVIEW_BYTES + 1])
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(huge.status(), 413);
+
+    let malformed = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{\"request\": ")
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(malformed.status(), 400);
+    let answer: serde_json::Value = malformed.json().await.expect("an AdmissionReview");
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("the body is not an AdmissionReview")),
+        "{answer}"
+    );
+
+    let denied: serde_json::Value = http
+        .post(&url)
+        .json(&review("message.subject > 3"))
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("an AdmissionReview");
+    let response = &denied["response"];
+    assert_eq!(response["uid"], "e911857d-c318-11e8-bbad-025000000001");
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 422);
+    assert_eq!(
+        response["status"]["details"]["causes"][0]["field"],
+        "spec.filter"
+    );
+
+    let allowed: serde_json::Value = http
+        .post(&url)
+        .json(&review("message.importance == 'high'"))
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("an AdmissionReview");
+    assert_eq!(allowed["response"]["allowed"], true, "{allowed}");
+    stop.cancel();
+}
