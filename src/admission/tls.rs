@@ -233,3 +233,72 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CERT: &str = include_str!("../../tests/testkit/certs/tls.crt");
+    const KEY: &str = include_str!("../../tests/testkit/certs/tls.key");
+
+    /// A fresh directory with the test certificate and key, as `tls.crt` and `tls.key`.
+    fn files(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "mailpoll-admission-{name}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        std::fs::write(&cert, CERT).expect("certificate written");
+        std::fs::write(&key, KEY).expect("key written");
+        (dir, cert, key)
+    }
+
+    #[test]
+    fn unusable_files_are_errors_naming_the_file() {
+        let (dir, cert, key) = files("errors");
+        let missing = dir.join("absent.crt");
+        let error = load_certified_key(&missing, &key).expect_err("missing");
+        assert!(error.to_string().contains("absent.crt"), "{error}");
+        std::fs::write(&cert, "not PEM").expect("written");
+        let error = load_certified_key(&cert, &key).expect_err("no certificate");
+        assert_eq!(
+            error.to_string(),
+            format!("{} holds no PEM certificate", cert.display())
+        );
+        std::fs::write(&cert, CERT).expect("written");
+        std::fs::write(&key, CERT).expect("written");
+        let error = load_certified_key(&cert, &key).expect_err("no key");
+        assert!(error.to_string().contains("tls.key"), "{error}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_changed_pair_that_does_not_load_keeps_the_previous_certificate() {
+        let (dir, cert, key) = files("reload");
+        let reloading = ReloadingCert::load(cert, key.clone()).expect("loads");
+        let before = reloading
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        std::fs::write(&key, "half-written").expect("written");
+        reloading.reload();
+        let after = reloading
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        assert!(Arc::ptr_eq(&before, &after), "the previous one is kept");
+        std::fs::write(&key, KEY).expect("written");
+        reloading.reload();
+        let renewed = reloading
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        assert!(!Arc::ptr_eq(&before, &renewed), "a loadable pair replaces it");
+        assert_eq!(renewed.cert, before.cert);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
