@@ -121,7 +121,15 @@ pub fn verdict(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     };
     match check_spec(object.data.get("spec")) {
         Ok(()) => response,
-        Err(invalid) => deny_invalid(response, request, &invalid),
+        Err(invalid) => {
+            tracing::info!(
+                namespace = request.namespace.as_deref().unwrap_or_default(),
+                name = %request.name,
+                field = invalid.field,
+                "admission denied a MailboxPoll"
+            );
+            deny_invalid(response, request, &invalid)
+        }
     }
 }
 

@@ -297,7 +297,10 @@ mod tests {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        assert!(!Arc::ptr_eq(&before, &renewed), "a loadable pair replaces it");
+        assert!(
+            !Arc::ptr_eq(&before, &renewed),
+            "a loadable pair replaces it"
+        );
         assert_eq!(renewed.cert, before.cert);
         let _ = std::fs::remove_dir_all(dir);
     }
