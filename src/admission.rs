@@ -119,7 +119,8 @@ pub fn verdict(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
         response.result.reason = "BadRequest".into();
         return response;
     };
-    match check_spec(object.data.get("spec")) {
+    let old_spec = request.old_object.as_ref().and_then(|o| o.data.get("spec"));
+    match check_spec(object.data.get("spec"), old_spec) {
         Ok(()) => response,
         Err(invalid) => {
             tracing::info!(
@@ -165,20 +166,30 @@ pub struct InvalidField {
 }
 
 /// The checks the CRD schema cannot make: the filter compiles and type-checks, the start is
-/// `all`, `now` or an RFC 3339 time. Fields of another type are the schema's to refuse.
-pub fn check_spec(spec: Option<&Value>) -> Result<(), InvalidField> {
-    let text = |field: &str| spec.and_then(|s| s.get(field)).and_then(Value::as_str);
-    StartFrom::parse(text("startFrom")).map_err(|error| InvalidField {
-        field: "spec.startFrom",
-        detail: strip_field("spec.startFrom", &error.to_string()),
-    })?;
-    if let Some(source) = text("filter") {
+/// `all`, `now` or an RFC 3339 time. Fields of another type are the schema's to refuse. On an
+/// update, a field left as it was is not checked again: an invalid value stored while the
+/// webhook was down (the operator reports it) must not block unrelated edits, such as
+/// `suspend: true` or a label.
+pub fn check_spec(spec: Option<&Value>, old_spec: Option<&Value>) -> Result<(), InvalidField> {
+    let changed = |field: &str| old_spec.is_none() || text(spec, field) != text(old_spec, field);
+    if changed("startFrom") {
+        StartFrom::parse(text(spec, "startFrom")).map_err(|error| InvalidField {
+            field: "spec.startFrom",
+            detail: strip_field("spec.startFrom", &error.to_string()),
+        })?;
+    }
+    if let Some(source) = text(spec, "filter").filter(|_| changed("filter")) {
         Filter::compile(source).map_err(|error| InvalidField {
             field: "spec.filter",
             detail: error.detail,
         })?;
     }
     Ok(())
+}
+
+/// The string `field` of a spec, if it is one.
+fn text<'a>(spec: Option<&'a Value>, field: &str) -> Option<&'a str> {
+    spec.and_then(|s| s.get(field)).and_then(Value::as_str)
 }
 
 /// `detail` of a message that reads `field: detail`.
@@ -196,6 +207,10 @@ mod tests {
     use serde_json::json;
 
     fn review(operation: &str, object: Value) -> Vec<u8> {
+        review_with_old(operation, object, Value::Null)
+    }
+
+    fn review_with_old(operation: &str, object: Value, old_object: Value) -> Vec<u8> {
         json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -208,6 +223,7 @@ mod tests {
                 "operation": operation,
                 "userInfo": {"username": "admin"},
                 "object": object,
+                "oldObject": old_object,
                 "dryRun": false
             }
         })
@@ -277,6 +293,17 @@ mod tests {
                 response.result.message
             );
         }
+    }
+
+    #[test]
+    fn an_update_that_leaves_an_invalid_filter_as_it_was_is_allowed() {
+        let stored = mailbox_poll(json!({"filter": "mesage.isRead"}));
+        let suspended = mailbox_poll(json!({"filter": "mesage.isRead", "suspend": true}));
+        let (_, unrelated) = response(&review_with_old("UPDATE", suspended, stored.clone()));
+        assert!(unrelated.allowed, "unrelated edits go through");
+        let retyped = mailbox_poll(json!({"filter": "mesage.isRead == true"}));
+        let (_, changed) = response(&review_with_old("UPDATE", retyped, stored));
+        assert!(!changed.allowed, "a changed filter is checked");
     }
 
     #[test]

@@ -151,7 +151,12 @@ spec:
             namespace = self.namespace
         );
         std::fs::write(&manifest, text).expect("manifest written");
-        kubectl(self.kube.kubeconfig_path(), self.dir.path(), &manifest).await
+        let manifest = manifest.to_string_lossy();
+        self.kubectl(&["apply", "-f", &manifest]).await
+    }
+
+    async fn kubectl(&self, args: &[&str]) -> (bool, String) {
+        kubectl(self.kube.kubeconfig_path(), self.dir.path(), args).await
     }
 
     async fn stored_filter(&self, name: &str) -> Option<String> {
@@ -171,16 +176,14 @@ impl Drop for World {
     }
 }
 
-async fn kubectl(kubeconfig: &Path, cache: &Path, manifest: &Path) -> (bool, String) {
+async fn kubectl(kubeconfig: &Path, cache: &Path, args: &[&str]) -> (bool, String) {
     let output = tokio::process::Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .arg("--cache-dir")
         .arg(cache.join("kubectl-cache"))
         .arg("--request-timeout=20s")
-        .arg("apply")
-        .arg("-f")
-        .arg(manifest)
+        .args(args)
         .output()
         .await
         .expect("kubectl runs");
@@ -247,6 +250,22 @@ async fn with_the_operator_down_the_apply_passes_and_the_condition_reports_the_f
     })
     .await;
     assert!(message.starts_with("spec.filter: "), "{message}");
+
+    // The stored filter does not block edits that leave it as it is.
+    let namespace = world.namespace.clone();
+    let (labelled, output) = world
+        .kubectl(&["label", "mbp", "-n", &namespace, "typo", "team=billing"])
+        .await;
+    assert!(labelled, "an unrelated edit goes through: {output}");
+    let (applied, output) = world.apply("typo", "mesage.isRead").await;
+    assert!(
+        !applied,
+        "a changed, still invalid filter is refused: {output}"
+    );
+    assert!(
+        output.contains("The MailboxPoll \"typo\" is invalid: spec.filter: "),
+        "{output}"
+    );
 }
 
 /// A review of a CREATE of MailboxPoll `mail/inbox` with `filter`.
