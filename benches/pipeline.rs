@@ -83,6 +83,7 @@ fn config(uid: Uuid, webhook: Option<Endpoint>) -> MailboxConfig {
         max_attempts: 8,
         start: Default::default(),
         filter: None,
+        max_concurrent_deliveries: None,
     }
 }
 

@@ -7,8 +7,18 @@
 //! Uses the Postgres of `DATABASE_URL` when set (a fresh database per measurement), else starts
 //! a private throwaway server. `MAILPOLL_BENCH_TASKS` sets the tasks per end-to-end run
 //! (default 50,000). For investigations: `MAILPOLL_BENCH_ONLY=16` runs only the end-to-end
-//! measurement at that concurrency, `MAILPOLL_BENCH_TRACE=1` prints the pool's counters while it
-//! drains, and `MAILPOLL_LOG=sqlx=debug` logs every statement with its duration.
+//! measurement at that concurrency (and the baseline beside it), `MAILPOLL_BENCH_TRACE=1` prints
+//! the pool's counters while it drains, and `MAILPOLL_LOG=sqlx=debug` logs every statement with
+//! its duration.
+//!
+//! Beside the worker pool, a raw-SQL baseline drains the same tasks on the same server at the
+//! same concurrency: each loop claims 100 with `FOR UPDATE SKIP LOCKED` and completes them, with
+//! nothing else (no leases kept, no handlers, no fairness). The ratio says what the pool costs.
+//!
+//! `MAILPOLL_BENCH_DURABLE=1` sets `synchronous_commit = on` on every benchmark database (as
+//! production runs; `ALTER DATABASE ... SET`, so no session option is needed). A commit then
+//! waits for its WAL flush, which costs a disk sync only when the server runs with fsync on:
+//! the settings printed first say which.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +42,8 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 struct Bench {
     server: BenchPostgres,
+    /// `synchronous_commit = on` for the benchmark's databases.
+    durable: bool,
 }
 
 impl Bench {
@@ -39,6 +51,18 @@ impl Bench {
     async fn database(&self, connections: u32) -> BenchResult<(TestDatabase, PgPool)> {
         let db = TestDatabase::create_on(self.server.admin_url()).await?;
         mailpoll::db::migrate(&db.pool).await?;
+        if self.durable {
+            // Per database, so the pool below needs no session option; its connections are
+            // opened after this.
+            let name: String = sqlx::query_scalar("SELECT current_database()")
+                .fetch_one(&db.pool)
+                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE \"{name}\" SET synchronous_commit = on"
+            )))
+            .execute(&db.pool)
+            .await?;
+        }
         let pool = mailpoll::db::connect(
             &db.url,
             &mailpoll::db::PoolConfig {
@@ -154,6 +178,60 @@ async fn end_to_end(bench: &Bench, concurrency: usize, total: usize) -> BenchRes
     Ok(total as f64 / elapsed.as_secs_f64())
 }
 
+/// The raw-SQL baseline: `concurrency` loops, each claiming 100 due tasks with `FOR UPDATE
+/// SKIP LOCKED` and completing them, until the queue is empty; tasks per second.
+async fn raw_sql_baseline(bench: &Bench, concurrency: usize, total: usize) -> BenchResult<f64> {
+    let (db, pool) = bench.database(concurrency as u32).await?;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(5_000) {
+        let tasks: Vec<NewTask> = chunk.iter().map(|n| noop_task(*n)).collect();
+        queue::enqueue_many(&db.pool, &tasks).await?;
+    }
+    let started = Instant::now();
+    let mut joins = Vec::new();
+    for _ in 0..concurrency {
+        let pool = pool.clone();
+        joins.push(tokio::spawn(async move {
+            loop {
+                let ids: Vec<i64> = sqlx::query_scalar(
+                    "WITH claimed AS (
+                         SELECT id FROM tasks
+                         WHERE state = 'pending' AND run_at <= now()
+                         ORDER BY run_at, id
+                         LIMIT 100
+                         FOR UPDATE SKIP LOCKED
+                     )
+                     UPDATE tasks t
+                     SET state = 'running', locked_by = 'baseline', lock_token = gen_random_uuid(),
+                         lease_expires_at = now() + interval '1 minute', updated_at = now()
+                     FROM claimed WHERE t.id = claimed.id
+                     RETURNING t.id",
+                )
+                .fetch_all(&pool)
+                .await?;
+                if ids.is_empty() {
+                    return Ok::<_, sqlx::Error>(());
+                }
+                sqlx::query(
+                    "UPDATE tasks
+                     SET state = 'succeeded', lock_token = NULL, lease_expires_at = NULL,
+                         finished_at = now(), updated_at = now()
+                     WHERE id = ANY($1)",
+                )
+                .bind(&ids)
+                .execute(&pool)
+                .await?;
+            }
+        }));
+    }
+    for join in joins {
+        join.await??;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let run = format!("raw-SQL baseline, concurrency {concurrency}");
+    expect_all_in_state(&db.pool, "succeeded", total, &run).await?;
+    Ok(rate)
+}
+
 /// Returns once `total` results are recorded (successes or deaths), or when nothing has been
 /// recorded for `STALL`: the check after the run then says what is missing, where waiting on
 /// the successes alone would hang on the first task that never succeeds.
@@ -234,9 +312,19 @@ fn main() -> BenchResult<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let durable = std::env::var_os("MAILPOLL_BENCH_DURABLE").is_some();
         let bench = Bench {
             server: BenchPostgres::start().await?,
+            durable,
         };
+        println!(
+            "benchmark databases: synchronous_commit = {}",
+            if durable {
+                "on (MAILPOLL_BENCH_DURABLE)"
+            } else {
+                "the server's"
+            }
+        );
         let mut rows: Vec<(String, String)> = Vec::new();
         let mut row = |what: String, figure: String| {
             eprintln!("{what}: {figure}");
@@ -246,7 +334,11 @@ fn main() -> BenchResult<()> {
         if let Ok(c) = std::env::var("MAILPOLL_BENCH_ONLY") {
             let c: usize = c.parse()?;
             let rate = end_to_end(&bench, c, total).await?;
-            eprintln!("c={c}: {rate:.0}/s");
+            let baseline = raw_sql_baseline(&bench, c, total).await?;
+            eprintln!(
+                "c={c}: {rate:.0}/s, raw-SQL baseline {baseline:.0}/s, ratio {:.2}",
+                rate / baseline
+            );
             return Ok(());
         }
         let single = enqueue_single(&bench, 1, 5_000).await?;
@@ -264,12 +356,27 @@ fn main() -> BenchResult<()> {
             "enqueue_many, 1,000 tasks per transaction".into(),
             format!("{batched:.0} tasks/s"),
         );
+        let mut at_16 = None;
         for concurrency in [1, 8, 16, 64] {
             let n = if concurrency == 1 { total / 5 } else { total };
             let rate = end_to_end(&bench, concurrency, n).await?;
+            if concurrency == 16 {
+                at_16 = Some(rate);
+            }
             row(
                 format!("end to end, no-op tasks, concurrency {concurrency} ({n} tasks)"),
                 format!("{rate:.0} tasks/s"),
+            );
+        }
+        let baseline = raw_sql_baseline(&bench, 16, total).await?;
+        row(
+            format!("raw-SQL baseline (claim 100, complete them), concurrency 16 ({total} tasks)"),
+            format!("{baseline:.0} tasks/s"),
+        );
+        if let Some(rate) = at_16 {
+            row(
+                "end to end / raw-SQL baseline, concurrency 16".into(),
+                format!("{:.2}", rate / baseline),
             );
         }
         let latencies = pickup_latency(&bench, 500).await?;

@@ -370,10 +370,10 @@ pub async fn throttle_left(pool: &PgPool, mailbox: &str) -> Result<Option<Durati
 }
 
 /// Forgets the cursor of a MailboxPoll (its mailbox or folder changed, or it was deleted).
-pub async fn delete(pool: &PgPool, uid: Uuid) -> Result<(), sqlx::Error> {
+pub async fn delete<'e>(executor: impl sqlx::PgExecutor<'e>, uid: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM mailbox_cursors WHERE mailbox_uid = $1")
         .bind(uid)
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 mod listen;
 
-pub use listen::{Heard, listen};
+pub use listen::{Heard, disable_listening, listen, listening};
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -52,14 +52,18 @@ impl Default for PoolConfig {
     }
 }
 
-/// Opens a pool. Sessions get an idle-in-transaction timeout so one stuck transaction cannot
-/// pin the vacuum horizon of the hot queue table.
+/// Opens a pool. Connections send no session options, so a pooler in transaction mode
+/// (PgBouncer, which refuses the `options` startup parameter) can stand in between: the
+/// timeouts sessions need (an idle-in-transaction timeout, so one stuck transaction cannot
+/// pin the vacuum horizon of the hot queue table, and a lock timeout) are settings of the
+/// database, made by a migration (see README, Postgres).
 pub async fn connect(url: &str, config: &PoolConfig) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse().map_err(DbError::InvalidUrl)?;
-    let options = options.application_name(&config.application_name).options([
-        ("idle_in_transaction_session_timeout", "60s"),
-        ("lock_timeout", "30s"),
-    ]);
+    // extra_float_digits is not a parameter PgBouncer passes on, and Postgres 12 and later
+    // send floats exactly without it.
+    let options = options
+        .application_name(&config.application_name)
+        .extra_float_digits(None);
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         // A ping before every checkout doubles the round trips of the task queue's hot path.

@@ -11,6 +11,8 @@
 //!   `directory` (MailboxPolls and their Secrets, on every replica);
 //! - work: `pipeline` (the poll, deliver and actions tasks);
 //! - leadership: `controller` (what only the leader runs), `leader` (the election);
+//! - `notifications` (Graph change notifications: the leader's subscriptions, every
+//!   replica's endpoint);
 //! - process: `http`, `operator`, `tasks_cli`.
 
 pub mod admission;
@@ -26,6 +28,7 @@ pub mod identity;
 pub mod leader;
 pub mod ledger;
 pub mod mailbox_slots;
+pub mod notifications;
 pub mod operator;
 pub mod pipeline;
 pub mod poll_log;

@@ -1,5 +1,6 @@
 //! The `mailpoll` command line.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use mailpoll::cli::commands::{self, MessagesCommand, TasksCommand};
 use mailpoll::delivery::egress::{self, EgressGuard, EgressPolicy};
 use mailpoll::directory::{Scope, WorkloadIdentityEnv};
+use mailpoll::queue::SlotBudget;
 use mailpoll::telemetry::{self, LogFormat};
 use mailpoll::{db, identity, operator, resource};
 
@@ -111,6 +113,20 @@ struct OperatorArgs {
         default_value_t = 0.5
     )]
     worker_poll_interval_seconds: f64,
+    /// Worker slots only polls may use, so a backlog of deliveries or after-actions never
+    /// delays a poll (default: a quarter of the worker concurrency, at least 1).
+    #[arg(long, env = "MAILPOLL_RESERVED_POLL_SLOTS")]
+    reserved_poll_slots: Option<usize>,
+    /// Deliveries of one MailboxPoll running at once across all replicas, unless its
+    /// spec.delivery.maxConcurrent says otherwise: a slow receiver holds at most this many
+    /// worker slots.
+    #[arg(long, env = "MAILPOLL_MAX_CONCURRENT_DELIVERIES", default_value_t = 8,
+          value_parser = clap::value_parser!(i32).range(1..=1000))]
+    max_concurrent_deliveries: i32,
+    /// Never LISTEN: workers and every other listener poll instead. For Postgres behind a
+    /// pooler in transaction mode (PgBouncer), which does not deliver notifications.
+    #[arg(long, env = "MAILPOLL_NO_LISTEN")]
+    no_listen: bool,
     /// Seconds a claimed task stays with a replica that stops heartbeating (a killed pod)
     /// before another replica takes it over. A mailbox's poll run lease is twice this.
     #[arg(long, env = "MAILPOLL_TASK_LEASE_SECONDS", default_value_t = 60.0)]
@@ -248,6 +264,19 @@ struct OperatorArgs {
     /// PEM private key of the admission listener; read again when the file changes.
     #[arg(long, env = "MAILPOLL_ADMISSION_TLS_KEY")]
     admission_tls_key: Option<std::path::PathBuf>,
+    /// Public HTTPS URL at which Microsoft Graph reaches this operator's notification
+    /// endpoint (`https://mailpoll.example.com/notifications`, served on --http-addr under
+    /// /notifications). Without it, MailboxPolls asking for notifications are polled only.
+    #[arg(long, env = "MAILPOLL_NOTIFICATION_URL")]
+    notification_url: Option<String>,
+    /// Lifetime asked for each Graph subscription, in minutes (Graph's maximum for Outlook
+    /// messages is 10080); renewed once half of it has passed.
+    #[arg(
+        long,
+        env = "MAILPOLL_SUBSCRIPTION_LIFETIME_MINUTES",
+        default_value_t = 10_000.0
+    )]
+    subscription_lifetime_minutes: f64,
 }
 
 /// A duration flag in days; rejects what a Duration cannot hold.
@@ -257,6 +286,29 @@ fn days(name: &str, value: f64) -> anyhow::Result<Duration> {
 }
 
 /// A duration flag in seconds; rejects what a Duration cannot hold.
+/// Polls' reserved slots: a quarter of the handlers unless given (none with a single handler);
+/// at least one other slot stays for deliveries and after-actions.
+fn worker_budgets(
+    concurrency: usize,
+    reserved_poll_slots: Option<usize>,
+) -> anyhow::Result<HashMap<String, SlotBudget>> {
+    let quarter = (concurrency / 4).max(1);
+    let default = if quarter < concurrency { quarter } else { 0 };
+    let reserved = reserved_poll_slots.unwrap_or(default);
+    if reserved >= concurrency {
+        anyhow::bail!(
+            "--reserved-poll-slots ({reserved}) must be less than --worker-concurrency ({concurrency}): deliveries and after-actions need a slot too"
+        );
+    }
+    Ok(HashMap::from([(
+        mailpoll::pipeline::POLL.to_owned(),
+        SlotBudget {
+            reserved,
+            max: None,
+        },
+    )]))
+}
+
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value).map_err(|_| {
         anyhow::anyhow!("--{name} must be a non-negative number of seconds, not {value}")
@@ -264,6 +316,19 @@ fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
 }
 
 impl OperatorArgs {
+    /// The public notification URL: absolute, http(s), no credentials.
+    fn notification_url(&self) -> anyhow::Result<Option<reqwest::Url>> {
+        let Some(text) = self.notification_url.as_deref().filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        let url = reqwest::Url::parse(text)
+            .map_err(|e| anyhow::anyhow!("--notification-url is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "https" | "http") || !url.username().is_empty() {
+            anyhow::bail!("--notification-url must be an https:// URL without credentials");
+        }
+        Ok(Some(url))
+    }
+
     fn config(self) -> anyhow::Result<operator::OperatorConfig> {
         let mut config = operator::OperatorConfig::new(
             self.database.database_url.clone(),
@@ -277,7 +342,26 @@ impl OperatorArgs {
         config.scope = Scope::parse(&self.watch_namespaces);
         config.webhook_egress = EgressGuard::new(self.egress_policy()?);
         config.admission = self.admission_config();
+        config.notifications.public_url = self.notification_url()?;
+        let lifetime = seconds(
+            "subscription-lifetime-minutes",
+            self.subscription_lifetime_minutes * 60.0,
+        )?;
+        if !(Duration::from_secs(60)..=Duration::from_secs(10_080 * 60)).contains(&lifetime) {
+            anyhow::bail!("--subscription-lifetime-minutes must be between 1 and 10080");
+        }
+        config.notifications.lifetime = lifetime;
         config.workers.concurrency = self.worker_concurrency.max(1);
+        config.workers.budgets =
+            worker_budgets(config.workers.concurrency, self.reserved_poll_slots)?;
+        config.workers.owner_caps = HashMap::from([(
+            mailpoll::pipeline::DELIVER.to_owned(),
+            self.max_concurrent_deliveries,
+        )]);
+        if self.no_listen {
+            db::disable_listening();
+            config.workers.listen = false;
+        }
         config.workers.poll_interval = seconds(
             "worker-poll-interval-seconds",
             self.worker_poll_interval_seconds,
@@ -483,6 +567,26 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn polls_keep_a_quarter_of_the_slots_unless_told_otherwise() {
+        let reserved = |concurrency, given| {
+            worker_budgets(concurrency, given)
+                .map(|budgets| budgets[mailpoll::pipeline::POLL].reserved)
+                .map_err(|error| error.to_string())
+        };
+        assert_eq!(reserved(16, None), Ok(4));
+        assert_eq!(reserved(2, None), Ok(1));
+        assert_eq!(
+            reserved(1, None),
+            Ok(0),
+            "a single handler reserves nothing"
+        );
+        assert_eq!(reserved(16, Some(0)), Ok(0));
+        assert_eq!(reserved(16, Some(15)), Ok(15));
+        let refused = reserved(16, Some(16)).expect_err("no slot left for deliveries");
+        assert!(refused.contains("--reserved-poll-slots (16) must be less than"));
+    }
 
     #[test]
     fn the_command_line_is_consistent() {

@@ -21,6 +21,7 @@ use crate::directory::{DirectorySettings, KubeDirectory, MailboxPolls, Scope};
 use crate::graph::{Governor, GovernorConfig, GraphClient, GraphConfig, GraphError};
 use crate::leader::{self, LeaderConfig};
 use crate::mailbox_slots::MailboxSlots;
+use crate::notifications::{self, NotificationSettings};
 use crate::pipeline::actions::ActionsHandler;
 use crate::pipeline::deliver::DeliverHandler;
 use crate::pipeline::poll::{PollHandler, PollSettings};
@@ -74,6 +75,13 @@ pub struct OperatorConfig {
     pub webhook_egress: EgressGuard,
     /// The validating admission webhook's TLS listener; None serves none.
     pub admission: Option<crate::admission::AdmissionConfig>,
+    /// Longest wait for an answer (or the next bytes of one) from the Kubernetes API: a silent
+    /// API server (a LIST never answered, a watch that stopped sending) is given up on after
+    /// this and the request retried. Longer than the emulator's and the API server's bookmark
+    /// interval, so a quiet healthy watch is not cut.
+    pub kube_read_timeout: Duration,
+    /// Graph change notifications: the public URL and how subscriptions are kept.
+    pub notifications: NotificationSettings,
 }
 
 impl OperatorConfig {
@@ -107,6 +115,8 @@ impl OperatorConfig {
             metrics_interval: Duration::from_secs(10),
             webhook_egress: EgressGuard::default(),
             admission: None,
+            kube_read_timeout: KUBE_READ_TIMEOUT,
+            notifications: NotificationSettings::default(),
         }
     }
 }
@@ -135,8 +145,8 @@ pub enum OperatorError {
     Admission(#[from] crate::admission::tls::TlsError),
 }
 
-/// Longest wait for an answer (or the next bytes of one) from the Kubernetes API.
-const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`OperatorConfig::kube_read_timeout`].
+pub const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the operator introduces itself to the Kubernetes API and to webhooks.
 pub const USER_AGENT: &str = concat!("mailpoll/", env!("CARGO_PKG_VERSION"));
@@ -162,13 +172,25 @@ pub async fn run(
         stop.child_token(),
     );
     let (directory, watch_synced) = start_directory(&config, &client, &pool, stop.child_token());
-    let mut server = Server::start(config.http_addr, &pool, &metrics, watch_synced).await?;
+    let (notification_routes, notification_processor) = notifications::endpoint::router(
+        pool.clone(),
+        config.notifications.coalesce,
+        stop.child_token(),
+    );
+    let mut server = Server::start(
+        config.http_addr,
+        &pool,
+        &metrics,
+        watch_synced,
+        notification_routes,
+    )
+    .await?;
     if let Some(admission) = &config.admission {
         // Serves until `stop`; it needs neither Postgres nor the API server.
         crate::admission::start(admission, stop.child_token()).await?;
     }
     let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
-    let leadership = Leadership::start(&config, &pool, &client, &directory, &metrics);
+    let leadership = Leadership::start(&config, &pool, &client, &directory, &graph, &metrics);
     let gauges = tokio::spawn(refresh_queue_gauges(
         pool.clone(),
         metrics.clone(),
@@ -192,6 +214,7 @@ pub async fn run(
     );
     stop.cancel();
     let _ = gauges.await;
+    let _ = notification_processor.await;
     for task in sharing {
         let _ = task.await;
     }
@@ -212,7 +235,7 @@ async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorEr
     // A request the API server never answers (a stalled initial LIST once kept a replica
     // unready for good) fails after this and is retried; watches end sooner on the server's
     // side (WATCH_TIMEOUT_SECONDS), so a quiet watch is never cut by it.
-    kube_config.read_timeout = Some(KUBE_READ_TIMEOUT);
+    kube_config.read_timeout = Some(config.kube_read_timeout);
     kube_config.reset_reader_on_write = true;
     // Names the operator in API server audit logs (and in the emulator's request record).
     kube_config.headers.push((
@@ -222,28 +245,23 @@ async fn kube_client(config: &OperatorConfig) -> Result<kube::Client, OperatorEr
     kube::Client::try_from(kube_config).map_err(OperatorError::Kube)
 }
 
-/// The workers' directory of MailboxPolls, and a flag raised once its watch cache has listed
-/// every MailboxPoll (readiness waits for it).
+/// The workers' directory of MailboxPolls, and the readiness flag it keeps: raised once its
+/// watch cache has listed every MailboxPoll, lowered while a watch is stalled (it keeps failing,
+/// nothing heard: the API server stopped answering) and raised again when it recovers.
 fn start_directory(
     config: &OperatorConfig,
     client: &kube::Client,
     pool: &sqlx::PgPool,
     stop: CancellationToken,
 ) -> (Arc<KubeDirectory>, Arc<AtomicBool>) {
-    let polls = MailboxPolls::start(client, &config.scope, stop);
+    let polls = MailboxPolls::start(client, &config.scope, stop.clone());
     let watch_synced = Arc::new(AtomicBool::new(false));
-    {
-        let polls = polls.clone();
-        let watch_synced = watch_synced.clone();
-        tokio::spawn(async move {
-            polls.wait_synced().await;
-            watch_synced.store(true, Ordering::Release);
-            tracing::info!(
-                mailbox_polls = polls.len(),
-                "MailboxPoll watch cache synced"
-            );
-        });
-    }
+    tokio::spawn(follow_watch_health(
+        polls.clone(),
+        watch_synced.clone(),
+        config.kube_read_timeout * 2,
+        stop,
+    ));
     let directory = Arc::new(KubeDirectory::new(
         client.clone(),
         pool.clone(),
@@ -253,7 +271,38 @@ fn start_directory(
     (directory, watch_synced)
 }
 
-/// The HTTP server of `/healthz`, `/readyz` and `/metrics`.
+/// Keeps `ready` in step with the watch cache: synced, and not stalled over `window`.
+async fn follow_watch_health(
+    polls: MailboxPolls,
+    ready: Arc<AtomicBool>,
+    window: Duration,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = polls.wait_synced() => {}
+    }
+    tracing::info!(
+        mailbox_polls = polls.len(),
+        "MailboxPoll watch cache synced"
+    );
+    loop {
+        let healthy = !polls.is_stalled(window);
+        if ready.swap(healthy, Ordering::AcqRel) != healthy {
+            if healthy {
+                tracing::info!("the MailboxPoll watch answers: ready");
+            } else {
+                tracing::warn!("the MailboxPoll watch keeps failing without an answer: not ready");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The HTTP server of `/healthz`, `/readyz`, `/metrics` and the notification endpoint.
 struct Server {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     stop: CancellationToken,
@@ -265,6 +314,7 @@ impl Server {
         pool: &sqlx::PgPool,
         metrics: &SharedMetrics,
         watch_synced: Arc<AtomicBool>,
+        notification_routes: axum::Router,
     ) -> Result<Self, OperatorError> {
         let listener = http::bind(addr)
             .await
@@ -275,12 +325,15 @@ impl Server {
         let task = tokio::spawn({
             let stop = stop.clone();
             async move {
-                axum::serve(listener, http::router(state))
+                axum::serve(listener, http::router(state).merge(notification_routes))
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
             }
         });
-        tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+        tracing::info!(
+            addr = %local,
+            "serving /healthz, /readyz, /metrics and /notifications"
+        );
         Ok(Self { task, stop })
     }
 
@@ -310,6 +363,7 @@ struct Leadership {
     elector_stop: CancellationToken,
     controller: tokio::task::JoinHandle<()>,
     controller_stop: CancellationToken,
+    subscriptions: tokio::task::JoinHandle<()>,
 }
 
 impl Leadership {
@@ -318,6 +372,7 @@ impl Leadership {
         pool: &sqlx::PgPool,
         client: &kube::Client,
         directory: &Arc<KubeDirectory>,
+        graph: &GraphClient,
         metrics: &SharedMetrics,
     ) -> Self {
         let elector_stop = CancellationToken::new();
@@ -335,9 +390,19 @@ impl Leadership {
         );
         let mut leader_work = config.leader_work.clone();
         leader_work.scope = config.scope.clone();
+        leader_work.lease = config.lease_name.clone();
         leader_work.reconcile.egress = config.webhook_egress.clone();
         leader_work.identity = config.workers.worker_id.to_string();
         let controller_stop = CancellationToken::new();
+        let subscriptions = tokio::spawn(
+            notifications::manager::Manager::new(
+                pool.clone(),
+                directory.clone(),
+                graph.clone(),
+                config.notifications.clone(),
+            )
+            .run(leading.clone(), controller_stop.clone()),
+        );
         let controller = tokio::spawn(controller::lead(
             pool.clone(),
             client.clone(),
@@ -352,6 +417,7 @@ impl Leadership {
             elector_stop,
             controller,
             controller_stop,
+            subscriptions,
         }
     }
 
@@ -359,6 +425,7 @@ impl Leadership {
     async fn stop(self) {
         self.controller_stop.cancel();
         let _ = self.controller.await;
+        let _ = self.subscriptions.await;
         self.elector_stop.cancel();
         let _ = self.elector.await;
         tracing::info!("leadership released");
@@ -408,7 +475,8 @@ fn start_workers(
         )
         .register(
             DELIVER,
-            DeliverHandler::new(pool.clone(), directory.clone(), webhook, metrics.clone()),
+            DeliverHandler::new(pool.clone(), directory.clone(), webhook, metrics.clone())
+                .with_graph(graph.clone()),
         )
         .register(
             ACTIONS,

@@ -91,6 +91,23 @@ pub async fn request(pool: &PgPool, uid: Uuid, value: &str) -> Result<bool, sqlx
     Ok(inserted.rows_affected() == 1)
 }
 
+/// Prefix of the poll requests a change notification makes (never an annotation's value on
+/// status, never the request pruning keeps for the annotation).
+pub const WAKEUP_PREFIX: &str = "notification:";
+
+/// Records a poll request of a change notification. Each one is a row of its own, so one
+/// that arrives while a round runs gets the round after it; a burst before a round starts is
+/// served by that one round.
+pub async fn request_wakeup(pool: &PgPool, uid: Uuid) -> Result<(), sqlx::Error> {
+    let value = format!("{WAKEUP_PREFIX}{}", Uuid::new_v4());
+    sqlx::query("INSERT INTO poll_requests (mailbox_uid, value) VALUES ($1, $2)")
+        .bind(uid)
+        .bind(value)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Marks forced-poll requests made before `round_started` as served by this task, and names
 /// the newest of them on the round's `polls` row. Returns whether requests made since are
 /// still waiting (they need a round of their own).
@@ -242,9 +259,11 @@ pub async fn last_handled_request(
 ) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT value FROM poll_requests WHERE mailbox_uid = $1 AND served_at IS NOT NULL
+           AND NOT starts_with(value, $2)
          ORDER BY served_at DESC, requested_at DESC LIMIT 1",
     )
     .bind(uid)
+    .bind(WAKEUP_PREFIX)
     .fetch_optional(&mut *conn)
     .await
 }
@@ -292,8 +311,8 @@ pub async fn prune_polls(
 }
 
 /// Deletes up to `limit` served forced-poll requests made more than `older_than` ago, except
-/// each MailboxPoll's latest one: the value on its annotation, which must not cause a poll
-/// again after a restart. Returns how many were deleted.
+/// each MailboxPoll's latest annotation value (notification wake-ups do not count), which must
+/// not cause a poll again after a restart. Returns how many were deleted.
 pub async fn prune_requests(
     pool: &PgPool,
     older_than: std::time::Duration,
@@ -304,8 +323,10 @@ pub async fn prune_requests(
              SELECT p.mailbox_uid, p.value FROM poll_requests p
              WHERE p.served_at IS NOT NULL
                AND p.requested_at < now() - $1 * interval '1 microsecond'
-               AND EXISTS (SELECT 1 FROM poll_requests n WHERE n.mailbox_uid = p.mailbox_uid
-                           AND n.requested_at > p.requested_at)
+               AND (starts_with(p.value, $3)
+                    OR EXISTS (SELECT 1 FROM poll_requests n WHERE n.mailbox_uid = p.mailbox_uid
+                               AND n.requested_at > p.requested_at
+                               AND NOT starts_with(n.value, $3)))
              ORDER BY p.requested_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED
@@ -315,6 +336,7 @@ pub async fn prune_requests(
     )
     .bind(micros(older_than))
     .bind(limit)
+    .bind(WAKEUP_PREFIX)
     .execute(pool)
     .await?;
     Ok(pruned.rows_affected())

@@ -13,6 +13,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::content::{
+    AttachmentMode, DEFAULT_MAX_ATTACHMENT_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Format,
+};
+
 /// Annotation whose every new value forces exactly one poll.
 pub const POLL_REQUESTED_AT_ANNOTATION: &str = "mailpoll.dev/poll-requested-at";
 
@@ -156,6 +160,19 @@ pub struct MailboxPollSpec {
     /// What happens to the ledger when this MailboxPoll is deleted. Retain (default): its ledger, poll history and identity stay (until retention purges them), so re-creating the same namespace/name/mailbox/folder continues it and delivers nothing twice. Delete: they are purged once the MailboxPoll is gone; a re-created one starts over and delivers every message in its folder again.
     #[serde(default)]
     pub deletion_policy: crate::identity::DeletionPolicy,
+
+    /// Microsoft Graph change notifications as wake-ups: a new message in the folder starts a poll within seconds, and the interval stays as the safety net for notifications Graph loses. Needs the operator's public notification URL (Helm value notifications.publicUrl).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<Notifications>,
+}
+
+/// Change notifications of a MailboxPoll.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Notifications {
+    /// Keep a Graph subscription to the folder's new messages and poll when one arrives (default false).
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 /// Reference to the Secret holding the Microsoft Entra app credentials.
@@ -250,12 +267,17 @@ pub struct Delivery {
     /// Include the message body in the ledger and the webhook payload.
     #[serde(default)]
     pub include_body: bool,
+    /// Deliveries of this MailboxPoll running at once across all replicas (default: the operator's --max-concurrent-deliveries, 8 unless set). A receiver that answers slowly then holds at most this many worker slots, and other MailboxPolls' deliveries go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("spec.delivery.maxConcurrent must be between 1 and 1000"))]
+    pub max_concurrent: Option<i32>,
 }
 
 /// A webhook receiving one signed POST per message.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.urlSecretRef) ? 1 : 0) == 1").message("spec.delivery.webhook needs exactly one of url and urlSecretRef (use urlSecretRef when the URL carries a credential, such as a Logic Apps sig= parameter)"))]
+#[x_kube(validation = Rule::new("!has(self.format) || self.format != 'mime' || !has(self.attachments) || self.attachments == 'none'").message("spec.delivery.webhook.attachments must be none with format mime: the raw message carries its attachments itself"))]
 pub struct Webhook {
     /// https:// endpoint; http:// only for loopback or in-cluster service hosts (*.svc, *.svc.cluster.local). Exactly one of url and urlSecretRef. A URL that carries a credential (a sig= or code= parameter, a key) belongs in urlSecretRef.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,6 +299,20 @@ pub struct Webhook {
     #[x_kube(validation = Rule::new("self == '' || !self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$') || (duration(self) >= duration('1s') && duration(self) <= duration('5m'))").message("spec.delivery.webhook.timeout must be between 1s and 5m"))]
     #[schemars(length(max = 32))]
     pub timeout: String,
+    /// The request body: json (the message as JSON, the default), cloudevents (the same JSON as a CloudEvents 1.0 event in HTTP binary mode, ce-id being the idempotency key), or mime (the raw RFC 5322 message as Microsoft Graph has it, content-type message/rfc822, at most maxMessageBytes).
+    #[serde(default)]
+    pub format: Format,
+    /// Attachments in the JSON payload: none (the default), metadata (name, content type, size, inline image marks), or inline (also the content, base64, within maxAttachmentBytes and maxMessageBytes; larger ones as metadata with contentOmitted). Each listing and content fetch is a Graph request of the mailbox. Must be none with format mime.
+    #[serde(default)]
+    pub attachments: AttachmentMode,
+    /// Largest attachment, in bytes, whose content is put in the payload (default 10 MiB, at most 50 MiB); maxMessageBytes bounds each one too.
+    #[serde(default = "default_max_attachment_bytes")]
+    #[schemars(range(min = 1, max = 52_428_800))]
+    pub max_attachment_bytes: i64,
+    /// Most bytes per message: the attachment content put in one payload, or the raw MIME of format mime (default 25 MiB, at most 50 MiB).
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 1, max = 52_428_800))]
+    pub max_message_bytes: i64,
 }
 
 /// The key of a Secret in the MailboxPoll's namespace that holds the webhook URL.
@@ -372,6 +408,24 @@ pub struct MailboxPollStatus {
     /// The last `mailpoll.dev/poll-requested-at` value that caused a poll.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_poll_request: Option<String>,
+    /// The Graph change-notification subscription, while spec.notifications.enabled is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<NotificationsStatus>,
+}
+
+/// The Graph subscription behind spec.notifications.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationsStatus {
+    /// Graph's subscription id; absent while none could be created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription_id: Option<String>,
+    /// When Graph drops the subscription unless renewed (the operator renews it well before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiration_time: Option<Time>,
+    /// When the last notification from Graph arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_notification_time: Option<Time>,
 }
 
 fn default_folder() -> String {
@@ -406,6 +460,13 @@ fn default_url_secret_key() -> String {
 }
 fn default_webhook_timeout() -> String {
     "10s".into()
+}
+// Signed in the schema (Kubernetes knows int64, not uint64); the bounds keep them positive.
+fn default_max_attachment_bytes() -> i64 {
+    DEFAULT_MAX_ATTACHMENT_BYTES as i64
+}
+fn default_max_message_bytes() -> i64 {
+    DEFAULT_MAX_MESSAGE_BYTES as i64
 }
 
 /// A duration string outside the grammar the CRD accepts.
@@ -456,6 +517,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, InvalidDuration> {
 }
 
 impl MailboxPollSpec {
+    /// Whether change notifications are on.
+    pub fn notifications_enabled(&self) -> bool {
+        self.notifications.as_ref().is_some_and(|n| n.enabled)
+    }
+
     /// The polling interval, clamped to the bounds the CRD enforces (an object stored before a
     /// schema change could carry anything).
     pub fn interval(&self) -> Result<Duration, InvalidDuration> {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Each table and the one place allowed to name it in SQL (a file, or a folder).
-const OWNERS: [(&str, &str); 11] = [
+const OWNERS: [(&str, &str); 13] = [
     ("tasks", "src/queue/"),
     ("mailbox_cursors", "src/cursor.rs"),
     ("messages", "src/ledger.rs"),
@@ -17,6 +17,8 @@ const OWNERS: [(&str, &str); 11] = [
     ("mailbox_identities", "src/identity.rs"),
     ("mailbox_slots", "src/mailbox_slots.rs"),
     ("mailbox_slot_waiters", "src/mailbox_slots.rs"),
+    ("leader_terms", "src/controller/fence.rs"),
+    ("notification_subscriptions", "src/notifications/store.rs"),
 ];
 
 /// SQL words that put a table name right after them.

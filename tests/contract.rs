@@ -162,6 +162,7 @@ fn config(url: String) -> MailboxConfig {
         max_attempts: MAX_ATTEMPTS,
         start: Default::default(),
         filter: None,
+        max_concurrent_deliveries: None,
     }
 }
 

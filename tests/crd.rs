@@ -210,6 +210,18 @@ fn invalid_specs_are_rejected_with_a_message_naming_the_field() {
             "spec.maxAttempts in body must be of type integer",
         ),
         (
+            "delivery.maxConcurrent 0",
+            "/delivery",
+            Some(json!({"maxConcurrent": 0})),
+            "spec.delivery.maxConcurrent must be between 1 and 1000",
+        ),
+        (
+            "delivery.maxConcurrent 1001",
+            "/delivery",
+            Some(json!({"maxConcurrent": 1001})),
+            "spec.delivery.maxConcurrent must be between 1 and 1000",
+        ),
+        (
             "no credentials",
             "/credentialsSecretRef",
             None,
@@ -435,5 +447,58 @@ fn readme_example_is_valid() {
                 e.iter().map(ToString::to_string).collect::<Vec<_>>()
             )
         });
+    }
+}
+
+#[test]
+fn webhook_formats_and_attachment_limits_are_checked_at_apply_time() {
+    let v = validator();
+    let with = |fields: Value| {
+        let mut spec = valid_spec();
+        for (name, value) in fields.as_object().expect("fields").clone() {
+            spec["delivery"]["webhook"][name] = value;
+        }
+        v.validate(&object(spec), None, true)
+    };
+    let defaulted = with(json!({})).expect("no content fields is valid");
+    let webhook = &defaulted["spec"]["delivery"]["webhook"];
+    assert_eq!(webhook["format"], "json");
+    assert_eq!(webhook["attachments"], "none");
+    assert_eq!(webhook["maxAttachmentBytes"], 10_485_760);
+    assert_eq!(webhook["maxMessageBytes"], 26_214_400);
+    for valid in [
+        json!({"format": "cloudevents", "attachments": "inline"}),
+        json!({"attachments": "metadata", "maxAttachmentBytes": 1, "maxMessageBytes": 52_428_800}),
+        json!({"format": "mime", "maxMessageBytes": 1_000_000}),
+    ] {
+        with(valid.clone()).unwrap_or_else(|e| panic!("{valid} should be accepted: {e:?}"));
+    }
+    for (invalid, expected) in [
+        (json!({"format": "xml"}), "spec.delivery.webhook.format"),
+        (
+            json!({"attachments": "all"}),
+            "spec.delivery.webhook.attachments",
+        ),
+        (
+            json!({"format": "mime", "attachments": "inline"}),
+            "spec.delivery.webhook.attachments must be none with format mime",
+        ),
+        (
+            json!({"maxAttachmentBytes": 0}),
+            "spec.delivery.webhook.maxAttachmentBytes",
+        ),
+        (
+            json!({"maxMessageBytes": 52_428_801}),
+            "spec.delivery.webhook.maxMessageBytes",
+        ),
+    ] {
+        let errors = with(invalid.clone())
+            .err()
+            .unwrap_or_else(|| panic!("{invalid} should be rejected"));
+        let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            rendered.iter().any(|m| m.contains(expected)),
+            "{invalid}: expected a message containing {expected:?}, got {rendered:?}"
+        );
     }
 }

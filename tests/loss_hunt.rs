@@ -325,6 +325,7 @@ impl Hunt {
             max_attempts: MAX_ATTEMPTS,
             start: Default::default(),
             filter: None,
+            max_concurrent_deliveries: None,
         }
     }
 

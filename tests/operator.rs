@@ -63,6 +63,15 @@ impl World {
 
     /// The operator with the webhook egress policy `egress`.
     async fn start_with(scope: Scope, egress: EgressGuard) -> Self {
+        Self::start_tuned(scope, egress, |_| {}).await
+    }
+
+    /// The operator of [`Self::start_with`], its configuration changed by `tune` last.
+    async fn start_tuned(
+        scope: Scope,
+        egress: EgressGuard,
+        tune: impl FnOnce(&mut OperatorConfig),
+    ) -> Self {
         mailpoll::install_crypto_provider();
         let db = TestDatabase::create().await.expect("test database");
         let kube = KubeEmulator::start()
@@ -120,6 +129,7 @@ impl World {
         config.leader_work.reconcile.config_requeue = Duration::from_secs(1);
         config.leader_work.sweep_interval = Duration::from_secs(1);
         config.leader_work.sweep_min_age = Duration::from_secs(2);
+        tune(&mut config);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let operator = tokio::spawn(operator::run(config, async move {
             let _ = stopped.await;
@@ -1192,6 +1202,232 @@ async fn a_new_mailbox_poll_is_observed_at_once_as_reconciling() {
     assert!(status.last_poll_time.is_none(), "no poll has finished yet");
     world.graph.update_faults(|faults| faults.slow_page_ms = 0);
     world.wait_status("fresh", "Ready=True", is_ready).await;
+    world.stop().await;
+}
+
+/// A spec change is observed at once, even while a poll runs: `observedGeneration` reaches
+/// the new generation before that poll has finished.
+#[tokio::test]
+async fn a_spec_change_is_observed_at_once_while_a_poll_runs() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("busy", "1h", SECRET).await;
+    world.wait_status("busy", "Ready=True", is_ready).await;
+    assert_eq!(world.finished_polls(uid).await, 1);
+    // A forced poll that stays running while the spec changes.
+    world
+        .graph
+        .update_faults(|faults| faults.slow_page_ms = 8000);
+    world.request_poll("busy", "slow-one").await;
+    wait_until("the forced poll to run", PATIENCE, || async {
+        world.live_poll_task(uid).await.as_deref() == Some("running")
+    })
+    .await;
+    world
+        .patch("busy", json!({"spec": {"interval": "2h"}}))
+        .await;
+    let status = world
+        .wait_status("busy", "observedGeneration 2", |s| {
+            s.observed_generation == Some(2)
+        })
+        .await;
+    assert_eq!(
+        world.finished_polls(uid).await,
+        1,
+        "the running poll has not finished: it is not what wrote the new generation"
+    );
+    assert_eq!(world.live_poll_task(uid).await.as_deref(), Some("running"));
+    assert!(is_ready(&status), "readiness still shows the last poll");
+    world.graph.update_faults(|faults| faults.slow_page_ms = 0);
+    wait_until("the forced poll to finish", PATIENCE, || async {
+        world.finished_polls(uid).await == 2
+    })
+    .await;
+    world.stop().await;
+}
+
+/// Workers saturated (one worker, held by a slow poll): the MailboxPolls whose polls are due
+/// wait, and the controller looks at each after a delay that grows with its lateness rather
+/// than every second. Over the window each overdue MailboxPoll is reconciled when created and
+/// then at lateness 1, 2, 4 and 8 s (the wait doubles as the lateness does), at most 6 times;
+/// a look every second would be 15 or more.
+#[tokio::test]
+async fn overdue_polls_under_saturated_workers_are_not_reconciled_in_a_hot_loop() {
+    let world = World::start_tuned(
+        Scope::All,
+        EgressGuard::new(EgressPolicy::allowing_loopback()),
+        |config| {
+            config.workers.concurrency = 1;
+            config.workers.prefetch = 0;
+            config.leader_work.reconcile.overdue = Duration::from_secs(1);
+        },
+    )
+    .await;
+    world.credentials(cluster::valid_client_secret()).await;
+    world
+        .graph
+        .update_faults(|faults| faults.slow_page_ms = 30_000);
+    let blocker = world.create("blocker", "1h", SECRET).await;
+    wait_until("the blocking poll to run", PATIENCE, || async {
+        world.live_poll_task(blocker).await.as_deref() == Some("running")
+    })
+    .await;
+    let before = world.reconciles().await;
+    const WAITING: u64 = 4;
+    let mut waiting = Vec::new();
+    for n in 0..WAITING {
+        waiting.push(world.create(&format!("waiting-{n}"), "1h", SECRET).await);
+    }
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let reconciles = world.reconciles().await - before;
+    for uid in &waiting {
+        assert_eq!(
+            world.live_poll_task(*uid).await.as_deref(),
+            Some("pending"),
+            "the workers stayed saturated for the whole window"
+        );
+    }
+    // Each waiting MailboxPoll: its creation and at most five looks; the blocker: at most two
+    // fallback looks while it runs (every 10 s).
+    let bound = WAITING * 6 + 2;
+    assert!(
+        reconciles <= bound,
+        "{reconciles} reconciles in 15 s for {WAITING} overdue MailboxPolls (at most {bound})"
+    );
+    assert!(
+        reconciles >= WAITING,
+        "every new MailboxPoll was reconciled ({reconciles})"
+    );
+    world.graph.update_faults(|faults| faults.slow_page_ms = 0);
+    world.stop().await;
+}
+
+/// The leader's controller and the workers' directory share the replica's one watch of
+/// MailboxPolls: one LIST and one WATCH of them, not one each.
+#[tokio::test]
+async fn the_leader_keeps_one_watch_of_mailbox_polls() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    world.create("shared", "1h", SECRET).await;
+    // Ready: the controller (leader only) has reconciled it, so both users of the watch run.
+    world.wait_status("shared", "Ready=True", is_ready).await;
+    let records = world.kube.requests();
+    let watches = records
+        .iter()
+        .filter(|r| r.resource == "mailboxpolls" && r.verb == "watch")
+        .count();
+    assert_eq!(watches, 1, "one watch of MailboxPolls");
+    world.stop().await;
+}
+
+/// The API server goes silent: the replica's watches of MailboxPolls stay open and send
+/// nothing. The client's read timeout (12 s here, longer than the emulator's 10 s bookmarks)
+/// gives up on each; the second one in a row without an answer makes the replica unready. Once
+/// the API server answers again, the watch resumes: a MailboxPoll created during the silence is
+/// seen and polled, and the replica is ready again.
+#[tokio::test]
+async fn a_silent_watch_is_given_up_and_a_mailbox_poll_created_meanwhile_is_polled() {
+    let world = World::start_tuned(
+        Scope::All,
+        EgressGuard::new(EgressPolicy::allowing_loopback()),
+        |config| config.kube_read_timeout = Duration::from_secs(12),
+    )
+    .await;
+    world.credentials(cluster::valid_client_secret()).await;
+    world.create("before", "1h", SECRET).await;
+    world.wait_status("before", "Ready=True", is_ready).await;
+
+    world.kube.silence_watches(true);
+    let after = world.create("after", "1h", SECRET).await;
+    let http = reqwest::Client::new();
+    let readyz = format!("http://127.0.0.1:{}/readyz", world.http_port);
+    wait_for(
+        "the replica to turn unready while its watch stays silent",
+        Duration::from_secs(60),
+        || async {
+            let response = http.get(&readyz).send().await.ok()?;
+            (!response.status().is_success()).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(world.finished_polls(after).await, 0, "not seen yet");
+    // The open watches stay silent; the ones the operator opens next are answered.
+    world.kube.silence_watches(false);
+    let polled = try_wait_for(
+        "the MailboxPoll created during the silence to be polled",
+        Duration::from_secs(60),
+        || async { (world.finished_polls(after).await == 1).then_some(()) },
+    )
+    .await;
+    assert!(polled.is_ok(), "{polled:?}");
+    world.wait_ready().await;
+    world.wait_status("after", "Ready=True", is_ready).await;
+    world.stop().await;
+}
+
+/// The status is written by server-side apply with the controller's field manager: a
+/// condition another manager applies stays through the controller's later writes.
+#[tokio::test]
+async fn the_status_is_applied_and_other_managers_conditions_stay() {
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world.create("shared-status", "1h", SECRET).await;
+    world
+        .wait_status("shared-status", "Ready=True", is_ready)
+        .await;
+    let applied = json!({
+        "apiVersion": "mailpoll.dev/v1alpha1", "kind": "MailboxPoll",
+        "metadata": {"name": "shared-status"},
+        "status": {"conditions": [{
+            "type": "Synced", "status": "True", "reason": "InGit", "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"
+        }]},
+    });
+    world
+        .api()
+        .patch_status(
+            "shared-status",
+            &PatchParams::apply("gitops-agent"),
+            &Patch::Apply(&applied),
+        )
+        .await
+        .expect("another manager's condition");
+    world
+        .graph
+        .add_messages(MAILBOX, "inbox", 1)
+        .expect("messages added");
+    world.request_poll("shared-status", "again").await;
+    let status = world
+        .wait_status("shared-status", "the second poll's status", |s| {
+            s.last_poll_messages == Some(1)
+        })
+        .await;
+    assert_eq!(world.finished_polls(uid).await, 2);
+    assert_eq!(condition(&status, "Synced"), Some(("True", "InGit")));
+    assert!(is_ready(&status));
+    let poll = world.api().get("shared-status").await.expect("get");
+    let managers: Vec<(String, String, String)> = poll
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .map(|m| {
+            (
+                m.manager.unwrap_or_default(),
+                m.operation.unwrap_or_default(),
+                m.subresource.unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        managers.contains(&(
+            "mailpoll-controller".into(),
+            "Apply".into(),
+            "status".into()
+        )),
+        "{managers:?}"
+    );
     world.stop().await;
 }
 

@@ -141,12 +141,13 @@ fn crd_command_prints_the_committed_crd() {
 #[tokio::test]
 async fn a_list_the_api_server_never_answers_is_retried_and_the_operator_gets_ready() {
     let (db, kube) = empty_database_and_cluster().await;
-    // The directory's watch and the controller's both list first: stall both.
+    // The replica's one watch of MailboxPolls (the directory's, the controller's too) lists
+    // first: stall it.
     kube.inject_fault_for(
         "stalled",
         "list",
         "mailboxpolls",
-        2,
+        1,
         FaultEffect::Stall(Duration::from_secs(600)),
     );
     let port = free_port().expect("free port");

@@ -48,6 +48,7 @@ fn config(uid: Uuid, receiver: &WebhookReceiver, max_attempts: i32) -> MailboxCo
         max_attempts,
         start: Default::default(),
         filter: None,
+        max_concurrent_deliveries: None,
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use mailpoll::controller::deletion;
+use mailpoll::controller::{deletion, fence};
 use mailpoll::identity::{self, DeletionPolicy, Owner};
 use mailpoll::ledger::{self, DeliveredMark, DeliveryState, LedgerMessage};
 use mailpoll::poll_log;
@@ -494,6 +494,49 @@ async fn poll_history_is_pruned_but_the_rows_status_reads_stay() {
 }
 
 #[tokio::test]
+async fn notification_wake_ups_are_pruned_and_never_displace_the_annotation_value() {
+    let db = TestDatabase::create().await.expect("test database");
+    let uid = Uuid::new_v4();
+    // The annotation's value, then three served wake-ups after it, all older than 30 days.
+    sqlx::query(
+        "INSERT INTO poll_requests (mailbox_uid, value, requested_at, served_at)
+         VALUES ($1, 'v1', now() - interval '50 days', now() - interval '50 days'),
+                ($1, 'notification:a', now() - interval '45 days', now() - interval '45 days'),
+                ($1, 'notification:b', now() - interval '44 days', now() - interval '44 days'),
+                ($1, 'notification:c', now() - interval '43 days', now() - interval '43 days')",
+    )
+    .bind(uid)
+    .execute(&db.pool)
+    .await
+    .expect("requests");
+    poll_log::request_wakeup(&db.pool, uid)
+        .await
+        .expect("a fresh wake-up");
+    assert_eq!(
+        poll_log::prune_requests(&db.pool, 30 * DAY, 100)
+            .await
+            .expect("prune requests"),
+        3,
+        "the old wake-ups go; the annotation value and the fresh wake-up stay"
+    );
+    let mut conn = db.pool.acquire().await.expect("connection");
+    assert_eq!(
+        poll_log::last_handled_request(&mut conn, uid)
+            .await
+            .expect("request")
+            .as_deref(),
+        Some("v1"),
+        "wake-ups never show as the last handled annotation value"
+    );
+    assert!(
+        !poll_log::request(&db.pool, uid, "v1")
+            .await
+            .expect("request"),
+        "the annotation value still counts as seen"
+    );
+}
+
+#[tokio::test]
 async fn dead_tasks_are_pruned_after_their_own_period() {
     let db = TestDatabase::create().await.expect("test database");
     sqlx::query(
@@ -602,6 +645,13 @@ async fn rows(pool: &PgPool, object: &Object) -> [i64; 5] {
     ]
 }
 
+/// The purge is the leader's: it runs in a recorded leadership term.
+async fn leader_term(pool: &PgPool) -> fence::LeaderTerm {
+    fence::begin_term(pool, "mailpoll-leader", "retention-test")
+        .await
+        .expect("leadership term")
+}
+
 /// `Delete` purges exactly the gone object's ledger, history and identity, batch by batch;
 /// `Retain` keeps everything; an object that still exists is left alone.
 #[tokio::test]
@@ -617,13 +667,14 @@ async fn the_delete_policy_purges_exactly_the_gone_mailbox_polls_rows() {
         .expect("doomed");
     assert_eq!(candidates.len(), 2, "the two Delete identities");
     let existing: HashSet<Uuid> = [kept.uid, alive.uid].into();
+    let term = leader_term(&db.pool).await;
     // A budget of two batches of 10 leaves some for the next sweep.
-    let first = deletion::purge(&db.pool, &candidates, &existing, 10, 2)
+    let first = deletion::purge(&db.pool, &term, &candidates, &existing, 10, 2)
         .await
         .expect("purge");
     assert_eq!((first.messages, first.identities), (20, 0));
     assert_eq!(rows(&db.pool, &doomed).await, [5, 5, 5, 1, 1]);
-    let second = deletion::purge(&db.pool, &candidates, &existing, 10, 2)
+    let second = deletion::purge(&db.pool, &term, &candidates, &existing, 10, 2)
         .await
         .expect("purge");
     assert_eq!((second.messages, second.identities), (5, 1));
@@ -657,7 +708,8 @@ async fn a_re_created_mailbox_poll_stops_the_delete_purge() {
         .await
         .expect("identity");
     assert_eq!(ledger_id, gone.ledger_id, "the ledger continues");
-    let purged = deletion::purge(&db.pool, &candidates, &HashSet::new(), 10, 10)
+    let term = leader_term(&db.pool).await;
+    let purged = deletion::purge(&db.pool, &term, &candidates, &HashSet::new(), 10, 10)
         .await
         .expect("purge");
     assert_eq!(purged, deletion::Purged::default());

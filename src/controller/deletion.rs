@@ -12,6 +12,7 @@ use kube::api::{Api, ListParams};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::fence::{FenceError, LeaderTerm};
 use crate::directory::Scope;
 use crate::identity::{self, Doomed};
 use crate::ledger;
@@ -96,18 +97,21 @@ pub struct Purged {
 /// Purges, batch by batch (one transaction each, at most `max_batches`), the ledgers, poll
 /// history and identities of `doomed` whose object is not in `existing`. A MailboxPoll
 /// re-created meanwhile takes its identity back and stops the purge (see
-/// [`identity::lock_doomed`]). What is left continues at the next sweep.
+/// [`identity::lock_doomed`]). What is left continues at the next sweep. Each batch is fenced
+/// by the leader's `term`: a deposed leader purges nothing.
 pub async fn purge(
     pool: &PgPool,
+    term: &LeaderTerm,
     doomed: &[Doomed],
     existing: &HashSet<Uuid>,
     batch: i64,
     max_batches: usize,
-) -> Result<Purged, sqlx::Error> {
+) -> Result<Purged, FenceError> {
     let mut purged = Purged::default();
     for one in doomed.iter().filter(|d| !existing.contains(&d.uid)) {
         for _ in 0..max_batches {
             let mut tx = pool.begin().await?;
+            term.check(&mut tx).await?;
             if !identity::lock_doomed(&mut tx, one).await? {
                 break;
             }

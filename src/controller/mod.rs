@@ -6,8 +6,10 @@
 //! reconciles, and sweeps the state of deleted MailboxPolls; the moment leadership is lost all
 //! of that stops.
 
+pub mod backoff;
 pub mod conditions;
 pub mod deletion;
+pub mod fence;
 pub mod reconcile;
 pub mod schedule;
 pub mod status;
@@ -21,8 +23,8 @@ use futures::StreamExt;
 use kube::ResourceExt;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::runtime::predicates;
+use kube::runtime::reflector::ObjectRef;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -49,6 +51,8 @@ pub const CONTROLLER_NAME: &str = "mailpoll.dev/controller";
 #[derive(Debug, Clone)]
 pub struct LeaderWork {
     pub scope: Scope,
+    /// The Lease whose holder does this work; names its terms in Postgres ([`fence`]).
+    pub lease: String,
     /// Identity in Events (pod name plus process id).
     pub identity: String,
     pub reconcile: ReconcileSettings,
@@ -67,6 +71,7 @@ impl LeaderWork {
     pub fn new(scope: Scope, identity: impl Into<String>) -> Self {
         Self {
             scope,
+            lease: "mailpoll-leader".into(),
             identity: identity.into(),
             reconcile: ReconcileSettings::default(),
             concurrency: 32,
@@ -92,10 +97,21 @@ pub async fn lead(
             () = stop.cancelled() => return,
             changed = leading.wait_for(|l| *l) => if changed.is_err() { return },
         }
-        tracing::info!(identity = %work.identity, "became leader: scheduling starts");
+        let Some(leader_term) = record_term(&pool, &work, &mut leading, &stop).await else {
+            continue;
+        };
+        tracing::info!(identity = %work.identity, term = leader_term.term, "became leader: scheduling starts");
         metrics.leading(true);
         let term = stop.child_token();
-        let tasks = start_term(&pool, &client, &directory, &metrics, &work, term.clone());
+        let tasks = start_term(
+            &pool,
+            &client,
+            &directory,
+            &metrics,
+            &work,
+            leader_term,
+            term.clone(),
+        );
         tokio::select! {
             () = stop.cancelled() => {}
             _ = leading.wait_for(|l| !*l) => {
@@ -117,12 +133,34 @@ pub async fn lead(
     }
 }
 
+/// Records a new term in Postgres before any leader-only work starts (retrying while the
+/// database is unreachable); `None` when leadership was lost or the operator stops first.
+async fn record_term(
+    pool: &PgPool,
+    work: &LeaderWork,
+    leading: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
+) -> Option<fence::LeaderTerm> {
+    loop {
+        match fence::begin_term(pool, &work.lease, &work.identity).await {
+            Ok(term) => return Some(term),
+            Err(error) => tracing::warn!(%error, "cannot record the leadership term; retrying"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            _ = leading.wait_for(|l| !*l) => return None,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 fn start_term(
     pool: &PgPool,
     client: &kube::Client,
     directory: &Arc<KubeDirectory>,
     metrics: &SharedMetrics,
     work: &LeaderWork,
+    leader_term: fence::LeaderTerm,
     term: CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let recorder = Recorder::new(
@@ -142,20 +180,21 @@ fn start_term(
     ));
     let mut tasks = Vec::new();
     let mut routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>> = HashMap::new();
-    for (namespace, api) in work.scope.apis::<MailboxPoll>(client) {
+    // The replica's one watch of MailboxPolls feeds the controller too: its cache, and its
+    // changes from now on.
+    for (namespace, reader, applied) in directory.polls().subscribe(1024) {
         let (tx, rx) = mpsc::channel(1024);
         routes.insert(namespace.clone(), tx);
-        let (reader, writer) = reflector::store();
-        // Reconciles follow spec changes and new forced-poll values, never status writes.
-        let changes = watcher(api, crate::directory::kube::watch_config())
-            .default_backoff()
-            .reflect(writer)
-            .applied_objects()
-            .predicate_filter(spec_or_request, Default::default());
-        let triggers = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|object| (object, rx))
-        });
-        let controller = Controller::for_stream(changes, reader)
+        // Everything cached now is reconciled once at the start of the term; the changes
+        // cover what comes after (and a re-list brings every object again).
+        let cached = reader.state();
+        let changes = spec_or_request_changes(received(applied), &cached);
+        let cached: Vec<ObjectRef<MailboxPoll>> = cached
+            .iter()
+            .map(|poll| ObjectRef::from_obj(&**poll))
+            .collect();
+        let triggers = futures::stream::iter(cached).chain(received(rx));
+        let controller = Controller::for_shared_stream(changes, reader)
             .with_config(ControllerConfig::default().concurrency(work.concurrency))
             .reconcile_on(triggers)
             .graceful_shutdown_on(term.clone().cancelled_owned())
@@ -183,15 +222,46 @@ fn start_term(
         directory.clone(),
         ctx,
         work.clone(),
+        leader_term,
         term,
     )));
     tasks
 }
 
-/// Hash of what should trigger a reconcile: the spec (its generation) and the forced-poll
+/// What a channel receives, as a stream.
+fn received<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// The objects whose spec or forced-poll request changed since they were last seen: status
+/// writes (which change neither) cause no reconcile.
+/// `known` are the objects already reconciled for (their status writes must not count as
+/// changes either).
+fn spec_or_request_changes(
+    applied: impl futures::Stream<Item = Arc<MailboxPoll>> + Send + 'static,
+    known: &[Arc<MailboxPoll>],
+) -> impl futures::Stream<Item = Arc<MailboxPoll>> + Send + 'static {
+    let mut seen: HashMap<ObjectRef<MailboxPoll>, u64> = known
+        .iter()
+        .filter_map(|poll| Some((ObjectRef::from_obj(&**poll), spec_or_request(poll)?)))
+        .collect();
+    applied.filter(move |poll| {
+        let changed = match spec_or_request(poll) {
+            Some(hash) => seen.insert(ObjectRef::from_obj(&**poll), hash) != Some(hash),
+            None => true,
+        };
+        futures::future::ready(changed)
+    })
+}
+
+/// Hash of what should trigger a reconcile: the object (its uid: one re-created under the
+/// same name starts again at generation 1), its spec (its generation) and the forced-poll
 /// annotation.
 fn spec_or_request(poll: &MailboxPoll) -> Option<u64> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    poll.metadata.uid.hash(&mut hasher);
     predicates::generation(poll).hash(&mut hasher);
     poll.annotations()
         .get(POLL_REQUESTED_AT_ANNOTATION)
@@ -237,6 +307,7 @@ async fn sweep_loop(
     directory: Arc<KubeDirectory>,
     ctx: Arc<Context>,
     work: LeaderWork,
+    leader_term: fence::LeaderTerm,
     stop: CancellationToken,
 ) {
     tokio::select! {
@@ -244,7 +315,7 @@ async fn sweep_loop(
         () = directory.polls().wait_synced() => {}
     }
     loop {
-        match guarded_sweep(&pool, &directory, &ctx, &work).await {
+        match guarded_sweep(&pool, &directory, &ctx, &work, &leader_term).await {
             Ok(swept) => {
                 for uid in &swept {
                     ctx.forget(*uid);
@@ -302,6 +373,7 @@ pub async fn guarded_sweep(
     directory: &KubeDirectory,
     ctx: &Context,
     work: &LeaderWork,
+    leader_term: &fence::LeaderTerm,
 ) -> Result<Vec<Uuid>, ReconcileError> {
     let view = deletion::ask_api(&ctx.client, &work.scope).await;
     let cached = directory.polls().uids().len();
@@ -315,7 +387,7 @@ pub async fn guarded_sweep(
             .inc();
         return Ok(Vec::new());
     }
-    let swept = sweep(pool, directory, work).await?;
+    let swept = sweep(pool, directory, work, leader_term).await?;
     let namespaces: Option<&[String]> = match &work.scope {
         Scope::All => None,
         Scope::Namespaces(list) => Some(list),
@@ -326,6 +398,7 @@ pub async fn guarded_sweep(
         let settings = &work.retention;
         let purged = deletion::purge(
             pool,
+            leader_term,
             &doomed,
             &existing,
             settings.batch,
@@ -344,10 +417,13 @@ pub async fn guarded_sweep(
 
 /// Cancels the live tasks and deletes the cursors of MailboxPolls that no longer exist. The
 /// ledger is kept (its deletion policy decides, see [`guarded_sweep`]). Returns the uids swept.
+/// Each MailboxPoll's state goes in one transaction fenced by `leader_term`: once another term
+/// began, nothing more is swept.
 pub async fn sweep(
     pool: &PgPool,
     directory: &KubeDirectory,
     work: &LeaderWork,
+    leader_term: &fence::LeaderTerm,
 ) -> Result<Vec<Uuid>, ReconcileError> {
     let namespaces: Option<&[String]> = match &work.scope {
         Scope::All => None,
@@ -367,9 +443,71 @@ pub async fn sweep(
         if existing.contains(&uid) {
             continue;
         }
-        queue::cancel_owner(pool, uid).await?;
-        cursor::delete(pool, uid).await?;
+        let mut tx = pool.begin().await?;
+        leader_term.check(&mut tx).await?;
+        queue::cancel_owner(&mut *tx, uid).await?;
+        cursor::delete(&mut *tx, uid).await?;
+        tx.commit().await?;
         swept.push(uid);
     }
     Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll(name: &str, uid: &str, generation: i64, request: Option<&str>) -> Arc<MailboxPoll> {
+        let mut poll = MailboxPoll::new(
+            name,
+            serde_json::from_value(serde_json::json!({
+                "mailbox": "a@contoso.com",
+                "credentialsSecretRef": {"name": "s"}
+            }))
+            .expect("spec"),
+        );
+        poll.metadata.namespace = Some("mail".into());
+        poll.metadata.uid = Some(uid.into());
+        poll.metadata.generation = Some(generation);
+        if let Some(value) = request {
+            poll.annotations_mut()
+                .insert(POLL_REQUESTED_AT_ANNOTATION.into(), value.into());
+        }
+        Arc::new(poll)
+    }
+
+    #[tokio::test]
+    async fn only_spec_request_and_object_changes_pass() {
+        let known = [poll("a", "u1", 1, None)];
+        let applied = vec![
+            // A status write of a known object: same generation, same request.
+            poll("a", "u1", 1, None),
+            poll("b", "u2", 1, None),
+            poll("b", "u2", 1, None),
+            poll("a", "u1", 2, None),
+            poll("a", "u1", 2, Some("now")),
+            poll("a", "u1", 2, Some("now")),
+            // Deleted and created again under the same name.
+            poll("a", "u3", 1, None),
+        ];
+        let passed: Vec<(String, i64)> =
+            spec_or_request_changes(futures::stream::iter(applied), &known)
+                .map(|p| {
+                    (
+                        p.metadata.uid.clone().unwrap_or_default(),
+                        p.metadata.generation.unwrap_or_default(),
+                    )
+                })
+                .collect()
+                .await;
+        assert_eq!(
+            passed,
+            [
+                ("u2".to_owned(), 1),
+                ("u1".to_owned(), 2),
+                ("u1".to_owned(), 2),
+                ("u3".to_owned(), 1)
+            ]
+        );
+    }
 }

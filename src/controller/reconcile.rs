@@ -10,10 +10,13 @@ use chrono::Utc;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::backoff::{BackoffPolicy, ErrorBackoff};
+use super::fence::FenceError;
 use super::schedule::{self, LiveTask, Schedule};
 use super::status::{self, Facts, Seen};
 use crate::delivery::egress::EgressGuard;
@@ -37,8 +40,8 @@ pub struct ReconcileSettings {
     pub pending_requeue: Duration,
     /// Requeue while the configuration is broken (a Secret may appear at any time).
     pub config_requeue: Duration,
-    /// Requeue after an error.
-    pub error_requeue: Duration,
+    /// Requeue after an error: per MailboxPoll, growing with its consecutive failures.
+    pub error_backoff: BackoffPolicy,
     /// Requeue while a poll task is finishing (its round done, its completion being recorded).
     pub settle_requeue: Duration,
     /// Requeue while a poll task runs (its end is announced; this is the fallback).
@@ -46,6 +49,10 @@ pub struct ReconcileSettings {
     /// A due poll task not claimed for this long no longer defers status writes (the status
     /// then shows the overdue nextPollTime).
     pub overdue: Duration,
+    /// Longest wait between two looks at a MailboxPoll whose poll is overdue (the workers are
+    /// saturated): the wait grows with the lateness up to this, and the poll's end, which the
+    /// worker announces, brings a reconcile anyway.
+    pub overdue_requeue_max: Duration,
     /// The webhook egress policy, checked on each MailboxPoll's webhook URL so a refused
     /// destination is reported before (and whether or not) a delivery meets it.
     pub egress: EgressGuard,
@@ -57,10 +64,11 @@ impl Default for ReconcileSettings {
             max_requeue: Duration::from_secs(300),
             pending_requeue: Duration::from_secs(10),
             config_requeue: Duration::from_secs(5),
-            error_requeue: Duration::from_secs(5),
+            error_backoff: BackoffPolicy::default(),
             settle_requeue: Duration::from_millis(300),
             running_requeue: Duration::from_secs(10),
             overdue: Duration::from_secs(10),
+            overdue_requeue_max: Duration::from_secs(60),
             egress: EgressGuard::default(),
         }
     }
@@ -82,6 +90,8 @@ pub struct Context {
     pub metrics: SharedMetrics,
     pub settings: ReconcileSettings,
     memory: Mutex<HashMap<Uuid, Memory>>,
+    /// Consecutive reconcile failures per object.
+    backoff: ErrorBackoff<ObjectRef<MailboxPoll>>,
 }
 
 impl Context {
@@ -99,8 +109,9 @@ impl Context {
             directory,
             recorder,
             metrics,
-            settings,
             memory: Mutex::new(HashMap::new()),
+            backoff: ErrorBackoff::new(settings.error_backoff),
+            settings,
         }
     }
 
@@ -128,6 +139,8 @@ pub enum ReconcileError {
     Config(ConfigError),
     #[error("cannot encode the status: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Fence(#[from] FenceError),
 }
 
 impl ReconcileError {
@@ -138,6 +151,8 @@ impl ReconcileError {
             Self::Kube(_) => "KubernetesApi",
             Self::Config(error) => error.reason().as_str(),
             Self::Encode(_) => "Encode",
+            Self::Fence(FenceError::Deposed { .. }) => "Deposed",
+            Self::Fence(FenceError::Db(_)) => "Database",
         }
     }
 }
@@ -148,6 +163,9 @@ pub async fn reconcile(
 ) -> Result<Action, ReconcileError> {
     let started = std::time::Instant::now();
     let result = reconcile_inner(&poll, &ctx).await;
+    if result.is_ok() {
+        ctx.backoff.succeeded(&ObjectRef::from_obj(&*poll));
+    }
     ctx.metrics.reconciled(
         started.elapsed(),
         result.as_ref().err().map(ReconcileError::reason),
@@ -156,8 +174,9 @@ pub async fn reconcile(
 }
 
 pub fn error_policy(poll: Arc<MailboxPoll>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
-    tracing::warn!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), %error, "reconcile failed");
-    Action::requeue(ctx.settings.error_requeue)
+    let delay = ctx.backoff.failed(ObjectRef::from_obj(&*poll));
+    tracing::warn!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), %error, retry_in_ms = delay.as_millis(), "reconcile failed");
+    Action::requeue(delay)
 }
 
 async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, ReconcileError> {
@@ -173,18 +192,20 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     remember_deletion_policy(poll, ctx, uid).await?;
     let poll_requested = record_poll_request(poll, ctx, uid).await?;
     retry_parked_actions(poll, ctx, uid, poll_requested).await?;
-    if let Some(wait) = schedule(poll, ctx, uid, config_error.as_ref()).await? {
-        return Ok(wait);
+    // A running poll's status is written when it has finished (the worker announces that):
+    // one write per poll. A new generation (a new object, a spec change) is written at once,
+    // even while a poll runs, so `kubectl wait` and GitOps health checks see it observed
+    // (a new object: Ready=Unknown until its first poll says more).
+    let running_wait = schedule(poll, ctx, uid, config_error.as_ref()).await?;
+    if let Some(wait) = running_wait
+        && generation_observed(poll)
+    {
+        return Ok(Action::requeue(wait));
     }
-    // A poll about to start writes its status when it has finished: one write per poll. A new
-    // generation (a new object, a spec change) is written at once, so `kubectl wait` and GitOps
-    // health checks see it observed (Ready=Unknown until the first poll says more).
     let mut facts = status::load(&ctx.pool, uid, ledger_id(poll, ctx).await?).await?;
     facts.suspended = poll.spec.suspend;
     let now = Utc::now();
-    let observed = poll.status.as_ref().and_then(|s| s.observed_generation);
-    if observed.is_some()
-        && observed == poll.metadata.generation
+    if generation_observed(poll)
         && let Some(next) = facts.next_poll
         && next <= now + chrono::Duration::seconds(1)
         && next >= now - chrono::Duration::from_std(ctx.settings.overdue).unwrap_or_default()
@@ -211,12 +232,16 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
     let seen = publish_events(ctx, &view).await;
     let written = written.or_else(|| remembered.and_then(|m| m.written));
     ctx.memory().insert(uid, Memory { seen, written });
-    Ok(Action::requeue(next_look(
-        &ctx.settings,
-        &facts,
-        config_error.is_some(),
-        now,
-    )))
+    let look = next_look(&ctx.settings, &facts, config_error.is_some(), now);
+    Ok(Action::requeue(
+        running_wait.map_or(look, |wait| wait.min(look)),
+    ))
+}
+
+/// Whether the status already describes the current spec.
+fn generation_observed(poll: &MailboxPoll) -> bool {
+    let observed = poll.status.as_ref().and_then(|s| s.observed_generation);
+    observed.is_some() && observed == poll.metadata.generation
 }
 
 /// Keeps the MailboxPoll's deletion policy in Postgres, where the sweep finds it once the
@@ -324,7 +349,7 @@ async fn schedule(
     ctx: &Context,
     uid: Uuid,
     config_error: Option<&ConfigError>,
-) -> Result<Option<Action>, ReconcileError> {
+) -> Result<Option<Duration>, ReconcileError> {
     let interval = poll.spec.interval().unwrap_or(Duration::from_secs(300));
     let state = schedule::load(&ctx.pool, uid).await?;
     let plan = Schedule {
@@ -342,7 +367,7 @@ async fn schedule(
     } else {
         ctx.settings.running_requeue
     };
-    Ok(Some(Action::requeue(after)))
+    Ok(Some(after))
 }
 
 /// What a reconcile knows of a MailboxPoll when it writes status and Events.
@@ -376,7 +401,8 @@ fn time_of(time: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> chron
     chrono::DateTime::from_timestamp_micros(time.0.as_microsecond()).unwrap_or_default()
 }
 
-/// Writes the status when it changed; returns what was written (`None`: nothing was sent).
+/// Writes the status when it changed (a no-op write is not sent); returns what was written
+/// (`None`: nothing was sent).
 async fn write_status(
     ctx: &Context,
     view: &View<'_>,
@@ -396,13 +422,13 @@ async fn write_status(
     }
     let api: Api<MailboxPoll> =
         Api::namespaced(ctx.client.clone(), &poll.namespace().unwrap_or_default());
+    // Server-side apply, forced as controllers do: the status is the controller's to write,
+    // and a field written by an older release's merge patch moves over to this manager.
+    let name = poll.name_any();
     api.patch_status(
-        &poll.name_any(),
-        &PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        },
-        &Patch::Merge(status::patch_body(&desired)?),
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(status::apply_body(&name, &desired)?),
     )
     .await?;
     Ok(Some(desired))
@@ -446,8 +472,13 @@ fn next_look(
 ) -> Duration {
     let mut after = settings.max_requeue;
     if let Some(next) = facts.next_poll {
-        let until = (next - now).to_std().unwrap_or_default();
-        after = after.min(until + Duration::from_secs(1));
+        after = after.min(match (next - now).to_std() {
+            Ok(until) => until + Duration::from_secs(1),
+            Err(_) => overdue_look(
+                (now - next).to_std().unwrap_or_default(),
+                settings.overdue_requeue_max,
+            ),
+        });
     }
     if facts.counts.pending > 0 {
         after = after.min(settings.pending_requeue);
@@ -456,4 +487,62 @@ fn next_look(
         after = after.min(settings.config_requeue);
     }
     after.max(Duration::from_secs(1))
+}
+
+/// When to look again at a poll overdue by `late`: as late again, at least a second, at most
+/// `max`. Looking every second while the workers are saturated would only add load where
+/// there is too much already.
+fn overdue_look(late: Duration, max: Duration) -> Duration {
+    late.clamp(Duration::from_secs(1), max.max(Duration::from_secs(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> chrono::DateTime<Utc> {
+        chrono::DateTime::from_timestamp(1_800_000_000 + seconds, 0).expect("valid time")
+    }
+
+    fn next_poll_at(seconds: i64) -> Facts {
+        Facts {
+            next_poll: Some(at(seconds)),
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn a_future_poll_is_looked_at_just_after_it_is_due() {
+        let settings = ReconcileSettings::default();
+        let after = next_look(&settings, &next_poll_at(30), false, at(0));
+        assert_eq!(after, Duration::from_secs(31));
+        let far = next_look(&settings, &next_poll_at(3600), false, at(0));
+        assert_eq!(far, settings.max_requeue);
+    }
+
+    #[test]
+    fn an_overdue_poll_is_looked_at_less_often_the_later_it_is() {
+        let settings = ReconcileSettings::default();
+        let looks: Vec<u64> = [0, 1, 2, 5, 20, 45, 60, 600]
+            .into_iter()
+            .map(|late| next_look(&settings, &next_poll_at(-late), false, at(0)).as_secs())
+            .collect();
+        // Due just now: one second (a claim is imminent); then as late again, up to a minute.
+        assert_eq!(looks, vec![1, 1, 2, 5, 20, 45, 60, 60]);
+    }
+
+    #[test]
+    fn pending_messages_and_broken_configurations_shorten_the_wait() {
+        let settings = ReconcileSettings::default();
+        let mut facts = next_poll_at(-600);
+        facts.counts.pending = 3;
+        assert_eq!(
+            next_look(&settings, &facts, false, at(0)),
+            settings.pending_requeue
+        );
+        assert_eq!(
+            next_look(&settings, &next_poll_at(-600), true, at(0)),
+            settings.config_requeue
+        );
+    }
 }

@@ -11,11 +11,12 @@ use super::conditions::{self, DEGRADED, Desired, READY, STALLED, Status};
 use super::reconcile::ReconcileError;
 use crate::directory::ConfigError;
 use crate::ledger;
+use crate::notifications;
 use crate::pipeline::poll_dedupe_key;
 use crate::poll_log::{self, FinishedPoll};
 use crate::queue::{self, TaskState};
 use crate::reason::Reason;
-use crate::resource::MailboxPollStatus;
+use crate::resource::{MailboxPoll, MailboxPollStatus, NotificationsStatus};
 
 /// Reason of `Ready=Unknown` from the first reconcile until the first poll finished.
 pub const RECONCILING: &str = "Reconciling";
@@ -55,6 +56,8 @@ pub struct Facts {
     pub parked_error: Option<String>,
     /// The spec suspends scheduled polls (from the object, not the database).
     pub suspended: bool,
+    /// The change-notification subscription, when notifications are on.
+    pub notifications: Option<notifications::store::SubscriptionRow>,
 }
 
 /// Reads the facts of one MailboxPoll: `uid` is the object's, `ledger_id` its ledger's.
@@ -75,6 +78,7 @@ pub async fn load(pool: &PgPool, uid: Uuid, ledger_id: Uuid) -> Result<Facts, Re
         None
     };
     let running = live.is_some_and(|live| live.state == TaskState::Running);
+    let subscription = notifications::store::of_mailbox(&mut *conn, uid).await?;
     Ok(Facts {
         last,
         decisive,
@@ -89,6 +93,7 @@ pub async fn load(pool: &PgPool, uid: Uuid, ledger_id: Uuid) -> Result<Facts, Re
         last_poll_id: summary.last_poll_id,
         parked_error,
         suspended: false,
+        notifications: subscription,
     })
 }
 
@@ -225,14 +230,15 @@ pub fn desired_status(
 ) -> MailboxPollStatus {
     let existing_conditions = existing.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let now = Timestamp::from_second(now.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH);
+    let mut desired = desired_conditions(config_error, facts).to_vec();
+    desired.extend(notifications_condition(facts));
+    let mut conditions = conditions::merge(existing_conditions, &desired, generation, now);
+    if facts.notifications.is_none() {
+        conditions.retain(|c| c.type_ != notifications::NOTIFICATIONS_READY);
+    }
     MailboxPollStatus {
         observed_generation: generation,
-        conditions: conditions::merge(
-            existing_conditions,
-            &desired_conditions(config_error, facts),
-            generation,
-            now,
-        ),
+        conditions,
         last_poll_time: facts.last.as_ref().and_then(|p| to_time(p.finished_at)),
         last_successful_poll_time: facts.last_success.and_then(to_time),
         next_poll_time: facts.next_poll.and_then(to_time),
@@ -244,6 +250,28 @@ pub fn desired_status(
         messages_filtered: (facts.counts.filtered > 0).then_some(facts.counts.filtered),
         messages_skipped: (facts.counts.before_start > 0).then_some(facts.counts.before_start),
         last_handled_poll_request: facts.last_handled_request.clone(),
+        notifications: facts.notifications.as_ref().map(notifications_status),
+    }
+}
+
+/// `NotificationsReady`, while notifications are on.
+fn notifications_condition(facts: &Facts) -> Option<Desired> {
+    let row = facts.notifications.as_ref()?;
+    let (status, reason, message) = notifications::condition(row);
+    let status = status.map_or(Status::Unknown, Status::from);
+    Some(Desired::new(
+        notifications::NOTIFICATIONS_READY,
+        status,
+        reason,
+        short(&message),
+    ))
+}
+
+fn notifications_status(row: &notifications::store::SubscriptionRow) -> NotificationsStatus {
+    NotificationsStatus {
+        subscription_id: row.subscription_id.clone(),
+        expiration_time: row.expires_at.and_then(to_time),
+        last_notification_time: row.last_notification_at.and_then(to_time),
     }
 }
 
@@ -260,26 +288,20 @@ pub fn same(a: &MailboxPollStatus, b: &MailboxPollStatus) -> bool {
         }
 }
 
-/// The merge patch body that makes the status `status`: fields it leaves empty are removed.
-pub fn patch_body(status: &MailboxPollStatus) -> Result<serde_json::Value, serde_json::Error> {
-    let mut value = serde_json::to_value(status)?;
-    if let serde_json::Value::Object(map) = &mut value {
-        for key in [
-            "observedGeneration",
-            "conditions",
-            "lastPollTime",
-            "lastSuccessfulPollTime",
-            "nextPollTime",
-            "lastPollMessages",
-            "messagesDelivered",
-            "messagesPending",
-            "messagesFailed",
-            "lastHandledPollRequest",
-        ] {
-            map.entry(key).or_insert(serde_json::Value::Null);
-        }
-    }
-    Ok(serde_json::json!({ "status": value }))
+/// The server-side apply body that makes the status `status`: the fields it leaves empty are
+/// left out, so the apply removes them (they were the controller's own), and the conditions
+/// merge by type with other managers' (the schema marks them a map keyed by type).
+pub fn apply_body(
+    name: &str,
+    status: &MailboxPollStatus,
+) -> Result<serde_json::Value, serde_json::Error> {
+    use kube::Resource;
+    Ok(serde_json::json!({
+        "apiVersion": MailboxPoll::api_version(&()),
+        "kind": MailboxPoll::kind(&()),
+        "metadata": {"name": name},
+        "status": serde_json::to_value(status)?,
+    }))
 }
 
 /// What the Events of one MailboxPoll were last based on; kept by the leader so an Event is
@@ -557,6 +579,63 @@ mod tests {
     }
 
     #[test]
+    fn notifications_show_while_on_and_their_condition_goes_when_off() {
+        let row = notifications::store::SubscriptionRow {
+            mailbox_uid: Uuid::nil(),
+            namespace: "ns".into(),
+            name: "support".into(),
+            subscription_id: None,
+            client_state: "never shown".into(),
+            folder: "inbox".into(),
+            expires_at: None,
+            renew_requested: false,
+            last_notification_at: None,
+            last_error: Some("ValidationError: the URL did not answer".into()),
+        };
+        let now = Utc::now();
+        let failing = Facts {
+            notifications: Some(row.clone()),
+            ..Facts::default()
+        };
+        let status = desired_status(None, Some(1), None, &failing, now);
+        let condition = conditions::find(&status.conditions, notifications::NOTIFICATIONS_READY)
+            .expect("NotificationsReady");
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "SubscriptionFailed")
+        );
+        assert!(condition.message.contains("polling every interval"));
+        let text = serde_json::to_string(&status).expect("JSON");
+        assert!(!text.contains("never shown"), "no clientState in status");
+
+        let subscribed = Facts {
+            notifications: Some(notifications::store::SubscriptionRow {
+                subscription_id: Some("sub-1".into()),
+                last_error: None,
+                ..row
+            }),
+            ..Facts::default()
+        };
+        let status = desired_status(Some(&status), Some(1), None, &subscribed, now);
+        let shown = status.notifications.clone().expect("notifications status");
+        assert_eq!(shown.subscription_id.as_deref(), Some("sub-1"));
+        assert_eq!(
+            conditions::find(&status.conditions, notifications::NOTIFICATIONS_READY)
+                .map(|c| c.reason.as_str()),
+            Some("Subscribed")
+        );
+
+        let off = desired_status(Some(&status), Some(2), None, &Facts::default(), now);
+        assert!(off.notifications.is_none());
+        assert!(conditions::find(&off.conditions, notifications::NOTIFICATIONS_READY).is_none());
+        let body = apply_body("orders", &off).expect("apply body");
+        assert!(
+            body["status"].get("notifications").is_none(),
+            "left out of the apply, so it is removed"
+        );
+    }
+
+    #[test]
     fn nothing_decisive_yet_is_unknown_while_reconciling() {
         let [ready, _, stalled] = desired_conditions(None, &Facts::default());
         assert_eq!(
@@ -593,14 +672,19 @@ mod tests {
     }
 
     #[test]
-    fn patch_removes_fields_that_went_away() {
-        let body = patch_body(&MailboxPollStatus::default()).expect("patch");
-        assert_eq!(body["status"]["nextPollTime"], serde_json::Value::Null);
-        assert!(
-            body["status"]
-                .as_object()
-                .expect("object")
-                .contains_key("nextPollTime")
+    fn the_apply_body_names_the_object_and_leaves_empty_fields_out() {
+        let status = MailboxPollStatus {
+            observed_generation: Some(3),
+            messages_pending: Some(0),
+            ..MailboxPollStatus::default()
+        };
+        let body = apply_body("orders", &status).expect("body");
+        assert_eq!(body["apiVersion"], "mailpoll.dev/v1alpha1");
+        assert_eq!(body["kind"], "MailboxPoll");
+        assert_eq!(body["metadata"], serde_json::json!({"name": "orders"}));
+        assert_eq!(
+            body["status"],
+            serde_json::json!({"observedGeneration": 3, "messagesPending": 0})
         );
     }
 

@@ -3,6 +3,7 @@
 //! check at the start of a run), so a lost one only delays it: every failure here is logged
 //! and retried, never fatal.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -11,6 +12,21 @@ use tokio_util::sync::CancellationToken;
 
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Whether this process LISTENs at all; see [`disable_listening`].
+static LISTENING: AtomicBool = AtomicBool::new(true);
+
+/// Makes every [`listen`] of this process wait for its stop signal without listening: behind
+/// a pooler in transaction mode (PgBouncer) a LISTEN holds no server connection of its own,
+/// so notifications never arrive. What they would announce is found by the slower paths.
+pub fn disable_listening() {
+    LISTENING.store(false, Ordering::Relaxed);
+}
+
+/// Whether [`listen`] listens (not turned off by [`disable_listening`]).
+pub fn listening() -> bool {
+    LISTENING.load(Ordering::Relaxed)
+}
 
 /// What a listener hears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +47,11 @@ pub async fn listen(
     mut hear: impl FnMut(Heard<'_>),
     stop: CancellationToken,
 ) {
+    if !listening() {
+        tracing::debug!("not listening for {what} (--no-listen): polling finds them");
+        stop.cancelled().await;
+        return;
+    }
     // A connection of its own: the listener holds it for good and must not take a slot of
     // the pool that does the work.
     let listen_pool = PgPoolOptions::new()

@@ -9,6 +9,7 @@ use std::time::Duration;
 use reqwest::Url;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
+use super::content::ContentOptions;
 use super::signing::SigningSecret;
 
 /// At most this many extra headers, of at most this many bytes together: a Secret that holds
@@ -45,6 +46,8 @@ pub struct Endpoint {
     pub timeout: Duration,
     pub signing_secret: Option<SigningSecret>,
     pub headers: ExtraHeaders,
+    /// The body's format and the attachments in it.
+    pub content: ContentOptions,
 }
 
 impl Endpoint {
@@ -58,6 +61,7 @@ impl Endpoint {
             timeout: Self::DEFAULT_TIMEOUT,
             signing_secret: None,
             headers: ExtraHeaders::default(),
+            content: ContentOptions::default(),
         }
     }
 }

@@ -8,8 +8,10 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::content::{AttachmentView, Unavailable};
 use super::egress::{self, GuardedClient, Refusal};
 pub use super::endpoint::Endpoint;
+use super::format::Outgoing;
 use super::signing::{
     ATTEMPT_HEADER, ID_HEADER, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
@@ -72,6 +74,12 @@ pub struct MessageView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<Body<'a>>,
     pub body_truncated: bool,
+    /// Present when the webhook asks for attachments (`metadata` or `inline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<Vec<AttachmentView>>,
+    /// Why `attachments` is empty although asked for: the message could not be listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachments_unavailable: Option<Unavailable>,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,6 +124,8 @@ impl<'a> MessageView<'a> {
                 content,
             }),
             body_truncated: message.body_truncated,
+            attachments: None,
+            attachments_unavailable: None,
         }
     }
 }
@@ -226,7 +236,7 @@ pub fn classify(status: StatusCode) -> Verdict {
     }
 }
 
-/// POSTs `body` for the message `key`. `attempt` is 1 for the first try.
+/// POSTs the JSON `body` for the message `key`. `attempt` is 1 for the first try.
 pub async fn post(
     client: &reqwest::Client,
     endpoint: &Endpoint,
@@ -234,6 +244,23 @@ pub async fn post(
     attempt: i32,
     body: Vec<u8>,
 ) -> Result<StatusCode, WebhookError> {
+    send(client, endpoint, key, attempt, Outgoing::json(body)).await
+}
+
+/// POSTs `outgoing` (a body in any format, with its headers) for the message `key`, signed
+/// and keyed as every format is.
+pub async fn send(
+    client: &reqwest::Client,
+    endpoint: &Endpoint,
+    key: &str,
+    attempt: i32,
+    outgoing: Outgoing,
+) -> Result<StatusCode, WebhookError> {
+    let Outgoing {
+        body,
+        content_type,
+        headers: format_headers,
+    } = outgoing;
     let timestamp = Utc::now().timestamp();
     // Extra headers first: the schema and `ExtraHeaders` keep them off mailpoll's own names,
     // and the ones set after them would win anyway.
@@ -241,11 +268,14 @@ pub async fn post(
         .post(endpoint.url.as_url().clone())
         .timeout(endpoint.timeout)
         .headers(endpoint.headers.map().clone())
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(reqwest::header::CONTENT_TYPE, content_type)
         .header(ID_HEADER, key)
         .header(TIMESTAMP_HEADER, timestamp.to_string())
         .header(IDEMPOTENCY_KEY_HEADER, key)
         .header(ATTEMPT_HEADER, attempt.to_string());
+    for (name, value) in format_headers {
+        request = request.header(name, value);
+    }
     if let Some(secret) = &endpoint.signing_secret {
         let signature = secret
             .sign(key, timestamp, &body)
@@ -297,10 +327,30 @@ pub async fn post_checked(
     attempt: i32,
     body: Vec<u8>,
 ) -> Result<StatusCode, WebhookError> {
+    send_checked(
+        client,
+        namespace,
+        endpoint,
+        key,
+        attempt,
+        Outgoing::json(body),
+    )
+    .await
+}
+
+/// [`send`] within the egress policy, as [`post_checked`].
+pub async fn send_checked(
+    client: &GuardedClient,
+    namespace: &str,
+    endpoint: &Endpoint,
+    key: &str,
+    attempt: i32,
+    outgoing: Outgoing,
+) -> Result<StatusCode, WebhookError> {
     client
         .check(endpoint.url.as_url().as_str(), namespace)
         .map_err(WebhookError::Forbidden)?;
-    post(client.http(), endpoint, key, attempt, body).await
+    send(client.http(), endpoint, key, attempt, outgoing).await
 }
 
 /// At most `limit` bytes of a response body; whatever arrived when the body ends, breaks or

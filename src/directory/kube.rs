@@ -10,19 +10,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{ConfigError, Directory, MailboxConfig};
 use crate::cursor::Source;
+use crate::delivery::content::ContentOptions;
 use crate::delivery::endpoint::{Endpoint, ExtraHeaders, WebhookUrl};
 use crate::delivery::signing::SigningSecret;
 use crate::graph::{Certificate, Credentials, Proof};
@@ -78,101 +74,7 @@ impl Scope {
     }
 }
 
-/// Seconds after which the API server ends a watch (it is then resumed from its last
-/// resourceVersion): shorter than the client's read timeout, so a quiet watch ends cleanly
-/// rather than by a timeout.
-pub const WATCH_TIMEOUT_SECONDS: u32 = 25;
-
-/// The settings of every MailboxPoll watch.
-pub fn watch_config() -> watcher::Config {
-    watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS)
-}
-
-/// Watch caches of MailboxPolls, one per watched scope.
-#[derive(Clone)]
-pub struct MailboxPolls {
-    stores: Vec<Store<MailboxPoll>>,
-    /// Per store: whether its watch has listed every object once. Kept apart from
-    /// `Store::wait_until_ready`, whose waiters share one wake-up slot: with two waiting at
-    /// once (readiness and a worker's lookup), one of them was never woken and the replica
-    /// stayed unready for good.
-    synced: Vec<watch::Receiver<bool>>,
-}
-
-impl MailboxPolls {
-    /// Starts the watches; they run until `stop`.
-    pub fn start(client: &kube::Client, scope: &Scope, stop: CancellationToken) -> Self {
-        let mut stores = Vec::new();
-        let mut synced = Vec::new();
-        for (namespace, api) in scope.apis::<MailboxPoll>(client) {
-            let (reader, writer) = reflector::store();
-            let (listed, synced_rx) = watch::channel(false);
-            let stream = watcher(api, watch_config())
-                .default_backoff()
-                .reflect(writer);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut stream = std::pin::pin!(stream.take_until(stop.cancelled_owned()));
-                while let Some(item) = stream.next().await {
-                    match item {
-                        Ok(watcher::Event::InitDone) => {
-                            listed.send_replace(true);
-                        }
-                        Ok(_) => {}
-                        Err(error) => {
-                            tracing::warn!(namespace = namespace.as_deref().unwrap_or("*"), %error, "MailboxPoll watch error; retrying");
-                        }
-                    }
-                }
-            });
-            stores.push(reader);
-            synced.push(synced_rx);
-        }
-        Self { stores, synced }
-    }
-
-    /// Whether every watch has listed its objects once.
-    pub async fn wait_synced(&self) {
-        for synced in &self.synced {
-            // An error means the watch task ended (shutdown); nothing left to wait for.
-            let _ = synced.clone().wait_for(|listed| *listed).await;
-        }
-    }
-
-    /// Whether every watch has listed its objects once (without waiting).
-    pub fn is_synced(&self) -> bool {
-        self.synced.iter().all(|synced| *synced.borrow())
-    }
-
-    pub fn find(&self, uid: Uuid) -> Option<Arc<MailboxPoll>> {
-        let uid = uid.to_string();
-        self.stores
-            .iter()
-            .find_map(|store| store.find(|o| o.metadata.uid.as_deref() == Some(uid.as_str())))
-    }
-
-    /// Uids of every MailboxPoll in the caches.
-    pub fn uids(&self) -> Vec<Uuid> {
-        self.stores
-            .iter()
-            .flat_map(|store| store.state())
-            .filter_map(|o| {
-                o.metadata
-                    .uid
-                    .as_deref()
-                    .and_then(|u| Uuid::parse_str(u).ok())
-            })
-            .collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.stores.iter().map(Store::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+pub use super::cache::{MailboxPolls, WATCH_TIMEOUT_SECONDS, watch_config};
 
 /// Settings of the directory.
 #[derive(Debug, Clone)]
@@ -458,6 +360,7 @@ impl KubeDirectory {
             max_attempts: spec.max_attempts,
             start,
             filter,
+            max_concurrent_deliveries: delivery.max_concurrent,
         })
     }
 
@@ -614,6 +517,14 @@ impl KubeDirectory {
             timeout: parse_duration(&hook.timeout).unwrap_or(Endpoint::DEFAULT_TIMEOUT),
             signing_secret,
             headers,
+            content: ContentOptions {
+                format: hook.format,
+                attachments: hook.attachments,
+                // The schema bounds them to 1..=50 MiB; a value it let through anyway is
+                // read as the smallest limit rather than none.
+                max_attachment_bytes: u64::try_from(hook.max_attachment_bytes).unwrap_or(1),
+                max_message_bytes: u64::try_from(hook.max_message_bytes).unwrap_or(1),
+            },
         }))
     }
 

@@ -4,6 +4,7 @@
 //! [`Directory`] is what the pipeline asks ("what is MailboxPoll `uid` now?"); [`kube`] answers
 //! it from the Kubernetes API. Tests answer it from a fixed table.
 
+pub mod cache;
 pub mod kube;
 pub mod selection;
 
@@ -38,6 +39,9 @@ pub struct MailboxConfig {
     pub start: crate::selection::start::Start,
     /// `spec.filter`, compiled: messages it rejects are recorded as filtered.
     pub filter: Option<crate::selection::Filter>,
+    /// Deliveries running at once, cluster-wide (`spec.delivery.maxConcurrent`); `None`: the
+    /// operator's default.
+    pub max_concurrent_deliveries: Option<i32>,
 }
 
 impl MailboxConfig {

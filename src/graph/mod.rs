@@ -5,17 +5,20 @@
 //! GraphClient (one per process: HTTP pool, token cache, governor)
 //!   └─ MailboxClient (credentials + mailbox)
 //!        ├─ delta_round / received_since_round → Round::next_page → Page
-//!        └─ mark_read, move_message, get_mime, post_actions (batched)
+//!        ├─ mark_read, move_message, get_mime, post_actions (batched)
+//!        └─ list_attachments, attachment_content
 //! ```
 //!
 //! Secrets and tokens are never logged; message bodies only at trace level.
 
 mod actions;
+mod attachments;
 mod auth;
 mod delta;
 mod error;
 mod governor;
 mod message;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +30,7 @@ use reqwest::{Method, Url};
 use serde_json::Value;
 
 pub use actions::{MAX_BATCH, PostAction};
+pub use attachments::{Attachment, AttachmentKind};
 pub use auth::{
     ASSERTION_LIFETIME, Certificate, CertificateError, ClientSecret, Credentials, Proof,
 };
@@ -39,6 +43,7 @@ pub use governor::{
 pub use message::{
     Body, EmailAddress, LEDGER_FIELDS, Message, RemovedReason, SkippedItem, select_fields,
 };
+pub use subscriptions::{Subscription, SubscriptionRequest, is_subscription_gone};
 
 use auth::TokenCache;
 use error::FailedResponse;

@@ -9,12 +9,17 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::delivered::DeliveredMarks;
+use super::run_lease;
 use super::selection;
 use super::tasks::{ActionsTask, DeliverTask};
+use crate::delivery::content::{self, ContentOptions, Format};
 use crate::delivery::egress::GuardedClient;
+use crate::delivery::fetch::{self, FetchedAttachments, MimeError};
+use crate::delivery::format::{EventContext, Outgoing};
 use crate::delivery::signing::message_key;
 use crate::delivery::webhook::{self, MessageView, Payload, Source, WebhookError};
 use crate::directory::{Directory, MailboxConfig};
+use crate::graph::{GraphClient, GraphError, MailboxClient};
 use crate::ledger::{self, DeliveredMark, StoredMessage};
 use crate::queue::{self, ClaimedTask, Handler, HandlerError, NewTask, TaskContext};
 use crate::telemetry::metrics::SharedMetrics;
@@ -25,6 +30,8 @@ pub struct DeliverHandler<D> {
     webhook: GuardedClient,
     metrics: SharedMetrics,
     marks: DeliveredMarks,
+    /// Fetches attachments and raw MIME when a webhook asks for them.
+    graph: Option<GraphClient>,
 }
 
 impl<D> DeliverHandler<D> {
@@ -42,7 +49,15 @@ impl<D> DeliverHandler<D> {
             webhook,
             metrics,
             marks,
+            graph: None,
         }
+    }
+
+    /// Lets deliveries read from Graph (attachments, raw MIME), through the process's client
+    /// and so its governor.
+    pub fn with_graph(mut self, graph: GraphClient) -> Self {
+        self.graph = Some(graph);
+        self
     }
 }
 
@@ -144,27 +159,21 @@ impl<D: Directory> DeliverHandler<D> {
     ) -> Result<(), HandlerError> {
         let source = &config.source;
         let key = message_key(ledger_id, &stored.message.message_id);
-        let payload = Payload {
-            event_type: webhook::EVENT_TYPE,
-            key: &key,
-            mailbox_poll: Source {
-                namespace: &source.namespace,
-                name: &source.name,
-                uid: source.uid,
-                mailbox: &source.mailbox,
-                folder: &source.folder,
-            },
-            message: MessageView::new(&stored.message),
+        let delivery = Delivery {
+            task,
+            config,
+            ledger_id,
+            stored,
         };
-        let body = serde_json::to_vec(&payload).map_err(HandlerError::permanent)?;
+        let outgoing = self.outgoing(&delivery, endpoint, &key).await?;
         let started = std::time::Instant::now();
-        let sent = webhook::post_checked(
+        let sent = webhook::send_checked(
             &self.webhook,
             &source.namespace,
             endpoint,
             &key,
             task.attempt(),
-            body,
+            outgoing,
         )
         .await;
         let class = webhook::outcome_class(&sent);
@@ -177,7 +186,7 @@ impl<D: Directory> DeliverHandler<D> {
                 let last_attempt = task.attempt() >= task.max_attempts;
                 let permanent = error.is_permanent();
                 if permanent || last_attempt {
-                    self.record_failure(ledger_id, &stored.message.message_id, &error)
+                    self.record_failure(ledger_id, &stored.message.message_id, &error.to_string())
                         .await;
                 }
                 if matches!(error, WebhookError::Forbidden(_)) {
@@ -202,11 +211,144 @@ impl<D: Directory> DeliverHandler<D> {
         }
     }
 
+    /// The request's body and format headers: the JSON payload (with the attachments the
+    /// webhook asks for) as JSON or as a CloudEvent, or the raw MIME.
+    async fn outgoing(
+        &self,
+        delivery: &Delivery<'_>,
+        endpoint: &webhook::Endpoint,
+        key: &str,
+    ) -> Result<Outgoing, HandlerError> {
+        let source = &delivery.config.source;
+        let message = &delivery.stored.message;
+        let event = EventContext {
+            key,
+            namespace: &source.namespace,
+            name: &source.name,
+            message_id: &message.message_id,
+            received: message.received_at,
+        };
+        let options = &endpoint.content;
+        if options.format == Format::Mime {
+            let raw = self.raw_mime(delivery, options).await?;
+            return Ok(Outgoing::mime(raw, &event));
+        }
+        let mut view = MessageView::new(message);
+        if options.lists_attachments() {
+            let fetched = self.attachments(delivery, options).await?;
+            view.attachments = Some(fetched.views);
+            view.attachments_unavailable = fetched.unavailable;
+        }
+        let payload = Payload {
+            event_type: webhook::EVENT_TYPE,
+            key,
+            mailbox_poll: Source {
+                namespace: &source.namespace,
+                name: &source.name,
+                uid: source.uid,
+                mailbox: &source.mailbox,
+                folder: &source.folder,
+            },
+            message: view,
+        };
+        let body = serde_json::to_vec(&payload).map_err(HandlerError::permanent)?;
+        Ok(match options.format {
+            Format::Cloudevents => Outgoing::cloudevent(body, &event),
+            Format::Json | Format::Mime => Outgoing::json(body),
+        })
+    }
+
+    /// The message's attachments as the webhook asks for them; none listed when Graph says
+    /// there are none (and the body references no inline image).
+    async fn attachments(
+        &self,
+        delivery: &Delivery<'_>,
+        options: &ContentOptions,
+    ) -> Result<FetchedAttachments, HandlerError> {
+        let message = &delivery.stored.message;
+        if !content::worth_listing(message.has_attachments, message.body.as_deref()) {
+            return Ok(FetchedAttachments::default());
+        }
+        let mailbox = self.mailbox(delivery.config)?;
+        match fetch::attachments(&mailbox, &message.message_id, options).await {
+            Ok(fetched) => Ok(fetched),
+            Err(error) => Err(self.graph_failure(delivery, error).await),
+        }
+    }
+
+    async fn raw_mime(
+        &self,
+        delivery: &Delivery<'_>,
+        options: &ContentOptions,
+    ) -> Result<Vec<u8>, HandlerError> {
+        let mailbox = self.mailbox(delivery.config)?;
+        let message_id = &delivery.stored.message.message_id;
+        match fetch::raw_mime(&mailbox, message_id, options.max_message_bytes).await {
+            Ok(raw) => Ok(raw),
+            Err(MimeError::Graph(error)) => Err(self.graph_failure(delivery, error).await),
+            Err(error) => Err(self.content_failure(delivery, &error.to_string()).await),
+        }
+    }
+
+    /// The Graph client of the MailboxPoll's mailbox.
+    fn mailbox(&self, config: &MailboxConfig) -> Result<MailboxClient, HandlerError> {
+        let graph = self.graph.as_ref().ok_or_else(|| {
+            HandlerError::permanent(
+                "this worker has no Graph client to fetch attachments or MIME with",
+            )
+        })?;
+        Ok(graph.mailbox(config.credentials.clone(), config.source.mailbox.clone()))
+    }
+
+    /// A Graph request of the delivery failed. A throttled mailbox snoozes the task (every
+    /// replica leaves the mailbox alone until the wait is over; not a failed attempt), and so
+    /// does a mailbox whose shared slots others held too long; any other error is a failed
+    /// attempt, and on the last one the ledger says why.
+    async fn graph_failure(&self, delivery: &Delivery<'_>, error: GraphError) -> HandlerError {
+        let (task, config) = (delivery.task, delivery.config);
+        match &error {
+            GraphError::Throttled { retry_after, .. } => {
+                return run_lease::share_throttle(&self.pool, &config.source.mailbox, *retry_after)
+                    .await;
+            }
+            GraphError::MailboxBusy { .. } => return run_lease::busy(&error),
+            _ => {}
+        }
+        let text = format!(
+            "{}: cannot read the message's content from Microsoft Graph: {error}",
+            error.reason()
+        );
+        tracing::warn!(namespace = %config.source.namespace, name = %config.source.name, attempt = task.attempt(), %error, "delivery content unavailable");
+        if task.attempt() >= task.max_attempts {
+            self.record_failure(
+                delivery.ledger_id,
+                &delivery.stored.message.message_id,
+                &text,
+            )
+            .await;
+        }
+        HandlerError::retryable(text)
+    }
+
+    /// The content cannot be delivered as the webhook asks and retrying will not change that
+    /// (the raw MIME over the limit, the message gone): the delivery fails for good, saying why.
+    async fn content_failure(&self, delivery: &Delivery<'_>, text: &str) -> HandlerError {
+        let source = &delivery.config.source;
+        tracing::warn!(namespace = %source.namespace, name = %source.name, error = text, "delivery impossible");
+        self.record_failure(
+            delivery.ledger_id,
+            &delivery.stored.message.message_id,
+            text,
+        )
+        .await;
+        HandlerError::permanent(text.to_string())
+    }
+
     /// Marks the ledger failed; best effort, since the task's own state already tells.
-    async fn record_failure(&self, uid: Uuid, message_id: &str, error: &WebhookError) {
+    async fn record_failure(&self, uid: Uuid, message_id: &str, error: &str) {
         let result = async {
             let mut conn = self.pool.acquire().await?;
-            ledger::mark_failed(&mut conn, uid, message_id, &error.to_string()).await
+            ledger::mark_failed(&mut conn, uid, message_id, error).await
         }
         .await;
         match result {
@@ -218,6 +360,14 @@ impl<D: Directory> DeliverHandler<D> {
             }
         }
     }
+}
+
+/// The delivery under way: its task, its MailboxPoll, and the message from the ledger.
+struct Delivery<'a> {
+    task: &'a ClaimedTask,
+    config: &'a MailboxConfig,
+    ledger_id: Uuid,
+    stored: &'a StoredMessage,
 }
 
 /// Asks the leader to look at a MailboxPoll again. Best effort: it also looks periodically.

@@ -43,14 +43,14 @@ pub use backoff::RetryPolicy;
 pub use stats::{QueueCounters, QueueCountersSnapshot, QueueDepth};
 pub use store::{
     FinishOutcome, PruneReport, RescueReport, RetryReport, TaskFilter, TaskSelection,
-    cancel_matching, cancel_owner, cancel_pending, claim, complete, dead_tasks, depth, enqueue,
-    enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail, finish, finish_on, get, heartbeat,
-    list, live_owners_older_than, live_task, prune, prune_dead, pull_forward, release, rescue,
-    retry_dead_matching, snooze,
+    cancel_matching, cancel_owner, cancel_pending, claim, claim_kinds, complete, dead_tasks, depth,
+    enqueue, enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail, finish, finish_on, get,
+    heartbeat, list, live_owners_older_than, live_task, prune, prune_dead, pull_forward, release,
+    rescue, retry_dead_matching, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{
-    FnHandler, Handler, RunningPool, ShutdownReport, TaskContext, WorkerId, WorkerPool,
+    FnHandler, Handler, RunningPool, ShutdownReport, SlotBudget, TaskContext, WorkerId, WorkerPool,
     WorkerPoolConfig, handler_fn,
 };
 
@@ -62,6 +62,29 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
 
 /// The most attempts the schema allows for one task.
 pub const MAX_ATTEMPTS_LIMIT: i32 = 1000;
+
+/// The most tasks of one owner and kind the schema allows to run at once.
+pub const MAX_RUNNING_LIMIT: i32 = 1000;
+
+/// How far apart in the fair order enqueue places one owner's tasks of a kind. It only orders
+/// tasks (a backlog with nobody else waiting runs at full speed): an owner with nothing pending
+/// goes ahead of another owner's backlog, and backlogs of several owners alternate.
+pub const FAIR_SPACING: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What one claim may take of one kind of task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindClaim {
+    pub kind: String,
+    /// At most this many tasks of the kind.
+    pub room: usize,
+    /// This many of them (at most `room`) go before other kinds' tasks: places the kind has
+    /// reserved and not filled yet.
+    pub reserved: usize,
+    /// Whether tasks of this kind are capped per owner, cluster-wide, and at how many running
+    /// at once: at a task's own `max_running`, else this. `None`: not capped (and a claim with
+    /// no capped kind is cheaper).
+    pub owner_cap: Option<i32>,
+}
 
 /// The lifecycle state of a task, as stored in `tasks.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -127,6 +150,9 @@ pub struct NewTask {
     pub run_at: Option<DateTime<Utc>>,
     /// Attempts (failures or lost leases) before the task is kept as `dead`.
     pub max_attempts: i32,
+    /// At most this many tasks of its owner and kind run at once, cluster-wide (deliveries of
+    /// one MailboxPoll), when the claiming pools cap the kind; `None`: their default cap.
+    pub max_running: Option<i32>,
 }
 
 impl NewTask {
@@ -138,6 +164,7 @@ impl NewTask {
             dedupe_key: None,
             run_at: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_running: None,
         }
     }
 
@@ -161,6 +188,11 @@ impl NewTask {
         self
     }
 
+    pub fn max_running(mut self, max_running: i32) -> Self {
+        self.max_running = Some(max_running);
+        self
+    }
+
     /// Checks what the schema would refuse, so a bad task fails with a clear message before
     /// it reaches the database (and cannot fail a whole batch there).
     pub fn validate(&self) -> Result<(), QueueError> {
@@ -171,6 +203,20 @@ impl NewTask {
             return Err(QueueError::Invalid(format!(
                 "max_attempts of a {} task must be between 1 and {MAX_ATTEMPTS_LIMIT}, not {}",
                 self.kind, self.max_attempts
+            )));
+        }
+        if let Some(max_running) = self.max_running
+            && !(1..=MAX_RUNNING_LIMIT).contains(&max_running)
+        {
+            return Err(QueueError::Invalid(format!(
+                "max_running of a {} task must be between 1 and {MAX_RUNNING_LIMIT}, not {max_running}",
+                self.kind
+            )));
+        }
+        if self.max_running.is_some() && self.owner_uid.is_none() {
+            return Err(QueueError::Invalid(format!(
+                "a {} task with max_running needs an owner: the cap is per owner",
+                self.kind
             )));
         }
         Ok(())
@@ -277,6 +323,18 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    /// A claim lost a race for an owner's slot to another replica's claim, which committed
+    /// first; nothing was claimed, and claiming again is safe.
+    pub fn is_slot_conflict(&self) -> bool {
+        match self {
+            QueueError::Database {
+                source: sqlx::Error::Database(error),
+                ..
+            } => error.constraint() == Some("tasks_owner_slot"),
+            _ => false,
+        }
+    }
+
     pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> QueueError {
         move |source| QueueError::Database { operation, source }
     }

@@ -15,7 +15,8 @@ use super::backoff::RetryPolicy;
 use super::stats::{DepthRow, QueueDepth};
 use super::transition::{self, Transition};
 use super::{
-    ClaimedTask, Enqueued, Lease, LiveTask, NewTask, QueueError, TaskArgs, TaskRow, TaskState,
+    ClaimedTask, Enqueued, FAIR_SPACING, KindClaim, Lease, LiveTask, NewTask, QueueError, TaskArgs,
+    TaskRow, TaskState,
 };
 
 /// How often enqueue retries a dedupe key whose live task finished between the conflict and
@@ -253,6 +254,7 @@ async fn insert_tasks(
     let mut keys = Vec::with_capacity(indexes.len());
     let mut run_ats = Vec::with_capacity(indexes.len());
     let mut max_attempts = Vec::with_capacity(indexes.len());
+    let mut max_running = Vec::with_capacity(indexes.len());
     for &index in indexes {
         let task = &tasks[index];
         kinds.push(task.kind.as_str());
@@ -261,19 +263,47 @@ async fn insert_tasks(
         keys.push(task.dedupe_key.as_deref());
         run_ats.push(task.run_at);
         max_attempts.push(task.max_attempts);
+        max_running.push(task.max_running);
     }
     // Postgres drops identical notifications within a transaction, so a transaction that
     // enqueues many tasks (in one statement or many) sends one. Tasks scheduled for later
     // wake nobody: the polling fallback finds them when they are due.
+    //
+    // An owner's tasks of one kind are placed in the fair order one spacing apart, behind the
+    // ones it already has pending (its tail, one index probe): see the fair_claims migration.
+    // The arrays sit behind scalar subqueries so that the cached generic plan looks as cheap as
+    // a plan for the actual values and gets used: planned afresh on every call (the owners'
+    // tails made plans for the actual values look cheaper), an enqueue cost three times as
+    // much.
     let rows = sqlx::query(
         "WITH input AS (
-             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::uuid[], $4::text[],
-                                  $5::timestamptz[], $6::int[])
-                 WITH ORDINALITY AS i(kind, payload, owner_uid, dedupe_key, run_at, max_attempts, ord)
+             SELECT i.kind, i.payload, i.owner_uid, i.dedupe_key, COALESCE(i.run_at, now()) AS run_at,
+                    i.max_attempts, i.max_running, i.ord,
+                    row_number() OVER (PARTITION BY i.owner_uid, i.kind ORDER BY i.ord) AS owner_rank
+             FROM unnest((SELECT $1::text[]), (SELECT $2::jsonb[]), (SELECT $3::uuid[]),
+                         (SELECT $4::text[]), (SELECT $5::timestamptz[]), (SELECT $6::int[]),
+                         (SELECT $7::int[]))
+                 WITH ORDINALITY AS i(kind, payload, owner_uid, dedupe_key, run_at, max_attempts,
+                                      max_running, ord)
+         ), tails AS (
+             SELECT o.owner_uid, o.kind,
+                    (SELECT max(t.fair_at) FROM tasks t
+                     WHERE t.owner_uid = o.owner_uid AND t.kind = o.kind AND t.state = 'pending') AS tail
+             FROM (SELECT DISTINCT owner_uid, kind FROM input WHERE owner_uid IS NOT NULL) o
+         ), placed AS (
+             SELECT input.*,
+                    CASE WHEN input.owner_uid IS NULL THEN input.run_at
+                         ELSE GREATEST(
+                             input.run_at + (input.owner_rank - 1) * $8 * interval '1 microsecond',
+                             tails.tail + input.owner_rank * $8 * interval '1 microsecond')
+                    END AS fair_at
+             FROM input LEFT JOIN tails USING (owner_uid, kind)
          ), inserted AS (
-             INSERT INTO tasks (kind, payload, owner_uid, dedupe_key, run_at, max_attempts)
-             SELECT kind, payload, owner_uid, dedupe_key, COALESCE(run_at, now()), max_attempts
-             FROM input ORDER BY ord
+             INSERT INTO tasks (kind, payload, owner_uid, dedupe_key, run_at, max_attempts,
+                                max_running, fair_delay_us)
+             SELECT kind, payload, owner_uid, dedupe_key, run_at, max_attempts, max_running,
+                    GREATEST(0, round(EXTRACT(EPOCH FROM fair_at - run_at) * 1000000))::bigint
+             FROM placed ORDER BY ord
              ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND state IN ('pending', 'running')
              DO NOTHING
              RETURNING id, dedupe_key, run_at
@@ -288,6 +318,8 @@ async fn insert_tasks(
     .bind(&keys)
     .bind(&run_ats)
     .bind(&max_attempts)
+    .bind(&max_running)
+    .bind(micros(FAIR_SPACING))
     .fetch_all(&mut *conn)
     .await
     .map_err(QueueError::db("enqueue"))?;
@@ -297,18 +329,8 @@ async fn insert_tasks(
         .map_err(QueueError::db("enqueue (reading inserted rows)"))
 }
 
-/// Claims up to `limit` due pending tasks of the given kinds, oldest due first, in one
-/// statement. Each gets the state `running`, a lease of `lease` held by `worker_id` and a fresh
-/// lock token. Rows locked by a concurrent claim are skipped, never waited for.
-///
-/// The statement is shaped so that its cached generic plan is a good one and gets used: the
-/// claim runs many times a second, and planning it afresh each time cost about a fifth of its
-/// time. Postgres uses the generic plan only when it looks no more expensive than the plans
-/// made for the actual parameters. Planned generically, `LIMIT $n` is guessed at a tenth of the
-/// table (the locked ids were then joined by hashing the whole table) and `kind = ANY($k)` at
-/// ten kinds, so it kept planning every call. Behind scalar subqueries the limit and the kinds
-/// are unknown to both kinds of plan alike, and `id = ANY(ARRAY(...))` looks up the locked ids
-/// by primary key whatever their count is guessed to be.
+/// Claims up to `limit` due pending tasks of the given kinds in fair order, each kind taking
+/// at most its room; see [`claim_kinds`].
 pub async fn claim<'e>(
     executor: impl PgExecutor<'e>,
     kinds: &[String],
@@ -316,33 +338,223 @@ pub async fn claim<'e>(
     worker_id: &str,
     lease: Duration,
 ) -> Result<Vec<ClaimedTask>, QueueError> {
+    let kinds: Vec<KindClaim> = kinds
+        .iter()
+        .map(|kind| KindClaim {
+            kind: kind.clone(),
+            room: limit,
+            reserved: 0,
+            owner_cap: None,
+        })
+        .collect();
+    claim_kinds(executor, &kinds, limit, worker_id, lease).await
+}
+
+/// The claim: fair order per kind, kinds within their room, reserved places first, owners
+/// within their cap. See [`claim_kinds`].
+const CLAIM_SQL: &str = "
+WITH budget AS (
+    -- A kind capped per owner looks at twice its room, so the tasks of owners at their cap
+    -- (moved out of the way below) leave room for others in the same claim. Every row looked
+    -- at is locked while the statement runs, which costs a WAL record each: uncapped kinds look
+    -- at no more than they take, and a task with a cap of its own among them only makes that
+    -- claim take fewer.
+    SELECT b.*, CASE WHEN b.owner_cap IS NULL THEN b.room ELSE b.room * 2 END AS scan_limit
+    FROM unnest((SELECT $1::text[]), (SELECT $2::bigint[]), (SELECT $3::bigint[]),
+                (SELECT $4::int[])) AS b(kind, room, reserved, owner_cap)
+), due_rows AS MATERIALIZED (
+    -- fair_at <= now() implies run_at <= now(): this index range ends at now.
+    SELECT c.id, c.kind FROM budget b CROSS JOIN LATERAL (
+        SELECT id, kind FROM tasks
+        WHERE state = 'pending' AND kind = b.kind AND fair_at <= now()
+        ORDER BY fair_at, id
+        LIMIT b.scan_limit
+        FOR UPDATE SKIP LOCKED
+    ) c
+), delayed_rows AS MATERIALIZED (
+    -- Then due backlogs whose fair time is still ahead, only when the first range fell short.
+    SELECT c.id, c.kind FROM budget b CROSS JOIN LATERAL (
+        SELECT id, kind FROM tasks
+        WHERE state = 'pending' AND kind = b.kind AND fair_delay_us > 0 AND fair_at > now()
+          AND run_at <= now()
+        ORDER BY fair_at, id
+        LIMIT GREATEST(0, b.scan_limit - (SELECT count(*) FROM due_rows d WHERE d.kind = b.kind))
+        FOR UPDATE SKIP LOCKED
+    ) c
+), window_rows AS (
+    -- Read again by id: the planner then expects a handful of rows, as there are, instead of
+    -- a tenth of the table for each unknown LIMIT, which put the plan above the JIT threshold.
+    SELECT w.id, w.kind, w.owner_uid, w.run_at, w.fair_at, b.room, b.reserved,
+           CASE WHEN w.owner_uid IS NOT NULL AND b.owner_cap IS NOT NULL
+                THEN COALESCE(w.max_running, b.owner_cap) END AS cap
+    FROM tasks w JOIN budget b ON b.kind = w.kind
+    WHERE w.id = ANY(ARRAY(SELECT id FROM due_rows UNION ALL SELECT id FROM delayed_rows))
+), ranked AS (
+    SELECT w.*, row_number() OVER (
+               PARTITION BY w.kind, w.owner_uid ORDER BY w.fair_at, w.id) AS owner_rank
+    FROM window_rows w
+), used_slots AS (
+    -- Slots held by running tasks of the capped owners in the window. With the used slots
+    -- u_1 < u_2 < ... the r-th free slot is r plus the count of those with u_k - k < r.
+    SELECT u.owner_uid, u.kind, u.owner_slot - row_number() OVER (
+               PARTITION BY u.owner_uid, u.kind ORDER BY u.owner_slot) AS free_below
+    FROM tasks u
+    WHERE u.state = 'running' AND u.owner_slot IS NOT NULL
+      AND u.owner_uid = ANY(ARRAY(SELECT owner_uid FROM window_rows WHERE cap IS NOT NULL))
+), slotted AS (
+    SELECT r.*, CASE WHEN r.cap IS NOT NULL THEN r.owner_rank + (
+               SELECT count(*) FROM used_slots s
+               WHERE s.owner_uid = r.owner_uid AND s.kind = r.kind AND s.free_below < r.owner_rank)
+           END AS slot
+    FROM ranked r
+), eligible AS (
+    SELECT s.id, s.kind, s.fair_at, s.room, s.reserved, s.slot,
+           row_number() OVER (PARTITION BY s.kind ORDER BY s.fair_at, s.id) AS kind_rank
+    FROM slotted s
+    WHERE s.cap IS NULL OR s.slot <= s.cap
+), picked AS MATERIALIZED (
+    SELECT id, slot FROM eligible
+    WHERE kind_rank <= room
+    ORDER BY kind_rank <= reserved DESC, fair_at, id
+    LIMIT (SELECT $5::bigint)
+), blocked AS (
+    SELECT id, owner_uid, kind, owner_rank FROM slotted WHERE slot > cap
+), tails AS (
+    SELECT o.owner_uid, o.kind, GREATEST(now(), (
+               SELECT max(t.fair_at) FROM tasks t
+               WHERE t.owner_uid = o.owner_uid AND t.kind = o.kind AND t.state = 'pending')) AS tail
+    FROM (SELECT DISTINCT owner_uid, kind FROM blocked) o
+), deferred AS (
+    -- Tasks of an owner at its cap move behind the owner's own backlog: left in place, they
+    -- would fill the head of the fair order while they cannot run, and hold up other owners.
+    UPDATE tasks d
+    SET fair_delay_us = GREATEST(0, round(EXTRACT(EPOCH FROM tl.tail - d.run_at) * 1000000))::bigint
+                        + bl.owner_rank * $8
+    FROM blocked bl JOIN tails tl ON tl.owner_uid = bl.owner_uid AND tl.kind = bl.kind
+    WHERE d.id = bl.id
+)
+UPDATE tasks t
+SET state = 'running',
+    locked_by = $6,
+    lock_token = gen_random_uuid(),
+    lease_expires_at = now() + $7 * interval '1 microsecond',
+    owner_slot = (SELECT p.slot FROM picked p WHERE p.id = t.id),
+    updated_at = now()
+WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+RETURNING t.id, t.kind, t.payload, t.owner_uid, t.dedupe_key, t.attempts,
+          t.max_attempts, t.lock_token, t.lease_expires_at, t.created_at";
+
+/// The claim when no kind is capped per owner: fair order per kind, kinds within their room,
+/// reserved places first. It looks at no more rows than it may take, and costs about what a
+/// plain claim in `run_at` order does.
+const CLAIM_UNCAPPED_SQL: &str = "
+WITH budget AS (
+    SELECT * FROM unnest((SELECT $1::text[]), (SELECT $2::bigint[]), (SELECT $3::bigint[]))
+        AS b(kind, room, reserved)
+), due_rows AS MATERIALIZED (
+    -- fair_at <= now() implies run_at <= now(): this index range ends at now.
+    SELECT c.id, c.fair_at, b.kind, b.reserved FROM budget b CROSS JOIN LATERAL (
+        SELECT id, fair_at FROM tasks
+        WHERE state = 'pending' AND kind = b.kind AND fair_at <= now()
+        ORDER BY fair_at, id
+        LIMIT b.room
+        FOR UPDATE SKIP LOCKED
+    ) c
+), delayed_rows AS MATERIALIZED (
+    -- Then due backlogs whose fair time is still ahead, only when the first range fell short.
+    SELECT c.id, c.fair_at, b.kind, b.reserved FROM budget b CROSS JOIN LATERAL (
+        SELECT id, fair_at FROM tasks
+        WHERE state = 'pending' AND kind = b.kind AND fair_delay_us > 0 AND fair_at > now()
+          AND run_at <= now()
+        ORDER BY fair_at, id
+        LIMIT GREATEST(0, b.room - (SELECT count(*) FROM due_rows d WHERE d.kind = b.kind))
+        FOR UPDATE SKIP LOCKED
+    ) c
+), picked AS (
+    SELECT id FROM (
+        SELECT w.*, row_number() OVER (PARTITION BY w.kind ORDER BY w.fair_at, w.id) AS kind_rank
+        FROM (SELECT * FROM due_rows UNION ALL SELECT * FROM delayed_rows) w
+    ) ranked
+    ORDER BY kind_rank <= reserved DESC, fair_at, id
+    LIMIT (SELECT $4::bigint)
+)
+UPDATE tasks t
+SET state = 'running',
+    locked_by = $5,
+    lock_token = gen_random_uuid(),
+    lease_expires_at = now() + $6 * interval '1 microsecond',
+    owner_slot = NULL,
+    updated_at = now()
+WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+RETURNING t.id, t.kind, t.payload, t.owner_uid, t.dedupe_key, t.attempts,
+          t.max_attempts, t.lock_token, t.lease_expires_at, t.created_at";
+
+/// Claims up to `limit` due pending tasks in one statement. Each gets the state `running`, a
+/// lease of `lease` held by `worker_id` and a fresh lock token. Rows locked by a concurrent
+/// claim are skipped, never waited for.
+///
+/// Fairness, all in the statement:
+/// - *Fair order*: tasks are taken by `fair_at`, which enqueue sets one [`FAIR_SPACING`] apart
+///   per owner behind the owner's pending tasks of the same kind: a MailboxPoll with a 100,000
+///   task backlog and one with a single new task alternate instead of queueing in `run_at`
+///   order.
+/// - *Room and reservations per kind*: a kind takes at most its `room`; places up to a kind's
+///   `reserved` count are filled before the rest, which go by fair order across kinds.
+/// - *Owner caps*, for kinds with an `owner_cap`: a task whose owner already runs its cap
+///   (`max_running` of the task, else the kind's `owner_cap`) of tasks of its kind is left
+///   pending, and moved behind the owner's
+///   backlog so it does not hold the head of the order. A running capped task holds one of
+///   the owner's numbered slots (`owner_slot`); a unique index keeps two claims on two
+///   replicas from filling the same slot: the later one fails with
+///   [`QueueError::is_slot_conflict`] and is simply retried.
+///
+/// Each kind looks at a window of its room, twice that when it has an `owner_cap` (the rows
+/// are locked while the statement runs). The statement is shaped so that its cached generic plan is a good one and gets
+/// used: the claim runs many times a second, and planning it afresh each time cost about a
+/// fifth of its time. Postgres uses the generic plan only when it looks no more expensive than
+/// the plans made for the actual parameters. Behind scalar subqueries the limit and the kinds
+/// are unknown to both kinds of plan alike, and `id = ANY(ARRAY(...))` looks up the rows by
+/// primary key whatever their count is guessed to be.
+pub async fn claim_kinds<'e>(
+    executor: impl PgExecutor<'e>,
+    kinds: &[KindClaim],
+    limit: usize,
+    worker_id: &str,
+    lease: Duration,
+) -> Result<Vec<ClaimedTask>, QueueError> {
+    let kinds: Vec<&KindClaim> = kinds.iter().filter(|kind| kind.room > 0).collect();
     if limit == 0 || kinds.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
-        "UPDATE tasks t
-         SET state = 'running',
-             locked_by = $3,
-             lock_token = gen_random_uuid(),
-             lease_expires_at = now() + $4 * interval '1 microsecond',
-             updated_at = now()
-         WHERE t.id = ANY(ARRAY(
-             SELECT id FROM tasks
-             WHERE state = 'pending' AND run_at <= now() AND kind = ANY((SELECT $1::text[])::text[])
-             ORDER BY run_at, id
-             LIMIT (SELECT $2::bigint)
-             FOR UPDATE SKIP LOCKED
-         ))
-         RETURNING t.id, t.kind, t.payload, t.owner_uid, t.dedupe_key, t.attempts,
-                   t.max_attempts, t.lock_token, t.lease_expires_at, t.created_at",
-    )
-    .bind(kinds)
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .bind(worker_id)
-    .bind(micros(lease))
-    .fetch_all(executor)
-    .await
-    .map_err(QueueError::db("claim"))
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let names: Vec<&str> = kinds.iter().map(|kind| kind.kind.as_str()).collect();
+    let rooms: Vec<i64> = kinds.iter().map(|kind| count(kind.room)).collect();
+    let reserved: Vec<i64> = kinds.iter().map(|kind| count(kind.reserved)).collect();
+    if kinds.iter().all(|kind| kind.owner_cap.is_none()) {
+        return sqlx::query_as(CLAIM_UNCAPPED_SQL)
+            .bind(&names)
+            .bind(&rooms)
+            .bind(&reserved)
+            .bind(count(limit))
+            .bind(worker_id)
+            .bind(micros(lease))
+            .fetch_all(executor)
+            .await
+            .map_err(QueueError::db("claim"));
+    }
+    let caps: Vec<Option<i32>> = kinds.iter().map(|kind| kind.owner_cap).collect();
+    sqlx::query_as(CLAIM_SQL)
+        .bind(&names)
+        .bind(&rooms)
+        .bind(&reserved)
+        .bind(&caps)
+        .bind(count(limit))
+        .bind(worker_id)
+        .bind(micros(lease))
+        .bind(micros(FAIR_SPACING))
+        .fetch_all(executor)
+        .await
+        .map_err(QueueError::db("claim"))
 }
 
 /// Extends the leases still held to `lease` from now; returns the ids whose lease is still
@@ -551,6 +763,11 @@ async fn finish_statement<'e>(
              lease_expires_at = NULL,
              finished_at = CASE WHEN i.state = 'dead'
                                   OR (i.state = 'succeeded' AND NOT t.rerun_requested) THEN now() END,
+             -- A retry or a rerun is due at its own time: its old place in the fair order
+             -- would put a not-yet-due task among the due ones the claim walks through.
+             fair_delay_us = CASE WHEN (i.state = 'succeeded' AND t.rerun_requested)
+                                       OR i.delay IS NOT NULL THEN 0
+                                  ELSE t.fair_delay_us END,
              rerun_requested = false,
              updated_at = now()
          FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], $6::text[])

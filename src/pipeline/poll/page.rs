@@ -303,7 +303,12 @@ fn deliver_tasks(config: &MailboxConfig, new_ids: &[String]) -> Result<Vec<NewTa
                 // Left out when it adds nothing (the ledger is keyed by the object's uid).
                 ledger_id: (config.ledger_id != config.source.uid).then_some(config.ledger_id),
             })?;
-            Ok(task.max_attempts(config.max_attempts))
+            let task = task.max_attempts(config.max_attempts);
+            // Honoured by pools that cap deliveries per MailboxPoll (the operator's do).
+            Ok(match config.max_concurrent_deliveries {
+                Some(cap) => task.max_running(cap),
+                None => task,
+            })
         })
         .collect()
 }
@@ -311,6 +316,45 @@ fn deliver_tasks(config: &MailboxConfig, new_ids: &[String]) -> Result<Vec<NewTa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(max_concurrent_deliveries: Option<i32>) -> MailboxConfig {
+        let uid = uuid::Uuid::new_v4();
+        MailboxConfig {
+            ledger_id: uid,
+            source: crate::cursor::Source {
+                uid,
+                namespace: "support".into(),
+                name: "inbox".into(),
+                mailbox: "support@contoso.com".into(),
+                folder: "inbox".into(),
+            },
+            credentials: crate::graph::Credentials::client_secret("t", "c", "s"),
+            webhook: None,
+            include_body: false,
+            mark_as_read: true,
+            move_to_folder: None,
+            max_attempts: 5,
+            start: Default::default(),
+            filter: None,
+            max_concurrent_deliveries,
+        }
+    }
+
+    #[test]
+    fn deliveries_carry_the_mailbox_polls_cap_of_running_deliveries() {
+        let ids = ["m1".to_owned(), "m2".to_owned()];
+        let capped = deliver_tasks(&config(Some(3)), &ids).expect("tasks");
+        assert_eq!(
+            capped
+                .iter()
+                .map(|task| task.max_running)
+                .collect::<Vec<_>>(),
+            vec![Some(3), Some(3)]
+        );
+        assert!(capped.iter().all(|task| task.max_attempts == 5));
+        let by_default = deliver_tasks(&config(None), &ids).expect("tasks");
+        assert!(by_default.iter().all(|task| task.max_running.is_none()));
+    }
 
     fn item(id: &str, removed: bool) -> Message {
         let value = if removed {

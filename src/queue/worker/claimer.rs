@@ -8,11 +8,12 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
+use super::budget::{self, HeldSlot};
 use super::handler::{DynHandler, TaskContext};
 use super::{ErrorBackoff, Finished, Held, Shared};
 use crate::queue::RetryPolicy;
 use crate::queue::transition::{self, HandlerError, Transition};
-use crate::queue::{ClaimedTask, store};
+use crate::queue::{ClaimedTask, QueueError, store};
 
 /// While the queue has a backlog, a claim waits up to this long for three quarters of the slots
 /// to be free, so one statement claims many tasks rather than one per finished handler.
@@ -54,14 +55,7 @@ pub(super) async fn run(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
             take_free_slots(&shared, &mut permits);
         }
         let wanted = permits.len();
-        let claimed = store::claim(
-            &shared.db,
-            &shared.kinds,
-            wanted,
-            config.worker_id.as_str(),
-            config.lease,
-        )
-        .await;
+        let claimed = claim(&shared, wanted).await;
         match claimed {
             Ok(mut tasks) => {
                 // Start the oldest first (RETURNING has no order).
@@ -71,7 +65,8 @@ pub(super) async fn run(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
                 backlog = got == wanted;
                 shared.counters.add_claimed(got);
                 for (task, permit) in tasks.into_iter().zip(permits.drain(..)) {
-                    dispatch(&shared, task, permit, results.clone());
+                    let slot = (shared.held_by_kind.hold(&task.kind), permit);
+                    dispatch(&shared, task, slot, results.clone());
                 }
                 drop(permits);
                 if got < wanted {
@@ -96,6 +91,41 @@ pub(super) async fn run(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
     }
 }
 
+/// How often a claim that lost a race for an owner's slot is tried again at once.
+const SLOT_CONFLICT_RETRIES: usize = 3;
+
+/// Claims up to `wanted` tasks, each kind within its budget.
+async fn claim(shared: &Shared, wanted: usize) -> Result<Vec<ClaimedTask>, QueueError> {
+    let config = &shared.config;
+    let mut attempt = 0;
+    loop {
+        let kinds = budget::kind_claims(
+            &shared.kinds,
+            &config.budgets,
+            &config.owner_caps,
+            |kind| shared.held_by_kind.get(kind),
+            wanted,
+        );
+        let claimed = store::claim_kinds(
+            &shared.db,
+            &kinds,
+            wanted,
+            config.worker_id.as_str(),
+            config.lease,
+        )
+        .await;
+        match claimed {
+            // Another replica's claim took the slot first and has committed: a new claim sees
+            // it.
+            Err(error) if error.is_slot_conflict() && attempt < SLOT_CONFLICT_RETRIES => {
+                tracing::debug!(%error, "claim lost a race for an owner's slot; claiming again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Adds the slots free right now, up to a claim's batch size.
 fn take_free_slots(shared: &Arc<Shared>, permits: &mut Vec<OwnedSemaphorePermit>) {
     while permits.len() < shared.config.claim_batch {
@@ -106,11 +136,11 @@ fn take_free_slots(shared: &Arc<Shared>, permits: &mut Vec<OwnedSemaphorePermit>
     }
 }
 
-/// Starts the handler of a claimed task; the permit is returned when the handler ends.
+/// Starts the handler of a claimed task; the slot is given back when the handler ends.
 fn dispatch(
     shared: &Arc<Shared>,
     task: ClaimedTask,
-    permit: OwnedSemaphorePermit,
+    permit: (HeldSlot, OwnedSemaphorePermit),
     results: mpsc::Sender<Finished>,
 ) {
     let lease = task.lease();
@@ -136,7 +166,7 @@ fn dispatch(
     let handle = tokio::spawn(async move {
         // Prefetched tasks wait here for a free handler (the semaphore is fair, so roughly in
         // the order they were dispatched).
-        let Ok(_running) = running.acquire_owned().await else {
+        let Some(_running) = running.acquire(&task.kind).await else {
             return;
         };
         if stop.is_cancelled() {

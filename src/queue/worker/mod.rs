@@ -3,8 +3,8 @@
 //! prunes old tasks, and shuts down gracefully.
 //!
 //! Inside one pool:
-//! - the *claimer* claims as many tasks as there are free slots (one statement) and spawns a
-//!   handler per task; a few more than `concurrency` may be held (`prefetch`), so the next
+//! - the *claimer* claims as many tasks as there are free slots (one statement), each kind
+//!   within its [`SlotBudget`], and spawns a handler per task; a few more than `concurrency` may be held (`prefetch`), so the next
 //!   handlers start without waiting for a claim; when the queue runs dry it sleeps until a
 //!   notification, the polling interval, or shutdown;
 //! - the *keeper* records results in batches and releases what is left at shutdown;
@@ -15,8 +15,10 @@
 //! - *maintenance* rescues expired leases and prunes old tasks.
 //!
 //! Files: [`handler`] (what handlers implement and see), this module (settings, the pool and
-//! its lifecycle), [`claimer`], [`keeper`], [`heartbeat`], [`maintenance`].
+//! its lifecycle), [`budget`] (slot budgets per kind), [`claimer`], [`keeper`], [`heartbeat`],
+//! [`maintenance`].
 
+mod budget;
 mod claimer;
 mod handler;
 mod heartbeat;
@@ -27,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use budget::{HeldByKind, RunPermits};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -42,6 +45,7 @@ use crate::db;
 use handler::DynHandler;
 use keeper::KeeperReport;
 
+pub use budget::SlotBudget;
 pub use handler::{FnHandler, Handler, TaskContext, handler_fn};
 
 /// Identity of one worker process: the pod name plus a UUID of this process, so a restarted
@@ -100,6 +104,14 @@ pub struct WorkerPoolConfig {
     /// Whether to LISTEN for enqueue notifications. Turn off behind a transaction-pooling proxy
     /// (PgBouncer), which does not deliver them; polling then does all the work.
     pub listen: bool,
+    /// Slot budgets by task kind (reserved slots, most slots); kinds not listed share the
+    /// slots no kind has reserved. A reservation counts against `concurrency` too: that many
+    /// handlers of the kind can always run.
+    pub budgets: HashMap<String, SlotBudget>,
+    /// By task kind: the kinds capped per owner (MailboxPoll), and how many of an owner's
+    /// tasks run at once across every pool on the database unless a task carries its own
+    /// `max_running`. Pools sharing a database should agree on which kinds are capped.
+    pub owner_caps: HashMap<String, i32>,
     /// Backoff of failed tasks.
     pub retry: RetryPolicy,
     /// Most results recorded by one statement.
@@ -130,6 +142,8 @@ impl Default for WorkerPoolConfig {
             heartbeat_interval: Duration::from_secs(20),
             poll_interval: Duration::from_secs(2),
             listen: true,
+            budgets: HashMap::new(),
+            owner_caps: HashMap::new(),
             retry: RetryPolicy::default(),
             completion_batch: 1000,
             rescue_interval: Duration::from_secs(15),
@@ -185,12 +199,14 @@ impl WorkerPool {
         }
         let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
         kinds.sort();
+        check_budgets(&config, &kinds)?;
         // Results wait here for the keeper while it records the previous batch. A full channel
         // makes handlers keep their slots, so the tasks held at once stay bounded.
         let (results_tx, results_rx) = mpsc::channel(config.concurrency + config.prefetch);
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.concurrency + config.prefetch)),
-            running: Arc::new(Semaphore::new(config.concurrency)),
+            running: Arc::new(RunPermits::new(config.concurrency, &config.budgets)),
+            held_by_kind: HeldByKind::new(&kinds),
             // Heartbeats on a connection of their own: handlers holding every pooled connection
             // (a poll records two pages at once) must not starve the leases they run under.
             heartbeat_db: PgPoolOptions::new()
@@ -281,7 +297,7 @@ impl RunningPool {
 
     /// Handlers running now.
     pub fn in_flight(&self) -> usize {
-        self.shared.config.concurrency - self.shared.running.available_permits()
+        self.shared.running.in_use()
     }
 
     /// Stops claiming, lets running handlers finish within the grace period, stops the rest,
@@ -300,7 +316,7 @@ impl RunningPool {
             tokio::time::timeout(shared.config.shutdown_grace, shared.slots.acquire_many(all))
                 .await;
         if finished.is_err() {
-            let running = shared.config.concurrency - shared.running.available_permits();
+            let running = shared.running.in_use();
             shared.abort_handlers();
             report.stopped = running;
             tracing::warn!(
@@ -378,8 +394,10 @@ struct Shared {
     /// One permit per task this pool may hold (running or prefetched); returned when the task's
     /// handler has ended and its result is handed to the keeper.
     slots: Arc<Semaphore>,
-    /// One permit per handler that may run at once.
-    running: Arc<Semaphore>,
+    /// Permits of handlers that may run at once, some kept for kinds with reserved slots.
+    running: Arc<RunPermits>,
+    /// Slots held per kind, for the budgets.
+    held_by_kind: HeldByKind,
     /// Tasks this pool holds a lease on whose results are not recorded yet.
     held: Mutex<HashMap<i64, Held>>,
     wake: Arc<Notify>,
@@ -422,6 +440,47 @@ impl Shared {
         leases.sort_by_key(|lease| lease.id);
         leases
     }
+}
+
+/// Refuses budgets that leave a registered kind no handler, or name an invalid cap.
+fn check_budgets(config: &WorkerPoolConfig, kinds: &[String]) -> Result<(), QueueError> {
+    let reserved: usize = config.budgets.values().map(|budget| budget.reserved).sum();
+    let unreserved_kind = kinds.iter().find(|kind| {
+        config
+            .budgets
+            .get(kind.as_str())
+            .is_none_or(|budget| budget.reserved == 0)
+    });
+    if reserved > config.concurrency
+        || (reserved == config.concurrency && unreserved_kind.is_some())
+    {
+        return Err(QueueError::Invalid(format!(
+            "{reserved} reserved slots leave no handler for {} with a concurrency of {}",
+            unreserved_kind.map_or("every kind", String::as_str),
+            config.concurrency
+        )));
+    }
+    if let Some((kind, budget)) = config
+        .budgets
+        .iter()
+        .find(|(_, budget)| budget.max.is_some_and(|max| max < budget.reserved.max(1)))
+    {
+        return Err(QueueError::Invalid(format!(
+            "the most slots of {kind} ({:?}) must be at least 1 and at least its reservation ({})",
+            budget.max, budget.reserved
+        )));
+    }
+    if let Some((kind, cap)) = config
+        .owner_caps
+        .iter()
+        .find(|(_, cap)| !(1..=super::MAX_RUNNING_LIMIT).contains(*cap))
+    {
+        return Err(QueueError::Invalid(format!(
+            "the cap of running {kind} tasks per owner must be between 1 and {}, not {cap}",
+            super::MAX_RUNNING_LIMIT
+        )));
+    }
+    Ok(())
 }
 
 /// A handler's result on its way to the keeper.

@@ -11,6 +11,7 @@ pub mod directory;
 pub mod graph;
 pub mod kube;
 pub mod pg;
+pub mod pgbouncer;
 pub mod sandbox;
 pub mod wait;
 pub mod webhook_receiver;

@@ -23,7 +23,8 @@ use crate::cluster;
 use crate::credentials::{ServiceAccountIssuer, service_account_subject};
 use crate::graph::{
     AppRegistration, DEFAULT_CLIENT_ID, DEFAULT_TENANT, EmulatorConfig, Faults,
-    FederatedCredential, GraphEmulator, TOKEN_EXCHANGE_AUDIENCE, default_app,
+    FederatedCredential, GraphEmulator, NewAttachment, NewMessage, TOKEN_EXCHANGE_AUDIENCE,
+    default_app,
 };
 use crate::kube::KubeEmulator;
 use crate::pg::tempdir::TempDir;
@@ -322,6 +323,7 @@ impl Sandbox {
     pub fn start_replica(&mut self, index: usize) -> anyhow::Result<()> {
         let (admission_cert, admission_key) = self.admission_cert()?;
         let options = &self.options;
+        let notification_port = self.replicas.first().map_or(0, |first| first.port);
         let replica = &mut self.replicas[index];
         if replica.child.is_some() {
             bail!("replica {} is already running", replica.name);
@@ -371,6 +373,12 @@ impl Sandbox {
             .env("MAILPOLL_GRAPH_URL", self.graph.base_url())
             // The sandbox's webhook receiver listens on loopback.
             .env("MAILPOLL_WEBHOOK_ALLOW_LOOPBACK", "true")
+            // Graph's change notifications (spec.notifications.enabled) reach the first
+            // replica, standing in for the Service every replica is behind.
+            .env(
+                "MAILPOLL_NOTIFICATION_URL",
+                format!("http://127.0.0.1:{notification_port}/notifications"),
+            )
             // What the workload identity webhook injects into a labelled pod.
             .env("AZURE_FEDERATED_TOKEN_FILE", &self.federated.token_file)
             .env("AZURE_CLIENT_ID", DEFAULT_CLIENT_ID)
@@ -471,9 +479,36 @@ impl Sandbox {
         tokio::task::block_in_place(|| self.postgres.restart())
     }
 
-    /// Puts `count` new messages into `mailbox`'s inbox and counts them as arrived.
+    /// Puts `count` new messages into `mailbox`'s inbox and counts them as arrived. Every third
+    /// one carries a PDF invoice (named in two scripts) and an inline logo, for MailboxPolls
+    /// that deliver attachments.
     pub fn add_mail(&self, mailbox: &str, count: usize) -> anyhow::Result<()> {
-        self.graph.add_messages(mailbox, "inbox", count)?;
+        for number in 0..count {
+            let attachments = if number % 3 == 0 {
+                vec![
+                    NewAttachment::file(
+                        &format!("Rechnung-счёт-{number}.pdf"),
+                        "application/pdf",
+                        format!("%PDF-1.7\ninvoice {number}\n%%EOF\n").into_bytes(),
+                    ),
+                    NewAttachment::inline_image(
+                        "logo.png",
+                        "logo@fabrikam",
+                        vec![0x89, b'P', b'N', b'G'],
+                    ),
+                ]
+            } else {
+                Vec::new()
+            };
+            self.graph.add_message(
+                mailbox,
+                "inbox",
+                NewMessage {
+                    attachments,
+                    ..NewMessage::default()
+                },
+            )?;
+        }
         let mut arrived = self.arrived.lock().unwrap_or_else(|p| p.into_inner());
         *arrived.entry(mailbox.to_owned()).or_default() += count as u64;
         Ok(())

@@ -25,6 +25,10 @@ use tokio::sync::oneshot;
 // so it takes nothing from mailpoll's own signing code, or a change there would go unseen.
 // Signatures are checked by `standardwebhooks`, as a receiver in Rust would check them.
 const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
+// The parsers tests read deliveries back with, as receivers in Rust would.
+pub use cloudevents;
+pub use mail_parser;
 const WEBHOOK_ID_HEADER: &str = "webhook-id";
 
 /// A Standard Webhooks signing secret for tests (32 random bytes), as a Secret holds it.
@@ -100,6 +104,9 @@ struct Faults {
     delay: Option<Duration>,
     /// A misbehaving answer for every connection accepted while set.
     hostile: Option<Hostile>,
+    /// Bodies over this many bytes answered 413, as most receivers do (the framework
+    /// default is 2 MB); `None` takes up to [`MAX_BODY_BYTES`].
+    body_limit: Option<usize>,
     rng: u64,
 }
 
@@ -126,6 +133,10 @@ pub enum Hostile {
     /// [`GARBAGE_BODY`] as the body.
     GarbageStatusLine { status: u16 },
 }
+
+/// Largest request body taken (mailpoll's own limits stop at 50 MiB of content, which base64
+/// makes about 67 MiB).
+const MAX_BODY_BYTES: usize = 96 * 1024 * 1024;
 
 /// The body of a hostile answer's first bytes: easy to find in an error's excerpt.
 pub const HOSTILE_BODY_FILL: &[u8] = b"hostile receiver body ";
@@ -196,6 +207,8 @@ impl WebhookReceiver {
         });
         let app = axum::Router::new()
             .route("/hook", post(receive))
+            // Payloads with inline attachments run to tens of megabytes.
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -257,6 +270,22 @@ impl WebhookReceiver {
     /// Successful deliveries per idempotency key.
     pub fn successes(&self) -> HashMap<String, u32> {
         lock(&self.shared.ledger).successes.clone()
+    }
+
+    /// The raw body of the last successful delivery of `key`, whatever its format.
+    pub fn body_of(&self, key: &str) -> Option<Bytes> {
+        lock(&self.shared.ledger).payloads.get(key).cloned()
+    }
+
+    /// The last successful delivery of `key` read as a CloudEvent by the CloudEvents SDK's
+    /// HTTP binding, as Knative or Dapr would read it; `Err` says why it is not one.
+    pub fn cloudevent_of(&self, key: &str) -> Option<Result<cloudevents::Event, String>> {
+        let (headers, body) = {
+            let ledger = lock(&self.shared.ledger);
+            let (headers, _) = ledger.headers.get(key)?;
+            (headers.clone(), ledger.payloads.get(key)?.to_vec())
+        };
+        Some(cloudevents::binding::http::to_event(&headers, body).map_err(|e| e.to_string()))
     }
 
     /// The last successfully delivered payload of each key.
@@ -335,6 +364,11 @@ impl WebhookReceiver {
     }
 
     /// Delay every successful answer (to make a client time out).
+    /// Answers bodies over `bytes` with 413 (`None`: up to the receiver's own maximum).
+    pub fn limit_bodies(&self, bytes: Option<usize>) {
+        lock(&self.shared.faults).body_limit = bytes;
+    }
+
     pub fn set_delay(&self, delay: Option<Duration>) {
         lock(&self.shared.faults).delay = delay;
     }
@@ -348,6 +382,7 @@ impl WebhookReceiver {
         faults.failure_rate = 0.0;
         faults.delay = None;
         faults.hostile = None;
+        faults.body_limit = None;
     }
 }
 
@@ -579,6 +614,13 @@ async fn receive(
             .map(str::to_owned)
     };
     lock(&shared.ledger).requests += 1;
+    if lock(&shared.faults)
+        .body_limit
+        .is_some_and(|limit| body.len() > limit)
+    {
+        lock(&shared.ledger).failed_attempts += 1;
+        return (StatusCode::PAYLOAD_TOO_LARGE, "payload too large").into_response();
+    }
     let Some(key) = header(WEBHOOK_ID_HEADER) else {
         lock(&shared.ledger).failed_attempts += 1;
         return (StatusCode::BAD_REQUEST, "missing webhook-id").into_response();
@@ -599,10 +641,9 @@ async fn receive(
         ledger.failed_attempts += 1;
         return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
     }
-    // Validated without building a tree; `payloads` parses on demand.
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+    if let Err(refusal) = check_body(&headers, &body) {
         lock(&shared.ledger).failed_attempts += 1;
-        return (StatusCode::BAD_REQUEST, "body is not JSON").into_response();
+        return (StatusCode::BAD_REQUEST, refusal).into_response();
     }
     let (verdict, delay) = {
         let mut faults = lock(&shared.faults);
@@ -622,6 +663,25 @@ async fn receive(
         .insert(key.clone(), (headers, uri.query().map(str::to_owned)));
     ledger.payloads.insert(key, body);
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// A body is what its content type says: a mail for `message/rfc822` (parsed as a mail
+/// receiver would), JSON otherwise (validated without building a tree; `payloads` parses on
+/// demand).
+fn check_body(headers: &HeaderMap, body: &[u8]) -> Result<(), &'static str> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    if content_type.starts_with("message/rfc822") {
+        return match mail_parser::MessageParser::default().parse(body) {
+            Some(_) => Ok(()),
+            None => Err("body is not a mail message"),
+        };
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|_| "body is not JSON")
 }
 
 #[cfg(test)]

@@ -1910,3 +1910,65 @@ async fn injected_failures_and_compaction() {
         other => panic!("expected 410 Expired after compaction, got {other:?}"),
     }
 }
+
+/// The silent API server: a silenced watch sends nothing more (no event, no bookmark) and
+/// does not end at its `timeoutSeconds`; it stays open until its client gives up. A stalled
+/// LIST is never answered. Both switches are spent or turned off, and the server answers again.
+#[tokio::test]
+async fn a_silenced_watch_and_a_stalled_list_never_answer() {
+    if real_cluster() {
+        return;
+    }
+    let world = World::with_options(Options {
+        bookmark_interval: Duration::from_millis(200),
+        ..Options::default()
+    })
+    .await;
+    let emulator = world.emulator.as_ref().expect("emulator");
+    let api = world.mbp();
+    let params = WatchParams::default().timeout(1);
+    let mut silenced = api.watch(&params, "0").await.expect("watch starts").boxed();
+    wait_for("the watch to open", PATIENCE, || async {
+        (emulator.open_watches() == 1).then_some(())
+    })
+    .await;
+    emulator.silence_watches(true);
+    api.create(&PostParams::default(), &mailboxpoll("quiet", "5m"))
+        .await
+        .expect("create");
+    // Three times its timeoutSeconds, and bookmarks were due every 200 ms.
+    let heard = tokio::time::timeout(Duration::from_secs(3), silenced.try_next()).await;
+    assert!(heard.is_err(), "a silenced watch sent {heard:?}");
+    assert_eq!(emulator.open_watches(), 1, "still open");
+    drop(silenced);
+    wait_for("the client to end the silenced watch", PATIENCE, || async {
+        (emulator.open_watches() == 0).then_some(())
+    })
+    .await;
+
+    emulator.silence_watches(false);
+    let mut watch = api.watch(&params, "0").await.expect("watch starts").boxed();
+    let first = tokio::time::timeout(PATIENCE, watch.try_next())
+        .await
+        .expect("a watch answers again")
+        .expect("no stream error");
+    assert!(
+        matches!(&first, Some(WatchEvent::Added(poll)) if poll.name_any() == "quiet"),
+        "{first:?}"
+    );
+
+    emulator.inject_fault(
+        Some("list"),
+        Some("mailboxpolls"),
+        1,
+        FaultEffect::Stall(Duration::from_secs(3600)),
+    );
+    let stalled =
+        tokio::time::timeout(Duration::from_secs(2), api.list(&ListParams::default())).await;
+    assert!(stalled.is_err(), "a stalled LIST was answered: {stalled:?}");
+    let listed = api
+        .list(&ListParams::default())
+        .await
+        .expect("answered again");
+    assert_eq!(listed.items.len(), 1);
+}

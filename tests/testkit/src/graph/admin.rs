@@ -16,6 +16,11 @@
 //! | DELETE | `/_admin/mailboxes/{upn}/messages/{id}` | | 204 |
 //! | POST | `/_admin/mailboxes/{upn}/messages/{id}/move` | `{"destination"}` | `MessageIds` |
 //! | PUT | `/_admin/mailboxes/{upn}/messages/{id}/read` | `{"isRead"}` | 204 |
+//! | GET, PUT | `/_admin/notification-faults` | `NotificationFaults` (PUT) | `NotificationFaults` |
+//! | GET | `/_admin/subscriptions` | | the live subscriptions |
+//! | POST | `/_admin/subscriptions/{id}/lifecycle/{event}` | | 204 (404: no such subscription) |
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::http::{Method, StatusCode};
@@ -25,6 +30,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use super::subscriptions::{LifecycleEvent, NotificationFaults};
 use super::{AppRegistration, Faults, MailboxState, NewMessage, Shared};
 
 #[derive(Deserialize)]
@@ -79,14 +85,19 @@ fn done(result: anyhow::Result<()>) -> Response {
     }
 }
 
-pub(crate) fn handle(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response {
+pub(crate) fn handle(shared: &Arc<Shared>, method: &Method, path: &str, body: &[u8]) -> Response {
     match route(shared, method, path, body) {
         Ok(response) => response,
         Err(error) => bad_request(error),
     }
 }
 
-fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Result<Response, String> {
+fn route(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Result<Response, String> {
     let segments: Vec<String> = path
         .trim_start_matches("/_admin/")
         .split('/')
@@ -153,6 +164,22 @@ fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Result<Re
         ("PUT", ["mailboxes", upn, "messages", id, "read"]) => {
             let flag: ReadFlag = parse(body)?;
             done(shared.set_read(upn, id, flag.is_read))
+        }
+        ("GET", ["notification-faults"]) => Json(shared.notification_faults()).into_response(),
+        ("PUT", ["notification-faults"]) => {
+            let faults: NotificationFaults = parse(body)?;
+            shared.set_notification_faults(faults.clone());
+            Json(faults).into_response()
+        }
+        ("GET", ["subscriptions"]) => Json(shared.subscription_list()).into_response(),
+        ("POST", ["subscriptions", id, "lifecycle", event]) => {
+            let event = LifecycleEvent::parse(event)
+                .ok_or_else(|| format!("unknown lifecycle event {event:?}"))?;
+            if shared.lifecycle_event(id, event) {
+                StatusCode::NO_CONTENT.into_response()
+            } else {
+                failed(anyhow::anyhow!("no subscription {id}"))
+            }
         }
         _ => (
             StatusCode::NOT_FOUND,

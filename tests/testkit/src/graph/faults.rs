@@ -68,6 +68,10 @@ pub struct Faults {
     /// Updated messages (not new, not moved in) appear in delta with only `id` and the
     /// properties changed since the round's cursor.
     pub partial_updates: bool,
+    /// The next this many requests to attachment endpoints (listing, one attachment, its
+    /// `$value`) are answered 429 `TooManyRequests` with `retry_after_secs`: a Retry-After
+    /// storm where a client fetches attachments.
+    pub attachment_storm: u32,
     pub token_endpoint: TokenEndpointFaults,
     pub batch: BatchFaults,
 }
@@ -98,6 +102,7 @@ impl Default for Faults {
             retry_after_format: RetryAfterFormat::Seconds,
             control_chars_in_errors: false,
             partial_updates: false,
+            attachment_storm: 0,
             token_endpoint: TokenEndpointFaults::default(),
             batch: BatchFaults::default(),
         }
@@ -282,7 +287,8 @@ pub struct Counters {
 #[serde(rename_all = "camelCase")]
 pub struct MailboxCounters {
     pub requests: u64,
-    /// By endpoint: `list`, `delta`, `get`, `value`, `patch`, `move`.
+    /// By endpoint: `list`, `delta`, `get`, `value`, `patch`, `move`, `attachments`,
+    /// `attachment`, `attachmentValue`.
     pub by_endpoint: BTreeMap<String, u64>,
     /// By HTTP status of the answer.
     pub by_status: BTreeMap<u16, u64>,

@@ -7,10 +7,12 @@
 
 mod admin;
 pub mod assertion;
+pub mod attachments;
 pub mod faults;
 pub mod query;
 mod routes;
 pub mod state;
+pub mod subscriptions;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 pub use assertion::{FederatedCredential, TOKEN_EXCHANGE_AUDIENCE};
+pub use attachments::{AttachmentKind, NewAttachment};
 pub use faults::{
     BatchFaults, Budget, CONTROL_CHARS, Counters, EarlyRequest, Faults, HUGE_RETRY_AFTER_SECS,
     MailboxCounters, MalformedKind, RetryAfterFormat, TokenEndpointFaults,
@@ -97,6 +100,10 @@ pub(crate) struct Shared {
     traffic: Mutex<Traffic>,
     base_url: String,
     admin_api: bool,
+    /// Change-notification subscriptions, their switches and the emulator clock.
+    subscriptions: Mutex<subscriptions::Registry>,
+    /// Client of the validation calls and notifications the emulator sends.
+    http: reqwest::Client,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,6 +149,16 @@ impl Shared {
         ratio > 0.0 && self.traffic().rng.random::<f64>() < ratio
     }
 
+    /// Consumes one "throttle the next attachment request" order, if any is pending.
+    fn take_attachment_storm(&self) -> bool {
+        let mut faults = lock(&self.faults);
+        let pending = faults.attachment_storm > 0;
+        if pending {
+            faults.attachment_storm -= 1;
+        }
+        pending
+    }
+
     /// Consumes one "refuse the next `$batch` envelope" order, if any is pending.
     fn take_batch_failure(&self) -> bool {
         let mut faults = lock(&self.faults);
@@ -159,22 +176,33 @@ impl Shared {
     }
 
     fn add_messages(
-        &self,
+        self: &Arc<Self>,
         upn: &str,
         folder: &str,
         messages: Vec<NewMessage>,
         late_flag: Option<bool>,
     ) -> anyhow::Result<Vec<MessageIds>> {
         let late = late_flag.unwrap_or_else(|| self.faults().late_arrivals);
-        let mut world = self.world();
-        let mailbox = self.mailbox(&world, upn)?;
-        let folder = world
-            .find_folder(mailbox, folder)
-            .ok_or_else(|| anyhow!("no folder {folder} in {upn}"))?;
-        Ok(messages
-            .into_iter()
-            .map(|message| world.add_message(mailbox, folder, message, late))
-            .collect())
+        let (ids, mailbox_key, folder_id) = {
+            let mut world = self.world();
+            let mailbox = self.mailbox(&world, upn)?;
+            let folder = world
+                .find_folder(mailbox, folder)
+                .ok_or_else(|| anyhow!("no folder {folder} in {upn}"))?;
+            let ids: Vec<MessageIds> = messages
+                .into_iter()
+                .map(|message| world.add_message(mailbox, folder, message, late))
+                .collect();
+            (
+                ids,
+                world.mailbox_key(mailbox),
+                world.folder_id(mailbox, folder),
+            )
+        };
+        for message in &ids {
+            self.notify_created(&mailbox_key, &folder_id, &message.immutable_id);
+        }
+        Ok(ids)
     }
 
     fn move_message(&self, upn: &str, id: &str, folder: &str) -> anyhow::Result<MessageIds> {
@@ -236,6 +264,15 @@ impl Shared {
     }
 }
 
+/// The client that calls notification URLs (plain HTTP to loopback in tests).
+fn notification_client() -> anyhow::Result<reqwest::Client> {
+    mailpoll::install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("building the notification client")
+}
+
 /// A running emulator; stops when dropped or shut down.
 pub struct GraphEmulator {
     shared: Arc<Shared>,
@@ -271,6 +308,8 @@ impl GraphEmulator {
             }),
             base_url: format!("http://{addr}"),
             admin_api: config.admin_api,
+            subscriptions: Mutex::new(subscriptions::Registry::default()),
+            http: notification_client()?,
         });
         let router = routes::router(shared.clone());
         let (shutdown, stopped) = oneshot::channel::<()>();

@@ -12,6 +12,8 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use percent_encoding::percent_decode_str;
@@ -20,6 +22,7 @@ use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 
 use super::Shared;
+use super::attachments::{self, AttachmentAnswer, AttachmentRequest};
 use super::faults::{
     Arrival, BatchFaults, CONTROL_CHARS, Faults, MalformedKind, RetryAfterFormat, ThrottleRecord,
 };
@@ -38,6 +41,7 @@ const DEFAULT_LIST_PAGE: usize = 10;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .merge(super::subscriptions::routes())
         .fallback(graph)
         .with_state(shared)
 }
@@ -216,6 +220,8 @@ pub enum GraphBody {
     Text(String, &'static str),
     /// Deliberately broken bytes served as JSON.
     Raw(String),
+    /// Bytes of any kind (an attachment's raw content) and their content type.
+    Binary(Vec<u8>, String),
 }
 
 impl GraphResponse {
@@ -263,11 +269,31 @@ impl GraphResponse {
 /// Which endpoint a path names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Route {
-    List { user: String, folder: String },
-    Delta { user: String, folder: String },
-    Message { user: String, id: String },
-    Value { user: String, id: String },
-    Move { user: String, id: String },
+    List {
+        user: String,
+        folder: String,
+    },
+    Delta {
+        user: String,
+        folder: String,
+    },
+    Message {
+        user: String,
+        id: String,
+    },
+    Value {
+        user: String,
+        id: String,
+    },
+    Move {
+        user: String,
+        id: String,
+    },
+    Attachments {
+        user: String,
+        id: String,
+        request: AttachmentRequest,
+    },
 }
 
 impl Route {
@@ -277,7 +303,8 @@ impl Route {
             | Route::Delta { user, .. }
             | Route::Message { user, .. }
             | Route::Value { user, .. }
-            | Route::Move { user, .. } => user,
+            | Route::Move { user, .. }
+            | Route::Attachments { user, .. } => user,
         }
     }
 
@@ -289,6 +316,7 @@ impl Route {
             Route::Message { .. } => "get",
             Route::Value { .. } => "value",
             Route::Move { .. } => "move",
+            Route::Attachments { request, .. } => request.endpoint(),
         }
     }
 }
@@ -335,7 +363,9 @@ fn parse_route(path: &str) -> Option<Route> {
         [] => Some(Route::Message { user, id }),
         ["$value"] => Some(Route::Value { user, id }),
         ["move"] => Some(Route::Move { user, id }),
-        _ => None,
+        tail => {
+            AttachmentRequest::parse(tail).map(|request| Route::Attachments { user, id, request })
+        }
     }
 }
 
@@ -411,12 +441,27 @@ fn into_http(response: GraphResponse) -> Response {
         GraphBody::JsonText(text) => (JSON_CONTENT_TYPE, Body::from(text)),
         GraphBody::Text(text, content_type) => (content_type, Body::from(text)),
         GraphBody::Raw(text) => ("application/json; charset=utf-8", Body::from(text)),
+        GraphBody::Binary(bytes, content_type) => {
+            let mut http = Response::new(Body::from(bytes));
+            if let Ok(value) = HeaderValue::from_str(&content_type) {
+                http.headers_mut().insert("content-type", value);
+            }
+            return with_status_and_headers(http, status, response.headers);
+        }
     };
     let mut http = Response::new(body);
-    *http.status_mut() = status;
     http.headers_mut()
         .insert("content-type", HeaderValue::from_static(content_type));
-    for (name, value) in response.headers {
+    with_status_and_headers(http, status, response.headers)
+}
+
+fn with_status_and_headers(
+    mut http: Response,
+    status: StatusCode,
+    headers: Vec<(String, String)>,
+) -> Response {
+    *http.status_mut() = status;
+    for (name, value) in headers {
         if let (Ok(name), Ok(value)) = (
             axum::http::HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(&value),
@@ -636,6 +681,13 @@ async fn admit(
                 "TooManyRequests",
                 "Please retry again later.",
                 seconds,
+            ));
+        }
+        if matches!(route, Route::Attachments { .. }) && shared.take_attachment_storm() {
+            return Err(throttled(
+                "TooManyRequests",
+                "Please retry again later.",
+                faults.retry_after_secs,
             ));
         }
         if faults.throttle_ratio > 0.0 && traffic.rng.random::<f64>() < faults.throttle_ratio {
@@ -905,6 +957,35 @@ async fn answer(
                     wait: None,
                 }
             }
+            Route::Attachments {
+                id,
+                request: attachment_request,
+                ..
+            } => {
+                if request.method != Method::GET {
+                    return Err(wrong_method());
+                }
+                let message = message_of(&world, id)?;
+                let select = params
+                    .get("$select")
+                    .map(|s| attachments::parse_select(s))
+                    .transpose()?;
+                match attachments::answer(
+                    &world,
+                    mailbox,
+                    message,
+                    attachment_request,
+                    select.as_deref(),
+                )? {
+                    AttachmentAnswer::Json(value) => GraphResponse::json(200, value),
+                    AttachmentAnswer::Raw(bytes, content_type) => GraphResponse {
+                        status: 200,
+                        headers: Vec::new(),
+                        body: GraphBody::Binary(bytes, content_type),
+                        wait: None,
+                    },
+                }
+            }
             Route::Move { id, .. } => {
                 if request.method != Method::POST {
                     return Err(wrong_method());
@@ -955,7 +1036,7 @@ fn holds_any_id(body: &GraphBody, ids: &[String]) -> bool {
     let text = match body {
         GraphBody::Json(value) => value.to_string(),
         GraphBody::JsonText(text) => text.clone(),
-        GraphBody::Text(..) | GraphBody::Raw(_) => return false,
+        GraphBody::Text(..) | GraphBody::Raw(_) | GraphBody::Binary(..) => return false,
     };
     ids.iter().any(|id| text.contains(&format!("\"{id}\"")))
 }
@@ -1235,6 +1316,7 @@ fn batch_entry(id: &str, response: GraphResponse) -> Value {
         GraphBody::Json(value) => value,
         GraphBody::JsonText(text) => serde_json::from_str(&text).unwrap_or(Value::Null),
         GraphBody::Text(text, _) | GraphBody::Raw(text) => json!(text),
+        GraphBody::Binary(bytes, _) => json!(STANDARD.encode(bytes)),
     };
     json!({"id": id, "status": response.status, "headers": headers, "body": body})
 }

@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::assertion::{self, FederatedCredential, RegisteredKey};
+use super::attachments::{
+    MimeParts, NewAttachment, StoredAttachment, compose_mime, encoded_word, raw_value,
+    render as render_attachment,
+};
 use super::query::{Clause, Literal, OrderKey, check_filter_order};
 
 /// Well-known folder names and their display names; every mailbox has them all.
@@ -163,6 +167,8 @@ pub struct NewMessage {
     pub importance: Option<String>,
     /// Outlook categories (Graph sends them only when `$select` names them).
     pub categories: Vec<String>,
+    /// Its attachments; any that is not inline makes `hasAttachments` true.
+    pub attachments: Vec<NewAttachment>,
 }
 
 /// The two ids of a message: the immutable one and the default one (changes on move).
@@ -199,6 +205,7 @@ struct Msg {
     conversation_id: String,
     body: String,
     body_is_html: bool,
+    attachments: Vec<StoredAttachment>,
     /// Mailbox version when the message entered its current folder.
     created: u64,
     /// Mailbox version of the last change.
@@ -671,6 +678,20 @@ impl World {
             rest_id: format!("AAMkAGI2TG93AAA-{}", self.random_text(40)),
         };
         let conversation = format!("AAQkAGI2Conv{}", self.random_text(16));
+        // Graph's hasAttachments leaves inline attachments out.
+        let has_attachments = new.has_attachments
+            || new
+                .attachments
+                .iter()
+                .any(|attachment| !attachment.is_inline);
+        let attachments: Vec<StoredAttachment> = new
+            .attachments
+            .into_iter()
+            .map(|attachment| StoredAttachment {
+                id: format!("AAMkAGI2Att{}", self.random_text(24)),
+                attachment,
+            })
+            .collect();
         let domain = self.mailboxes[mailbox]
             .upn
             .split('@')
@@ -701,7 +722,7 @@ impl World {
             received,
             sent: received - chrono::Duration::seconds(2),
             is_read: new.is_read,
-            has_attachments: new.has_attachments,
+            has_attachments,
             importance: new.importance.unwrap_or_else(|| "normal".into()),
             categories: new.categories,
             conversation_id: conversation,
@@ -709,6 +730,7 @@ impl World {
                 .body
                 .unwrap_or_else(|| format!("Hello,\r\nthis is message {number}.\r\n")),
             body_is_html: new.body_is_html,
+            attachments,
             created: version,
             changed: version,
             property_changes: Vec::new(),
@@ -820,32 +842,76 @@ impl World {
             .count()
     }
 
-    /// The message as RFC 5322 text, for `$value`.
+    /// The message as RFC 5322 text, for `$value`: its fields as headers, its body, and its
+    /// attachments as MIME parts.
     pub fn mime(&self, mailbox: usize, message: usize) -> String {
         let msg = &self.mailboxes[mailbox].messages[message];
-        let content_type = if msg.body_is_html {
-            "text/html"
-        } else {
-            "text/plain"
-        };
-        let mut text = String::new();
-        text.push_str(&format!("Message-ID: {}\r\n", msg.internet_message_id));
-        text.push_str(&format!("Date: {}\r\n", msg.sent.to_rfc2822()));
-        match &msg.from_name {
-            Some(name) => text.push_str(&format!("From: {name} <{}>\r\n", msg.from)),
-            None => text.push_str(&format!("From: {}\r\n", msg.from)),
-        }
-        text.push_str(&format!("To: {}\r\n", msg.to.join(", ")));
+        let mut headers = vec![
+            format!("Message-ID: {}", msg.internet_message_id),
+            format!("Date: {}", msg.sent.to_rfc2822()),
+            match &msg.from_name {
+                Some(name) => format!("From: {name} <{}>", msg.from),
+                None => format!("From: {}", msg.from),
+            },
+            format!("To: {}", msg.to.join(", ")),
+        ];
         if !msg.cc.is_empty() {
-            text.push_str(&format!("Cc: {}\r\n", msg.cc.join(", ")));
+            headers.push(format!("Cc: {}", msg.cc.join(", ")));
         }
-        text.push_str(&format!("Subject: {}\r\n", msg.subject));
-        text.push_str("MIME-Version: 1.0\r\n");
-        text.push_str(&format!(
-            "Content-Type: {content_type}; charset=\"utf-8\"\r\n\r\n"
-        ));
-        text.push_str(&msg.body);
-        text
+        headers.push(format!("Subject: {}", encoded_word(&msg.subject)));
+        compose_mime(&MimeParts {
+            headers,
+            body: &msg.body,
+            body_is_html: msg.body_is_html,
+            attachments: &msg.attachments,
+            boundary_seed: &msg.conversation_id,
+        })
+    }
+
+    /// A live message's attachments, rendered for a listing.
+    pub fn attachment_listing(
+        &self,
+        mailbox: usize,
+        message: usize,
+        select: Option<&[String]>,
+    ) -> Vec<Value> {
+        let msg = &self.mailboxes[mailbox].messages[message];
+        let modified = msg.received.to_rfc3339_opts(SecondsFormat::Secs, true);
+        msg.attachments
+            .iter()
+            .map(|stored| render_attachment(stored, &modified, select))
+            .collect()
+    }
+
+    /// One attachment of a live message, rendered whole (file content included).
+    pub fn attachment(
+        &self,
+        mailbox: usize,
+        message: usize,
+        attachment_id: &str,
+    ) -> Result<Value, ApiError> {
+        let msg = &self.mailboxes[mailbox].messages[message];
+        let modified = msg.received.to_rfc3339_opts(SecondsFormat::Secs, true);
+        let stored = Self::stored_attachment(msg, attachment_id)?;
+        Ok(render_attachment(stored, &modified, None))
+    }
+
+    /// The raw content of one attachment of a live message and its content type.
+    pub fn attachment_value(
+        &self,
+        mailbox: usize,
+        message: usize,
+        attachment_id: &str,
+    ) -> Result<(Vec<u8>, String), ApiError> {
+        let msg = &self.mailboxes[mailbox].messages[message];
+        raw_value(Self::stored_attachment(msg, attachment_id)?)
+    }
+
+    fn stored_attachment<'a>(msg: &'a Msg, id: &str) -> Result<&'a StoredAttachment, ApiError> {
+        msg.attachments
+            .iter()
+            .find(|stored| stored.id == id)
+            .ok_or_else(ApiError::item_not_found)
     }
 
     /// A message as Graph renders it, restricted to `select` (plus `id`).

@@ -959,5 +959,7 @@ async fn the_admin_api_drives_mail_faults_and_counters() {
     assert_eq!(emulator.folder_len(MAILBOX, "inbox").expect("inbox"), 3);
 }
 
+mod attachments;
 mod credentials;
 mod hazards;
+mod notifications;

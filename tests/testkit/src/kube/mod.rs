@@ -293,6 +293,38 @@ impl KubeEmulator {
         });
     }
 
+    /// Makes the next `times` requests with this RBAC verb (None for any) on this resource
+    /// (None for any) meet `effect`, whoever sends them; e.g. a LIST that is never answered:
+    /// `FaultEffect::Stall` with a long hold.
+    pub fn inject_fault(
+        &self,
+        verb: Option<&str>,
+        resource: Option<&str>,
+        times: usize,
+        effect: FaultEffect,
+    ) {
+        self.shared.add_fault(Fault {
+            verb: verb.map(str::to_owned),
+            resource: resource.map(str::to_owned),
+            user: None,
+            times,
+            effect,
+        });
+    }
+
+    /// Silences every watch, open and new (`true`) or lets new ones work again (`false`): a
+    /// silenced watch keeps its connection open and sends nothing, no event and no bookmark,
+    /// and does not end at its timeout; only its client can end it. An API server that stopped
+    /// sending, as a partition or an overloaded server looks to a client.
+    pub fn silence_watches(&self, silent: bool) {
+        self.shared.silent.send_replace(silent);
+    }
+
+    /// Watches open now (their streams started and not ended).
+    pub fn open_watches(&self) -> usize {
+        self.shared.open_watches()
+    }
+
     /// Removes every injected fault not yet spent.
     pub fn clear_faults(&self) {
         self.shared.clear_faults();

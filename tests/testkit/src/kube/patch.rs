@@ -822,6 +822,81 @@ mod tests {
         assert_eq!(owner(".spec.mailbox"), ["creator"]);
     }
 
+    /// What the operator's status writer relies on: its forced apply takes over what an older
+    /// release's merge patch (an Update by the same manager name) wrote, a field it stops
+    /// applying goes away, and another manager's condition stays.
+    #[test]
+    fn a_status_applier_takes_over_updates_and_removes_what_it_stops_applying() {
+        let rt = mailboxpoll();
+        let live = json!({"metadata": {"name": "a"}, "spec": {"mailbox": "m"}});
+        let mut merged = live.clone();
+        merged["status"] = json!({"nextPollTime": "2026-01-01T00:01:00Z", "messagesPending": 1});
+        track_update(
+            &rt,
+            Some(&live),
+            &mut merged,
+            &writer("mailpoll-controller", Scope::Status),
+        );
+        let status = |pending: i64, next: Option<&str>| {
+            let mut status =
+                json!({"messagesPending": pending, "conditions": [condition("Ready", "True")]});
+            if let Some(next) = next {
+                status["nextPollTime"] = json!(next);
+            }
+            json!({"status": status})
+        };
+        let applier = writer("mailpoll-controller", Scope::Status);
+        let unforced = apply(&rt, &merged, &status(2, None), &applier, false);
+        assert!(
+            unforced.is_err(),
+            "the Update's fields belong to another manager entry: only a forced apply takes them"
+        );
+        let first = apply(
+            &rt,
+            &merged,
+            &status(2, Some("2026-01-01T00:02:00Z")),
+            &applier,
+            true,
+        )
+        .expect("forced apply");
+        assert_eq!(first["status"]["messagesPending"], json!(2));
+        let managers: Vec<(String, String)> = parse_managed(&first)
+            .into_iter()
+            .map(|e| (e.manager, e.operation))
+            .collect();
+        assert_eq!(
+            managers,
+            [("mailpoll-controller".to_owned(), "Apply".to_owned())],
+            "every field moved to the applier"
+        );
+        let other = apply(
+            &rt,
+            &first,
+            &json!({"status": {"conditions": [condition("Synced", "True")]}}),
+            &writer("someone-else", Scope::Status),
+            false,
+        )
+        .expect("another manager's condition");
+        let second = apply(&rt, &other, &status(0, None), &applier, true).expect("apply again");
+        assert!(
+            second["status"].get("nextPollTime").is_none(),
+            "a field no longer applied is removed: {}",
+            second["status"]
+        );
+        let types: Vec<&str> = second["status"]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .filter_map(|c| c["type"].as_str())
+            .collect();
+        assert_eq!(types, ["Ready", "Synced"]);
+        let again = apply(&rt, &second, &status(0, None), &applier, true).expect("no-op");
+        assert_eq!(
+            again["status"], second["status"],
+            "the same apply changes nothing"
+        );
+    }
+
     #[test]
     fn json_patch_test_failure_is_unprocessable() {
         let target = json!({"spec": {"mailbox": "a"}});

@@ -75,6 +75,10 @@ pub struct Shared {
     /// Carries the latest resourceVersion to waiting watches.
     pub notify: tokio::sync::watch::Sender<u64>,
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// While true, watches send nothing (no event, no bookmark) and never end by themselves:
+    /// an API server that went silent with the connections still open.
+    pub silent: tokio::sync::watch::Sender<bool>,
+    open_watches: Arc<std::sync::atomic::AtomicUsize>,
     records: Mutex<Vec<RequestRecord>>,
     /// Requests received and not answered yet, by arrival number.
     unanswered: Mutex<std::collections::BTreeMap<u64, Unanswered>>,
@@ -92,6 +96,15 @@ pub struct Unanswered {
     /// Path and query.
     pub uri: String,
     pub arrived_at: std::time::Instant,
+}
+
+/// An open watch, counted while it lives.
+pub struct OpenWatch(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Takes a request off the unanswered list when it is answered or its client goes away.
@@ -117,10 +130,13 @@ impl Shared {
         let store = Store::new(options.history_limit);
         let (notify, _) = tokio::sync::watch::channel(store.resource_version());
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let (silent, _) = tokio::sync::watch::channel(false);
         Self {
             store: Mutex::new(store),
             notify,
             shutdown,
+            silent,
+            open_watches: Arc::default(),
             records: Mutex::new(Vec::new()),
             unanswered: Mutex::new(std::collections::BTreeMap::new()),
             arrivals: std::sync::atomic::AtomicU64::new(0),
@@ -209,6 +225,17 @@ impl Shared {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(record);
+    }
+
+    /// Counts a watch as open until the returned guard is dropped.
+    pub fn watch_opened(&self) -> OpenWatch {
+        self.open_watches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenWatch(self.open_watches.clone())
+    }
+
+    pub fn open_watches(&self) -> usize {
+        self.open_watches.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Wakes the watches after a write made outside a request.

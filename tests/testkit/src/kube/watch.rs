@@ -109,8 +109,11 @@ pub fn start(shared: Arc<Shared>, request: WatchRequest) -> Result<Body, ApiErro
     };
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let mut shutdown = shared.shutdown.subscribe();
+    let mut silent = shared.silent.subscribe();
     let bookmark_interval = shared.options.bookmark_interval;
+    let open = shared.watch_opened();
     tokio::spawn(async move {
+        let _open = open;
         let send = |event: Value| {
             let tx = tx.clone();
             async move {
@@ -120,6 +123,10 @@ pub fn start(shared: Arc<Shared>, request: WatchRequest) -> Result<Body, ApiErro
             }
         };
         let rt = request.rt.clone();
+        let silenced = *silent.borrow_and_update();
+        if silenced {
+            return hang(&tx, &mut shutdown).await;
+        }
         let mut last = match start {
             Start::Expired(message) => {
                 let status = ApiError::expired(message).to_status();
@@ -151,6 +158,10 @@ pub fn start(shared: Arc<Shared>, request: WatchRequest) -> Result<Body, ApiErro
         let mut ticker = tokio::time::interval(bookmark_interval);
         ticker.tick().await;
         loop {
+            let silenced = *silent.borrow_and_update();
+            if silenced {
+                return hang(&tx, &mut shutdown).await;
+            }
             // Catch up with everything stored so far.
             let (pending, current) = {
                 let store = shared.lock_store();
@@ -196,6 +207,12 @@ pub fn start(shared: Arc<Shared>, request: WatchRequest) -> Result<Body, ApiErro
                 _ = &mut deadline => return,
                 _ = shutdown.changed() => return,
                 _ = tx.closed() => return,
+                silenced = async { silent.wait_for(|silent| *silent).await.is_ok() } => {
+                    if silenced {
+                        return hang(&tx, &mut shutdown).await;
+                    }
+                    return;
+                }
             }
         }
     });
@@ -207,6 +224,18 @@ pub fn start(shared: Arc<Shared>, request: WatchRequest) -> Result<Body, ApiErro
 
 /// The event a change is for this watch: a modification that moves an object into the
 /// selection is ADDED, out of it DELETED, as the API server's watch cache reports it.
+/// A silenced watch: the connection stays open and nothing more is sent, until the client
+/// gives up (or the emulator stops). Not even the watch's timeout ends it.
+async fn hang(
+    tx: &mpsc::Sender<Result<Bytes, Infallible>>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = tx.closed() => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
 fn selected(request: &WatchRequest, change: &Change) -> Option<EventType> {
     if let Some(ns) = &request.namespace
         && &change.namespace != ns
