@@ -1,5 +1,6 @@
 //! What `spec.filter` costs: compiling and checking a filter (once per spec change and
-//! process, then cached) and deciding one message (once per delivery, before the webhook).
+//! process, then cached), deciding one message (once per delivery, before the webhook), and
+//! the admission webhook's answer to one review (parse, compile, answer; once per apply).
 //! Prints a Markdown table.
 //!
 //!   cargo bench --bench selection
@@ -49,6 +50,31 @@ fn message() -> LedgerMessage {
     }
 }
 
+/// An AdmissionReview of a MailboxPoll create with `filter`, as the API server sends it.
+fn review(filter: &str) -> Vec<u8> {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "e911857d-c318-11e8-bbad-025000000001",
+            "kind": {"group": "mailpoll.dev", "version": "v1alpha1", "kind": "MailboxPoll"},
+            "resource": {"group": "mailpoll.dev", "version": "v1alpha1", "resource": "mailboxpolls"},
+            "name": "invoices",
+            "namespace": "mail",
+            "operation": "CREATE",
+            "userInfo": {"username": "admin"},
+            "object": {
+                "apiVersion": "mailpoll.dev/v1alpha1",
+                "kind": "MailboxPoll",
+                "metadata": {"name": "invoices", "namespace": "mail"},
+                "spec": {"mailbox": "invoices@contoso.com", "filter": filter}
+            }
+        }
+    })
+    .to_string()
+    .into_bytes()
+}
+
 /// Mean time per call of `f` over `rounds` calls.
 fn per_call(rounds: u32, mut f: impl FnMut()) -> Duration {
     let started = Instant::now();
@@ -60,8 +86,8 @@ fn per_call(rounds: u32, mut f: impl FnMut()) -> Duration {
 
 fn main() {
     let message = message();
-    println!("| filter | compile + check | decide one message |");
-    println!("| --- | ---: | ---: |");
+    println!("| filter | compile + check | decide one message | answer one admission review |");
+    println!("| --- | ---: | ---: | ---: |");
     for (name, source) in FILTERS {
         let compile = per_call(200, || {
             black_box(Filter::compile(black_box(source)).ok());
@@ -77,6 +103,10 @@ fn main() {
             }
         });
         assert!(delivered > 0, "{name}: the bench message should match");
-        println!("| {name} | {compile:.2?} | {decide:.2?} |");
+        let body = review(source);
+        let admit = per_call(200, || {
+            black_box(mailpoll::admission::answer(black_box(&body)));
+        });
+        println!("| {name} | {compile:.2?} | {decide:.2?} | {admit:.2?} |");
     }
 }

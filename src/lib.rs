@@ -15,6 +15,7 @@
 //!   replica's endpoint);
 //! - process: `http`, `operator`, `tasks_cli`.
 
+pub mod admission;
 pub mod cli;
 pub mod controller;
 pub mod cursor;

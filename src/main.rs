@@ -254,6 +254,16 @@ struct OperatorArgs {
     /// apart from other names.
     #[arg(long, env = "MAILPOLL_CLUSTER_DOMAIN", default_value = egress::DEFAULT_CLUSTER_DOMAIN)]
     cluster_domain: String,
+    /// Address of the validating admission webhook's TLS listener (`POST /validate-mailboxpoll`,
+    /// which checks spec.filter and spec.startFrom at apply time); unset serves none.
+    #[arg(long, env = "MAILPOLL_ADMISSION_ADDR", requires_all = ["admission_tls_cert", "admission_tls_key"])]
+    admission_addr: Option<SocketAddr>,
+    /// PEM certificate chain of the admission listener; read again when the file changes.
+    #[arg(long, env = "MAILPOLL_ADMISSION_TLS_CERT")]
+    admission_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of the admission listener; read again when the file changes.
+    #[arg(long, env = "MAILPOLL_ADMISSION_TLS_KEY")]
+    admission_tls_key: Option<std::path::PathBuf>,
     /// Public HTTPS URL at which Microsoft Graph reaches this operator's notification
     /// endpoint (`https://mailpoll.example.com/notifications`, served on --http-addr under
     /// /notifications). Without it, MailboxPolls asking for notifications are polled only.
@@ -331,6 +341,7 @@ impl OperatorArgs {
             .pool_config(worker_connections.saturating_add(4));
         config.scope = Scope::parse(&self.watch_namespaces);
         config.webhook_egress = EgressGuard::new(self.egress_policy()?);
+        config.admission = self.admission_config();
         config.notifications.public_url = self.notification_url()?;
         let lifetime = seconds(
             "subscription-lifetime-minutes",
@@ -426,6 +437,14 @@ impl OperatorArgs {
             namespaces: Scope::parse(&self.workload_identity_namespaces),
         };
         Ok(config)
+    }
+
+    fn admission_config(&self) -> Option<mailpoll::admission::AdmissionConfig> {
+        Some(mailpoll::admission::AdmissionConfig {
+            addr: self.admission_addr?,
+            cert: self.admission_tls_cert.clone()?,
+            key: self.admission_tls_key.clone()?,
+        })
     }
 
     fn egress_policy(&self) -> anyhow::Result<EgressPolicy> {

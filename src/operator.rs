@@ -73,6 +73,8 @@ pub struct OperatorConfig {
     pub metrics_interval: Duration,
     /// Where webhooks may go: enforced by the webhook client, reported by the reconciler.
     pub webhook_egress: EgressGuard,
+    /// The validating admission webhook's TLS listener; None serves none.
+    pub admission: Option<crate::admission::AdmissionConfig>,
     /// Longest wait for an answer (or the next bytes of one) from the Kubernetes API: a silent
     /// API server (a LIST never answered, a watch that stopped sending) is given up on after
     /// this and the request retried. Longer than the emulator's and the API server's bookmark
@@ -112,6 +114,7 @@ impl OperatorConfig {
             leader_work: LeaderWork::new(Scope::All, identity),
             metrics_interval: Duration::from_secs(10),
             webhook_egress: EgressGuard::default(),
+            admission: None,
             kube_read_timeout: KUBE_READ_TIMEOUT,
             notifications: NotificationSettings::default(),
         }
@@ -138,6 +141,8 @@ pub enum OperatorError {
     Graph(#[from] GraphError),
     #[error("worker pool: {0}")]
     Workers(#[from] QueueError),
+    #[error("admission webhook: {0}")]
+    Admission(#[from] crate::admission::tls::TlsError),
 }
 
 /// Default of [`OperatorConfig::kube_read_timeout`].
@@ -180,6 +185,10 @@ pub async fn run(
         notification_routes,
     )
     .await?;
+    if let Some(admission) = &config.admission {
+        // Serves until `stop`; it needs neither Postgres nor the API server.
+        crate::admission::start(admission, stop.child_token()).await?;
+    }
     let workers = start_workers(&config, &pool, &directory, &graph, &metrics)?;
     let leadership = Leadership::start(&config, &pool, &client, &directory, &graph, &metrics);
     let gauges = tokio::spawn(refresh_queue_gauges(

@@ -142,7 +142,7 @@ pub struct MailboxPollSpec {
     #[schemars(length(max = 64))]
     pub start_from: Option<String>,
 
-    /// A CEL expression over the message, true to deliver it, such as message.from.address.endsWith("@contoso.com") && message.hasAttachments. Variables: message.id, subject, bodyPreview, importance (low, normal, high), isRead, hasAttachments, categories, from and sender ({address, name}), toRecipients, ccRecipients and replyTo (lists of {address, name}), receivedDateTime and sentDateTime (timestamps), internetMessageId, conversationId. Addresses are lower-case. Messages it rejects are recorded as filtered, never delivered or acted on. Checked by the operator (condition InvalidFilter) before any poll.
+    /// A CEL expression over the message, true to deliver it, such as message.from.address.endsWith("@contoso.com") && message.hasAttachments. Variables: message.id, subject, bodyPreview, importance (low, normal, high), isRead, hasAttachments, categories, from and sender ({address, name}), toRecipients, ccRecipients and replyTo (lists of {address, name}), receivedDateTime and sentDateTime (timestamps), internetMessageId, conversationId. Addresses are lower-case. Messages it rejects are recorded as filtered, never delivered or acted on. Checked at apply time by the operator's admission webhook, and by the operator before any poll (condition InvalidFilter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.trim().size() > 0").message("spec.filter must not be empty when set (leave it out to deliver every message)"))]
     #[schemars(length(max = 4096))]

@@ -270,7 +270,7 @@ fn invalid_specs_are_rejected_with_a_message_naming_the_field() {
 }
 
 /// spec.startFrom takes all, now or an RFC 3339 time; spec.filter is bounded and not blank
-/// (its syntax and types are checked by the operator: condition InvalidFilter).
+/// (its syntax and types are checked by the admission webhook and the operator: condition InvalidFilter).
 #[test]
 fn start_from_and_filter_are_checked_by_the_schema() {
     let v = validator();

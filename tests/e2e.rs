@@ -672,6 +672,11 @@ async fn invalid_mailbox_polls_are_rejected_and_a_wrong_secret_is_explained() {
             "spec.maxAttempts must be between 1 and 100",
         ),
         ("  mailbox: a@contoso.com\n", "credentialsSecretRef"),
+        // Past the schema, refused by the first replica's admission webhook.
+        (
+            "  mailbox: a@contoso.com\n  credentialsSecretRef: {name: graph-credentials}\n  filter: mesage.isRead\n",
+            "The MailboxPoll \"invalid\" is invalid: spec.filter: ",
+        ),
     ];
     for (spec, message) in cases {
         let error = sandbox

@@ -121,11 +121,14 @@ API_VERSIONS = {
     "PrometheusRule": "monitoring.coreos.com/v1",
     "ConfigMap": "v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
+    "ValidatingWebhookConfiguration": "admissionregistration.k8s.io/v1",
+    "Certificate": "cert-manager.io/v1",
+    "Issuer": "cert-manager.io/v1",
 }
 
 
 def test_every_object_is_named_and_namespaced_where_it_should_be(rendered) -> None:
-    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration"}
     for obj in rendered.objects:
         assert API_VERSIONS.get(obj["kind"]) == obj["apiVersion"], f"unexpected {obj['apiVersion']} {obj['kind']}"
         assert obj.get("apiVersion") and obj.get("kind"), obj
@@ -435,7 +438,10 @@ def test_the_operator_gets_the_environment_it_reads() -> None:
     assert env["MAILPOLL_HTTP_ADDR"]["value"] == "0.0.0.0:8080"
     assert env["MAILPOLL_LOG_FORMAT"]["value"] == "json"
     assert env["MAILPOLL_LOG"]["value"] == "info"
-    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "admission", "containerPort": 9443, "protocol": "TCP"},
+    ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -582,7 +588,7 @@ def test_the_bundled_postgres_is_off_by_default_and_marked_not_for_production() 
     assert statefulset["spec"]["replicas"] == 1
     assert "not-for-production" in json.dumps(statefulset["metadata"]["annotations"])
     assert "NOT FOR" in result.notes
-    secret = result.one("Secret")
+    secret = result.one("Secret", f"{RELEASE}-mailpoll-postgresql")
     assert set(secret["stringData"]) == {"host", "port", "user", "password", "database"}
     assert len(secret["stringData"]["password"]) == 32
     assert secret["stringData"]["host"] == f"{RELEASE}-mailpoll-postgresql.{NAMESPACE}.svc"
@@ -603,7 +609,10 @@ def test_the_bundled_postgres_is_off_by_default_and_marked_not_for_production() 
 def test_the_metrics_service_and_service_monitor() -> None:
     result = render({"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}})
     service = result.one("Service")
-    assert service["spec"]["ports"] == [{"name": "http-metrics", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "http-metrics", "port": 8080, "targetPort": "http", "protocol": "TCP"},
+        {"name": "https-admission", "port": 443, "targetPort": "admission", "protocol": "TCP"},
+    ]
     monitor = result.one("ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -639,7 +648,12 @@ def test_notes_give_the_next_steps() -> None:
 def test_the_packaged_chart_renders_the_same(tmp_path) -> None:
     # What `helm package` ships must carry the CRD copy and render like the directory does.
     archive = helm.package(CHART_DIR, destination=tmp_path)
-    values = {"postgresql": {"enabled": False}, "watchNamespaces": ["team-a"]}
+    # cert-manager's certificate: Helm would generate a new CA at every render.
+    values = {
+        "postgresql": {"enabled": False},
+        "watchNamespaces": ["team-a"],
+        "admissionWebhook": {"certManager": {"enabled": True}},
+    }
     with helm.Chart.load(archive) as packaged:
         assert packaged.version == "0.1.0"
         from_archive = packaged.render(values, name=RELEASE, namespace=NAMESPACE)

@@ -32,7 +32,7 @@ def test_the_public_cloud_by_default_and_no_workload_identity() -> None:
     assert "azure.workload.identity/use" not in labels
     assert "annotations" not in account["metadata"]
     volumes = [volume["name"] for volume in pod_spec(deployment)["volumes"]]
-    assert volumes == ["tmp"]
+    assert volumes == ["tmp", "admission-tls"]
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_workload_identity_through_the_aks_webhook() -> None:
     assert env["MAILPOLL_WORKLOAD_IDENTITY_NAMESPACES"]["value"] == "support,billing"
     # The webhook injects the token volume and the AZURE_* variables itself.
     assert not [name for name in env if name.startswith("AZURE_")]
-    assert [volume["name"] for volume in pod_spec(deployment)["volumes"]] == ["tmp"]
+    assert [volume["name"] for volume in pod_spec(deployment)["volumes"]] == ["tmp", "admission-tls"]
 
 
 def test_workload_identity_without_the_webhook_mounts_a_projected_token() -> None:

@@ -29,7 +29,10 @@ def test_it_selects_the_operator_pods_and_allows_only_the_needed_egress() -> Non
     spec = policy(REQUIRED)["spec"]
     assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
     assert spec["policyTypes"] == ["Ingress", "Egress"]
-    assert spec["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+    assert spec["ingress"] == [
+        {"ports": [{"port": "http", "protocol": "TCP"}]},
+        {"ports": [{"port": "admission", "protocol": "TCP"}]},
+    ], "probes, scrapes and the API server's admission calls"
     dns, api, database, microsoft = spec["egress"]
     assert egress_ports(dns) == [(53, "UDP"), (53, "TCP")]
     assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
@@ -55,6 +58,15 @@ def test_webhook_receivers_and_scrapers_are_added_when_listed() -> None:
     assert egress_ports(outside) == [(443, "TCP"), (8443, "TCP")]
     assert inside["to"] == peers
     assert egress_ports(inside) == [(80, "TCP"), (443, "TCP"), (8080, "TCP")]
+
+
+def test_the_admission_port_is_opened_only_with_the_webhook_and_for_the_listed_peers() -> None:
+    control_plane = [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    spec = policy({**REQUIRED, "admissionFrom": control_plane})["spec"]
+    assert spec["ingress"][1] == {"ports": [{"port": "admission", "protocol": "TCP"}], "from": control_plane}
+    without = render({"networkPolicy": REQUIRED, "admissionWebhook": {"enabled": False}})
+    ingress = without.one("NetworkPolicy", f"{RELEASE}-mailpoll")["spec"]["ingress"]
+    assert ingress == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
 
 
 def test_the_bundled_postgres_is_selected_by_its_labels() -> None:

@@ -135,3 +135,17 @@ webhook does not (the same path the webhook uses).
 {{- define "mailpoll.federatedTokenDir" -}}
 /var/run/secrets/azure/tokens
 {{- end }}
+
+{{/* The admission webhook's Service name, certificate Secret and cert-manager Certificate. */}}
+{{- define "mailpoll.admission.secretName" -}}
+{{- printf "%s-admission-tls" (include "mailpoll.fullname" .) }}
+{{- end }}
+
+{{- define "mailpoll.admission.certificateName" -}}
+{{- printf "%s-admission" (include "mailpoll.fullname" .) }}
+{{- end }}
+
+{{/* Where the operator reads the admission certificate. */}}
+{{- define "mailpoll.admission.certDir" -}}
+/etc/mailpoll/admission-tls
+{{- end }}

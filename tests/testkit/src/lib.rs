@@ -2,6 +2,7 @@
 //! server does it, and (in later modules) the emulators of Microsoft Graph and the Kubernetes
 //! API. Never linked into the shipped binary.
 
+pub mod admission;
 pub mod bench;
 pub mod cluster;
 pub mod crd_validation;

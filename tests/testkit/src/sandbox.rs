@@ -18,6 +18,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
+use crate::admission;
 use crate::cluster;
 use crate::credentials::{ServiceAccountIssuer, service_account_subject};
 use crate::graph::{
@@ -99,6 +100,8 @@ impl SandboxOptions {
 struct Replica {
     name: String,
     port: u16,
+    /// Its admission webhook's TLS listener.
+    admission_port: u16,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -250,6 +253,7 @@ impl Sandbox {
             sandbox.replicas.push(Replica {
                 name,
                 port: free_port()?,
+                admission_port: free_port()?,
                 log,
                 child: None,
             });
@@ -258,7 +262,30 @@ impl Sandbox {
         for index in 0..sandbox.replicas.len() {
             sandbox.wait_ready(index, Duration::from_secs(60)).await?;
         }
+        sandbox.register_admission_webhook().await?;
         Ok(sandbox)
+    }
+
+    /// Registers the first replica's admission webhook as the chart registers the Service's
+    /// (failurePolicy Ignore), so `kubectl apply` of an invalid spec.filter is refused here too.
+    async fn register_admission_webhook(&self) -> anyhow::Result<()> {
+        let url = self.admission_url();
+        let configuration = admission::webhook_configuration("mailpoll", &url, "Ignore", 5);
+        admission::register(&self.kube.client()?, &configuration).await
+    }
+
+    /// The admission webhook the API emulator calls: the first replica's.
+    pub fn admission_url(&self) -> String {
+        format!(
+            "https://localhost:{}{}",
+            self.replicas[0].admission_port,
+            mailpoll::admission::VALIDATE_PATH
+        )
+    }
+
+    /// The test certificate the replicas' admission listeners serve, written once.
+    fn admission_cert(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        admission::write_test_cert(&self.dir.path().join("admission-tls"))
     }
 
     /// The directory of logs and other temporary files (removed when the sandbox goes).
@@ -294,6 +321,7 @@ impl Sandbox {
 
     /// Starts (or restarts) replica `index` from the mailpoll binary.
     pub fn start_replica(&mut self, index: usize) -> anyhow::Result<()> {
+        let (admission_cert, admission_key) = self.admission_cert()?;
         let options = &self.options;
         let notification_port = self.replicas.first().map_or(0, |first| first.port);
         let replica = &mut self.replicas[index];
@@ -313,7 +341,13 @@ impl Sandbox {
                 "operator",
                 "--http-addr",
                 &format!("127.0.0.1:{}", replica.port),
+                "--admission-addr",
+                &format!("127.0.0.1:{}", replica.admission_port),
             ])
+            .arg("--admission-tls-cert")
+            .arg(&admission_cert)
+            .arg("--admission-tls-key")
+            .arg(&admission_key)
             .env("DATABASE_URL", self.postgres.url())
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", &replica.name)

@@ -131,6 +131,7 @@ fn print_usage(sandbox: &Sandbox, examples: &std::path::Path) {
          Hazards to try:\n  \
            curl -X POST {graph}/_admin/mailboxes/support@contoso.com/evict-delta   # a resync: ResyncStarted, nothing delivered twice\n  \
            kubectl delete -f {examples}/20-shared-inbox.yaml && kubectl apply -f {examples}/20-shared-inbox.yaml   # same ledger, same keys\n  \
+           kubectl patch mbp -n mail support-inbox --type merge -p '{{\"spec\":{{\"filter\":\"mesage.isRead\"}}}}'   # refused by the admission webhook ({admission}), naming spec.filter\n  \
            curl -X PUT {graph}/_admin/faults -H 'content-type: application/json' -d '{{\"throttleRatio\":0.3,\"retryAfterFormat\":\"missing\"}}'\n  \
            curl -X PUT {graph}/_admin/faults -H 'content-type: application/json' -d '{{\"tokenLifetimeSecs\":60,\"tokenEndpoint\":{{\"failRatio\":1.0}}}}'   # the token endpoint down: polls go on with cached tokens until they expire\n  \
            curl -X PUT {graph}/_admin/faults -H 'content-type: application/json' -d '{{\"tokenEndpoint\":{{\"wrongCertificate\":true}}}}'   # at orders-inbox's next token: AuthenticationFailed with a hint\n\
@@ -138,6 +139,7 @@ fn print_usage(sandbox: &Sandbox, examples: &std::path::Path) {
          Manifests applied from {examples}. Progress below (Ctrl-C stops everything):\n",
         db = sandbox.database_url(),
         hook = sandbox.receiver.url(),
+        admission = sandbox.admission_url(),
         logs = logs.join(", "),
         ns = sandbox::OPERATOR_NAMESPACE,
         examples = examples.display(),

@@ -214,6 +214,27 @@ pub fn builtin_types() -> Vec<ResourceType> {
     );
     crds.generation = true;
     crds.categories = vec!["api-extensions".into()];
+    let mut validating_webhooks = builtin(
+        super::admission::GROUP,
+        "v1",
+        "ValidatingWebhookConfiguration",
+        super::admission::VALIDATING_PLURAL,
+        false,
+        &[],
+        false,
+        vec![
+            column("Webhooks", "integer", "The number of webhooks", |o| {
+                json!(
+                    o.get("webhooks")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len)
+                )
+            }),
+            age_column(),
+        ],
+    );
+    validating_webhooks.generation = true;
+    validating_webhooks.categories = vec!["api-extensions".into()];
     let mut types = vec![
         namespaces,
         secrets,
@@ -222,6 +243,7 @@ pub fn builtin_types() -> Vec<ResourceType> {
         events_v1,
         leases,
         crds,
+        validating_webhooks,
     ];
     types.extend(workload_types());
     types

@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 pub mod builtin;
 pub mod crd;
 pub mod discovery;

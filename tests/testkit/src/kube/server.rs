@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::admission::{self, Attempt};
 use super::discovery;
 use super::record::RequestRecord;
 use super::resource::ResourceType;
@@ -322,7 +323,7 @@ async fn handle(
         answered_at: std::time::Instant::now(),
         code: 0,
     };
-    let response = match route(&shared, &method, &path, &query, &headers, body, &mut record) {
+    let response = match route(&shared, &method, &path, &query, &headers, body, &mut record).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -340,7 +341,7 @@ fn segments(path: &str) -> Vec<&str> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn route(
+async fn route(
     shared: &Arc<Shared>,
     method: &Method,
     path: &str,
@@ -447,30 +448,29 @@ fn route(
         "create" => {
             let object = decode_body(headers, &body, &target.rt)?;
             let ctx = write_context(query, headers, false)?;
-            let written = with_store(shared, |s| {
-                s.create(
-                    &target.rt,
-                    target.namespace.as_deref().unwrap_or_default(),
-                    object,
-                    &ctx,
-                )
-            })?;
+            let namespace = target.namespace.as_deref().unwrap_or_default();
+            let written = admitted_write(shared, &target, &ctx, record, |s, ctx| {
+                s.create(&target.rt, namespace, object.clone(), ctx)
+            })
+            .await?;
             Ok(written_response(written, StatusCode::CREATED))
         }
         "update" => {
             let object = decode_body(headers, &body, &target.rt)?;
             let ctx = write_context(query, headers, false)?;
             let name = target.name.clone().unwrap_or_default();
-            let written = with_store(shared, |s| {
+            let namespace = target.namespace.as_deref().unwrap_or_default();
+            let written = admitted_write(shared, &target, &ctx, record, |s, ctx| {
                 s.update(
                     &target.rt,
-                    target.namespace.as_deref().unwrap_or_default(),
+                    namespace,
                     &name,
-                    object,
+                    object.clone(),
                     target.subresource.is_some(),
-                    &ctx,
+                    ctx,
                 )
-            })?;
+            })
+            .await?;
             let code = if written.created {
                 StatusCode::CREATED
             } else {
@@ -478,7 +478,7 @@ fn route(
             };
             Ok(written_response(written, code))
         }
-        "patch" => patch(shared, &target, query, headers, &body),
+        "patch" => patch(shared, &target, query, headers, &body, record).await,
         "delete" => delete(shared, &target, query, &body),
         "deletecollection" => delete_collection(shared, &target, query),
         _ => Err(ApiError::not_found_path()),
@@ -495,6 +495,57 @@ fn with_store<T>(
     };
     shared.changed();
     result
+}
+
+/// A create, update or patch. When validating webhooks are configured, they are shown the
+/// object as it would be stored (the write done as a dry run, after defaulting and schema
+/// validation, as in kube-apiserver) and may refuse it before it is written.
+async fn admitted_write(
+    shared: &Arc<Shared>,
+    target: &Target,
+    ctx: &WriteContext,
+    record: &RequestRecord,
+    write: impl Fn(&mut Store, &WriteContext) -> Result<Written, ApiError> + Send,
+) -> Result<Written, ApiError> {
+    // Webhook rules here name main resources; status writes are never sent.
+    let webhooks = match target.subresource {
+        Some(_) => Vec::new(),
+        None => admission::configured(&shared.lock_store()),
+    };
+    if webhooks.is_empty() {
+        return with_store(shared, |s| write(s, ctx));
+    }
+    let trial_ctx = WriteContext {
+        dry_run: true,
+        ..ctx.clone()
+    };
+    let trial = with_store(shared, |s| write(s, &trial_ctx))?;
+    let namespace = target.namespace.as_deref().unwrap_or_default();
+    let name = trial
+        .object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let old = match trial.created {
+        true => None,
+        false => shared.lock_store().get(&target.rt, namespace, name).ok(),
+    };
+    let attempt = Attempt {
+        rt: &target.rt,
+        namespace,
+        object: &trial.object,
+        old_object: old.as_ref(),
+        create: trial.created,
+        dry_run: ctx.dry_run,
+        user: record.user.as_deref(),
+    };
+    for webhook in webhooks.iter().filter(|w| w.matches(&attempt)) {
+        webhook.admit(&attempt).await?;
+    }
+    if ctx.dry_run {
+        return Ok(trial);
+    }
+    with_store(shared, |s| write(s, ctx))
 }
 
 fn written_response(written: Written, code: StatusCode) -> Response {
@@ -788,12 +839,13 @@ fn watch_resource(
     Ok(response)
 }
 
-fn patch(
+async fn patch(
     shared: &Arc<Shared>,
     target: &Target,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
     body: &[u8],
+    record: &RequestRecord,
 ) -> Result<Response, ApiError> {
     let kind = match content_type(headers).as_str() {
         "application/merge-patch+json" => PatchKind::Merge,
@@ -829,17 +881,19 @@ fn patch(
     };
     let ctx = write_context(query, headers, apply)?;
     let name = target.name.clone().unwrap_or_default();
-    let written = with_store(shared, |s| {
+    let namespace = target.namespace.as_deref().unwrap_or_default();
+    let written = admitted_write(shared, target, &ctx, record, |s, ctx| {
         s.patch(
             &target.rt,
-            target.namespace.as_deref().unwrap_or_default(),
+            namespace,
             &name,
             kind,
             &body,
             target.subresource.is_some(),
-            &ctx,
+            ctx,
         )
-    })?;
+    })
+    .await?;
     let code = if written.created {
         StatusCode::CREATED
     } else {
