@@ -284,6 +284,32 @@ async fn the_examples_deliver_every_message_once_and_status_matches_the_ledger()
         || async { arrived_equals_recorded(&sandbox, &active).await },
     )
     .await;
+    // support-inbox is woken by Graph change notifications: the leader subscribed for it.
+    wait_for_ok(
+        "support-inbox's change-notification subscription",
+        patience(Duration::from_secs(60)),
+        || async {
+            let output = sandbox
+                .kubectl(&[
+                    "get",
+                    "mbp",
+                    "-n",
+                    "mail",
+                    "support-inbox",
+                    "-o",
+                    "jsonpath={.status.notifications.subscriptionId}",
+                ])
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let id = output.stdout.trim().to_owned();
+            if id.is_empty() {
+                Err(output.stderr)
+            } else {
+                Ok(id)
+            }
+        },
+    )
+    .await;
     // More mail, then a forced poll of each active MailboxPoll instead of waiting a minute.
     for mailbox in &active {
         sandbox.add_mail(mailbox, 10).expect("mail");

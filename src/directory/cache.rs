@@ -130,17 +130,21 @@ struct Watched {
     synced: watch::Receiver<bool>,
     health: Arc<Mutex<WatchHealth>>,
     subscribers: Subscribers,
+    /// Counts the objects created, changed or deleted in any scope (shared by all scopes).
+    changes: Arc<watch::Sender<u64>>,
 }
 
 /// Watch caches of MailboxPolls, one per watched scope.
 #[derive(Clone)]
 pub struct MailboxPolls {
     watched: Vec<Watched>,
+    changes: Arc<watch::Sender<u64>>,
 }
 
 impl MailboxPolls {
     /// Starts the watches; they run until `stop`.
     pub fn start(client: &kube::Client, scope: &Scope, stop: CancellationToken) -> Self {
+        let changes = Arc::new(watch::channel(0u64).0);
         let watched = scope
             .apis::<MailboxPoll>(client)
             .into_iter()
@@ -154,6 +158,7 @@ impl MailboxPolls {
                     synced,
                     health: Arc::default(),
                     subscribers: Arc::default(),
+                    changes: changes.clone(),
                 };
                 let events = watcher(api, watch_config()).default_backoff();
                 tokio::spawn(follow(
@@ -166,7 +171,14 @@ impl MailboxPolls {
                 watched
             })
             .collect();
-        Self { watched }
+        Self { watched, changes }
+    }
+
+    /// A receiver that sees a new value whenever a MailboxPoll is created, changed or deleted
+    /// (status writes included): for work that wants to react soon without a subscription of
+    /// its own to every object.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Whether every watch has listed its objects once.
@@ -272,11 +284,16 @@ async fn follow(
         match event {
             watcher::Event::InitDone => {
                 listed.send_replace(true);
+                watched.changes.send_modify(|n| *n = n.wrapping_add(1));
             }
             watcher::Event::Apply(poll) | watcher::Event::InitApply(poll) => {
                 publish(&watched.subscribers, Arc::new(poll)).await;
+                watched.changes.send_modify(|n| *n = n.wrapping_add(1));
             }
-            watcher::Event::Delete(_) | watcher::Event::Init => {}
+            watcher::Event::Delete(_) => {
+                watched.changes.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            watcher::Event::Init => {}
         }
     }
 }

@@ -105,6 +105,9 @@ enum PassError {
     Config(String),
 }
 
+/// How long after a MailboxPoll changed the keeper looks, so a burst of changes costs one pass.
+const CHANGES_SETTLE: Duration = Duration::from_secs(2);
+
 /// The subscription keeper; runs on the leader only.
 pub struct Manager {
     pub pool: PgPool,
@@ -140,14 +143,22 @@ impl Manager {
                 changed = leading.wait_for(|l| *l) => if changed.is_err() { return },
             }
             self.directory.polls().wait_synced().await;
+            let mut changes = self.directory.polls().changes();
             while *leading.borrow() && !stop.is_cancelled() {
                 if let Err(error) = self.pass().await {
                     tracing::warn!(%error, "notification subscriptions: pass failed");
                 }
-                tokio::select! {
+                // A new or changed MailboxPoll gets its subscription within seconds, not at
+                // the next periodic pass; a burst of changes (status writes) costs one pass.
+                let changed = tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep(self.settings.sync_interval) => {}
-                    _ = leading.wait_for(|l| !*l) => {}
+                    () = tokio::time::sleep(self.settings.sync_interval) => false,
+                    Ok(()) = changes.changed() => true,
+                    _ = leading.wait_for(|l| !*l) => false,
+                };
+                if changed {
+                    tokio::time::sleep(CHANGES_SETTLE).await;
+                    changes.mark_unchanged();
                 }
             }
             self.clients.clear();
