@@ -117,6 +117,10 @@ pub struct Manager {
     /// Clients of MailboxPolls seen in this term, so a subscription can still be deleted
     /// after its MailboxPoll (and the way to its credentials) is gone.
     clients: HashMap<Uuid, MailboxClient>,
+    /// When a Graph call for a MailboxPoll's subscription last failed: it is tried again only
+    /// a sync interval later, however often MailboxPolls change (a failed attempt writes the
+    /// status, which is a change itself).
+    failed_at: HashMap<Uuid, tokio::time::Instant>,
 }
 
 impl Manager {
@@ -132,6 +136,7 @@ impl Manager {
             graph,
             settings,
             clients: HashMap::new(),
+            failed_at: HashMap::new(),
         }
     }
 
@@ -162,6 +167,7 @@ impl Manager {
                 }
             }
             self.clients.clear();
+            self.failed_at.clear();
         }
     }
 
@@ -192,7 +198,7 @@ impl Manager {
                 });
             let row = rows.remove(&uid);
             let action = plan(wanted.as_ref(), row.as_ref(), now, self.settings.lifetime);
-            if action == Action::Nothing {
+            if action == Action::Nothing || self.failed_recently(uid) {
                 continue;
             }
             let label = poll.as_ref().map(|p| {
@@ -203,6 +209,11 @@ impl Manager {
                 )
             });
             let outcome = self.act(uid, poll.as_deref(), row.as_ref(), &action).await;
+            if outcome.is_err() {
+                self.failed_at.insert(uid, tokio::time::Instant::now());
+            } else {
+                self.failed_at.remove(&uid);
+            }
             self.report(uid, poll.as_deref(), row, &action, outcome)
                 .await?;
             if let Some(label) = label {
@@ -211,6 +222,12 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    fn failed_recently(&self, uid: Uuid) -> bool {
+        self.failed_at
+            .get(&uid)
+            .is_some_and(|at| at.elapsed() < self.settings.sync_interval)
     }
 
     async fn client_of(
