@@ -25,6 +25,15 @@ fn ask(key: &SlotKey, count: u32, hold: Duration) -> SlotAsk<'_> {
     }
 }
 
+/// Whether `count` slots of `key` could be taken now (held for `hold` if so).
+async fn takes(slots: &MailboxSlots, key: &SlotKey, count: u32, hold: Duration) -> bool {
+    slots
+        .take(ask(key, count, hold))
+        .await
+        .expect("take")
+        .is_some()
+}
+
 /// Four slots per (application, mailbox), whatever case the address is written in; a batch
 /// gets all it asks for or nothing; another application or mailbox has slots of its own.
 #[tokio::test]
@@ -36,33 +45,19 @@ async fn four_slots_per_application_and_mailbox_taken_all_or_none() {
     assert!(batch.is_some(), "three of four free slots");
     let same_mailbox = SlotKey::new("tenant-1", "app-1", "support@contoso.com");
     assert!(
-        slots
-            .take(ask(&same_mailbox, 2, HOLD))
-            .await
-            .expect("take")
-            .is_none(),
+        !takes(&slots, &same_mailbox, 2, HOLD).await,
         "two asked, one free: none taken"
     );
     let single = slots.take(ask(&same_mailbox, 1, HOLD)).await.expect("take");
     assert!(single.is_some(), "the fourth slot");
     assert_eq!(slots.held(&key).await.expect("held"), 4);
-    assert!(
-        slots
-            .take(ask(&key, 2, HOLD))
-            .await
-            .expect("take")
-            .is_none()
-    );
+    assert!(!takes(&slots, &key, 2, HOLD).await);
     for other in [
         SlotKey::new("tenant-1", "app-2", "support@contoso.com"),
         SlotKey::new("tenant-1", "app-1", "sales@contoso.com"),
     ] {
         assert!(
-            slots
-                .take(ask(&other, 4, HOLD))
-                .await
-                .expect("take")
-                .is_some(),
+            takes(&slots, &other, 4, HOLD).await,
             "{other:?} has slots of its own"
         );
     }
@@ -72,11 +67,7 @@ async fn four_slots_per_application_and_mailbox_taken_all_or_none() {
         .expect("give back");
     assert_eq!(slots.held(&key).await.expect("held"), 1);
     assert!(
-        slots
-            .take(ask(&key, 3, HOLD))
-            .await
-            .expect("take")
-            .is_some(),
+        takes(&slots, &key, 3, HOLD).await,
         "three given back, three free"
     );
 }
@@ -88,27 +79,11 @@ async fn slots_of_a_holder_that_died_free_themselves_when_the_hold_runs_out() {
     let slots = MailboxSlots::new(db.pool.clone());
     let key = key();
     let short = Duration::from_millis(300);
-    assert!(
-        slots
-            .take(ask(&key, 4, short))
-            .await
-            .expect("take")
-            .is_some()
-    );
-    assert!(
-        slots
-            .take(ask(&key, 2, HOLD))
-            .await
-            .expect("take")
-            .is_none()
-    );
+    assert!(takes(&slots, &key, 4, short).await);
+    assert!(!takes(&slots, &key, 2, HOLD).await);
     tokio::time::sleep(short + Duration::from_millis(200)).await;
     assert!(
-        slots
-            .take(ask(&key, 4, HOLD))
-            .await
-            .expect("take")
-            .is_some(),
+        takes(&slots, &key, 4, HOLD).await,
         "the dead holder's slots are free again"
     );
 }
@@ -130,11 +105,7 @@ async fn a_waiting_single_request_goes_before_batches() {
     assert!(slots.take(poll).await.expect("take").is_none(), "all taken");
     slots.give_back_now(&key, running).await.expect("give back");
     assert!(
-        slots
-            .take(ask(&key, 2, HOLD))
-            .await
-            .expect("take")
-            .is_none(),
+        !takes(&slots, &key, 2, HOLD).await,
         "a batch waits while the single request does"
     );
     let granted = slots
@@ -146,11 +117,7 @@ async fn a_waiting_single_request_goes_before_batches() {
         .expect("take");
     assert!(granted.is_some(), "the waiting request's turn");
     assert!(
-        slots
-            .take(ask(&key, 2, HOLD))
-            .await
-            .expect("take")
-            .is_some(),
+        takes(&slots, &key, 2, HOLD).await,
         "nobody waits: batches go on"
     );
 
@@ -164,11 +131,7 @@ async fn a_waiting_single_request_goes_before_batches() {
         .expect("give back");
     tokio::time::sleep(Duration::from_millis(2_300)).await;
     assert!(
-        slots
-            .take(ask(&key, 1, HOLD))
-            .await
-            .expect("take")
-            .is_some(),
+        takes(&slots, &key, 1, HOLD).await,
         "a waiter not heard from for 2 s no longer counts"
     );
 }
