@@ -18,6 +18,7 @@ use mailpoll::queue;
 use mailpoll_testkit::cluster;
 use mailpoll_testkit::kube::KubeEmulator;
 use mailpoll_testkit::pg::TestDatabase;
+use mailpoll_testkit::wait_until;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -154,7 +155,21 @@ async fn a_new_term_waits_for_a_fenced_write_in_flight() {
     first.check(&mut tx).await.expect("a still leads");
     let pool = db.pool.clone();
     let successor = tokio::spawn(async move { fence::begin_term(&pool, LEASE, "replica-b").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Postgres says when the successor's statement is blocked on the fenced transaction's lock.
+    wait_until(
+        "the successor's term to wait on the fenced transaction",
+        Duration::from_secs(30),
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                 WHERE datname = current_database() AND wait_event_type = 'Lock')",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .expect("pg_stat_activity")
+        },
+    )
+    .await;
     assert!(
         !successor.is_finished(),
         "the successor's term waits for the fenced transaction"
