@@ -17,11 +17,18 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 /// safe because migrations follow expand/contract: a release only adds (tables, nullable or
 /// defaulted columns, indexes); what an older release still reads is dropped only in a later
 /// release than the one that stopped reading it.
+///
+/// Its own session-level advisory lock is off: [`migrate`] serialises runs with a lock of the
+/// transaction the whole run happens in instead.
 pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.set_ignore_missing(true);
+    migrator.set_locking(false);
     migrator
 });
+
+/// Advisory lock class of the migration run (`"mlpm"`); the other half of the key is 0.
+const MIGRATION_LOCK_CLASS: i32 = 0x6d6c_706d;
 
 /// A failure to reach or prepare the database.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +39,10 @@ pub enum DbError {
     Connect(#[source] sqlx::Error),
     #[error("applying migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot take the migration lock: {0}")]
+    Lock(#[source] sqlx::Error),
+    #[error("committing the migrations failed: {0}")]
+    Commit(#[source] sqlx::Error),
 }
 
 /// Pool settings; the defaults suit one operator replica.
@@ -76,10 +87,35 @@ pub async fn connect(url: &str, config: &PoolConfig) -> Result<PgPool, DbError> 
         .map_err(DbError::Connect)
 }
 
-/// Applies pending migrations. Concurrent callers serialise on a Postgres advisory lock, so
-/// replicas starting together apply each migration exactly once.
+/// Applies pending migrations, all in one transaction that first takes an advisory lock of
+/// that transaction, so replicas starting together apply each migration exactly once.
+///
+/// Not sqlx's own session-level lock: behind a pooler in transaction mode the lock, taken by one
+/// statement, stays with whichever server connection ran it, and the unlock may run on another.
+/// That server then holds it for good (every other replica waits on it) and a client handed
+/// that same server later takes it again at once (locks are re-entrant), so two runs overlap.
+/// A lock of the transaction lives exactly as long as the run, on the one server the pooler
+/// keeps for it. Each migration still runs in its own savepoint; all of them commit together.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    MIGRATOR.run(pool).await?;
+    let mut tx = pool.begin().await.map_err(DbError::Connect)?;
+    // Waiting for another replica's run is not a lock to give up on after the database's
+    // lock_timeout; the migrations themselves keep that timeout.
+    sqlx::query("SET LOCAL lock_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::Lock)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
+        .bind(MIGRATION_LOCK_CLASS)
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::Lock)?;
+    sqlx::query("SET LOCAL lock_timeout = DEFAULT")
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::Lock)?;
+    // `Migrator::run` wants an `Acquire`, whose future is not `Send` for a borrowed transaction.
+    MIGRATOR.run_direct(None, &mut *tx, false).await?;
+    tx.commit().await.map_err(DbError::Commit)?;
     Ok(())
 }
 

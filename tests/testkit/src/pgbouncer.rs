@@ -1,5 +1,7 @@
-//! A real PgBouncer (the Debian package's binary) in front of the test Postgres, for tests of
-//! mailpoll behind a connection pooler.
+//! A real PgBouncer in front of the test Postgres, for tests of mailpoll behind a connection
+//! pooler. `MAILPOLL_PGBOUNCER` names the binary to use (scripts/test builds Debian 13's
+//! PgBouncer 1.24 there, the first Debian release with prepared statements in transaction
+//! pooling); otherwise the one on `PATH` or Debian's `/usr/sbin/pgbouncer`.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -25,8 +27,16 @@ impl PoolMode {
     }
 }
 
-/// The pgbouncer binary: on `PATH`, or where Debian installs it.
+/// The version from which PgBouncer keeps protocol-level prepared statements apart per client
+/// in transaction pooling (`max_prepared_statements`).
+pub const PREPARED_STATEMENTS_SINCE: (u32, u32) = (1, 21);
+
+/// The pgbouncer binary: `MAILPOLL_PGBOUNCER`, else on `PATH`, else where Debian installs it.
 pub fn binary() -> Option<PathBuf> {
+    if let Some(named) = std::env::var_os("MAILPOLL_PGBOUNCER") {
+        let named = PathBuf::from(named);
+        return named.is_file().then_some(named);
+    }
     let on_path = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join("pgbouncer"))
@@ -36,6 +46,30 @@ pub fn binary() -> Option<PathBuf> {
         let debian = PathBuf::from("/usr/sbin/pgbouncer");
         debian.is_file().then_some(debian)
     })
+}
+
+/// Debian's own binary, `/usr/sbin/pgbouncer`, when installed.
+pub fn debian_binary() -> Option<PathBuf> {
+    let debian = PathBuf::from("/usr/sbin/pgbouncer");
+    debian.is_file().then_some(debian)
+}
+
+/// The binary's version, as `(major, minor)`, from `pgbouncer --version` ("PgBouncer 1.24.1").
+pub fn version(binary: &std::path::Path) -> anyhow::Result<(u32, u32)> {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", binary.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    parse_version(&text).with_context(|| format!("no version in {text:?}"))
+}
+
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let number = text.lines().next()?.strip_prefix("PgBouncer ")?;
+    let mut parts = number.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// A running PgBouncer; stopped when dropped.
@@ -56,6 +90,13 @@ impl PgBouncer {
         users: &[&str],
     ) -> anyhow::Result<Self> {
         let dir = TempDir::new("mailpoll-pgbouncer")?;
+        // As a managed pooler is set up for clients with prepared statements (1.21 and later);
+        // older versions do not know the setting.
+        let prepared = if version(binary)? >= PREPARED_STATEMENTS_SINCE {
+            "max_prepared_statements = 200\n"
+        } else {
+            ""
+        };
         let port = free_port()?;
         let auth_file = dir.path().join("users.txt");
         let users_text: String = users
@@ -71,7 +112,7 @@ impl PgBouncer {
                  listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
                  auth_type = trust\nauth_file = {auth}\npool_mode = {mode}\n\
                  default_pool_size = 20\nmax_client_conn = 500\n\
-                 ignore_startup_parameters = extra_float_digits\npidfile = {pid}\n",
+                 ignore_startup_parameters = extra_float_digits\npidfile = {pid}\n{prepared}",
                 auth = auth_file.display(),
                 pid = dir.path().join("pgbouncer.pid").display(),
                 mode = mode.as_str(),
@@ -142,5 +183,20 @@ impl Drop for PgBouncer {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_version;
+
+    #[test]
+    fn versions_are_read_from_the_first_line() {
+        assert_eq!(
+            parse_version("PgBouncer 1.24.1\nlibevent 2.1.12-stable\n"),
+            Some((1, 24))
+        );
+        assert_eq!(parse_version("PgBouncer 1.18.0\n"), Some((1, 18)));
+        assert_eq!(parse_version("pgbouncer: command not found"), None);
     }
 }
