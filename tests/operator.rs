@@ -806,17 +806,34 @@ async fn a_poll_costs_one_status_write() {
             is_ready(s) && s.next_poll_time.is_some()
         })
         .await;
+    let (polls, status_writes, writes) = count_status_writes(&world, uid, 3).await;
+    println!(
+        "idle MailboxPoll at 10s: {polls} polls finished, {status_writes} status writes, {} API writes in all: {writes:?}",
+        writes.len()
+    );
+    assert!(polls >= 3, "scheduled polls kept running ({polls})");
+    assert_eq!(
+        status_writes,
+        writes.len(),
+        "an idle MailboxPoll's only API writes are its status writes: {writes:?}"
+    );
+    assert!(
+        i64::try_from(status_writes).expect("small") <= polls,
+        "at most one status write per poll: {status_writes} writes for {polls} polls"
+    );
+    world.stop().await;
+}
+
+/// Status writes of `uid`'s polls: counted from a finished poll until the poll after
+/// `counted` more has started, so every write the counted polls caused is in the record.
+/// Returns (polls finished, status writes, every API write but Leases).
+async fn count_status_writes(world: &World, uid: Uuid, counted: i64) -> (i64, usize, Vec<String>) {
     let started_before = world.polls(uid).await;
     let finished_before = world.finished_polls(uid).await;
     world.kube.clear_requests();
-    let counted: i64 = 3;
-    // The barrier: the poll after the counted ones has started, a whole interval after the
-    // last counted one, so every write the counted polls caused, a late second one included,
-    // is in the record. A write the started poll already caused counts too.
     wait_until(
         format!("{} more scheduled polls", counted + 1),
-        // Four intervals of 10 s, plus the usual patience.
-        PATIENCE + Duration::from_secs(40),
+        PATIENCE + Duration::from_secs(10 * (counted as u64 + 1)),
         || async { world.polls(uid).await > started_before + counted },
     )
     .await;
@@ -836,15 +853,64 @@ async fn a_poll_costs_one_status_write() {
                 || *w == "update mailpoll.dev/mailboxpolls/status"
         })
         .count();
+    (polls, status_writes, writes)
+}
+
+/// Mail arrives between polls: a poll and the deliveries it starts still cost one status
+/// write, which shows both (the write waits for the deliveries, up to a bound), even with the
+/// controller looking at pending messages every second.
+#[tokio::test]
+async fn a_poll_with_mail_and_its_deliveries_cost_one_status_write() {
+    let world = World::start_tuned(
+        Scope::All,
+        EgressGuard::new(EgressPolicy::allowing_loopback()),
+        |config| {
+            config.leader_work.reconcile.pending_requeue = Duration::from_secs(1);
+            // Loopback deliveries take milliseconds; the bound is generous for a loaded CI.
+            config.leader_work.reconcile.delivery_hold = Duration::from_secs(8);
+        },
+    )
+    .await;
+    let receiver = WebhookReceiver::start(None)
+        .await
+        .expect("webhook receiver");
+    world.credentials(cluster::valid_client_secret()).await;
+    let uid = world
+        .create_with("busy", |spec| {
+            spec.interval = "10s".into();
+            spec.delivery = Some(delivery(json!({"url": receiver.url()})));
+        })
+        .await;
+    world
+        .wait_status("busy", "the first poll and the next one planned", |s| {
+            is_ready(s) && s.next_poll_time.is_some()
+        })
+        .await;
+    let arriving = async {
+        loop {
+            world
+                .graph
+                .add_messages(MAILBOX, "inbox", 1)
+                .expect("a message arrives");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    };
+    let (polls, status_writes, writes) = tokio::select! {
+        counted = count_status_writes(&world, uid, 3) => counted,
+        _ = arriving => unreachable!("mail keeps arriving"),
+    };
     println!(
-        "idle MailboxPoll at 10s: {polls} polls finished, {status_writes} status writes, {} API writes in all: {writes:?}",
-        writes.len()
+        "MailboxPoll at 10s with mail: {polls} polls finished, {status_writes} status writes: {writes:?}"
     );
-    assert!(polls >= counted, "scheduled polls kept running ({polls})");
+    assert!(polls >= 3, "scheduled polls kept running ({polls})");
+    assert!(
+        !receiver.successes().is_empty(),
+        "mail was delivered meanwhile"
+    );
     assert_eq!(
         status_writes,
         writes.len(),
-        "an idle MailboxPoll's only API writes are its status writes: {writes:?}"
+        "only status writes: {writes:?}"
     );
     assert!(
         i64::try_from(status_writes).expect("small") <= polls,

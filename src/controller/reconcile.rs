@@ -46,6 +46,12 @@ pub struct ReconcileSettings {
     pub settle_requeue: Duration,
     /// Requeue while a poll task runs (its end is announced; this is the fallback).
     pub running_requeue: Duration,
+    /// How long a finished poll's status write waits for the deliveries it started: they
+    /// usually end within a second, and one write then shows the poll and its deliveries
+    /// (one write per poll, not a second one for the counts).
+    pub delivery_hold: Duration,
+    /// Requeue while the status write waits for deliveries.
+    pub delivery_hold_requeue: Duration,
     /// A due poll task not claimed for this long no longer defers status writes (the status
     /// then shows the overdue nextPollTime).
     pub overdue: Duration,
@@ -67,6 +73,8 @@ impl Default for ReconcileSettings {
             error_backoff: BackoffPolicy::default(),
             settle_requeue: Duration::from_millis(300),
             running_requeue: Duration::from_secs(10),
+            delivery_hold: Duration::from_secs(3),
+            delivery_hold_requeue: Duration::from_millis(500),
             overdue: Duration::from_secs(10),
             overdue_requeue_max: Duration::from_secs(60),
             egress: EgressGuard::default(),
@@ -211,6 +219,13 @@ async fn reconcile_inner(poll: &MailboxPoll, ctx: &Context) -> Result<Action, Re
         && next >= now - chrono::Duration::from_std(ctx.settings.overdue).unwrap_or_default()
     {
         return Ok(Action::requeue(ctx.settings.running_requeue));
+    }
+    if generation_observed(poll)
+        && let Some(left) = hold_for_deliveries(&facts, now, ctx.settings.delivery_hold)
+    {
+        return Ok(Action::requeue(
+            left.min(ctx.settings.delivery_hold_requeue),
+        ));
     }
     let remembered = ctx.memory().get(&uid).cloned();
     let view = View {
@@ -489,6 +504,22 @@ fn next_look(
     after.max(Duration::from_secs(1))
 }
 
+/// How much longer the status write waits for the deliveries of the poll that finished last
+/// (`None`: write now). It waits while messages are pending and the poll finished less than
+/// `hold` ago; messages pending for longer (a receiver that is down) are written as pending.
+fn hold_for_deliveries(
+    facts: &Facts,
+    now: chrono::DateTime<Utc>,
+    hold: Duration,
+) -> Option<Duration> {
+    if facts.counts.pending == 0 {
+        return None;
+    }
+    let finished = facts.last.as_ref()?.finished_at;
+    let until = finished + chrono::Duration::from_std(hold).ok()?;
+    (until - now).to_std().ok().filter(|left| !left.is_zero())
+}
+
 /// When to look again at a poll overdue by `late`: as late again, at least a second, at most
 /// `max`. Looking every second while the workers are saturated would only add load where
 /// there is too much already.
@@ -544,5 +575,50 @@ mod tests {
             next_look(&settings, &next_poll_at(-600), true, at(0)),
             settings.config_requeue
         );
+    }
+
+    fn finished_at(seconds: i64, pending: i64) -> Facts {
+        let mut facts = Facts {
+            last: Some(crate::poll_log::FinishedPoll {
+                id: 1,
+                finished_at: at(seconds),
+                succeeded: true,
+                messages_new: 4,
+                resynced: false,
+                error_reason: None,
+                error_message: None,
+            }),
+            ..Facts::default()
+        };
+        facts.counts.pending = pending;
+        facts
+    }
+
+    #[test]
+    fn a_finished_polls_status_waits_a_little_for_its_deliveries() {
+        let hold = Duration::from_secs(3);
+        assert_eq!(
+            hold_for_deliveries(&finished_at(0, 4), at(1), hold),
+            Some(Duration::from_secs(2)),
+            "finished a second ago, four messages pending"
+        );
+        assert_eq!(
+            hold_for_deliveries(&finished_at(0, 0), at(1), hold),
+            None,
+            "delivered: write now"
+        );
+        assert_eq!(
+            hold_for_deliveries(&finished_at(0, 4), at(3), hold),
+            None,
+            "the hold is over: written as pending"
+        );
+        assert_eq!(
+            hold_for_deliveries(&finished_at(0, 4), at(60), hold),
+            None,
+            "pending since long ago (a receiver that is down)"
+        );
+        let mut no_poll = finished_at(0, 4);
+        no_poll.last = None;
+        assert_eq!(hold_for_deliveries(&no_poll, at(1), hold), None);
     }
 }
