@@ -29,6 +29,7 @@ use crate::graph::{
 use crate::kube::KubeEmulator;
 use crate::pg::tempdir::TempDir;
 use crate::pg::{PgServer, free_port};
+use crate::pgbouncer::{self, PgBouncer, PoolMode};
 use crate::wait::{Patience, try_wait_for};
 use crate::webhook_receiver::WebhookReceiver;
 use mailpoll::resource::MailboxPoll;
@@ -76,6 +77,9 @@ pub struct SandboxOptions {
     /// How often the replicas' federated token file is replaced, as the kubelet rotates a
     /// projected service account token.
     pub federated_token_rotation: Duration,
+    /// A PgBouncer binary (1.21 or later): the replicas then reach Postgres through it in
+    /// transaction mode, with `--no-listen`, as behind a managed pooler.
+    pub pgbouncer: Option<PathBuf>,
 }
 
 impl SandboxOptions {
@@ -92,6 +96,7 @@ impl SandboxOptions {
             task_lease_seconds: 60.0,
             worker_concurrency: 16,
             federated_token_rotation: Duration::from_secs(60),
+            pgbouncer: None,
         }
     }
 }
@@ -134,6 +139,8 @@ pub struct Sandbox {
     pub graph: GraphEmulator,
     pub kube: KubeEmulator,
     pub postgres: PgServer,
+    /// The pooler between the replicas and Postgres, when asked for.
+    bouncer: Option<PgBouncer>,
     pool: PgPool,
     /// Messages put into each mailbox's inbox through [`Sandbox::add_mail`].
     arrived: Mutex<BTreeMap<String, u64>>,
@@ -215,6 +222,10 @@ impl Sandbox {
             .await
             .context("starting Postgres")?
             .context("starting a throwaway Postgres (initdb, pg_ctl)")?;
+        let bouncer = match &options.pgbouncer {
+            Some(binary) => Some(start_pgbouncer(binary, &postgres)?),
+            None => None,
+        };
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect_lazy(&postgres.url())
@@ -242,6 +253,7 @@ impl Sandbox {
             graph,
             kube,
             postgres,
+            bouncer,
             pool,
             arrived: Mutex::new(arrived),
             dir,
@@ -297,13 +309,33 @@ impl Sandbox {
         self.kube.kubeconfig_path()
     }
 
-    /// The sandbox's database (the replicas' `DATABASE_URL`).
+    /// The sandbox's database, reached directly.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// The sandbox's database, reached directly (for psql).
     pub fn database_url(&self) -> String {
         self.postgres.url()
+    }
+
+    /// The replicas' `DATABASE_URL`: through PgBouncer when the sandbox has one.
+    pub fn replicas_database_url(&self) -> String {
+        match &self.bouncer {
+            Some(bouncer) => bouncer.url("postgres", "postgres"),
+            None => self.postgres.url(),
+        }
+    }
+
+    /// The PgBouncer between the replicas and Postgres, as "PgBouncer 1.24 on port N".
+    pub fn pooler(&self) -> Option<String> {
+        let bouncer = self.bouncer.as_ref()?;
+        let binary = self.options.pgbouncer.as_ref()?;
+        let (major, minor) = pgbouncer::version(binary).ok()?;
+        Some(format!(
+            "PgBouncer {major}.{minor} on 127.0.0.1:{}, transaction pooling, replicas with --no-listen",
+            bouncer.port()
+        ))
     }
 
     pub fn replica_count(&self) -> usize {
@@ -324,6 +356,12 @@ impl Sandbox {
         let (admission_cert, admission_key) = self.admission_cert()?;
         let options = &self.options;
         let notification_port = self.replicas.first().map_or(0, |first| first.port);
+        let database_url = self.replicas_database_url();
+        let no_listen: &[&str] = if self.bouncer.is_some() {
+            &["--no-listen"]
+        } else {
+            &[]
+        };
         let replica = &mut self.replicas[index];
         if replica.child.is_some() {
             bail!("replica {} is already running", replica.name);
@@ -348,7 +386,9 @@ impl Sandbox {
             .arg(&admission_cert)
             .arg("--admission-tls-key")
             .arg(&admission_key)
-            .env("DATABASE_URL", self.postgres.url())
+            // Notifications do not pass a pooler in transaction mode.
+            .args(no_listen)
+            .env("DATABASE_URL", database_url)
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", &replica.name)
             .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
@@ -746,6 +786,27 @@ pub struct KubectlOutput {
 
 /// The `spec.mailbox` of every MailboxPoll in the YAML files of `dir`: the mailboxes the
 /// Graph emulator must have for those manifests to work.
+/// PgBouncer in transaction mode in front of `postgres`, refusing a version without prepared
+/// statements in transaction pooling (the replicas would fail at their first query).
+fn start_pgbouncer(binary: &Path, postgres: &PgServer) -> anyhow::Result<PgBouncer> {
+    let version = pgbouncer::version(binary)?;
+    if version < pgbouncer::PREPARED_STATEMENTS_SINCE {
+        bail!(
+            "{} is PgBouncer {}.{}: transaction pooling needs 1.21 or later (scripts/test builds one into target/pgbouncer-*/bin)",
+            binary.display(),
+            version.0,
+            version.1
+        );
+    }
+    PgBouncer::start(
+        binary,
+        postgres.port(),
+        PoolMode::Transaction,
+        &["postgres"],
+    )
+    .context("starting PgBouncer")
+}
+
 pub fn mailboxes_in(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut mailboxes = Vec::new();
     for path in yaml_files(dir)? {

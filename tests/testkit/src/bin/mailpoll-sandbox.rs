@@ -40,6 +40,10 @@ struct Cli {
     /// Log level of the replicas (their logs go to files in the sandbox directory).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Put this PgBouncer (1.21 or later) between the replicas and Postgres, in transaction
+    /// mode, as a managed pooler would be; the replicas then run with --no-listen.
+    #[arg(long)]
+    pgbouncer: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -79,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
     options.webhook_listen = ([127, 0, 0, 1], cli.webhook_port).into();
     options.mailboxes = mailboxes.clone();
     options.log_level = cli.log_level;
+    options.pgbouncer = cli.pgbouncer;
     let starting = async {
         let sandbox = Sandbox::start(options).await?;
         for mailbox in &mailboxes {
@@ -116,7 +121,7 @@ fn print_usage(sandbox: &Sandbox, examples: &std::path::Path) {
     println!(
         "\n\
          kubeconfig:   {kubeconfig}\n\
-         database:     {db}\n\
+         database:     {db}{pooler}\n\
          webhook:      {hook}\n\
          operator logs: {logs}\n\
          \n\
@@ -138,6 +143,13 @@ fn print_usage(sandbox: &Sandbox, examples: &std::path::Path) {
          Credentials: support and billing use a client secret, orders a certificate, invoices workload identity (kubectl describe mbp -n mail orders-inbox).\n\
          Manifests applied from {examples}. Progress below (Ctrl-C stops everything):\n",
         db = sandbox.database_url(),
+        pooler = sandbox
+            .pooler()
+            .map(|pooler| format!(
+                " (the replicas go through {pooler}: {})",
+                sandbox.replicas_database_url()
+            ))
+            .unwrap_or_default(),
         hook = sandbox.receiver.url(),
         admission = sandbox.admission_url(),
         logs = logs.join(", "),
