@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -63,6 +64,7 @@ pub(super) async fn run(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
                 backoff.reset();
                 let got = tasks.len();
                 backlog = got == wanted;
+                shared.backlog.store(backlog, Ordering::Relaxed);
                 shared.counters.add_claimed(got);
                 for (task, permit) in tasks.into_iter().zip(permits.drain(..)) {
                     let slot = (shared.held_by_kind.hold(&task.kind), permit);
@@ -80,6 +82,7 @@ pub(super) async fn run(shared: Arc<Shared>, results: mpsc::Sender<Finished>) {
             Err(error) => {
                 drop(permits);
                 backlog = false;
+                shared.backlog.store(false, Ordering::Relaxed);
                 let pause = backoff.next();
                 tracing::warn!(%error, retry_in = ?pause, "claiming tasks failed");
                 tokio::select! {

@@ -7,7 +7,9 @@
 //!   within its [`SlotBudget`], and spawns a handler per task; a few more than `concurrency` may be held (`prefetch`), so the next
 //!   handlers start without waiting for a claim; when the queue runs dry it sleeps until a
 //!   notification, the polling interval, or shutdown;
-//! - the *keeper* records results in batches and releases what is left at shutdown;
+//! - the *keeper* records results in batches (while there is a backlog, it waits up to a
+//!   millisecond for a batch as large as the tasks the pool may hold) and releases what is left
+//!   at shutdown;
 //! - the *heartbeat* keeps the leases of held tasks alive on its own schedule, so a slow or
 //!   failing result statement never lets leases run out; both write rows in ascending id
 //!   order, so their statements never lock the same rows in opposite orders;
@@ -26,6 +28,7 @@ mod keeper;
 mod maintenance;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -220,6 +223,7 @@ impl WorkerPool {
             held: Mutex::new(HashMap::new()),
             wake: Arc::new(Notify::new()),
             stop: CancellationToken::new(),
+            backlog: AtomicBool::new(false),
             config,
         });
         tracing::info!(
@@ -402,6 +406,9 @@ struct Shared {
     held: Mutex<HashMap<i64, Held>>,
     wake: Arc<Notify>,
     stop: CancellationToken,
+    /// Whether the claimer's last claim got every task it asked for: more tasks are probably
+    /// due, and the keeper gathers larger result batches.
+    backlog: AtomicBool,
 }
 
 struct Held {
