@@ -3,9 +3,9 @@
 //! settings, the creation phase (creating the MailboxPolls until each has finished its first
 //! poll), then, for a window that starts an interval and a half after creation is over, the
 //! schedule lag (poll start minus due time), the Kubernetes API writes per poll, each
-//! replica's peak RSS over the whole run, Postgres CPU per poll, and the delivery latency
-//! (recorded to delivered) of mail arriving meanwhile; then how soon a forced poll
-//! (`kubectl annotate`) starts.
+//! replica's peak RSS over the whole run, CPU per poll (Postgres, the replicas, the emulators
+//! with this process), and the delivery latency (recorded to delivered) of mail arriving
+//! meanwhile; then how soon a forced poll (`kubectl annotate`) starts.
 //!
 //! With a noisy neighbour, one more MailboxPoll has a backlog of 100,000 messages and a
 //! receiver that takes 10 s per request; the figures above are the other MailboxPolls', and
@@ -123,6 +123,13 @@ async fn postgres_cpu(pool: &PgPool) -> anyhow::Result<std::collections::HashMap
         .collect())
 }
 
+/// CPU ticks of these processes together (threads included).
+fn processes_cpu(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|&pid| cpu_ticks(i32::try_from(pid).ok()?))
+        .sum()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -209,7 +216,14 @@ struct Window {
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     writes: usize,
+    /// The writes by verb and resource (`patch mailpoll.dev/mailboxpolls/status`, ...).
+    writes_by_kind: std::collections::BTreeMap<String, usize>,
     postgres_cpu_seconds: f64,
+    /// CPU time of the operator processes over the window.
+    replicas_cpu_seconds: f64,
+    /// CPU time of this process over the window: both emulators, the receivers and the
+    /// benchmark's own sampling.
+    emulators_cpu_seconds: f64,
     /// The noisy neighbour's deliveries running at once, at most (sampled every second).
     noisy_peak_deliveries: i64,
 }
@@ -219,6 +233,7 @@ struct Window {
 /// are the user's, and creation is over).
 async fn measure(
     pool: &PgPool,
+    replica_pids: &[u32],
     kube: &KubeEmulator,
     graph: &GraphEmulator,
     mailboxes: &[String],
@@ -228,6 +243,8 @@ async fn measure(
     kube.clear_requests();
     let start = db_now(pool).await?;
     let cpu_before = postgres_cpu(pool).await?;
+    let replicas_before = processes_cpu(replica_pids);
+    let emulators_before = processes_cpu(&[std::process::id()]);
     // One new message every 100 ms in one of the quiet mailboxes, in turn.
     let mut next_mailbox = mailboxes.iter().cycle();
     let mut noisy_peak_deliveries = 0;
@@ -252,22 +269,31 @@ async fn measure(
     }
     let end = db_now(pool).await?;
     let cpu_after = postgres_cpu(pool).await?;
+    let replicas_ticks = processes_cpu(replica_pids).saturating_sub(replicas_before);
+    let emulators_ticks = processes_cpu(&[std::process::id()]).saturating_sub(emulators_before);
     let ticks: u64 = cpu_after
         .iter()
         .map(|(pid, after)| after.saturating_sub(cpu_before.get(pid).copied().unwrap_or(0)))
         .sum();
-    let writes = kube
+    let mut writes_by_kind = std::collections::BTreeMap::new();
+    for request in kube
         .requests()
         .into_iter()
         .filter(|r| matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete"))
         .filter(|r| r.group != "coordination.k8s.io")
-        .count();
+    {
+        *writes_by_kind.entry(request.rbac_key()).or_insert(0) += 1;
+    }
+    let writes = writes_by_kind.values().sum();
     Ok(Window {
         start,
         end,
         writes,
+        writes_by_kind,
         // Linux reports process CPU time in USER_HZ ticks, 100 a second.
         postgres_cpu_seconds: ticks as f64 / 100.0,
+        replicas_cpu_seconds: replicas_ticks as f64 / 100.0,
+        emulators_cpu_seconds: emulators_ticks as f64 / 100.0,
         noisy_peak_deliveries,
     })
 }
@@ -486,7 +512,17 @@ async fn main() -> anyhow::Result<()> {
         scenario.window
     );
     tokio::time::sleep(settle).await;
-    let window = measure(&db.pool, &kube, &graph, &mailboxes, noisy, scenario.window).await?;
+    let replica_pids: Vec<u32> = replicas.iter().map(|replica| replica.pid).collect();
+    let window = measure(
+        &db.pool,
+        &replica_pids,
+        &kube,
+        &graph,
+        &mailboxes,
+        noisy,
+        scenario.window,
+    )
+    .await?;
     println!(
         "MailboxPolls: {count} at {}s{}, steady state measured for {:?}, {} replica(s), worker \
          concurrency {} each",
@@ -510,6 +546,9 @@ async fn main() -> anyhow::Result<()> {
             "replica {i}: peak RSS (whole run) {:.1} MiB",
             rss as f64 / 1024.0
         );
+    }
+    for (i, replica) in replicas.iter().enumerate() {
+        print_reconcile_outcomes(i, replica.port).await;
     }
     forced_polls(&api, &db.pool, count.min(30)).await?;
 
@@ -586,6 +625,24 @@ async fn forced_polls(api: &Api<MailboxPoll>, pool: &PgPool, tries: usize) -> an
     Ok(())
 }
 
+/// The leader's reconciles by outcome (`mailpoll_reconciles_total`): failures (a database
+/// that keeps the reconciler waiting, say) back a MailboxPoll off and delay its next poll.
+async fn print_reconcile_outcomes(index: usize, port: u16) {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return;
+    };
+    let Ok(text) = response.text().await else {
+        return;
+    };
+    let outcomes: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("mailpoll_reconciles_total"))
+        .collect();
+    if !outcomes.is_empty() {
+        println!("replica {index}: {}", outcomes.join(", "));
+    }
+}
+
 async fn wait_until_ready(port: u16) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     try_wait_for(
@@ -640,14 +697,32 @@ async fn report(
         lags.last().copied().unwrap_or(f64::NAN)
     );
     println!(
-        "Kubernetes API writes: {} for {polls_in_window} polls = {:.2} per poll",
+        "Kubernetes API writes: {} for {polls_in_window} polls = {:.2} per poll ({})",
         window.writes,
-        window.writes as f64 / polls_in_window.max(1) as f64
+        window.writes as f64 / polls_in_window.max(1) as f64,
+        window
+            .writes_by_kind
+            .iter()
+            .map(|(kind, count)| format!("{count} {kind}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    let per_poll = |seconds: f64| seconds * 1000.0 / polls_in_window.max(1) as f64;
     println!(
         "Postgres CPU: {:.1} s over the window = {:.2} ms per poll",
         window.postgres_cpu_seconds,
-        window.postgres_cpu_seconds * 1000.0 / polls_in_window.max(1) as f64
+        per_poll(window.postgres_cpu_seconds)
+    );
+    let total =
+        window.postgres_cpu_seconds + window.replicas_cpu_seconds + window.emulators_cpu_seconds;
+    println!(
+        "CPU per poll: Postgres {:.2} ms, operator replicas {:.2} ms, emulators and benchmark \
+         {:.2} ms; {:.2} ms in all, so one core carries about {:.0} polls/s of this load",
+        per_poll(window.postgres_cpu_seconds),
+        per_poll(window.replicas_cpu_seconds),
+        per_poll(window.emulators_cpu_seconds),
+        per_poll(total),
+        1000.0 / per_poll(total).max(f64::EPSILON),
     );
     let noisy_ledger = match noisy {
         Some(uid) => Some(ledger_of(pool, uid).await?),

@@ -495,6 +495,12 @@ fn next_look(
             ),
         });
     }
+    // A poll that started between the schedule's read and this one: its end is announced,
+    // but an announcement can be dropped (a full trigger queue under load), and its successor
+    // is planned only by a reconcile after it.
+    if facts.running {
+        after = after.min(settings.running_requeue);
+    }
     if facts.counts.pending > 0 {
         after = after.min(settings.pending_requeue);
     }
@@ -574,6 +580,25 @@ mod tests {
         assert_eq!(
             next_look(&settings, &next_poll_at(-600), true, at(0)),
             settings.config_requeue
+        );
+    }
+
+    #[test]
+    fn a_poll_found_running_is_looked_at_again_soon() {
+        // The schedule read saw no running task, the status read a moment later did: no
+        // pending task (next_poll) to time the next look by.
+        let settings = ReconcileSettings::default();
+        let running = Facts {
+            running: true,
+            ..Facts::default()
+        };
+        assert_eq!(
+            next_look(&settings, &running, false, at(0)),
+            settings.running_requeue
+        );
+        assert_eq!(
+            next_look(&settings, &Facts::default(), false, at(0)),
+            settings.max_requeue
         );
     }
 

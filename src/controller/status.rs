@@ -43,6 +43,8 @@ pub struct Facts {
     pub last_success: Option<DateTime<Utc>>,
     /// Run time of the pending poll task.
     pub next_poll: Option<DateTime<Utc>>,
+    /// Whether the poll task is running (claimed by a worker).
+    pub running: bool,
     /// Whether the poll task is running and its latest round has finished: it is about to
     /// complete, and its successor is planned right after.
     pub settling: bool,
@@ -86,6 +88,7 @@ pub async fn load(pool: &PgPool, uid: Uuid, ledger_id: Uuid) -> Result<Facts, Re
         next_poll: live
             .filter(|live| live.state == TaskState::Pending)
             .map(|live| live.run_at),
+        running,
         settling: running && summary.latest_open == Some(false),
         counts,
         last_handled_request,
