@@ -19,7 +19,9 @@
 //!
 //! `MAILPOLL_BENCH_MAILBOXPOLLS`, `MAILPOLL_BENCH_REPLICAS`, `MAILPOLL_BENCH_INTERVAL_SECONDS`,
 //! `MAILPOLL_BENCH_WINDOW_SECONDS` and `MAILPOLL_WORKER_CONCURRENCY` override the mode's
-//! figures. Uses the Postgres of `DATABASE_URL` when set, else starts a private throwaway server.
+//! figures; `MAILPOLL_BENCH_REPLICA_LOG` is the replicas' log filter (default `error`). Uses the
+//! Postgres of `DATABASE_URL` when set, else starts a private throwaway server. When a
+//! MailboxPoll has not finished its first poll in time, it prints what is known of those left.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -39,6 +41,11 @@ use mailpoll_testkit::webhook_receiver::WebhookReceiver;
 use mailpoll_testkit::{Patience, try_wait_for};
 use sqlx::PgPool;
 use tokio::process::Child;
+
+// The operator binary's allocator: the emulators share this process and this machine with
+// the replicas and Postgres, and glibc's malloc took about 40% of their CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const NAMESPACE: &str = "bench";
 const NOISY: &str = "noisy";
@@ -193,9 +200,9 @@ async fn create_all(
         .await;
     results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let created = started.elapsed();
-    let patience = Patience::new(Duration::from_secs(180 + count as u64 / 5))
+    let patience = Patience::new(Duration::from_secs(180 + count as u64 / 20))
         .every(Duration::from_millis(500));
-    try_wait_for("every MailboxPoll's first poll", patience, || async {
+    let all_polled = try_wait_for("every MailboxPoll's first poll", patience, || async {
         let polled: i64 = sqlx::query_scalar(
             "SELECT count(DISTINCT mailbox_uid) FROM polls WHERE finished_at IS NOT NULL",
         )
@@ -204,11 +211,68 @@ async fn create_all(
         .ok()?;
         (polled >= count as i64).then_some(())
     })
-    .await?;
+    .await;
+    if let Err(error) = all_polled {
+        diagnose_unpolled(api, pool).await?;
+        return Err(error.into());
+    }
     Ok(Creation {
         created,
         all_first_polls: started.elapsed(),
     })
+}
+
+/// Prints what is known of the MailboxPolls that have not finished a poll: whether the API
+/// server has them, their status, their ledger identity, their tasks; and the leader terms.
+async fn diagnose_unpolled(api: &Api<MailboxPoll>, pool: &PgPool) -> anyhow::Result<()> {
+    let stored = api.list(&Default::default()).await?.items;
+    let uids: Vec<uuid::Uuid> = stored
+        .iter()
+        .filter_map(|poll| poll.metadata.uid.as_deref()?.parse().ok())
+        .collect();
+    let unpolled: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT u FROM unnest($1::uuid[]) AS u
+          WHERE NOT EXISTS (SELECT 1 FROM polls WHERE mailbox_uid = u AND finished_at IS NOT NULL)",
+    )
+    .bind(&uids)
+    .fetch_all(pool)
+    .await?;
+    println!(
+        "{} of {} stored MailboxPolls have not finished a poll",
+        unpolled.len(),
+        stored.len()
+    );
+    for uid in unpolled.iter().take(20) {
+        let poll = stored
+            .iter()
+            .find(|p| p.metadata.uid.as_deref() == Some(&uid.to_string()));
+        let (identity, tasks): (i64, Vec<String>) = (
+            sqlx::query_scalar("SELECT count(*) FROM mailbox_identities WHERE uid = $1")
+                .bind(uid)
+                .fetch_one(pool)
+                .await?,
+            sqlx::query_scalar(
+                "SELECT kind || ' ' || state || ' at ' || run_at::text FROM tasks WHERE owner_uid = $1",
+            )
+            .bind(uid)
+            .fetch_all(pool)
+            .await?,
+        );
+        println!(
+            "  {} rv {} status {}: {identity} identity row(s), tasks {tasks:?}",
+            poll.and_then(|p| p.metadata.name.clone())
+                .unwrap_or_default(),
+            poll.and_then(|p| p.metadata.resource_version.clone())
+                .unwrap_or_default(),
+            poll.and_then(|p| p.status.as_ref())
+                .map_or("none".to_owned(), |s| format!("{s:?}")),
+        );
+    }
+    let terms: Vec<(String, i64)> = sqlx::query_as("SELECT holder, term FROM leader_terms")
+        .fetch_all(pool)
+        .await?;
+    println!("leader terms: {terms:?}");
+    Ok(())
 }
 
 /// The steady-state window, in the database's clock, and what was sampled during it.
@@ -416,7 +480,10 @@ fn start_replica(
         .env("MAILPOLL_GRAPH_AUTHORITY_URL", graph.base_url())
         .env("MAILPOLL_GRAPH_URL", graph.base_url())
         .env("MAILPOLL_WEBHOOK_ALLOW_LOOPBACK", "true")
-        .env("MAILPOLL_LOG", "error")
+        .env(
+            "MAILPOLL_LOG",
+            std::env::var("MAILPOLL_BENCH_REPLICA_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .env("MAILPOLL_WORKER_CONCURRENCY", &scenario.concurrency)
         .env("MAILPOLL_DB_MAX_CONNECTIONS", "40")
         .stdout(Stdio::null())

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -806,12 +807,20 @@ async fn a_poll_costs_one_status_write() {
             is_ready(s) && s.next_poll_time.is_some()
         })
         .await;
+    let reconciles_before = world.reconciles().await;
     let (polls, status_writes, writes) = count_status_writes(&world, uid, 3).await;
+    let reconciles = world.reconciles().await - reconciles_before;
     println!(
-        "idle MailboxPoll at 10s: {polls} polls finished, {status_writes} status writes, {} API writes in all: {writes:?}",
+        "idle MailboxPoll at 10s: {polls} polls finished, {reconciles} reconciles, {status_writes} status writes, {} API writes in all: {writes:?}",
         writes.len()
     );
     assert!(polls >= 3, "scheduled polls kept running ({polls})");
+    // The poll's end, announced, is reconciled once its task's completion has landed: no
+    // look at the due time to see it running, none to see it finishing.
+    assert!(
+        reconciles <= 2 * u64::try_from(polls).expect("small"),
+        "about one reconcile per poll: {reconciles} reconciles for {polls} polls"
+    );
     assert_eq!(
         status_writes,
         writes.len(),
@@ -2363,5 +2372,88 @@ async fn an_invalid_filter_stops_the_mailbox_poll_and_a_fixed_one_filters_with_e
     let successes = receiver.successes();
     assert_eq!(successes.len(), 2, "only the filter's matches are posted");
     assert!(successes.values().all(|posts| *posts == 1), "{successes:?}");
+    world.stop().await;
+}
+
+/// MailboxPolls created while the API server keeps compacting its history (watches resuming
+/// from an old resourceVersion get 410 Expired and list again, over and over) are every one
+/// reconciled and polled.
+#[tokio::test]
+async fn mailbox_polls_created_while_watches_keep_expiring_are_all_polled() {
+    const COUNT: usize = 300;
+    let world = World::start().await;
+    world.credentials(cluster::valid_client_secret()).await;
+    let compacting = async {
+        loop {
+            world.kube.compact_history();
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    };
+    let api = world.api();
+    let unpolled = |uids: Vec<Uuid>| async {
+        sqlx::query_scalar::<_, Uuid>(
+            "SELECT u FROM unnest($1::uuid[]) AS u
+              WHERE NOT EXISTS (SELECT 1 FROM polls WHERE mailbox_uid = u AND finished_at IS NOT NULL)",
+        )
+        .bind(uids)
+        .fetch_all(&world.db.pool)
+        .await
+        .expect("unpolled MailboxPolls")
+    };
+    let work = async {
+        let uids: Vec<Uuid> = futures::stream::iter(0..COUNT)
+            .map(|i| {
+                let api = api.clone();
+                async move {
+                    let poll = cluster::mailbox_poll(&format!("churn-{i}"), MAILBOX, "1h", SECRET);
+                    let created = api
+                        .create(&PostParams::default(), &poll)
+                        .await
+                        .expect("MailboxPoll created");
+                    Uuid::parse_str(&created.uid().expect("uid")).expect("uid is a UUID")
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let polled = try_wait_for(
+            "every MailboxPoll's first poll while the history is compacted",
+            Duration::from_secs(120),
+            || async { unpolled(uids.clone()).await.is_empty().then_some(()) },
+        )
+        .await;
+        (uids, polled)
+    };
+    let (uids, all_polled) = tokio::select! {
+        done = work => done,
+        () = compacting => unreachable!("compacts until the work is done"),
+    };
+    let relists = world
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "list" && r.resource == "mailboxpolls")
+        .count();
+    println!("relists {relists}");
+    if all_polled.is_err() {
+        let left = unpolled(uids).await;
+        let identities: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM mailbox_identities WHERE uid = ANY($1)")
+                .bind(&left)
+                .fetch_one(&world.db.pool)
+                .await
+                .expect("identities");
+        let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE owner_uid = ANY($1)")
+            .bind(&left)
+            .fetch_one(&world.db.pool)
+            .await
+            .expect("tasks");
+        panic!(
+            "{} of {COUNT} MailboxPolls were never polled ({identities} with a ledger identity, \
+             {tasks} tasks): {:?}",
+            left.len(),
+            &left[..left.len().min(10)]
+        );
+    }
     world.stop().await;
 }

@@ -10,11 +10,12 @@ pub mod backoff;
 pub mod conditions;
 pub mod deletion;
 pub mod fence;
+pub mod gate;
 pub mod reconcile;
 pub mod schedule;
 pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,6 +178,7 @@ fn start_term(
         recorder,
         metrics.clone(),
         work.reconcile.clone(),
+        gate::ReconcileGate::new(work.concurrency),
     ));
     let mut tasks = Vec::new();
     let mut routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>> = HashMap::new();
@@ -194,8 +196,10 @@ fn start_term(
             .map(|poll| ObjectRef::from_obj(&**poll))
             .collect();
         let triggers = futures::stream::iter(cached).chain(received(rx));
+        // Unbounded here: the reconciles queue at the context's gate instead, first come first
+        // served (see `gate`).
         let controller = Controller::for_shared_stream(changes, reader)
-            .with_config(ControllerConfig::default().concurrency(work.concurrency))
+            .with_config(ControllerConfig::default())
             .reconcile_on(triggers)
             .graceful_shutdown_on(term.clone().cancelled_owned())
             .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
@@ -209,6 +213,7 @@ fn start_term(
     tasks.push(tokio::spawn(forward_announcements(
         pool.clone(),
         routes,
+        work.reconcile.settle_requeue,
         term.clone(),
     )));
     tasks.push(tokio::spawn(retention::run(
@@ -269,37 +274,102 @@ fn spec_or_request(poll: &MailboxPoll) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// Turns the workers' "poll finished" notifications (`namespace/name`) into reconciles.
+/// Turns the workers' announcements (`namespace/name`: a poll finished, a delivery ended)
+/// into reconciles, each held back between one and two `settle` periods. A worker announces a
+/// poll's end just before its task's completion is committed: a reconcile at once would find
+/// the task still running and look again, one more reconcile per poll. Held back, the
+/// completion has landed, and the announcements of a poll and of its deliveries that come
+/// close together make one reconcile.
 async fn forward_announcements(
     pool: PgPool,
     routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>>,
+    settle: Duration,
     stop: CancellationToken,
 ) {
-    let forward = |heard: db::Heard<'_>| {
-        let db::Heard::Notice(payload) = heard else {
-            return;
-        };
-        let Some((namespace, name)) = payload.split_once('/') else {
-            return;
-        };
-        let object = ObjectRef::new(name).within(namespace);
-        let route = routes
-            .get(&Some(namespace.to_owned()))
-            .or_else(|| routes.get(&None));
-        if let Some(route) = route {
-            // A full channel means reconciles are already queued; the requeue timers catch
-            // up with anything dropped here, and with announcements lost while disconnected.
-            let _ = route.try_send(object);
-        }
-    };
-    db::listen(
+    let (heard_tx, mut heard) = mpsc::unbounded_channel();
+    let listen = db::listen(
         &pool,
         MAILBOX_CHANGED_CHANNEL,
         "finished polls",
-        forward,
+        move |notice| {
+            if let Some(object) = announced(notice) {
+                let _ = heard_tx.send(object);
+            }
+        },
         stop,
-    )
-    .await;
+    );
+    let forward = async move {
+        let mut held = HeldBack::default();
+        let mut periods = tokio::time::interval(settle.max(Duration::from_millis(1)));
+        periods.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                object = heard.recv() => match object {
+                    Some(object) => held.hear(object),
+                    None => return,
+                },
+                _ = periods.tick() => {
+                    for object in held.period_ended() {
+                        route(&routes, object);
+                    }
+                }
+            }
+        }
+    };
+    tokio::join!(listen, forward);
+}
+
+/// Announcements held back until the end of the period after the one they were heard in;
+/// repeats within a period are one.
+#[derive(Debug)]
+struct HeldBack<T> {
+    current: HashSet<T>,
+    previous: HashSet<T>,
+}
+
+impl<T> Default for HeldBack<T> {
+    fn default() -> Self {
+        Self {
+            current: HashSet::new(),
+            previous: HashSet::new(),
+        }
+    }
+}
+
+impl<T: Eq + Hash> HeldBack<T> {
+    fn hear(&mut self, announced: T) {
+        self.current.insert(announced);
+    }
+
+    /// What is due now: heard during the period before the one that just ended.
+    fn period_ended(&mut self) -> Vec<T> {
+        let due = self.previous.drain().collect();
+        std::mem::swap(&mut self.current, &mut self.previous);
+        due
+    }
+}
+
+/// The MailboxPoll an announcement names.
+fn announced(heard: db::Heard<'_>) -> Option<ObjectRef<MailboxPoll>> {
+    let db::Heard::Notice(payload) = heard else {
+        return None;
+    };
+    let (namespace, name) = payload.split_once('/')?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+/// Hands `object` to the controller of its namespace.
+fn route(
+    routes: &HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>>,
+    object: ObjectRef<MailboxPoll>,
+) {
+    let namespace = object.namespace.clone();
+    let route = routes.get(&namespace).or_else(|| routes.get(&None));
+    if let Some(route) = route {
+        // A full channel means reconciles are already queued; the requeue timers catch up
+        // with anything dropped here, and with announcements lost while disconnected.
+        let _ = route.try_send(object);
+    }
 }
 
 async fn sweep_loop(
@@ -474,6 +544,27 @@ mod tests {
                 .insert(POLL_REQUESTED_AT_ANNOTATION.into(), value.into());
         }
         Arc::new(poll)
+    }
+
+    #[test]
+    fn announcements_wait_one_full_period_and_repeats_fold() {
+        let mut held = HeldBack::default();
+        held.hear("a");
+        held.hear("a");
+        assert!(
+            held.period_ended().is_empty(),
+            "heard late in a period: it may be just before its end"
+        );
+        held.hear("b");
+        assert_eq!(held.period_ended(), vec!["a"]);
+        held.hear("b");
+        assert_eq!(held.period_ended(), vec!["b"]);
+        assert_eq!(
+            held.period_ended(),
+            vec!["b"],
+            "heard again in the next period"
+        );
+        assert!(held.period_ended().is_empty());
     }
 
     #[tokio::test]

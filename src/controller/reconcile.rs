@@ -17,10 +17,12 @@ use uuid::Uuid;
 
 use super::backoff::{BackoffPolicy, ErrorBackoff};
 use super::fence::FenceError;
+use super::gate::{Lane, ReconcileGate};
 use super::schedule::{self, LiveTask, Schedule};
 use super::status::{self, Facts, Seen};
 use crate::delivery::egress::EgressGuard;
 use crate::directory::{ConfigError, KubeDirectory};
+use crate::identity::DeletionPolicy;
 use crate::ledger;
 use crate::pipeline::ActionsTask;
 use crate::poll_log;
@@ -42,7 +44,8 @@ pub struct ReconcileSettings {
     pub config_requeue: Duration,
     /// Requeue after an error: per MailboxPoll, growing with its consecutive failures.
     pub error_backoff: BackoffPolicy,
-    /// Requeue while a poll task is finishing (its round done, its completion being recorded).
+    /// Requeue while a poll task is finishing (its round done, its completion being recorded);
+    /// also how long the workers' announcements are held back before they are reconciled.
     pub settle_requeue: Duration,
     /// Requeue while a poll task runs (its end is announced; this is the fallback).
     pub running_requeue: Duration,
@@ -53,7 +56,8 @@ pub struct ReconcileSettings {
     /// Requeue while the status write waits for deliveries.
     pub delivery_hold_requeue: Duration,
     /// A due poll task not claimed for this long no longer defers status writes (the status
-    /// then shows the overdue nextPollTime).
+    /// then shows the overdue nextPollTime); the look after a poll's due time waits this
+    /// long (see `next_look`).
     pub overdue: Duration,
     /// Longest wait between two looks at a MailboxPoll whose poll is overdue (the workers are
     /// saturated): the wait grows with the lateness up to this, and the poll's end, which the
@@ -98,8 +102,13 @@ pub struct Context {
     pub metrics: SharedMetrics,
     pub settings: ReconcileSettings,
     memory: Mutex<HashMap<Uuid, Memory>>,
+    /// The deletion policy recorded this term per MailboxPoll, with the ledger identity it
+    /// was recorded on (a new identity, after a mailbox change, is recorded again).
+    policies: Mutex<HashMap<Uuid, (Uuid, DeletionPolicy)>>,
     /// Consecutive reconcile failures per object.
     backoff: ErrorBackoff<ObjectRef<MailboxPoll>>,
+    /// Reconciles running at once, admitted in the order they became due.
+    gate: ReconcileGate,
 }
 
 impl Context {
@@ -110,6 +119,7 @@ impl Context {
         recorder: Recorder,
         metrics: SharedMetrics,
         settings: ReconcileSettings,
+        gate: ReconcileGate,
     ) -> Self {
         Self {
             pool,
@@ -118,8 +128,10 @@ impl Context {
             recorder,
             metrics,
             memory: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
             backoff: ErrorBackoff::new(settings.error_backoff),
             settings,
+            gate,
         }
     }
 
@@ -129,9 +141,16 @@ impl Context {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn policies(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (Uuid, DeletionPolicy)>> {
+        self.policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Forgets MailboxPolls that no longer exist.
     pub fn forget(&self, uid: Uuid) {
         self.memory().remove(&uid);
+        self.policies().remove(&uid);
     }
 }
 
@@ -169,8 +188,13 @@ pub async fn reconcile(
     poll: Arc<MailboxPoll>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
+    let _turn = ctx.gate.admit(lane(&poll)).await;
+    // The turn may come long after the object was handed over: work on the latest copy.
+    let poll = latest(&ctx, poll);
     let started = std::time::Instant::now();
-    let result = reconcile_inner(&poll, &ctx).await;
+    // Boxed: a reconcile waiting at the gate stays small (thousands may wait at once under
+    // saturation), the state of the work is allocated once its turn has come.
+    let result = Box::pin(reconcile_inner(&poll, &ctx)).await;
     if result.is_ok() {
         ctx.backoff.succeeded(&ObjectRef::from_obj(&*poll));
     }
@@ -179,6 +203,36 @@ pub async fn reconcile(
         result.as_ref().err().map(ReconcileError::reason),
     );
     result
+}
+
+/// The urgent lane for what a user waits for: a spec the status has not observed (a new
+/// object, an edit: `kubectl wait`, GitOps health checks) and a forced-poll request the
+/// status has not shown handled (`kubectl annotate`).
+fn lane(poll: &MailboxPoll) -> Lane {
+    let requested = poll
+        .annotations()
+        .get(POLL_REQUESTED_AT_ANNOTATION)
+        .map(|value| value.trim())
+        .filter(|value| !value.is_empty());
+    let handled = poll
+        .status
+        .as_ref()
+        .and_then(|status| status.last_handled_poll_request.as_deref());
+    if !generation_observed(poll) || requested.is_some_and(|value| Some(value) != handled) {
+        Lane::Urgent
+    } else {
+        Lane::Routine
+    }
+}
+
+/// The watch cache's copy of `poll` (the same object by uid), when it has one.
+fn latest(ctx: &Context, poll: Arc<MailboxPoll>) -> Arc<MailboxPoll> {
+    poll.metadata
+        .uid
+        .as_deref()
+        .and_then(|uid| Uuid::parse_str(uid).ok())
+        .and_then(|uid| ctx.directory.polls().find(uid))
+        .unwrap_or(poll)
 }
 
 pub fn error_policy(poll: Arc<MailboxPoll>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
@@ -267,10 +321,15 @@ async fn remember_deletion_policy(
     ctx: &Context,
     uid: Uuid,
 ) -> Result<(), ReconcileError> {
-    if ctx.directory.ledger_id_of(poll).await.is_err() {
+    let Ok(ledger) = ctx.directory.ledger_id_of(poll).await else {
+        return Ok(());
+    };
+    let recorded = (ledger, poll.spec.deletion_policy);
+    if ctx.policies().get(&uid) == Some(&recorded) {
         return Ok(());
     }
     crate::identity::set_deletion_policy(&ctx.pool, uid, poll.spec.deletion_policy).await?;
+    ctx.policies().insert(uid, recorded);
     Ok(())
 }
 
@@ -477,8 +536,11 @@ async fn publish_events(ctx: &Context, view: &View<'_>) -> Seen {
     seen
 }
 
-/// When to look again: the next poll, sooner while messages wait or the configuration is
-/// broken, at least once per `max_requeue`.
+/// When to look again: `overdue` after the next poll is due, sooner while messages wait or
+/// the configuration is broken, at least once per `max_requeue`. A poll normally has started
+/// and finished by then, and its end is announced and reconciled at once; this look is the
+/// fallback for an announcement lost (or not listened for) and the first sign of an overdue
+/// poll. A look at the due time itself would cost a reconcile per poll to see it running.
 fn next_look(
     settings: &ReconcileSettings,
     facts: &Facts,
@@ -488,7 +550,7 @@ fn next_look(
     let mut after = settings.max_requeue;
     if let Some(next) = facts.next_poll {
         after = after.min(match (next - now).to_std() {
-            Ok(until) => until + Duration::from_secs(1),
+            Ok(until) => until + settings.overdue,
             Err(_) => overdue_look(
                 (now - next).to_std().unwrap_or_default(),
                 settings.overdue_requeue_max,
@@ -549,10 +611,10 @@ mod tests {
     }
 
     #[test]
-    fn a_future_poll_is_looked_at_just_after_it_is_due() {
+    fn a_future_poll_is_looked_at_once_it_should_have_finished() {
         let settings = ReconcileSettings::default();
         let after = next_look(&settings, &next_poll_at(30), false, at(0));
-        assert_eq!(after, Duration::from_secs(31));
+        assert_eq!(after, Duration::from_secs(30) + settings.overdue);
         let far = next_look(&settings, &next_poll_at(3600), false, at(0));
         assert_eq!(far, settings.max_requeue);
     }
@@ -564,8 +626,8 @@ mod tests {
             .into_iter()
             .map(|late| next_look(&settings, &next_poll_at(-late), false, at(0)).as_secs())
             .collect();
-        // Due just now: one second (a claim is imminent); then as late again, up to a minute.
-        assert_eq!(looks, vec![1, 1, 2, 5, 20, 45, 60, 60]);
+        // Due just now: once it should have finished; late: as late again, up to a minute.
+        assert_eq!(looks, vec![10, 1, 2, 5, 20, 45, 60, 60]);
     }
 
     #[test]

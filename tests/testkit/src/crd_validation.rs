@@ -385,15 +385,15 @@ fn check_string(
         ));
     }
     if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
-        match regex::Regex::new(pattern) {
-            Ok(re) if re.is_match(text) => {}
-            Ok(_) => errors.push(FieldError::new(
+        match compiled_pattern(pattern) {
+            Some(re) if re.is_match(text) => {}
+            Some(_) => errors.push(FieldError::new(
                 path,
                 FieldErrorKind::Invalid,
                 Some(value),
                 format!("{path} in body should match '{pattern}'"),
             )),
-            Err(_) => errors.push(FieldError::new(
+            None => errors.push(FieldError::new(
                 path,
                 FieldErrorKind::Invalid,
                 Some(value),
@@ -401,6 +401,21 @@ fn check_string(
             )),
         }
     }
+}
+
+/// A schema pattern, compiled once per process (as the API server keeps its compiled
+/// schemas): compiling it on every write was a good part of the emulator's CPU under load.
+fn compiled_pattern(pattern: &str) -> Option<regex::Regex> {
+    static COMPILED: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, Option<regex::Regex>>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let mut compiled = COMPILED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    compiled
+        .entry(pattern.to_owned())
+        .or_insert_with(|| regex::Regex::new(pattern).ok())
+        .clone()
 }
 
 fn check_number(

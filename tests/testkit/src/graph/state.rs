@@ -385,6 +385,8 @@ pub struct World {
     /// Signing keys (PKCS#1) of trusted OIDC issuers, by issuer URL.
     issuers: HashMap<String, Vec<u8>>,
     mailboxes: Vec<Mailbox>,
+    /// Mailbox positions by lower-case UPN and object id (mailboxes are never removed).
+    mailbox_keys: HashMap<String, usize>,
 }
 
 const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -402,6 +404,7 @@ impl World {
             tokens: HashMap::new(),
             issuers: HashMap::new(),
             mailboxes: Vec::new(),
+            mailbox_keys: HashMap::new(),
         }
     }
 
@@ -584,6 +587,10 @@ impl World {
                 well_known: Some(name),
             })
             .collect();
+        self.mailbox_keys
+            .insert(upn.to_ascii_lowercase(), self.mailboxes.len());
+        self.mailbox_keys
+            .insert(object_id.to_ascii_lowercase(), self.mailboxes.len());
         self.mailboxes.push(Mailbox {
             upn: upn.to_string(),
             object_id: object_id.clone(),
@@ -604,9 +611,7 @@ impl World {
 
     /// A mailbox by UPN (case-insensitive) or object id.
     pub fn find_mailbox(&self, key: &str) -> Option<usize> {
-        self.mailboxes.iter().position(|mailbox| {
-            mailbox.upn.eq_ignore_ascii_case(key) || mailbox.object_id.eq_ignore_ascii_case(key)
-        })
+        self.mailbox_keys.get(&key.to_ascii_lowercase()).copied()
     }
 
     /// The canonical (UPN, lower-case) key counters use for a mailbox.

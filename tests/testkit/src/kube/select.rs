@@ -92,6 +92,11 @@ impl LabelSelector {
         Ok(Self(requirements))
     }
 
+    /// Selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.0.iter().all(|r| match r {
             Requirement::Equals(k, v) => labels.get(k) == Some(v),
@@ -149,6 +154,11 @@ impl FieldSelector {
             terms.push((field.to_owned(), value.trim().to_owned(), equal));
         }
         Ok(Self(terms))
+    }
+
+    /// Selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn matches(&self, object: &Value) -> bool {

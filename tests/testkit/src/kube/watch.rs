@@ -242,6 +242,9 @@ fn selected(request: &WatchRequest, change: &Change) -> Option<EventType> {
     {
         return None;
     }
+    if request.labels.is_empty() && request.fields.is_empty() {
+        return Some(change.kind);
+    }
     let wanted = |object: &Value| {
         let object = builtin::to_view(&request.rt, object.clone());
         request.labels.matches_object(&object) && request.fields.matches(&object)
