@@ -322,8 +322,11 @@ async fn measure(
         }
         if let Some(uid) = noisy.filter(|_| tick.is_multiple_of(10)) {
             let running: i64 = sqlx::query_scalar(
+                // Running capped deliveries hold a slot: read through the small slot index,
+                // not the owner's live tasks (the backlog of 100,000 pending ones).
                 "SELECT count(*) FROM tasks
-                  WHERE owner_uid = $1 AND kind = 'deliver' AND state = 'running'",
+                  WHERE owner_uid = $1 AND kind = 'deliver' AND state = 'running'
+                    AND owner_slot IS NOT NULL",
             )
             .bind(uid)
             .fetch_one(pool)

@@ -393,9 +393,12 @@ WITH budget AS (
     SELECT w.*, row_number() OVER (
                PARTITION BY w.kind, w.owner_uid ORDER BY w.fair_at, w.id) AS owner_rank
     FROM window_rows w
-), used_slots AS (
+), used_slots AS MATERIALIZED (
     -- Slots held by running tasks of the capped owners in the window. With the used slots
     -- u_1 < u_2 < ... the r-th free slot is r plus the count of those with u_k - k < r.
+    -- Materialized: inlined into `slotted`, it ran once per window row through the owner's
+    -- live-task index, reading every pending task of a capped owner each time (8 s a claim
+    -- behind a backlog of 100,000); once, it reads the small running-slot index.
     SELECT u.owner_uid, u.kind, u.owner_slot - row_number() OVER (
                PARTITION BY u.owner_uid, u.kind ORDER BY u.owner_slot) AS free_below
     FROM tasks u
