@@ -2377,7 +2377,9 @@ async fn an_invalid_filter_stops_the_mailbox_poll_and_a_fixed_one_filters_with_e
 
 /// MailboxPolls created while the API server keeps compacting its history (watches resuming
 /// from an old resourceVersion get 410 Expired and list again, over and over) are every one
-/// reconciled and polled.
+/// reconciled and polled. Objects first seen in a re-list used to reach the controller before
+/// the store held them: dropped as not found, their spec marked seen, never reconciled (about
+/// half of them on a loaded machine).
 #[tokio::test]
 async fn mailbox_polls_created_while_watches_keep_expiring_are_all_polled() {
     const COUNT: usize = 300;
@@ -2428,13 +2430,6 @@ async fn mailbox_polls_created_while_watches_keep_expiring_are_all_polled() {
         done = work => done,
         () = compacting => unreachable!("compacts until the work is done"),
     };
-    let relists = world
-        .kube
-        .requests()
-        .iter()
-        .filter(|r| r.verb == "list" && r.resource == "mailboxpolls")
-        .count();
-    println!("relists {relists}");
     if all_polled.is_err() {
         let left = unpolled(uids).await;
         let identities: i64 =
@@ -2455,5 +2450,16 @@ async fn mailbox_polls_created_while_watches_keep_expiring_are_all_polled() {
             &left[..left.len().min(10)]
         );
     }
+    // The compaction did what it is for: watches were refused (410) and started again.
+    let watches = world
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "watch" && r.resource == "mailboxpolls")
+        .count();
+    assert!(
+        watches > 1,
+        "the MailboxPoll watch was started {watches} time(s)"
+    );
     world.stop().await;
 }

@@ -664,6 +664,39 @@ mod tests {
         );
     }
 
+    fn observed_poll(generation: i64, observed: Option<i64>) -> MailboxPoll {
+        let mut poll = MailboxPoll::new(
+            "p",
+            serde_json::from_value(serde_json::json!({
+                "mailbox": "a@contoso.com",
+                "credentialsSecretRef": {"name": "s"}
+            }))
+            .expect("spec"),
+        );
+        poll.metadata.generation = Some(generation);
+        poll.status = observed.map(|generation| MailboxPollStatus {
+            observed_generation: Some(generation),
+            ..MailboxPollStatus::default()
+        });
+        poll
+    }
+
+    #[test]
+    fn what_a_user_waits_for_takes_the_urgent_lane() {
+        assert_eq!(lane(&observed_poll(1, None)), Lane::Urgent, "a new object");
+        assert_eq!(lane(&observed_poll(2, Some(1))), Lane::Urgent, "an edit");
+        let mut steady = observed_poll(2, Some(2));
+        assert_eq!(lane(&steady), Lane::Routine);
+        steady
+            .annotations_mut()
+            .insert(POLL_REQUESTED_AT_ANNOTATION.into(), " now ".into());
+        assert_eq!(lane(&steady), Lane::Urgent, "a forced poll not handled yet");
+        if let Some(status) = steady.status.as_mut() {
+            status.last_handled_poll_request = Some("now".into());
+        }
+        assert_eq!(lane(&steady), Lane::Routine, "handled");
+    }
+
     fn finished_at(seconds: i64, pending: i64) -> Facts {
         let mut facts = Facts {
             last: Some(crate::poll_log::FinishedPoll {

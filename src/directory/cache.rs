@@ -272,6 +272,10 @@ async fn follow(
         .reflect(writer)
         .take_until(stop.cancelled_owned());
     let mut events = std::pin::pin!(events);
+    // The objects of a re-list, handed to the subscribers once it is complete: until then the
+    // store still holds the previous list, and a subscriber that looked an object up there
+    // (the controller does, before it reconciles) would not find one created meanwhile.
+    let mut listing: Option<Vec<Arc<MailboxPoll>>> = None;
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(event) => event,
@@ -288,18 +292,22 @@ async fn follow(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .apply(&event);
         match event {
+            watcher::Event::Init => listing = Some(Vec::new()),
+            watcher::Event::InitApply(poll) => listing.get_or_insert_default().push(Arc::new(poll)),
             watcher::Event::InitDone => {
                 listed.send_replace(true);
+                for poll in listing.take().unwrap_or_default() {
+                    publish(&watched.subscribers, poll).await;
+                }
                 watched.changes.send_modify(|n| *n = n.wrapping_add(1));
             }
-            watcher::Event::Apply(poll) | watcher::Event::InitApply(poll) => {
+            watcher::Event::Apply(poll) => {
                 publish(&watched.subscribers, Arc::new(poll)).await;
                 watched.changes.send_modify(|n| *n = n.wrapping_add(1));
             }
             watcher::Event::Delete(_) => {
                 watched.changes.send_modify(|n| *n = n.wrapping_add(1));
             }
-            watcher::Event::Init => {}
         }
     }
 }
@@ -335,6 +343,51 @@ mod tests {
         poll.metadata.namespace = Some("mail".into());
         poll.metadata.uid = Some(uid.to_string());
         poll
+    }
+
+    /// A re-list's objects reach the subscribers once the list is complete and the store
+    /// holds them: the controller looks each one up in the store before reconciling it, and
+    /// one heard of earlier was dropped as not found (and, its spec seen, never reconciled).
+    #[tokio::test]
+    async fn a_relisted_object_reaches_subscribers_once_the_store_holds_it() {
+        let (store, writer) = reflector::store();
+        let (listed, synced) = watch::channel(false);
+        let watched = Watched {
+            namespace: None,
+            store: store.clone(),
+            index: Arc::default(),
+            synced,
+            health: Arc::default(),
+            subscribers: Arc::default(),
+            changes: Arc::new(watch::channel(0).0),
+        };
+        let (tx, mut heard) = mpsc::channel(8);
+        lock(&watched.subscribers).push(tx);
+        let (complete, list_done) = tokio::sync::oneshot::channel::<()>();
+        let a = poll("a", Uuid::new_v4());
+        let listing = futures::stream::iter([
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(a.clone())),
+        ]);
+        let done = futures::stream::once(async move {
+            let _ = list_done.await;
+            Ok(watcher::Event::InitDone)
+        });
+        let events = listing.chain(done).chain(futures::stream::pending());
+        let stop = CancellationToken::new();
+        tokio::spawn(follow(events, writer, watched, listed, stop.clone()));
+        let early = tokio::time::timeout(Duration::from_millis(200), heard.recv()).await;
+        assert!(
+            early.is_err(),
+            "nothing is handed over before the list is complete"
+        );
+        let _ = complete.send(());
+        let object = heard.recv().await.expect("handed over");
+        assert!(
+            store.get(&ObjectRef::from_obj(&*object)).is_some(),
+            "the store holds it when the subscriber hears of it"
+        );
+        stop.cancel();
     }
 
     #[test]
