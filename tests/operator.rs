@@ -2379,7 +2379,9 @@ async fn an_invalid_filter_stops_the_mailbox_poll_and_a_fixed_one_filters_with_e
 /// from an old resourceVersion get 410 Expired and list again, over and over) are every one
 /// reconciled and polled. Objects first seen in a re-list used to reach the controller before
 /// the store held them: dropped as not found, their spec marked seen, never reconciled (about
-/// half of them on a loaded machine).
+/// half of them on a loaded machine). A watch that keeps up is never refused, so on an idle
+/// machine there may be no re-list at all; `directory::cache`'s
+/// `a_relisted_object_reaches_subscribers_once_the_store_holds_it` shows the order for certain.
 #[tokio::test]
 async fn mailbox_polls_created_while_watches_keep_expiring_are_all_polled() {
     const COUNT: usize = 300;
@@ -2450,16 +2452,5 @@ async fn mailbox_polls_created_while_watches_keep_expiring_are_all_polled() {
             &left[..left.len().min(10)]
         );
     }
-    // The compaction did what it is for: watches were refused (410) and started again.
-    let watches = world
-        .kube
-        .requests()
-        .iter()
-        .filter(|r| r.verb == "watch" && r.resource == "mailboxpolls")
-        .count();
-    assert!(
-        watches > 1,
-        "the MailboxPoll watch was started {watches} time(s)"
-    );
     world.stop().await;
 }
