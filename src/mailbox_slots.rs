@@ -5,7 +5,9 @@
 //! caps its own requests, but two replicas, or two MailboxPolls of one mailbox (two folders)
 //! on two replicas, would each send their 4. Every Graph request therefore also holds one row
 //! of this table (a `$batch` up to four), taken all or none and given back when the answer is
-//! read. A holder that dies without giving its slots back loses them when `held_until` passes.
+//! read. A holder renews its slots while its request runs (every quarter of the governor's
+//! `slot_hold`, 20 s), so one that dies without giving them back loses them when `held_until`
+//! passes, within 20 s.
 //!
 //! A `$batch` holds up to all four slots for its whole run, and a backlog of after-actions
 //! sends one after another. A request for one slot that finds none free is recorded as
@@ -17,6 +19,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -152,6 +155,26 @@ impl MailboxSlots {
         Ok(())
     }
 
+    /// Holds the slots `holder` took for `hold` from now; false when it holds none any more.
+    pub async fn renew_now(
+        &self,
+        key: &SlotKey,
+        holder: Uuid,
+        hold: Duration,
+    ) -> Result<bool, sqlx::Error> {
+        let renewed = sqlx::query(
+            "UPDATE mailbox_slots SET held_until = now() + $4 * interval '1 millisecond'
+             WHERE app = $1 AND mailbox = $2 AND holder = $3",
+        )
+        .bind(&key.app)
+        .bind(&key.mailbox)
+        .bind(holder)
+        .bind(hold.as_secs_f64() * 1000.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected() > 0)
+    }
+
     /// Slots of `key` held now (for tests and diagnostics).
     pub async fn held(&self, key: &SlotKey) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar(
@@ -168,6 +191,20 @@ impl MailboxSlots {
 impl SharedSlots for MailboxSlots {
     fn try_take<'a>(&'a self, ask: SlotAsk<'a>) -> BoxFuture<'a, Result<Option<Uuid>, String>> {
         async move { self.take(ask).await.map_err(|error| error.to_string()) }.boxed()
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a SlotKey,
+        holder: Uuid,
+        hold: Duration,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        async move {
+            self.renew_now(key, holder, hold)
+                .await
+                .map_err(|error| error.to_string())
+        }
+        .boxed()
     }
 
     fn give_back(&self, key: &SlotKey, holder: Uuid) {

@@ -803,6 +803,77 @@ async fn running_deliveries(sandbox: &Sandbox, replica: Option<&str>) -> Vec<(i6
     .await
 }
 
+/// What holds up the messages still undelivered: per MailboxPoll, where its pending messages
+/// stand, its live and latest tasks, its Graph slots and throttle. Printed while a wait
+/// drags on, so a stall explains itself in the test's output.
+async fn undelivered_diagnosis(sandbox: &Sandbox) -> String {
+    let pool = sandbox.pool();
+    let text = |rows: Result<Vec<(String,)>, sqlx::Error>| match rows {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|(row,)| row)
+            .collect::<Vec<_>>()
+            .join("\n  "),
+        Err(error) => format!("query failed: {error}"),
+    };
+    let messages = sqlx::query_as(
+        "SELECT format('%s: webhook %s, actions_due %s, failures %s, parked %s, seq %s..%s: %s',
+                       COALESCE(c.name, m.mailbox_uid::text), m.webhook_delivered_at IS NOT NULL,
+                       m.actions_due, m.actions_failures, m.actions_parked_at IS NOT NULL,
+                       min(m.seq), max(m.seq), count(*))
+           FROM messages m
+           LEFT JOIN mailbox_identities i ON i.identity = m.mailbox_uid
+           LEFT JOIN mailbox_cursors c ON c.mailbox_uid = COALESCE(i.uid, m.mailbox_uid)
+          WHERE m.delivery_state = 'pending'
+          GROUP BY c.name, m.mailbox_uid, m.webhook_delivered_at IS NOT NULL,
+                   m.actions_due, m.actions_failures, m.actions_parked_at IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await;
+    let tasks = sqlx::query_as(
+        "SELECT format('%s %s #%s %s: run_at %s s, attempts %s/%s, rerun %s, by %s, lease %s s, \
+                        finished %s s ago, error %s',
+                       COALESCE(c.name, t.owner_uid::text), t.kind, t.id, t.state,
+                       round(extract(epoch FROM t.run_at - now())::numeric, 1),
+                       t.attempts, t.max_attempts, t.rerun_requested, t.locked_by,
+                       round(extract(epoch FROM t.lease_expires_at - now())::numeric, 1),
+                       round(extract(epoch FROM now() - t.finished_at)::numeric, 1),
+                       left(t.last_error, 300))
+           FROM (SELECT *, row_number() OVER (PARTITION BY owner_uid, kind ORDER BY id DESC) AS n
+                   FROM tasks
+                  WHERE owner_uid IN (
+                      SELECT COALESCE(i.uid, m.mailbox_uid) FROM messages m
+                        LEFT JOIN mailbox_identities i ON i.identity = m.mailbox_uid
+                       WHERE m.delivery_state = 'pending')) t
+           LEFT JOIN mailbox_cursors c ON c.mailbox_uid = t.owner_uid
+          WHERE t.state IN ('pending', 'running') OR t.n <= 3
+          ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await;
+    let slots = sqlx::query_as(
+        "SELECT format('%s slot %s: holder %s, held %s s more', mailbox, slot, holder,
+                       round(extract(epoch FROM held_until - now())::numeric, 1))
+           FROM mailbox_slots WHERE held_until > now() ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await;
+    let throttles = sqlx::query_as(
+        "SELECT format('%s throttled %s s more', name,
+                       round(extract(epoch FROM throttled_until - now())::numeric, 1))
+           FROM mailbox_cursors WHERE throttled_until > now() ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await;
+    format!(
+        "undelivered messages:\n  {}\ntheir MailboxPolls' tasks:\n  {}\nslots held:\n  {}\nthrottled:\n  {}",
+        text(messages),
+        text(tasks),
+        text(slots),
+        text(throttles)
+    )
+}
+
 /// Polls of the MailboxPoll `name` that resynced.
 async fn resynced_polls(sandbox: &Sandbox, name: &str) -> i64 {
     sqlx::query_scalar(
@@ -937,6 +1008,9 @@ async fn chaos_loses_and_doubles_nothing() {
                         began.elapsed().as_secs_f64(),
                         state.split(';').next().unwrap_or_default()
                     );
+                    if chaos_done.elapsed() > Duration::from_secs(60) {
+                        println!("{}", undelivered_diagnosis(sandbox).await);
+                    }
                 }
                 state
             }

@@ -179,3 +179,89 @@ async fn governors_sharing_slots_wait_for_each_other_and_give_up_busy() {
         "a slot was granted while all were held"
     );
 }
+
+/// A request that outlasts the hold keeps its slots (they are renewed while it runs); a
+/// replica killed in the middle of a request loses them within one hold, not after the longest
+/// request could take: until then the mailbox has fewer slots, and its after-action batches,
+/// which want all four, none.
+#[tokio::test]
+async fn slots_are_renewed_while_held_and_a_killed_holder_loses_them_within_the_hold() {
+    let db = TestDatabase::create().await.expect("test database");
+    let hold = Duration::from_millis(600);
+    let config = GovernorConfig {
+        max_wait: Duration::from_millis(100),
+        slot_hold: hold,
+        ..GovernorConfig::default()
+    };
+    let governor = |config: GovernorConfig| {
+        let governor = Governor::new(config);
+        governor.share_slots(Arc::new(MailboxSlots::new(db.pool.clone())));
+        governor
+    };
+    let key = key();
+    let slots = MailboxSlots::new(db.pool.clone());
+
+    let slow = governor(config.clone())
+        .acquire_for(&key, 20)
+        .await
+        .expect("a batch");
+    tokio::time::sleep(hold * 3).await;
+    assert_eq!(
+        slots.held(&key).await.expect("held"),
+        4,
+        "a running request's slots outlive their first hold"
+    );
+    let other = governor(config.clone());
+    assert!(
+        matches!(
+            other.acquire_for(&key, 1).await,
+            Err(GraphError::MailboxBusy { .. })
+        ),
+        "nothing free while the batch runs"
+    );
+    drop(slow);
+    wait_until_held(&slots, &key, 0).await;
+
+    // A replica killed while its poll runs: its runtime and its connections stop, nothing
+    // is given back.
+    let (url, replica_key, replica_config) = (db.url.clone(), key.clone(), config.clone());
+    std::thread::spawn(move || {
+        let replica = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let permit = replica.block_on(async {
+            let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+            let killed = Governor::new(replica_config);
+            killed.share_slots(Arc::new(MailboxSlots::new(pool)));
+            killed.acquire_for(&replica_key, 1).await.expect("a poll")
+        });
+        replica.shutdown_background();
+        // Dropped with no runtime left to give the slot back or renew it.
+        drop(permit);
+    })
+    .join()
+    .expect("the killed replica's thread");
+    assert_eq!(slots.held(&key).await.expect("held"), 1);
+    // Waits up to 10 s: far beyond the hold, far below the longest request.
+    let patient = governor(GovernorConfig {
+        max_wait: Duration::from_secs(10),
+        ..config
+    });
+    let permit = patient
+        .acquire_for(&key, 20)
+        .await
+        .expect("all four slots once the killed holder's hold ran out");
+    drop(permit);
+}
+
+/// Waits (at most 5 s) until `count` slots of `key` are held.
+async fn wait_until_held(slots: &MailboxSlots, key: &SlotKey, count: i64) {
+    for _ in 0..100 {
+        if slots.held(key).await.expect("held") == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{count} slots were never held within 5 s");
+}

@@ -952,7 +952,8 @@ async fn failure_texts_are_made_storable() {
 
 /// A task that reads whatever work is waiting when it runs: work added while it runs (after it
 /// may have looked) asks it to run once more, so that work never waits without a run. A rerun
-/// is not a failed attempt; with nothing live, the enqueue adds a task as usual.
+/// is not a failed attempt, and starts afresh: failures before the success no longer count
+/// (nor lengthen its next backoff). With nothing live, the enqueue adds a task as usual.
 #[tokio::test]
 async fn an_enqueue_meeting_a_live_task_asks_it_to_run_once_more() {
     let db = TestDatabase::create().await.expect("test database");
@@ -968,8 +969,16 @@ async fn an_enqueue_meeting_a_live_task_asks_it_to_run_once_more() {
     };
     let first = enqueue_or_rerun(batch()).await;
     assert!(first.fresh);
+    let failed = claim_one(&db.pool, "actions", "w1", Duration::from_secs(30)).await;
+    let at_once = RetryPolicy {
+        base: Duration::ZERO,
+        cap: Duration::ZERO,
+    };
+    queue::fail(&db.pool, &failed, "Graph answered 503", &at_once)
+        .await
+        .expect("fail");
     let running = claim_one(&db.pool, "actions", "w1", Duration::from_secs(30)).await;
-    assert_eq!(running.id, first.id);
+    assert_eq!((running.id, running.attempt()), (first.id, 2));
 
     // Work arrives while it runs: no second task, the running one is asked to rerun.
     let again = enqueue_or_rerun(batch()).await;

@@ -53,8 +53,10 @@ pub struct GovernorConfig {
     pub max_retries: u32,
     /// Longest pause `acquire` waits out; longer ones return `Throttled` at once.
     pub max_wait: Duration,
-    /// How long a shared slot (see [`SharedSlots`]) stays held when its holder dies without
-    /// giving it back; longer than any request may take.
+    /// How long a shared slot (see [`SharedSlots`]) stays held past its holder's last
+    /// renewal: while a request runs its slots are renewed every quarter of this, so a holder
+    /// that died (a killed replica) loses them within this long. Short, because until then
+    /// the mailbox runs with fewer slots, and a `$batch` that needs all of them not at all.
     pub slot_hold: Duration,
 }
 
@@ -72,8 +74,8 @@ impl Default for GovernorConfig {
             backoff_cap: Duration::from_secs(60),
             max_retries: 6,
             max_wait: Duration::from_secs(60),
-            // The client's whole-request timeout (120 s) and a margin.
-            slot_hold: Duration::from_secs(150),
+            // Renewed every 5 s: a Postgres restart or a busy moment may miss a renewal or two.
+            slot_hold: Duration::from_secs(20),
         }
     }
 }
@@ -134,19 +136,66 @@ pub trait SharedSlots: Send + Sync + 'static {
     /// gives way to a waiting single request).
     fn try_take<'a>(&'a self, ask: SlotAsk<'a>) -> BoxFuture<'a, Result<Option<Uuid>, String>>;
 
+    /// Holds what `holder` took for `hold` from now. `Ok(false)`: it no longer holds them
+    /// (its hold ran out and someone else took them).
+    fn renew<'a>(
+        &'a self,
+        key: &'a SlotKey,
+        holder: Uuid,
+        hold: Duration,
+    ) -> BoxFuture<'a, Result<bool, String>>;
+
     /// Gives back what `holder` took. Called from `Drop`: must not block (spawn the write).
     fn give_back(&self, key: &SlotKey, holder: Uuid);
 }
 
-/// Slots of a [`SharedSlots`] held by one permit; given back when dropped.
+/// Slots of a [`SharedSlots`] held by one permit, renewed while it lives and given back when
+/// it is dropped.
 struct HeldSlots {
     slots: Arc<dyn SharedSlots>,
     key: SlotKey,
     holder: Uuid,
+    renewal: tokio::task::AbortHandle,
+}
+
+impl HeldSlots {
+    /// Starts renewing the slots `holder` took every quarter of `hold`. A request is usually
+    /// answered long before the first renewal, which then never runs.
+    fn keep(slots: Arc<dyn SharedSlots>, key: SlotKey, holder: Uuid, hold: Duration) -> Self {
+        let renewal = tokio::spawn({
+            let (slots, key) = (slots.clone(), key.clone());
+            async move {
+                let every = hold / 4;
+                loop {
+                    tokio::time::sleep(every).await;
+                    match slots.renew(&key, holder, hold).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(mailbox = %key.mailbox, "a shared Graph slot ran out while its request was still running");
+                            return;
+                        }
+                        // The next renewal may succeed (Postgres restarting); the hold leaves
+                        // room for a few misses.
+                        Err(error) => {
+                            tracing::warn!(%error, mailbox = %key.mailbox, "cannot renew a shared Graph slot");
+                        }
+                    }
+                }
+            }
+        })
+        .abort_handle();
+        Self {
+            slots,
+            key,
+            holder,
+            renewal,
+        }
+    }
 }
 
 impl Drop for HeldSlots {
     fn drop(&mut self) {
+        self.renewal.abort();
         self.slots.give_back(&self.key, self.holder);
     }
 }
@@ -374,11 +423,8 @@ impl Governor {
                     request_id: None,
                 })?;
             if let Some(holder) = holder {
-                permit._shared = Some(HeldSlots {
-                    slots: shared,
-                    key: key.clone(),
-                    holder,
-                });
+                let held = HeldSlots::keep(shared, key.clone(), holder, self.config.slot_hold);
+                permit._shared = Some(held);
                 return Ok(permit);
             }
             // The local slots go back while waiting: the next try starts from `acquire`

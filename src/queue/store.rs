@@ -753,11 +753,15 @@ async fn finish_statement<'e>(
         errors.push(transition.error());
     }
     let applied: Vec<i64> = sqlx::query_scalar(
-        // A success of a task asked to rerun puts it back to pending, due now.
+        // A success of a task asked to rerun puts it back to pending, due now, as a fresh
+        // run: the failures before the success say nothing about it (a long-lived task that
+        // reruns for hours would otherwise collect every passing failure, and wait ever longer
+        // after the next one).
         "UPDATE tasks t
          SET state = CASE WHEN i.state = 'succeeded' AND t.rerun_requested THEN 'pending'
                           ELSE i.state END,
-             attempts = t.attempts + i.counted,
+             attempts = CASE WHEN i.state = 'succeeded' AND t.rerun_requested THEN 0
+                             ELSE t.attempts + i.counted END,
              run_at = CASE WHEN i.state = 'succeeded' AND t.rerun_requested THEN now()
                            WHEN i.delay IS NULL THEN t.run_at
                            ELSE now() + i.delay * interval '1 microsecond' END,
