@@ -159,6 +159,100 @@ async fn an_owner_at_its_cap_does_not_hold_up_other_owners() {
     assert_eq!(third[0].owner_uid, Some(capped_owner));
 }
 
+/// Tasks of an owner at its cap wait out of the claim's way: once read, a claim neither reads
+/// nor rewrites them again (behind a backlog of 100,000, every claim used to read and move a
+/// window of them, which made the claim Postgres's largest cost). Each finished task releases
+/// one, first in fair order; a task left waiting with a slot free (a claim and a finish at
+/// once) is released by [`queue::release_waiting`].
+#[tokio::test]
+async fn a_capped_backlog_waits_for_its_slots_without_costing_claims() {
+    let db = TestDatabase::create().await.expect("test database");
+    let (capped_owner, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let backlog = queue::enqueue_many(&db.pool, &deliveries(capped_owner, 300))
+        .await
+        .expect("enqueue the backlog");
+    let kinds = capped("deliver", 20, Some(2));
+    let claim = || queue::claim_kinds(&db.pool, &kinds, 20, "w", LEASE);
+    let first = claim().await.expect("first claim");
+    let running: Vec<i64> = first.iter().map(|task| task.id).collect();
+    assert_eq!(running, vec![backlog[0].id, backlog[1].id], "the cap of 2");
+
+    // Each claim sets the backlog it reads waiting, until all of it waits.
+    let unread = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM tasks WHERE state = 'pending' AND waiting_cap IS NULL",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("count")
+    };
+    let mut claims = 1;
+    while unread().await > 0 {
+        assert!(
+            claim().await.expect("claim").is_empty(),
+            "the owner is at its cap"
+        );
+        claims += 1;
+        assert!(claims <= 300 / 38 + 2, "each claim sets its window waiting");
+    }
+    let versions = || async {
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT id, xmin::text FROM tasks WHERE state = 'pending' ORDER BY id",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .expect("row versions")
+    };
+    let before = versions().await;
+    assert_eq!(before.len(), 298);
+    let single = queue::enqueue(&db.pool, &deliveries(other, 1)[0])
+        .await
+        .expect("the other owner's task");
+    for _ in 0..5 {
+        let claimed = claim().await.expect("claim");
+        assert!(
+            claimed.iter().all(|task| task.id == single.id),
+            "{claimed:?}"
+        );
+    }
+    assert_eq!(
+        versions()
+            .await
+            .into_iter()
+            .filter(|(id, _)| *id != single.id)
+            .collect::<Vec<_>>(),
+        before,
+        "no claim rewrote a waiting task"
+    );
+
+    // A finish releases the first waiting task in fair order, which the next claim takes.
+    queue::complete(&db.pool, first[0].lease())
+        .await
+        .expect("complete");
+    let next = claim().await.expect("claim after a finish");
+    let ids: Vec<i64> = next.iter().map(|task| task.id).collect();
+    assert_eq!(ids, vec![backlog[2].id], "one slot freed, one released");
+    assert!(claim().await.expect("claim").is_empty(), "at its cap again");
+
+    // Both running tasks end without releasing anything, as when a claim set tasks waiting
+    // while the owner's last tasks finished: the safety net releases as many as fit the cap.
+    sqlx::query(
+        "UPDATE tasks SET state = 'succeeded', finished_at = now() WHERE state = 'running'",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("finish behind the queue's back");
+    assert_eq!(queue::release_waiting(&db.pool).await.expect("release"), 2);
+    let released = claim().await.expect("claim the released tasks");
+    let ids: Vec<i64> = released.iter().map(|task| task.id).collect();
+    assert_eq!(ids, vec![backlog[3].id, backlog[4].id]);
+    assert_eq!(
+        queue::release_waiting(&db.pool).await.expect("release"),
+        0,
+        "the cap is full again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn polls_are_claimed_while_deliveries_fill_their_budget() {
     let db = TestDatabase::create().await.expect("test database");
@@ -233,7 +327,13 @@ async fn polls_are_claimed_while_deliveries_fill_their_budget() {
         3,
         "deliveries never took the poll's reserved slot"
     );
-    assert_eq!(count_in_state(&db.pool, TaskState::Running).await, 3);
+    // The polls' handlers have returned; their completions are recorded in a moment.
+    wait_until(
+        "the polls' completions recorded, the three deliveries still running",
+        Duration::from_secs(20),
+        || async { count_in_state(&db.pool, TaskState::Running).await == 3 },
+    )
+    .await;
 
     gate.add_permits(1_000);
     wait_until(

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::table::{self, cell, time};
-use crate::queue::TaskRow;
+use crate::queue::{TaskRow, TaskState};
 
 /// Renders tasks as an aligned table; `owners` names the MailboxPoll of each owner uid.
 pub fn render_table(tasks: &[TaskRow], owners: &HashMap<Uuid, String>) -> String {
@@ -15,7 +15,7 @@ pub fn render_table(tasks: &[TaskRow], owners: &HashMap<Uuid, String>) -> String
             [
                 task.id.to_string(),
                 task.kind.clone(),
-                task.state.to_string(),
+                state(task),
                 owner(task, owners),
                 format!("{}/{}", task.attempts, task.max_attempts),
                 time(Some(task.run_at)),
@@ -48,7 +48,7 @@ pub fn render_task(task: &TaskRow, owners: &HashMap<Uuid, String>) -> String {
     let fields = [
         ("ID", task.id.to_string()),
         ("Kind", task.kind.clone()),
-        ("State", task.state.to_string()),
+        ("State", state_in_full(task)),
         ("MailboxPoll", owner(task, owners)),
         (
             "Owner uid",
@@ -77,6 +77,23 @@ pub fn render_task(task: &TaskRow, owners: &HashMap<Uuid, String>) -> String {
     out
 }
 
+/// The state, and for a task waiting for a slot of its MailboxPoll, the cap it waits behind.
+fn state(task: &TaskRow) -> String {
+    match task.waiting_cap {
+        Some(cap) if task.state == TaskState::Pending => format!("pending, cap {cap}"),
+        _ => task.state.to_string(),
+    }
+}
+
+fn state_in_full(task: &TaskRow) -> String {
+    match task.waiting_cap {
+        Some(cap) if task.state == TaskState::Pending => format!(
+            "pending, waiting for a free slot: its MailboxPoll runs {cap} tasks of this kind at once (its cap) already"
+        ),
+        _ => task.state.to_string(),
+    }
+}
+
 fn owner(task: &TaskRow, owners: &HashMap<Uuid, String>) -> String {
     match task.owner_uid {
         Some(uid) => owners.get(&uid).cloned().unwrap_or_else(|| uid.to_string()),
@@ -102,7 +119,6 @@ mod tests {
     use chrono::{DateTime, Utc};
 
     use super::*;
-    use crate::queue::TaskState;
 
     fn row(id: i64, state: TaskState, error: Option<&str>) -> TaskRow {
         let at = DateTime::parse_from_rfc3339("2026-11-30T10:00:00Z")
@@ -124,6 +140,7 @@ mod tests {
             created_at: at,
             updated_at: at,
             finished_at: Some(at),
+            waiting_cap: None,
         }
     }
 
@@ -163,6 +180,30 @@ mod tests {
         assert!(shown.contains(&long), "{shown}");
         assert!(shown.contains("MailboxPoll:   00000000-0000-0000-0000-000000000000"));
         assert!(shown.contains("\"message_id\": \"AAk=\""), "{shown}");
+    }
+
+    #[test]
+    fn a_task_waiting_for_a_slot_says_so() {
+        let task = TaskRow {
+            waiting_cap: Some(8),
+            finished_at: None,
+            ..row(3, TaskState::Pending, None)
+        };
+        let table = render_table(std::slice::from_ref(&task), &owners());
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .is_some_and(|line| line.contains("  pending, cap 8  ")),
+            "{table}"
+        );
+        let shown = render_task(&task, &owners());
+        assert!(
+            shown.contains(
+                "State:         pending, waiting for a free slot: its MailboxPoll runs 8"
+            ),
+            "{shown}"
+        );
     }
 
     #[test]

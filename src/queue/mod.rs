@@ -46,7 +46,7 @@ pub use store::{
     cancel_matching, cancel_owner, cancel_pending, claim, claim_kinds, complete, dead_tasks, depth,
     enqueue, enqueue_many, enqueue_many_on, enqueue_or_rerun_on, fail, finish, finish_on, get,
     heartbeat, list, live_owners_older_than, live_task, prune, prune_dead, pull_forward, release,
-    rescue, retry_dead_matching, snooze,
+    release_waiting, rescue, retry_dead_matching, snooze,
 };
 pub use transition::{HandlerError, Transition};
 pub use worker::{
@@ -295,6 +295,9 @@ pub struct TaskRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Set while a pending task waits for a slot of its owner, which runs this many tasks of
+    /// its kind (its cap) already.
+    pub waiting_cap: Option<i32>,
 }
 
 impl TryFrom<String> for TaskState {

@@ -24,7 +24,8 @@ use super::{
 const DEDUPE_ROUNDS: usize = 5;
 
 const TASK_COLUMNS: &str = "id, kind, state, payload, owner_uid, dedupe_key, run_at, attempts, \
-     max_attempts, locked_by, lease_expires_at, last_error, created_at, updated_at, finished_at";
+     max_attempts, locked_by, lease_expires_at, last_error, created_at, updated_at, finished_at, \
+     waiting_cap";
 
 /// Postgres intervals are whole microseconds; bind durations as a count of them.
 fn micros(duration: Duration) -> i64 {
@@ -366,7 +367,7 @@ WITH budget AS (
     -- fair_at <= now() implies run_at <= now(): this index range ends at now.
     SELECT c.id, c.kind FROM budget b CROSS JOIN LATERAL (
         SELECT id, kind FROM tasks
-        WHERE state = 'pending' AND kind = b.kind AND fair_at <= now()
+        WHERE state = 'pending' AND kind = b.kind AND fair_at <= now() AND waiting_cap IS NULL
         ORDER BY fair_at, id
         LIMIT b.scan_limit
         FOR UPDATE SKIP LOCKED
@@ -376,7 +377,7 @@ WITH budget AS (
     SELECT c.id, c.kind FROM budget b CROSS JOIN LATERAL (
         SELECT id, kind FROM tasks
         WHERE state = 'pending' AND kind = b.kind AND fair_delay_us > 0 AND fair_at > now()
-          AND run_at <= now()
+          AND run_at <= now() AND waiting_cap IS NULL
         ORDER BY fair_at, id
         LIMIT GREATEST(0, b.scan_limit - (SELECT count(*) FROM due_rows d WHERE d.kind = b.kind))
         FOR UPDATE SKIP LOCKED
@@ -420,21 +421,22 @@ WITH budget AS (
     WHERE kind_rank <= room
     ORDER BY kind_rank <= reserved DESC, fair_at, id
     LIMIT (SELECT $5::bigint)
-), blocked AS (
-    SELECT id, owner_uid, kind, owner_rank FROM slotted WHERE slot > cap
-), tails AS (
-    SELECT o.owner_uid, o.kind, GREATEST(now(), (
-               SELECT max(t.fair_at) FROM tasks t
-               WHERE t.owner_uid = o.owner_uid AND t.kind = o.kind AND t.state = 'pending')) AS tail
-    FROM (SELECT DISTINCT owner_uid, kind FROM blocked) o
-), deferred AS (
-    -- Tasks of an owner at its cap move behind the owner's own backlog: left in place, they
-    -- would fill the head of the fair order while they cannot run, and hold up other owners.
-    UPDATE tasks d
-    SET fair_delay_us = GREATEST(0, round(EXTRACT(EPOCH FROM tl.tail - d.run_at) * 1000000))::bigint
-                        + bl.owner_rank * $8
-    FROM blocked bl JOIN tails tl ON tl.owner_uid = bl.owner_uid AND tl.kind = bl.kind
-    WHERE d.id = bl.id
+), full_owners AS (
+    -- Owners whose every slot is taken once this claim's picks run.
+    SELECT o.owner_uid, o.kind, o.cap FROM (
+        SELECT DISTINCT owner_uid, kind, cap FROM slotted WHERE slot > cap) o
+    WHERE (SELECT count(*) FROM used_slots u WHERE u.owner_uid = o.owner_uid AND u.kind = o.kind)
+          + (SELECT count(*) FROM picked p JOIN window_rows w ON w.id = p.id
+             WHERE w.owner_uid = o.owner_uid AND w.kind = o.kind) >= o.cap
+), waiting AS (
+    -- The tasks of a full owner wait for one of its slots, out of both ranges above: left
+    -- there, they would fill the head of the fair order while they cannot run, and every
+    -- claim would read them again (behind a backlog of 100,000, every claim read and rewrote
+    -- its window of them). The finish of one of the owner's tasks releases one
+    -- ([`finish_statement`]). A task blocked only because this claim took its fill stays.
+    UPDATE tasks d SET waiting_cap = f.cap
+    FROM slotted s JOIN full_owners f ON f.owner_uid = s.owner_uid AND f.kind = s.kind
+    WHERE s.slot > s.cap AND d.id = s.id
 )
 UPDATE tasks t
 SET state = 'running',
@@ -458,7 +460,7 @@ WITH budget AS (
     -- fair_at <= now() implies run_at <= now(): this index range ends at now.
     SELECT c.id, c.fair_at, b.kind, b.reserved FROM budget b CROSS JOIN LATERAL (
         SELECT id, fair_at FROM tasks
-        WHERE state = 'pending' AND kind = b.kind AND fair_at <= now()
+        WHERE state = 'pending' AND kind = b.kind AND fair_at <= now() AND waiting_cap IS NULL
         ORDER BY fair_at, id
         LIMIT b.room
         FOR UPDATE SKIP LOCKED
@@ -468,7 +470,7 @@ WITH budget AS (
     SELECT c.id, c.fair_at, b.kind, b.reserved FROM budget b CROSS JOIN LATERAL (
         SELECT id, fair_at FROM tasks
         WHERE state = 'pending' AND kind = b.kind AND fair_delay_us > 0 AND fair_at > now()
-          AND run_at <= now()
+          AND run_at <= now() AND waiting_cap IS NULL
         ORDER BY fair_at, id
         LIMIT GREATEST(0, b.room - (SELECT count(*) FROM due_rows d WHERE d.kind = b.kind))
         FOR UPDATE SKIP LOCKED
@@ -505,10 +507,11 @@ RETURNING t.id, t.kind, t.payload, t.owner_uid, t.dedupe_key, t.attempts,
 ///   `reserved` count are filled before the rest, which go by fair order across kinds.
 /// - *Owner caps*, for kinds with an `owner_cap`: a task whose owner already runs its cap
 ///   (`max_running` of the task, else the kind's `owner_cap`) of tasks of its kind is left
-///   pending, and moved behind the owner's
-///   backlog so it does not hold the head of the order. A running capped task holds one of
-///   the owner's numbered slots (`owner_slot`); a unique index keeps two claims on two
-///   replicas from filling the same slot: the later one fails with
+///   pending and set waiting (`waiting_cap`): out of the claim's ranges, it neither holds the
+///   head of the order nor costs later claims a read, until a finish of one of the owner's
+///   tasks releases it (one per freed slot; [`release_waiting`] is the safety net). A running
+///   capped task holds one of the owner's numbered slots (`owner_slot`); a unique index keeps
+///   two claims on two replicas from filling the same slot: the later one fails with
 ///   [`QueueError::is_slot_conflict`] and is simply retried.
 ///
 /// Each kind looks at a window of its room, twice that when it has an `owner_cap` (the rows
@@ -753,11 +756,15 @@ async fn finish_statement<'e>(
         errors.push(transition.error());
     }
     let applied: Vec<i64> = sqlx::query_scalar(
+        // Each slot a capped task gives back releases the owner's first waiting task (see
+        // the claim's `waiting`).
+        //
         // A success of a task asked to rerun puts it back to pending, due now, as a fresh
         // run: the failures before the success say nothing about it (a long-lived task that
         // reruns for hours would otherwise collect every passing failure, and wait ever longer
         // after the next one).
-        "UPDATE tasks t
+        "WITH finished AS (
+         UPDATE tasks t
          SET state = CASE WHEN i.state = 'succeeded' AND t.rerun_requested THEN 'pending'
                           ELSE i.state END,
              attempts = CASE WHEN i.state = 'succeeded' AND t.rerun_requested THEN 0
@@ -780,7 +787,24 @@ async fn finish_statement<'e>(
          FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], $6::text[])
               AS i(id, token, state, counted, delay, error)
          WHERE t.id = i.id AND t.lock_token = i.token AND (t.state = 'running') IS TRUE
-         RETURNING t.id",
+         RETURNING t.id, t.owner_uid, t.kind, t.owner_slot
+         ), freed AS (
+             SELECT owner_uid, kind, count(*) AS slots FROM finished
+             WHERE owner_slot IS NOT NULL AND owner_uid IS NOT NULL
+             GROUP BY owner_uid, kind
+         ), released AS (
+             UPDATE tasks w SET waiting_cap = NULL, updated_at = now()
+             FROM freed f CROSS JOIN LATERAL (
+                 SELECT id FROM tasks n
+                 WHERE n.owner_uid = f.owner_uid AND n.kind = f.kind AND n.state = 'pending'
+                   AND n.waiting_cap IS NOT NULL
+                 ORDER BY n.fair_at, n.id
+                 LIMIT f.slots
+                 FOR UPDATE SKIP LOCKED
+             ) r
+             WHERE w.id = r.id
+         )
+         SELECT id FROM finished",
     )
     .bind(&ids)
     .bind(&tokens)
@@ -966,6 +990,52 @@ where
         }
     }
     Ok(report)
+}
+
+/// Releases the waiting tasks (see [`claim_kinds`]) of owners with free slots: up to the cap
+/// they waited for, less the owner's running tasks. A finish releases one waiting task per slot
+/// it frees, but a task that began to wait while its owner's last running task finished (two
+/// statements at once, neither seeing the other) would otherwise wait for good. Walks the
+/// owners with waiting tasks through their index, one probe each. Returns how many were
+/// released.
+pub async fn release_waiting<'e>(executor: impl PgExecutor<'e>) -> Result<u64, QueueError> {
+    let released = sqlx::query(
+        "WITH RECURSIVE owners AS (
+             (SELECT owner_uid, kind FROM tasks
+              WHERE state = 'pending' AND waiting_cap IS NOT NULL
+              ORDER BY owner_uid, kind LIMIT 1)
+             UNION ALL
+             SELECT next.owner_uid, next.kind FROM owners o CROSS JOIN LATERAL (
+                 SELECT t.owner_uid, t.kind FROM tasks t
+                 WHERE t.state = 'pending' AND t.waiting_cap IS NOT NULL
+                   AND (t.owner_uid, t.kind) > (o.owner_uid, o.kind)
+                 ORDER BY t.owner_uid, t.kind LIMIT 1) next
+         ), room AS (
+             SELECT o.owner_uid, o.kind,
+                    (SELECT w.waiting_cap FROM tasks w
+                     WHERE w.owner_uid = o.owner_uid AND w.kind = o.kind AND w.state = 'pending'
+                       AND w.waiting_cap IS NOT NULL
+                     ORDER BY w.fair_at, w.id LIMIT 1)
+                    - (SELECT count(*) FROM tasks r
+                       WHERE r.owner_uid = o.owner_uid AND r.kind = o.kind AND r.state = 'running'
+                         AND r.owner_slot IS NOT NULL) AS free
+             FROM owners o
+         )
+         UPDATE tasks t SET waiting_cap = NULL, updated_at = now()
+         FROM room CROSS JOIN LATERAL (
+             SELECT w.id FROM tasks w
+             WHERE w.owner_uid = room.owner_uid AND w.kind = room.kind AND w.state = 'pending'
+               AND w.waiting_cap IS NOT NULL
+             ORDER BY w.fair_at, w.id
+             LIMIT GREATEST(room.free, 0)
+             FOR UPDATE SKIP LOCKED
+         ) r
+         WHERE t.id = r.id",
+    )
+    .execute(executor)
+    .await
+    .map_err(QueueError::db("releasing tasks waiting for a slot"))?;
+    Ok(released.rows_affected())
 }
 
 /// What one [`prune`] round deleted.

@@ -1,4 +1,5 @@
-//! Maintenance: rescue of expired leases (of any worker) and pruning of old tasks.
+//! Maintenance: rescue of expired leases (of any worker) and of tasks left waiting for a free
+//! slot, and pruning of old tasks.
 
 use std::sync::Arc;
 
@@ -19,7 +20,10 @@ pub(super) async fn run(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => break,
-            _ = rescue.tick() => rescue_expired(&shared).await,
+            _ = rescue.tick() => {
+                rescue_expired(&shared).await;
+                release_waiting(&shared).await;
+            }
             _ = prune.tick() => prune_old(&shared).await,
         }
     }
@@ -54,6 +58,21 @@ async fn rescue_expired(shared: &Shared) {
                 return;
             }
         }
+    }
+}
+
+/// Releases tasks left waiting for a slot their owner has free (see [`store::release_waiting`]).
+async fn release_waiting(shared: &Shared) {
+    match store::release_waiting(&shared.db).await {
+        Ok(0) => {}
+        Ok(count) => {
+            tracing::info!(
+                count,
+                "released tasks waiting for a free slot of their owner"
+            );
+            shared.wake.notify_one();
+        }
+        Err(error) => tracing::warn!(%error, "releasing tasks waiting for a slot failed"),
     }
 }
 
