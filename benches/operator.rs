@@ -282,6 +282,8 @@ struct Window {
     writes: usize,
     /// The writes by verb and resource (`patch mailpoll.dev/mailboxpolls/status`, ...).
     writes_by_kind: std::collections::BTreeMap<String, usize>,
+    /// The objects written most, with their writes, most first.
+    most_written: Vec<(String, usize)>,
     postgres_cpu_seconds: f64,
     /// CPU time of the operator processes over the window.
     replicas_cpu_seconds: f64,
@@ -343,6 +345,8 @@ async fn measure(
         .map(|(pid, after)| after.saturating_sub(cpu_before.get(pid).copied().unwrap_or(0)))
         .sum();
     let mut writes_by_kind = std::collections::BTreeMap::new();
+    let mut writes_by_object: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::new();
     for request in kube
         .requests()
         .into_iter()
@@ -350,13 +354,23 @@ async fn measure(
         .filter(|r| r.group != "coordination.k8s.io")
     {
         *writes_by_kind.entry(request.rbac_key()).or_insert(0) += 1;
+        let object = format!(
+            "{}/{}",
+            request.namespace.as_deref().unwrap_or("-"),
+            request.name.as_deref().unwrap_or("-")
+        );
+        *writes_by_object.entry(object).or_insert(0) += 1;
     }
     let writes = writes_by_kind.values().sum();
+    let mut most_written: Vec<(String, usize)> = writes_by_object.into_iter().collect();
+    most_written.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    most_written.truncate(3);
     Ok(Window {
         start,
         end,
         writes,
         writes_by_kind,
+        most_written,
         // Linux reports process CPU time in USER_HZ ticks, 100 a second.
         postgres_cpu_seconds: ticks as f64 / 100.0,
         replicas_cpu_seconds: replicas_ticks as f64 / 100.0,
@@ -774,6 +788,15 @@ async fn report(
             .writes_by_kind
             .iter()
             .map(|(kind, count)| format!("{count} {kind}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "objects written most: {}",
+        window
+            .most_written
+            .iter()
+            .map(|(object, count)| format!("{object} {count}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
