@@ -557,7 +557,6 @@ pub async fn claim_kinds<'e>(
         .bind(count(limit))
         .bind(worker_id)
         .bind(micros(lease))
-        .bind(micros(FAIR_SPACING))
         .fetch_all(executor)
         .await
         .map_err(QueueError::db("claim"))
