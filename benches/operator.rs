@@ -292,6 +292,44 @@ struct Window {
     emulators_cpu_seconds: f64,
     /// The noisy neighbour's deliveries running at once, at most (sampled every second).
     noisy_peak_deliveries: i64,
+    /// The statements that took the most Postgres time in the window, when the server has
+    /// `pg_stat_statements` loaded.
+    statements: Vec<StatementCost>,
+}
+
+/// One statement's share of the window, from `pg_stat_statements`.
+#[derive(sqlx::FromRow)]
+struct StatementCost {
+    calls: i64,
+    total_ms: f64,
+    rows: i64,
+    query: String,
+}
+
+/// Starts counting statements afresh, when the server can (`pg_stat_statements` in
+/// `shared_preload_libraries`); `false` when it cannot, which only leaves the profile out.
+async fn reset_statement_counts(pool: &PgPool) -> bool {
+    let created = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await;
+    created.is_ok()
+        && sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(pool)
+            .await
+            .is_ok()
+}
+
+/// The statements that took the most time since the reset, most first.
+async fn costliest_statements(pool: &PgPool) -> anyhow::Result<Vec<StatementCost>> {
+    Ok(sqlx::query_as(
+        "SELECT calls, total_exec_time AS total_ms, rows,
+                left(regexp_replace(query, '\\s+', ' ', 'g'), 90) AS query
+         FROM pg_stat_statements
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ORDER BY total_exec_time DESC LIMIT 12",
+    )
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Lets the operators run for `duration` while mail keeps arriving in the quiet mailboxes,
@@ -307,6 +345,7 @@ async fn measure(
     duration: Duration,
 ) -> anyhow::Result<Window> {
     kube.clear_requests();
+    let profiled = reset_statement_counts(pool).await;
     let start = db_now(pool).await?;
     let cpu_before = postgres_cpu(pool).await?;
     let replicas_before = processes_cpu(replica_pids);
@@ -338,6 +377,11 @@ async fn measure(
     }
     let end = db_now(pool).await?;
     let cpu_after = postgres_cpu(pool).await?;
+    let statements = if profiled {
+        costliest_statements(pool).await?
+    } else {
+        Vec::new()
+    };
     let replicas_ticks = processes_cpu(replica_pids).saturating_sub(replicas_before);
     let emulators_ticks = processes_cpu(&[std::process::id()]).saturating_sub(emulators_before);
     let ticks: u64 = cpu_after
@@ -376,6 +420,7 @@ async fn measure(
         replicas_cpu_seconds: replicas_ticks as f64 / 100.0,
         emulators_cpu_seconds: emulators_ticks as f64 / 100.0,
         noisy_peak_deliveries,
+        statements,
     })
 }
 
@@ -817,6 +862,19 @@ async fn report(
         per_poll(total),
         1000.0 / per_poll(total).max(f64::EPSILON),
     );
+    if !window.statements.is_empty() {
+        println!("statements taking the most Postgres time in the window (pg_stat_statements):");
+    }
+    for statement in &window.statements {
+        println!(
+            "  {:>7.3} ms/poll  {:>5.2} calls/poll  {:>7.3} ms/call  {:>6.2} rows/call  {}",
+            statement.total_ms / polls_in_window.max(1) as f64,
+            statement.calls as f64 / polls_in_window.max(1) as f64,
+            statement.total_ms / statement.calls.max(1) as f64,
+            statement.rows as f64 / statement.calls.max(1) as f64,
+            statement.query
+        );
+    }
     let noisy_ledger = match noisy {
         Some(uid) => Some(ledger_of(pool, uid).await?),
         None => None,

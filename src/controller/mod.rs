@@ -1,17 +1,17 @@
 //! The MailboxPoll controller (runs on the leader): validates what the schema cannot,
 //! schedules polls, handles forced polls and writes status.
 //!
-//! [`lead`] follows the leader election: while this process leads it runs one kube-runtime
-//! Controller per watched scope, turns the workers' "poll finished" notifications into
-//! reconciles, and sweeps the state of deleted MailboxPolls; the moment leadership is lost all
-//! of that stops.
+//! [`lead`] follows the leader election: while this process leads it reconciles the
+//! MailboxPolls of the watched scopes ([`runner`]), turns the workers' "poll finished"
+//! notifications into reconciles, and sweeps the state of deleted MailboxPolls; the moment
+//! leadership is lost all of that stops.
 
 pub mod backoff;
 pub mod conditions;
 pub mod deletion;
 pub mod fence;
-pub mod gate;
 pub mod reconcile;
+pub mod runner;
 pub mod schedule;
 pub mod status;
 
@@ -22,10 +22,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::ResourceExt;
-use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::predicates;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -178,41 +177,36 @@ fn start_term(
         recorder,
         metrics.clone(),
         work.reconcile.clone(),
-        gate::ReconcileGate::new(work.concurrency),
     ));
     let mut tasks = Vec::new();
-    let mut routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>> = HashMap::new();
+    let (announced_tx, announced_rx) = mpsc::channel(1024);
+    let mut stores = HashMap::new();
+    let mut triggers = vec![received(announced_rx).boxed()];
     // The replica's one watch of MailboxPolls feeds the controller too: its cache, and its
     // changes from now on.
     for (namespace, reader, applied) in directory.polls().subscribe(1024) {
-        let (tx, rx) = mpsc::channel(1024);
-        routes.insert(namespace.clone(), tx);
         // Everything cached now is reconciled once at the start of the term; the changes
         // cover what comes after (and a re-list brings every object again).
         let cached = reader.state();
-        let changes = spec_or_request_changes(received(applied), &cached);
+        let changes = spec_or_request_changes(received(applied), &cached)
+            .map(|poll| ObjectRef::from_obj(&*poll));
         let cached: Vec<ObjectRef<MailboxPoll>> = cached
             .iter()
             .map(|poll| ObjectRef::from_obj(&**poll))
             .collect();
-        let triggers = futures::stream::iter(cached).chain(received(rx));
-        // Unbounded here: the reconciles queue at the context's gate instead, first come first
-        // served (see `gate`).
-        let controller = Controller::for_shared_stream(changes, reader)
-            .with_config(ControllerConfig::default())
-            .reconcile_on(triggers)
-            .graceful_shutdown_on(term.clone().cancelled_owned())
-            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-            .for_each(|result| async move {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "controller");
-                }
-            });
-        tasks.push(tokio::spawn(controller));
+        triggers.push(futures::stream::iter(cached).chain(changes).boxed());
+        stores.insert(namespace, reader);
     }
+    tasks.push(tokio::spawn(run_reconciles(
+        ctx.clone(),
+        stores,
+        futures::stream::select_all(triggers),
+        work.concurrency,
+        term.clone(),
+    )));
     tasks.push(tokio::spawn(forward_announcements(
         pool.clone(),
-        routes,
+        announced_tx,
         work.reconcile.settle_requeue,
         term.clone(),
     )));
@@ -231,6 +225,51 @@ fn start_term(
         term,
     )));
     tasks
+}
+
+/// Runs the reconciles of the term (see [`runner`]): objects are looked up in the cache of
+/// the watch of their namespace (or of all namespaces).
+async fn run_reconciles(
+    ctx: Arc<Context>,
+    stores: HashMap<Option<String>, Store<MailboxPoll>>,
+    triggers: impl futures::Stream<Item = ObjectRef<MailboxPoll>> + Send,
+    concurrency: u16,
+    stop: CancellationToken,
+) {
+    for store in stores.values() {
+        // Only a watch that is gone never fills its cache; the term then ends anyway.
+        if store.wait_until_ready().await.is_err() {
+            return;
+        }
+    }
+    let lookup = |object: &ObjectRef<MailboxPoll>| {
+        stores
+            .get(&object.namespace)
+            .or_else(|| stores.get(&None))
+            .and_then(|store| store.get(object))
+    };
+    let reconcile = |poll: Arc<MailboxPoll>| {
+        let ctx = ctx.clone();
+        async move {
+            match reconcile::reconcile(poll.clone(), ctx.clone()).await {
+                Ok(action) => action,
+                Err(error) => reconcile::error_policy(poll, &error, ctx),
+            }
+        }
+    };
+    let limits = runner::Limits {
+        routine: usize::from(concurrency),
+        urgent: runner::URGENT_LANE,
+    };
+    runner::run(
+        triggers,
+        lookup,
+        |poll| reconcile::lane(poll),
+        reconcile,
+        limits,
+        stop,
+    )
+    .await;
 }
 
 /// What a channel receives, as a stream.
@@ -282,7 +321,7 @@ fn spec_or_request(poll: &MailboxPoll) -> Option<u64> {
 /// close together make one reconcile.
 async fn forward_announcements(
     pool: PgPool,
-    routes: HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>>,
+    reconciles: mpsc::Sender<ObjectRef<MailboxPoll>>,
     settle: Duration,
     stop: CancellationToken,
 ) {
@@ -310,7 +349,10 @@ async fn forward_announcements(
                 },
                 _ = periods.tick() => {
                     for object in held.period_ended() {
-                        route(&routes, object);
+                        // A full channel means reconciles are already queued; the requeue
+                        // timers catch up with anything dropped here, and with announcements
+                        // lost while disconnected.
+                        let _ = reconciles.try_send(object);
                     }
                 }
             }
@@ -356,20 +398,6 @@ fn announced(heard: db::Heard<'_>) -> Option<ObjectRef<MailboxPoll>> {
     };
     let (namespace, name) = payload.split_once('/')?;
     Some(ObjectRef::new(name).within(namespace))
-}
-
-/// Hands `object` to the controller of its namespace.
-fn route(
-    routes: &HashMap<Option<String>, mpsc::Sender<ObjectRef<MailboxPoll>>>,
-    object: ObjectRef<MailboxPoll>,
-) {
-    let namespace = object.namespace.clone();
-    let route = routes.get(&namespace).or_else(|| routes.get(&None));
-    if let Some(route) = route {
-        // A full channel means reconciles are already queued; the requeue timers catch up
-        // with anything dropped here, and with announcements lost while disconnected.
-        let _ = route.try_send(object);
-    }
 }
 
 async fn sweep_loop(

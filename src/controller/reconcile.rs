@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -17,7 +16,7 @@ use uuid::Uuid;
 
 use super::backoff::{BackoffPolicy, ErrorBackoff};
 use super::fence::FenceError;
-use super::gate::{Lane, ReconcileGate};
+use super::runner::{Action, Lane};
 use super::schedule::{self, LiveTask, Schedule};
 use super::status::{self, Facts, Seen};
 use crate::delivery::egress::EgressGuard;
@@ -107,8 +106,6 @@ pub struct Context {
     policies: Mutex<HashMap<Uuid, (Uuid, DeletionPolicy)>>,
     /// Consecutive reconcile failures per object.
     backoff: ErrorBackoff<ObjectRef<MailboxPoll>>,
-    /// Reconciles running at once, admitted in the order they became due.
-    gate: ReconcileGate,
 }
 
 impl Context {
@@ -119,7 +116,6 @@ impl Context {
         recorder: Recorder,
         metrics: SharedMetrics,
         settings: ReconcileSettings,
-        gate: ReconcileGate,
     ) -> Self {
         Self {
             pool,
@@ -131,7 +127,6 @@ impl Context {
             policies: Mutex::new(HashMap::new()),
             backoff: ErrorBackoff::new(settings.error_backoff),
             settings,
-            gate,
         }
     }
 
@@ -188,13 +183,8 @@ pub async fn reconcile(
     poll: Arc<MailboxPoll>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    let _turn = ctx.gate.admit(lane(&poll)).await;
-    // The turn may come long after the object was handed over: work on the latest copy.
-    let poll = latest(&ctx, poll);
     let started = std::time::Instant::now();
-    // Boxed: a reconcile waiting at the gate stays small (thousands may wait at once under
-    // saturation), the state of the work is allocated once its turn has come.
-    let result = Box::pin(reconcile_inner(&poll, &ctx)).await;
+    let result = reconcile_inner(&poll, &ctx).await;
     if result.is_ok() {
         ctx.backoff.succeeded(&ObjectRef::from_obj(&*poll));
     }
@@ -208,7 +198,7 @@ pub async fn reconcile(
 /// The urgent lane for what a user waits for: a spec the status has not observed (a new
 /// object, an edit: `kubectl wait`, GitOps health checks) and a forced-poll request the
 /// status has not shown handled (`kubectl annotate`).
-fn lane(poll: &MailboxPoll) -> Lane {
+pub fn lane(poll: &MailboxPoll) -> Lane {
     let requested = poll
         .annotations()
         .get(POLL_REQUESTED_AT_ANNOTATION)
@@ -223,16 +213,6 @@ fn lane(poll: &MailboxPoll) -> Lane {
     } else {
         Lane::Routine
     }
-}
-
-/// The watch cache's copy of `poll` (the same object by uid), when it has one.
-fn latest(ctx: &Context, poll: Arc<MailboxPoll>) -> Arc<MailboxPoll> {
-    poll.metadata
-        .uid
-        .as_deref()
-        .and_then(|uid| Uuid::parse_str(uid).ok())
-        .and_then(|uid| ctx.directory.polls().find(uid))
-        .unwrap_or(poll)
 }
 
 pub fn error_policy(poll: Arc<MailboxPoll>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
