@@ -474,6 +474,9 @@ async fn write_status(
     if unchanged {
         return Ok(None);
     }
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(namespace = poll.namespace().as_deref().unwrap_or(""), name = %poll.name_any(), changed = ?status::changed_fields(poll.status.as_ref(), &desired), "writing the status");
+    }
     let api: Api<MailboxPoll> =
         Api::namespaced(ctx.client.clone(), &poll.namespace().unwrap_or_default());
     // Server-side apply, forced as controllers do: the status is the controller's to write,

@@ -291,6 +291,40 @@ pub fn same(a: &MailboxPollStatus, b: &MailboxPollStatus) -> bool {
         }
 }
 
+/// The fields of `desired` that differ from `current` (conditions by what they say, not their
+/// timestamps), for the debug log of status writes.
+pub fn changed_fields(
+    current: Option<&MailboxPollStatus>,
+    desired: &MailboxPollStatus,
+) -> Vec<String> {
+    let Some(current) = current else {
+        return vec!["(no status yet)".into()];
+    };
+    let fields = |status: &MailboxPollStatus| match serde_json::to_value(MailboxPollStatus {
+        conditions: Vec::new(),
+        ..status.clone()
+    }) {
+        Ok(serde_json::Value::Object(fields)) => fields,
+        _ => serde_json::Map::new(),
+    };
+    let (before, after) = (fields(current), fields(desired));
+    let mut changed: Vec<String> = after
+        .iter()
+        .filter(|(key, value)| before.get(*key) != Some(value))
+        .map(|(key, _)| key.clone())
+        .chain(
+            before
+                .keys()
+                .filter(|key| !after.contains_key(*key))
+                .cloned(),
+        )
+        .collect();
+    if !conditions::equivalent(&current.conditions, &desired.conditions) {
+        changed.push("conditions".into());
+    }
+    changed
+}
+
 /// The server-side apply body that makes the status `status`: the fields it leaves empty are
 /// left out, so the apply removes them (they were the controller's own), and the conditions
 /// merge by type with other managers' (the schema marks them a map keyed by type).
@@ -456,6 +490,27 @@ fn ledger_notices(seen: &Seen, facts: &Facts) -> Vec<Notice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_fields_name_what_a_write_changes() {
+        let current = MailboxPollStatus {
+            messages_pending: Some(0),
+            messages_delivered: Some(3),
+            ..Default::default()
+        };
+        let desired = MailboxPollStatus {
+            messages_pending: Some(1),
+            messages_delivered: Some(3),
+            last_poll_messages: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            changed_fields(Some(&current), &desired),
+            ["lastPollMessages", "messagesPending"]
+        );
+        assert!(changed_fields(Some(&current), &current).is_empty());
+        assert_eq!(changed_fields(None, &current), ["(no status yet)"]);
+    }
 
     fn poll(id: i64, succeeded: bool, reason: Option<&str>) -> FinishedPoll {
         FinishedPoll {
