@@ -236,12 +236,9 @@ async fn run_reconciles(
     concurrency: u16,
     stop: CancellationToken,
 ) {
-    for store in stores.values() {
-        // Only a watch that is gone never fills its cache; the term then ends anyway.
-        if store.wait_until_ready().await.is_err() {
-            return;
-        }
-    }
+    // No wait for the caches to fill: an object triggered before its watch has listed is not
+    // found and not reconciled, and the list then brings every object as a change (a scope
+    // whose list never comes holds up none of the others).
     let lookup = |object: &ObjectRef<MailboxPoll>| {
         stores
             .get(&object.namespace)
