@@ -235,10 +235,14 @@ pub async fn run<T, O, Fut>(
                 if turns.finished(&item) {
                     queue(&mut turns, item.clone());
                 }
-                if let Some(after) = action.requeue_after() {
+                // A requeue beyond what an Instant can hold is no requeue.
+                if let Some(run_at) = action
+                    .requeue_after()
+                    .and_then(|after| Instant::now().checked_add(after))
+                {
                     let _ = requeue_tx.send(ScheduleRequest {
                         message: item,
-                        run_at: Instant::now() + after,
+                        run_at,
                     });
                 }
             }
