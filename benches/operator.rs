@@ -313,7 +313,11 @@ async fn reset_statement_counts(pool: &PgPool) -> bool {
         .execute(pool)
         .await;
     created.is_ok()
-        && sqlx::query("SELECT pg_stat_statements_reset()")
+        // Only this database's counts: a shared server's other databases keep theirs.
+        && sqlx::query(
+            "SELECT pg_stat_statements_reset(0, \
+             (SELECT oid FROM pg_database WHERE datname = current_database()), 0)",
+        )
             .execute(pool)
             .await
             .is_ok()

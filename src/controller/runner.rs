@@ -377,44 +377,39 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_object_the_lookup_cannot_find_is_not_reconciled() {
-        let reconciled = Arc::new(Mutex::new(Vec::new()));
-        let stop = CancellationToken::new();
-        let seen = reconciled.clone();
-        let runner = run(
-            futures::stream::iter(["kept", "deleted"]).chain(futures::stream::pending()),
-            |item: &&str| (*item != "deleted").then_some(*item),
-            |_| Lane::Routine,
-            move |item| {
-                seen.lock().expect("seen").push(item);
-                async { Action::await_change() }
-            },
-            Limits {
-                routine: 1,
-                urgent: 0,
-            },
-            stop.clone(),
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(300), runner).await;
-        assert_eq!(*reconciled.lock().expect("reconciled"), ["kept"]);
+    /// Waits (10 s at most) until `count` reaches `at_least`.
+    async fn reached(count: &AtomicUsize, at_least: usize) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count.load(Ordering::SeqCst) < at_least {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
-    #[tokio::test]
-    async fn a_panicking_reconcile_does_not_stop_the_others() {
-        let reconciled = Arc::new(AtomicUsize::new(0));
+    /// Runs `items` through a runner with one routine slot whose reconcile of "fine" counts
+    /// and asks to run again at once, and of anything else calls `other`; returns once "fine"
+    /// has run five times (every other item had its turn by then: turns are first come, first
+    /// served, and the others were due first).
+    async fn five_turns_of_fine(items: [&'static str; 2], other: fn(&'static str)) -> bool {
+        let fine = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let count = reconciled.clone();
-        let runner = run(
-            futures::stream::iter(["panics", "fine"]).chain(futures::stream::pending()),
-            |item: &&str| Some(*item),
+        let count = fine.clone();
+        let runner = tokio::spawn(run(
+            futures::stream::iter(items).chain(futures::stream::pending()),
+            |item: &&'static str| (*item != "deleted").then_some(*item),
             |_| Lane::Routine,
-            move |item| {
+            move |item: &'static str| {
                 let count = count.clone();
                 async move {
-                    assert_ne!(item, "panics", "a reconcile that panics");
+                    if item != "fine" {
+                        other(item);
+                        return Action::await_change();
+                    }
                     count.fetch_add(1, Ordering::SeqCst);
-                    Action::await_change()
+                    Action::requeue(Duration::ZERO)
                 }
             },
             Limits {
@@ -422,9 +417,35 @@ mod tests {
                 urgent: 0,
             },
             stop.clone(),
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(300), runner).await;
-        assert_eq!(reconciled.load(Ordering::SeqCst), 1);
+        ));
+        let ran = reached(&fine, 5).await;
+        stop.cancel();
+        let _ = runner.await;
+        ran
+    }
+
+    #[tokio::test]
+    async fn an_object_the_lookup_cannot_find_is_not_reconciled() {
+        // Counted, not panicked on: the runner catches a reconcile's panic.
+        static OTHERS: AtomicUsize = AtomicUsize::new(0);
+        let ran = five_turns_of_fine(["deleted", "fine"], |_| {
+            OTHERS.fetch_add(1, Ordering::SeqCst);
+        })
+        .await;
+        assert!(ran, "the object found is reconciled again and again");
+        assert_eq!(OTHERS.load(Ordering::SeqCst), 0, "the deleted one never");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_reconcile_does_not_stop_the_others() {
+        static PANICKED: AtomicUsize = AtomicUsize::new(0);
+        let ran = five_turns_of_fine(["panics", "fine"], |item| {
+            PANICKED.fetch_add(1, Ordering::SeqCst);
+            panic!("{item}: a reconcile that panics")
+        })
+        .await;
+        assert_eq!(PANICKED.load(Ordering::SeqCst), 1, "it had its turn");
+        assert!(ran, "the runner went on with the others");
     }
 
     /// Why this runner exists: kube-runtime's own limit leaves objects waiting for as long as
